@@ -1,0 +1,82 @@
+"""Rendering helpers: results to stdout, diagnostics and progress to stderr."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+
+out = Console(soft_wrap=True)  # results
+err = Console(stderr=True)  # diagnostics, progress, errors
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("LDOT_NO_PROGRESS", "") == ""
+
+
+@contextmanager
+def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]:
+    """A rich progress bar on stderr with count, rate and ETA (``unit`` ``bytes`` shows sizes)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    if unit == "bytes":
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn()]
+    else:
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
+        yield progress
+
+
+class RateField:
+    """Keeps a `rate` field ("12.3 images/s") up to date on a rich task."""
+
+    def __init__(self, progress: Any, task: Any, unit: str) -> None:
+        import time
+
+        self._time = time.monotonic
+        self.progress, self.task, self.unit = progress, task, unit
+        self.start = self._time()
+        progress.update(task, rate="")
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+        done = self.progress.tasks[self.task].completed
+        elapsed = max(self._time() - self.start, 1e-9)
+        self.progress.update(self.task, rate=f"{done / elapsed:.1f} {self.unit}/s")
+
+
+def download_progress(progress: Any) -> Any:
+    """An adapter from `models.download`'s callback to one rich task per file."""
+    tasks: dict[str, Any] = {}
+
+    def callback(done: int, total: int | None, label: str) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(label, total=total)
+        progress.update(tasks[label], completed=done, total=total)
+
+    return callback

@@ -1,0 +1,86 @@
+"""The `ldot` command: parse, call one library function, render. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+
+
+class _ErrorBoundary(TyperGroup):
+    """The one error boundary: an expected error prints one line on stderr and exits 2 (its own code);
+    an unexpected one prints one line too, with a traceback only when LDOT_DEBUG=1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from models.errors import LdotError
+
+        debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except LdotError as exc:
+            if debug:
+                raise
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as exc:
+            if debug:
+                raise
+            fail(f"unexpected {type(exc).__name__}: {exc} (run with LDOT_DEBUG=1 for the traceback, "
+                 "and please report it)", 1)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` as one line on stderr and exit with ``code``."""
+    from rich.text import Text
+
+    from .console import err
+
+    err.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
+    sys.exit(code)
+
+
+app = typer.Typer(
+    name="ldot",
+    cls=_ErrorBoundary,
+    help="Real-time image-text retrieval with LightningDOT: index photos offline, search them with one dot product.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"ldot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """ldot: LightningDOT retrieval from the command line. Files live in $LDOT_HOME (default: the user cache dir)."""
+
+
+def _register() -> None:
+    from . import cmd_models
+
+    app.add_typer(cmd_models.app, name="models")
+
+
+_register()
+
+
+def run() -> None:
+    """Console entry point."""
+    app()

@@ -1,0 +1,123 @@
+"""The LightningDOT bi-encoder: a BERT text tower and a UNITER image tower scored by a raw dot product."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import BiEncoderConfig
+from .layers import BertBody, Projection, UniterBody, box7_from_norm_bb
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+
+class TextTower(nn.Module):
+    """Official `txt_model`: BertModel + projection of the last-layer [CLS] state."""
+
+    def __init__(self, cfg: BiEncoderConfig) -> None:
+        super().__init__()
+        self.bert = BertBody(cfg.text)
+        self.encode_proj = Projection(cfg.text.hidden_size, cfg.project_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        sequence = self.bert(input_ids, attention_mask)  # (B, L, H)
+        return self.encode_proj(sequence[:, 0])  # (B, D)
+
+
+class ImageTower(nn.Module):
+    """Official `img_model`: UNITER over ``[CLS] + regions`` + projection of the [CLS] state."""
+
+    def __init__(self, cfg: BiEncoderConfig) -> None:
+        super().__init__()
+        self.cls_token_id = cfg.cls_token_id
+        self.bert = UniterBody(cfg.image, cfg.img_dim, cfg.pos_dim)
+        self.encode_proj = Projection(cfg.image.hidden_size, cfg.project_dim)
+
+    def sequence(self, feat: torch.Tensor, box7: torch.Tensor, mask: torch.Tensor | None,
+                 region_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All output states (B, 1 + N, H): position 0 is [CLS], then one per region."""
+        cls = torch.full((feat.shape[0], 1), self.cls_token_id, dtype=torch.long, device=feat.device)
+        return self.bert(cls, None, feat, box7, mask, region_masks)
+
+    def forward(self, feat: torch.Tensor, box7: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode_proj(self.sequence(feat, box7, mask)[:, 0])  # (B, D)
+
+
+class BiEncoder(nn.Module):
+    """Two towers, no shared weights; score = raw dot product of the two 768-d vectors.
+
+    The tokenizer is loaded on the first `encode_text` (loading the weights never needs it).
+    """
+
+    def __init__(self, config: BiEncoderConfig, tokenizer: Tokenizer | str | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.txt_model = TextTower(config)
+        self.img_model = ImageTower(config)
+        self._tokenizer = tokenizer
+        self.tokenizer_hint: str | None = None  # a model dir holding tokenizer files, set by the loader
+
+    # -- tokenizer -----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        from .tokenizer import Tokenizer, resolve_tokenizer
+
+        if not isinstance(self._tokenizer, Tokenizer):
+            self._tokenizer = resolve_tokenizer(self._tokenizer, self.config, self.tokenizer_hint)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.txt_model.encode_proj[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.txt_model.encode_proj[0].weight.dtype
+
+    # -- public encoding API -------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (n, D) float32 vectors. ``[CLS] word-pieces [SEP]``, no length cut below the model's."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings, not one string")
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenizer.batch(texts[start:start + batch_size],
+                                             max_length=self.config.text.max_position_embeddings)
+            out.append(self.encode_token_ids(ids, mask))
+        if not out:
+            return torch.empty(0, self.config.project_dim)
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids already holding ``[CLS] ... [SEP]`` (n, L) -> (n, D) float32."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        return self.txt_model(input_ids, attention_mask).float()
+
+    @torch.inference_mode()
+    def encode_regions(self, features: torch.Tensor | np.ndarray, norm_bb: torch.Tensor | np.ndarray,
+                       mask: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Region features (B, N, img_dim) + boxes (B, N, 6) [+ valid mask (B, N)] -> (B, D) float32."""
+        feat = torch.as_tensor(features, device=self.device).to(self.dtype)
+        bb = torch.as_tensor(norm_bb, device=self.device).to(self.dtype)
+        if feat.ndim != 3 or bb.shape[:2] != feat.shape[:2] or bb.shape[-1] != 6:
+            raise ValueError(f"expected features (B, N, {self.config.img_dim}) and norm_bb (B, N, 6), "
+                             f"got {tuple(feat.shape)} and {tuple(bb.shape)}")
+        if feat.shape[-1] != self.config.img_dim:
+            raise ValueError(f"region features have {feat.shape[-1]} dims; this model expects {self.config.img_dim}")
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=self.device).bool()
+        return self.img_model(feat, box7_from_norm_bb(bb), mask).float()
+
+    @staticmethod
+    def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:
+        """Raw dot products (n_text, n_image); no normalisation, no temperature."""
+        return text_vectors @ image_vectors.T

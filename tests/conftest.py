@@ -1,0 +1,41 @@
+"""Every test runs with LDOT_HOME in a temporary directory and no reachable network."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab
+
+os.environ.setdefault("LDOT_NO_PROGRESS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(autouse=True)
+def ldot_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("ldot_home")
+    monkeypatch.setenv("LDOT_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LDOT_NO_PROGRESS", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("vocab")
+    write_vocab(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def _tiny_model():
+    return tiny_bi_encoder(seed=0)
+
+
+@pytest.fixture
+def tiny_model(_tiny_model):
+    """A tiny random bi-encoder (deep-copied per test)."""
+    import copy
+
+    return copy.deepcopy(_tiny_model)

@@ -1,0 +1,161 @@
+"""Helpers shared by the tests: tiny models, official-layout checkpoints, a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+WORDS = ("a dog cat on the beach runs in park man woman red blue car street water grass ball "
+         "two people sitting bench playing with child white black small big near tree sky snow "
+         "Dog Beach A The").split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_vocab(directory: Path, size: int = 128) -> Path:
+    """A tiny cased WordPiece vocab (ids: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4), padded to ``size``."""
+    tokens = SPECIALS + list(dict.fromkeys(WORDS)) + ["##s", "##ing", "##er", ".", ","]
+    tokens += [f"##x{i}" for i in range(size - len(tokens))]
+    assert len(tokens) == size
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "vocab.txt"
+    path.write_text("\n".join(tokens) + "\n")
+    return path
+
+
+def tiny_bi_encoder(seed: int = 0):
+    """A seeded tiny `BiEncoder` with BERT-style random init (std 0.02 is too flat for tests: use 0.2)."""
+    from models.bi_encoder import BiEncoder
+    from models.config import preset
+
+    torch.manual_seed(seed)
+    model = BiEncoder(preset("tiny"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name or name.endswith("encode_proj.2.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def official_finetuned(model) -> dict:
+    """The `flickr-ft.pt` layout: {model_dict, optimizer_dict, scheduler_dict, offset, epoch, encoder_params}."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"model_dict": state, "optimizer_dict": {"state": {}, "param_groups": [{"lr": 2e-5, "params": [0, 1]}]},
+            "scheduler_dict": {"last_epoch": 10, "_step_count": 11, "lr_lambdas": [None]},
+            "offset": 0, "epoch": 14, "encoder_params": None}
+
+
+def official_pretrained(model, legacy_names: bool = True) -> dict:
+    """The `LightningDot.pt` layout: flat fp16, every key under `bert.`, pre-training heads, and (optionally)
+    old `gamma`/`beta` LayerNorm names and a transformers-3 `position_ids` buffer."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if legacy_names and key.endswith("LayerNorm.weight"):
+            key = key[: -len("weight")] + "gamma"
+        elif legacy_names and key.endswith("LayerNorm.bias"):
+            key = key[: -len("bias")] + "beta"
+        out["bert." + key] = value.half()
+    hidden = model.config.image.hidden_size
+    out["bert.txt_model.bert.embeddings.position_ids"] = torch.arange(model.config.text.max_position_embeddings)[None]
+    out["cls.predictions.bias"] = torch.zeros(model.config.image.vocab_size).half()
+    out["cls.predictions.transform.dense.weight"] = torch.randn(hidden, hidden).half()
+    out["feat_regress.bias"] = torch.zeros(model.config.img_dim).half()
+    out["region_classifier.net.3.weight"] = torch.randn(1601, hidden).half()
+    out["itm_output.weight"] = torch.randn(2, hidden).half()
+    return out
+
+
+class MaliciousPayload:
+    """Pickles into a call of os.system: loading it must be refused before anything runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+# -- a local HTTP server with Range support, for download tests -----------------------------------
+@dataclass
+class ServedFile:
+    data: bytes
+    cut_after: int | None = None  # close the connection after this many body bytes (a truncated transfer)
+    ignore_range: bool = False
+
+
+@dataclass
+class Server:
+    url: str
+    files: dict[str, ServedFile]
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+
+
+@contextmanager
+def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
+    """Serve ``files`` (path -> ServedFile) on 127.0.0.1, honouring ``Range: bytes=N-``."""
+    server_state = Server("", files)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):  # noqa: N802
+            rng = self.headers.get("Range")
+            server_state.requests.append((self.path, rng))
+            served = server_state.files.get(self.path)
+            if served is None:
+                self.send_error(404)
+                return
+            data, start = served.data, 0
+            match = re.match(r"bytes=(\d+)-", rng or "")
+            if match and not served.ignore_range:
+                start = int(match.group(1))
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if served.cut_after is not None:
+                body = body[: served.cut_after]
+            self.wfile.write(body)
+            self.wfile.flush()
+            if served.cut_after is not None:
+                self.close_connection = True
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server_state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server_state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def closed_port_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens (connection refused: "offline")."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
