@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -116,6 +116,33 @@ class BiEncoder(nn.Module):
         if mask is not None:
             mask = torch.as_tensor(mask, device=self.device).bool()
         return self.img_model(feat, box7_from_norm_bb(bb), mask).float()
+
+    @torch.inference_mode()
+    def encode_images(self, records: Sequence[Any], batch_size: int = 64,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Per-image region sets -> (n, D) float32, in input order.
+
+        ``records`` are anything with ``features`` (n_i, img_dim) and ``norm_bb`` (n_i, 6) arrays (e.g.
+        `feature_extraction.types.RegionFeatures`). Images are batched by similar region counts to keep
+        padding small; ``progress(k)`` is called after each batch of k images.
+        """
+        order = sorted(range(len(records)), key=lambda i: len(records[i].features))
+        out = torch.empty(len(records), self.config.project_dim)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(records[i].features) for i in idx)
+            feat = np.zeros((len(idx), width, self.config.img_dim), dtype=np.float32)
+            bb = np.zeros((len(idx), width, 6), dtype=np.float32)
+            mask = np.zeros((len(idx), width), dtype=bool)
+            for row, i in enumerate(idx):
+                n = len(records[i].features)
+                feat[row, :n] = records[i].features
+                bb[row, :n] = records[i].norm_bb
+                mask[row, :n] = True
+            out[idx] = self.encode_regions(torch.from_numpy(feat), torch.from_numpy(bb), torch.from_numpy(mask)).cpu()
+            if progress is not None:
+                progress(len(idx))
+        return out
 
     @staticmethod
     def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ PRESETS: dict[str, BiEncoderConfig] = {
     # Multilingual text tower (Multi30K): bert-base-multilingual-cased, same image tower.
     "base-multilingual": BiEncoderConfig(text=replace(BASE, vocab_size=119547), tokenizer="bert-base-multilingual-cased"),
     # Tiny towers for tests: a 128-word vocabulary, 128-d states, 2 layers; small region features.
-    "tiny": BiEncoderConfig(text=TINY, image=TINY, img_dim=32, project_dim=48, cls_token_id=2, tokenizer=""),
+    "tiny": BiEncoderConfig(text=TINY, image=TINY, img_dim=32, project_dim=48, tokenizer=""),
 }
 
 CROSS_PRESETS: dict[str, CrossEncoderConfig] = {

@@ -254,3 +254,21 @@ def test_gpu_path_when_available(tiny_model):
     ids, tmask, feat, norm_bb, rmask = _inputs(gpu.config)
     assert torch.allclose(gpu.encode_regions(feat, norm_bb, rmask).cpu(),
                           tiny_model.cpu().encode_regions(feat, norm_bb, rmask), atol=1e-4)
+
+
+def test_encode_images_batches_ragged_region_sets_in_input_order(tiny_model):
+    from feature_extraction.types import RegionFeatures
+
+    g = torch.Generator().manual_seed(5)
+    records = []
+    for n in (7, 3, 10, 3, 1):
+        f = torch.randn(n, 32, generator=g).abs().numpy()
+        bb = torch.rand(n, 6, generator=g).numpy()
+        records.append(RegionFeatures(f, bb[:, :4], bb, bb[:, 0], bb[:, 0].astype(int), bb[:, 0].astype(int),
+                                      bb[:, 0], (10, 10)))
+    seen = []
+    batched = tiny_model.encode_images(records, batch_size=2, progress=seen.append)
+    assert sum(seen) == 5
+    for i, r in enumerate(records):
+        alone = tiny_model.encode_regions(r.features[None], r.norm_bb[None])
+        assert torch.allclose(batched[i], alone[0], atol=1e-5)

@@ -1,0 +1,139 @@
+"""Downloads from a local 127.0.0.1 server: valid, corrupted, truncated, resumed, offline, trust on first use."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+from ldot_testing import ServedFile, closed_port_url, http_server, official_finetuned
+
+from models import registry
+from models.download import download_entry, download_file, known_hash, verify_dir
+from models.errors import DownloadError
+from models.registry import ModelEntry, RemoteFile
+
+DATA = os.urandom(3 * (1 << 20) + 12345)  # a bit over 3 chunks
+SHA = hashlib.sha256(DATA).hexdigest()
+
+
+def test_valid_download_is_verified_and_renamed(tmp_path):
+    with http_server({"/f.bin": ServedFile(DATA)}) as srv:
+        digest = download_file([srv.url + "/f.bin"], tmp_path / "f.bin", sha256=SHA, size=len(DATA))
+    assert digest == SHA and (tmp_path / "f.bin").read_bytes() == DATA
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_corrupted_download_leaves_nothing_at_the_final_path(tmp_path):
+    bad = bytearray(DATA)
+    bad[1000] ^= 0xFF
+    with http_server({"/f.bin": ServedFile(bytes(bad))}) as srv:
+        with pytest.raises(DownloadError, match="sha256"):
+            download_file([srv.url + "/f.bin"], tmp_path / "f.bin", sha256=SHA)
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
+
+
+def test_wrong_size_is_rejected(tmp_path):
+    with http_server({"/f.bin": ServedFile(DATA + b"extra")}) as srv:
+        with pytest.raises(DownloadError, match="expected"):
+            download_file([srv.url + "/f.bin"], tmp_path / "f.bin", size=len(DATA))
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_truncated_download_keeps_the_part_and_resumes_with_a_range_request(tmp_path):
+    cut = len(DATA) // 3
+    with http_server({"/f.bin": ServedFile(DATA, cut_after=cut)}) as srv:
+        with pytest.raises(DownloadError, match="run the same command again to resume"):
+            download_file([srv.url + "/f.bin"], tmp_path / "f.bin", sha256=SHA)
+        assert not (tmp_path / "f.bin").exists()
+        assert (tmp_path / "f.bin.part").stat().st_size == cut
+        srv.files["/f.bin"] = ServedFile(DATA)  # the network is back
+        download_file([srv.url + "/f.bin"], tmp_path / "f.bin", sha256=SHA)
+        assert srv.requests[-1] == ("/f.bin", f"bytes={cut}-")
+    assert (tmp_path / "f.bin").read_bytes() == DATA
+
+
+def test_server_ignoring_range_restarts_cleanly(tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(DATA[:5000])
+    with http_server({"/f.bin": ServedFile(DATA, ignore_range=True)}) as srv:
+        download_file([srv.url + "/f.bin"], tmp_path / "f.bin", sha256=SHA)
+    assert (tmp_path / "f.bin").read_bytes() == DATA
+
+
+def test_second_mirror_is_tried_when_the_first_is_down(tmp_path):
+    with http_server({"/f.bin": ServedFile(DATA)}) as srv:
+        download_file([closed_port_url() + "/f.bin", srv.url + "/f.bin"], tmp_path / "f.bin", sha256=SHA)
+    assert (tmp_path / "f.bin").read_bytes() == DATA
+
+
+def test_first_verified_download_records_the_hash_and_later_ones_check_it(tmp_path):
+    with http_server({"/f.bin": ServedFile(DATA)}) as srv:
+        download_file([srv.url + "/f.bin"], tmp_path / "a.bin", hash_key="x/f.bin")
+        assert known_hash("x/f.bin") == SHA
+        srv.files["/f.bin"] = ServedFile(DATA[:-1] + b"!")  # the mirror now serves other bytes
+        with pytest.raises(DownloadError, match="sha256"):
+            download_file([srv.url + "/f.bin"], tmp_path / "b.bin", hash_key="x/f.bin")
+    assert not (tmp_path / "b.bin").exists()
+
+
+def _entry(monkeypatch, entry: ModelEntry) -> None:
+    monkeypatch.setattr(registry, "REGISTRY", (*registry.REGISTRY, entry))
+
+
+def test_offline_names_the_urls_and_the_import_command(monkeypatch):
+    url = closed_port_url()
+    _entry(monkeypatch, ModelEntry("test-ft", "bi-encoder", "t", "MIT",
+                                   (RemoteFile("test-ft.pt", (url + "/a/test-ft.pt", url + "/b/test-ft.pt")),),
+                                   convert=True))
+    with pytest.raises(DownloadError) as info:
+        download_entry("test-ft")
+    message = str(info.value)
+    assert url + "/a/test-ft.pt" in message and url + "/b/test-ft.pt" in message
+    assert "connection refused" in message
+    assert "ldot models import test-ft.pt --as test-ft" in message
+
+
+def test_official_checkpoint_download_is_converted_once(monkeypatch, tmp_path, tiny_model, ldot_home):
+    torch.save(official_finetuned(tiny_model), tmp_path / "x.pt")
+    payload = (tmp_path / "x.pt").read_bytes()
+    with http_server({"/x.pt": ServedFile(payload)}) as srv:
+        _entry(monkeypatch, ModelEntry("test-ft", "bi-encoder", "t", "MIT", (RemoteFile("x.pt", (srv.url + "/x.pt",)),),
+                                       convert=True))
+        path = download_entry("test-ft")
+    assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors", "ldot-manifest.json"}
+    assert not (ldot_home / "models" / ".downloads" / "test-ft").exists()  # the raw pickle is not kept
+    assert verify_dir(path) == []
+    assert registry.is_present("test-ft")
+    import models
+
+    enc = models.load_bi_encoder("test-ft")
+    feat, bb = torch.rand(1, 3, 32), torch.rand(1, 3, 6)
+    assert torch.allclose(enc.encode_regions(feat, bb), tiny_model.encode_regions(feat, bb))
+
+
+def test_hub_entry_downloads_files_skips_missing_optional_ones_and_verify_detects_damage(monkeypatch):
+    files = {"/org/m/resolve/main/config.json": ServedFile(b'{"model_type": "bert"}'),
+             "/org/m/resolve/main/vocab.txt": ServedFile(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n")}
+    with http_server(files) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        _entry(monkeypatch, ModelEntry("test-bert", "text-encoder", "t", "MIT", registry._hub(
+            "org/m", "config.json", "vocab.txt", optional=("tokenizer.json",))))
+        path = download_entry("test-bert")
+        assert registry.is_present("test-bert")
+        assert not (path / "tokenizer.json").exists()
+        n = len(srv.requests)
+        download_entry("test-bert")  # present files are not fetched again
+        assert [r for r in srv.requests[n:] if not r[0].endswith("tokenizer.json")] == []
+    (path / "vocab.txt").write_bytes(b"tampered")
+    assert any("vocab.txt" in p for p in verify_dir(path))
+
+
+def test_a_404_on_a_required_file_is_an_error(monkeypatch):
+    with http_server({}) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        _entry(monkeypatch, ModelEntry("test-x", "text-encoder", "t", "MIT", registry._hub("org/x", "config.json",
+                                                                                              "vocab.txt")))
+        with pytest.raises(DownloadError, match="404"):
+            download_entry("test-x")
+    assert not registry.is_present("test-x")
