@@ -61,6 +61,7 @@ class BiEncoder(nn.Module):
         self.img_model = ImageTower(config)
         self._tokenizer = tokenizer
         self.tokenizer_hint: str | None = None  # a model dir holding tokenizer files, set by the loader
+        self.loaded_towers: tuple[str, ...] = ("text", "image")  # a search loads the text tower alone
 
     # -- tokenizer -----------------------------------------------------------------------------
     @property
@@ -71,13 +72,17 @@ class BiEncoder(nn.Module):
             self._tokenizer = resolve_tokenizer(self._tokenizer, self.config, self.tokenizer_hint)
         return self._tokenizer
 
+    def _anchor(self) -> torch.Tensor:
+        tower = self.txt_model if "text" in self.loaded_towers else self.img_model
+        return tower.encode_proj[0].weight
+
     @property
     def device(self) -> torch.device:
-        return self.txt_model.encode_proj[0].weight.device
+        return self._anchor().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.txt_model.encode_proj[0].weight.dtype
+        return self._anchor().dtype
 
     # -- public encoding API -------------------------------------------------------------------
     @torch.inference_mode()
@@ -97,6 +102,8 @@ class BiEncoder(nn.Module):
     @torch.inference_mode()
     def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids already holding ``[CLS] ... [SEP]`` (n, L) -> (n, D) float32."""
+        if "text" not in self.loaded_towers:
+            raise RuntimeError("this bi-encoder was loaded with its image tower only (towers=('image',))")
         input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if attention_mask is not None:
             attention_mask = torch.as_tensor(attention_mask, device=self.device)
@@ -106,6 +113,8 @@ class BiEncoder(nn.Module):
     def encode_regions(self, features: torch.Tensor | np.ndarray, norm_bb: torch.Tensor | np.ndarray,
                        mask: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
         """Region features (B, N, img_dim) + boxes (B, N, 6) [+ valid mask (B, N)] -> (B, D) float32."""
+        if "image" not in self.loaded_towers:
+            raise RuntimeError("this bi-encoder was loaded with its text tower only (towers=('text',))")
         feat = torch.as_tensor(features, device=self.device).to(self.dtype)
         bb = torch.as_tensor(norm_bb, device=self.device).to(self.dtype)
         if feat.ndim != 3 or bb.shape[:2] != feat.shape[:2] or bb.shape[-1] != 6:

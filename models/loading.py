@@ -51,18 +51,36 @@ def _pick_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+TOWERS = {"text": "txt_model", "image": "img_model"}
+
+
 def bi_encoder_from_state(state: Tensors, config: BiEncoderConfig | None = None,
                           device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-                          tokenizer: Any = None) -> BiEncoder:
-    """Build a `BiEncoder` around a state dict with our key names, strictly."""
+                          tokenizer: Any = None, towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
+    """Build a `BiEncoder` around a state dict with our key names, strictly.
+
+    ``towers=("text",)`` loads only the text tower (all a search needs): the image tower stays
+    unallocated and `encode_regions` refuses to run.
+    """
     config = config or infer_bi_encoder_config(state)
     model = build_on_meta(BiEncoder, config, tokenizer)
-    load_strict(model, cast_state(state, dtype), assign=True)
-    return model.to(_pick_device(device)).eval()
+    device = _pick_device(device)
+    if set(towers) == set(TOWERS):
+        load_strict(model, cast_state(state, dtype), assign=True)
+        return model.to(device).eval()
+    for tower in towers:
+        prefix = TOWERS[tower] + "."
+        part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        module = getattr(model, TOWERS[tower])
+        load_strict(module, cast_state(part, dtype), assign=True)
+        module.to(device)
+    model.loaded_towers = tuple(towers)
+    return model.eval()
 
 
 def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = torch.float32) -> BiEncoder:
+                    dtype: torch.dtype | None = torch.float32,
+                    towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
     """Load a LightningDOT bi-encoder from an official ``.pt`` (fine-tuned or pre-trained), a converted
     model directory, a ``.safetensors`` file, or a registry name present in the cache.
 
@@ -80,17 +98,37 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     else:
         state, _ = bi_encoder_state(load_tensors(path))
         config = None
-    model = bi_encoder_from_state(state, config, device=device, dtype=dtype, tokenizer=tokenizer)
+    model = bi_encoder_from_state(state, config, device=device, dtype=dtype, tokenizer=tokenizer, towers=towers)
     model.tokenizer_hint = model_dir
     return model
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def fingerprint(source: str | Path) -> str:
+    """A short identity of a model's weights: what an index records to refuse another model.
+
+    For a model directory, derived from the hashes in its manifest (recorded at download, import or
+    training, so no re-hashing); otherwise from the weight files' sha256.
+    """
+    from .registry import read_manifest
+
+    path = resolve_source(source)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        files = read_manifest(path).get("files") or {}
+        weights = {n: f["sha256"] for n, f in files.items() if n.endswith((".safetensors", ".bin", ".pt", ".pkl"))}
+        if not weights:
+            weights = {p.name: sha256_file(p) for p in sorted(path.iterdir())
+                       if p.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
+        for name in sorted(weights):
+            digest.update(f"{name}:{weights[name]}\n".encode())
+    else:
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()[:16]
 
 
 def _tokenizer_for_conversion(name: str, lowercase: bool) -> Any:

@@ -272,3 +272,14 @@ def test_encode_images_batches_ragged_region_sets_in_input_order(tiny_model):
     for i, r in enumerate(records):
         alone = tiny_model.encode_regions(r.features[None], r.norm_bb[None])
         assert torch.allclose(batched[i], alone[0], atol=1e-5)
+
+
+def test_text_tower_alone_loads_half_and_encodes_identically(tmp_path, tiny_model):
+    torch.save(official_finetuned(tiny_model), tmp_path / "ft.pt")
+    both = models.load_bi_encoder(tmp_path / "ft.pt")
+    text = models.load_bi_encoder(tmp_path / "ft.pt", towers=("text",))
+    ids = torch.tensor([[2, 5, 6, 3]])
+    assert torch.equal(both.encode_token_ids(ids), text.encode_token_ids(ids))
+    assert all(p.is_meta for p in text.img_model.parameters())
+    with pytest.raises(RuntimeError, match="text tower only"):
+        text.encode_regions(torch.zeros(1, 2, 32), torch.zeros(1, 2, 6))
