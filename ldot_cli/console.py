@@ -80,3 +80,24 @@ def download_progress(progress: Any) -> Any:
         progress.update(tasks[label], completed=done, total=total)
 
     return callback
+
+
+class StageProgress:
+    """Renders `indexer.Stage` updates: one rich task per stage, with count, rate and ETA."""
+
+    def __init__(self, progress: Any) -> None:
+        import time
+
+        self._time = time.monotonic
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+        self.started: dict[str, float] = {}
+
+    def __call__(self, stage: Any) -> None:
+        if stage.name not in self.tasks:
+            self.tasks[stage.name] = self.progress.add_task(stage.name, total=stage.total, rate="")
+            self.started[stage.name] = self._time()
+        task = self.tasks[stage.name]
+        elapsed = max(self._time() - self.started[stage.name], 1e-9)
+        rate = f"{stage.done / elapsed:.2f} {stage.unit}/s" if stage.done else ""
+        self.progress.update(task, completed=stage.done, total=stage.total, rate=rate)

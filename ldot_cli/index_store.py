@@ -61,9 +61,11 @@ CREATE TABLE IF NOT EXISTS files (
     content_hash TEXT,                      -- NULL until hashed
     status TEXT NOT NULL,                   -- indexed | skipped
     reason TEXT,                            -- why it was skipped
+    retry INTEGER NOT NULL DEFAULT 0,       -- 1: a passing failure, tried again by the next run
     vector_id INTEGER REFERENCES vectors(id),
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS removed (id INTEGER PRIMARY KEY);  -- vector ids still to drop from FAISS
 CREATE INDEX IF NOT EXISTS files_by_hash ON files(content_hash);
 CREATE INDEX IF NOT EXISTS files_by_vector ON files(vector_id);
 CREATE INDEX IF NOT EXISTS files_by_root ON files(root);
@@ -72,6 +74,9 @@ CREATE INDEX IF NOT EXISTS files_by_root ON files(root);
 
 class IndexError_(LdotError):
     """An index is missing, damaged, from another model or from a newer ldot."""
+
+
+FILE_COLUMNS = ("path", "root", "size", "mtime_ns", "content_hash", "status", "reason", "retry", "vector_id")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class FileRow:
     content_hash: str | None
     status: str
     reason: str | None
+    retry: int
     vector_id: int | None
 
     @property
@@ -191,15 +197,25 @@ class IndexStore:
 
     # -- files -----------------------------------------------------------------------------------
     def files_under(self, root: bytes) -> dict[bytes, FileRow]:
-        rows = self.db.execute("SELECT path, root, size, mtime_ns, content_hash, status, reason, vector_id "
-                               "FROM files WHERE root = ?", (root,))
+        rows = self.db.execute(f"SELECT {', '.join(FILE_COLUMNS)} FROM files WHERE root = ?", (root,))
         return {r[0]: FileRow(*r) for r in rows}
 
     def file_rows(self, status: str | None = None) -> list[FileRow]:
-        sql = "SELECT path, root, size, mtime_ns, content_hash, status, reason, vector_id FROM files"
+        sql = f"SELECT {', '.join(FILE_COLUMNS)} FROM files"
         rows = self.db.execute(sql + (" WHERE status = ?" if status else "") + " ORDER BY path",
                                (status,) if status else ())
         return [FileRow(*r) for r in rows]
+
+    @staticmethod
+    def put_files(db: sqlite3.Connection, rows: Iterable[FileRow]) -> None:
+        """Insert or replace file rows (inside the caller's transaction)."""
+        now = time.time()
+        db.executemany(f"INSERT OR REPLACE INTO files ({', '.join(FILE_COLUMNS)}, updated) "
+                       f"VALUES ({', '.join('?' * len(FILE_COLUMNS))}, ?)",
+                       [(*(getattr(r, c) for c in FILE_COLUMNS), now) for r in rows])
+
+    def delete_files(self, db: sqlite3.Connection, paths: Iterable[bytes]) -> None:
+        db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
 
     def vector_for_hash(self, content_hash: str) -> int | None:
         row = self.db.execute("SELECT id FROM vectors WHERE content_hash = ?", (content_hash,)).fetchone()
@@ -251,6 +267,48 @@ class IndexStore:
         return self.db.execute("SELECT id, content_hash FROM vectors WHERE id NOT IN "
                                "(SELECT vector_id FROM files WHERE vector_id IS NOT NULL)").fetchall()
 
+    def delete_vectors(self, db: sqlite3.Connection, ids: Sequence[int]) -> None:
+        """Drop vectors; their ids are remembered until the FAISS file no longer holds them."""
+        db.executemany("DELETE FROM vectors WHERE id = ?", [(i,) for i in ids])
+        db.executemany("INSERT OR IGNORE INTO removed (id) VALUES (?)", [(i,) for i in ids])
+
+    def sync_faiss(self, kind: str | None = None, rebuild: bool = False) -> str:
+        """Bring the FAISS file up to date with SQLite: add newer vectors, drop removed ones.
+
+        Rebuilds from SQLite when asked, when the file is missing or damaged, or when the index kind
+        changes (``kind`` None: exact up to `ANN_THRESHOLD` vectors, approximate past it). Only the
+        process holding the index lock may call this. Returns what was done.
+        """
+        from . import ann
+
+        total = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+        current = self.get_meta("faiss_kind")
+        want = kind or self.get_meta("ann_mode") or (ann.APPROX if total > ANN_THRESHOLD else ann.EXACT)
+        if want == "auto":
+            want = ann.APPROX if total > ANN_THRESHOLD else ann.EXACT
+        loaded = None
+        if not rebuild and current == want:
+            try:
+                loaded = self.read_faiss(mmap=False)
+            except IndexError_:
+                loaded = None
+        removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
+        if loaded is None:
+            ids, vectors = self.vectors()
+            index = ann.build(ids, vectors, want)
+            action = f"built {want} index of {len(ids)} vectors"
+        else:
+            index, max_id = loaded
+            ids, vectors = self.vectors(min_id=max_id)
+            ann.add(index, ids, vectors)
+            ann.remove(index, np.asarray(removed, dtype=np.int64))
+            action = f"added {len(ids)}, removed {len(removed)}"
+        max_id = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'vectors'").fetchone()
+        self.write_faiss(index, int(max_id[0]) if max_id else 0, want)
+        if removed:
+            self.db.executemany("DELETE FROM removed WHERE id = ?", [(i,) for i in removed])
+        return action
+
     # -- the FAISS file --------------------------------------------------------------------------
     @property
     def faiss_path(self) -> Path:
@@ -273,7 +331,7 @@ class IndexStore:
         self.set_meta({"faiss_sha256": digest, "faiss_rows": str(index.ntotal), "faiss_max_id": str(max_id),
                        "faiss_kind": kind, "faiss_written": str(time.time())})
 
-    def read_faiss(self, attempts: int = 3) -> tuple[Any, int] | None:
+    def read_faiss(self, attempts: int = 3, mmap: bool = True) -> tuple[Any, int] | None:
         """The verified FAISS index and the newest vector id it holds; None when there is none yet.
 
         Raises `IndexError_` when the file does not match its recorded checksum (damaged: the caller
@@ -291,7 +349,8 @@ class IndexStore:
             except FileNotFoundError:
                 got = None
             if got == want:
-                index = faiss.read_index(str(self.faiss_path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+                flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
+                index = faiss.read_index(str(self.faiss_path), flags)
                 if index.ntotal != int(meta.get("faiss_rows", -1)):
                     break
                 return index, int(meta.get("faiss_max_id", 0))

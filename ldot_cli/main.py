@@ -73,8 +73,10 @@ def main(
 
 
 def _register() -> None:
-    from . import cmd_models
+    from . import cmd_index, cmd_models, cmd_search
 
+    cmd_index.register(app)
+    cmd_search.register(app)
     app.add_typer(cmd_models.app, name="models")
 
 
