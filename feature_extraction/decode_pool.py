@@ -102,6 +102,8 @@ def iter_decoded(paths: Sequence[str], preprocess: PreprocessFn, *, num_workers:
         max_in_flight: decoded images dispatched or waiting to be consumed, at most.
         start_method: ``forkserver`` (default where available), ``spawn`` or ``fork``.
     """
+    if not paths:
+        return
     if num_workers <= 0:
         for i, path in enumerate(paths):
             yield decode_one(i, path, preprocess, max_pixels)
@@ -167,13 +169,11 @@ class _Worker:
         self.proc.join(5)
         self.conn.close()
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         try:
             self.conn.send(None)
         except OSError:
             pass
-        self.proc.join(2)
-        self.kill()
 
 
 class DecodePool:
@@ -239,7 +239,11 @@ class DecodePool:
         if self._started:
             self._thread.join(10)
         for w in self._workers:
-            w.stop()
+            w.request_stop()
+        deadline = time.monotonic() + 2.0  # a worker busy with a big image gets killed after this
+        for w in self._workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
+            w.kill()
         self._workers.clear()
 
     # -- manager thread --------------------------------------------------------------------

@@ -12,6 +12,7 @@ The library never renders anything: pass ``progress`` (a callable taking
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +25,7 @@ from feature_extraction.errors import DetectorError
 from feature_extraction.image_io import DEFAULT_MAX_PIXELS
 from feature_extraction.types import RegionFeatures
 from feature_extraction.uniter_db import FailureRecord, SourceStamp, UniterImageDBWriter, resolve_cut
-from feature_extraction.walk import ImageSource, KeyFn, WalkIssue, collect_images
+from feature_extraction.walk import ImageSource, KeyFn, WalkIssue, collect_images, suffixed_key
 
 DetectorInput = tuple[Any, float, tuple[int, int]]  # ((3, h, w) float32 tensor, scale, (H, W))
 _MAX_FAILED_BATCHES = 3  # consecutive batches on which every image failed in the detector: give up
@@ -47,7 +48,8 @@ class RegionDetector(Protocol):
 
 @dataclass(frozen=True)
 class ExtractProgress:
-    """Counts passed to the progress callback (after each committed batch, and at start/end)."""
+    """Counts passed to the progress callback: at start, after each committed batch and after
+    each failed file (``failed`` counts files not yet committed as failed too)."""
 
     total: int  # files this run will process (candidates minus skipped)
     done: int  # processed so far: written + failed
@@ -165,6 +167,7 @@ def _plan(sources: Sequence[ImageSource], db: UniterImageDBWriter, retry_failed:
     stamps, failures = db.sources(), db.failures()
     todo = []
     for src in sources:
+        src = _avoid_live_collision(src, stamps)
         if src.key in db and _unchanged(stamps.get(src.key), src):
             report.skipped_existing += 1
             continue
@@ -175,6 +178,15 @@ def _plan(sources: Sequence[ImageSource], db: UniterImageDBWriter, retry_failed:
             continue
         todo.append(src)
     return todo
+
+
+def _avoid_live_collision(src: ImageSource, stamps: dict[str, SourceStamp]) -> ImageSource:
+    """Never overwrite the record of another file that still exists (e.g. the same relative name
+    under a root extracted by an earlier run): take the collision-suffixed key instead."""
+    stamp = stamps.get(src.key)
+    if stamp is None or stamp.path == src.path or not os.path.exists(stamp.path):
+        return src
+    return dataclasses.replace(src, key=suffixed_key(src.key, src.path))
 
 
 def _unchanged(stamp: SourceStamp | None, src: ImageSource) -> bool:
@@ -206,6 +218,8 @@ class _Run:
                 self.fail(self.todo[item.index], item.reason, item.permanent)
                 if self.staged_failures >= _FAILURE_COMMIT_EVERY:
                     self.commit()
+                else:
+                    self.notify()
                 continue
             pending.append(item)
             if len(pending) >= batch_size:

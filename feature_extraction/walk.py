@@ -186,13 +186,13 @@ def _assign_keys(found: list[tuple[str, str, os.stat_result]], key_fn: KeyFn) ->
     for path, root, st in found:
         key = _fit_key(key_fn(path, root), path)
         if key in used:
-            key = _suffixed(key, path)
+            key = suffixed_key(key, path)
         used.add(key)
         out.append(ImageSource(path=path, root=root, key=key, size=int(st.st_size), mtime_ns=int(st.st_mtime_ns)))
     return out
 
 
-def _suffixed(key: str, path: str) -> str:
+def suffixed_key(key: str, path: str) -> str:
     """``a/b.jpg`` -> ``a/b~1f2e3d4c.jpg`` (a hash of the full path: stable across runs)."""
     digest = hashlib.sha1(os.fsencode(path)).hexdigest()[:8]
     head, dot, ext = key.rpartition(".")
@@ -206,4 +206,4 @@ def _fit_key(key: str, path: str) -> str:
     if len(key.encode("utf-8")) <= MAX_KEY_BYTES:
         return key
     tail = key.encode("utf-8")[-(MAX_KEY_BYTES // 2):].decode("utf-8", "ignore")
-    return _suffixed("…" + tail, path)
+    return suffixed_key("…" + tail, path)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, features
 
 from feature_extraction import image_io
-from feature_extraction.errors import ImageLoadError, MissingCodecError
+from feature_extraction.errors import ImageLoadError
 from feature_extraction.image_io import is_image_candidate, load_image
 from imagegen import pattern, save, truncate, write_png_bomb
 

@@ -277,3 +277,19 @@ def test_own_folders_inside_the_scanned_root(tmp_path: Path, monkeypatch: pytest
     assert report.written == len(good)
     assert_db_matches(photos / "features", good)
     assert extract_to_db([photos], photos / "features", FakeDetector(), num_workers=0).written == 0
+
+
+def test_later_run_on_another_root_never_overwrites_a_live_file(tmp_path: Path, home: Path) -> None:
+    a = save(_photo(1), (tmp_path / "A").mkdir() or tmp_path / "A" / "img.png", fmt="PNG")
+    b = save(_photo(2), (tmp_path / "B").mkdir() or tmp_path / "B" / "img.png", fmt="PNG")
+    out = tmp_path / "out"
+    extract_to_db([tmp_path / "A"], out, FakeDetector(), num_workers=0)
+    report = extract_to_db([tmp_path / "B"], out, FakeDetector(), num_workers=0)
+    (b_key,) = [k for k in UniterImageDB(out).keys() if k != "img.png"]
+    assert report.written == 1 and b_key.startswith("img~")
+    assert_db_matches(out, {"img.png": a, b_key: b})
+    assert extract_to_db([tmp_path / "B"], out, FakeDetector(), num_workers=0).skipped_existing == 1
+    a.unlink()  # A's file is gone: B's may now take the plain name
+    c = save(_photo(3), (tmp_path / "C").mkdir() or tmp_path / "C" / "img.png", fmt="PNG")
+    extract_to_db([tmp_path / "C"], out, FakeDetector(), num_workers=0)
+    assert_db_matches(out, {"img.png": c, b_key: b})
