@@ -1,0 +1,726 @@
+"""The UNITER / LightningDOT image-feature DB: written and read exactly as the official tooling.
+
+Layout of an image DB directory ``<img_dir>`` (facts from UNITER's ``scripts/convert_imgdir.py``
+and ``data/data.py::DetectFeatLmdb``; LightningDOT ships the same code)::
+
+    <img_dir>/
+      feat_th0.2_max100_min10/            LMDB (data.mdb, lock.mdb): the ``uniter`` preset
+      nbb_th0.2_max100_min10.json         {file name: number of boxes kept}
+      feat_numbb36/                       LMDB of the ``lxmert36`` preset (UNITER's fixed-count
+                                          naming, ``conf_th=-1, num_bb=36``: no nbb json needed)
+      <db name>_compressed/               the same with ``compress=True`` values (see below)
+      all/ , all_compressed/              UNITER's "keep all boxes" DBs (read only; nbb computed)
+
+* Key: the image's file name as UTF-8 bytes, e.g. ``flickr30k_001000092795.npz``. The
+  official converter also stores ``__keys__`` (a JSON list of all names), refreshed here on close.
+* Value (``compress=False``, what LightningDOT's configs use): ``msgpack`` with the
+  ``msgpack-numpy`` encoding (``use_bin_type=True``) of a dict of float16 arrays already cut to
+  ``nbb`` boxes: ``features (n, 2048)``, ``norm_bb (n, 6) = x1/W, y1/H, x2/W, y2/H, w/W, h/H``,
+  ``conf (n, 1)`` (the BUTD extractor's 2-D shape) and ``soft_labels (n, 1601)`` with the
+  **background class FIRST** (index 0; Caffe's order, the one UNITER's MRC loss expects), while
+  our detector's :class:`RegionFeatures` puts it last: the writer rolls it.
+* Value (``compress=True``): ``np.savez_compressed`` bytes of the same dict. We read those with
+  ``allow_pickle=False`` and decode msgpack with our own hook that refuses object arrays
+  (msgpack-numpy would unpickle them): a DB from elsewhere never runs code.
+* Read-time cut (as DetectFeatLmdb): ``nbb = min(max_bb, max(min_bb, sum(conf > conf_th)))``
+  from the json (or computed from ``conf`` when the json lacks a name), arrays sliced ``[:nbb]``.
+
+Additions of ours, invisible to the official reader (which only ``get``\\ s file names): two
+LMDB named sub-databases in the same environment, committed in the same transaction as the
+features, ``__ldot_sources__`` (key -> source file path, size, mtime: notices changed files and
+never pairs a vector with the wrong file) and ``__ldot_failed__`` (source path -> why it could
+not be extracted), plus the human-readable ``<db name>.failed.json`` and the writer's
+``<db name>.lock``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import msgpack_numpy
+import numpy as np
+from filelock import FileLock, Timeout
+
+from feature_extraction.errors import DBLockedError, DetectorError, ImageDBError
+from feature_extraction.types import RegionFeatures
+
+KEYS_KEY = b"__keys__"  # official: JSON list of every file name
+SOURCES_DB = b"__ldot_sources__"  # ours: key -> {path, size, mtime_ns}
+FAILED_DB = b"__ldot_failed__"  # ours: source path -> {size, mtime_ns, reason, permanent}
+RESERVED_KEYS = frozenset({KEYS_KEY, SOURCES_DB, FAILED_DB})
+DEFAULT_MAP_SIZE = 1 << 40  # 1 TiB of address space, as the official converter (grown if needed)
+_NUMERIC_KINDS = frozenset("fiub")
+
+
+# ------------------------------------------------------------------------------ box cuts
+
+
+@dataclass(frozen=True)
+class BoxCut:
+    """How many boxes an image keeps, and the DB name that encodes it (UNITER's naming)."""
+
+    conf_th: float = 0.2  # keep boxes with conf > conf_th; -1 = a fixed count of num_bb boxes
+    max_bb: int = 100  # at most this many boxes (threshold mode)
+    min_bb: int = 10  # at least this many boxes (threshold mode)
+    num_bb: int = 36  # the fixed count (conf_th == -1)
+
+    @property
+    def fixed(self) -> bool:
+        return self.conf_th == -1
+
+    @property
+    def base_name(self) -> str:
+        """``feat_th0.2_max100_min10`` or ``feat_numbb36``."""
+        if self.fixed:
+            return f"feat_numbb{self.num_bb}"
+        return f"feat_th{self.conf_th}_max{self.max_bb}_min{self.min_bb}"
+
+    def db_name(self, compress: bool = False) -> str:
+        return self.base_name + ("_compressed" if compress else "")
+
+    @property
+    def nbb_name(self) -> str | None:
+        """``nbb_th0.2_max100_min10.json``; None for a fixed count (the official reader needs none)."""
+        if self.fixed:
+            return None
+        return f"nbb_th{self.conf_th}_max{self.max_bb}_min{self.min_bb}.json"
+
+    def num_boxes(self, conf: np.ndarray) -> int:
+        """Boxes kept for an image whose per-box confidences are ``conf`` ((n,) or (n, 1))."""
+        if self.fixed:
+            return self.num_bb
+        return int(min(self.max_bb, max(self.min_bb, int((np.asarray(conf) > self.conf_th).sum()))))
+
+
+PRESET_CUTS: dict[str, BoxCut] = {
+    "uniter": BoxCut(conf_th=0.2, max_bb=100, min_bb=10),  # UNITER / LightningDOT: 10..100 boxes
+    "lxmert36": BoxCut(conf_th=-1, num_bb=36),  # LXMERT demo setting: exactly 36 boxes
+}
+
+
+def resolve_cut(cut: BoxCut | str) -> BoxCut:
+    """A :class:`BoxCut` from itself or a preset name (``uniter``, ``lxmert36``)."""
+    if isinstance(cut, BoxCut):
+        return cut
+    try:
+        return PRESET_CUTS[cut]
+    except KeyError:
+        raise ValueError(f"unknown preset {cut!r}; known: {', '.join(PRESET_CUTS)}") from None
+
+
+# ------------------------------------------------------------------------------ records
+
+
+@dataclass
+class ImageRecord:
+    """One image's stored region features after the read-time cut."""
+
+    features: np.ndarray  # (nbb, 2048) float32 (float16 if read with as_float32=False)
+    norm_bb: np.ndarray  # (nbb, 6): x1/W, y1/H, x2/W, y2/H, w/W, h/H
+    conf: np.ndarray  # (nbb,) max non-background class probability
+    soft_labels: np.ndarray | None = None  # (nbb, 1601) class distribution, background FIRST
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass(frozen=True)
+class SourceStamp:
+    """Which file a record was extracted from, and that file's size and mtime at the time."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """Why a source file could not be extracted (``permanent``: retrying the unchanged file is pointless)."""
+
+    reason: str
+    size: int
+    mtime_ns: int
+    permanent: bool = True
+
+
+def soft_labels_to_uniter(soft_labels: np.ndarray) -> np.ndarray:
+    """(n, C) background LAST (our detector) -> background FIRST (UNITER DB)."""
+    return np.roll(soft_labels, 1, axis=1)
+
+
+def soft_labels_from_uniter(soft_labels: np.ndarray) -> np.ndarray:
+    """(n, C) background FIRST (UNITER DB) -> background LAST (our detector)."""
+    return np.roll(soft_labels, -1, axis=1)
+
+
+def regions_to_record(regions: RegionFeatures, cut: BoxCut, with_soft_labels: bool = False) -> dict[str, np.ndarray]:
+    """Detector output -> the official record: float16 arrays cut to ``nbb`` boxes.
+
+    Raises:
+        DetectorError: shapes disagree, no boxes, non-finite values, or soft labels asked
+            for but missing.
+    """
+    _check_regions(regions, with_soft_labels)
+    nbb = min(cut.num_boxes(regions.conf), regions.num_boxes)
+    record = {
+        "features": np.ascontiguousarray(regions.features[:nbb], dtype=np.float16),  # (nbb, 2048)
+        "norm_bb": np.ascontiguousarray(regions.norm_bb[:nbb], dtype=np.float16),  # (nbb, 6)
+        "conf": np.ascontiguousarray(regions.conf[:nbb].reshape(-1, 1), dtype=np.float16),  # (nbb, 1)
+    }
+    if with_soft_labels:
+        soft = soft_labels_to_uniter(np.asarray(regions.soft_labels)[:nbb])
+        record["soft_labels"] = np.ascontiguousarray(soft, dtype=np.float16)  # (nbb, 1601)
+    return record
+
+
+def _check_regions(regions: RegionFeatures, with_soft_labels: bool) -> None:
+    feats, n = np.asarray(regions.features), regions.num_boxes
+    problems = []
+    if feats.ndim != 2 or n == 0:
+        problems.append(f"features of shape {feats.shape}")
+    if np.asarray(regions.norm_bb).shape != (n, 6):
+        problems.append(f"norm_bb of shape {np.asarray(regions.norm_bb).shape} for {n} boxes")
+    if np.asarray(regions.conf).reshape(-1).shape != (n,):
+        problems.append(f"conf of shape {np.asarray(regions.conf).shape} for {n} boxes")
+    if with_soft_labels:
+        soft = regions.soft_labels
+        if soft is None or np.asarray(soft).ndim != 2 or np.asarray(soft).shape[0] != n:
+            problems.append("soft labels missing or misshapen")
+    if not problems and not (np.isfinite(feats).all() and np.isfinite(regions.norm_bb).all()):
+        problems.append("non-finite values")
+    if problems:
+        raise DetectorError("detector output breaks the contract: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------ value codecs
+
+
+def encode_value(record: Mapping[str, np.ndarray], compress: bool = False) -> bytes:
+    """A record dict -> LMDB value bytes, in the official encoding."""
+    if compress:
+        with io.BytesIO() as buf:
+            np.savez_compressed(buf, **record)
+            return buf.getvalue()
+    return msgpack.packb(dict(record), default=msgpack_numpy.encode, use_bin_type=True)
+
+
+def decode_value(raw: bytes, compressed: bool = False) -> dict[str, np.ndarray]:
+    """LMDB value bytes -> record dict (never unpickles).
+
+    Raises:
+        ImageDBError: the bytes are not a record of numeric arrays.
+    """
+    try:
+        if compressed:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+                out = {k: npz[k] for k in npz.files}
+        else:
+            out = msgpack.unpackb(raw, raw=False, object_hook=_decode_ndarray, strict_map_key=False)
+    except ImageDBError:
+        raise
+    except Exception as exc:
+        raise ImageDBError(f"undecodable feature record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(out, dict) or not all(isinstance(v, np.ndarray) for v in out.values()):
+        raise ImageDBError("feature record is not a dict of arrays")
+    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in out.items()}
+
+
+def _decode_ndarray(obj: dict[Any, Any]) -> Any:
+    """msgpack-numpy's array encoding -> ndarray, refusing object/structured dtypes."""
+    if b"nd" not in obj:
+        return obj
+    kind = obj.get(b"kind", b"")
+    if kind in (b"O", b"V"):
+        raise ImageDBError("feature record holds an object/structured array: refused")
+    dtype = np.dtype(_as_str(obj[b"type"]))
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise ImageDBError(f"feature record holds a {dtype} array: refused")
+    data = obj[b"data"]
+    if obj[b"nd"] is not True:
+        return np.frombuffer(data, dtype=dtype)[0]
+    shape = tuple(int(s) for s in obj[b"shape"])
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data):
+        raise ImageDBError("feature record array size does not match its shape")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _as_str(value: str | bytes) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def _stamp_from_raw(raw: bytes) -> SourceStamp:
+    d = _unpack(raw)
+    return SourceStamp(path=os.fsdecode(d["path"]), size=int(d["size"]), mtime_ns=int(d["mtime_ns"]))
+
+
+def _failure_from_raw(raw: bytes) -> FailureRecord:
+    d = _unpack(raw)
+    return FailureRecord(reason=d["reason"], size=int(d["size"]), mtime_ns=int(d["mtime_ns"]),
+                         permanent=bool(d["permanent"]))
+
+
+def _safe_text(text: str) -> str:
+    """Valid UTF-8 text whatever it holds (lone surrogates from odd file names are escaped)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _display_path(path: str) -> str:
+    """A file path as valid UTF-8 text: undecodable bytes of odd names shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file beside ``path``, fsync it, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, ensure_ascii=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _iter_keys(txn: lmdb.Transaction) -> Iterator[str]:
+    for key in txn.cursor().iternext(keys=True, values=False):
+        if key not in RESERVED_KEYS:
+            yield bytes(key).decode("utf-8")
+
+
+# ------------------------------------------------------------------------------ writer
+
+
+class UniterImageDBWriter:
+    """Append region features to a UNITER image DB; safe to reopen and resume.
+
+    Records are staged with :meth:`put` / :meth:`put_failure` and land together, atomically,
+    at :meth:`commit` (one LMDB transaction: a crash loses at most the staged batch and never
+    leaves a partial record). The nbb json and ``__keys__`` are derived data, rewritten on
+    :meth:`close`, every ``sidecar_interval_s`` seconds of commits, and rebuilt from the LMDB
+    when a writer opens a DB whose previous writer died.
+
+    Only one writer per DB: a ``<db name>.lock`` file lock (released by the OS if the process
+    dies) makes a second one fail fast with :class:`DBLockedError`.
+
+    Usage::
+
+        with UniterImageDBWriter(out_dir, "uniter") as db:
+            db.put("img1.jpg", regions, SourceStamp(path, size, mtime_ns))
+            db.commit()
+    """
+
+    def __init__(self, img_dir: str | os.PathLike[str], cut: BoxCut | str = "uniter", *,
+                 compress: bool = False, map_size: int = DEFAULT_MAP_SIZE,
+                 lock_timeout_s: float = 0.0, sidecar_interval_s: float = 30.0) -> None:
+        self.img_dir = Path(img_dir)
+        self.cut = resolve_cut(cut)
+        self.compress = compress
+        self.db_path = self.img_dir / self.cut.db_name(compress)
+        self.sidecar_interval_s = sidecar_interval_s
+        self.img_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _acquire_lock(self.img_dir / f"{self.cut.db_name(compress)}.lock", lock_timeout_s)
+        try:
+            self._env = lmdb.open(str(self.db_path), map_size=map_size, max_dbs=2, subdir=True)
+            self._sources = self._env.open_db(SOURCES_DB)
+            self._failed = self._env.open_db(FAILED_DB)
+            self._name2nbb = self._reconcile_nbb()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._staged: dict[str, tuple[bytes, int, SourceStamp | None]] = {}
+        self._staged_failures: dict[bytes, FailureRecord | None] = {}
+        self._last_sidecar = time.monotonic()
+        self._closed = False
+        self.write_sidecars()
+
+    # -- context manager --------------------------------------------------------------------
+
+    def __enter__(self) -> UniterImageDBWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+            self.close()
+
+    # -- staging ----------------------------------------------------------------------------
+
+    def put(self, key: str, regions: RegionFeatures | Mapping[str, np.ndarray],
+            source: SourceStamp | None = None, *, with_soft_labels: bool = False) -> int:
+        """Stage one image's record under ``key`` (replacing any stored one); returns its nbb.
+
+        ``regions`` is detector output (cut and converted here) or an already-official record
+        dict. The record lands at the next :meth:`commit`.
+        """
+        kb = _check_key(key)
+        if isinstance(regions, RegionFeatures):
+            record = regions_to_record(regions, self.cut, with_soft_labels)
+        else:
+            record = dict(regions)
+        nbb = self._record_nbb(record)
+        self._staged[kb.decode("utf-8")] = (encode_value(record, self.compress), nbb, source)
+        return nbb
+
+    def put_failure(self, source_path: str, failure: FailureRecord) -> None:
+        """Stage the record of a file that could not be extracted."""
+        self._staged_failures[os.fsencode(source_path)] = failure
+
+    def clear_failure(self, source_path: str) -> None:
+        """Stage the removal of a file's failure record (it now succeeded)."""
+        self._staged_failures[os.fsencode(source_path)] = None
+
+    def discard(self) -> None:
+        """Drop everything staged since the last commit."""
+        self._staged.clear()
+        self._staged_failures.clear()
+
+    @property
+    def staged_count(self) -> int:
+        return len(self._staged)
+
+    # -- committing -------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Write every staged record and failure in one durable transaction."""
+        if not self._staged and not self._staged_failures:
+            return
+        while True:
+            try:
+                self._write_staged()
+                break
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+        for key, (_, nbb, _) in self._staged.items():
+            self._name2nbb[key] = nbb
+        self.discard()
+        if time.monotonic() - self._last_sidecar >= self.sidecar_interval_s:
+            self.write_sidecars()
+
+    def _write_staged(self) -> None:
+        with self._env.begin(write=True) as txn:
+            for key, (value, _, source) in self._staged.items():
+                kb = key.encode("utf-8")
+                txn.put(kb, value)
+                if source is not None:
+                    txn.put(kb, _pack({"path": os.fsencode(source.path), "size": source.size,
+                                       "mtime_ns": source.mtime_ns}), db=self._sources)
+                else:
+                    txn.delete(kb, db=self._sources)
+            for path_b, failure in self._staged_failures.items():
+                if failure is None:
+                    txn.delete(path_b, db=self._failed)
+                else:
+                    txn.put(path_b, _pack({"reason": _safe_text(failure.reason), "size": failure.size,
+                                           "mtime_ns": failure.mtime_ns, "permanent": failure.permanent}),
+                            db=self._failed)
+
+    def write_sidecars(self) -> None:
+        """Rewrite the nbb json, ``__keys__`` and the failed-files json from committed state."""
+        nbb_name = self.cut.nbb_name
+        if nbb_name is not None:
+            write_json_atomic(self.img_dir / nbb_name, self._name2nbb)
+        with self._env.begin(write=True) as txn:
+            txn.put(KEYS_KEY, json.dumps(list(self._name2nbb)).encode("utf-8"))
+        failures = {_display_path(p): {"reason": f.reason, "size": f.size, "mtime_ns": f.mtime_ns,
+                                    "permanent": f.permanent} for p, f in self.failures().items()}
+        write_json_atomic(self.img_dir / f"{self.cut.db_name(self.compress)}.failed.json", failures)
+        self._last_sidecar = time.monotonic()
+
+    def close(self) -> None:
+        """Commit what is staged, refresh the sidecars, close the LMDB and release the lock."""
+        if self._closed:
+            return
+        try:
+            self.commit()
+            self.write_sidecars()
+            self._env.sync(True)
+        finally:
+            self._env.close()
+            self._lock.release()
+            self._closed = True
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._name2nbb
+
+    def __len__(self) -> int:
+        return len(self._name2nbb)
+
+    def keys(self) -> list[str]:
+        """File names committed so far."""
+        return list(self._name2nbb)
+
+    def nbb(self, key: str) -> int:
+        return self._name2nbb[key]
+
+    def sources(self) -> dict[str, SourceStamp]:
+        """key -> the file its committed record was extracted from (keys without one are absent)."""
+        with self._env.begin() as txn:
+            return {bytes(k).decode("utf-8"): _stamp_from_raw(bytes(v))
+                    for k, v in txn.cursor(db=self._sources)}
+
+    def failures(self) -> dict[str, FailureRecord]:
+        """source path -> the committed record of why it failed."""
+        with self._env.begin() as txn:
+            return {os.fsdecode(bytes(k)): _failure_from_raw(bytes(v)) for k, v in txn.cursor(db=self._failed)}
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _record_nbb(self, record: Mapping[str, np.ndarray]) -> int:
+        for name in ("features", "norm_bb", "conf"):
+            if name not in record:
+                raise DetectorError(f"feature record lacks {name!r}")
+        return min(self.cut.num_boxes(record["conf"]), int(record["features"].shape[0]))
+
+    def _reconcile_nbb(self) -> dict[str, int]:
+        """name -> nbb for every committed key: the json, completed from the LMDB after a crash."""
+        known: dict[str, int] = {}
+        nbb_name = self.cut.nbb_name
+        if nbb_name is not None and (self.img_dir / nbb_name).exists():
+            try:
+                known = {str(k): int(v) for k, v in json.loads((self.img_dir / nbb_name).read_text("utf-8")).items()}
+            except (ValueError, OSError):
+                known = {}
+        out: dict[str, int] = {}
+        with self._env.begin() as txn:
+            for key in _iter_keys(txn):
+                if key in known:
+                    out[key] = known[key]
+                else:
+                    record = decode_value(txn.get(key.encode("utf-8")), self.compress)
+                    out[key] = self._record_nbb(record)
+        return out
+
+
+def _acquire_lock(path: Path, timeout_s: float) -> FileLock:
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise DBLockedError(f"another process is writing this feature DB (lock {path}); "
+                            "wait for it to finish or stop it") from None
+    return lock
+
+
+def _check_key(key: str) -> bytes:
+    try:
+        kb = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"DB key is not valid UTF-8: {key!r}") from None
+    if not kb or kb in RESERVED_KEYS or len(kb) > 511:
+        raise ValueError(f"invalid DB key {key!r} (empty, reserved or longer than 511 bytes)")
+    return kb
+
+
+# ------------------------------------------------------------------------------ reader
+
+
+class UniterImageDB:
+    """Read a UNITER image DB (ours or one made by the official scripts), as DetectFeatLmdb does.
+
+    ``db[fname]`` -> :class:`ImageRecord` cut to ``nbb`` boxes; ``db.get_dump(fname)`` -> the
+    dict of every stored array cut the same way (UNITER's ``get_dump``). Safe to use in forked
+    DataLoader workers (the LMDB environment is reopened per process) and while a writer
+    appends (each read is its own short read transaction).
+    """
+
+    def __init__(self, img_dir: str | os.PathLike[str], cut: BoxCut | str = "uniter", *,
+                 compress: bool | None = None, as_float32: bool = True) -> None:
+        self.img_dir = Path(img_dir)
+        self.cut = resolve_cut(cut)
+        self.as_float32 = as_float32
+        self.db_path, self.compressed, self._name2nbb = self._locate(compress)
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+
+    def _locate(self, compress: bool | None) -> tuple[Path, bool, dict[str, int] | None]:
+        """Pick the LMDB directory the way DetectFeatLmdb names it."""
+        flags = (False, True) if compress is None else (compress,)
+        names = [(self.cut.db_name(c), c) for c in flags]
+        name2nbb: dict[str, int] | None = None
+        nbb_name = self.cut.nbb_name
+        if nbb_name is not None:
+            nbb_path = self.img_dir / nbb_name
+            if nbb_path.exists():
+                name2nbb = {str(k): int(v) for k, v in json.loads(nbb_path.read_text("utf-8")).items()}
+            else:
+                names += [("all_compressed" if c else "all", c) for c in flags]
+        for name, compressed in names:
+            if (self.img_dir / name / "data.mdb").exists():
+                return self.img_dir / name, compressed, name2nbb
+        raise ImageDBError(f"no image feature DB in {self.img_dir} (looked for {', '.join(n for n, _ in names)})")
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The LMDB environment, opened on first use in each process.
+
+        In a forked child (DataLoader worker) of a process that already opened it, py-lmdb
+        refuses a second open of the same files and the inherited handle is kept instead
+        (read transactions work after fork); opening the reader lazily in workers is better.
+        """
+        if self._env is not None and self._pid == os.getpid():
+            return self._env
+        try:
+            self._env = lmdb.open(str(self.db_path), readonly=True, create=False, lock=True,
+                                  max_dbs=2, readahead=False, subdir=True)
+        except lmdb.Error as exc:
+            if self._env is None:  # open elsewhere in this very process, e.g. by a writer
+                raise ImageDBError(f"cannot open {self.db_path}: {exc} (close the writer first)") from None
+        self._pid = os.getpid()
+        return self._env
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    def __enter__(self) -> UniterImageDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        """Every file name in the LMDB (the special ``__keys__`` entry excluded)."""
+        with self.env.begin() as txn:
+            return list(_iter_keys(txn))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, fname: object) -> bool:
+        if not isinstance(fname, str) or fname.encode("utf-8", "surrogateescape") in RESERVED_KEYS:
+            return False
+        with self.env.begin() as txn:
+            return txn.get(fname.encode("utf-8", "surrogateescape")) is not None
+
+    def raw(self, fname: str) -> dict[str, np.ndarray]:
+        """The stored arrays of ``fname`` as they are (float16, not cut)."""
+        if fname.encode("utf-8", "surrogateescape") in RESERVED_KEYS:
+            raise KeyError(fname)
+        with self.env.begin() as txn:
+            value = txn.get(fname.encode("utf-8", "surrogateescape"))
+            if value is None:
+                raise KeyError(fname)
+            return decode_value(bytes(value), self.compressed)
+
+    def nbb(self, fname: str) -> int:
+        """Number of boxes kept for ``fname`` (json, else computed from its ``conf`` like UNITER)."""
+        if self.cut.fixed:
+            return self.cut.num_bb
+        if self._name2nbb is not None and fname in self._name2nbb:
+            return self._name2nbb[fname]
+        return self.cut.num_boxes(self.raw(fname)["conf"])
+
+    def get_dump(self, fname: str) -> dict[str, np.ndarray]:
+        """Every stored array of ``fname`` cut to ``nbb`` boxes (float32 unless as_float32=False)."""
+        dump = self.raw(fname)
+        nbb = self._nbb_for(fname, dump)
+        # 0-d arrays (old numpy stored savez's allow_pickle=True as one) are passed through uncut
+        return {k: self._cast(v[:nbb] if v.ndim else v) for k, v in dump.items()}
+
+    def __getitem__(self, fname: str) -> ImageRecord:
+        dump = self.get_dump(fname)
+        soft = dump.get("soft_labels")
+        return ImageRecord(features=dump["features"], norm_bb=dump["norm_bb"],
+                           conf=dump["conf"].reshape(-1), soft_labels=soft)
+
+    def sources(self) -> dict[str, SourceStamp]:
+        """key -> source file stamp, for DBs written by ldot (empty for official ones)."""
+        return {k.decode("utf-8"): _stamp_from_raw(v) for k, v in self._sub_items(SOURCES_DB).items()}
+
+    def failures(self) -> dict[str, FailureRecord]:
+        """source path -> why it could not be extracted, for DBs written by ldot."""
+        return {os.fsdecode(k): _failure_from_raw(v) for k, v in self._sub_items(FAILED_DB).items()}
+
+    def verify(self) -> list[str]:
+        """Decode every record and check its shapes; returns a list of problems (empty when sound)."""
+        problems = []
+        for key in self.keys():
+            try:
+                _check_dump(key, self.raw(key))
+            except (ImageDBError, KeyError) as exc:
+                problems.append(f"{key}: {exc}")
+        return problems
+
+    def _nbb_for(self, fname: str, dump: Mapping[str, np.ndarray]) -> int:
+        if self.cut.fixed:
+            return self.cut.num_bb
+        if self._name2nbb is not None and fname in self._name2nbb:
+            return self._name2nbb[fname]
+        return self.cut.num_boxes(dump["conf"])
+
+    def _cast(self, arr: np.ndarray) -> np.ndarray:
+        if self.as_float32 and arr.dtype == np.float16:
+            return arr.astype(np.float32)
+        return np.array(arr)
+
+    def _sub_items(self, name: bytes) -> dict[bytes, bytes]:
+        env = self.env
+        try:
+            with env.begin() as txn:
+                if txn.get(name) is None:
+                    return {}
+            db = env.open_db(name, create=False)
+        except lmdb.Error:
+            return {}
+        with env.begin(db=db) as txn:
+            return {bytes(k): bytes(v) for k, v in txn.cursor()}
+
+
+def _check_dump(key: str, dump: Mapping[str, np.ndarray]) -> None:
+    for name in ("features", "norm_bb", "conf"):
+        if name not in dump:
+            raise ImageDBError(f"missing {name!r}")
+    n = dump["features"].shape[0]
+    if dump["features"].ndim != 2 or n == 0:
+        raise ImageDBError(f"features of shape {dump['features'].shape}")
+    if dump["norm_bb"].shape != (n, 6):
+        raise ImageDBError(f"norm_bb of shape {dump['norm_bb'].shape}")
+    if dump["conf"].reshape(-1).shape != (n,):
+        raise ImageDBError(f"conf of shape {dump['conf'].shape}")
+    if "soft_labels" in dump and (dump["soft_labels"].ndim != 2 or dump["soft_labels"].shape[0] != n):
+        raise ImageDBError(f"soft_labels of shape {dump['soft_labels'].shape}")
+    if not np.isfinite(dump["features"]).all():
+        raise ImageDBError("non-finite features")
