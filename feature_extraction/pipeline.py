@@ -60,6 +60,9 @@ class ExtractProgress:
 
 
 ProgressFn = Callable[[ExtractProgress], None]
+# Called after each committed batch with the (source, regions) it stored: lets a caller consume
+# features as they land (``ldot index`` encodes and commits vectors batch by batch).
+BatchFn = Callable[[list[tuple[ImageSource, RegionFeatures]]], None]
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def extract_to_db(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Pat
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, decode_timeout_s: float | None = 60.0,
                   compress: bool = False, preprocess: PreprocessFn | None = None,
                   exclude: Iterable[str | os.PathLike[str]] = (), include_hidden: bool = False,
-                  start_method: str | None = None) -> ExtractReport:
+                  start_method: str | None = None, on_batch: BatchFn | None = None) -> ExtractReport:
     """Extract region features of every image under ``paths`` into the UNITER DB in ``out_dir``.
 
     Args:
@@ -120,6 +123,7 @@ def extract_to_db(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Pat
         exclude: more directories never walked (``out_dir`` and ``$LDOT_HOME`` always are).
         include_hidden: walk dot-files and dot-directories too.
         start_method: multiprocessing start method for the workers (default ``forkserver``).
+        on_batch: called after each committed batch with its stored ``(source, regions)`` pairs.
 
     Raises:
         DBLockedError: another process is writing this DB.
@@ -136,7 +140,7 @@ def extract_to_db(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Pat
     with UniterImageDBWriter(out, cut, compress=compress) as db:
         report = ExtractReport(db_path=db.db_path, candidates=len(sources), walk_issues=issues)
         todo = _plan(sources, db, retry_failed, report)
-        run = _Run(db, detector, preset, todo, with_soft_labels, report, progress)
+        run = _Run(db, detector, preset, todo, with_soft_labels, report, progress, on_batch)
         run.notify()
         decoded = iter_decoded([s.path for s in todo], prep, num_workers=num_workers, max_pixels=max_pixels,
                                timeout_s=decode_timeout_s, max_in_flight=max(2 * batch_size, 2 * num_workers),
@@ -202,8 +206,9 @@ class _Run:
 
     def __init__(self, db: UniterImageDBWriter, detector: RegionDetector, preset: str,
                  todo: list[ImageSource], with_soft_labels: bool, report: ExtractReport,
-                 progress: ProgressFn | None) -> None:
+                 progress: ProgressFn | None, on_batch: BatchFn | None = None) -> None:
         self.db, self.detector, self.preset = db, detector, preset
+        self.on_batch = on_batch
         self.todo, self.with_soft_labels = todo, with_soft_labels
         self.report, self.progress = report, progress
         self.known_failed = set(db.failures())
@@ -233,9 +238,11 @@ class _Run:
         outputs = self.detect(items)
         if outputs is None:
             outputs = [self.detect_one(it) for it in items]
-        stored = sum(self.store(it, out) for it, out in zip(items, outputs))
+        stored = [(self.todo[it.index], out) for it, out in zip(items, outputs) if self.store(it, out)]
         self.failed_batches = 0 if stored else self.failed_batches + 1
         self.commit()
+        if stored and self.on_batch is not None:
+            self.on_batch(stored)
         if self.failed_batches >= _MAX_FAILED_BATCHES:
             raise DetectorError(f"the detector failed on every image of {_MAX_FAILED_BATCHES} batches in a row; "
                                 f"last: {self.report.failures[-1].reason}")

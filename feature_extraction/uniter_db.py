@@ -40,7 +40,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,6 +450,18 @@ class UniterImageDBWriter:
                     txn.put(path_b, _pack({"reason": _safe_text(failure.reason), "size": failure.size,
                                            "mtime_ns": failure.mtime_ns, "permanent": failure.permanent}),
                             db=self._failed)
+
+    def delete(self, keys: Iterable[str]) -> int:
+        """Remove the records of ``keys`` (and their source stamps) in one transaction; returns how many."""
+        removed = 0
+        with self._env.begin(write=True) as txn:
+            for key in keys:
+                kb = _check_key(key)
+                removed += bool(txn.delete(kb))
+                txn.delete(kb, db=self._sources)
+                self._name2nbb.pop(key, None)
+                self._staged.pop(key, None)
+        return removed
 
     def write_sidecars(self) -> None:
         """Rewrite the nbb json, ``__keys__`` and the failed-files json from committed state."""

@@ -117,6 +117,12 @@ class RegionStore:
     def __contains__(self, digest: str) -> bool:
         return self.available and digest in self.reader()
 
+    def close(self) -> None:
+        """Close the reader (LMDB allows one open handle per DB and process: a writer needs it closed)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
 
 def _excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
     rel = os.path.relpath(path, root)
@@ -127,19 +133,21 @@ def _excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
 class Indexer:
     """One indexing run over some roots into one named index (holds the index lock throughout)."""
 
-    def __init__(self, name: str = "default", model: str | None = None, detector: str = DEFAULT_DETECTOR,
+    def __init__(self, name: str = "default", model: str | None = None, detector: Any = DEFAULT_DETECTOR,
                  preset: str = DEFAULT_PRESET, keep_regions: bool = True, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
                  ann: str | None = None) -> None:
         self.name = name
         self.dir = index_path(name)
-        self.model_arg, self.detector_name, self.preset = model, detector, preset
+        self.model_arg, self.preset = model, preset
+        # a registry name or path, or a ready detector object (anything with the pipeline's extract())
+        self.detector_name = detector if isinstance(detector, str) else getattr(detector, "name", type(detector).__name__)
+        self._detector: Any = None if isinstance(detector, str) else detector
         self.keep_regions, self.device = keep_regions, device
         self.batch_size, self.num_workers = batch_size, num_workers
         self.progress = progress or (lambda stage: None)
         self.ann = ann
         self._encoder: Any = None
-        self._detector: Any = None
         self.last_flush = time.monotonic()
 
     # -- setup -------------------------------------------------------------------------------------
@@ -312,13 +320,16 @@ class Indexer:
         cached = RegionStore(self.dir, self.preset)
         cached.dir = regions_dir
         fresh = []
-        for src in firsts:
-            digest = hashes[src.path]
-            if cached.available and digest in cached:
-                pending.add(digest, cached.get(digest))
-            else:
-                fresh.append(src)
-        pending.flush()
+        try:
+            for src in firsts:
+                digest = hashes[src.path]
+                if cached.available and digest in cached:
+                    pending.add(digest, cached.get(digest))
+                else:
+                    fresh.append(src)
+            pending.flush()
+        finally:
+            cached.close()
         if fresh:
             self._extract(fresh, hashes, regions_dir, pending, report)
         pending.flush()

@@ -159,3 +159,63 @@ def closed_port_url() -> str:
     port = sock.getsockname()[1]
     sock.close()
     return f"http://127.0.0.1:{port}"
+
+
+def install_tiny_model(name: str, vocab_dir: Path, img_dim: int = 2048, seed: int = 0) -> Path:
+    """A tiny random bi-encoder installed in the cache as ``name`` (model dir + manifest, tokenizer bundled)."""
+    from dataclasses import replace
+
+    from models.bi_encoder import BiEncoder
+    from models.checkpoints import save_model_dir
+    from models.config import preset
+    from models.download import hash_dir, write_manifest
+    from models.home import models_dir
+    from models.tokenizer import Tokenizer
+
+    torch.manual_seed(seed)
+    config = replace(preset("tiny"), img_dim=img_dim, tokenizer="")
+    model = BiEncoder(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "LayerNorm" not in pname and "layer_norm" not in pname and not pname.endswith("encode_proj.2.weight"):
+                p.normal_(0, 0.2)
+    target = models_dir() / name
+    save_model_dir(target, "bi-encoder", config.to_dict(), model.state_dict(),
+                   tokenizer=Tokenizer.from_path(vocab_dir / "vocab.txt"))
+    write_manifest(target, {"name": name, "kind": "bi-encoder", "complete": True, "origin": "test",
+                            "files": hash_dir(target)})
+    return target
+
+
+def make_photos(directory: Path, count: int, start: int = 0, size: tuple[int, int] = (48, 32)) -> list[Path]:
+    """``count`` distinct small PNG images named img_<i>.png."""
+    from imagegen import pattern, save
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return [save(pattern(size[0], size[1], seed=i), directory / f"img_{i:03d}.png") for i in range(start, start + count)]
+
+
+def install_tiny_reranker(name: str, vocab_dir: Path, img_dim: int = 2048, seed: int = 0) -> Path:
+    """A tiny random UNITER cross-encoder installed in the cache as ``name``."""
+    from dataclasses import replace
+
+    from models.checkpoints import save_model_dir
+    from models.config import CROSS_PRESETS
+    from models.download import hash_dir, write_manifest
+    from models.home import models_dir
+    from models.reranker import CrossEncoder
+    from models.tokenizer import Tokenizer
+
+    torch.manual_seed(seed)
+    config = replace(CROSS_PRESETS["tiny"], img_dim=img_dim)
+    model = CrossEncoder(config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "LayerNorm" not in pname and "layer_norm" not in pname:
+                p.normal_(0, 0.2)
+    target = models_dir() / name
+    save_model_dir(target, "uniter-itm", config.to_dict(), model.state_dict(),
+                   tokenizer=Tokenizer.from_path(vocab_dir / "vocab.txt"))
+    write_manifest(target, {"name": name, "kind": "uniter-itm", "complete": True, "origin": "test",
+                            "files": hash_dir(target)})
+    return target
