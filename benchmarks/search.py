@@ -1,0 +1,209 @@
+"""Search speed: warm query latency at 100k and 1M images, ANN recall, process start-to-results, and the
+LightningDOT claim (dot product vs cross-encoder over 1,000 images), all measured in one run.
+
+    python benchmarks/search.py                    # everything (1M needs ~8 GB RAM and a few minutes)
+    python benchmarks/search.py --sizes 100000     # skip the 1M part
+
+Weights are random (base-size towers): speed does not depend on their values. Vectors are synthetic and
+clustered (recall of approximate search on random Gaussian vectors is meaningless: environment.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+QUERIES = ["a dog on a beach", "two people sitting on a bench in a park", "a red car parked on the street",
+           "a child playing with a ball", "snow on the mountains under a blue sky"]
+
+
+def clustered(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
+    """Unit-norm-ish vectors around `clusters` centres (what image embeddings look like: clustered)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        stop = min(n, start + 100_000)
+        assign = rng.integers(0, clusters, stop - start)
+        out[start:stop] = centres[assign] + 0.35 * rng.standard_normal((stop - start, d)).astype(np.float32)
+    return out
+
+
+def p50(fn, repeat: int = 30, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def base_text_encoder(home: Path):
+    """A base-size bi-encoder with random weights, installed in the cache as 'bench' (tokenizer: tiny vocab)."""
+    import torch
+
+    from models.bi_encoder import BiEncoder
+    from models.checkpoints import save_model_dir
+    from models.config import preset
+    from models.download import hash_dir, write_manifest
+    from models.tokenizer import Tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from ldot_testing import write_vocab
+
+    vocab = write_vocab(home / "vocab", size=28996)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = BiEncoder(preset("base"))
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    target = home / "models" / "bench"
+    save_model_dir(target, "bi-encoder", preset("base").to_dict(), model.state_dict(),
+                   tokenizer=Tokenizer.from_path(vocab))
+    write_manifest(target, {"name": "bench", "kind": "bi-encoder", "complete": True, "origin": "benchmark",
+                            "files": hash_dir(target)})
+    return model
+
+
+def fake_index(name: str, vectors: np.ndarray) -> None:
+    """An index of ``vectors`` with one (synthetic) file row each, written through the real store."""
+    from ldot_cli.index_store import FileRow, IndexStore, index_path
+    from models.loading import fingerprint
+
+    with IndexStore(index_path(name), create=True) as store:
+        store.set_meta({"model": "bench", "model_fingerprint": fingerprint("bench"), "detector": "butd-r101-vg",
+                        "preset": "uniter", "regions": "none", "dim": str(vectors.shape[1])})
+        for start in range(0, len(vectors), 20_000):
+            with store.transaction() as db:
+                rows = []
+                for i in range(start, min(len(vectors), start + 20_000)):
+                    digest = f"{i:064x}"
+                    vid = store.add_vector(db, digest, vectors[i], 36, 600, 800)
+                    rows.append(FileRow(f"/photos/{i:07d}.jpg".encode(), b"/photos", 1, 1, digest, "indexed", None,
+                                        0, vid))
+                store.put_files(db, rows)
+        store.sync_faiss()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rerank-images", type=int, default=1000, help="images for the dot-vs-cross-encoder claim")
+    args = parser.parse_args()
+
+    import faiss
+    import torch
+
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    home = Path(tempfile.mkdtemp(prefix="ldot-bench-"))
+    os.environ["LDOT_HOME"] = str(home)
+    print(f"machine: {os.cpu_count()} CPUs visible, {args.threads} threads; torch {torch.__version__}, "
+          f"faiss {faiss.__version__}; LDOT_HOME={home}")
+
+    from ldot_cli import ann
+    from ldot_cli.index_store import ANN_THRESHOLD
+    from ldot_cli.search import Searcher
+    from models.loading import load_bi_encoder
+
+    base_text_encoder(home)
+    start = time.perf_counter()
+    encoder = load_bi_encoder("bench", towers=("text",))
+    print(f"text tower load (memory-mapped safetensors): {1000 * (time.perf_counter() - start):.0f} ms")
+    encode_ms = p50(lambda: encoder.encode_text([QUERIES[0]]))
+    print(f"encode one query (base BERT, CPU fp32): p50 {encode_ms:.1f} ms")
+
+    for n in args.sizes:
+        vectors = clustered(n, 768, clusters=max(100, n // 1000), seed=1)
+        kind = ann.APPROX if n > ANN_THRESHOLD else ann.EXACT
+        start = time.perf_counter()
+        fake_index(f"n{n}", vectors)
+        print(f"\n[{n:,} images] index build ({kind}) through the store: {time.perf_counter() - start:.1f} s")
+        searcher = Searcher(f"n{n}")
+        searcher.encoder  # warm
+        qi = 0
+
+        def one_query() -> None:
+            nonlocal qi
+            searcher.search(QUERIES[qi % len(QUERIES)], k=10)
+            qi += 1
+
+        total = p50(one_query, repeat=40)
+        print(f"  warm text query, encoding included: p50 {total:.1f} ms "
+              f"(encode {searcher.timings.encode_ms:.1f} ms + search {searcher.timings.search_ms:.1f} ms, last query)")
+        queries = clustered(200, 768, clusters=max(100, n // 1000), seed=1)[:200] + \
+            0.1 * np.random.default_rng(7).standard_normal((200, 768)).astype(np.float32)
+        index, _ = searcher._vector_index()
+        exact = faiss.IndexFlatIP(768)
+        exact.add(vectors)
+        _, truth = exact.search(queries, 10)
+        _, got = ann.search(index, queries, 10)
+        got = got - 1  # vector ids start at 1, rows at 0
+        recall = np.mean([len(set(truth[i]) & set(got[i])) / 10 for i in range(len(queries))])
+        print(f"  recall@10 of the index against exact search (200 clustered queries): {recall:.4f}")
+        if n == args.sizes[0]:
+            cmd = [sys.executable, "-c", "from ldot_cli.main import run; run()", "search", "a dog on a beach",
+                   "--name", f"n{n}", "--paths"]
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS":
+                   str(args.threads)}
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                subprocess.run(cmd, check=True, capture_output=True, env=env)
+                runs.append(time.perf_counter() - start)
+            print(f"  `ldot search` process, start to printed results: median {statistics.median(runs):.2f} s "
+                  f"(runs: {', '.join(f'{r:.2f}' for r in runs)})")
+        searcher.close()
+        del vectors, exact
+
+    claim(args.rerank_images, encoder)
+
+
+def claim(n_images: int, encoder) -> None:
+    """Time to answer one query over n images: dot product vs scoring every pair with a cross-encoder."""
+    import torch
+
+    from models.config import CROSS_PRESETS
+    from models.reranker import CrossEncoder, UniterReranker
+
+    rng = np.random.default_rng(3)
+    image_vectors = rng.standard_normal((n_images, 768)).astype(np.float32)
+    feats = rng.standard_normal((n_images, 36, 2048)).astype(np.float32)
+    boxes = rng.uniform(0, 1, (n_images, 36, 6)).astype(np.float32)
+
+    def dot() -> None:
+        q = encoder.encode_text([QUERIES[0]]).numpy()
+        scores = image_vectors @ q[0]
+        np.argpartition(-scores, 10)[:10]
+
+    dot_ms = p50(dot, repeat=20)
+    with torch.device("meta"):
+        cross = CrossEncoder(CROSS_PRESETS["base"])
+    cross = cross.to_empty(device="cpu").eval()
+    for p in cross.parameters():
+        torch.nn.init.normal_(p, 0, 0.02)
+    reranker = UniterReranker(cross, encoder.tokenizer)
+    start = time.perf_counter()
+    reranker.score([QUERIES[0]] * n_images, feats, boxes)
+    cross_s = time.perf_counter() - start
+    print(f"\n[LightningDOT claim, {n_images} images, one query, CPU] dot product (encode + score all): "
+          f"{dot_ms:.1f} ms; cross-encoder scoring all {n_images} pairs (36 regions each): {cross_s:.1f} s; "
+          f"ratio {1000 * cross_s / dot_ms:,.0f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The installed package is what the tests exercise, and the wheel ships only the designed packages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import feature_extraction
+import ldot_cli
+import models
+
+PACKAGES = {"ldot_cli", "feature_extraction", "models"}
+
+
+@pytest.mark.skipif(not os.environ.get("LDOT_EXPECT_INSTALLED"), reason="set by .ci/run, which installs the package")
+def test_tests_run_against_the_installed_package():
+    for module in (ldot_cli, models, feature_extraction):
+        assert "site-packages" in module.__file__, module.__file__
+
+
+@pytest.mark.skipif(not os.environ.get("LDOT_WHEEL"), reason="set by .ci/run after building the wheel")
+def test_wheel_contains_only_the_three_packages():
+    names = zipfile.ZipFile(os.environ["LDOT_WHEEL"]).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == PACKAGES, tops
+    assert not any("/tests/" in n or n.startswith("tests/") for n in names)
+
+
+def test_help_is_fast_and_lists_every_command():
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", "from ldot_cli.main import run; run()", "--help"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    for command in ("index", "search", "eval", "train", "models", "status", "extract"):
+        assert f" {command} " in result.stdout, command
+    heavy = subprocess.run([sys.executable, "-X", "importtime", "-c", "from ldot_cli.main import app"],
+                           capture_output=True, text=True, timeout=60).stderr
+    for module in ("torch", "faiss", "transformers", "numpy"):
+        assert f" {module}\n" not in heavy and f"| {module}\n" not in heavy, f"{module} imported at start-up"
+    assert elapsed < 10  # the figure that matters is measured in benchmarks; this only catches regressions
+
+
+def test_docs_exist():
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "README.md").is_file():
+        pytest.skip("running from an installed package without the source tree")
+    readme = (root / "README.md").read_text()
+    assert readme.count("```") >= 2 and "pytest" in readme.split("```")[1]
