@@ -2,7 +2,8 @@
 
 The walk survives what real photo folders hold: symlink loops (each directory is entered
 once, by device and inode), unreadable directories (reported, skipped), FIFOs and devices
-(never opened), macOS ``._*`` companions and hidden entries (skipped), non-UTF-8, NFD and
+(never opened), macOS ``._*`` companions, hidden entries and NAS thumbnail/trash folders such as
+Synology's ``@eaDir`` (skipped), non-UTF-8, NFD and
 emoji file names, and ldot's own folders inside the scanned tree (excluded).
 
 Keys (the UNITER DB's "file name"): by default the file's path relative to the root it was
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 from feature_extraction.image_io import is_image_candidate
 
 KeyFn = Callable[[str, str], str]  # (file path, root it was found under) -> DB key
+# Folders NAS boxes and OSes fill with thumbnails or deleted files: never photos of the user's own.
+SKIPPED_DIRS = frozenset({"@eaDir", "#recycle", "@Recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information",
+                          "lost+found"})
 MAX_KEY_BYTES = 400  # LMDB's key limit is 511 bytes; leave room for the collision suffix
 
 
@@ -134,7 +138,7 @@ class _Walker:
         return [(n, os.path.join(directory, n)) for n in names if self._wanted_name(n)]
 
     def _wanted_name(self, name: str) -> bool:
-        if name.startswith("._"):
+        if name.startswith("._") or name in SKIPPED_DIRS:
             return False
         return self.include_hidden or not name.startswith(".")
 

@@ -132,3 +132,14 @@ def test_long_keys_fit_lmdb(tmp_path: Path) -> None:
 def test_default_key() -> None:
     assert default_key("/r/a/b.jpg", "/r") == "a/b.jpg"
     assert default_key("/r/a/b.jpg", "/r/a/b.jpg") == "b.jpg"
+
+
+def test_nas_thumbnail_and_trash_folders_are_not_walked(tmp_path: Path) -> None:
+    from imagegen import pattern, save
+
+    save(pattern(), tmp_path / "keep.png")
+    for folder in ("@eaDir/keep.png", "#recycle", "$RECYCLE.BIN"):
+        (tmp_path / folder).mkdir(parents=True)
+        save(pattern(), tmp_path / folder / "thumb.png")
+    found = [s.key for s in collect_images([tmp_path])]
+    assert found == ["keep.png"]
