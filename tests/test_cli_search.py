@@ -1,0 +1,113 @@
+"""`ldot search` / `ldot status` through the CLI: output modes, errors, hostile queries (reliability item 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from fakes import FakeDetector
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ldot_testing import install_tiny_model, make_photos
+from typer.testing import CliRunner
+
+from ldot_cli.indexer import Indexer
+from ldot_cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def indexed(tmp_path, vocab_dir):
+    install_tiny_model("tiny", vocab_dir)
+    folder = tmp_path / "photos"
+    make_photos(folder, 6)
+    odd = folder / "caf\u00e9 \U0001F415.png"  # NFC + emoji
+    make_photos(tmp_path / "tmp", 1, start=40)[0].rename(odd)
+    raw = os.fsencode(folder) + b"/latin1-\xe9.png"  # not valid UTF-8
+    make_photos(tmp_path / "tmp", 1, start=41)[0].rename(os.fsdecode(raw))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([folder])
+    return folder, raw
+
+
+def ldot(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from ldot_cli.main import run; run()", *args],
+                          capture_output=True, timeout=120, **kw)
+
+
+def test_table_json_paths_and_nul_outputs(indexed):
+    folder, raw = indexed
+    table = runner.invoke(app, ["search", "a dog on the beach", "-k", "3"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert "rank" in table.output and "score" in table.output
+    result = ldot("search", "a dog on the beach", "-k", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)
+    assert [h["rank"] for h in hits] == list(range(1, 9))
+    assert set(hits[0]) == {"rank", "path", "score"}
+    paths = ldot("search", "a dog on the beach", "-k", "8", "--paths").stdout.splitlines()
+    nul = ldot("search", "a dog on the beach", "-k", "8", "-0").stdout.split(b"\0")[:-1]
+    assert paths == nul and len(paths) == 8
+    assert raw in nul  # the undecodable name comes out byte for byte (usable with xargs -0)
+    assert [os.fsencode(h["path"]) for h in hits if "\\x" not in h["path"]] == \
+        [p for p in nul if b"\xe9.png" not in p]
+
+
+def test_status_counts_and_errors(indexed):
+    result = runner.invoke(app, ["status", "--name", "default", "--errors"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output
+    listed = runner.invoke(app, ["status", "--json"])
+    data = json.loads(listed.output)
+    assert data[0]["name"] == "default" and data[0]["indexed"] == 8 and data[0]["skipped"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", ""], "empty query"),
+    (["search", "a dog", "--name", "nope"], "no index named 'nope'"),
+    (["search", "a dog", "--json", "--paths"], "choose one of"),
+    (["search", "a dog", "-k", "0"], "-k must be at least 1"),
+])
+def test_bad_input_is_one_line_exit_2(indexed, args, message):
+    result = ldot(*args, text=True)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_no_query_without_a_terminal_is_an_error(indexed):
+    result = ldot("search", text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "no query" in result.stderr
+
+
+@pytest.mark.parametrize("query", ["a" * 10_000, "\U0001F415\U0001F3D6\ufe0f", "dog\x01\x02\x7f\u200b", "x\ud800y"])
+def test_hostile_queries_give_results(indexed, query):
+    from ldot_cli.search import Searcher
+
+    assert len(Searcher("default").search(query, k=3)) == 3
+
+
+def test_invalid_utf8_argv_is_searched_not_crashed(indexed):
+    result = subprocess.run([sys.executable.encode(), b"-c", b"from ldot_cli.main import run; run()", b"search",
+                             b"caf\xe9 \xff dog", b"--json"], capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 8
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=300))
+def test_query_fuzzing_never_raises_anything_but_a_clean_error(indexed, query):
+    from ldot_cli.search import QueryError, Searcher
+
+    searcher = Searcher("default")
+    try:
+        hits = searcher.search(query, k=2)
+    except QueryError:
+        assert not query.strip()
+    else:
+        assert len(hits) == 2
+    finally:
+        searcher.close()
