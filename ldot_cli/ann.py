@@ -86,9 +86,18 @@ def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray
     nq = len(queries)
     parts_s, parts_i = [], []
     if index is not None and index.ntotal:
+        faiss = _faiss()
         if nprobe is not None and hasattr(index, "nprobe"):
             index.nprobe = nprobe
-        s, i = index.search(queries, min(k, index.ntotal))
+        # FAISS splits work across queries: one query gains nothing from more threads, and OpenMP's
+        # spinning made it 6x slower on a loaded 2-core machine. Batches keep every thread.
+        threads = faiss.omp_get_max_threads()
+        if nq < 4:
+            faiss.omp_set_num_threads(1)
+        try:
+            s, i = index.search(queries, min(k, index.ntotal))
+        finally:
+            faiss.omp_set_num_threads(threads)
         parts_s.append(s)
         parts_i.append(i)
     if extra_ids is not None and len(extra_ids):
