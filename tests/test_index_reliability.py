@@ -1,0 +1,120 @@
+"""Reliability battery for indexing: kill -9 at random points (item 5) and concurrent writers plus
+searches (item 6). Index runs happen in real subprocesses that use the deterministic fake detector."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ldot_testing import install_tiny_model, make_photos
+
+from ldot_cli.index_store import IndexStore, index_path
+
+TESTS = Path(__file__).resolve().parent
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{tests!r}]
+    from fakes import FakeDetector
+    from ldot_cli.indexer import Indexer
+    Indexer("default", model="tiny", detector=FakeDetector(delay_s={delay}), num_workers=0,
+            batch_size=2).run([{folder!r}])
+""")
+
+
+def start_indexer(folder: Path, delay: float = 0.05) -> subprocess.Popen:
+    code = SCRIPT.format(tests=str(TESTS), delay=delay, folder=str(folder))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def check_consistent(expect_complete: int | None = None) -> None:
+    """The database is intact; file rows, vectors and the FAISS file agree."""
+    db = sqlite3.connect(index_path("default") / "index.sqlite")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    dangling = db.execute("SELECT COUNT(*) FROM files WHERE status = 'indexed' AND vector_id NOT IN "
+                          "(SELECT id FROM vectors)").fetchone()[0]
+    assert dangling == 0
+    dup = db.execute("SELECT COUNT(*) - COUNT(DISTINCT content_hash) FROM vectors").fetchone()[0]
+    assert dup == 0
+    db.close()
+    with IndexStore(index_path("default")) as store:
+        loaded = store.read_faiss()  # never a damaged file: either none yet, or one matching its checksum
+        if expect_complete is not None:
+            counts = store.counts()
+            assert counts.get("indexed") == expect_complete and counts["vectors"] == expect_complete
+            index, max_id = loaded
+            assert index.ntotal == expect_complete
+            assert store.vectors(min_id=max_id)[0].size == 0
+
+
+def check_vectors_belong_to_their_files() -> None:
+    """Re-derive every stored vector from its own file: no vector is paired with another file."""
+    import models
+    from fakes import expected_record
+
+    encoder = models.load_bi_encoder("tiny")
+    with IndexStore(index_path("default")) as store:
+        rows = store.file_rows("indexed")
+        ids, vectors = store.vectors()
+        by_id = dict(zip(ids.tolist(), vectors))
+        records = [expected_record(os.fsdecode(r.path)) for r in rows]
+        fresh = encoder.encode_images(records).numpy()
+        for row, vec in zip(rows, fresh):
+            assert np.allclose(by_id[row.vector_id], vec, atol=1e-4), row.display
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_resume_completes(tmp_path, vocab_dir):
+    install_tiny_model("tiny", vocab_dir)
+    folder = tmp_path / "photos"
+    make_photos(folder, 24)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(6):
+        proc = start_indexer(folder)
+        time.sleep(rng.uniform(1.0, 4.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        check_consistent()
+    assert kills >= 3  # most runs really were interrupted
+    proc = start_indexer(folder, delay=0.0)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr.decode()
+    check_consistent(expect_complete=24)
+    check_vectors_belong_to_their_files()
+
+
+@pytest.mark.slow
+def test_concurrent_indexers_and_searches(tmp_path, vocab_dir):
+    from ldot_cli.search import Searcher
+
+    install_tiny_model("tiny", vocab_dir)
+    folder = tmp_path / "photos"
+    make_photos(folder, 6)
+    first = start_indexer(folder, delay=0.0)
+    assert first.wait(timeout=300) == 0
+    make_photos(folder, 14, start=6)  # more photos arrive; two runs start at once
+    procs = [start_indexer(folder, delay=0.05) for _ in range(2)]
+    searches = 0
+    searcher = Searcher("default")
+    while any(p.poll() is None for p in procs):
+        hits = searcher.search("a dog on the beach", k=5)
+        assert len(hits) == 5 and all(Path(os.fsdecode(h.path)).exists() for h in hits)
+        searches += 1
+        time.sleep(0.05)
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr.read().decode()
+    assert searches > 3
+    check_consistent(expect_complete=20)
+    check_vectors_belong_to_their_files()
