@@ -80,3 +80,24 @@ def download_progress(progress: Any) -> Any:
         progress.update(tasks[label], completed=done, total=total)
 
     return callback
+
+
+class StageProgress:
+    """An adapter from a library ``progress(stage, done, total)`` callback to one rich task per stage,
+    each with its count, rate and ETA."""
+
+    def __init__(self, progress: Any, unit: str = "") -> None:
+        import time
+
+        self._time = time.monotonic
+        self.progress, self.unit = progress, unit
+        self.tasks: dict[str, Any] = {}
+        self.starts: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
+            self.starts[stage] = self._time()
+        elapsed = self._time() - self.starts[stage]
+        rate = f"{done / elapsed:.1f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0 else ""
+        self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
