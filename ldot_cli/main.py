@@ -85,9 +85,10 @@ def main(
 
 
 def _register() -> None:
-    from . import cmd_models
+    from . import cmd_eval, cmd_models
 
     app.add_typer(cmd_models.app, name="models")
+    cmd_eval.register(app)
 
 
 _register()
