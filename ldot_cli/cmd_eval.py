@@ -107,6 +107,12 @@ def _seconds(value: float | None) -> str:
     return f"{value:.3g} s" if value < 100 else f"{value:,.0f} s"
 
 
+def _times(factor: float | None) -> str:
+    if factor is None:
+        return "-"
+    return f"{factor:,.0f}x" if factor >= 10 else f"{factor:.2g}x"
+
+
 def render(rep: dict[str, Any]) -> None:
     """Recall table (ours, re-ranked, published) and timing table, on stdout."""
     from rich.table import Table
@@ -153,6 +159,6 @@ def render_timings(rep: dict[str, Any]) -> None:
     if t["cross_full_matrix_s"] is not None:
         line = (f"cross-encoder alone on all {t['full_matrix_pairs']:,} pairs: ~{_seconds(t['cross_full_matrix_s'])} "
                 f"(measured on {t['cross_sample_pairs']} pairs, {1000 * t['cross_per_pair_s']:.2f} ms/pair); "
-                f"speed-up of the bi-encoder: {t['speedup'] or 0:,.0f}x")
-        line += "".join(f", with re-rank top {m}: {s:,.1f}x" for m, s in t["rerank_speedup"].items() if s)
+                f"speed-up of the bi-encoder: {_times(t['speedup'])}")
+        line += "".join(f", with re-rank top {m}: {_times(s)}" for m, s in t["rerank_speedup"].items())
         out.print(line, highlight=False)

@@ -547,7 +547,8 @@ class FeatureStore:
         except KeyError:
             raise DatasetError(f"image DB {self.img_dir} has no features for {key!r}") from None
         except Exception as exc:  # the reader's own error types (ImageDBError …)
-            raise DatasetError(f"image DB {self.img_dir}: cannot read {key!r} ({exc})") from None
+            hint = " (it is ldot's feature cache: delete that folder to extract again)" if _in_cache(self.img_dir) else ""
+            raise DatasetError(f"image DB {self.img_dir}: cannot read {key!r} ({exc}){hint}") from None
         value = (record.features, record.norm_bb)
         self._cache[key] = value
         if len(self._cache) > self.cache_size:
@@ -558,6 +559,15 @@ class FeatureStore:
         close = getattr(self.db, "close", None)
         if close is not None:
             close()
+
+
+def _in_cache(img_dir: Path) -> bool:
+    from models.home import features_dir
+
+    try:
+        return img_dir.resolve().is_relative_to(features_dir().resolve())
+    except OSError:
+        return False
 
 
 def open_image_db(img_dir: Path) -> Any:

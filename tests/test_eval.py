@@ -280,3 +280,20 @@ def test_non_finite_vectors_are_refused(tmp_path, plant):
     encoder.image_vectors[3, 0] = np.nan
     with pytest.raises(ModelError, match="non-finite"):
         evaluate(rset, encoder)
+
+
+def test_corrupt_cached_record_says_how_to_rebuild(tmp_path, plant):
+    import lmdb
+
+    from ldot_cli.datasets import feature_cache_dir
+
+    root = karpathy_layout(tmp_path, plant)
+    cache = feature_cache_dir(root / "flickr30k-images")
+    env = lmdb.open(str(cache / "feat_th0.2_max100_min10"))
+    with env.begin(write=True) as txn:
+        txn.put(b"1002.jpg", b"\x93garbage")
+    env.close()
+    rset = locate("flickr30k", DataPaths(data=root))
+    ensure_features(rset)
+    with pytest.raises(DatasetError, match=r"cannot read '1002.jpg' .*delete that folder to extract again"):
+        evaluate(rset, PlantedEncoder(plant))
