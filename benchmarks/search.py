@@ -91,7 +91,7 @@ def fake_index(name: str, vectors: np.ndarray) -> None:
                 rows = []
                 for i in range(start, min(len(vectors), start + 20_000)):
                     digest = f"{i:064x}"
-                    vid = store.add_vector(db, digest, vectors[i], 36, 600, 800)
+                    vid = store.add_vector(db, digest, vectors[i], 36)
                     rows.append(FileRow(f"/photos/{i:07d}.jpg".encode(), b"/photos", 1, 1, digest, "indexed", None,
                                         0, vid))
                 store.put_files(db, rows)

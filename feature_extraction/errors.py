@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 
+from models.errors import LdotError
 
-class FeatureExtractionError(Exception):
-    """Base class of the errors raised by ``feature_extraction``."""
+
+class FeatureExtractionError(LdotError):
+    """Base class of the errors raised by ``feature_extraction`` (one-line messages at the CLI boundary)."""
 
 
 class ImageLoadError(FeatureExtractionError):

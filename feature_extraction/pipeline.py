@@ -24,7 +24,15 @@ from feature_extraction.decode_pool import DecodedImage, DecodeFailure, Preproce
 from feature_extraction.errors import DetectorError
 from feature_extraction.image_io import DEFAULT_MAX_PIXELS
 from feature_extraction.types import RegionFeatures
-from feature_extraction.uniter_db import FailureRecord, SourceStamp, UniterImageDBWriter, resolve_cut
+from feature_extraction.uniter_db import (
+    FailureRecord,
+    ImageRecord,
+    SourceStamp,
+    UniterImageDBWriter,
+    record_view,
+    regions_to_record,
+    resolve_cut,
+)
 from feature_extraction.walk import ImageSource, KeyFn, WalkIssue, collect_images, suffixed_key
 
 DetectorInput = tuple[Any, float, tuple[int, int]]  # ((3, h, w) float32 tensor, scale, (H, W))
@@ -60,9 +68,10 @@ class ExtractProgress:
 
 
 ProgressFn = Callable[[ExtractProgress], None]
-# Called after each committed batch with the (source, regions) it stored: lets a caller consume
-# features as they land (``ldot index`` encodes and commits vectors batch by batch).
-BatchFn = Callable[[list[tuple[ImageSource, RegionFeatures]]], None]
+# Called after each committed batch with the (source, record) pairs it stored, each record exactly as
+# the DB reader returns it: lets a caller consume features as they land (``ldot index`` encodes and
+# commits vectors batch by batch, with the same numbers a resumed run reads back).
+BatchFn = Callable[[list[tuple[ImageSource, ImageRecord]]], None]
 
 
 @dataclass(frozen=True)
@@ -238,7 +247,7 @@ class _Run:
         outputs = self.detect(items)
         if outputs is None:
             outputs = [self.detect_one(it) for it in items]
-        stored = [(self.todo[it.index], out) for it, out in zip(items, outputs) if self.store(it, out)]
+        stored = [(self.todo[it.index], rec) for it, out in zip(items, outputs) if (rec := self.store(it, out))]
         self.failed_batches = 0 if stored else self.failed_batches + 1
         self.commit()
         if stored and self.on_batch is not None:
@@ -269,24 +278,25 @@ class _Run:
             return "detector returned a wrong number of results"
         return outputs[0]
 
-    def store(self, item: DecodedImage, output: RegionFeatures | str) -> bool:
+    def store(self, item: DecodedImage, output: RegionFeatures | str) -> ImageRecord | None:
+        """Stage one image's record; returns it as a reader would see it, or None when it failed."""
         src = self.todo[item.index]
         if isinstance(output, str):
             self.fail(src, output, permanent=False)
-            return False
+            return None
         if not isinstance(output, RegionFeatures):
             self.fail(src, f"detector returned {type(output).__name__}, not RegionFeatures", permanent=False)
-            return False
+            return None
         try:
-            self.db.put(src.key, output, SourceStamp(src.path, src.size, src.mtime_ns),
-                        with_soft_labels=self.with_soft_labels)
+            record = regions_to_record(output, self.db.cut, self.with_soft_labels)
+            self.db.put(src.key, record, SourceStamp(src.path, src.size, src.mtime_ns))
         except DetectorError as exc:
             self.fail(src, str(exc), permanent=False)
-            return False
+            return None
         if src.path in self.known_failed:
             self.db.clear_failure(src.path)
         self.report.written += 1
-        return True
+        return record_view(record)
 
     def fail(self, src: ImageSource, reason: str, permanent: bool) -> None:
         self.db.put_failure(src.path, FailureRecord(reason, src.size, src.mtime_ns, permanent))

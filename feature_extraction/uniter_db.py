@@ -184,6 +184,17 @@ def regions_to_record(regions: RegionFeatures, cut: BoxCut, with_soft_labels: bo
     return record
 
 
+def record_view(record: Mapping[str, np.ndarray], as_float32: bool = True) -> ImageRecord:
+    """An official record dict as the reader returns it (so a record just written and one read back
+    from the DB feed the models exactly the same numbers)."""
+    def cast(arr: np.ndarray) -> np.ndarray:
+        return arr.astype(np.float32) if as_float32 and arr.dtype == np.float16 else np.array(arr)
+
+    soft = record.get("soft_labels")
+    return ImageRecord(features=cast(record["features"]), norm_bb=cast(record["norm_bb"]),
+                       conf=cast(record["conf"]).reshape(-1), soft_labels=None if soft is None else cast(soft))
+
+
 def _check_regions(regions: RegionFeatures, with_soft_labels: bool) -> None:
     feats, n = np.asarray(regions.features), regions.num_boxes
     problems = []
@@ -673,10 +684,7 @@ class UniterImageDB:
         return {k: self._cast(v[:nbb] if v.ndim else v) for k, v in dump.items()}
 
     def __getitem__(self, fname: str) -> ImageRecord:
-        dump = self.get_dump(fname)
-        soft = dump.get("soft_labels")
-        return ImageRecord(features=dump["features"], norm_bb=dump["norm_bb"],
-                           conf=dump["conf"].reshape(-1), soft_labels=soft)
+        return record_view(self.get_dump(fname), as_float32=False)
 
     def sources(self) -> dict[str, SourceStamp]:
         """key -> source file stamp, for DBs written by ldot (empty for official ones)."""

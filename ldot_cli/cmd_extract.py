@@ -28,16 +28,16 @@ def extract(
     """Extract Bottom-Up-Attention region features into OUT (readable by UNITER/LightningDOT tooling)."""
     from feature_extraction.pipeline import extract_to_db
 
-    from .indexer import Stage, ensure_model, open_detector
+    from .indexer import ensure_model, open_detector
 
     with progress_bar("bytes", transient=True) as bar:
         ensure_model(detector, download_progress(bar))
     model = open_detector(detector, device, half)
     with progress_bar() as bar:
-        render = StageProgress(bar)
+        render = StageProgress(bar, "images")
         report = extract_to_db([str(p) for p in paths], out, model, preset, batch_size=batch_size,
                                num_workers=workers, with_soft_labels=soft_labels, retry_failed=retry_failed,
-                               progress=lambda p: render(Stage("extracting", p.done, p.total)))
+                               progress=lambda p: render("extracting", p.done, p.total))
     err.print(f"{report.written} images written to {report.db_path}, {report.skipped_existing} already there, "
               f"{report.failed} failed, {report.skipped_known_bad} known-bad skipped ({report.elapsed_s:.1f} s)")
     for failure in report.failures[:20]:

@@ -39,7 +39,7 @@ def index(
             ensure_model(needed, download_progress(bar))
     with progress_bar() as bar:
         indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                          device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar),
+                          device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"),
                           ann=None if ann is None else ("ivf" if ann else "flat"))
         report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
     err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "

@@ -83,21 +83,21 @@ def download_progress(progress: Any) -> Any:
 
 
 class StageProgress:
-    """Renders `indexer.Stage` updates: one rich task per stage, with count, rate and ETA."""
+    """An adapter from a library ``progress(stage, done, total)`` callback to one rich task per stage,
+    each with its count, rate and ETA."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, progress: Any, unit: str = "") -> None:
         import time
 
         self._time = time.monotonic
-        self.progress = progress
+        self.progress, self.unit = progress, unit
         self.tasks: dict[str, Any] = {}
-        self.started: dict[str, float] = {}
+        self.starts: dict[str, float] = {}
 
-    def __call__(self, stage: Any) -> None:
-        if stage.name not in self.tasks:
-            self.tasks[stage.name] = self.progress.add_task(stage.name, total=stage.total, rate="")
-            self.started[stage.name] = self._time()
-        task = self.tasks[stage.name]
-        elapsed = max(self._time() - self.started[stage.name], 1e-9)
-        rate = f"{stage.done / elapsed:.2f} {stage.unit}/s" if stage.done else ""
-        self.progress.update(task, completed=stage.done, total=stage.total, rate=rate)
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
+            self.starts[stage] = self._time()
+        elapsed = self._time() - self.starts[stage]
+        rate = f"{done / elapsed:.1f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0 else ""
+        self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)

@@ -48,9 +48,7 @@ CREATE TABLE IF NOT EXISTS vectors (
     id INTEGER PRIMARY KEY AUTOINCREMENT,   -- the FAISS id; never reused
     content_hash TEXT NOT NULL UNIQUE,      -- sha256 of the image file's bytes
     vector BLOB NOT NULL,                   -- float32 little-endian, `dim` values
-    num_boxes INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    width INTEGER NOT NULL,
+    num_boxes INTEGER NOT NULL,             -- regions the image tower read
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS files (
@@ -237,11 +235,10 @@ class IndexStore:
         return counts
 
     # -- vectors ---------------------------------------------------------------------------------
-    def add_vector(self, db: sqlite3.Connection, content_hash: str, vector: np.ndarray, num_boxes: int,
-                   height: int, width: int) -> int:
+    def add_vector(self, db: sqlite3.Connection, content_hash: str, vector: np.ndarray, num_boxes: int) -> int:
         blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-        cur = db.execute("INSERT INTO vectors (content_hash, vector, num_boxes, height, width, created) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", (content_hash, blob, num_boxes, height, width, time.time()))
+        cur = db.execute("INSERT INTO vectors (content_hash, vector, num_boxes, created) VALUES (?, ?, ?, ?)",
+                         (content_hash, blob, num_boxes, time.time()))
         return int(cur.lastrowid)
 
     def vectors(self, min_id: int = 0, ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -33,17 +33,8 @@ FAISS_FLUSH_S = 300.0  # rewrite the vector file at least this often during long
 STAGING_DIR = ".staging-regions"
 
 
-@dataclass
-class Stage:
-    """What the progress callback is told: a stage name, counts, and the unit counted."""
-
-    name: str  # "scanning" | "hashing" | "extracting" | "encoding" | "saving"
-    done: int
-    total: int | None
-    unit: str = "images"
-
-
-ProgressFn = Callable[[Stage], None]
+# progress(stage, done, total): stage is "scanning" | "hashing" | "extracting" | "encoding" | "saving"
+ProgressFn = Callable[[str, int, "int | None"], None]
 
 
 @dataclass
@@ -145,7 +136,7 @@ class Indexer:
         self._detector: Any = None if isinstance(detector, str) else detector
         self.keep_regions, self.device = keep_regions, device
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.progress = progress or (lambda stage: None)
+        self.progress = progress or (lambda stage, done, total: None)
         self.ann = ann
         self._encoder: Any = None
         self.last_flush = time.monotonic()
@@ -219,7 +210,7 @@ class Indexer:
         for root in roots:
             if not os.path.exists(root):
                 raise LdotError(f"{root} does not exist: give a folder of images to index")
-        self.progress(Stage("scanning", 0, None, "files"))
+        self.progress("scanning", 0, None)
         issues: list[Any] = []
         sources = []
         for root in roots:
@@ -233,7 +224,7 @@ class Indexer:
         need = self._link_known(store, todo, hashes, report)
         self._encode_new(store, need, hashes, report)
         self._collect_garbage(store)
-        self.progress(Stage("saving", 0, None, "files"))
+        self.progress("saving", 0, None)
         report.faiss = store.sync_faiss(kind=None)
 
     def _plan(self, store: IndexStore, roots: list[str], sources: list[Any], retry_failed: bool,
@@ -280,8 +271,8 @@ class Indexer:
             except OSError:
                 pass  # unreadable: the extraction step reports why
             if i % 64 == 0:
-                self.progress(Stage("hashing", i, len(todo)))
-        self.progress(Stage("hashing", len(todo), len(todo)))
+                self.progress("hashing", i, len(todo))
+        self.progress("hashing", len(todo), len(todo))
         return hashes
 
     def _link_known(self, store: IndexStore, todo: list[Any], hashes: dict[str, str],
@@ -352,7 +343,7 @@ class Indexer:
 
         def on_progress(p: Any) -> None:
             state["done"] = p.done
-            self.progress(Stage("extracting", p.done, total))
+            self.progress("extracting", p.done, total)
 
         result = extract_to_db([s.path for s in sources], regions_dir, self.detector, self.preset,
                                key_fn=lambda path, root: hashes[path], batch_size=self.batch_size,
@@ -412,11 +403,10 @@ class Batcher:
             if store.get_meta("dim") is None:
                 store.set_meta({"dim": str(vectors.shape[1])}, db)
             for (digest, regions), vector in zip(items, vectors):
-                height, width = _image_size(regions)
-                vid = store.add_vector(db, digest, vector, len(regions.features), height, width)
+                vid = store.add_vector(db, digest, vector, len(regions.features))
                 store.put_files(db, [file_row(src, digest, vid) for src in self.by_hash[digest]])
                 self.report.encoded += 1
-        self.indexer.progress(Stage("encoding", self.report.encoded, None))
+        self.indexer.progress("encoding", self.report.encoded, None)
         self.indexer.maybe_flush(store)
 
 
@@ -426,11 +416,6 @@ def file_row(src: Any, digest: str | None, vector_id: int | None, reason: str | 
     status = "indexed" if vector_id is not None else "skipped"
     return FileRow(os.fsencode(src.path), os.fsencode(src.root), src.size, src.mtime_ns, digest, status, reason,
                    int(retry), vector_id)
-
-
-def _image_size(regions: Any) -> tuple[int, int]:
-    size = getattr(regions, "image_size", None)
-    return (int(size[0]), int(size[1])) if size else (0, 0)
 
 
 def encode_image_file(path: Path, store: IndexStore, device: str = "auto") -> np.ndarray:

@@ -13,6 +13,18 @@ from typer.core import TyperGroup
 from . import __version__
 
 
+def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
+    """typer >= 0.20 vendors click: its --help / exit / usage errors are typer's own classes, not click's."""
+    try:
+        from typer.exceptions import Abort, Exit, TyperException
+    except ImportError:  # pragma: no cover - older typer raises click's
+        return ()
+    return (Abort, Exit, TyperException)
+
+
+_TYPER_FLOW = _typer_flow_exceptions()
+
+
 class _ErrorBoundary(TyperGroup):
     """The one error boundary: an expected error prints one line on stderr and exits 2 (its own code);
     an unexpected one prints one line too, with a traceback only when LDOT_DEBUG=1."""
@@ -23,7 +35,7 @@ class _ErrorBoundary(TyperGroup):
         debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, *_TYPER_FLOW):
             raise
         except LdotError as exc:
             if debug:
@@ -73,11 +85,12 @@ def main(
 
 
 def _register() -> None:
-    from . import cmd_index, cmd_models, cmd_search
+    from . import cmd_eval, cmd_index, cmd_models, cmd_search
 
     cmd_index.register(app)
     cmd_search.register(app)
     app.add_typer(cmd_models.app, name="models")
+    cmd_eval.register(app)
 
 
 _register()

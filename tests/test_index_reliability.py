@@ -61,12 +61,15 @@ def check_vectors_belong_to_their_files() -> None:
     import models
     from fakes import expected_record
 
+    from feature_extraction.uniter_db import record_view, regions_to_record, resolve_cut
+
     encoder = models.load_bi_encoder("tiny")
     with IndexStore(index_path("default")) as store:
         rows = store.file_rows("indexed")
         ids, vectors = store.vectors()
         by_id = dict(zip(ids.tolist(), vectors))
-        records = [expected_record(os.fsdecode(r.path)) for r in rows]
+        cut = resolve_cut("uniter")  # what the region store holds for a file, as the index read it
+        records = [record_view(regions_to_record(expected_record(os.fsdecode(r.path)), cut)) for r in rows]
         fresh = encoder.encode_images(records).numpy()
         for row, vec in zip(rows, fresh):
             assert np.allclose(by_id[row.vector_id], vec, atol=1e-4), row.display

@@ -133,7 +133,7 @@ def test_vectors_newer_than_the_faiss_file_are_still_found(tmp_path, tiny):
     with IndexStore(index_path("default")) as store:  # as if a crash happened before the file was rewritten
         rng = np.random.default_rng(0)
         with store.transaction() as db:
-            vid = store.add_vector(db, "f" * 64, rng.standard_normal(48).astype(np.float32) * 100, 10, 1, 1)
+            vid = store.add_vector(db, "f" * 64, rng.standard_normal(48).astype(np.float32) * 100, 10)
             db.execute("INSERT INTO files (path, root, size, mtime_ns, content_hash, status, vector_id, updated) "
                        "VALUES (?, ?, 1, 1, ?, 'indexed', ?, 0)", (b"/x/new.png", b"/x", "f" * 64, vid))
     searcher = Searcher("default")
