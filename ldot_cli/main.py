@@ -23,7 +23,8 @@ class _ErrorBoundary(TyperGroup):
         debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+                typer.Exit, typer.Abort, typer.exceptions.TyperException):  # typer >= 0.2x vendors its own click
             raise
         except LdotError as exc:
             if debug:
@@ -73,11 +74,12 @@ def main(
 
 
 def _register() -> None:
-    from . import cmd_index, cmd_models, cmd_search
+    from . import cmd_index, cmd_models, cmd_search, cmd_train
 
     cmd_index.register(app)
     cmd_search.register(app)
     app.add_typer(cmd_models.app, name="models")
+    cmd_train.register(app)
 
 
 _register()

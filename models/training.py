@@ -52,6 +52,12 @@ class TrainingError(LdotError):
     """A run cannot start or continue as asked (the message says what to change)."""
 
 
+class TrainingInterrupted(LdotError):
+    """Ctrl-C during training: the state at the start of the interrupted step was saved for ``--resume``."""
+
+    exit_code = 130
+
+
 # -- configuration -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainConfig:
@@ -425,6 +431,7 @@ class _Trainer:
         self.best: dict[str, Any] | None = None
         self.running: dict[str, float] = {}
         self.ratios = torch.tensor([r for _, r in config.tasks], dtype=torch.float64)
+        self.updating = False
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def _next_task(self) -> str:
@@ -458,6 +465,22 @@ class _Trainer:
         return self.model.mrc(batch.to(self.device), masked.to(self.device))
 
     # -- one optimizer step -----------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        """What a step consumes besides the weights (restored if the step is interrupted)."""
+        snap = {"positions": dict(self.positions), "generator": self.generator.get_state(),
+                "torch_cpu": torch.get_rng_state(), "running": dict(self.running)}
+        if self.device.type == "cuda":
+            snap["cuda"] = torch.cuda.get_rng_state_all()
+        return snap
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        self.positions, self.running = snap["positions"], snap["running"]
+        self.generator.set_state(snap["generator"])
+        torch.set_rng_state(snap["torch_cpu"])
+        if "cuda" in snap:
+            torch.cuda.set_rng_state_all(snap["cuda"])
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train_step(self) -> tuple[float, float]:
         cfg = self.config
         total_loss = 0.0
@@ -477,6 +500,7 @@ class _Trainer:
         lr = lr_at(self.step, cfg.lr, self.warmup, self.total)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.updating = True  # from here on the weights change: an interrupt cannot be undone
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if cfg.grad_clip > 0:
@@ -488,6 +512,7 @@ class _Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.updating = False
         return total_loss, lr
 
     # -- validation and best model --------------------------------------------------------------------------
@@ -573,7 +598,16 @@ class _Trainer:
         lr = lr_at(self.step, self.config.lr, self.warmup, self.total)
         self.progress(Progress("start", self.step, self.total, self.epoch, lr=lr))
         while self.step < self.total:
-            loss, lr = self.train_step()
+            snapshot = self._snapshot()
+            try:
+                loss, lr = self.train_step()
+            except KeyboardInterrupt:
+                if self.updating:
+                    raise
+                self._restore(snapshot)
+                self.save_checkpoint()
+                raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
+                                          f"{self.run_dir}: continue it with --resume") from None
             self.progress(Progress("step", self.step, self.total, self.epoch, loss, dict(self.running), lr))
             if self.step % self.eval_every == 0 or self.step == self.total:
                 record = self.validate()

@@ -234,3 +234,35 @@ def test_bad_inputs_are_clear_errors(tmp_path, tokenizer):
         train(tmp_path / "c", TrainData(pairs, lookup), _config(precision="fp16"), _model(), tokenizer, device="cpu")
     with pytest.raises(TrainingError, match="nothing to resume"):
         train(tmp_path / "d", TrainData(pairs, lookup), _config(), resume=True, device="cpu")
+
+
+class _InterruptingLookup:
+    """Feature lookup that raises KeyboardInterrupt (a Ctrl-C) on its n-th read, mid-step."""
+
+    def __init__(self, lookup, n):
+        self.lookup, self.n, self.reads = lookup, n, 0
+
+    def __getitem__(self, key):
+        self.reads += 1
+        if self.reads == self.n:
+            raise KeyboardInterrupt
+        return self.lookup[key]
+
+
+def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(tmp_path, tokenizer):
+    from models.training import TrainingInterrupted
+
+    pairs, lookup = planted_pairs(n_images=8)
+    config = _config(tasks=(("itm", 1.0), ("mlm", 1.0)), steps=4, grad_accum=2, eval_every=10)
+    full = _model()
+    train(tmp_path / "a", TrainData(pairs, lookup), config, full, tokenizer, device="cpu")
+    # reads: 1 shape check, then 8 per micro-batch; read 30 is inside step 2's second micro-batch
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 1 of 4.*--resume"):
+        train(tmp_path / "b", TrainData(pairs, _InterruptingLookup(lookup, 30)), config, _model(), tokenizer,
+              device="cpu")
+    train(tmp_path / "b", TrainData(pairs, lookup), config, resume=True, device="cpu")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
