@@ -432,6 +432,9 @@ class _Trainer:
         self.running: dict[str, float] = {}
         self.ratios = torch.tensor([r for _, r in config.tasks], dtype=torch.float64)
         self.updating = False
+        self.prefetch = True  # read the next batch of each task in a background thread
+        self._executor: Any = None
+        self._pending: dict[tuple[str, int], Any] = {}
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def _next_task(self) -> str:
@@ -439,13 +442,34 @@ class _Trainer:
             return self.config.tasks[0][0]
         return self.config.tasks[int(torch.multinomial(self.ratios, 1, generator=self.generator))][0]
 
-    def _next_batch(self, task: str) -> PairBatch:
+    def _load(self, task: str, position: int) -> PairBatch:
+        """The ``position``-th batch of a task's stream (a pure function: safe to compute ahead)."""
         stream = self.config.task_names.index(task)
-        idx = batch_indices(len(self.train_pairs), self.config.batch_size, self.config.seed,
-                            self.positions[task], stream)
-        self.positions[task] += 1
-        return collate(self.train_pairs, idx, self.features, self.ids,
-                       self.model.config.text.max_position_embeddings, soft_labels=task == "mrckl")
+        idx = batch_indices(len(self.train_pairs), self.config.batch_size, self.config.seed, position, stream)
+        batch = collate(self.train_pairs, idx, self.features, self.ids,
+                        self.model.config.text.max_position_embeddings, soft_labels=task == "mrckl")
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def _next_batch(self, task: str) -> PairBatch:
+        """Take the task's next batch, and have a background thread read the one after it (features come
+        from LMDB; reading them while the model computes keeps the accelerator busy)."""
+        position = self.positions[task]
+        future = self._pending.pop((task, position), None)
+        batch = future.result() if future is not None else self._load(task, position)
+        self.positions[task] = position + 1
+        if self.prefetch:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldot-batches")
+            self._pending[(task, position + 1)] = self._executor.submit(self._load, task, position + 1)
+        return batch
+
+    def _stop_prefetch(self) -> None:
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
 
     def _task_loss(self, task: str, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
@@ -474,6 +498,7 @@ class _Trainer:
         return snap
 
     def _restore(self, snap: dict[str, Any]) -> None:
+        self._stop_prefetch()
         self.positions, self.running = snap["positions"], snap["running"]
         self.generator.set_state(snap["generator"])
         torch.set_rng_state(snap["torch_cpu"])
@@ -592,6 +617,12 @@ class _Trainer:
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None) -> TrainResult:
+        try:
+            return self._run(stop_at_step)
+        finally:
+            self._stop_prefetch()
+
+    def _run(self, stop_at_step: int | None) -> TrainResult:
         started = time.monotonic()
         if self.step == 0:
             torch.manual_seed(self.config.seed)  # dropout; a resumed run restores the RNG state instead

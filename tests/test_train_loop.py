@@ -236,19 +236,6 @@ def test_bad_inputs_are_clear_errors(tmp_path, tokenizer):
         train(tmp_path / "d", TrainData(pairs, lookup), _config(), resume=True, device="cpu")
 
 
-class _InterruptingLookup:
-    """Feature lookup that raises KeyboardInterrupt (a Ctrl-C) on its n-th read, mid-step."""
-
-    def __init__(self, lookup, n):
-        self.lookup, self.n, self.reads = lookup, n, 0
-
-    def __getitem__(self, key):
-        self.reads += 1
-        if self.reads == self.n:
-            raise KeyboardInterrupt
-        return self.lookup[key]
-
-
 def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(tmp_path, tokenizer):
     from models.training import TrainingInterrupted
 
@@ -256,13 +243,33 @@ def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(tmp_path, token
     config = _config(tasks=(("itm", 1.0), ("mlm", 1.0)), steps=4, grad_accum=2, eval_every=10)
     full = _model()
     train(tmp_path / "a", TrainData(pairs, lookup), config, full, tokenizer, device="cpu")
-    # reads: 1 shape check, then 8 per micro-batch; read 30 is inside step 2's second micro-batch
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 1 of 4.*--resume"):
-        train(tmp_path / "b", TrainData(pairs, _InterruptingLookup(lookup, 30)), config, _model(), tokenizer,
-              device="cpu")
+    interrupted = _model()
+    calls = []
+    itm = interrupted.itm
+
+    def ctrl_c_on_the_third_itm_batch(batch):  # mid-step: after other micro-batches ran backward
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return itm(batch)
+
+    interrupted.itm = ctrl_c_on_the_third_itm_batch
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [0-3] of 4.*--resume"):
+        train(tmp_path / "b", TrainData(pairs, lookup), config, interrupted, tokenizer, device="cpu")
     train(tmp_path / "b", TrainData(pairs, lookup), config, resume=True, device="cpu")
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tokenizer):
+    pairs, lookup = planted_pairs(n_images=8)
+    seen = []
+    model = _model()
+    config = _config(tasks=(("itm", 1.0), ("mrfr", 1.0)), steps=2, precision="bf16")
+    train(tmp_path / "run", TrainData(pairs, lookup, val=pairs), config, model, tokenizer, device="cpu",
+          progress=seen.append)
+    assert all(np.isfinite(p.loss) for p in seen if p.event == "step")
+    assert model.bert.txt_model.encode_proj[0].weight.dtype == torch.float32  # weights stay fp32 (autocast)
