@@ -18,7 +18,7 @@ Layouts:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class DataSpec:
     img_dbs: tuple[Path, ...] = ()  # UNITER image DB folders (each holding feat_th0.2_max100_min10/)
     val_images: int | None = None  # keep only the first N validation images (and their captions)
     no_val: bool = False  # train without validation (keep the last model)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MultiImageDB:

@@ -41,6 +41,7 @@ from torch import nn
 from . import losses
 from .config import BiEncoderConfig
 from .errors import LdotError
+from .layers import box7_from_norm_bb
 from .pretraining import TASKS, BiEncoderForPretraining, PairBatch, state_for_saving, with_tied_aliases
 from .train_data import PairSet, SpecialIds, TrainData, batch_indices, batches_per_epoch, collate, stack_regions
 
@@ -270,8 +271,6 @@ def encode_pairs(model: BiEncoderForPretraining, pairs: PairSet, features: Any, 
             for start in range(0, len(pairs.image_keys), batch_size):
                 records = [features[k] for k in pairs.image_keys[start:start + batch_size]]
                 feat, bb, valid, _ = stack_regions(records)
-                from .layers import box7_from_norm_bb
-
                 vec = bert.img_model(feat.to(device), box7_from_norm_bb(bb).to(device), valid.to(device))
                 image_out.append(vec.float().cpu().numpy())
     finally:
@@ -676,11 +675,12 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
                                 "start it over")
         if model is None or tokenizer is None:
             raise TrainingError("a new run needs a model and a tokenizer")
-        _start_run(run_dir, model, tokenizer, config, data, init)
-    trainer = _Trainer(run_dir, model, tokenizer, data, config, device, progress)
+    trainer = _Trainer(run_dir, model, tokenizer, data, config, device, progress)  # validates before writing
     if resume:
         assert ckpt is not None
         trainer.load_checkpoint(ckpt)
+    else:
+        _start_run(run_dir, model, tokenizer, config, data, init)
     return trainer.run(stop_at_step)
 
 

@@ -11,6 +11,7 @@ import torch
 from ldot_testing import planted_pairs, write_vocab
 
 import models
+import models.loading
 from models import losses
 from models.config import preset
 from models.pretraining import BiEncoderForPretraining
@@ -204,6 +205,7 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
     from models.store import local_models
 
     assert [(m.name, m.origin, m.kind) for m in local_models()] == [("mine", "train", "bi-encoder")]
+    assert len(models.loading.fingerprint("mine")) == 16  # what an index records
     loaded = models.load_bi_encoder("mine")
     assert loaded.tokenizer.tokenize("a dog") == ["a", "dog"]  # bundled tokenizer
     best = _model()
@@ -232,6 +234,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, tokenizer):
         train(tmp_path / "b", TrainData(long, lookup), _config(), _model(), tokenizer, device="cpu")
     with pytest.raises(TrainingError, match="fp16 training needs a CUDA device"):
         train(tmp_path / "c", TrainData(pairs, lookup), _config(precision="fp16"), _model(), tokenizer, device="cpu")
+    assert not (tmp_path / "c").exists()  # refused before anything was written: the same name can be retried
     with pytest.raises(TrainingError, match="nothing to resume"):
         train(tmp_path / "d", TrainData(pairs, lookup), _config(), resume=True, device="cpu")
 
