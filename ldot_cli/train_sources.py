@@ -182,8 +182,9 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
         val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer, datasets)
         described = str(karpathy)
     else:
-        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB itm_{spec.dataset}_train*.db "
-                             f"or dataset_{spec.dataset}.json under --data, or pass --txt-db / --karpathy")
+        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under --data, or pass "
+                             "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)
     img_dirs = _image_dbs(spec)

@@ -66,8 +66,12 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     target = models_dir() / req.out
     same_run = read_manifest(target).get("trained_from") == str(run_dir)
     if target.exists() and not (req.force or same_run):
-        raise LdotError(f"a model named {req.out!r} already exists: pass --force to replace it, or choose another --out")
+        raise LdotError(f"a model named {req.out!r} already exists: pass --force to replace it, or choose another "
+                        "--out")
     if req.resume:
+        if not (run_dir / "run.json").is_file():
+            raise LdotError(f"no run named {req.out!r} to resume (runs live in {runs_dir()}): start it without "
+                            "--resume")
         saved = training.read_run(run_dir)
         config = training.TrainConfig.from_dict(saved["train_config"])
         config = replace(config, **req.overrides)

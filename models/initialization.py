@@ -165,7 +165,8 @@ def read_source(name: str | Path) -> Source:
 
     path = resolve_source(name)
     if path.is_dir():
-        if (path / CONFIG_FILE).is_file() and json.loads((path / CONFIG_FILE).read_text()).get("format") == MODEL_FORMAT:
+        config_file = path / CONFIG_FILE
+        if config_file.is_file() and json.loads(config_file.read_text()).get("format") == MODEL_FORMAT:
             meta = read_model_config(path)
             state = load_tensors(path / WEIGHTS_FILE)
             kind = {"bi-encoder": "bi-encoder", "uniter-itm": "uniter"}.get(meta["kind"])
@@ -209,7 +210,8 @@ class InitReport:
 
 def initial_model(init: str | Path | Source = "bert-base-cased", image_init: str | Path | Source | None = None, *,
                   img_dim: int = 2048, project_dim: int | None = None,
-                  num_region_labels: int = NUM_REGION_LABELS, seed: int = 42) -> tuple[BiEncoderForPretraining, InitReport]:
+                  num_region_labels: int = NUM_REGION_LABELS,
+                  seed: int = 42) -> tuple[BiEncoderForPretraining, InitReport]:
     """The model training starts from.
 
     ``init`` is a bi-encoder (everything comes from it; heads too when the file has them) or a BERT (the

@@ -590,8 +590,8 @@ class _Trainer:
                                 f"version {state.get('format_version')})")
         saved = TrainConfig.from_dict(state["config"])
         if saved != self.config or state["train_pairs"] != len(self.train_pairs):
-            diff = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}" for f in fields(TrainConfig)
-                    if getattr(saved, f.name) != getattr(self.config, f.name)]
+            diff = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}"
+                    for f in fields(TrainConfig) if getattr(saved, f.name) != getattr(self.config, f.name)]
             if state["train_pairs"] != len(self.train_pairs):
                 diff.append(f"training pairs {state['train_pairs']} -> {len(self.train_pairs)}")
             raise TrainingError(f"cannot resume {self.run_dir.name}: it was started with other settings ("
@@ -742,7 +742,8 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
         raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another --out")
     target = models_dir() / name
     if target.exists() and not force:
-        raise TrainingError(f"a model named {name!r} already exists: pass --force to replace it, or choose another --out")
+        raise TrainingError(f"a model named {name!r} already exists: pass --force to replace it, or choose another "
+                            "--out")
     info = read_run(run_dir)
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:

@@ -90,6 +90,11 @@ def test_bad_input_is_one_clear_line(planted, extra, message):
     assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_resume_of_an_unknown_run_says_so(planted):
+    result = runner.invoke(app, ["train", "finetune", "--out", "nope", "--resume"])
+    assert result.exit_code == 2 and "no run named 'nope' to resume" in result.output
+
+
 def test_missing_bert_says_how_to_get_it():
     result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
     assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output

@@ -91,7 +91,8 @@ def test_init_from_a_bi_encoder_keeps_it_and_refuses_other_kinds(tmp_path, tiny_
     pre = official_pretrained(tiny_model)
     pre["region_classifier.net.3.bias"] = torch.zeros(1601).half()
     for name in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"):
-        pre[f"region_classifier.{name}"] = torch.ones(128, 128).half() if name.endswith("0.weight") else torch.ones(128).half()
+        shape = (128, 128) if name.endswith("0.weight") else (128,)
+        pre[f"region_classifier.{name}"] = torch.ones(shape).half()
     torch.save(pre, tmp_path / "LightningDot.pt")
     model, report = initial_model(tmp_path / "LightningDot.pt")
     assert isinstance(model, BiEncoderForPretraining) and model.num_region_labels == 1601

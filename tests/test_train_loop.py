@@ -80,7 +80,8 @@ def test_schedule_optimizer_groups_and_presets():
     n_params = len({id(p) for p in _model().parameters()})
     assert len(decay["params"]) + len(plain["params"]) == n_params  # tied weights once
     ft, pt = finetune_config("coco"), pretrain_config()
-    assert (ft.batch_size, ft.lr, ft.warmup, ft.grad_clip, ft.epochs, ft.betas) == (96, 2e-5, 0.1, 2.0, 20, (0.9, 0.999))
+    assert (ft.batch_size, ft.lr, ft.warmup, ft.grad_clip, ft.epochs, ft.betas, ft.weight_decay) == (
+        96, 2e-5, 0.1, 2.0, 20, (0.9, 0.999), 0.0)
     assert dict(pt.tasks) == {"itm": 16, "mlm": 8, "mrfr": 4, "mrckl": 4}
     assert (pt.betas, pt.weight_decay, pt.lr, pt.warmup, pt.steps, pt.grad_clip) == ((0.9, 0.98), 0.01, 5e-5, 10_000,
                                                                                       300_000, 5.0)
@@ -217,7 +218,8 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
     assert got["mean_recall"] == pytest.approx(result.best["mean_recall"])
     ref = models.bi_encoder_from_state(load_file(tmp_path / "run" / "best.safetensors"), loaded.config,
                                        tokenizer=tokenizer)
-    assert torch.allclose(loaded.encode_text(["a dog on the beach"]), ref.encode_text(["a dog on the beach"]), atol=1e-6)
+    text = ["a dog on the beach"]
+    assert torch.allclose(loaded.encode_text(text), ref.encode_text(text), atol=1e-6)
     with pytest.raises(TrainingError, match="--force"):
         export_model(tmp_path / "run", "mine")
     with pytest.raises(TrainingError, match="registry name"):
@@ -276,3 +278,26 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tokenizer):
           progress=seen.append)
     assert all(np.isfinite(p.loss) for p in seen if p.event == "step")
     assert model.bert.txt_model.encode_proj[0].weight.dtype == torch.float32  # weights stay fp32 (autocast)
+
+
+def test_the_grad_scaler_path_steps_checkpoints_and_resumes(tmp_path, tokenizer, monkeypatch):
+    """The fp16 path's GradScaler (scale, unscale before clipping, step, update, state in the checkpoint),
+    run on CPU by asking for a scaler with bf16 autocast (CPU has no fast fp16)."""
+    import models.training as training
+
+    monkeypatch.setattr(training, "resolve_precision", lambda precision, device: (torch.bfloat16, True))
+    pairs, lookup = planted_pairs(n_images=8)
+    config = _config(steps=4, eval_every=10)
+    full = _model()
+    train(tmp_path / "a", TrainData(pairs, lookup), config, full, tokenizer, device="cpu")
+    train(tmp_path / "b", TrainData(pairs, lookup), config, _model(), tokenizer, device="cpu", stop_at_step=2)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "state.json").read_text())
+    assert state["scaler"]["scale"] == 65536.0
+    train(tmp_path / "b", TrainData(pairs, lookup), config, resume=True, device="cpu")
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    key = "bert.txt_model.encode_proj.0.weight"
+    assert not torch.equal(a[key], _model().state_dict()[key])  # the scaler let the optimizer step

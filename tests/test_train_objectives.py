@@ -130,7 +130,8 @@ def _batch(seed: int = 0, b: int = 4, length: int = 6, n: int = 5, labels: int =
 def test_heads_are_tied_as_in_the_official_code(pre_model):
     img_words = pre_model.bert.img_model.bert.embeddings.word_embeddings.weight
     assert pre_model.cls.predictions.decoder.weight is img_words
-    assert pre_model.cls.predictions.decoder.weight is not pre_model.bert.txt_model.bert.embeddings.word_embeddings.weight
+    txt_words = pre_model.bert.txt_model.bert.embeddings.word_embeddings.weight
+    assert pre_model.cls.predictions.decoder.weight is not txt_words
     assert pre_model.feat_regress.weight is pre_model.bert.img_model.bert.img_embeddings.img_linear.weight
     batch = _batch()
     ids, labels = losses.mask_tokens(batch.input_ids, batch.text_mask, 4, (10, 128), torch.Generator().manual_seed(0))
