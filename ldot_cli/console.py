@@ -101,3 +101,35 @@ class StageProgress:
         elapsed = self._time() - self.starts[stage]
         rate = f"{done / elapsed:.1f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0 else ""
         self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
+
+
+class TrainView:
+    """Renders `models.training.Progress`: one bar of optimizer steps with steps/s, loss and ETA; a line per
+    validation and a dim line per checkpoint."""
+
+    def __init__(self, progress: Any) -> None:
+        import time
+
+        self._time = time.monotonic
+        self.progress = progress
+        self.task: Any = None
+        self.started = 0.0
+        self.first_step = 0
+
+    def __call__(self, p: Any) -> None:
+        if p.event == "start":
+            self.task = self.progress.add_task("train", total=p.total, completed=p.step, rate="")
+            self.started, self.first_step = self._time(), p.step
+        elif p.event == "step":
+            elapsed = max(self._time() - self.started, 1e-9)
+            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.task_losses.items()))
+            self.progress.update(self.task, completed=p.step, description=f"epoch {p.epoch:.2f} {losses}",
+                                 rate=f"{(p.step - self.first_step) / elapsed:.2f} steps/s lr {p.lr:.2e}")
+        elif p.event == "eval":
+            m = p.metrics
+            t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
+            i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
+            self.progress.console.print(f"step {p.step}: mean recall {m['mean_recall']:.2f} "
+                                        f"(text->image R@1/5/10 {t2i}; image->text {i2t})", highlight=False)
+        elif p.event == "checkpoint":
+            self.progress.console.print(f"[dim]step {p.step}: checkpoint saved[/]", highlight=False)

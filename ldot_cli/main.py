@@ -85,12 +85,14 @@ def main(
 
 
 def _register() -> None:
-    from . import cmd_eval, cmd_index, cmd_models, cmd_search
+    from . import cmd_eval, cmd_extract, cmd_index, cmd_models, cmd_search, cmd_train
 
     cmd_index.register(app)
     cmd_search.register(app)
     app.add_typer(cmd_models.app, name="models")
     cmd_eval.register(app)
+    cmd_train.register(app)
+    cmd_extract.register(app)
 
 
 _register()

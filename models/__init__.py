@@ -10,6 +10,11 @@ Public API::
     rr = models.load_reranker(source)
     rr.score(texts, features, norm_bb, mask=None)         # (n,)
 
+    # training (models.training; `ldot train` wraps it)
+    model, report = models.initial_model("bert-base-cased")         # + uniter-base image tower when present
+    models.train(run_dir, TrainData(pairs, features, val), models.finetune_config("flickr30k"), model, tokenizer)
+    models.export_model(run_dir, "my-model")                        # -> <home>/models/my-model
+
 Heavy modules (torch) load on first use, so importing this package is instant.
 """
 
@@ -35,6 +40,15 @@ _LAZY = {
     "preset": "config",
     "Tokenizer": "tokenizer",
     "download_entry": "download",
+    "BiEncoderForPretraining": "pretraining",
+    "initial_model": "initialization",
+    "train": "training",
+    "export_model": "training",
+    "TrainConfig": "training",
+    "finetune_config": "training",
+    "pretrain_config": "training",
+    "TrainData": "train_data",
+    "PairSet": "train_data",
 }
 
 __all__ = ["CheckpointError", "DownloadError", "LdotError", "ModelError", "ModelNotFoundError",

@@ -9,6 +9,7 @@ Layout (documented in the README)::
       models/<name>/          one directory per named checkpoint (registry name or --as NAME)
       indexes/<name>/         one directory per named search index
       features/               cached region features (e.g. for `ldot eval`)
+      runs/<name>/            one directory per training run (`ldot train`): resume checkpoint, best model
       known_hashes.json       sha256 recorded on first verified download (trust on first use)
 """
 
@@ -43,3 +44,8 @@ def indexes_dir() -> Path:
 def features_dir() -> Path:
     """Directory for cached region features (one UNITER image DB per source)."""
     return ldot_home() / "features"
+
+
+def runs_dir() -> Path:
+    """Directory holding one sub-directory per training run (`ldot train --out NAME`)."""
+    return ldot_home() / "runs"

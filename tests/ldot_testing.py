@@ -219,3 +219,81 @@ def install_tiny_reranker(name: str, vocab_dir: Path, img_dim: int = 2048, seed:
     write_manifest(target, {"name": name, "kind": "uniter-itm", "complete": True, "origin": "test",
                             "files": hash_dir(target)})
     return target
+
+
+# -- training helpers -----------------------------------------------------------------------------
+def tiny_hf_bert_state(seed: int = 0, legacy_names: bool = False) -> dict:
+    """A `transformers.BertForPreTraining` state dict of the tiny shape (vocab 128, hidden 128, 2 layers),
+    as the hub files hold it (optionally with old ``gamma``/``beta`` LayerNorm names)."""
+    from transformers import BertConfig, BertForPreTraining
+
+    torch.manual_seed(seed)
+    model = BertForPreTraining(BertConfig(**TINY_HF_CONFIG))
+    out = {}
+    for key, value in model.state_dict().items():
+        if legacy_names and key.endswith("LayerNorm.weight"):
+            key = key[: -len("weight")] + "gamma"
+        elif legacy_names and key.endswith("LayerNorm.bias"):
+            key = key[: -len("bias")] + "beta"
+        out[key] = value.clone()
+    return out
+
+
+TINY_HF_CONFIG = dict(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=256, max_position_embeddings=128, type_vocab_size=2, hidden_act="gelu",
+                      layer_norm_eps=1e-12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def write_tiny_hf_bert(directory: Path, seed: int = 0, legacy_names: bool = True) -> Path:
+    """A fake hub `bert-base-cased` model dir: config.json, vocab.txt, tokenizer_config.json, model.safetensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = tiny_hf_bert_state(seed, legacy_names)
+    state.pop("cls.predictions.decoder.weight")  # tied: the hub files omit it
+    state.pop("cls.predictions.decoder.bias")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps({"model_type": "bert", **TINY_HF_CONFIG}))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    write_vocab(directory)
+    return directory
+
+
+@dataclass
+class PlantedRegions:
+    features: object
+    norm_bb: object
+    soft_labels: object = None
+
+
+def planted_pairs(n_images: int = 16, captions_per_image: int = 2, regions: int = 4, img_dim: int = 32,
+                  labels: int = 11, seed: int = 0):
+    """A learnable toy retrieval set: each image has its own feature pattern and its own caption word.
+
+    Returns (PairSet, {key: PlantedRegions}); token ids are valid for `write_vocab`'s 128-word vocab.
+    """
+    import numpy as np
+
+    from models.train_data import PairSet
+
+    rng = np.random.default_rng(seed)
+    lookup, keys = {}, []
+    for i in range(n_images):
+        key = f"img{i:03d}.npz"
+        keys.append(key)
+        pattern = rng.normal(size=img_dim).astype(np.float32)
+        feats = (pattern + 0.1 * rng.normal(size=(regions, img_dim))).astype(np.float16)
+        x1 = rng.uniform(0, 0.5, size=regions)
+        y1 = rng.uniform(0, 0.5, size=regions)
+        w, h = rng.uniform(0.1, 0.5, size=regions), rng.uniform(0.1, 0.5, size=regions)
+        bb = np.stack([x1, y1, x1 + w, y1 + h, w, h], axis=1).astype(np.float32)
+        soft = rng.dirichlet(np.ones(labels), size=regions).astype(np.float32)
+        lookup[key] = PlantedRegions(feats, bb, soft)
+    token_ids, caption_image = [], []
+    for i in range(n_images):
+        for c in range(captions_per_image):
+            token_ids.append((10 + (i % 40), 60 + c, 61 + (i * 7 + c) % 30))
+            caption_image.append(i)
+    return PairSet(token_ids, caption_image, keys), lookup

@@ -32,13 +32,8 @@ from ldot_cli.datasets import (
     read_karpathy,
     uniter_image_key,
 )
-from ldot_cli.evaluation import (
-    Recalls,
-    evaluate,
-    image_to_text_ranks,
-    recalls_from_vectors,
-    text_to_image_ranks,
-)
+from ldot_cli.evaluation import evaluate
+from models.metrics import Recalls, image_to_text_ranks, recalls_from_vectors, text_to_image_ranks
 
 # 14 images with 1..8 captions (fewer and more than 5); rank designs reach past 10.
 COUNTS = [1, 7, 2, 5, 6, 3, 5, 4, 8, 1, 5, 2, 5, 3]

@@ -1,0 +1,100 @@
+"""`ldot train` through typer's CliRunner, from a fake hub `bert-base-cased` and a planted data set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from ldot_testing import planted_pairs, write_tiny_hf_bert
+from typer.testing import CliRunner
+
+import models
+from ldot_cli.main import app
+from models.train_data import TrainData
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def planted(monkeypatch, ldot_home):
+    """bert-base-cased in the cache, and the data readers answering with a planted set."""
+    write_tiny_hf_bert(ldot_home / "models" / "bert-base-cased")
+    pairs, lookup = planted_pairs(n_images=16)
+    seen = []
+
+    def fake_open(spec, tokenizer):
+        seen.append(spec)
+        return TrainData(pairs, lookup, val=None if spec.no_val else pairs, description="planted")
+
+    monkeypatch.setattr("ldot_cli.trainer.open_training_data", fake_open)
+    return seen
+
+
+def test_finetune_installs_a_model_that_lists_loads_and_resumes(planted, ldot_home):
+    args = ["train", "finetune", "--data", str(ldot_home), "--out", "mine", "--epochs", "2", "--batch-size", "8",
+            "--lr", "1e-3", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"mine\t{ldot_home / 'models' / 'mine'}" in result.stdout
+    assert "mean recall" in result.output and "ldot index PHOTOS --model mine" in result.output
+    assert planted[0].dataset == "flickr30k" and planted[0].data == ldot_home
+    listed = runner.invoke(app, ["models", "list"], env={"COLUMNS": "200"})
+    assert "local (train)" in listed.output.split("mine", 1)[1].splitlines()[0]
+    model = models.load_bi_encoder("mine")
+    assert model.encode_text(["a dog"]).shape == (1, 128)
+    source = json.loads((ldot_home / "models" / "mine" / "config.json").read_text())["source"]
+    assert source["origin"] == "train" and source["steps"] == 8 and source["init"]["text"] == "bert-base-cased"
+    assert source["train_config"]["lr"] == 1e-3 and source["train_config"]["epochs"] == 2
+    # the same command again: the run exists
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--resume" in again.output and len(again.output.strip().splitlines()) == 1
+    # resuming a finished run re-installs it; changing a setting on resume is refused
+    assert runner.invoke(app, [*args[:-2], "--resume"]).exit_code == 0
+    changed = runner.invoke(app, ["train", "finetune", "--out", "mine", "--lr", "5e-4", "--resume"])
+    assert changed.exit_code == 2 and "lr 0.001 -> 0.0005" in changed.output
+    # --force starts over
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+
+
+def test_pretrain_mixes_the_tasks_and_keeps_the_heads(planted, ldot_home):
+    result = runner.invoke(app, ["train", "pretrain", "--out", "pre", "--steps", "6", "--batch-size", "8",
+                                 "--tasks", "itm,mlm,mrfr,mrckl", "--mix", "2,1,1,1", "--no-val", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (ldot_home / "models" / "pre" / "heads.safetensors").is_file()
+    run = json.loads((ldot_home / "runs" / "pre" / "run.json").read_text())
+    assert run["train_config"]["tasks"] == [["itm", 2.0], ["mlm", 1.0], ["mrfr", 1.0], ["mrckl", 1.0]]
+    assert run["train_config"]["betas"] == [0.9, 0.98] and run["num_region_labels"] == 11
+    assert models.load_bi_encoder("pre").config.img_dim == 32
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mix", "1,2"], "2 ratios for 4 tasks"),
+    (["--tasks", "itm,vqa", "--mix", "1,1"], "unknown task(s) vqa"),
+    (["--out", "lightningdot"], "registry name"),
+    (["--out", "../x"], "invalid model name"),
+    (["--batch-size", "1"], "at least 2"),
+    (["--precision", "fp16"], "fp16 training needs a CUDA device"),
+])
+def test_bad_input_is_one_clear_line(planted, extra, message):
+    args = ["train", "pretrain", "--out", "x", "--steps", "2", "--device", "cpu", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_resume_of_an_unknown_run_says_so(planted):
+    result = runner.invoke(app, ["train", "finetune", "--out", "nope", "--resume"])
+    assert result.exit_code == 2 and "no run named 'nope' to resume" in result.output
+
+
+def test_missing_bert_says_how_to_get_it():
+    result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
+    assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output
