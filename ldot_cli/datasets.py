@@ -523,21 +523,25 @@ def _check_files(rset: RetrievalSet) -> None:
 
 # ------------------------------------------------------------------------------------------ region features
 class FeatureStore:
-    """Region features of a benchmark's images, read from a UNITER image DB, with a small LRU cache.
+    """Region features read from a UNITER image DB (a benchmark's, or an index's region store), with a
+    small LRU cache and errors that say which DB and key.
 
-    ``store.get(key)`` -> ``(features (n, dim) float16, norm_bb (n, 6))`` cut to the DB's box count.
+    ``store.get(key)`` -> the record (``features (n, dim)`` float16, ``norm_bb (n, 6)``) cut to the DB's box count.
     """
 
-    def __init__(self, img_dir: str | Path, cache_size: int = 512) -> None:
+    def __init__(self, img_dir: str | Path, preset: str = "uniter", cache_size: int = 512) -> None:
         self.img_dir = Path(img_dir)
-        self.db = open_image_db(self.img_dir)
+        self.db = open_image_db(self.img_dir, preset)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.db
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self.db]
 
-    def get(self, key: str) -> tuple[Any, Any]:
+    def get(self, key: str) -> Any:
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -549,11 +553,10 @@ class FeatureStore:
         except Exception as exc:  # the reader's own error types (ImageDBError …)
             hint = " (it is ldot's feature cache: delete that folder to extract again)" if _in_cache(self.img_dir) else ""
             raise DatasetError(f"image DB {self.img_dir}: cannot read {key!r} ({exc}){hint}") from None
-        value = (record.features, record.norm_bb)
-        self._cache[key] = value
+        self._cache[key] = record
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return value
+        return record
 
     def close(self) -> None:
         close = getattr(self.db, "close", None)
@@ -570,12 +573,12 @@ def _in_cache(img_dir: Path) -> bool:
         return False
 
 
-def open_image_db(img_dir: Path) -> Any:
+def open_image_db(img_dir: Path, preset: str = "uniter") -> Any:
     """A reader of a UNITER image DB: ``key in db``, ``db[key].features`` / ``.norm_bb`` (float16)."""
     from feature_extraction.uniter_db import UniterImageDB
 
     try:
-        return UniterImageDB(img_dir, "uniter", as_float32=False)
+        return UniterImageDB(img_dir, preset, as_float32=False)
     except LdotError:
         raise
     except Exception as exc:

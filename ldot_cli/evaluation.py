@@ -30,6 +30,7 @@ import numpy as np
 
 from models.errors import LdotError, ModelError
 
+from models.regions import stack_regions
 from models.metrics import KS, Recalls, recalls_from_rankings, recalls_from_vectors
 
 from .datasets import DataPaths, DatasetError, FeatureStore, RetrievalSet, ensure_features, locate
@@ -150,12 +151,6 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-@dataclass
-class _Regions:
-    features: np.ndarray  # (n, dim)
-    norm_bb: np.ndarray  # (n, 6)
-
-
 def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
@@ -188,7 +183,7 @@ def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str],
     out = []
     for start in range(0, len(keys), chunk):
         t0 = time.perf_counter()
-        records = [_Regions(*store.get(k)) for k in keys[start:start + chunk]]
+        records = [store.get(k) for k in keys[start:start + chunk]]
         t1 = time.perf_counter()
         out.append(_numpy(encoder.encode_images(records, batch_size=batch_size, progress=advance)))
         timings.feature_loading_s += t1 - t0
@@ -293,13 +288,7 @@ def score_pairs(reranker: Reranker, store: FeatureStore, texts: Sequence[str], k
     out = np.empty(len(keys), np.float32)
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
-        regions = [store.get(keys[i]) for i in idx]
-        width = max(r[0].shape[0] for r in regions)
-        feat = np.zeros((len(idx), width, regions[0][0].shape[1]), np.float32)  # (B, N, dim)
-        bb = np.zeros((len(idx), width, 6), np.float32)  # (B, N, 6)
-        mask = np.zeros((len(idx), width), bool)  # (B, N)
-        for row, (f, b) in enumerate(regions):
-            feat[row, : len(f)], bb[row, : len(f)], mask[row, : len(f)] = f, b, True
+        feat, bb, mask, _ = stack_regions([store.get(keys[i]) for i in idx])  # (B, N, dim), (B, N, 6), (B, N)
         out[idx] = _numpy(reranker.score([texts[i] for i in idx], feat, bb, mask)).reshape(-1)
         if advance is not None:
             advance(len(idx))

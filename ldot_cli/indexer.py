@@ -83,38 +83,6 @@ def ensure_model(name: str, progress: Callable[[int, int | None, str], None] | N
         download_entry(entry.name, progress=progress)
 
 
-class RegionStore:
-    """Region features for re-ranking, in the UNITER image-DB layout, keyed by content hash."""
-
-    def __init__(self, index_dir: Path, preset: str = DEFAULT_PRESET) -> None:
-        self.dir = index_dir / REGIONS_DIR
-        self.preset = preset
-        self._reader: Any = None
-
-    @property
-    def available(self) -> bool:
-        return self.dir.is_dir() and any(self.dir.iterdir())
-
-    def reader(self) -> Any:
-        if self._reader is None:
-            from feature_extraction.uniter_db import UniterImageDB
-
-            self._reader = UniterImageDB(self.dir, self.preset)
-        return self._reader
-
-    def get(self, digest: str) -> Any:
-        return self.reader()[digest]
-
-    def __contains__(self, digest: str) -> bool:
-        return self.available and digest in self.reader()
-
-    def close(self) -> None:
-        """Close the reader (LMDB allows one open handle per DB and process: a writer needs it closed)."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-
-
 def _excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
     rel = os.path.relpath(path, root)
     parts = rel.split(os.sep)
@@ -308,19 +276,22 @@ class Indexer:
         regions_dir = self.dir / (REGIONS_DIR if self.keep_regions else STAGING_DIR)
         pending = Batcher(self, store, by_hash, report)
         # contents whose regions an interrupted run already extracted: encode straight away
-        cached = RegionStore(self.dir, self.preset)
-        cached.dir = regions_dir
-        fresh = []
-        try:
-            for src in firsts:
-                digest = hashes[src.path]
-                if cached.available and digest in cached:
-                    pending.add(digest, cached.get(digest))
-                else:
-                    fresh.append(src)
-            pending.flush()
-        finally:
-            cached.close()
+        fresh = firsts
+        if regions_dir.is_dir():
+            from .datasets import FeatureStore
+
+            cached = FeatureStore(regions_dir, self.preset)
+            try:
+                fresh = []
+                for src in firsts:
+                    digest = hashes[src.path]
+                    if digest in cached:
+                        pending.add(digest, cached.get(digest))
+                    else:
+                        fresh.append(src)
+                pending.flush()
+            finally:
+                cached.close()  # one LMDB handle per process: the extraction below writes to it
         if fresh:
             self._extract(fresh, hashes, regions_dir, pending, report)
         pending.flush()

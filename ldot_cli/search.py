@@ -77,9 +77,12 @@ class Searcher:
         self._faiss: tuple[Any, int] | None = None
         self._faiss_sha: str | None = None
         self._rerankers: dict[str, Any] = {}
+        self._regions: Any = None  # the index's region store, opened on the first --rerank
         self.timings = Timings()
 
     def close(self) -> None:
+        if self._regions is not None:
+            self._regions.close()
         self.store.close()
 
     # -- loading -------------------------------------------------------------------------------
@@ -197,10 +200,13 @@ class Searcher:
         """Re-score (query, image) pairs with the cross-encoder and sort by its score."""
         if not hits:
             return hits
-        from .indexer import RegionStore
+        from models.regions import stack_regions
 
-        regions = RegionStore(self.store.dir)
-        if not regions.available:
+        from .datasets import FeatureStore
+        from .index_store import REGIONS_DIR
+
+        regions_dir = self.store.dir / REGIONS_DIR
+        if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
             raise IndexError_(f"index {self.store.name!r} keeps no region features (built with --no-regions): "
                               f"re-index without it to use --rerank")
         model = self.reranker(reranker)
@@ -208,15 +214,9 @@ class Searcher:
         hashes = dict(self.store.db.execute(
             f"SELECT id, content_hash FROM vectors WHERE id IN ({','.join('?' * len(hits))})",
             [h.vector_id for h in hits]))
-        records = [regions.get(hashes[h.vector_id]) for h in hits]
-        width = max(len(r.features) for r in records)
-        feat = np.zeros((len(records), width, records[0].features.shape[1]), dtype=np.float32)
-        bb = np.zeros((len(records), width, 6), dtype=np.float32)
-        mask = np.zeros((len(records), width), dtype=bool)
-        for i, r in enumerate(records):
-            feat[i, :len(r.features)] = r.features
-            bb[i, :len(r.features)] = r.norm_bb
-            mask[i, :len(r.features)] = True
+        if self._regions is None:
+            self._regions = FeatureStore(regions_dir, self.store.get_meta("preset") or "uniter")
+        feat, bb, mask, _ = stack_regions([self._regions.get(hashes[h.vector_id]) for h in hits])
         scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
         order = np.argsort(-scores, kind="stable")

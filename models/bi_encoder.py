@@ -135,20 +135,14 @@ class BiEncoder(nn.Module):
         `feature_extraction.types.RegionFeatures`). Images are batched by similar region counts to keep
         padding small; ``progress(k)`` is called after each batch of k images.
         """
+        from .regions import stack_regions
+
         order = sorted(range(len(records)), key=lambda i: len(records[i].features))
         out = torch.empty(len(records), self.config.project_dim)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(records[i].features) for i in idx)
-            feat = np.zeros((len(idx), width, self.config.img_dim), dtype=np.float32)
-            bb = np.zeros((len(idx), width, 6), dtype=np.float32)
-            mask = np.zeros((len(idx), width), dtype=bool)
-            for row, i in enumerate(idx):
-                n = len(records[i].features)
-                feat[row, :n] = records[i].features
-                bb[row, :n] = records[i].norm_bb
-                mask[row, :n] = True
-            out[idx] = self.encode_regions(torch.from_numpy(feat), torch.from_numpy(bb), torch.from_numpy(mask)).cpu()
+            feat, bb, mask, _ = stack_regions([records[i] for i in idx])
+            out[idx] = self.encode_regions(feat, bb, mask).cpu()
             if progress is not None:
                 progress(len(idx))
         return out

@@ -19,14 +19,7 @@ import torch
 
 from .losses import soft_labels_background_first
 from .pretraining import PairBatch
-
-
-class RegionRecord(Protocol):
-    """One image's regions."""
-
-    features: Any  # (n, img_dim) float16/32
-    norm_bb: Any  # (n, 6) x1/W, y1/H, x2/W, y2/H, w/W, h/H
-    soft_labels: Any  # (n, C) background FIRST, or None
+from .regions import RegionRecord, stack_regions
 
 
 class FeatureLookup(Protocol):
@@ -152,28 +145,3 @@ def collate(pairs: PairSet, indices: Iterable[int], features: FeatureLookup, ids
     records = [features[pairs.image_keys[j]] for j in image_ids]
     feat, bb, valid, soft = stack_regions(records, soft_labels)
     return PairBatch(input_ids, text_mask, feat, bb, valid, torch.tensor(image_ids, dtype=torch.long), soft)
-
-
-def stack_regions(records: Sequence[RegionRecord], soft_labels: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Ragged region sets -> zero-padded (B, N, dim), (B, N, 6), valid (B, N)[, soft (B, N, C)]."""
-    width = max(len(r.features) for r in records)
-    dim = np.asarray(records[0].features).shape[1]
-    feat = torch.zeros(len(records), width, dim)
-    bb = torch.zeros(len(records), width, 6)
-    valid = torch.zeros(len(records), width, dtype=torch.bool)
-    soft = None
-    if soft_labels:
-        missing = [i for i, r in enumerate(records) if getattr(r, "soft_labels", None) is None]
-        if missing:
-            raise ValueError("the mrckl task needs soft labels, and an image has none (use an image DB "
-                             "written with soft labels, or drop mrckl from the tasks)")
-        soft = torch.zeros(len(records), width, np.asarray(records[0].soft_labels).shape[1])
-    for r, rec in enumerate(records):
-        n = len(rec.features)
-        feat[r, :n] = torch.from_numpy(np.asarray(rec.features, dtype=np.float32))
-        bb[r, :n] = torch.from_numpy(np.asarray(rec.norm_bb, dtype=np.float32))
-        valid[r, :n] = True
-        if soft is not None:
-            soft[r, :n] = torch.from_numpy(np.asarray(rec.soft_labels, dtype=np.float32))
-    return feat, bb, valid, soft

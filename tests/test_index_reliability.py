@@ -36,6 +36,19 @@ def start_indexer(folder: Path, delay: float = 0.05) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def vector_count() -> int:
+    path = index_path("default") / "index.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        return db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+    finally:
+        db.close()
+
+
 def check_consistent(expect_complete: int | None = None) -> None:
     """The database is intact; file rows, vectors and the FAISS file agree."""
     db = sqlite3.connect(index_path("default") / "index.sqlite")
@@ -83,14 +96,20 @@ def test_kill_9_at_random_points_then_resume_completes(tmp_path, vocab_dir):
     rng = random.Random(1234)
     kills = 0
     for _ in range(6):
-        proc = start_indexer(folder)
-        time.sleep(rng.uniform(1.0, 4.0))
+        done = vector_count()
+        proc = start_indexer(folder, delay=0.1)
+        # kill at a random point of real progress: before the first batch lands, or 0-3 batches later,
+        # plus a random fraction of a batch (mid-detector, mid-encode or mid-commit)
+        target = done + rng.choice([0, 1, 2, 2, 4, 6])
+        while proc.poll() is None and vector_count() < target:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         check_consistent()
-    assert kills >= 3  # most runs really were interrupted
+    assert kills >= 4  # the runs really were interrupted
     proc = start_indexer(folder, delay=0.0)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr.decode()
