@@ -15,6 +15,7 @@ Pipeline per image (shapes for the full model on a 600x800 input)::
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import defaultdict
@@ -28,7 +29,7 @@ from torchvision.ops import nms, roi_pool
 
 from feature_extraction.box_ops import apply_deltas, clip_boxes_
 from feature_extraction.detector_config import DetectorConfig, RuntimeOptions
-from feature_extraction.preprocess import ImageScale, Preprocessed
+from feature_extraction.preprocess import ImageScale, Preprocessed, preprocess
 from feature_extraction.selection import LxmertSelection, UniterSelection, get_preset
 from feature_extraction.types import RegionFeatures
 
@@ -275,6 +276,8 @@ class BUTDDetector(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
+        # Picklable (no model inside): what the extraction pipeline runs in its worker processes.
+        self.preprocess = functools.partial(preprocess, config=self.config)
 
     # ----------------------------------------------------------------- setup
     def conv_norms(self) -> list[ConvNorm]:
@@ -383,9 +386,10 @@ class BUTDDetector(nn.Module):
 
     # ----------------------------------------------------------------- full passes
     @torch.inference_mode()
-    def detect(self, images: Sequence[Preprocessed], timings: StageTimes | None = None) -> list[RawDetections]:
+    def detect(self, images: Sequence[DetectorInput], timings: StageTimes | None = None) -> list[RawDetections]:
         """Run the network on preprocessed images; no selection. Batch results equal one-by-one runs."""
         t = time.perf_counter()
+        images = [as_preprocessed(im) for im in images]
         tensors = [im.tensor for im in images]
         res4 = self.backbone_features(tensors)
         t = timings.add("backbone", t) if timings else t
@@ -411,12 +415,16 @@ class BUTDDetector(nn.Module):
 
     def extract(
         self,
-        images: Sequence[Preprocessed],
+        images: Sequence[DetectorInput],
         preset: str | UniterSelection | LxmertSelection = "uniter",
         with_soft_labels: bool = False,
         timings: StageTimes | None = None,
     ) -> list[RegionFeatures]:
-        """Region features of each image under a selection preset (``"uniter"`` or ``"lxmert36"``)."""
+        """Region features of each image under a selection preset (``"uniter"`` or ``"lxmert36"``).
+
+        ``images`` are :func:`preprocess` results, or the pipeline's ``(tensor, scale, (H, W))`` tuples.
+        One record per image, in order; boxes in original-image pixels.
+        """
         selector = get_preset(preset)
         raws = self.detect(images, timings)
         t = time.perf_counter()
@@ -425,6 +433,23 @@ class BUTDDetector(nn.Module):
         if timings:
             timings.add("selection", t)
         return out
+
+
+DetectorInput = Preprocessed | tuple  # Preprocessed, (tensor, ImageScale) or (tensor, scale, (H, W))
+
+
+def as_preprocessed(item: DetectorInput) -> Preprocessed:
+    """Normalise a detector input: a :class:`Preprocessed`, ``(tensor, ImageScale)``, or the extraction
+    pipeline's ``(tensor (3, h, w), h / H, (H, W))`` -- the per-axis factors come from the two sizes."""
+    if isinstance(item, Preprocessed):
+        return item
+    if len(item) == 2 and isinstance(item[1], ImageScale):
+        return Preprocessed(torch.as_tensor(item[0]), item[1])
+    if len(item) == 3:
+        tensor = torch.as_tensor(item[0])
+        height, width = (int(v) for v in item[2])
+        return Preprocessed(tensor, ImageScale((height, width), (int(tensor.shape[-2]), int(tensor.shape[-1]))))
+    raise TypeError(f"not a detector input: {type(item).__name__}")
 
 
 def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

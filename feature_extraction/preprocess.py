@@ -19,6 +19,10 @@ class ImageScale:
     original_size: tuple[int, int]  # (height, width) of the input image
     resized_size: tuple[int, int]  # (height, width) fed to the network
 
+    def __float__(self) -> float:
+        """resized / original height (``h / H``): the single ``scale`` number the pipeline records."""
+        return self.resized_size[0] / self.original_size[0]
+
     @property
     def yx(self) -> tuple[float, float]:
         """Per-axis factors original/resized (multiply network boxes by these)."""

@@ -182,3 +182,20 @@ def test_boxes_scale_back_to_the_original_image(model):
 def test_unknown_preset(model):
     with pytest.raises(ValueError, match="preset"):
         model.extract([preprocess(_images()[0], CFG)], "butd")
+
+
+def test_pipeline_style_inputs(model):
+    """The extraction pipeline passes ``(tensor, h / H, (H, W))`` and runs ``detector.preprocess`` in workers."""
+    import pickle
+
+    prep = pickle.loads(pickle.dumps(model.preprocess))  # picklable without the model, uses its config
+    rgb = _images(((103, 251),))[0]
+    tensor, scale = prep(rgb)
+    assert float(scale) == pytest.approx(tensor.shape[1] / 103)
+    item = (torch.from_numpy(tensor.numpy().copy()), float(scale), (103, 251))
+    a = model.extract([item], "uniter")[0]
+    b = model.extract([preprocess(rgb, CFG)], "uniter")[0]
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    np.testing.assert_array_equal(a.features, b.features)
+    with pytest.raises(TypeError):
+        model.extract([object()], "uniter")
