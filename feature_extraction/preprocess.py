@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from feature_extraction.detector_config import DetectorConfig
 
 
+MIN_NETWORK_SIDE = 3  # the caffe max-pool of the stem needs at least this many input rows / columns
+
+
 @dataclass(frozen=True)
 class ImageScale:
     """Sizes before and after the resize; maps network boxes back to original pixels."""
@@ -69,6 +72,11 @@ def preprocess(rgb: np.ndarray, config: DetectorConfig | None = None) -> Preproc
         raise ValueError(f"expected an RGB uint8 array of shape (H, W, 3), got {got}")
     height, width = int(rgb.shape[0]), int(rgb.shape[1])
     new_h, new_w = resized_size(height, width, cfg.min_size, cfg.max_size)
+    if min(new_h, new_w) < MIN_NETWORK_SIDE:
+        raise ValueError(
+            f"image too thin for the detector: {height}x{width} resizes to {new_h}x{new_w} "
+            f"(each side needs >= {MIN_NETWORK_SIDE} pixels after resizing)"
+        )
     bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).float()  # (H, W, 3)
     image = bgr.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), channels-last strides like the reference
     if (new_h, new_w) != (height, width):

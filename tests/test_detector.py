@@ -59,7 +59,8 @@ def test_preprocess_is_bgr_minus_means_and_keeps_original_size():
 
 
 @pytest.mark.parametrize("bad", [np.zeros((5, 5), np.uint8), np.zeros((5, 5, 4), np.uint8),
-                                 np.zeros((5, 5, 3), np.float32), np.zeros((0, 5, 3), np.uint8), "img"])
+                                 np.zeros((5, 5, 3), np.float32), np.zeros((0, 5, 3), np.uint8), "img",
+                                 np.zeros((1, 3000, 3), np.uint8)])
 def test_preprocess_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         preprocess(bad)

@@ -169,3 +169,10 @@ def test_presets_by_name():
     assert isinstance(get_preset("uniter"), UniterSelection) and isinstance(get_preset("lxmert36"), LxmertSelection)
     custom = UniterSelection(max_boxes=50)
     assert get_preset(custom) is custom
+
+
+@pytest.mark.parametrize("preset", ["uniter", "lxmert36"])
+def test_no_proposals_gives_an_empty_record(preset):
+    rec = get_preset(preset).select(_raw(np.zeros((0, 4)), np.zeros((0, K))), CFG, with_soft_labels=True)
+    assert rec.num_boxes == 0 and rec.boxes.shape == (0, 4) and rec.features.shape == (0, 8)
+    assert rec.soft_labels.shape == (0, K + 1) and rec.image_size == (100, 100)
