@@ -177,7 +177,7 @@ class AnchorGenerator(nn.Module):
 
     def grid(self, height: int, width: int) -> torch.Tensor:
         """All anchors of a (height, width) map: (height * width * A, 4), rows y-major, x fastest, then A."""
-        cells = self.cell_anchors[0]
+        cells = self.cell_anchors[0].float()  # boxes stay float32 even when the network runs in half precision
         dev = cells.device
         xs = torch.arange(0, width * self.stride, step=self.stride, dtype=torch.float32, device=dev)
         ys = torch.arange(0, height * self.stride, step=self.stride, dtype=torch.float32, device=dev)

@@ -273,6 +273,8 @@ def load_detector(
     ``options`` (default: all speed-ups on) are applied after loading; ``dtype`` other than float32 is meant for
     CUDA only.
     """
+    if dtype != torch.float32 and torch.device(device).type != "cuda":
+        raise ValueError(f"{dtype} is only supported on CUDA; on CPU the detector runs in float32")
     if isinstance(source, Mapping):
         raw, file_config = source, None
     else:

@@ -185,3 +185,8 @@ def test_unknown_inputs_are_refused(tmp_path):
     odd.write_bytes(b"x")
     with pytest.raises(DetectorWeightsError, match="format"):
         load_detector(odd, CFG)
+
+
+def test_half_precision_is_cuda_only(hub_state):
+    with pytest.raises(ValueError, match="CUDA"):
+        load_detector(hub_state, CFG, dtype=torch.bfloat16)
