@@ -1,0 +1,135 @@
+"""CPU throughput of the BUTD detector, step by step through the runtime optimisations.
+
+Full-size R101-C4 with seeded random weights (``tests.detector_fixtures``), synthetic 600x800 images, 300
+proposals. Each step adds one switch to the previous; the last column is the largest feature difference to the
+plain port (the golden tolerance is 1e-4). The machine may be shared and noisy: compare ratios within one run.
+
+    PYTHONPATH=. python benchmarks/extract.py [--images 2] [--threads 2] [--size 600x800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from feature_extraction.detector import BUTDDetector, StageTimes  # noqa: E402
+from feature_extraction.detector_config import DetectorConfig, RuntimeOptions  # noqa: E402
+from feature_extraction.detector_weights import load_detector  # noqa: E402
+from feature_extraction.preprocess import preprocess  # noqa: E402
+from feature_extraction.selection import LXMERT36, UNITER  # noqa: E402
+from tests.detector_fixtures import random_hub_state_dict, synthetic_image  # noqa: E402
+
+PLAIN = RuntimeOptions.plain()
+STEPS: list[tuple[str, RuntimeOptions, bool]] = [
+    ("plain port, no_grad", PLAIN, False),
+    ("+ inference_mode", PLAIN, True),
+    ("+ fold BN into convs", dataclasses.replace(PLAIN, fold_bn=True), True),
+    ("+ channels_last", dataclasses.replace(PLAIN, fold_bn=True, channels_last=True), True),
+    ("+ res5 in chunks of 32 RoIs", dataclasses.replace(PLAIN, fold_bn=True, channels_last=True, roi_chunk=32), True),
+    ("+ polyphase res5 (4 x 7x7 maps)", RuntimeOptions(dedup_res5=False), True),
+    ("+ dedup identical pooled phases", RuntimeOptions(), True),
+]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def timed_detect(model: BUTDDetector, images, inference_mode: bool):
+    timings = StageTimes()
+    start = time.perf_counter()
+    if inference_mode:
+        raws = model.detect(images, timings)
+    else:
+        with torch.no_grad():
+            raws = BUTDDetector.detect.__wrapped__(model, images, timings)  # same code without inference_mode
+    return raws, time.perf_counter() - start, dict(timings.seconds)
+
+
+def selection_seconds(model: BUTDDetector, raws) -> dict[str, float]:
+    out = {}
+    for name, preset in (("uniter", UNITER), ("lxmert36", LXMERT36)):
+        t = time.perf_counter()
+        for raw in raws:
+            preset.select(raw, model.config)
+        out[name] = (time.perf_counter() - t) / len(raws)
+    return out
+
+
+def memory_run(step: int, images: int, size: str, threads: int) -> float:
+    """Peak RSS (GiB) of a fresh process that loads one model and extracts ``images`` images."""
+    cmd = [sys.executable, __file__, "--memory-of", str(step), "--images", str(images), "--size", size,
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2, help="images per round (one batch)")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds; steps are interleaved within a round")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--size", default="600x800", help="HxW of the synthetic images")
+    parser.add_argument("--memory-of", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    h, w = (int(v) for v in args.size.split("x"))
+    cfg = DetectorConfig()
+    state = random_hub_state_dict(cfg, seed=0)
+    images = [preprocess(synthetic_image(h, w, 200 + i), cfg) for i in range(args.images)]
+    if args.memory_of:
+        _, options, inference = STEPS[args.memory_of - 1]
+        model = load_detector(state, cfg, options=options)
+        del state
+        timed_detect(model, images, inference)
+        print(peak_rss_gb())
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, batches of {args.images} images {h}x{w} -> "
+          f"{images[0].scale.resized_size}, {cfg.rpn_post_nms_topk} proposals, {args.rounds} interleaved rounds\n")
+    models = [load_detector(state, cfg, options=opt) for _, opt, _ in STEPS]
+    for model, (_, _, inference) in zip(models, STEPS):
+        timed_detect(model, images[:1], inference)  # warm-up: oneDNN primitive creation
+    times: list[list[float]] = [[] for _ in STEPS]
+    stages: list[dict[str, float]] = [defaultdict(float) for _ in STEPS]
+    feats: list[torch.Tensor | None] = [None] * len(STEPS)
+    sel = {}
+    for r in range(args.rounds):
+        order = list(range(len(STEPS)))
+        order = order[r % len(order):] + order[: r % len(order)]  # rotate so no step always runs first
+        for k in order:
+            raws, seconds, st = timed_detect(models[k], images, STEPS[k][2])
+            times[k].append(seconds / len(images))
+            for name, v in st.items():
+                stages[k][name] += v / len(images) / args.rounds
+            feats[k] = torch.cat([raw.features for raw in raws])
+            if k == len(STEPS) - 1:
+                sel = selection_seconds(models[k], raws)
+    base = statistics.median(times[0])
+    print(f"{'step':34s} {'s/img':>6s} {'min':>6s} {'uniter img/s':>12s} {'lxmert36 img/s':>14s} {'vs plain':>8s} "
+          f"{'max|dF|':>8s}  median-round stages s/img")
+    for k, (name, _, _) in enumerate(STEPS):
+        med = statistics.median(times[k])
+        diff = (feats[k] - feats[0]).abs().max().item() if feats[k].shape == feats[0].shape else float("nan")
+        stage_txt = " ".join(f"{n}={v:.2f}" for n, v in stages[k].items())
+        print(f"{name:34s} {med:6.2f} {min(times[k]):6.2f} {1 / (med + sel['uniter']):12.3f} "
+              f"{1 / (med + sel['lxmert36']):14.3f} {base / med:7.2f}x {diff:8.1e}  {stage_txt}", flush=True)
+    print(f"\nselection per image: uniter {sel['uniter']:.3f}s, lxmert36 {sel['lxmert36']:.3f}s")
+    del models
+    for k in (1, len(STEPS)):
+        print(f"peak RSS, fresh process, step {k} ({STEPS[k - 1][0].strip('+ ')}): "
+              f"{memory_run(k, args.images, args.size, args.threads):.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
