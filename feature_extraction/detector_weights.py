@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from feature_extraction.errors import FeatureExtractionError
 from feature_extraction.detector import BUTDDetector, cell_anchors
 from feature_extraction.detector_config import DetectorConfig, RuntimeOptions
 
@@ -42,11 +43,11 @@ ANCHORS_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
 SENTINEL_KEY = "backbone.stem.conv1.weight"
 
 
-class DetectorWeightsError(ValueError):
+class DetectorWeightsError(FeatureExtractionError, ValueError):
     """A checkpoint that does not fit the detector (lists what is missing / unexpected / mis-shaped)."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(FeatureExtractionError, pickle.UnpicklingError):
     """A pickle asked for something other than numpy arrays and plain containers."""
 
 
@@ -221,7 +222,7 @@ def read_checkpoint(path: str | Path) -> tuple[Mapping[str, Any], DetectorConfig
             return _read_file(pkls[0])
         raise DetectorWeightsError(f"no {WEIGHTS_FILE}, pytorch_model.bin or single .pkl in {path}")
     if not path.is_file():
-        raise FileNotFoundError(f"detector weights not found: {path}")
+        raise DetectorWeightsError(f"detector weights not found: {path}")
     return _read_file(path, config_dir=path.parent if path.name == WEIGHTS_FILE else None)
 
 

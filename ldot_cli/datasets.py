@@ -660,17 +660,11 @@ def _cache_complete(img_dir: Path, keys: Sequence[str], paths: Sequence[Path]) -
 
 
 def load_default_detector(device: str = "auto") -> Any:
-    """The BUTD detector used to extract features of image files.
+    """The BUTD detector used to extract features of image files (downloaded on first use)."""
+    from .indexer import DEFAULT_DETECTOR, ensure_model, open_detector
 
-    INTEGRATION POINT (feature extraction): the detector is being written in `feature_extraction.detector`;
-    adjust this one call to its loader when merging.
-    """
-    try:
-        from feature_extraction.detector import load_detector  # type: ignore[attr-defined]
-    except ImportError:
-        raise DatasetError("feature extraction from image files is not available in this build: pass a UNITER "
-                           "image DB with --img-db") from None
-    return load_detector(device=device)
+    ensure_model(DEFAULT_DETECTOR)
+    return open_detector(DEFAULT_DETECTOR, device)
 
 
 def _extract(paths: Sequence[Path], keys: Sequence[str], out_dir: Path, detector: Any,

@@ -149,10 +149,7 @@ class Indexer:
     @property
     def detector(self) -> Any:
         if self._detector is None:
-            from feature_extraction.detector import load_detector
-            from models.loading import resolve_source
-
-            self._detector = load_detector(resolve_source(self.detector_name), device=self.device)
+            self._detector = open_detector(self.detector_name, self.device)
         return self._detector
 
     # -- the run -------------------------------------------------------------------------------------
@@ -389,19 +386,30 @@ def file_row(src: Any, digest: str | None, vector_id: int | None, reason: str | 
                    int(retry), vector_id)
 
 
-def encode_image_file(path: Path, store: IndexStore, device: str = "auto") -> np.ndarray:
-    """Detector + image tower for one image outside the index (``ldot search --image``)."""
-    from feature_extraction.detector import load_detector, preprocess
-    from feature_extraction.image_io import load_image
-    from models.loading import load_bi_encoder, resolve_source
-
+def open_detector(name: str, device: str = "auto", half: bool = False) -> Any:
+    """The BUTD detector from a registry name, model folder or weights file, on ``device``."""
     import torch
 
+    from feature_extraction.detector_weights import load_detector
+    from models.loading import _pick_device, resolve_source
+
+    dev = _pick_device(device)
+    if half and dev.type != "cuda":
+        raise LdotError("--half runs on a GPU only (on the CPU the detector runs in float32)")
+    return load_detector(resolve_source(name), device=dev, dtype=torch.float16 if half else torch.float32)
+
+
+def encode_image_file(path: Path, store: IndexStore, device: str = "auto") -> np.ndarray:
+    """Detector + image tower for one image outside the index (``ldot search --image``), on the same
+    stored form of its regions the index encodes."""
+    from feature_extraction.image_io import load_image
+    from feature_extraction.uniter_db import record_view, regions_to_record, resolve_cut
+    from models.loading import load_bi_encoder
+
     meta = store.meta()
-    detector = load_detector(resolve_source(meta["detector"]), device=device)
+    detector = open_detector(meta["detector"], device)
     rgb = load_image(path)
-    tensor, scale = preprocess(rgb)
-    regions = detector.extract([(tensor, scale, rgb.shape[:2])], meta["preset"])[0]
+    regions = detector.extract([detector.preprocess(rgb)], meta["preset"])[0]
+    record = record_view(regions_to_record(regions, resolve_cut(meta["preset"])))
     encoder = load_bi_encoder(meta["model"], device=device, towers=("image",))
-    with torch.inference_mode():
-        return encoder.encode_images([regions]).numpy()[0]
+    return encoder.encode_images([record]).numpy()[0]

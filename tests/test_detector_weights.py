@@ -179,7 +179,7 @@ def test_save_and_load_safetensors_dir(tmp_path, hub_state, images):
 def test_unknown_inputs_are_refused(tmp_path):
     with pytest.raises(DetectorWeightsError, match="unrecognised"):
         load_detector({"foo": torch.zeros(1)}, CFG)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DetectorWeightsError, match="not found: .*missing.bin"):
         load_detector(tmp_path / "missing.bin", CFG)
     odd = tmp_path / "w.onnx"
     odd.write_bytes(b"x")
