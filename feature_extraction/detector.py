@@ -357,6 +357,8 @@ class BUTDDetector(nn.Module):
     def res5_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """res5 + spatial mean of pooled RoIs (R, C, P, P) -> (R, D), honouring the runtime options."""
         opts = self.options
+        if pooled.shape[0] == 0:  # an image without a single proposal (blank, or degenerate weights)
+            return pooled.new_zeros(0, self.config.res5_channels)
         if not opts.polyphase_res5:
             return self._run_res5_chunked(pooled, undilated=False)
         r, c, p, _ = pooled.shape

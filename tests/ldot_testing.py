@@ -297,3 +297,20 @@ def planted_pairs(n_images: int = 16, captions_per_image: int = 2, regions: int 
             token_ids.append((10 + (i % 40), 60 + c, 61 + (i * 7 + c) % 30))
             caption_image.append(i)
     return PairSet(token_ids, caption_image, keys), lookup
+
+
+def install_tiny_detector(name: str = "tiny-det", seed: int = 0) -> tuple[Path, int]:
+    """A tiny random BUTD detector saved in the cache as ``name``; returns (its dir, its feature size)."""
+    from detector_fixtures import random_hub_state_dict
+
+    from feature_extraction.detector_config import tiny_config
+    from feature_extraction.detector_weights import load_detector, save_detector
+    from models.download import hash_dir, write_manifest
+    from models.home import models_dir
+
+    # scaled random weights (the detector tests' fixture): proposals and class scores vary usefully
+    model = load_detector(random_hub_state_dict(tiny_config(), seed), tiny_config())
+    target = save_detector(model, models_dir() / name)
+    write_manifest(target, {"name": name, "kind": "detector", "complete": True, "origin": "test",
+                            "files": hash_dir(target)})
+    return target, tiny_config().res5_channels
