@@ -368,7 +368,10 @@ class BUTDDetector(nn.Module):
         phases = pooled.reshape(r, c, p // 2, 2, p // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(r * 4, c, p // 2, p // 2)
         if opts.dedup_res5:
             unique_idx, inverse = unique_rows(phases.reshape(r * 4, -1))
-            feats = self._run_res5_chunked(phases[unique_idx], undilated=True)[inverse]
+            if len(unique_idx) == r * 4:  # nothing to share: skip the gather copy
+                feats = self._run_res5_chunked(phases, undilated=True)
+            else:
+                feats = self._run_res5_chunked(phases[unique_idx], undilated=True)[inverse]
         else:
             feats = self._run_res5_chunked(phases, undilated=True)
         return feats.reshape(r, 4, -1).mean(dim=1)
@@ -465,18 +468,18 @@ def unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=rows.device), torch.zeros(0, dtype=torch.long, device=rows.device)
     bits = rows.contiguous().view(torch.int32) if rows.dtype == torch.float32 else rows.float().contiguous().view(torch.int32)
+    # Hash a strided sample of each row's bits (cheap); equal rows always hash alike, and every candidate
+    # duplicate is confirmed on the full row below.
+    sample = bits[:, :: max(1, bits.shape[1] // 2048)]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    mult = torch.randint(1, 2**31 - 1, (bits.shape[1],), generator=gen, dtype=torch.int64).to(rows.device)
-    hashes = torch.empty(n, dtype=torch.int64, device=rows.device)
-    step = max(1, (1 << 22) // max(bits.shape[1], 1))
-    for s in range(0, n, step):
-        hashes[s : s + step] = (bits[s : s + step].to(torch.int64) * mult).sum(dim=1)
+    mult = torch.randint(1, 2**31 - 1, (sample.shape[1],), generator=gen, dtype=torch.int64).to(rows.device)
+    hashes = (sample.to(torch.int64) * mult).sum(dim=1)  # integer arithmetic: exact and order-free
     _, first_of = torch.unique(hashes, return_inverse=True)
     rep: dict[int, list[int]] = {}
     inverse = torch.empty(n, dtype=torch.long)
     unique: list[int] = []
     for i, g in enumerate(first_of.tolist()):
-        for u in rep.get(g, []):
+        for u in rep.get(g, [])[:8]:  # bounded work if many distinct rows share a sampled hash
             if torch.equal(bits[unique[u]], bits[i]):
                 inverse[i] = u
                 break

@@ -133,3 +133,16 @@ def load_png(name: str) -> np.ndarray:
 
     with Image.open(DATA / name) as im:
         return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+# The committed PNGs: (file, height, width, seed) for synthetic_image. Regenerate with
+#   PYTHONPATH=. python -m tests.detector_fixtures
+GOLDEN_IMAGES = [("detector_img0.png", 300, 400, 100), ("detector_img1.png", 360, 270, 101),
+                 ("detector_img2.png", 480, 640, 102)]
+
+
+if __name__ == "__main__":
+    from PIL import Image
+
+    for name, height, width, seed in GOLDEN_IMAGES:
+        Image.fromarray(synthetic_image(height, width, seed)).save(DATA / name, optimize=True)

@@ -104,7 +104,7 @@ def test_unique_rows_is_exact():
 @pytest.mark.parametrize(
     "options",
     [RuntimeOptions.plain(), RuntimeOptions(polyphase_res5=False, dedup_res5=False),
-     RuntimeOptions(dedup_res5=False, roi_chunk=3), RuntimeOptions(channels_last=False, fold_bn=False)],
+     RuntimeOptions(dedup_res5=False, roi_chunk=8), RuntimeOptions(channels_last=False, fold_bn=False)],
 )
 def test_runtime_options_do_not_change_results(tiny_state, options):
     images = [preprocess(im, CFG) for im in _images()]
