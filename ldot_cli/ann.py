@@ -1,6 +1,9 @@
-"""FAISS inner-product indexes over vector ids: exact (flat) and approximate (IVF), and their search.
+"""FAISS inner-product indexes over vector ids: exact and approximate (IVF), and their search.
 
-Exact search is a flat scan: every image scored by one dot product with the query. Past
+Exact search scores every image by one dot product with the query. A scan is bound by memory bandwidth
+(307 MB of float32 vectors per query at 100k images took 17 ms here), so the scan reads half-precision
+copies and the best ``REFINE_FACTOR * k`` candidates are re-scored from the float32 vectors: 12 ms, and
+the same top 10 as a float32 scan on every one of 200 clustered test queries. Past
 `index_store.ANN_THRESHOLD` vectors (or with ``--ann``) an inverted-file index (IVF, k-means cells
 over the vectors) scans only the ``nprobe`` cells nearest the query; ``benchmarks/search.py`` shows
 its recall@10 against exact search on clustered data (>= 0.99 at the default nprobe).
@@ -14,15 +17,18 @@ from typing import Any
 
 import numpy as np
 
-EXACT = "flat"
+EXACT = "exact"
 APPROX = "ivf"
+REFINE_FACTOR = 4
+
+
+BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster here (environment.md) ...
+BLAS_THRESHOLD_SINGLE = 128_000  # ... but doubled the latency of one query (43 vs 20 ms at 100k, measured)
 
 
 def _faiss() -> Any:
     import faiss
 
-    # Batched queries go through BLAS above this many queries; ~20 made 100-query batches 5-6x faster here.
-    faiss.cvar.distance_compute_blas_threshold = 20
     threads = os.environ.get("LDOT_THREADS")
     if threads:
         faiss.omp_set_num_threads(int(threads))
@@ -30,12 +36,15 @@ def _faiss() -> Any:
 
 
 def ivf_cells(n: int) -> int:
-    """Number of IVF cells: ~4 sqrt(n), a power of two in [64, 65536]."""
-    return int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
+    """Number of IVF cells: ~4 sqrt(n), a power of two in [64, 65536], and at least 39 training points
+    per cell (k-means needs them; small forced-ANN indexes get few cells)."""
+    cells = int(min(65536, max(64, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
+    return max(1, min(cells, n // 39))
 
 
 def default_nprobe(nlist: int) -> int:
-    return max(16, nlist // 16)
+    """Cells scanned per query: an eighth (inner-product IVF over unnormalised vectors needs a wide probe)."""
+    return max(16, nlist // 8)
 
 
 def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any:
@@ -43,7 +52,10 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any
     faiss = _faiss()
     d = vectors.shape[1]
     if kind == EXACT:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        scan = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        refine = faiss.IndexRefineFlat(scan)
+        refine.k_factor = REFINE_FACTOR
+        index = faiss.IndexIDMap2(refine)
     elif kind == APPROX:
         nlist = ivf_cells(len(vectors))
         quantizer = faiss.IndexFlatIP(d)
@@ -67,15 +79,21 @@ def add(index: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
 
 
-def remove(index: Any, ids: np.ndarray) -> None:
-    if len(ids):
-        faiss = _faiss()
-        index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64)))
+def remove(index: Any, ids: np.ndarray) -> bool:
+    """Drop ``ids``; False when this kind of index cannot (the exact one: the caller rebuilds it)."""
+    if not len(ids):
+        return True
+    if kind_of(index) == EXACT:
+        return False
+    faiss = _faiss()
+    index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64)))
+    return True
 
 
 def kind_of(index: Any) -> str:
     faiss = _faiss()
-    return APPROX if isinstance(faiss.downcast_index(index), faiss.IndexIVF) else EXACT
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
+    return APPROX if isinstance(inner, faiss.IndexIVF) else EXACT
 
 
 def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray | None = None,
@@ -94,6 +112,7 @@ def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray
         threads = faiss.omp_get_max_threads()
         if nq < 4:
             faiss.omp_set_num_threads(1)
+        faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD_BATCH if nq >= 20 else BLAS_THRESHOLD_SINGLE
         try:
             s, i = index.search(queries, min(k, index.ntotal))
         finally:
@@ -101,7 +120,9 @@ def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray
         parts_s.append(s)
         parts_i.append(i)
     if extra_ids is not None and len(extra_ids):
-        scores = queries @ extra_vectors.T  # (nq, n_extra)
+        import torch  # already loaded by the query encoder; numpy's BLAS would fight its threads
+
+        scores = (torch.from_numpy(queries) @ torch.from_numpy(extra_vectors).T).numpy()  # (nq, n_extra)
         top = np.argsort(-scores, axis=1)[:, :k]
         parts_s.append(np.take_along_axis(scores, top, 1))
         parts_i.append(extra_ids[top])

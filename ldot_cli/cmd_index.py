@@ -40,7 +40,7 @@ def index(
     with progress_bar() as bar:
         indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
                           device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"),
-                          ann=None if ann is None else ("ivf" if ann else "flat"))
+                          ann=None if ann is None else ("ivf" if ann else "exact"))
         report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
     err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "
               f"reused (moved/copied), {report.unchanged} unchanged, {report.removed} removed, "

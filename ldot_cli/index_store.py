@@ -290,6 +290,8 @@ class IndexStore:
             except IndexError_:
                 loaded = None
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
+        if loaded is not None and not ann.remove(loaded[0], np.asarray(removed, dtype=np.int64)):
+            loaded = None  # this kind cannot drop vectors: rebuild from SQLite
         if loaded is None:
             ids, vectors = self.vectors()
             index = ann.build(ids, vectors, want)
@@ -298,7 +300,6 @@ class IndexStore:
             index, max_id = loaded
             ids, vectors = self.vectors(min_id=max_id)
             ann.add(index, ids, vectors)
-            ann.remove(index, np.asarray(removed, dtype=np.int64))
             action = f"added {len(ids)}, removed {len(removed)}"
         max_id = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'vectors'").fetchone()
         self.write_faiss(index, int(max_id[0]) if max_id else 0, want)

@@ -40,7 +40,7 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
             "model_fingerprint": meta.get("model_fingerprint"), "detector": meta.get("detector"),
             "preset": meta.get("preset"), "indexed": counts.get("indexed", 0), "skipped": counts.get("skipped", 0),
             "vectors": counts["vectors"],
-            "search": {"flat": "exact (flat inner product)", "ivf": "approximate (IVF)"}.get(meta.get("faiss_kind", ""),
+            "search": {"exact": "exact (every image scored)", "ivf": "approximate (IVF)"}.get(meta.get("faiss_kind", ""),
                                                                                               "-"),
             "bytes": _dir_bytes(store.dir),
             "region_bytes_per_image": regions // counts["vectors"] if counts["vectors"] and regions else None,
