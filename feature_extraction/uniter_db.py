@@ -38,7 +38,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +49,8 @@ import msgpack
 import msgpack_numpy
 import numpy as np
 from filelock import FileLock, Timeout
+
+from models.fileio import atomic_write_json
 
 from feature_extraction.errors import DBLockedError, DetectorError, ImageDBError
 from feature_extraction.types import RegionFeatures
@@ -299,34 +300,6 @@ def _display_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file beside ``path``, fsync it, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _iter_keys(txn: lmdb.Transaction) -> Iterator[str]:
     for key in txn.cursor().iternext(keys=True, values=False):
         if key not in RESERVED_KEYS:
@@ -478,12 +451,12 @@ class UniterImageDBWriter:
         """Rewrite the nbb json, ``__keys__`` and the failed-files json from committed state."""
         nbb_name = self.cut.nbb_name
         if nbb_name is not None:
-            write_json_atomic(self.img_dir / nbb_name, self._name2nbb)
+            atomic_write_json(self.img_dir / nbb_name, self._name2nbb)
         with self._env.begin(write=True) as txn:
             txn.put(KEYS_KEY, json.dumps(list(self._name2nbb)).encode("utf-8"))
         failures = {_display_path(p): {"reason": f.reason, "size": f.size, "mtime_ns": f.mtime_ns,
                                     "permanent": f.permanent} for p, f in self.failures().items()}
-        write_json_atomic(self.img_dir / f"{self.cut.db_name(self.compress)}.failed.json", failures)
+        atomic_write_json(self.img_dir / f"{self.cut.db_name(self.compress)}.failed.json", failures)
         self._last_sidecar = time.monotonic()
 
     def close(self) -> None:

@@ -52,24 +52,6 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
         yield progress
 
 
-class RateField:
-    """Keeps a `rate` field ("12.3 images/s") up to date on a rich task."""
-
-    def __init__(self, progress: Any, task: Any, unit: str) -> None:
-        import time
-
-        self._time = time.monotonic
-        self.progress, self.task, self.unit = progress, task, unit
-        self.start = self._time()
-        progress.update(task, rate="")
-
-    def advance(self, n: int = 1) -> None:
-        self.progress.advance(self.task, n)
-        done = self.progress.tasks[self.task].completed
-        elapsed = max(self._time() - self.start, 1e-9)
-        self.progress.update(self.task, rate=f"{done / elapsed:.1f} {self.unit}/s")
-
-
 def download_progress(progress: Any) -> Any:
     """An adapter from `models.download`'s callback to one rich task per file."""
     tasks: dict[str, Any] = {}

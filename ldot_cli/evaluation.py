@@ -31,7 +31,7 @@ import numpy as np
 from models.errors import LdotError, ModelError
 
 from models.regions import stack_regions
-from models.metrics import KS, Recalls, recalls_from_rankings, recalls_from_vectors
+from models.metrics import KS, Recalls, recalls_from_rankings
 
 from .datasets import DataPaths, DatasetError, FeatureStore, RetrievalSet, ensure_features, locate
 

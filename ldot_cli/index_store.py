@@ -18,7 +18,6 @@ complete and correct while an index is being updated or after a crash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import LdotError
+from models.fileio import fsync_path, sha256_file
 from models.home import indexes_dir
 
 FORMAT_VERSION = 1
@@ -103,19 +103,6 @@ def index_path(name: str) -> Path:
     from models.store import check_name
 
     return indexes_dir() / check_name(name)
-
-
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class IndexStore:
@@ -321,9 +308,9 @@ class IndexStore:
             faiss.write_index(index, str(tmp))
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
-            digest = sha256_of(tmp)
+            digest = sha256_file(tmp)
             os.replace(tmp, self.faiss_path)
-            _fsync_dir(self.dir)
+            fsync_path(self.dir)
         finally:
             tmp.unlink(missing_ok=True)
         self.set_meta({"faiss_sha256": digest, "faiss_rows": str(index.ntotal), "faiss_max_id": str(max_id),
@@ -343,7 +330,7 @@ class IndexStore:
             if want is None:
                 return None
             try:
-                got = sha256_of(self.faiss_path)
+                got = sha256_file(self.faiss_path)
             except FileNotFoundError:
                 got = None
             if got == want:

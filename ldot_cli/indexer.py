@@ -10,7 +10,6 @@ it; region features already extracted for the batch in flight are reused from th
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import LdotError
+from models.fileio import sha256_file
 
 from .index_store import REGIONS_DIR, FileRow, IndexError_, IndexStore, index_path
 
@@ -51,12 +51,6 @@ class IndexReport:
     vectors: int = 0  # vectors in the index after the run
     faiss: str = ""
     elapsed_s: float = 0.0
-
-
-def content_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes: the identity of an image's content."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def default_reranker() -> str:
@@ -232,7 +226,7 @@ class Indexer:
         hashes: dict[str, str] = {}
         for i, src in enumerate(todo):
             try:
-                hashes[src.path] = content_hash(src.path)
+                hashes[src.path] = sha256_file(src.path)
             except OSError:
                 pass  # unreadable: the extraction step reports why
             if i % 64 == 0:
@@ -391,9 +385,9 @@ def open_detector(name: str, device: str = "auto", half: bool = False) -> Any:
     import torch
 
     from feature_extraction.detector_weights import load_detector
-    from models.loading import _pick_device, resolve_source
+    from models.loading import pick_device, resolve_source
 
-    dev = _pick_device(device)
+    dev = pick_device(device)
     if half and dev.type != "cuda":
         raise LdotError("--half runs on a GPU only (on the CPU the detector runs in float32)")
     return load_detector(resolve_source(name), device=dev, dtype=torch.float16 if half else torch.float32)

@@ -132,12 +132,14 @@ class Searcher:
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         """The vector of an image: its stored one when its content is indexed, else detector + image tower."""
-        from .indexer import content_hash, encode_image_file
+        from models.fileio import sha256_file
+
+        from .indexer import encode_image_file
 
         path = Path(path)
         if not path.is_file():
             raise QueryError(f"{path} is not a readable file")
-        digest = content_hash(path)
+        digest = sha256_file(path)
         vid = self.store.vector_for_hash(digest)
         if vid is not None:
             return self.store.vectors(ids=[vid])[1]

@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import BiEncoderConfig, CrossEncoderConfig, TransformerConfig
 from .errors import CheckpointError, UnsafeCheckpointError
+from .fileio import fsync_path
 
 MODEL_FORMAT = "ldot-model"
 FORMAT_VERSION = 1
@@ -312,7 +313,7 @@ def save_model_dir(directory: str | Path, kind: str, config: dict[str, Any], sta
                 "source": source or {}, "ldot_version": __version__}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for path in tmp.iterdir():
-            _fsync(path)
+            fsync_path(path)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -331,11 +332,3 @@ def load_model_state(directory: str | Path) -> tuple[dict[str, Any], Tensors]:
     """(config.json contents, memory-mapped weights) of a model directory."""
     meta = read_model_config(directory)
     return meta, load_tensors(Path(directory) / WEIGHTS_FILE)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

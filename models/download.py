@@ -7,7 +7,6 @@ first verified download); only then is the file fsynced and renamed into place a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import DownloadError
+from .fileio import atomic_write_text, sha256_file
 from .home import ldot_home, models_dir
 from .registry import MANIFEST, ModelEntry, RemoteFile, expand_url, get_entry, read_manifest
 
@@ -62,24 +62,7 @@ def record_hash(key: str, sha256: str) -> None:
         except (OSError, ValueError):
             data = {}
         data[key] = sha256
-        _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _hash_existing(path: Path) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _reason(exc: BaseException) -> str:
@@ -165,7 +148,7 @@ def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, si
         if want is not None and got > want:
             part.unlink()
             raise DownloadError(f"{dest.name} from {url} is {got} bytes, expected {want}: deleted; try again")
-        digest = _hash_existing(part).hexdigest()
+        digest = sha256_file(part)
         if expected and digest != expected:
             part.unlink()
             raise DownloadError(f"{dest.name} from {url} has sha256 {digest[:12]}…, expected {expected[:12]}…: "
@@ -239,13 +222,13 @@ def hash_dir(directory: Path) -> dict[str, dict[str, object]]:
     out = {}
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.name != MANIFEST and not path.name.endswith((".part", ".lock")):
-            out[path.name] = {"sha256": _hash_existing(path).hexdigest(), "size": path.stat().st_size}
+            out[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return out
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def verify_dir(directory: Path) -> list[str]:
@@ -260,6 +243,6 @@ def verify_dir(directory: Path) -> list[str]:
             problems.append(f"{filename}: missing")
         elif path.stat().st_size != info["size"]:
             problems.append(f"{filename}: {path.stat().st_size} bytes, expected {info['size']}")
-        elif _hash_existing(path).hexdigest() != info["sha256"]:
+        elif sha256_file(path) != info["sha256"]:
             problems.append(f"{filename}: sha256 mismatch (corrupted)")
     return problems

@@ -10,7 +10,6 @@ import torch
 
 from .bi_encoder import BiEncoder
 from .checkpoints import (
-    WEIGHTS_FILE,
     Tensors,
     bi_encoder_state,
     build_on_meta,
@@ -24,6 +23,7 @@ from .checkpoints import (
 )
 from .config import BiEncoderConfig
 from .errors import CheckpointError, ModelNotFoundError
+from .fileio import sha256_file
 from .home import models_dir
 
 
@@ -45,7 +45,7 @@ def resolve_source(source: str | Path) -> Path:
     raise ModelNotFoundError(f"no model or file named {name!r}: see `ldot models list`, or pass a path")
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
+def pick_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -64,7 +64,7 @@ def bi_encoder_from_state(state: Tensors, config: BiEncoderConfig | None = None,
     """
     config = config or infer_bi_encoder_config(state)
     model = build_on_meta(BiEncoder, config, tokenizer)
-    device = _pick_device(device)
+    device = pick_device(device)
     if set(towers) == set(TOWERS):
         load_strict(model, cast_state(state, dtype), assign=True)
         return model.to(device).eval()
@@ -101,11 +101,6 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     model = bi_encoder_from_state(state, config, device=device, dtype=dtype, tokenizer=tokenizer, towers=towers)
     model.tokenizer_hint = model_dir
     return model
-
-
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fingerprint(source: str | Path) -> str:
@@ -171,24 +166,3 @@ def convert_checkpoint(src: str | Path, dest: str | Path, tokenizer: str | Path 
     tok = _tokenizer_for_conversion(str(tokenizer or config.tokenizer), config.lowercase)
     out = save_model_dir(dest, kind, config.to_dict(), model.state_dict(), source=source, tokenizer=tok)
     return kind, out
-
-
-def model_kind(path: str | Path) -> str:
-    """What a model directory or file holds: bi-encoder, uniter-itm, lxmert, detector, tokenizer…"""
-    path = Path(path)
-    if path.is_dir():
-        from .checkpoints import CONFIG_FILE, read_model_config
-
-        if (path / CONFIG_FILE).is_file():
-            try:
-                return read_model_config(path)["kind"]
-            except CheckpointError:
-                import json
-
-                model_type = json.loads((path / CONFIG_FILE).read_text()).get("model_type")
-                if model_type:
-                    return model_type
-        if (path / WEIGHTS_FILE).is_file() or any(path.glob("*.bin")) or any(path.glob("*.pkl")):
-            return "weights"
-        return "tokenizer" if (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file() else "unknown"
-    return detect_format(load_tensors(path))

@@ -33,7 +33,7 @@ from .checkpoints import (
 from .config import CrossEncoderConfig
 from .errors import CheckpointError, ModelError
 from .layers import UniterBody, box7_from_norm_bb
-from .loading import _pick_device, resolve_source
+from .loading import pick_device, resolve_source
 from .tokenizer import Tokenizer, pad_ids, resolve_tokenizer
 
 ArrayLike = torch.Tensor | np.ndarray
@@ -154,7 +154,7 @@ def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch
     ``device="auto"`` takes the GPU when present. On a GPU the default dtype is float16; on CPU float32.
     """
     path = resolve_source(source)
-    dev = _pick_device(device)
+    dev = pick_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if path.is_dir() and (path / "config.json").is_file():

@@ -20,6 +20,7 @@ import torch
 from .losses import soft_labels_background_first
 from .pretraining import PairBatch
 from .regions import RegionRecord, stack_regions
+from .tokenizer import pad_ids
 
 
 class FeatureLookup(Protocol):
@@ -135,12 +136,8 @@ def collate(pairs: PairSet, indices: Iterable[int], features: FeatureLookup, ids
     """A padded `PairBatch` of the given captions and their images (float32 features)."""
     indices = list(indices)
     rows = [[ids.cls, *pairs.token_ids[i][: max_positions - 2], ids.sep] for i in indices]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), ids.pad, dtype=torch.long)
-    text_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = torch.tensor(row)
-        text_mask[r, : len(row)] = True
+    input_ids, text_mask = pad_ids(rows, ids.pad)
+    text_mask = text_mask.bool()
     image_ids = [pairs.caption_image[i] for i in indices]
     records = [features[pairs.image_keys[j]] for j in image_ids]
     feat, bb, valid, soft = stack_regions(records, soft_labels)

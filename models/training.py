@@ -43,6 +43,7 @@ from .config import BiEncoderConfig
 from .errors import LdotError
 from .layers import box7_from_norm_bb
 from .metrics import recalls_from_vectors
+from .tokenizer import pad_ids
 from .pretraining import TASKS, BiEncoderForPretraining, PairBatch, state_for_saving, with_tied_aliases
 from .train_data import PairSet, SpecialIds, TrainData, batch_indices, batches_per_epoch, collate, stack_regions
 
@@ -242,12 +243,7 @@ def encode_pairs(model: BiEncoderForPretraining, pairs: PairSet, features: Any, 
             for start in range(0, len(pairs), batch_size):
                 rows = [[ids.cls, *pairs.token_ids[i][: max_pos - 2], ids.sep]
                         for i in range(start, min(start + batch_size, len(pairs)))]
-                width = max(len(r) for r in rows)
-                input_ids = torch.full((len(rows), width), ids.pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.bool)
-                for r, row in enumerate(rows):
-                    input_ids[r, : len(row)] = torch.tensor(row)
-                    mask[r, : len(row)] = True
+                input_ids, mask = pad_ids(rows, ids.pad)
                 vec = bert.txt_model(input_ids.to(device), mask.to(device))
                 text_out.append(vec.float().cpu().numpy())
             for start in range(0, len(pairs.image_keys), batch_size):

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from feature_extraction.detector_config import DetectorConfig, RuntimeOptions
 from feature_extraction.detector_weights import load_detector
