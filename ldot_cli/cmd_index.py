@@ -43,7 +43,7 @@ def index(
                           ann=None if ann is None else ("ivf" if ann else "exact"))
         report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
     err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "
-              f"reused (moved/copied), {report.unchanged} unchanged, {report.removed} removed, "
+              f"reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
               f"{len(report.skipped)} skipped; {report.vectors} in the index ({report.elapsed_s:.1f} s)")
     if report.skipped:
         err.print(f"see why with `ldot status --name {name} --errors`")

@@ -81,7 +81,8 @@ class StageProgress:
             self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
             self.starts[stage] = self._time()
         elapsed = self._time() - self.starts[stage]
-        rate = f"{done / elapsed:.1f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0 else ""
+        # a stage's clock starts at its first update; no rate until it has run a moment
+        rate = f"{done / elapsed:.2f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0.5 else ""
         self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
 
 

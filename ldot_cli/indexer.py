@@ -44,7 +44,7 @@ class IndexReport:
     name: str
     found: int = 0  # image files under the roots
     unchanged: int = 0  # same size and mtime as last time: no work
-    reused: int = 0  # new path, known content (moved or copied): vector reused
+    reused: int = 0  # new or touched path, known content (moved, copied, or only its mtime changed): vector reused
     encoded: int = 0  # images put through the models in this run
     removed: int = 0  # files gone since last time
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) newly skipped in this run
@@ -177,14 +177,16 @@ class Indexer:
                 if not _excluded(src.path, src.root, excludes):
                     sources.append(src)
         report.found = len(sources)
+        self.progress("scanning", len(sources), len(sources))
         todo = self._plan(store, roots, sources, retry_failed, report)
         self._record_walk_issues(store, roots, issues, report)
         hashes = self._hash(todo)
         need = self._link_known(store, todo, hashes, report)
         self._encode_new(store, need, hashes, report)
         self._collect_garbage(store)
-        self.progress("saving", 0, None)
+        self.progress("saving", 0, 1)
         report.faiss = store.sync_faiss(kind=None)
+        self.progress("saving", 1, 1)
 
     def _plan(self, store: IndexStore, roots: list[str], sources: list[Any], retry_failed: bool,
               report: IndexReport) -> list[Any]:
@@ -224,13 +226,16 @@ class Indexer:
 
     def _hash(self, todo: list[Any]) -> dict[str, str]:
         hashes: dict[str, str] = {}
+        if not todo:
+            return hashes
+        self.progress("hashing", 0, len(todo))
         for i, src in enumerate(todo):
             try:
                 hashes[src.path] = sha256_file(src.path)
             except OSError:
                 pass  # unreadable: the extraction step reports why
-            if i % 64 == 0:
-                self.progress("hashing", i, len(todo))
+            if i % 64 == 63:
+                self.progress("hashing", i + 1, len(todo))
         self.progress("hashing", len(todo), len(todo))
         return hashes
 
@@ -264,8 +269,10 @@ class Indexer:
             else:
                 by_hash.setdefault(digest, []).append(src)
         firsts = [group[0] for group in by_hash.values()]
+        self.progress("extracting", 0, None)  # stages show in this order; totals come when known
+        self.progress("encoding", 0, len(firsts))
         regions_dir = self.dir / (REGIONS_DIR if self.keep_regions else STAGING_DIR)
-        pending = Batcher(self, store, by_hash, report)
+        pending = Batcher(self, store, by_hash, report, total=len(firsts))
         # contents whose regions an interrupted run already extracted: encode straight away
         fresh = firsts
         if regions_dir.is_dir():
@@ -286,6 +293,8 @@ class Indexer:
         if fresh:
             self._extract(fresh, hashes, regions_dir, pending, report)
         pending.flush()
+        self.progress("extracting", len(fresh), len(fresh))
+        self.progress("encoding", report.encoded, report.encoded)  # files that failed extraction drop out
         if unreadable:
             self._skip(store, [(src, None, "unreadable file", True) for src in unreadable], report)
         if not self.keep_regions:
@@ -346,8 +355,10 @@ class Indexer:
 class Batcher:
     """Collects extracted region sets, encodes them in batches, commits vectors and file rows."""
 
-    def __init__(self, indexer: Indexer, store: IndexStore, by_hash: dict[str, list[Any]], report: IndexReport) -> None:
+    def __init__(self, indexer: Indexer, store: IndexStore, by_hash: dict[str, list[Any]], report: IndexReport,
+                 total: int | None = None) -> None:
         self.indexer, self.store, self.by_hash, self.report = indexer, store, by_hash, report
+        self.total = total
         self.items: list[tuple[str, Any]] = []
 
     def add(self, digest: str, regions: Any) -> None:
@@ -368,7 +379,7 @@ class Batcher:
                 vid = store.add_vector(db, digest, vector, len(regions.features))
                 store.put_files(db, [file_row(src, digest, vid) for src in self.by_hash[digest]])
                 self.report.encoded += 1
-        self.indexer.progress("encoding", self.report.encoded, None)
+        self.indexer.progress("encoding", self.report.encoded, self.total)
         self.indexer.maybe_flush(store)
 
 

@@ -195,3 +195,27 @@ def test_index_corruption_is_detected_with_a_way_out(setup):
     assert len(broken.stderr.strip().splitlines()) == 1
     ldot("index", str(photos), *ARGS, "--reindex", check=True)
     assert len(json.loads(ldot("search", "a dog", "--json", check=True).stdout)) == 4
+
+
+@pytest.mark.slow
+def test_extract_writes_a_uniter_db_and_resumes(setup):
+    from feature_extraction.uniter_db import UniterImageDB
+
+    photos = setup / "photos"
+    make_photos(photos, 3, size=(64, 48))
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = setup / "img_db"
+    first = ldot("extract", str(photos), "--out", str(out), "--detector", "tiny-det", "--workers", "1", check=True)
+    summary = " ".join(first.stderr.split())
+    assert "3 images written" in summary and "1 failed" in summary and "broken.jpg" in summary
+    assert (out / "feat_th0.2_max100_min10").is_dir() and (out / "nbb_th0.2_max100_min10.json").is_file()
+    with UniterImageDB(out, "uniter") as db:
+        assert sorted(db.keys()) == ["img_000.png", "img_001.png", "img_002.png"]
+        record = db["img_001.png"]
+        assert 10 <= len(record.features) <= 100 and record.norm_bb.shape == (len(record.features), 6)
+    again = ldot("extract", str(photos), "--out", str(out), "--detector", "tiny-det", "--workers", "1",
+                 "--preset", "uniter", check=True)
+    assert "0 images written" in again.stderr and "3 already there" in " ".join(again.stderr.split())
+    lxmert = ldot("extract", str(photos), "--out", str(out), "--detector", "tiny-det", "--preset", "lxmert36",
+                  "--workers", "1", check=True)
+    assert "3 images written" in " ".join(lxmert.stderr.split()) and (out / "feat_numbb36").is_dir()
