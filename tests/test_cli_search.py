@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from fakes import FakeDetector
@@ -111,3 +112,42 @@ def test_query_fuzzing_never_raises_anything_but_a_clean_error(indexed, query):
         assert len(hits) == 2
     finally:
         searcher.close()
+
+
+def test_interactive_prompt_in_a_terminal(indexed):
+    """No QUERY in a terminal: a prompt that answers several queries with the models loaded once."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "search", "--paths",
+                             "-k", "2"], stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                            env={**os.environ, "COLUMNS": "120"})
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, count: int = 1, timeout: float = 120) -> None:
+        """Read the terminal until ``marker`` has appeared ``count`` times in all output so far."""
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:
+                    break
+        assert seen.count(marker) >= count, seen[-500:]
+
+    read_until(b"ldot> ")
+    os.write(leader, b"a dog on the beach\n")
+    read_until(b"ms search", 1)
+    read_until(b"ldot> ", 2)
+    first = seen.count(b"/photos/")
+    os.write(leader, b"a red car\n")  # the second query reuses the loaded models
+    read_until(b"ms search", 2)
+    read_until(b"ldot> ", 3)
+    os.write(leader, b"\n")  # an empty line quits
+    assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    assert first >= 2 and seen.count(b"/photos/") >= 4
