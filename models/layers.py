@@ -14,6 +14,26 @@ from .config import TransformerConfig
 
 MASK_VALUE = -10000.0  # the official additive attention mask: (1 - m) * -10000
 
+# A few rows (one short query: ~10 tokens) through oneDNN's linear is ~1.35x faster than through MKL's sgemm on
+# this AVX2 CPU (12 BERT-base layers: 33 vs 44 ms, benchmarks/search.py); from ~48 rows on MKL wins, and by far
+# for image batches, so only small inference calls take this path.
+ONEDNN_MAX_ROWS = 32
+_onednn_ok = torch.backends.mkldnn.is_available()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) whose few-row fp32 CPU inference runs through oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        global _onednn_ok
+        if (_onednn_ok and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and not torch.is_grad_enabled() and x.numel() <= ONEDNN_MAX_ROWS * x.shape[-1]):
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+            except RuntimeError:  # a build or CPU without the op: the plain path from now on
+                _onednn_ok = False
+        return F.linear(x, self.weight, self.bias)
+
 
 def extended_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) 1/0 or bool mask -> (B, 1, 1, L) additive mask, as the official code builds it."""
@@ -52,10 +72,10 @@ class ImageEmbeddings(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, img_dim: int, pos_dim: int = 7) -> None:
         super().__init__()
-        self.img_linear = nn.Linear(img_dim, cfg.hidden_size)
+        self.img_linear = Linear(img_dim, cfg.hidden_size)
         self.img_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.pos_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.pos_linear = nn.Linear(pos_dim, cfg.hidden_size)
+        self.pos_linear = Linear(pos_dim, cfg.hidden_size)
         self.mask_embedding = nn.Embedding(2, img_dim, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -76,9 +96,9 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.dropout
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -96,7 +116,7 @@ class SelfAttention(nn.Module):
 class SelfOutput(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -117,7 +137,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.gelu(self.dense(hidden))  # erf GELU, as BERT
@@ -126,7 +146,7 @@ class Intermediate(nn.Module):
 class Output(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.dense = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -162,7 +182,7 @@ class Pooler(nn.Module):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, sequence: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(sequence[:, 0]))
@@ -176,10 +196,10 @@ class Projection(nn.Sequential):
 
     def __init__(self, hidden_size: int, project_dim: int) -> None:
         super().__init__(
-            nn.Linear(hidden_size, hidden_size * 2),
+            Linear(hidden_size, hidden_size * 2),
             nn.GELU(),
             nn.LayerNorm(hidden_size * 2, eps=1e-12),
-            nn.Linear(hidden_size * 2, project_dim),
+            Linear(hidden_size * 2, project_dim),
         )
 
 

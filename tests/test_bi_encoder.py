@@ -225,7 +225,7 @@ def test_conversion_writes_a_self_describing_dir_that_loads_identically(tmp_path
     assert meta["source"]["format"] == "lightningdot-pretrained" and len(meta["source"]["sha256"]) == 64
     raw = models.load_bi_encoder(tmp_path / "LightningDot.pt")
     conv = models.load_bi_encoder(out)
-    ids, tmask, feat, norm_bb, rmask = _inputs(raw.config)
+    _ids, _tmask, feat, norm_bb, rmask = _inputs(raw.config)
     assert torch.equal(raw.encode_regions(feat, norm_bb, rmask), conv.encode_regions(feat, norm_bb, rmask))
     # the bundled tokenizer travels with the model dir
     assert torch.equal(conv.encode_text(["a dog on the beach"]), raw.encode_token_ids(
@@ -251,7 +251,7 @@ def test_gpu_path_when_available(tiny_model):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device (the GPU path is exercised on the device machine)")
     gpu = tiny_model.to("cuda")
-    ids, tmask, feat, norm_bb, rmask = _inputs(gpu.config)
+    _ids, _tmask, feat, norm_bb, rmask = _inputs(gpu.config)
     assert torch.allclose(gpu.encode_regions(feat, norm_bb, rmask).cpu(),
                           tiny_model.cpu().encode_regions(feat, norm_bb, rmask), atol=1e-4)
 
@@ -283,3 +283,24 @@ def test_text_tower_alone_loads_half_and_encodes_identically(tmp_path, tiny_mode
     assert all(p.is_meta for p in text.img_model.parameters())
     with pytest.raises(RuntimeError, match="text tower only"):
         text.encode_regions(torch.zeros(1, 2, 32), torch.zeros(1, 2, 6))
+
+
+@pytest.mark.parametrize("rows", [1, 11, 32, 33, 200])
+def test_fast_linear_equals_plain_linear_in_every_regime(rows):
+    """Few-row inference takes oneDNN, the rest MKL, training autograd: the same numbers all three ways."""
+    from models import layers
+
+    torch.manual_seed(rows)
+    lin = layers.Linear(48, 40)
+    x = torch.randn(1, rows, 48)
+    expected = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    with torch.inference_mode():
+        assert torch.allclose(lin(x), expected, atol=1e-5)
+        assert torch.allclose(lin(x.transpose(0, 1)).transpose(0, 1), expected, atol=1e-5)  # non-contiguous input
+    out = lin(x)  # grad enabled: the plain path, differentiable
+    out.sum().backward()
+    assert lin.weight.grad is not None and torch.allclose(out, expected, atol=1e-6)
+    no_bias = layers.Linear(48, 40, bias=False)
+    with torch.no_grad():
+        assert torch.allclose(no_bias(x), x @ no_bias.weight.T, atol=1e-5)
+    assert layers._onednn_ok == torch.backends.mkldnn.is_available()  # the fast path ran without falling back
