@@ -7,6 +7,10 @@ the plain port with proposals paired by box (the golden tolerance is 1e-4). Peak
 processes (random-weight generation adds about 1 GiB to both).
 
     PYTHONPATH=. python benchmarks/extract.py [--images 2] [--threads 2] [--size 600x800]
+    PYTHONPATH=. python benchmarks/extract.py --half-fidelity [--images 2]   # fp16 vs fp32 (what --half costs)
+
+``--half-fidelity`` runs on CUDA when present; without one it runs fp16 on the CPU (slow: oneDNN converts to
+fp32 for each op and stores activations in fp16), which bounds the rounding of fp16 storage, not the GPU kernels.
 """
 
 from __future__ import annotations
@@ -98,6 +102,51 @@ def memory_run(step: int, images: int, size: str, threads: int) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+def _paired(a: torch.Tensor, b: torch.Tensor, tol: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ia, ib) pairing rows of two box sets whose coordinates all agree within ``tol`` pixels."""
+    if len(a) == 0 or len(b) == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    dist = torch.cdist(a.double(), b.double(), p=float("inf"))
+    best, ib = dist.min(dim=1)
+    ia = torch.nonzero(best <= tol).flatten()
+    return ia, ib[ia]
+
+
+def half_fidelity(state, cfg: DetectorConfig, images) -> None:
+    """fp16 against fp32 on the same weights and images: proposals, features and both presets' outputs."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m32 = load_detector(state, cfg, device=device)
+    m16 = (load_detector(state, cfg, device=device, dtype=torch.float16) if device == "cuda"
+           else load_detector(state, cfg).to(torch.float16))  # CPU: emulation, see the module docstring
+    print(f"fp16 vs fp32 on {device} ({'GPU kernels' if device == 'cuda' else 'CPU emulation of fp16 storage'}), "
+          f"{len(images)} images, {cfg.rpn_post_nms_topk} proposals")
+    rows = []
+    for image in images:
+        t = time.perf_counter()
+        (a,) = m32.detect([image])
+        t32 = time.perf_counter() - t
+        t = time.perf_counter()
+        (b,) = m16.detect([image])
+        t16 = time.perf_counter() - t
+        ia, ib = _paired(a.proposals, b.proposals.float())
+        fa, fb = a.features[ia].float(), b.features[ib].float()
+        sel = {}
+        for name, preset in (("uniter", UNITER), ("lxmert36", LXMERT36)):
+            ra, rb = preset.select(a, m32.config), preset.select(b, m16.config)
+            ja, jb = _paired(torch.from_numpy(ra.boxes), torch.from_numpy(rb.boxes.astype("float32")))
+            same_ids = (ra.object_ids[ja.numpy()] == rb.object_ids[jb.numpy()]).mean() if len(ja) else float("nan")
+            sel[name] = (len(ja) / max(ra.num_boxes, rb.num_boxes, 1), float(same_ids),
+                         float(abs(ra.conf[ja.numpy()] - rb.conf[jb.numpy()]).max()) if len(ja) else float("nan"))
+        rows.append((len(ia) / len(a.proposals), (fa - fb).abs().max().item(), fa.abs().max().item(),
+                     ((fa - fb).norm(dim=1) / fa.norm(dim=1).clamp_min(1e-12)).max().item(), sel, t32, t16))
+    for i, (matched, dmax, fmax, rel, sel, t32, t16) in enumerate(rows):
+        print(f"  image {i}: proposals matched within 1 px {100 * matched:.1f}%; features max|dF| {dmax:.2e} "
+              f"(max|F| {fmax:.2f}), worst relative L2 error {rel:.2e}; fp32 {t32:.1f} s, fp16 {t16:.1f} s")
+        for name, (boxes_same, ids_same, conf_diff) in sel.items():
+            print(f"    {name:8s}: boxes in common {100 * boxes_same:.1f}%, same object id on those "
+                  f"{100 * ids_same:.1f}%, max|d conf| {conf_diff:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2, help="distinct synthetic images (one per call, alternating)")
@@ -105,12 +154,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", default="600x800", help="HxW of the synthetic images")
     parser.add_argument("--memory-of", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--half-fidelity", action="store_true", help="compare fp16 with fp32 instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     h, w = (int(v) for v in args.size.split("x"))
     cfg = DetectorConfig()
     state = random_hub_state_dict(cfg, seed=0)
     images = [preprocess(synthetic_image(h, w, 200 + i), cfg) for i in range(args.images)]
+    if args.half_fidelity:
+        half_fidelity(state, cfg, images)
+        return
     if args.memory_of:
         _, options, inference = STEPS[args.memory_of - 1]
         model = load_detector(state, cfg, options=options)
