@@ -48,8 +48,13 @@ class _ErrorBoundary(TyperGroup):
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:
+            from models.errors import as_storage_error
+
             if debug:
                 raise
+            storage = as_storage_error(exc)  # a full or failing disk is the user's to fix, not a bug
+            if storage is not None:
+                fail(str(storage), storage.exit_code)
             fail(f"unexpected {type(exc).__name__}: {exc} (run with LDOT_DEBUG=1 for the traceback, "
                  "and please report it)", 1)
 
