@@ -46,8 +46,9 @@ def search(
     mode = "json" if json_ else "paths" if paths else "null" if null else "table"
     m = rerank_k if rerank else None
     try:
-        if rerank:
+        if rerank and image is None:
             _rerank_note(m or 0, device)
+            _preset_note(searcher, reranker)
         if image is not None:
             hits = searcher.search_vector(searcher.image_vector(image), k)
             if m:
@@ -68,6 +69,16 @@ def _rerank_note(m: int, device: str) -> None:
         # measured on 2 cores, base UNITER: 45 ms per pair with 36 regions, 123 ms with 100
         err.print(f"[dim]re-ranking {m} images on the CPU (no GPU): expect roughly {max(1, round(m * 0.045))}-"
                   f"{max(2, round(m * 0.13))} s per query with a base-size cross-encoder[/]")
+
+
+def _preset_note(searcher: Any, reranker: str | None) -> None:
+    """LXMERT learnt from exactly 36 boxes per image: say so when the index holds another box preset."""
+    from models.reranker import LxmertReranker
+
+    preset = searcher.store.get_meta("preset") or "uniter"
+    if isinstance(searcher.reranker(reranker), LxmertReranker) and preset != "lxmert36":
+        err.print(f"[dim]note: LXMERT was trained on 36 boxes per image and this index holds `{preset}` regions; "
+                  f"for LXMERT re-ranking as published, re-index with `--preset lxmert36 --reindex`[/]")
 
 
 def _render(hits: list[Any], mode: str) -> None:

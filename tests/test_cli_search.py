@@ -151,3 +151,25 @@ def test_interactive_prompt_in_a_terminal(indexed):
     assert proc.wait(timeout=60) == 0
     os.close(leader)
     assert first >= 2 and seen.count(b"/photos/") >= 4
+
+
+def test_lxmert_rerank_on_uniter_regions_names_the_preset_it_learnt_from(indexed, tmp_path, vocab_dir):
+    import torch
+    from ldot_testing import install_tiny_reranker
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    torch.manual_seed(0)
+    cfg = LxmertConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1,
+                       x_layers=1, r_layers=1, visual_feat_dim=2048, num_object_labels=10, num_attr_labels=5,
+                       num_qa_labels=3)
+    LxmertForPreTraining(cfg).save_pretrained(tmp_path / "lxmert")
+    (tmp_path / "lxmert" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    args = ["search", "a dog on the beach", "-k", "2", "--rerank", "--rerank-k", "3", "--device", "cpu", "--json"]
+    lxmert = runner.invoke(app, [*args, "--reranker", str(tmp_path / "lxmert")])
+    assert lxmert.exit_code == 0, lxmert.output
+    assert "--preset lxmert36" in " ".join(lxmert.stderr.split())
+    assert all(h["rerank_score"] is not None for h in json.loads(lxmert.stdout))
+    install_tiny_reranker("uniter-base", vocab_dir)  # UNITER was trained on these regions: no note
+    uniter = runner.invoke(app, [*args, "--reranker", "uniter-base"])
+    assert uniter.exit_code == 0, uniter.output
+    assert "lxmert36" not in uniter.stderr
