@@ -59,17 +59,24 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def _paired(a: torch.Tensor, b: torch.Tensor, tol: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ia, ib) pairing rows of two box sets whose coordinates all agree within ``tol`` pixels."""
+    if len(a) == 0 or len(b) == 0:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    dist = torch.cdist(a.double(), b.double(), p=float("inf"))
+    best, ib = dist.min(dim=1)
+    ia = torch.nonzero(best <= tol).flatten()
+    return ia, ib[ia]
+
+
 def matched_feature_diff(raws_a, raws_b) -> float:
     """Largest feature difference between two runs, pairing proposals by box (near-tied objectness may swap)."""
     worst = 0.0
     for a, b in zip(raws_a, raws_b):
-        if a.proposals.shape != b.proposals.shape:
+        ia, ib = _paired(a.proposals, b.proposals, tol=1e-2)
+        if len(ia) != len(a.proposals) or len(a.proposals) != len(b.proposals) or len(set(ib.tolist())) != len(ib):
             return float("nan")
-        dist = torch.cdist(a.proposals.double(), b.proposals.double(), p=float("inf"))  # (R, R)
-        pair = dist.argmin(dim=1)
-        if dist.min(dim=1).values.max() > 1e-2 or len(set(pair.tolist())) != len(pair):
-            return float("nan")
-        worst = max(worst, (a.features - b.features[pair]).abs().max().item())
+        worst = max(worst, (a.features - b.features[ib]).abs().max().item())
     return worst
 
 
@@ -100,16 +107,6 @@ def memory_run(step: int, images: int, size: str, threads: int) -> float:
            "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
-
-
-def _paired(a: torch.Tensor, b: torch.Tensor, tol: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (ia, ib) pairing rows of two box sets whose coordinates all agree within ``tol`` pixels."""
-    if len(a) == 0 or len(b) == 0:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    dist = torch.cdist(a.double(), b.double(), p=float("inf"))
-    best, ib = dist.min(dim=1)
-    ia = torch.nonzero(best <= tol).flatten()
-    return ia, ib[ia]
 
 
 def half_fidelity(state, cfg: DetectorConfig, images) -> None:

@@ -60,7 +60,7 @@ def base_text_encoder(home: Path):
     from models.bi_encoder import BiEncoder
     from models.checkpoints import save_model_dir
     from models.config import preset
-    from models.download import hash_dir, write_manifest
+    from models.download import record_model
     from models.tokenizer import Tokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -76,8 +76,7 @@ def base_text_encoder(home: Path):
     target = home / "models" / "bench"
     save_model_dir(target, "bi-encoder", preset("base").to_dict(), model.state_dict(),
                    tokenizer=Tokenizer.from_path(vocab))
-    write_manifest(target, {"name": "bench", "kind": "bi-encoder", "complete": True, "origin": "benchmark",
-                            "files": hash_dir(target)})
+    record_model(target, "bench", "bi-encoder", "benchmark")
     return model
 
 

@@ -75,10 +75,9 @@ def _preset_note(searcher: Any, reranker: str | None) -> None:
     """LXMERT learnt from exactly 36 boxes per image: say so when the index holds another box preset."""
     from models.reranker import LxmertReranker
 
-    preset = searcher.store.get_meta("preset") or "uniter"
-    if isinstance(searcher.reranker(reranker), LxmertReranker) and preset != "lxmert36":
-        err.print(f"[dim]note: LXMERT was trained on 36 boxes per image and this index holds `{preset}` regions; "
-                  f"for LXMERT re-ranking as published, re-index with `--preset lxmert36 --reindex`[/]")
+    if isinstance(searcher.reranker(reranker), LxmertReranker) and searcher.preset != "lxmert36":
+        err.print(f"[dim]note: LXMERT was trained on 36 boxes per image and this index holds `{searcher.preset}` "
+                  "regions; for LXMERT re-ranking as published, re-index with `--preset lxmert36 --reindex`[/]")
 
 
 def _render(hits: list[Any], mode: str) -> None:

@@ -188,6 +188,13 @@ class Searcher:
         return self.rerank(query, hits[:rerank_k], reranker)[:k]
 
     # -- re-ranking ------------------------------------------------------------------------------
+    @property
+    def preset(self) -> str:
+        """The box preset the index's region features were extracted with."""
+        from .indexer import DEFAULT_PRESET
+
+        return self.store.get_meta("preset") or DEFAULT_PRESET
+
     def reranker(self, name: str | None) -> Any:
         from .indexer import default_reranker
 
@@ -217,7 +224,7 @@ class Searcher:
             f"SELECT id, content_hash FROM vectors WHERE id IN ({','.join('?' * len(hits))})",
             [h.vector_id for h in hits]))
         if self._regions is None:
-            self._regions = FeatureStore(regions_dir, self.store.get_meta("preset") or "uniter")
+            self._regions = FeatureStore(regions_dir, self.preset)
         feat, bb, mask, _ = stack_regions([self._regions.get(hashes[h.vector_id]) for h in hits])
         scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)

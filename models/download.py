@@ -201,8 +201,7 @@ def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dic
 
     raw = staging / entry.files[0].filename
     convert_checkpoint(raw, target, tokenizer=entry.tokenizer)
-    write_manifest(target, {"name": entry.name, "kind": entry.kind, "complete": True, "origin": "download",
-                            "source_files": files, "files": hash_dir(target)})
+    record_model(target, entry.name, entry.kind, "download", source_files=files)
     if not keep_source:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -229,6 +228,12 @@ def hash_dir(directory: Path) -> dict[str, dict[str, object]]:
 def write_manifest(directory: Path, manifest: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def record_model(directory: Path, name: str, kind: str, origin: str, **extra: object) -> None:
+    """Write the manifest of a complete model directory: who it is, where it came from, every file's hash."""
+    write_manifest(directory, {"name": name, "kind": kind, "complete": True, "origin": origin, **extra,
+                               "files": hash_dir(directory)})
 
 
 def verify_dir(directory: Path) -> list[str]:

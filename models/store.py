@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .download import hash_dir, verify_dir, write_manifest
+from .download import record_model, verify_dir
 from .errors import CheckpointError, ModelError, ModelNotFoundError
 from .home import models_dir
 from .registry import MANIFEST, find_entry, read_manifest
@@ -100,8 +100,7 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
         shutil.rmtree(target, ignore_errors=True)
         raise ModelError(f"{src} holds a {kind} model but {name!r} is the registry's {entry.kind}: "
                          "choose another --as name")
-    write_manifest(target, {"name": name, "kind": kind, "complete": True, "origin": "import",
-                            "imported_from": str(src.absolute()), "files": hash_dir(target)})
+    record_model(target, name, kind, "import", imported_from=str(src.absolute()))
     return LocalModel(name, target, kind, True, "import", dir_size(target))
 
 

@@ -704,7 +704,7 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     weights are the last checkpoint's, so a later ``--init NAME`` continues pre-training with them.
     """
     from .checkpoints import save_model_dir
-    from .download import hash_dir, write_manifest
+    from .download import record_model
     from .home import models_dir
     from .initialization import HEADS_FILE
     from .registry import find_entry
@@ -739,6 +739,5 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     if tasks != ["itm"] and (best is None or best["step"] == step):  # heads of these very weights
         heads = {k: v for k, v in full.items() if not k.startswith("bert.")}
         _save_tensors(target / HEADS_FILE, heads)
-    write_manifest(target, {"name": name, "kind": "bi-encoder", "complete": True, "origin": "train",
-                            "trained_from": str(run_dir), "best": best, "files": hash_dir(target)})
+    record_model(target, name, "bi-encoder", "train", trained_from=str(run_dir), best=best)
     return target

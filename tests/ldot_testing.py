@@ -161,30 +161,39 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def _spread(model: torch.nn.Module, keep: tuple[str, ...] = ()) -> None:
+    """Widen random weights (std 0.2) so tiny models give distinct outputs; norms and ``keep`` stay as built."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "LayerNorm" not in pname and "layer_norm" not in pname and not pname.endswith(keep):
+                p.normal_(0, 0.2)
+
+
+def _install(name: str, kind: str, config: dict, model: torch.nn.Module, vocab_dir: Path) -> Path:
+    """Save ``model`` as an ldot model dir in the cache, with the test vocabulary and a manifest."""
+    from models.checkpoints import save_model_dir
+    from models.download import record_model
+    from models.home import models_dir
+    from models.tokenizer import Tokenizer
+
+    target = models_dir() / name
+    save_model_dir(target, kind, config, model.state_dict(), tokenizer=Tokenizer.from_path(vocab_dir / "vocab.txt"))
+    record_model(target, name, kind, "test")
+    return target
+
+
 def install_tiny_model(name: str, vocab_dir: Path, img_dim: int = 2048, seed: int = 0) -> Path:
     """A tiny random bi-encoder installed in the cache as ``name`` (model dir + manifest, tokenizer bundled)."""
     from dataclasses import replace
 
     from models.bi_encoder import BiEncoder
-    from models.checkpoints import save_model_dir
     from models.config import preset
-    from models.download import hash_dir, write_manifest
-    from models.home import models_dir
-    from models.tokenizer import Tokenizer
 
     torch.manual_seed(seed)
     config = replace(preset("tiny"), img_dim=img_dim, tokenizer="")
     model = BiEncoder(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "LayerNorm" not in pname and "layer_norm" not in pname and not pname.endswith("encode_proj.2.weight"):
-                p.normal_(0, 0.2)
-    target = models_dir() / name
-    save_model_dir(target, "bi-encoder", config.to_dict(), model.state_dict(),
-                   tokenizer=Tokenizer.from_path(vocab_dir / "vocab.txt"))
-    write_manifest(target, {"name": name, "kind": "bi-encoder", "complete": True, "origin": "test",
-                            "files": hash_dir(target)})
-    return target
+    _spread(model, keep=("encode_proj.2.weight",))
+    return _install(name, "bi-encoder", config.to_dict(), model, vocab_dir)
 
 
 def make_photos(directory: Path, count: int, start: int = 0, size: tuple[int, int] = (48, 32)) -> list[Path]:
@@ -199,26 +208,14 @@ def install_tiny_reranker(name: str, vocab_dir: Path, img_dim: int = 2048, seed:
     """A tiny random UNITER cross-encoder installed in the cache as ``name``."""
     from dataclasses import replace
 
-    from models.checkpoints import save_model_dir
     from models.config import CROSS_PRESETS
-    from models.download import hash_dir, write_manifest
-    from models.home import models_dir
     from models.reranker import CrossEncoder
-    from models.tokenizer import Tokenizer
 
     torch.manual_seed(seed)
     config = replace(CROSS_PRESETS["tiny"], img_dim=img_dim)
     model = CrossEncoder(config)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "LayerNorm" not in pname and "layer_norm" not in pname:
-                p.normal_(0, 0.2)
-    target = models_dir() / name
-    save_model_dir(target, "uniter-itm", config.to_dict(), model.state_dict(),
-                   tokenizer=Tokenizer.from_path(vocab_dir / "vocab.txt"))
-    write_manifest(target, {"name": name, "kind": "uniter-itm", "complete": True, "origin": "test",
-                            "files": hash_dir(target)})
-    return target
+    _spread(model)
+    return _install(name, "uniter-itm", config.to_dict(), model, vocab_dir)
 
 
 # -- training helpers -----------------------------------------------------------------------------
@@ -305,12 +302,11 @@ def install_tiny_detector(name: str = "tiny-det", seed: int = 0) -> tuple[Path, 
 
     from feature_extraction.detector_config import tiny_config
     from feature_extraction.detector_weights import load_detector, save_detector
-    from models.download import hash_dir, write_manifest
+    from models.download import record_model
     from models.home import models_dir
 
     # scaled random weights (the detector tests' fixture): proposals and class scores vary usefully
     model = load_detector(random_hub_state_dict(tiny_config(), seed), tiny_config())
     target = save_detector(model, models_dir() / name)
-    write_manifest(target, {"name": name, "kind": "detector", "complete": True, "origin": "test",
-                            "files": hash_dir(target)})
+    record_model(target, name, "detector", "test")
     return target, tiny_config().res5_channels
