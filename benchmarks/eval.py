@@ -1,7 +1,7 @@
 """Full-size `ldot eval` timing with random weights: 1,000 images x 5,000 captions by default.
 
-A base-size bi-encoder (``models.config.preset("base")``, random init) and a base UNITER cross-encoder
-(random init) run the real evaluation path (`ldot_cli.evaluation.evaluate`): region features read from a
+A base-size bi-encoder (``models.nn.config.preset("base")``, random init) and a base UNITER cross-encoder
+(random init) run the real evaluation path (`ldot_cli.eval.evaluation.evaluate`): region features read from a
 UNITER image DB (36 random regions per image), captions as word-piece ids (as from a UNITER text DB),
 FAISS flat IP search both ways, optional top-M re-ranking, and the cross-encoder's full-matrix time
 extrapolated from a sample of pairs. Recalls are meaningless here (random weights); timings are not.
@@ -41,7 +41,7 @@ def build_set(root: Path, n_images: int, per_image: int, regions: int, seed: int
     import msgpack
     import msgpack_numpy
 
-    from ldot_cli.datasets import Caption, EvalImage, RetrievalSet
+    from ldot_cli.data.benchmarks import Caption, EvalImage, RetrievalSet
 
     rng = np.random.default_rng(seed)
     db = root / "img_db"
@@ -84,11 +84,11 @@ def main() -> None:
 
     import torch
 
-    from ldot_cli.evaluation import evaluate
-    from models.bi_encoder import BiEncoder
-    from models.config import CROSS_PRESETS, preset
-    from models.reranker import CrossEncoder, UniterReranker
-    from models.tokenizer import Tokenizer
+    from ldot_cli.eval.evaluation import evaluate
+    from models.nn.bi_encoder import BiEncoder
+    from models.nn.config import CROSS_PRESETS, preset
+    from models.nn.cross_encoder import CrossEncoder, UniterReranker
+    from models.nn.tokenizer import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +112,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(rep["timing"], indent=2))
         return
-    from ldot_cli.cmd_eval import render_timings
+    from ldot_cli.commands.eval import render_timings
 
     render_timings(rep)
     t = rep["timing"]

@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feature_extraction.detector import BUTDDetector, StageTimes  # noqa: E402
-from feature_extraction.detector_config import DetectorConfig, RuntimeOptions  # noqa: E402
-from feature_extraction.detector_weights import load_detector  # noqa: E402
-from feature_extraction.preprocess import preprocess  # noqa: E402
-from feature_extraction.selection import LXMERT36, UNITER  # noqa: E402
+from feature_extraction.detector.config import DetectorConfig, RuntimeOptions  # noqa: E402
+from feature_extraction.detector.network import BUTDDetector, StageTimes  # noqa: E402
+from feature_extraction.detector.preprocess import preprocess  # noqa: E402
+from feature_extraction.detector.selection import LXMERT36, UNITER  # noqa: E402
+from feature_extraction.detector.weights import load_detector  # noqa: E402
 from tests.detector_fixtures import random_hub_state_dict, synthetic_image  # noqa: E402
 
 PLAIN = RuntimeOptions.plain()

@@ -50,8 +50,8 @@ def run(tmp: Path, threads: int) -> None:
     from ldot_testing import official_finetuned, official_pretrained, write_vocab
 
     import models
-    from models.bi_encoder import BiEncoder
-    from models.config import preset
+    from models.nn.bi_encoder import BiEncoder
+    from models.nn.config import preset
 
     torch.set_num_threads(threads)
     with torch.device("meta"):

@@ -57,11 +57,11 @@ def base_text_encoder(home: Path):
     """A base-size bi-encoder with random weights, installed in the cache as 'bench' (tokenizer: tiny vocab)."""
     import torch
 
-    from models.bi_encoder import BiEncoder
-    from models.checkpoints import save_model_dir
-    from models.config import preset
-    from models.download import record_model
-    from models.tokenizer import Tokenizer
+    from models.hub.cache import record_model
+    from models.hub.formats import save_model_dir
+    from models.nn.bi_encoder import BiEncoder
+    from models.nn.config import preset
+    from models.nn.tokenizer import Tokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from ldot_testing import write_vocab
@@ -82,8 +82,8 @@ def base_text_encoder(home: Path):
 
 def fake_index(name: str, vectors: np.ndarray) -> None:
     """An index of ``vectors`` with one (synthetic) file row each, written through the real store."""
-    from ldot_cli.index_store import FileRow, IndexStore, index_path
-    from models.loading import fingerprint
+    from ldot_cli.index.store import FileRow, IndexStore, index_path
+    from models.hub.load import fingerprint
 
     with IndexStore(index_path(name), create=True) as store:
         store.set_meta({"model": "bench", "model_fingerprint": fingerprint("bench"), "detector": "butd-r101-vg",
@@ -117,10 +117,10 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs visible, {args.threads} threads; torch {torch.__version__}, "
           f"faiss {faiss.__version__}; LDOT_HOME={home}")
 
-    from ldot_cli import ann
-    from ldot_cli.index_store import ANN_THRESHOLD
-    from ldot_cli.search import Searcher
-    from models.loading import load_bi_encoder
+    from ldot_cli.index import ann
+    from ldot_cli.index.search import Searcher
+    from ldot_cli.index.store import ANN_THRESHOLD
+    from models.hub.load import load_bi_encoder
 
     base_text_encoder(home)
     start = time.perf_counter()
@@ -179,15 +179,15 @@ def claim(n_images: int, encoder) -> None:
     """Time to answer one query over n images: dot product vs scoring every pair with a cross-encoder."""
     import torch
 
-    from models.config import CROSS_PRESETS
-    from models.reranker import CrossEncoder, UniterReranker
+    from models.nn.config import CROSS_PRESETS
+    from models.nn.cross_encoder import CrossEncoder, UniterReranker
 
     rng = np.random.default_rng(3)
     image_vectors = rng.standard_normal((n_images, 768)).astype(np.float32)
     feats = rng.standard_normal((n_images, 36, 2048)).astype(np.float32)
     boxes = rng.uniform(0, 1, (n_images, 36, 6)).astype(np.float32)
 
-    from ldot_cli import ann
+    from ldot_cli.index import ann
 
     index = ann.build(np.arange(1, n_images + 1), image_vectors, ann.EXACT)
 

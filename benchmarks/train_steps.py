@@ -1,4 +1,4 @@
-"""Optimizer steps per second of `models.training` on planted data (random weights, no downloads).
+"""Optimizer steps per second of `models.training.loop` on planted data (random weights, no downloads).
 
     PYTHONPATH=.:tests python benchmarks/train_steps.py --preset tiny --batch 96 --steps 10
     PYTHONPATH=.:tests python benchmarks/train_steps.py --preset base --batch 8 --regions 36 --steps 3
@@ -31,12 +31,12 @@ def main() -> None:
 
     from ldot_testing import planted_pairs, write_vocab
 
-    from models.config import preset
-    from models.initialization import bert_init_
-    from models.pretraining import BiEncoderForPretraining
-    from models.tokenizer import Tokenizer
-    from models.train_data import PairSet, TrainData
-    from models.training import TrainConfig, train
+    from models.nn.config import preset
+    from models.nn.pretraining import BiEncoderForPretraining
+    from models.nn.tokenizer import Tokenizer
+    from models.training.data import PairSet, TrainData
+    from models.training.initialization import bert_init_
+    from models.training.loop import TrainConfig, train
 
     config = preset(args.preset)
     pairs, lookup = planted_pairs(n_images=args.batch * 2, regions=args.regions, img_dim=config.img_dim, labels=1601)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from models.errors import LdotError
+from models.core.errors import LdotError
 
 
 class FeatureExtractionError(LdotError):

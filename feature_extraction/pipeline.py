@@ -20,9 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from feature_extraction.decode_pool import DecodedImage, DecodeFailure, PreprocessFn, iter_decoded
 from feature_extraction.errors import DetectorError
-from feature_extraction.image_io import DEFAULT_MAX_PIXELS
+from feature_extraction.images.decode import DEFAULT_MAX_PIXELS
+from feature_extraction.images.pool import (
+    DecodedImage,
+    DecodeFailure,
+    PreprocessFn,
+    iter_decoded,
+)
+from feature_extraction.images.walk import (
+    ImageSource,
+    KeyFn,
+    WalkIssue,
+    collect_images,
+    suffixed_key,
+)
 from feature_extraction.types import RegionFeatures
 from feature_extraction.uniter_db import (
     FailureRecord,
@@ -33,7 +45,6 @@ from feature_extraction.uniter_db import (
     regions_to_record,
     resolve_cut,
 )
-from feature_extraction.walk import ImageSource, KeyFn, WalkIssue, collect_images, suffixed_key
 
 DetectorInput = tuple[Any, float, tuple[int, int]]  # ((3, h, w) float32 tensor, scale, (H, W))
 _MAX_FAILED_BATCHES = 3  # consecutive batches on which every image failed in the detector: give up
@@ -42,7 +53,7 @@ _FAILURE_COMMIT_EVERY = 64  # commit staged failures at least this often even wi
 
 @runtime_checkable
 class RegionDetector(Protocol):
-    """What the pipeline needs from a detector (``feature_extraction.detector`` provides one).
+    """What the pipeline needs from a detector (``feature_extraction.detector.network`` provides one).
 
     ``preprocess`` runs in worker processes and must be importable by reference (a module-level
     function or a staticmethod); ``extract`` runs in the calling process.
@@ -124,11 +135,11 @@ def extract_to_db(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Pat
         with_soft_labels: also store the 1601-class soft labels (for MRC-kl pre-training).
         progress: called with :class:`ExtractProgress` after each commit.
         retry_failed: retry files that failed before although unchanged.
-        max_pixels: decompression-bomb cap (see :func:`~feature_extraction.image_io.load_image`).
+        max_pixels: decompression-bomb cap (see :func:`~feature_extraction.images.decode.load_image`).
         decode_timeout_s: per-file decode+preprocess limit in workers.
         compress: write UNITER's ``_compressed`` variant (npz values).
         preprocess: the worker-side function; default ``detector.preprocess``, else
-            ``feature_extraction.detector.preprocess``.
+            ``feature_extraction.detector.network.preprocess``.
         exclude: more directories never walked (``out_dir`` and ``$LDOT_HOME`` always are).
         include_hidden: walk dot-files and dot-directories too.
         start_method: multiprocessing start method for the workers (default ``forkserver``).
@@ -160,7 +171,7 @@ def extract_to_db(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Pat
 
 
 def _home_dirs() -> list[Path]:
-    from models.home import ldot_home
+    from models.core.home import ldot_home
 
     return [ldot_home()]
 
@@ -169,7 +180,9 @@ def _default_preprocess(detector: RegionDetector) -> PreprocessFn:
     fn = getattr(detector, "preprocess", None)
     if fn is not None:
         return fn
-    from feature_extraction.detector import preprocess  # the real one, written alongside
+    from feature_extraction.detector.network import (
+        preprocess,  # the real one, written alongside
+    )
 
     return preprocess
 

@@ -39,6 +39,7 @@ import io
 import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +51,10 @@ import msgpack_numpy
 import numpy as np
 from filelock import FileLock, Timeout
 
-from models.fileio import atomic_write_json
-
 from feature_extraction.errors import DBLockedError, DetectorError, ImageDBError
 from feature_extraction.types import RegionFeatures
+from models.core.errors import LdotError
+from models.core.fileio import atomic_write_json
 
 KEYS_KEY = b"__keys__"  # official: JSON list of every file name
 SOURCES_DB = b"__ldot_sources__"  # ours: key -> {path, size, mtime_ns}
@@ -107,6 +108,10 @@ PRESET_CUTS: dict[str, BoxCut] = {
     "uniter": BoxCut(conf_th=0.2, max_bb=100, min_bb=10),  # UNITER / LightningDOT: 10..100 boxes
     "lxmert36": BoxCut(conf_th=-1, num_bb=36),  # LXMERT demo setting: exactly 36 boxes
 }
+
+
+UNITER_FEATURE_DB = PRESET_CUTS["uniter"].db_name()  # feat_th0.2_max100_min10: the UNITER/LightningDOT cut
+UNITER_NBB_FILE = PRESET_CUTS["uniter"].nbb_name
 
 
 def resolve_cut(cut: BoxCut | str) -> BoxCut:
@@ -717,3 +722,78 @@ def _check_dump(key: str, dump: Mapping[str, np.ndarray]) -> None:
         raise ImageDBError(f"soft_labels of shape {dump['soft_labels'].shape}")
     if not np.isfinite(dump["features"]).all():
         raise ImageDBError("non-finite features")
+
+
+def subdirs(path: Path) -> list[Path]:
+    try:
+        return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def is_image_db(path: Path) -> bool:
+    """A folder holding a UNITER image DB of the ``uniter`` cut (plain or compressed)."""
+    return any((path / name / "data.mdb").is_file() for name in (UNITER_FEATURE_DB, UNITER_FEATURE_DB + "_compressed"))
+
+
+class FeatureStore:
+    """Region features read from a UNITER image DB (a benchmark's, or an index's region store), with a
+    small LRU cache and errors that say which DB and key.
+
+    ``store.get(key)`` -> the record (``features (n, dim)`` float16, ``norm_bb (n, 6)``) cut to the DB's box count.
+    """
+
+    def __init__(self, img_dir: str | Path, preset: str = "uniter", cache_size: int = 512) -> None:
+        self.img_dir = Path(img_dir)
+        self.db = open_image_db(self.img_dir, preset)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.db
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in keys if k not in self.db]
+
+    def get(self, key: str) -> Any:
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        try:
+            record = self.db[key]
+        except KeyError:
+            raise ImageDBError(f"image DB {self.img_dir} has no features for {key!r}") from None
+        except Exception as exc:  # the reader's own error types (ImageDBError …)
+            hint = " (it is ldot's feature cache: delete that folder to extract again)" if _in_cache(self.img_dir) else ""
+            raise ImageDBError(f"image DB {self.img_dir}: cannot read {key!r} ({exc}){hint}") from None
+        self._cache[key] = record
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return record
+
+    def close(self) -> None:
+        close = getattr(self.db, "close", None)
+        if close is not None:
+            close()
+
+
+def _in_cache(img_dir: Path) -> bool:
+    from models.core.home import features_dir
+
+    try:
+        return img_dir.resolve().is_relative_to(features_dir().resolve())
+    except OSError:
+        return False
+
+
+def open_image_db(img_dir: Path, preset: str = "uniter") -> Any:
+    """A reader of a UNITER image DB: ``key in db``, ``db[key].features`` / ``.norm_bb`` (float16)."""
+    from feature_extraction.uniter_db import UniterImageDB
+
+    try:
+        return UniterImageDB(img_dir, preset, as_float32=False)
+    except LdotError:
+        raise
+    except Exception as exc:
+        raise ImageDBError(f"cannot open the image DB {img_dir}: {exc}") from None

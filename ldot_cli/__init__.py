@@ -1,3 +1,5 @@
 """ldot: real-time image-text retrieval with LightningDOT (command-line application)."""
 
-__version__ = "0.1.0"
+from models.core.version import __version__
+
+__all__ = ["__version__"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 # numpy's OpenBLAS threads spin after each call and starve torch's OpenMP pool: a 0.04 ms matrix-vector
 # product right after a query encoding cost 75 ms (measured). The heavy maths runs in torch and FAISS.
@@ -14,7 +16,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
+from ldot_cli import __version__
 
 
 def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
@@ -34,11 +36,12 @@ class _ErrorBoundary(TyperGroup):
     an unexpected one prints one line too, with a traceback only when LDOT_DEBUG=1."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from models.errors import LdotError
+        from models.core.errors import LdotError
 
         debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
         try:
-            return super().invoke(ctx)
+            with _library_warnings_as_lines():
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, *_TYPER_FLOW):
             raise
         except LdotError as exc:
@@ -48,7 +51,7 @@ class _ErrorBoundary(TyperGroup):
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:
-            from models.errors import as_storage_error
+            from models.core.errors import as_storage_error
 
             if debug:
                 raise
@@ -59,11 +62,41 @@ class _ErrorBoundary(TyperGroup):
                  "and please report it)", 1)
 
 
+@contextlib.contextmanager
+def _library_warnings_as_lines() -> Iterator[None]:
+    """The library reports what did not stop it through `warnings.warn(LdotWarning(...))`: one line each."""
+    import warnings
+
+    from models.core.errors import LdotWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LdotWarning)
+        original = warnings.showwarning
+
+        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+            if issubclass(category, LdotWarning):
+                warn(str(message))
+            else:
+                original(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` as one line on stderr."""
+    from rich.text import Text
+
+    from ldot_cli.commands.console import err
+
+    err.print(Text.assemble(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
     from rich.text import Text
 
-    from .console import err
+    from ldot_cli.commands.console import err
 
     err.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
     sys.exit(code)
@@ -94,7 +127,12 @@ def main(
 
 
 def _register() -> None:
-    from . import cmd_eval, cmd_extract, cmd_index, cmd_models, cmd_search, cmd_train
+    from ldot_cli.commands import eval as cmd_eval
+    from ldot_cli.commands import extract as cmd_extract
+    from ldot_cli.commands import index as cmd_index
+    from ldot_cli.commands import models as cmd_models
+    from ldot_cli.commands import search as cmd_search
+    from ldot_cli.commands import train as cmd_train
 
     cmd_index.register(app)
     cmd_search.register(app)

@@ -10,7 +10,7 @@ Public API::
     rr = models.load_reranker(source)
     rr.score(texts, features, norm_bb, mask=None)         # (n,)
 
-    # training (models.training; `ldot train` wraps it)
+    # training (models.training.loop; `ldot train` wraps it)
     model, report = models.initial_model("bert-base-cased")         # + uniter-base image tower when present
     models.train(run_dir, TrainData(pairs, features, val), models.finetune_config("flickr30k"), model, tokenizer)
     models.export_model(run_dir, "my-model")                        # -> <home>/models/my-model
@@ -23,32 +23,39 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from .errors import CheckpointError, DownloadError, LdotError, ModelError, ModelNotFoundError, UnsafeCheckpointError
-from .home import ldot_home
-from .registry import list_pretrained
+from models.core.errors import (
+    CheckpointError,
+    DownloadError,
+    LdotError,
+    ModelError,
+    ModelNotFoundError,
+    UnsafeCheckpointError,
+)
+from models.core.home import ldot_home
+from models.hub.catalogue import list_pretrained
 
 _LAZY = {
-    "load_bi_encoder": "loading",
-    "bi_encoder_from_state": "loading",
-    "convert_checkpoint": "loading",
-    "load_reranker": "reranker",
-    "BiEncoder": "bi_encoder",
-    "CrossEncoder": "reranker",
-    "BiEncoderConfig": "config",
-    "CrossEncoderConfig": "config",
-    "TransformerConfig": "config",
-    "preset": "config",
-    "Tokenizer": "tokenizer",
-    "download_entry": "download",
-    "BiEncoderForPretraining": "pretraining",
-    "initial_model": "initialization",
-    "train": "training",
-    "export_model": "training",
-    "TrainConfig": "training",
-    "finetune_config": "training",
-    "pretrain_config": "training",
-    "TrainData": "train_data",
-    "PairSet": "train_data",
+    "load_bi_encoder": "hub.load",
+    "bi_encoder_from_state": "hub.formats",
+    "convert_checkpoint": "hub.convert",
+    "load_reranker": "hub.load",
+    "BiEncoder": "nn.bi_encoder",
+    "CrossEncoder": "nn.cross_encoder",
+    "BiEncoderConfig": "nn.config",
+    "CrossEncoderConfig": "nn.config",
+    "TransformerConfig": "nn.config",
+    "preset": "nn.config",
+    "Tokenizer": "nn.tokenizer",
+    "download_entry": "hub.fetch",
+    "BiEncoderForPretraining": "nn.pretraining",
+    "initial_model": "training.initialization",
+    "train": "training.loop",
+    "export_model": "training.loop",
+    "TrainConfig": "training.loop",
+    "finetune_config": "training.loop",
+    "pretrain_config": "training.loop",
+    "TrainData": "training.data",
+    "PairSet": "training.data",
 }
 
 __all__ = ["CheckpointError", "DownloadError", "LdotError", "ModelError", "ModelNotFoundError",

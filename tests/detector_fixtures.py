@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feature_extraction.detector import BUTDDetector, cell_anchors
-from feature_extraction.detector_config import DetectorConfig
+from feature_extraction.detector.config import DetectorConfig
+from feature_extraction.detector.network import BUTDDetector, cell_anchors
 
 DATA = Path(__file__).parent / "data"
 KEYS_FILE = DATA / "frcnn-vg-finetuned.keys.txt"  # the 640 hub names and shapes (copied from shared/reference)

@@ -280,7 +280,7 @@ def karpathy_json(plant: Plant, dataset: str = "flickr30k", extra_splits: bool =
 def karpathy_layout(root: Path, plant: Plant, dataset: str = "flickr30k", dim: int = 16) -> Path:
     """``root/dataset_<set>.json`` + the image files (placeholders) in ``flickr30k-images/`` or ``val2014/``,
     and, since the detector is not run here, their features pre-extracted into ldot's feature cache."""
-    from ldot_cli.datasets import feature_cache_dir
+    from ldot_cli.data.features import feature_cache_dir
 
     root.mkdir(parents=True, exist_ok=True)
     (root / f"dataset_{dataset}.json").write_text(json.dumps(karpathy_json(plant, dataset)))

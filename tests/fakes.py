@@ -100,7 +100,7 @@ class FakeDetector:
 
 def expected_record(path: str, preset: str = "uniter", with_soft_labels: bool = False) -> RegionFeatures:
     """What the fake detector yields for the file at ``path`` (decoded afresh)."""
-    from feature_extraction.image_io import load_image
+    from feature_extraction.images.decode import load_image
 
     rgb = load_image(path)
     tensor, _ = fake_preprocess(rgb)

@@ -31,8 +31,8 @@ def write_vocab(directory: Path, size: int = 128) -> Path:
 
 def tiny_bi_encoder(seed: int = 0):
     """A seeded tiny `BiEncoder` with BERT-style random init (std 0.02 is too flat for tests: use 0.2)."""
-    from models.bi_encoder import BiEncoder
-    from models.config import preset
+    from models.nn.bi_encoder import BiEncoder
+    from models.nn.config import preset
 
     torch.manual_seed(seed)
     model = BiEncoder(preset("tiny"))
@@ -171,10 +171,10 @@ def _spread(model: torch.nn.Module, keep: tuple[str, ...] = ()) -> None:
 
 def _install(name: str, kind: str, config: dict, model: torch.nn.Module, vocab_dir: Path) -> Path:
     """Save ``model`` as an ldot model dir in the cache, with the test vocabulary and a manifest."""
-    from models.checkpoints import save_model_dir
-    from models.download import record_model
-    from models.home import models_dir
-    from models.tokenizer import Tokenizer
+    from models.core.home import models_dir
+    from models.hub.cache import record_model
+    from models.hub.formats import save_model_dir
+    from models.nn.tokenizer import Tokenizer
 
     target = models_dir() / name
     save_model_dir(target, kind, config, model.state_dict(), tokenizer=Tokenizer.from_path(vocab_dir / "vocab.txt"))
@@ -186,8 +186,8 @@ def install_tiny_model(name: str, vocab_dir: Path, img_dim: int = 2048, seed: in
     """A tiny random bi-encoder installed in the cache as ``name`` (model dir + manifest, tokenizer bundled)."""
     from dataclasses import replace
 
-    from models.bi_encoder import BiEncoder
-    from models.config import preset
+    from models.nn.bi_encoder import BiEncoder
+    from models.nn.config import preset
 
     torch.manual_seed(seed)
     config = replace(preset("tiny"), img_dim=img_dim, tokenizer="")
@@ -208,8 +208,8 @@ def install_tiny_reranker(name: str, vocab_dir: Path, img_dim: int = 2048, seed:
     """A tiny random UNITER cross-encoder installed in the cache as ``name``."""
     from dataclasses import replace
 
-    from models.config import CROSS_PRESETS
-    from models.reranker import CrossEncoder
+    from models.nn.config import CROSS_PRESETS
+    from models.nn.cross_encoder import CrossEncoder
 
     torch.manual_seed(seed)
     config = replace(CROSS_PRESETS["tiny"], img_dim=img_dim)
@@ -273,7 +273,7 @@ def planted_pairs(n_images: int = 16, captions_per_image: int = 2, regions: int 
     """
     import numpy as np
 
-    from models.train_data import PairSet
+    from models.training.data import PairSet
 
     rng = np.random.default_rng(seed)
     lookup, keys = {}, []
@@ -300,10 +300,10 @@ def install_tiny_detector(name: str = "tiny-det", seed: int = 0) -> tuple[Path, 
     """A tiny random BUTD detector saved in the cache as ``name``; returns (its dir, its feature size)."""
     from detector_fixtures import random_hub_state_dict
 
-    from feature_extraction.detector_config import tiny_config
-    from feature_extraction.detector_weights import load_detector, save_detector
-    from models.download import record_model
-    from models.home import models_dir
+    from feature_extraction.detector.config import tiny_config
+    from feature_extraction.detector.weights import load_detector, save_detector
+    from models.core.home import models_dir
+    from models.hub.cache import record_model
 
     # scaled random weights (the detector tests' fixture): proposals and class scores vary usefully
     model = load_detector(random_hub_state_dict(tiny_config(), seed), tiny_config())

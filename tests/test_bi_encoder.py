@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from ldot_testing import MaliciousPayload, official_finetuned, official_pretrained
 
 import models
-from models.checkpoints import FORMAT_VERSION, infer_bi_encoder_config
-from models.errors import CheckpointError, UnsafeCheckpointError
+from models.core.errors import CheckpointError, UnsafeCheckpointError
+from models.hub.formats import FORMAT_VERSION, infer_bi_encoder_config
 
 
 # -- an independent reference: transformers' BertModel + the UNITER embedding written out by hand ----
@@ -288,7 +288,7 @@ def test_text_tower_alone_loads_half_and_encodes_identically(tmp_path, tiny_mode
 @pytest.mark.parametrize("rows", [1, 11, 32, 33, 200])
 def test_fast_linear_equals_plain_linear_in_every_regime(rows):
     """Few-row inference takes oneDNN, the rest MKL, training autograd: the same numbers all three ways."""
-    from models import layers
+    from models.nn import layers
 
     torch.manual_seed(rows)
     lin = layers.Linear(48, 40)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ldot_testing import install_tiny_model, make_photos
 from typer.testing import CliRunner
 
-from ldot_cli.indexer import Indexer
+from ldot_cli.index.indexer import Indexer
 from ldot_cli.main import app
 
 runner = CliRunner()
@@ -86,7 +86,7 @@ def test_no_query_without_a_terminal_is_an_error(indexed):
 
 @pytest.mark.parametrize("query", ["a" * 10_000, "\U0001F415\U0001F3D6\ufe0f", "dog\x01\x02\x7f\u200b", "x\ud800y"])
 def test_hostile_queries_give_results(indexed, query):
-    from ldot_cli.search import Searcher
+    from ldot_cli.index.search import Searcher
 
     assert len(Searcher("default").search(query, k=3)) == 3
 
@@ -101,7 +101,7 @@ def test_invalid_utf8_argv_is_searched_not_crashed(indexed):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(min_size=1, max_size=300))
 def test_query_fuzzing_never_raises_anything_but_a_clean_error(indexed, query):
-    from ldot_cli.search import QueryError, Searcher
+    from ldot_cli.index.search import QueryError, Searcher
 
     searcher = Searcher("default")
     try:

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from feature_extraction.detector import BUTDDetector, cell_anchors, unique_rows
-from feature_extraction.detector_config import DetectorConfig, RuntimeOptions, tiny_config
-from feature_extraction.detector_weights import load_detector
-from feature_extraction.preprocess import preprocess, resized_size
+from feature_extraction.detector.config import (
+    DetectorConfig,
+    RuntimeOptions,
+    tiny_config,
+)
+from feature_extraction.detector.network import BUTDDetector, cell_anchors, unique_rows
+from feature_extraction.detector.preprocess import preprocess, resized_size
+from feature_extraction.detector.weights import load_detector
 from feature_extraction.types import RegionFeatures
 from tests.detector_fixtures import random_hub_state_dict, synthetic_image
 
@@ -164,7 +168,7 @@ def test_records_are_well_formed_and_in_original_pixels(model, preset):
 
 def test_boxes_scale_back_to_the_original_image(model):
     """Records hold boxes in original pixels: resized-image boxes times original/resized per axis."""
-    from feature_extraction.selection import LXMERT36, UNITER
+    from feature_extraction.detector.selection import LXMERT36, UNITER
 
     image = preprocess(_images(((103, 251),))[0], CFG)  # anisotropic rounding: factors differ per axis
     (h, w), (rh, rw) = image.scale.original_size, image.scale.resized_size

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feature_extraction.detector_config import DetectorConfig, RuntimeOptions
-from feature_extraction.detector_weights import load_detector
-from feature_extraction.preprocess import preprocess
-from feature_extraction.selection import LXMERT36, UNITER
+from feature_extraction.detector.config import DetectorConfig, RuntimeOptions
+from feature_extraction.detector.preprocess import preprocess
+from feature_extraction.detector.selection import LXMERT36, UNITER
+from feature_extraction.detector.weights import load_detector
 from tests.detector_fixtures import DATA, load_png, random_hub_state_dict
 
 pytestmark = pytest.mark.slow

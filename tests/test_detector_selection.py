@@ -10,11 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feature_extraction.box_ops import legacy_iou_matrix
-from feature_extraction.detector import RawDetections
-from feature_extraction.detector_config import DetectorConfig
-from feature_extraction.preprocess import ImageScale
-from feature_extraction.selection import LxmertSelection, UniterSelection, get_preset, per_class_nms_max_conf
+from feature_extraction.detector.config import DetectorConfig
+from feature_extraction.detector.network import RawDetections
+from feature_extraction.detector.ops import legacy_iou_matrix
+from feature_extraction.detector.preprocess import ImageScale
+from feature_extraction.detector.selection import (
+    LxmertSelection,
+    UniterSelection,
+    get_preset,
+    per_class_nms_max_conf,
+)
 
 K = 5  # foreground classes in these constructed cases
 CFG = DetectorConfig(num_classes=K)

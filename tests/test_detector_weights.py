@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from feature_extraction.detector_config import DetectorConfig, RuntimeOptions, tiny_config
-from feature_extraction.detector_weights import (
+from feature_extraction.detector.config import (
+    DetectorConfig,
+    RuntimeOptions,
+    tiny_config,
+)
+from feature_extraction.detector.preprocess import preprocess
+from feature_extraction.detector.weights import (
     DetectorWeightsError,
     UnsafePickleError,
     convert_d2_state_dict,
@@ -22,8 +27,13 @@ from feature_extraction.detector_weights import (
     read_restricted_pickle,
     save_detector,
 )
-from feature_extraction.preprocess import preprocess
-from tests.detector_fixtures import KEYS_FILE, hub_key_shapes, random_hub_state_dict, synthetic_image, to_d2_payload
+from tests.detector_fixtures import (
+    KEYS_FILE,
+    hub_key_shapes,
+    random_hub_state_dict,
+    synthetic_image,
+    to_d2_payload,
+)
 
 CFG = tiny_config()
 

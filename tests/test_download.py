@@ -9,10 +9,12 @@ import pytest
 import torch
 from ldot_testing import ServedFile, closed_port_url, http_server, official_finetuned
 
-from models import registry
-from models.download import download_entry, download_file, known_hash, verify_dir
-from models.errors import DownloadError
-from models.registry import ModelEntry, RemoteFile
+from models.core.errors import DownloadError
+from models.hub import catalogue as registry
+from models.hub.cache import is_present
+from models.hub.cache import verify_dir
+from models.hub.catalogue import ModelEntry, RemoteFile
+from models.hub.fetch import download_entry, download_file, known_hash
 
 DATA = os.urandom(3 * (1 << 20) + 12345)  # a bit over 3 chunks
 SHA = hashlib.sha256(DATA).hexdigest()
@@ -104,7 +106,7 @@ def test_official_checkpoint_download_is_converted_once(monkeypatch, tmp_path, t
     assert {p.name for p in path.iterdir()} == {"config.json", "model.safetensors", "ldot-manifest.json"}
     assert not (ldot_home / "models" / ".downloads" / "test-ft").exists()  # the raw pickle is not kept
     assert verify_dir(path) == []
-    assert registry.is_present("test-ft")
+    assert is_present("test-ft")
     import models
 
     enc = models.load_bi_encoder("test-ft")
@@ -120,7 +122,7 @@ def test_hub_entry_downloads_files_skips_missing_optional_ones_and_verify_detect
         _entry(monkeypatch, ModelEntry("test-bert", "text-encoder", "t", "MIT", registry._hub(
             "org/m", "config.json", "vocab.txt", optional=("tokenizer.json",))))
         path = download_entry("test-bert")
-        assert registry.is_present("test-bert")
+        assert is_present("test-bert")
         assert not (path / "tokenizer.json").exists()
         n = len(srv.requests)
         download_entry("test-bert")  # present files are not fetched again
@@ -136,4 +138,4 @@ def test_a_404_on_a_required_file_is_an_error(monkeypatch):
                                                                                               "vocab.txt")))
         with pytest.raises(DownloadError, match="404"):
             download_entry("test-x")
-    assert not registry.is_present("test-x")
+    assert not is_present("test-x")

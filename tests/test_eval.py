@@ -23,17 +23,22 @@ from evalsets import (
     write_text_db,
 )
 
-from ldot_cli.datasets import (
+from ldot_cli.data.benchmarks import (
     DataPaths,
-    DatasetError,
-    ensure_features,
     image_file_from_uniter_key,
     locate,
     read_karpathy,
     uniter_image_key,
 )
-from ldot_cli.evaluation import evaluate
-from models.metrics import Recalls, image_to_text_ranks, recalls_from_vectors, text_to_image_ranks
+from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.features import ensure_features
+from ldot_cli.eval.evaluation import evaluate
+from models.training.metrics import (
+    Recalls,
+    image_to_text_ranks,
+    recalls_from_vectors,
+    text_to_image_ranks,
+)
 
 # 14 images with 1..8 captions (fewer and more than 5); rank designs reach past 10.
 COUNTS = [1, 7, 2, 5, 6, 3, 5, 4, 8, 1, 5, 2, 5, 3]
@@ -268,7 +273,7 @@ def test_multi30k_misaligned_files(tmp_path):
 
 
 def test_non_finite_vectors_are_refused(tmp_path, plant):
-    from models.errors import ModelError
+    from models.core.errors import ModelError
 
     rset = locate("flickr30k", DataPaths(data=uniter_layout(tmp_path, plant)))
     encoder = PlantedEncoder(plant)
@@ -280,7 +285,8 @@ def test_non_finite_vectors_are_refused(tmp_path, plant):
 def test_corrupt_cached_record_says_how_to_rebuild(tmp_path, plant):
     import lmdb
 
-    from ldot_cli.datasets import feature_cache_dir
+    from feature_extraction.errors import ImageDBError
+    from ldot_cli.data.features import feature_cache_dir
 
     root = karpathy_layout(tmp_path, plant)
     cache = feature_cache_dir(root / "flickr30k-images")
@@ -290,5 +296,5 @@ def test_corrupt_cached_record_says_how_to_rebuild(tmp_path, plant):
     env.close()
     rset = locate("flickr30k", DataPaths(data=root))
     ensure_features(rset)
-    with pytest.raises(DatasetError, match=r"cannot read '1002.jpg' .*delete that folder to extract again"):
+    with pytest.raises(ImageDBError, match=r"cannot read '1002.jpg' .*delete that folder to extract again"):
         evaluate(rset, PlantedEncoder(plant))

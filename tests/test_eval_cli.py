@@ -163,7 +163,7 @@ def test_cli_errors_are_one_line(tmp_path, planted, args, message):
 
 # ------------------------------------------------------------------------------------------ real tiny models
 def _tiny_cross_encoder_dir(tmp_path, vocab_dir):
-    from models.config import CROSS_PRESETS
+    from models.nn.config import CROSS_PRESETS
 
     torch.manual_seed(1)
     model = models.CrossEncoder(CROSS_PRESETS["tiny"])
@@ -215,7 +215,7 @@ def test_tiny_models_end_to_end_as_a_subprocess(tmp_path, tiny_model, vocab_dir)
     torch.save(official_finetuned(tiny_model), tmp_path / "tiny.pt")
     _, model_dir = models.convert_checkpoint(tmp_path / "tiny.pt", tmp_path / "tiny", tokenizer=vocab_dir)
     cross_dir = _tiny_cross_encoder_dir(tmp_path, vocab_dir)
-    from models.tokenizer import Tokenizer
+    from models.nn.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_path(vocab_dir)
     rows = _tiny_benchmark(tmp_path / "data", tokenizer)

@@ -11,14 +11,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from evalsets import PlantedEncoder, expected_recalls, karpathy_json, make_plant, region_arrays
+from evalsets import (
+    PlantedEncoder,
+    expected_recalls,
+    karpathy_json,
+    make_plant,
+    region_arrays,
+)
 
 pytest.importorskip("feature_extraction.pipeline")
 
 from feature_extraction.types import RegionFeatures, normalize_boxes  # noqa: E402
-
-from ldot_cli.datasets import DataPaths, DatasetError, ensure_features, feature_cache_dir, locate  # noqa: E402
-from ldot_cli.evaluation import evaluate  # noqa: E402
+from ldot_cli.data.benchmarks import DataPaths, locate
+from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.features import ensure_features, feature_cache_dir  # noqa: E402
+from ldot_cli.eval.evaluation import evaluate  # noqa: E402
 
 
 def colour_preprocess(rgb: np.ndarray) -> tuple[torch.Tensor, float]:

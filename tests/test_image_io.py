@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from imagegen import pattern, save, truncate, write_png_bomb
 from PIL import Image, ImageFile, features
 
-from feature_extraction import image_io
 from feature_extraction.errors import ImageLoadError
-from feature_extraction.image_io import is_image_candidate, load_image
-from imagegen import pattern, save, truncate, write_png_bomb
+from feature_extraction.images import decode as image_io
+from feature_extraction.images.decode import is_image_candidate, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_heic_decoded_via_lazily_registered_pillow_heif(tmp_path: Path) -> None:
     # A fresh interpreter: nothing registered until load_image meets the file.
     res = _run_py(f"""
         from PIL import Image
-        from feature_extraction.image_io import load_image
+        from feature_extraction.images.decode import load_image
         assert "HEIF" not in Image.ID
         out = load_image({str(renamed)!r})
         print(out.shape, int(abs(out.astype(int) - __import__('numpy').asarray(Image.open({str(renamed)!r}))).mean()))
@@ -208,7 +208,7 @@ def test_heic_without_pillow_heif_says_how_to_install(tmp_path: Path) -> None:
     res = _run_py(f"""
         import sys
         sys.modules["pillow_heif"] = None  # as if not installed
-        from feature_extraction.image_io import load_image
+        from feature_extraction.images.decode import load_image
         from feature_extraction.errors import MissingCodecError
         try:
             load_image({str(path)!r})
@@ -323,7 +323,7 @@ def test_bomb_peak_memory_bounded(bomb: Path) -> None:
     # parent that was already big (pytest with torch loaded).
     code = """
         import sys
-        from feature_extraction.image_io import load_image
+        from feature_extraction.images.decode import load_image
         from feature_extraction.errors import ImageLoadError
         def hwm_mb():
             for line in open("/proc/self/status"):

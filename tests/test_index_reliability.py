@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from ldot_testing import install_tiny_model, make_photos
 
-from ldot_cli.index_store import IndexStore, index_path
+from ldot_cli.index.store import IndexStore, index_path
 
 TESTS = Path(__file__).resolve().parent
 
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.path[:0] = [{tests!r}]
     from fakes import FakeDetector
-    from ldot_cli.indexer import Indexer
+    from ldot_cli.index.indexer import Indexer
     Indexer("default", model="tiny", detector=FakeDetector(delay_s={delay}), num_workers=0,
             batch_size=2).run([{folder!r}])
 """)
@@ -71,9 +71,9 @@ def check_consistent(expect_complete: int | None = None) -> None:
 
 def check_vectors_belong_to_their_files() -> None:
     """Re-derive every stored vector from its own file: no vector is paired with another file."""
-    import models
     from fakes import expected_record
 
+    import models
     from feature_extraction.uniter_db import record_view, regions_to_record, resolve_cut
 
     encoder = models.load_bi_encoder("tiny")
@@ -119,7 +119,7 @@ def test_kill_9_at_random_points_then_resume_completes(tmp_path, vocab_dir):
 
 @pytest.mark.slow
 def test_concurrent_indexers_and_searches(tmp_path, vocab_dir):
-    from ldot_cli.search import Searcher
+    from ldot_cli.index.search import Searcher
 
     install_tiny_model("tiny", vocab_dir)
     folder = tmp_path / "photos"

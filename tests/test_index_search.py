@@ -11,9 +11,9 @@ import pytest
 from fakes import FakeDetector
 from ldot_testing import install_tiny_model, make_photos
 
-from ldot_cli.index_store import FAISS_FILE, IndexError_, IndexStore, index_path
-from ldot_cli.indexer import Indexer
-from ldot_cli.search import QueryError, Searcher
+from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.search import QueryError, Searcher
+from ldot_cli.index.store import FAISS_FILE, IndexError_, IndexStore, index_path
 
 
 @pytest.fixture
@@ -157,9 +157,10 @@ def test_unknown_index_is_an_error(tiny):
 
 
 def test_rerank_rescores_the_top_m_with_the_stored_regions(tmp_path, tiny, vocab_dir):
-    import models
     from fakes import expected_record
     from ldot_testing import install_tiny_reranker
+
+    import models
 
     install_tiny_reranker("uniter-base", vocab_dir)
     make_photos(tmp_path / "photos", 10)

@@ -13,12 +13,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fakes import CRASH_PIXEL, HANG_PIXEL, FakeDetector, expected_record, misbehaving_preprocess
-from feature_extraction.errors import DBLockedError, DetectorError
-from feature_extraction.pipeline import ExtractProgress, ExtractReport, RegionDetector, extract_to_db
-from feature_extraction.uniter_db import UniterImageDB, UniterImageDBWriter, soft_labels_to_uniter
+from fakes import (
+    CRASH_PIXEL,
+    HANG_PIXEL,
+    FakeDetector,
+    expected_record,
+    misbehaving_preprocess,
+)
 from imagegen import save, truncate, write_png_bomb
+
+from feature_extraction.errors import DBLockedError, DetectorError
+from feature_extraction.pipeline import (
+    ExtractProgress,
+    ExtractReport,
+    RegionDetector,
+    extract_to_db,
+)
+from feature_extraction.uniter_db import (
+    UniterImageDB,
+    UniterImageDBWriter,
+    soft_labels_to_uniter,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

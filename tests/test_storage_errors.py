@@ -11,9 +11,9 @@ import pytest
 from ldot_testing import install_tiny_detector, install_tiny_model, make_photos
 from typer.testing import CliRunner
 
-from ldot_cli.index_store import FAISS_FILE, IndexStore, index_path
+from ldot_cli.index.store import FAISS_FILE, IndexStore, index_path
 from ldot_cli.main import app
-from models.errors import StorageError, as_storage_error
+from models.core.errors import StorageError, as_storage_error
 
 ARGS = ["--model", "tiny", "--detector", "tiny-det", "--batch-size", "2", "--workers", "0"]
 
@@ -99,7 +99,7 @@ def test_read_only_home_is_one_line(photos, monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(index_path("default")))
 
-    monkeypatch.setattr("ldot_cli.index_store.IndexStore.__init__", refuse)
+    monkeypatch.setattr("ldot_cli.index.store.IndexStore.__init__", refuse)
     assert_one_line_storage_error(index(photos), os.strerror(errno.EROFS), str(index_path("default")))
 
 

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from ldot_testing import official_finetuned
 
 import models
-from models.config import CROSS_PRESETS
-from models.errors import CheckpointError, ModelError
-from models.tokenizer import Tokenizer
+from models.core.errors import CheckpointError, ModelError
+from models.nn.config import CROSS_PRESETS
+from models.nn.tokenizer import Tokenizer
 
 
 def test_real_words_get_real_ids_not_unk(vocab_dir):
@@ -85,7 +85,7 @@ def _reference_itm(state, ids, feat, norm_bb, rank_w, rank_b):
     """UNITER ITM by hand: text embeddings + region embeddings, transformers' BERT layers, pooler, Linear."""
     from test_bi_encoder import _hf_bert
 
-    from models.config import CROSS_PRESETS
+    from models.nn.config import CROSS_PRESETS
 
     cfg = CROSS_PRESETS["tiny"].body
     s = {k.replace("uniter.", ""): v for k, v in state.items()}

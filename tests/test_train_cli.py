@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import models
 from ldot_cli.main import app
-from models.train_data import TrainData
+from models.training.data import TrainData
 
 runner = CliRunner()
 
@@ -35,7 +35,7 @@ def planted(monkeypatch, ldot_home):
         seen.append(spec)
         return TrainData(pairs, lookup, val=None if spec.no_val else pairs, description="planted")
 
-    monkeypatch.setattr("ldot_cli.trainer.open_training_data", fake_open)
+    monkeypatch.setattr("ldot_cli.train.driver.open_training_data", fake_open)
     return seen
 
 

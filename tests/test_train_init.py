@@ -6,12 +6,18 @@ import pytest
 import torch
 from ldot_testing import tiny_hf_bert_state, write_tiny_hf_bert
 
-from models.checkpoints import load_strict
-from models.config import TINY
-from models.errors import CheckpointError, ModelError
-from models.initialization import hf_bert_body, initial_model, read_source, source_tokenizer, uniter_body
-from models.layers import BertBody
-from models.pretraining import BiEncoderForPretraining
+from models.core.errors import CheckpointError, ModelError
+from models.hub.formats import load_strict
+from models.nn.config import TINY
+from models.nn.layers import BertBody
+from models.nn.pretraining import BiEncoderForPretraining
+from models.training.initialization import (
+    hf_bert_body,
+    initial_model,
+    read_source,
+    source_tokenizer,
+    uniter_body,
+)
 
 
 @pytest.mark.parametrize("legacy", [False, True])

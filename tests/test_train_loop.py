@@ -11,13 +11,13 @@ import torch
 from ldot_testing import planted_pairs, write_vocab
 
 import models
-import models.loading
-from models import losses
-from models.config import preset
-from models.pretraining import BiEncoderForPretraining
-from models.tokenizer import Tokenizer
-from models.train_data import PairSet, SpecialIds, TrainData, batch_indices, collate
-from models.training import (
+import models.hub.load
+from models.nn import losses
+from models.nn.config import preset
+from models.nn.pretraining import BiEncoderForPretraining
+from models.nn.tokenizer import Tokenizer
+from models.training.data import PairSet, SpecialIds, TrainData, batch_indices, collate
+from models.training.loop import (
     TrainConfig,
     TrainingError,
     build_optimizer,
@@ -46,7 +46,7 @@ def tokenizer(tmp_path_factory):
 
 def _model(seed: int = 0) -> BiEncoderForPretraining:
     """A tiny model with BERT's init (what `initial_model` gives fresh parts)."""
-    from models.initialization import bert_init_
+    from models.training.initialization import bert_init_
 
     torch.manual_seed(seed)
     model = BiEncoderForPretraining(preset("tiny"), num_region_labels=11)
@@ -93,7 +93,7 @@ def test_recalls_match_brute_force():
     text, image = rng.normal(size=(30, 8)), rng.normal(size=(10, 8))
     owner = np.repeat(np.arange(10), 3)
     scores = text @ image.T
-    from models.metrics import recalls_from_vectors
+    from models.training.metrics import recalls_from_vectors
 
     got = recalls_from_vectors(text, image, owner)
     for k in (1, 5, 10):
@@ -145,12 +145,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     torch.manual_seed(1234)  # the resumed run must not depend on the caller's RNG
     second = train(tmp_path / "b", data, config, resume=True, device="cpu")
     assert second.finished and second.step == 6
-    from models.training import _rebuild
+    from models.training.loop import _rebuild
 
     resumed, _ = _rebuild(tmp_path / "b")
     from safetensors.torch import load_file
 
-    from models.pretraining import with_tied_aliases
+    from models.nn.pretraining import with_tied_aliases
 
     resumed.load_state_dict(with_tied_aliases(load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")))
     ref = full.state_dict()
@@ -189,7 +189,7 @@ def test_pretraining_heads_learn_and_the_model_installs_with_them(tmp_path, toke
     assert set([lo for e, lo in seen if e == "step"][-1]) == {"mlm", "mrfr", "mrckl"}
     target = export_model(tmp_path / "run", "mine-pre")
     assert (target / "heads.safetensors").is_file()
-    from models.initialization import initial_model
+    from models.training.initialization import initial_model
 
     again, report = initial_model("mine-pre")
     assert report.heads.startswith("cls+feat_regress+region_classifier+itm_output")
@@ -204,10 +204,10 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
     target = export_model(tmp_path / "run", "mine")
     manifest = json.loads((target / "ldot-manifest.json").read_text())
     assert manifest["origin"] == "train" and manifest["kind"] == "bi-encoder" and manifest["complete"]
-    from models.store import local_models
+    from models.hub.cache import local_models
 
     assert [(m.name, m.origin, m.kind) for m in local_models()] == [("mine", "train", "bi-encoder")]
-    assert len(models.loading.fingerprint("mine")) == 16  # what an index records
+    assert len(models.hub.load.fingerprint("mine")) == 16  # what an index records
     loaded = models.load_bi_encoder("mine")
     assert loaded.tokenizer.tokenize("a dog") == ["a", "dog"]  # bundled tokenizer
     best = _model()
@@ -243,7 +243,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, tokenizer):
 
 
 def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(tmp_path, tokenizer):
-    from models.training import TrainingInterrupted
+    from models.training.loop import TrainingInterrupted
 
     pairs, lookup = planted_pairs(n_images=8)
     config = _config(tasks=(("itm", 1.0), ("mlm", 1.0)), steps=4, grad_accum=2, eval_every=10)
@@ -284,7 +284,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tokenizer):
 def test_the_grad_scaler_path_steps_checkpoints_and_resumes(tmp_path, tokenizer, monkeypatch):
     """The fp16 path's GradScaler (scale, unscale before clipping, step, update, state in the checkpoint),
     run on CPU by asking for a scaler with bf16 autocast (CPU has no fast fp16)."""
-    import models.training as training
+    import models.training.loop as training
 
     monkeypatch.setattr(training, "resolve_precision", lambda precision, device: (torch.bfloat16, True))
     pairs, lookup = planted_pairs(n_images=8)

@@ -10,10 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models import losses
-from models.checkpoints import bi_encoder_state
-from models.config import preset
-from models.pretraining import TIED, BiEncoderForPretraining, PairBatch, state_for_saving, with_tied_aliases
+from models.hub.formats import bi_encoder_state
+from models.nn import losses
+from models.nn.config import preset
+from models.nn.pretraining import (
+    TIED,
+    BiEncoderForPretraining,
+    PairBatch,
+    state_for_saving,
+    with_tied_aliases,
+)
 
 
 def _ce(row: list[float], target: int) -> float:

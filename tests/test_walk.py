@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from feature_extraction.walk import WalkIssue, collect_images, default_key
+from feature_extraction.images.walk import WalkIssue, collect_images, default_key
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

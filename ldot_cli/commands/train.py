@@ -1,0 +1,125 @@
+"""`ldot train`: fine-tune (CMR) or pre-train (CMR + VMLM + MRFR + MRC-kl) a bi-encoder from live weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ldot_cli.commands.console import err, progress_bar
+
+app = typer.Typer(help="Make your own LightningDOT model: fine-tune or pre-train a bi-encoder.", no_args_is_help=True)
+
+Data = typer.Option(None, "--data", help="Folder holding the UNITER text/image DBs or the Karpathy split file.")
+TxtDb = typer.Option(None, "--txt-db", help="Training UNITER text DB (repeatable).")
+ValTxtDb = typer.Option(None, "--val-txt-db", help="Validation UNITER text DB (model selection by mean recall).")
+ImgDb = typer.Option(None, "--img-db", help="UNITER image DB folder (repeatable; default: every one under --data).")
+ValImages = typer.Option(None, "--val-images", help="Validate on the first N validation images only.")
+NoVal = typer.Option(False, "--no-val", help="No validation: keep the last model.")
+Init = typer.Option(None, "--init", help="Start from a bi-encoder (lightningdot, a model you trained) or a BERT "
+                    "(bert-base-cased). Default: lightningdot when present, else bert-base-cased.")
+ImageInit = typer.Option(None, "--image-init", help="Image tower when --init is a BERT: uniter-base (default when "
+                         "present) or a BERT (fresh region embedding).")
+Out = typer.Option(..., "--out", help="Name of the run and of the trained model (`ldot index --model NAME`).")
+BatchSize = typer.Option(None, "--batch-size", help="Pairs per batch: the in-batch negatives. [default: 96]")
+Lr = typer.Option(None, "--lr", help="Peak learning rate.")
+Warmup = typer.Option(None, "--warmup", help="Warmup: a fraction of all steps (< 1) or a number of steps.")
+Clip = typer.Option(None, "--grad-clip", help="Max gradient norm (0: off).")
+Accum = typer.Option(None, "--grad-accum", help="Batches per optimizer step. [default: 1]")
+Precision = typer.Option(None, "--precision", help="auto | fp32 | fp16 | bf16 (auto: bf16 or fp16 on CUDA, fp32 on "
+                         "CPU, where bf16 is far slower).")
+Seed = typer.Option(None, "--seed", help="Seed of data order, masking and dropout. [default: 42]")
+Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+Resume = typer.Option(False, "--resume", help="Continue the run named by --out from its last checkpoint.")
+Force = typer.Option(False, "--force", help="Start the run over and replace a model of that name.")
+
+
+@app.command()
+def finetune(
+    dataset: str = typer.Option("flickr30k", "--dataset", help="flickr30k | coco (sets the epochs: 15 / 20)."),
+    data: Path = Data, karpathy: Path = typer.Option(None, "--karpathy", help="dataset_<set>.json (Karpathy split)."),
+    txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
+    val_images: int = ValImages, no_val: bool = NoVal, init: str = Init, image_init: str = ImageInit,
+    out_name: str = Out,
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs."),
+    batch_size: int = BatchSize, lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
+    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+    resume: bool = Resume, force: bool = Force,
+) -> None:
+    """Fine-tune with CMR (in-batch contrastive loss over dot products); keep the epoch with the best mean recall."""
+    if dataset not in ("flickr30k", "coco"):
+        raise typer.BadParameter("choose flickr30k or coco", param_hint="--dataset")
+    spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
+    _run("finetune", out_name, spec, init, image_init, device, resume, force, dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
+        precision=precision, seed=seed))
+
+
+@app.command()
+def pretrain(
+    data: Path = Data, txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
+    val_images: int = ValImages, no_val: bool = NoVal,
+    tasks: str = typer.Option("itm,mlm,mrfr,mrckl", "--tasks", help="Tasks to mix: itm (CMR), mlm, mrfr, mrckl."),
+    mix: str = typer.Option("16,8,4,4", "--mix", help="Mix ratios, one per task, or a preset: coco (16,8,4,4), "
+                            "other (16,12,6,6: VG, CC, SBU)."),
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps. [default: 300000]"),
+    eval_every: int = typer.Option(None, "--eval-every", help="Steps between validations. [default: 10000]"),
+    init: str = Init, image_init: str = ImageInit, out_name: str = Out,
+    batch_size: int = BatchSize, lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
+    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+    resume: bool = Resume, force: bool = Force,
+) -> None:
+    """Pre-train with a mix of CMR, VMLM, MRFR and MRC-kl (one task sampled per batch)."""
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    ratios = _mix(mix, names)
+    spec = _spec("custom", data, None, txt_db, val_txt_db, img_db, val_images, no_val)
+    _run("pretrain", out_name, spec, init or "bert-base-cased", image_init, device, resume, force, dict(
+        tasks=None if resume and tasks == "itm,mlm,mrfr,mrckl" and mix == "16,8,4,4" else tuple(zip(names, ratios)),
+        steps=steps, eval_every=eval_every, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip,
+        grad_accum=grad_accum, precision=precision, seed=seed))
+
+
+def _mix(mix: str, names: list[str]) -> list[float]:
+    presets = {"coco": "16,8,4,4", "other": "16,12,6,6"}
+    if mix in presets:
+        order = {"itm": 0, "mlm": 1, "mrfr": 2, "mrckl": 3}
+        full = [float(x) for x in presets[mix].split(",")]
+        return [full[order[n]] if n in order else 1.0 for n in names]
+    try:
+        ratios = [float(x) for x in mix.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{mix!r} is neither numbers nor a preset (coco, other)", param_hint="--mix") from None
+    if len(ratios) != len(names):
+        raise typer.BadParameter(f"{len(ratios)} ratios for {len(names)} tasks", param_hint="--mix")
+    return ratios
+
+
+def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[Path] | None, val_txt_db: Path | None,
+          img_db: list[Path] | None, val_images: int | None, no_val: bool) -> Any:
+    from ldot_cli.data.train_sources import DataSpec
+
+    return DataSpec(dataset, data, karpathy, tuple(txt_db or ()), val_txt_db, tuple(img_db or ()), val_images, no_val)
+
+
+def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | None, device: str, resume: bool,
+         force: bool, options: dict[str, Any]) -> None:
+    from ldot_cli.commands.console import TrainView
+    from ldot_cli.train.driver import TrainRequest, run_training
+
+    overrides = {k: v for k, v in options.items() if v is not None}
+    request = TrainRequest(mode, name, spec, init, image_init, overrides, device=device, resume=resume, force=force)
+    with progress_bar("steps") as progress:
+        outcome = run_training(request, TrainView(progress))
+    result = outcome.result
+    best = result.best
+    summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"
+    err.print(f"[green]ok[/] {mode}: {result.step} steps on {outcome.train_pairs} pairs in {result.seconds:.0f} s; "
+              f"{summary}", highlight=False)
+    if outcome.model_dir is not None:
+        typer.echo(f"{name}\t{outcome.model_dir}")  # plain: for scripts
+        err.print(f"use it: ldot index PHOTOS --model {name}", highlight=False)
+
+
+def register(app_: typer.Typer) -> None:
+    app_.add_typer(app, name="train")

@@ -1,0 +1,195 @@
+"""Training data from the files users have: UNITER text/image DBs and Karpathy split files -> `TrainData`.
+
+INTEGRATION POINT (one adapter): the readers live elsewhere and are imported lazily here, nowhere else:
+
+- captions: `ldot_cli.data.benchmarks` (branch ``eval``): `read_karpathy(path, split)`, `read_uniter_text_db(dir)`,
+  `uniter_image_key`, `find_karpathy`, `find_text_db`;
+- region features: `feature_extraction.uniter_db.UniterImageDB` (branch ``images``), whose records already
+  hold ``soft_labels`` background FIRST, as `models.training.data.FeatureLookup` expects.
+
+Layouts:
+- fine-tuning (Flickr30k, COCO): a UNITER text DB ``itm_<set>_train*.db`` (+ ``itm_<set>_val*.db``) or the
+  Karpathy file (train split, COCO also ``restval``; validation: ``val``), and the UNITER image DB(s) (COCO's
+  Karpathy train split spans ``coco_train2014`` and ``coco_val2014``: every image DB found is searched).
+- pre-training: any UNITER text DBs (``--txt-db``, repeatable; e.g. ``pretrain_caption_coco_train_base-cased.db``)
+  and their image DBs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from feature_extraction.uniter_db import UNITER_FEATURE_DB, is_image_db, subdirs
+from models.core.errors import LdotError
+
+
+class TrainDataError(LdotError):
+    """Training data is missing or does not fit together (the message names the file)."""
+
+
+def _readers() -> tuple[Any, Any]:
+    try:
+        from feature_extraction import uniter_db
+        from ldot_cli.data import benchmarks as datasets
+    except ImportError:
+        raise TrainDataError("this build lacks the dataset readers (ldot_cli.data.benchmarks, feature_extraction.uniter_db) "
+                             "that `ldot train` reads UNITER DBs and Karpathy files with") from None
+    return datasets, uniter_db
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the training data is: explicit paths win over what is found under ``data``."""
+
+    dataset: str = "flickr30k"  # flickr30k | coco | custom (pre-training: any text DBs)
+    data: Path | None = None  # folder to search
+    karpathy: Path | None = None  # dataset_<set>.json
+    txt_dbs: tuple[Path, ...] = ()  # training UNITER text DBs
+    val_txt_db: Path | None = None  # validation UNITER text DB
+    img_dbs: tuple[Path, ...] = ()  # UNITER image DB folders (each holding feat_th0.2_max100_min10/)
+    val_images: int | None = None  # keep only the first N validation images (and their captions)
+    no_val: bool = False  # train without validation (keep the last model)
+
+
+class MultiImageDB:
+    """Several UNITER image DBs behind one ``lookup[key]`` (the first DB holding the key answers)."""
+
+    def __init__(self, dbs: Sequence[Any]) -> None:
+        self.dbs = list(dbs)
+        self._where: dict[str, Any] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return self._find(key) is not None
+
+    def _find(self, key: str) -> Any:
+        db = self._where.get(key)
+        if db is None:
+            db = next((d for d in self.dbs if key in d), None)
+            if db is not None:
+                self._where[key] = db
+        return db
+
+    def __getitem__(self, key: str) -> Any:
+        db = self._find(key)
+        if db is None:
+            raise KeyError(key)
+        return db[key]
+
+
+def _image_dbs(spec: DataSpec) -> list[Path]:
+    if spec.img_dbs:
+        bad = [p for p in spec.img_dbs if not is_image_db(p)]
+        if bad:
+            raise TrainDataError(f"{bad[0]} is not a UNITER image DB (expected {bad[0] / UNITER_FEATURE_DB}/data.mdb)")
+        return list(spec.img_dbs)
+    if spec.data is None:
+        raise TrainDataError("no image features: pass --data or --img-db (a UNITER image DB folder)")
+    found = [p for p in [spec.data, *subdirs(spec.data), *(q for p in subdirs(spec.data) for q in subdirs(p))]
+             if is_image_db(p)]
+    if not found:
+        raise TrainDataError(f"no UNITER image DB under {spec.data} (a folder holding {UNITER_FEATURE_DB}/): "
+                             "extract features first, or pass --img-db")
+    return found
+
+
+def _pairs_from_text_dbs(dbs: Sequence[Path], datasets: Any) -> Any:
+    from models.training.data import PairSet
+
+    keys: dict[str, int] = {}
+    token_ids, caption_image = [], []
+    for db in dbs:
+        names, rows, _ = datasets.read_uniter_text_db(db)
+        for _, _, image, ids in rows:
+            caption_image.append(keys.setdefault(names[image], len(keys)))
+            token_ids.append(tuple(ids))
+    return PairSet(token_ids, caption_image, list(keys))
+
+
+def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokenizer: Any, datasets: Any) -> Any:
+    from models.training.data import PairSet
+
+    files: list[str] = []
+    texts: list[str] = []
+    images: list[int] = []
+    for split in splits:
+        try:
+            split_files, captions = datasets.read_karpathy(path, split)
+        except LdotError:
+            if split == "restval":  # COCO only
+                continue
+            raise
+        offset = len(files)
+        files.extend(split_files)
+        texts.extend(c[1] for c in captions)
+        images.extend(offset + c[2] for c in captions)
+    keys = [datasets.uniter_image_key(dataset, f) for f in files]
+    return PairSet.from_texts(texts, images, keys, tokenizer)
+
+
+def _first_images(pairs: Any, n: int | None) -> Any:
+    from models.training.data import PairSet
+
+    if n is None or n >= len(pairs.image_keys):
+        return pairs
+    keep = [i for i, img in enumerate(pairs.caption_image) if img < n]
+    return PairSet([pairs.token_ids[i] for i in keep], [pairs.caption_image[i] for i in keep], pairs.image_keys[:n])
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
+    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
+    from models.training.data import TrainData
+
+    datasets, uniter_db = _readers()
+    if spec.data is not None and not spec.data.is_dir():
+        raise TrainDataError(f"--data {spec.data} is not a folder")
+    train_dbs = list(spec.txt_dbs)
+    val_db = spec.val_txt_db
+    karpathy = spec.karpathy
+    if not train_dbs and karpathy is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
+        found = datasets.find_text_db(spec.data, spec.dataset, "train")
+        if found is not None:
+            train_dbs = [found]
+        else:
+            karpathy = datasets.find_karpathy(spec.data, spec.dataset)
+    if train_dbs:
+        train = _pairs_from_text_dbs(train_dbs, datasets)
+        if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
+            val_db = datasets.find_text_db(spec.data, spec.dataset, "val")
+        val = _pairs_from_text_dbs([val_db], datasets) if val_db is not None and not spec.no_val else None
+        described = ", ".join(str(p) for p in train_dbs)
+    elif karpathy is not None:
+        if spec.dataset not in ("flickr30k", "coco"):
+            raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
+                                 "follow the dataset's naming)")
+        splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
+        train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer, datasets)
+        val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer, datasets)
+        described = str(karpathy)
+    else:
+        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under --data, or pass "
+                             "--txt-db / --karpathy")
+    if val is not None:
+        val = _first_images(val, spec.val_images)
+    img_dirs = _image_dbs(spec)
+    try:
+        lookup = MultiImageDB([uniter_db.UniterImageDB(d, "uniter") for d in img_dirs])
+    except Exception as exc:  # the reader's ImageDBError, lmdb errors
+        raise TrainDataError(f"cannot open the image DB(s) {', '.join(map(str, img_dirs))}: {exc}") from None
+    _check_features(train, val, lookup, img_dirs)
+    return TrainData(train, lookup, val, description=f"captions: {described}; images: "
+                     + ", ".join(str(d) for d in img_dirs))
+
+
+def _check_features(train: Any, val: Any, lookup: MultiImageDB, img_dirs: Sequence[Path]) -> None:
+    for name, pairs in (("training", train), ("validation", val)):
+        if pairs is None:
+            continue
+        missing = [k for k in pairs.image_keys if k not in lookup]
+        if missing:
+            raise TrainDataError(f"{len(missing)} of the {len(pairs.image_keys)} {name} images have no features in "
+                                 f"{', '.join(map(str, img_dirs))} (first: {missing[0]}): extract them, or pass the "
+                                 "right --img-db")

@@ -1,0 +1,59 @@
+"""What `ldot status` reports about indexes (library side, no rendering)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from ldot_cli.index.store import (
+    DB_FILE,
+    REGIONS_DIR,
+    IndexStore,
+    display_path,
+    index_path,
+)
+from models.core.home import indexes_dir
+
+
+def _dir_bytes(path: Any) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def list_indexes() -> list[dict[str, Any]]:
+    """Name, counts, model and size of every index."""
+    root = indexes_dir()
+    out = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (path / DB_FILE).is_file():
+            continue
+        with IndexStore(path) as store:
+            counts = store.counts()
+            out.append({"name": path.name, "indexed": counts.get("indexed", 0), "skipped": counts.get("skipped", 0),
+                        "model": store.get_meta("model"), "bytes": _dir_bytes(path)})
+    return out
+
+
+def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
+    """Everything `ldot status --name N` shows."""
+    with IndexStore(index_path(name)) as store:
+        meta = store.meta()
+        counts = store.counts()
+        regions = _dir_bytes(store.dir / REGIONS_DIR)
+        updated = meta.get("faiss_written")
+        info: dict[str, Any] = {
+            "name": name, "path": str(store.dir), "model": meta.get("model"),
+            "model_fingerprint": meta.get("model_fingerprint"), "detector": meta.get("detector"),
+            "preset": meta.get("preset"), "indexed": counts.get("indexed", 0), "skipped": counts.get("skipped", 0),
+            "vectors": counts["vectors"],
+            "search": {"exact": "exact (every image scored)", "ivf": "approximate (IVF)"}.get(meta.get("faiss_kind", ""),
+                                                                                              "-"),
+            "bytes": _dir_bytes(store.dir),
+            "region_bytes_per_image": regions // counts["vectors"] if counts["vectors"] and regions else None,
+            "updated": datetime.datetime.fromtimestamp(float(updated)).isoformat(timespec="seconds") if updated else None,
+        }
+        if with_errors:
+            info["errors"] = [(row.display, row.reason) for row in store.file_rows("skipped")]
+    return info
+
+
+__all__ = ["describe_index", "list_indexes", "display_path"]

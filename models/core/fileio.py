@@ -1,0 +1,101 @@
+"""Durable writes and file hashes, used by every store in ldot (models, runs, indexes, feature DBs).
+
+The one rule for replacing anything on disk: write the new version beside the old one, fsync it, rename it into
+place, fsync the folder. A file is replaced in one rename; a directory in two (old -> backup, new -> place), and
+until the new one is in place the old one is still there (as the backup), so a crash never leaves neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (checksums of downloads and vector files; identity of image content)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()  # Python 3.11+, as pyproject requires
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a directory (after a rename, so the new entry survives a power loss)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temp file beside ``path``, fsync it, rename it over ``path``, fsync the directory."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=indent is not None) + "\n")
+
+
+def replace_file(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Move a finished temp file (written beside ``path``) into place durably: fsync, rename, fsync the folder."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(Path(path).parent)
+
+
+def _backup_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put the finished directory ``tmp`` (beside ``target``) in place of ``target``.
+
+    The old ``target`` becomes ``.<name>.old`` first and is deleted only after the new one is in place, so a
+    crash leaves the old version (restored by `recover_dir`) or the new one, never neither.
+    """
+    tmp, target = Path(tmp), Path(target)
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(tmp)
+    backup = _backup_of(target)
+    if backup.exists():
+        shutil.rmtree(backup)
+    if target.exists():
+        os.replace(target, backup)
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover_dir(target: str | os.PathLike[str]) -> None:
+    """After a crash inside `replace_dir`: bring the old version back when the new one never arrived."""
+    target = Path(target)
+    backup = _backup_of(target)
+    if backup.is_dir() and not target.exists():
+        os.replace(backup, target)
+        fsync_path(target.parent)

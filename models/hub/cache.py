@@ -1,0 +1,145 @@
+"""The named models on disk under ``<home>/models``: list, import, verify, remove."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.core.errors import LdotError, ModelError, ModelNotFoundError
+from models.core.fileio import atomic_write_text, sha256_file
+from models.core.home import models_dir
+from models.hub.catalogue import MANIFEST, RERANKERS, find_entry
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class LocalModel:
+    """A model directory in the cache."""
+
+    name: str
+    path: Path
+    kind: str
+    complete: bool
+    origin: str  # download | import | train
+    size: int  # bytes on disk
+
+    @property
+    def registered(self) -> bool:
+        return find_entry(self.name) is not None
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def local_models() -> list[LocalModel]:
+    """Every model directory in the cache with a manifest, sorted by name."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or path.name.startswith("."):
+            continue
+        manifest = read_manifest(path)
+        if not manifest:
+            continue
+        out.append(LocalModel(path.name, path, manifest.get("kind", "?"), bool(manifest.get("complete")),
+                              manifest.get("origin", "?"), dir_size(path)))
+    return out
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ModelError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
+    return name
+
+
+def remove_model(name: str) -> Path:
+    target = models_dir() / check_name(name)
+    if not target.is_dir():
+        raise ModelNotFoundError(f"no model named {name!r} in {models_dir()}: see `ldot models list`")
+    shutil.rmtree(target)
+    return target
+
+
+def verify_models(names: list[str] | None = None) -> dict[str, list[str]]:
+    """Re-hash each named (or every) local model; returns name -> problems (empty list when intact)."""
+    available = {m.name: m for m in local_models()}
+    if names:
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise ModelNotFoundError(f"not in the cache: {', '.join(missing)} (see `ldot models list`)")
+    return {name: verify_dir(available[name].path) for name in (names or sorted(available))}
+
+
+def model_path(name: str) -> Path:
+    """Directory of a named model in the cache (which may not exist)."""
+    entry = find_entry(name)
+    return models_dir() / (entry.name if entry else name)
+
+
+def read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_present(name: str) -> bool:
+    """Downloaded (or imported) and complete: every non-optional file, or a converted model."""
+    directory = model_path(name)
+    manifest = read_manifest(directory)
+    return bool(manifest.get("complete")) and directory.is_dir()
+
+
+def hash_dir(directory: Path) -> dict[str, dict[str, object]]:
+    """sha256 and size of every regular file in a model directory (the manifest excepted)."""
+    out = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != MANIFEST and not path.name.endswith((".part", ".lock")):
+            out[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return out
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def record_model(directory: Path, name: str, kind: str, origin: str, **extra: object) -> None:
+    """Write the manifest of a complete model directory: who it is, where it came from, every file's hash."""
+    write_manifest(directory, {"name": name, "kind": kind, "complete": True, "origin": origin, **extra,
+                               "files": hash_dir(directory)})
+
+
+def verify_dir(directory: Path) -> list[str]:
+    """Re-hash a model directory against its manifest; returns the problems found (empty when intact)."""
+    manifest = read_manifest(directory)
+    if not manifest:
+        return [f"{directory.name}: no {MANIFEST}: re-download or re-import it"]
+    problems = []
+    for filename, info in manifest.get("files", {}).items():
+        path = directory / filename
+        if not path.is_file():
+            problems.append(f"{filename}: missing")
+        elif path.stat().st_size != info["size"]:
+            problems.append(f"{filename}: {path.stat().st_size} bytes, expected {info['size']}")
+        elif sha256_file(path) != info["sha256"]:
+            problems.append(f"{filename}: sha256 mismatch (corrupted)")
+    return problems
+
+
+def default_reranker() -> str:
+    """The first re-ranker present in the cache (UNITER ITM, else LXMERT)."""
+    from models.hub.cache import is_present
+
+    for name in RERANKERS:
+        if is_present(name):
+            return name
+    raise LdotError("no re-ranker in the cache: run `ldot models download lxmert-base-uncased` "
+                    "(or import UNITER: `ldot models import uniter-base.pt --as uniter-base`)")

@@ -1,0 +1,136 @@
+"""The one list of named checkpoints ldot knows, and what is present in the cache.
+
+Official LightningDOT files list both official hosts as mirrors (both have been seen dead: the
+LightningDOT repo's issue #12); the Hugging Face hub files are live. No sha256 is published for any of
+them: the first verified download records it in ``<home>/known_hashes.json`` (trust on first use) and
+later downloads and `ldot models verify` check against it.
+
+Hub URLs honour ``HF_ENDPOINT`` (as the Hugging Face tools do), for mirrors and for tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from models.core.errors import ModelNotFoundError
+
+HUB_PREFIX = "hf://"  # expanded to $HF_ENDPOINT (default https://huggingface.co) at download time
+LDOT_HOSTS = ("https://acvrpublicycchen.blob.core.windows.net/lightningdot/",
+              "https://convaisharables.blob.core.windows.net/lightningdot/")
+MANIFEST = "ldot-manifest.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a checkpoint and where to get it."""
+
+    filename: str  # name in the model directory
+    urls: tuple[str, ...]  # mirrors, tried in order
+    sha256: str | None = None  # published hash, when there is one
+    size: int | None = None  # published size in bytes, when known
+    optional: bool = False  # absent on some mirrors (a 404 is not an error)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named checkpoint: `ldot models download NAME` fetches its files into ``<home>/models/NAME``."""
+
+    name: str
+    kind: str  # bi-encoder | uniter-itm | lxmert | detector | text-encoder
+    description: str
+    licence: str
+    files: tuple[RemoteFile, ...]
+    convert: bool = False  # an official torch pickle, converted once into a model directory
+    approx_size: str = ""  # human size of the download
+    tokenizer: str | None = None  # registry name whose tokenizer this model uses (None: its own files)
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def sources(self) -> list[str]:
+        return [url for f in self.files for url in f.urls[:1]]
+
+
+def _official(filename: str) -> RemoteFile:
+    return RemoteFile(filename, tuple(host + filename for host in LDOT_HOSTS))
+
+
+def _hub(repo: str, *files: str, optional: tuple[str, ...] = ()) -> tuple[RemoteFile, ...]:
+    out = [RemoteFile(f, (f"{HUB_PREFIX}{repo}/resolve/main/{f}",)) for f in files]
+    out += [RemoteFile(f, (f"{HUB_PREFIX}{repo}/resolve/main/{f}",), optional=True) for f in optional]
+    return tuple(out)
+
+
+REGISTRY: tuple[ModelEntry, ...] = (
+    ModelEntry("lightningdot", "bi-encoder",
+               "LightningDOT pre-trained on COCO, VG, CC, SBU (VMLM + SMRM + CMR); zero-shot retrieval",
+               "MIT", (_official("LightningDot.pt"),), convert=True, approx_size="~0.5 GB",
+               tokenizer="bert-base-cased", aliases=("LightningDot.pt", "pretrained")),
+    ModelEntry("flickr-ft", "bi-encoder", "LightningDOT fine-tuned on Flickr30k (Karpathy split)",
+               "MIT", (_official("flickr-ft.pt"),), convert=True, approx_size="~0.9 GB + optimizer state",
+               tokenizer="bert-base-cased", aliases=("flickr-ft.pt",)),
+    ModelEntry("coco-ft", "bi-encoder", "LightningDOT fine-tuned on COCO (Karpathy split)",
+               "MIT", (_official("coco-ft.pt"),), convert=True, approx_size="~0.9 GB + optimizer state",
+               tokenizer="bert-base-cased", aliases=("coco-ft.pt",)),
+    ModelEntry("uniter-base", "uniter-itm",
+               "UNITER-base (LightningDOT's copy): cross-encoder for re-ranking, image-tower initialisation",
+               "MIT", (_official("uniter-base.pt"),), convert=True, approx_size="~0.9 GB",
+               tokenizer="bert-base-cased", aliases=("uniter-base.pt",)),
+    ModelEntry("bert-base-cased", "text-encoder",
+               "BERT-base cased: LightningDOT's tokenizer and text-tower initialisation (live on the hub)",
+               "Apache-2.0", _hub("bert-base-cased", "config.json", "vocab.txt", "tokenizer_config.json",
+                                  "model.safetensors", optional=("tokenizer.json",)), approx_size="~0.4 GB"),
+    ModelEntry("bert-base-multilingual-cased", "text-encoder",
+               "multilingual BERT: text tower for Multi30K (German, French, Czech) (live on the hub)",
+               "Apache-2.0", _hub("bert-base-multilingual-cased", "config.json", "vocab.txt",
+                                  "tokenizer_config.json", "model.safetensors", optional=("tokenizer.json",)),
+               approx_size="~0.7 GB"),
+    ModelEntry("butd-r101-vg", "detector",
+               "Bottom-Up-Attention Faster R-CNN R101-C4, Visual Genome 1600 objects / 400 attributes "
+               "(unc-nlp/frcnn-vg-finetuned, live on the hub)",
+               "unstated", _hub("unc-nlp/frcnn-vg-finetuned", "pytorch_model.bin", "config.yaml"),
+               approx_size="~262 MB", aliases=("unc-nlp/frcnn-vg-finetuned", "frcnn-vg-finetuned")),
+    ModelEntry("lxmert-base-uncased", "lxmert",
+               "LXMERT with its image-text matching head: a live cross-encoder for re-ranking 36-box features "
+               "(unc-nlp/lxmert-base-uncased)",
+               "unstated", _hub("unc-nlp/lxmert-base-uncased", "config.json",
+                                                  "pytorch_model.bin", "vocab.txt",
+                                                  optional=("tokenizer.json", "tokenizer_config.json")),
+               approx_size="~0.9 GB", aliases=("unc-nlp/lxmert-base-uncased", "lxmert")),
+)
+
+
+# The defaults: what `ldot` uses when no name is given.
+DEFAULT_BI_ENCODER = "flickr-ft"  # the bi-encoder that indexes and searches
+DEFAULT_DETECTOR = "butd-r101-vg"  # the region detector
+RERANKERS = ("uniter-base", "lxmert-base-uncased")  # cross-encoders, in order of preference
+DEFAULT_EVAL_MODELS = {"flickr30k": "flickr-ft", "coco": "coco-ft"}  # Multi30K needs a multilingual text tower
+
+
+def list_pretrained() -> list[ModelEntry]:
+    """Every named checkpoint, in registry order."""
+    return list(REGISTRY)
+
+
+def find_entry(name: str) -> ModelEntry | None:
+    for entry in REGISTRY:
+        if name == entry.name or name in entry.aliases:
+            return entry
+    return None
+
+
+def get_entry(name: str) -> ModelEntry:
+    entry = find_entry(name)
+    if entry is None:
+        known = ", ".join(e.name for e in REGISTRY)
+        raise ModelNotFoundError(f"no registry entry named {name!r}; known: {known}")
+    return entry
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def expand_url(url: str) -> str:
+    return f"{hub_endpoint()}/{url[len(HUB_PREFIX):]}" if url.startswith(HUB_PREFIX) else url

@@ -1,0 +1,165 @@
+"""Foreign checkpoints into the cache: official LightningDOT/UNITER pickles converted once into
+self-describing model directories, and files a user already has imported under a name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.core.errors import CheckpointError, ModelError
+from models.core.fileio import sha256_file
+from models.core.home import models_dir
+from models.hub.cache import MANIFEST, LocalModel, check_name, dir_size, record_model
+from models.hub.catalogue import find_entry
+from models.hub.formats import (
+    bi_encoder_from_state,
+    bi_encoder_state,
+    cross_encoder_from_state,
+    detect_format,
+    infer_bi_encoder_config,
+    load_tensors,
+    read_model_config,
+    save_model_dir,
+)
+from models.nn.config import BiEncoderConfig
+from models.nn.cross_encoder import CrossEncoder
+from models.nn.tokenizer import Tokenizer, has_tokenizer_files
+
+
+def _tokenizer_for_conversion(name: str, lowercase: bool) -> Any:
+    """The tokenizer to bundle into a converted model, when it is already on disk (never downloads)."""
+    candidates = [Path(name).expanduser(), models_dir() / name] if name else []
+    for candidate in candidates:
+        if candidate.is_dir() and has_tokenizer_files(candidate) or candidate.is_file():
+            return Tokenizer.from_path(candidate, lowercase=lowercase)
+    return None
+
+
+def convert_checkpoint(src: str | Path, dest: str | Path, tokenizer: str | Path | None = None,
+                       keep_dtype: bool = True) -> tuple[str, Path]:
+    """Convert a foreign checkpoint into a self-describing model directory, once.
+
+    Handles LightningDOT bi-encoders (fine-tuned and pre-trained) and UNITER cross-encoders.
+    Returns (kind, directory). The detector has its own converter in `feature_extraction`.
+    """
+    src = Path(src)
+    obj = load_tensors(src)
+    fmt = detect_format(obj)
+    source = {"file": src.name, "sha256": sha256_file(src), "format": fmt}
+    dtype = None if keep_dtype else torch.float32
+    if fmt == "uniter":
+        model: torch.nn.Module = cross_encoder_from_state(obj, dtype=dtype)
+        assert isinstance(model, CrossEncoder)
+        config = model.config
+        kind = "uniter-itm"
+    else:
+        state, _ = bi_encoder_state(obj)
+        config = infer_bi_encoder_config(state)
+        if tokenizer is not None:
+            config = BiEncoderConfig.from_dict({**config.to_dict(), "tokenizer": str(tokenizer)})
+        model = bi_encoder_from_state(state, config, dtype=dtype)
+        kind = "bi-encoder"
+    tok = _tokenizer_for_conversion(str(tokenizer or config.tokenizer), config.lowercase)
+    out = save_model_dir(dest, kind, config.to_dict(), model.state_dict(), source=source, tokenizer=tok)
+    return kind, out
+
+
+DETECTOR_SUFFIXES = (".pkl",)
+
+
+def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
+    """Install a checkpoint the user already has under ``name``.
+
+    - an official LightningDOT ``.pt`` (fine-tuned or pre-trained) or a UNITER ``.pt`` is converted once
+      into a model directory (config.json + model.safetensors + tokenizer);
+    - detector weights (hub ``pytorch_model.bin`` or detectron2 ``.pkl``) and Hugging Face model
+      directories (LXMERT, BERT) are copied as they are;
+    - an ldot model directory is copied.
+    """
+    check_name(name)
+    src = Path(src).expanduser()
+    if not src.exists():
+        raise ModelError(f"{src} does not exist")
+    target = models_dir() / name
+    if target.exists() and not force:
+        raise ModelError(f"a model named {name!r} already exists: pass --force to replace it, or choose another --as")
+    entry = find_entry(name)
+    if src.is_dir():
+        kind = _dir_kind(src)
+        _copy_dir(src, target)
+    elif src.suffix in DETECTOR_SUFFIXES:
+        kind = "detector"
+        _copy_file(src, target, src.name)
+    else:
+        fmt = detect_format(load_tensors(src))
+        if fmt == "frcnn":
+            kind = "detector"
+            _copy_file(src, target, "pytorch_model.bin")
+        elif fmt == "bert":
+            raise CheckpointError(f"{src} is a text-only BERT checkpoint: it initialises `ldot train`, pass it there")
+        else:
+            kind, _ = convert_checkpoint(src, target, tokenizer=entry.tokenizer if entry else None)
+    if entry is not None and entry.kind != kind:
+        shutil.rmtree(target, ignore_errors=True)
+        raise ModelError(f"{src} holds a {kind} model but {name!r} is the registry's {entry.kind}: "
+                         "choose another --as name")
+    record_model(target, name, kind, "import", imported_from=str(src.absolute()))
+    return LocalModel(name, target, kind, True, "import", dir_size(target))
+
+
+def _dir_kind(src: Path) -> str:
+    config = src / "config.json"
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text())
+        except ValueError:
+            raise CheckpointError(f"{config} is not valid JSON") from None
+        if meta.get("format") == "ldot-model":
+            return read_model_config(src)["kind"]
+        if meta.get("model_type") == "lxmert":
+            return "lxmert"
+        if meta.get("model_type") == "bert":
+            return "text-encoder"
+    if any(src.glob("*.pkl")) or (src / "pytorch_model.bin").is_file():
+        return "detector"
+    if (src / "vocab.txt").is_file() or (src / "tokenizer.json").is_file():
+        return "text-encoder"  # a tokenizer alone (e.g. bert-base-cased's vocab.txt)
+    raise CheckpointError(f"{src} is not a model directory ldot knows (no ldot, LXMERT or BERT config.json)")
+
+
+def _copy_dir(src: Path, target: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_ensure(target.parent)))
+    try:
+        for path in src.iterdir():
+            if path.is_file() and path.name != MANIFEST:
+                shutil.copy2(path, tmp / path.name)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _copy_file(src: Path, target: Path, filename: str) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_ensure(target.parent)))
+    try:
+        shutil.copy2(src, tmp / filename)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)

@@ -1,0 +1,161 @@
+"""Entry points that turn a source (path, model dir, registry name) into a ready model."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.core.errors import CheckpointError, ModelError, ModelNotFoundError
+from models.core.fileio import sha256_file
+from models.core.home import models_dir
+from models.hub.formats import (
+    bi_encoder_from_state,
+    bi_encoder_state,
+    cross_encoder_from_state,
+    load_model_state,
+    load_tensors,
+    pick_device,
+)
+from models.nn.bi_encoder import BiEncoder
+from models.nn.config import BiEncoderConfig, CrossEncoderConfig
+from models.nn.cross_encoder import LxmertReranker, UniterReranker
+from models.nn.tokenizer import Tokenizer, has_tokenizer_files
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A path as given, or the directory of a named model in the cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    name = str(source)
+    candidate = models_dir() / name
+    if candidate.exists():
+        return candidate
+    from models.hub.catalogue import find_entry
+
+    entry = find_entry(name)
+    if entry is not None:
+        raise ModelNotFoundError(f"model {name!r} is not downloaded: run `ldot models download {name}` "
+                                 f"(or `ldot models import FILE --as {name}`)")
+    raise ModelNotFoundError(f"no model or file named {name!r}: see `ldot models list`, or pass a path")
+
+
+def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = torch.float32,
+                    towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
+    """Load a LightningDOT bi-encoder from an official ``.pt`` (fine-tuned or pre-trained), a converted
+    model directory, a ``.safetensors`` file, or a registry name present in the cache.
+
+    Never touches the network: the tokenizer (``tokenizer=`` a path, else the model's own, else the
+    configured name) is resolved on the first `encode_text`.
+    """
+    path = resolve_source(source)
+    model_dir = None
+    if path.is_dir():
+        meta, state = load_model_state(path)
+        if meta["kind"] != "bi-encoder":
+            raise CheckpointError(f"{path} holds a {meta['kind']} model, not a bi-encoder")
+        config = BiEncoderConfig.from_dict(meta["config"])
+        model_dir = str(path)
+    else:
+        state, _ = bi_encoder_state(load_tensors(path))
+        config = None
+    model = bi_encoder_from_state(state, config, device=device, dtype=dtype, towers=towers)
+    if not isinstance(tokenizer, Tokenizer):  # found (or fetched) on the first encode_text
+        tokenizer = functools.partial(resolve_tokenizer, tokenizer, model.config, model_dir)
+    model._tokenizer = tokenizer
+    return model
+
+
+def fingerprint(source: str | Path) -> str:
+    """A short identity of a model's weights: what an index records to refuse another model.
+
+    For a model directory, derived from the hashes in its manifest (recorded at download, import or
+    training, so no re-hashing); otherwise from the weight files' sha256.
+    """
+    from models.hub.cache import read_manifest
+
+    path = resolve_source(source)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        files = read_manifest(path).get("files") or {}
+        weights = {n: f["sha256"] for n, f in files.items() if n.endswith((".safetensors", ".bin", ".pt", ".pkl"))}
+        if not weights:
+            weights = {p.name: sha256_file(p) for p in sorted(path.iterdir())
+                       if p.suffix in (".safetensors", ".bin", ".pt", ".pkl")}
+        for name in sorted(weights):
+            digest.update(f"{name}:{weights[name]}\n".encode())
+    else:
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch.device | None = "auto",
+                  dtype: torch.dtype | None = None) -> UniterReranker | LxmertReranker:
+    """A re-ranker from a registry name, a model directory, or a UNITER ``.pt``/``.safetensors``.
+
+    ``device="auto"`` takes the GPU when present. On a GPU the default dtype is float16; on CPU float32.
+    """
+    path = resolve_source(source)
+    dev = pick_device(device)
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if path.is_dir() and (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text())
+        if raw.get("model_type") == "lxmert":
+            return _load_lxmert(path, tokenizer, dev, dtype)
+        meta, state = load_model_state(path)
+        if meta["kind"] != "uniter-itm":
+            raise CheckpointError(f"{path} holds a {meta['kind']} model, not a re-ranker")
+        config = CrossEncoderConfig.from_dict(meta["config"])
+        model = cross_encoder_from_state(state, config, dtype=dtype).to(dev)
+        return UniterReranker(model, resolve_tokenizer(tokenizer, config, str(path)))
+    if path.is_dir():
+        raise CheckpointError(f"{path} holds no config.json: not a model directory")
+    model = cross_encoder_from_state(load_tensors(path), dtype=dtype).to(dev)
+    return UniterReranker(model, resolve_tokenizer(tokenizer, model.config, None))
+
+
+def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> LxmertReranker:
+    try:
+        from transformers import LxmertForPreTraining
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise ModelError(f"LXMERT needs transformers ({exc})") from None
+    try:
+        model = LxmertForPreTraining.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load LXMERT from {path}: {str(exc).splitlines()[0]}") from None
+    model = model.to(device).eval()
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok = Tokenizer.from_path(tokenizer or path, lowercase=True)
+    return LxmertReranker(model, tok)
+
+
+def resolve_tokenizer(spec: Tokenizer | str | Path | None, config: BiEncoderConfig, model_dir: str | None) -> Tokenizer:
+    """Find the tokenizer for a model.
+
+    Order: an explicit ``spec`` (a Tokenizer, or a path to a file/dir); the model's own directory;
+    ``config.tokenizer`` as a path or a registry name (from the cache, downloading its tokenizer files
+    if missing: the only step that may touch the network).
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    if spec:
+        return Tokenizer.from_path(spec, lowercase=config.lowercase)
+    if model_dir and has_tokenizer_files(Path(model_dir)):
+        return Tokenizer.from_path(model_dir, lowercase=config.lowercase)
+    name = config.tokenizer
+    if not name:
+        raise ModelError("this model names no tokenizer: pass tokenizer= a vocab.txt/tokenizer.json path")
+    if Path(name).expanduser().exists():
+        return Tokenizer.from_path(Path(name).expanduser(), lowercase=config.lowercase)
+    from models.hub.fetch import ensure_tokenizer
+
+    return Tokenizer.from_path(ensure_tokenizer(name), lowercase=config.lowercase)

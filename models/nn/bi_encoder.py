@@ -1,0 +1,170 @@
+"""The LightningDOT bi-encoder: a BERT text tower and a UNITER image tower scored by a raw dot product."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.core.errors import ModelError
+from models.nn.config import BiEncoderConfig
+from models.nn.layers import BertBody, Projection, UniterBody, box7_from_norm_bb
+
+if TYPE_CHECKING:
+    from models.nn.tokenizer import Tokenizer
+
+
+class TextTower(nn.Module):
+    """Official `txt_model`: BertModel + projection of the last-layer [CLS] state."""
+
+    def __init__(self, cfg: BiEncoderConfig) -> None:
+        super().__init__()
+        self.bert = BertBody(cfg.text)
+        self.encode_proj = Projection(cfg.text.hidden_size, cfg.project_dim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        sequence = self.bert(input_ids, attention_mask)  # (B, L, H)
+        return self.encode_proj(sequence[:, 0])  # (B, D)
+
+
+class ImageTower(nn.Module):
+    """Official `img_model`: UNITER over ``[CLS] + regions`` + projection of the [CLS] state."""
+
+    def __init__(self, cfg: BiEncoderConfig) -> None:
+        super().__init__()
+        self.cls_token_id = cfg.cls_token_id
+        self.bert = UniterBody(cfg.image, cfg.img_dim, cfg.pos_dim)
+        self.encode_proj = Projection(cfg.image.hidden_size, cfg.project_dim)
+
+    def sequence(self, feat: torch.Tensor, box7: torch.Tensor, mask: torch.Tensor | None,
+                 region_masks: torch.Tensor | None = None) -> torch.Tensor:
+        """All output states (B, 1 + N, H): position 0 is [CLS], then one per region."""
+        cls = torch.full((feat.shape[0], 1), self.cls_token_id, dtype=torch.long, device=feat.device)
+        return self.bert(cls, None, feat, box7, mask, region_masks)
+
+    def forward(self, feat: torch.Tensor, box7: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode_proj(self.sequence(feat, box7, mask)[:, 0])  # (B, D)
+
+
+class BiEncoder(nn.Module):
+    """Two towers, no shared weights; score = raw dot product of the two 768-d vectors.
+
+    The tokenizer is resolved on the first `encode_text` (loading the weights never needs it): pass a
+    `Tokenizer`, a path to tokenizer files, or a zero-argument callable that returns one (what the loader in
+    `models.hub` passes, so that finding or fetching tokenizer files stays out of the network code).
+    """
+
+    def __init__(self, config: BiEncoderConfig,
+                 tokenizer: Tokenizer | str | Path | Callable[[], Tokenizer] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.txt_model = TextTower(config)
+        self.img_model = ImageTower(config)
+        self._tokenizer = tokenizer
+        self.loaded_towers: tuple[str, ...] = ("text", "image")  # a search loads the text tower alone
+
+    # -- tokenizer -----------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        from models.nn.tokenizer import Tokenizer
+
+        spec = self._tokenizer
+        if isinstance(spec, Tokenizer):
+            return spec
+        if isinstance(spec, (str, Path)):
+            self._tokenizer = Tokenizer.from_path(Path(spec).expanduser(), lowercase=self.config.lowercase)
+        elif callable(spec):
+            self._tokenizer = spec()
+        elif self.config.tokenizer and Path(self.config.tokenizer).expanduser().exists():
+            self._tokenizer = Tokenizer.from_path(Path(self.config.tokenizer).expanduser(),
+                                                  lowercase=self.config.lowercase)
+        elif not self.config.tokenizer:
+            raise ModelError("this model names no tokenizer: pass tokenizer= a vocab.txt/tokenizer.json path")
+        else:
+            raise ModelError(f"this model's tokenizer {self.config.tokenizer!r} is found (or fetched) by "
+                             "models.load_bi_encoder: load the model with it, or pass tokenizer= a path")
+        return self._tokenizer
+
+    def _anchor(self) -> torch.Tensor:
+        tower = self.txt_model if "text" in self.loaded_towers else self.img_model
+        return tower.encode_proj[0].weight
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor().dtype
+
+    # -- public encoding API -------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Texts -> (n, D) float32 vectors. ``[CLS] word-pieces [SEP]``, no length cut below the model's."""
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings, not one string")
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenizer.batch(texts[start:start + batch_size],
+                                             max_length=self.config.text.max_position_embeddings)
+            out.append(self.encode_token_ids(ids, mask))
+        if not out:
+            return torch.empty(0, self.config.project_dim)
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids already holding ``[CLS] ... [SEP]`` (n, L) -> (n, D) float32."""
+        if "text" not in self.loaded_towers:
+            raise RuntimeError("this bi-encoder was loaded with its image tower only (towers=('image',))")
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=self.device)
+        return self.txt_model(input_ids, attention_mask).float()
+
+    @torch.inference_mode()
+    def encode_regions(self, features: torch.Tensor | np.ndarray, norm_bb: torch.Tensor | np.ndarray,
+                       mask: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """Region features (B, N, img_dim) + boxes (B, N, 6) [+ valid mask (B, N)] -> (B, D) float32."""
+        if "image" not in self.loaded_towers:
+            raise RuntimeError("this bi-encoder was loaded with its text tower only (towers=('text',))")
+        feat = torch.as_tensor(features, device=self.device).to(self.dtype)
+        bb = torch.as_tensor(norm_bb, device=self.device).to(self.dtype)
+        if feat.ndim != 3 or bb.shape[:2] != feat.shape[:2] or bb.shape[-1] != 6:
+            raise ValueError(f"expected features (B, N, {self.config.img_dim}) and norm_bb (B, N, 6), "
+                             f"got {tuple(feat.shape)} and {tuple(bb.shape)}")
+        if feat.shape[-1] != self.config.img_dim:
+            raise ValueError(f"region features have {feat.shape[-1]} dims; this model expects {self.config.img_dim}")
+        if mask is not None:
+            mask = torch.as_tensor(mask, device=self.device).bool()
+        return self.img_model(feat, box7_from_norm_bb(bb), mask).float()
+
+    @torch.inference_mode()
+    def encode_images(self, records: Sequence[Any], batch_size: int = 64,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Per-image region sets -> (n, D) float32, in input order.
+
+        ``records`` are anything with ``features`` (n_i, img_dim) and ``norm_bb`` (n_i, 6) arrays (e.g.
+        `feature_extraction.types.RegionFeatures`). Images are batched by similar region counts to keep
+        padding small; ``progress(k)`` is called after each batch of k images.
+        """
+        from models.nn.regions import stack_regions
+
+        order = sorted(range(len(records)), key=lambda i: len(records[i].features))
+        out = torch.empty(len(records), self.config.project_dim)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            feat, bb, mask, _ = stack_regions([records[i] for i in idx])
+            out[idx] = self.encode_regions(feat, bb, mask).cpu()
+            if progress is not None:
+                progress(len(idx))
+        return out
+
+    @staticmethod
+    def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:
+        """Raw dot products (n_text, n_image); no normalisation, no temperature."""
+        return text_vectors @ image_vectors.T

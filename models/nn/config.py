@@ -1,0 +1,107 @@
+"""Model configurations as dataclasses, with named presets.
+
+Constructors take these configs, never CLI namespaces. Every official LightningDOT file
+carries no config: `models.hub.formats.infer_bi_encoder_config` derives one from tensor shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """A BERT-shaped transformer body (the text tower, the UNITER image tower, the cross-encoder)."""
+
+    vocab_size: int = 28996  # word-piece vocabulary (bert-base-cased: 28996)
+    hidden_size: int = 768  # width of every token state
+    num_layers: int = 12  # transformer blocks
+    num_heads: int = 12  # attention heads (official files: hidden_size / 64)
+    intermediate_size: int = 3072  # feed-forward width
+    max_position_embeddings: int = 512  # longest text the position table covers
+    type_vocab_size: int = 2  # token types: 0 text, 1 image region
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon everywhere in the body
+    dropout: float = 0.1  # hidden and attention-probability dropout (training only)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclass(frozen=True)
+class BiEncoderConfig:
+    """The LightningDOT bi-encoder: a BERT text tower and a UNITER image tower, no shared weights."""
+
+    text: TransformerConfig = field(default_factory=TransformerConfig)  # text tower body
+    image: TransformerConfig = field(default_factory=TransformerConfig)  # image tower body (UNITER)
+    img_dim: int = 2048  # region feature size (BUTD res5 mean-pool)
+    pos_dim: int = 7  # box feature size: norm_bb (6) + area
+    project_dim: int = 768  # output of the Linear->GELU->LN->Linear projection, the retrieval vector
+    cls_token_id: int = 101  # the one text token the image tower reads before the regions ([CLS])
+    tokenizer: str = "bert-base-cased"  # registry name or path of the text tokenizer
+    lowercase: bool = False  # tokenizer lower-cases and strips accents (uncased vocabularies)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BiEncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown bi-encoder config fields: {sorted(unknown)}")
+        data = dict(data)
+        for key in ("text", "image"):
+            if key in data and isinstance(data[key], dict):
+                data[key] = TransformerConfig(**data[key])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CrossEncoderConfig:
+    """UNITER used as a cross-encoder: text tokens and regions in one stream, pooler -> Linear(hidden, 1)."""
+
+    body: TransformerConfig = field(default_factory=TransformerConfig)  # the UNITER body
+    img_dim: int = 2048  # region feature size
+    pos_dim: int = 7  # box feature size
+    tokenizer: str = "bert-base-cased"  # registry name or path of the text tokenizer
+    lowercase: bool = False  # tokenizer lower-cases
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CrossEncoderConfig:
+        data = dict(data)
+        if isinstance(data.get("body"), dict):
+            data["body"] = TransformerConfig(**data["body"])
+        return cls(**data)
+
+
+BASE = TransformerConfig()
+# A tiny body for tests and smoke runs: same code paths; heads = hidden / 64 as in official files.
+TINY = TransformerConfig(vocab_size=128, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256,
+                         max_position_embeddings=128)
+
+PRESETS: dict[str, BiEncoderConfig] = {
+    # LightningDOT as published: bert-base-cased text tower, UNITER-base image tower.
+    "base": BiEncoderConfig(),
+    # Multilingual text tower (Multi30K): bert-base-multilingual-cased, same image tower.
+    "base-multilingual": BiEncoderConfig(text=replace(BASE, vocab_size=119547), tokenizer="bert-base-multilingual-cased"),
+    # Tiny towers for tests: a 128-word vocabulary, 128-d states, 2 layers; small region features.
+    "tiny": BiEncoderConfig(text=TINY, image=TINY, img_dim=32, project_dim=48, tokenizer=""),
+}
+
+CROSS_PRESETS: dict[str, CrossEncoderConfig] = {
+    "base": CrossEncoderConfig(),
+    "tiny": CrossEncoderConfig(body=TINY, img_dim=32, tokenizer=""),
+}
+
+
+def preset(name: str) -> BiEncoderConfig:
+    """A named bi-encoder preset (`base`, `base-multilingual`, `tiny`)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,144 @@
+"""What training reads: (caption, image) pairs and an image-feature lookup, batched deterministically.
+
+The contract (`FeatureLookup`): ``lookup[key]`` -> a record with ``features (n, img_dim)``, ``norm_bb (n, 6)``
+and, for the MRC-kl task, ``soft_labels (n, C)`` with the background class FIRST (UNITER's image-DB order;
+`feature_extraction.uniter_db.UniterImageDB` returns exactly that). Records of our own detector
+(`RegionFeatures`, background LAST) go through `region_lookup`, the one place that converts.
+
+Batches are a pure function of (seed, epoch, position), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from models.nn.losses import soft_labels_background_first
+from models.nn.pretraining import PairBatch
+from models.nn.regions import RegionRecord, stack_regions
+from models.nn.tokenizer import pad_ids
+
+
+class FeatureLookup(Protocol):
+    """Image key -> its regions (a UNITER image DB reader, a dict, ...)."""
+
+    def __getitem__(self, key: str) -> RegionRecord: ...
+
+
+@dataclass
+class PairSet:
+    """Captions and the images they describe: caption i shows image ``caption_image[i]``."""
+
+    token_ids: list[tuple[int, ...]]  # word-pieces of each caption, without [CLS]/[SEP]
+    caption_image: list[int]  # index into image_keys, per caption
+    image_keys: list[str]  # feature key of each image
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) != len(self.caption_image):
+            raise ValueError(f"{len(self.token_ids)} captions but {len(self.caption_image)} image indices")
+        bad = [i for i in self.caption_image if not 0 <= i < len(self.image_keys)]
+        if bad:
+            raise ValueError(f"caption image index {bad[0]} is outside the {len(self.image_keys)} images")
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], caption_image: Sequence[int], image_keys: Sequence[str],
+                   tokenizer: Any) -> PairSet:
+        """Tokenise raw captions (word-pieces, no [CLS]/[SEP], no length cut)."""
+        encoded = tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
+        return cls([tuple(e.ids) for e in encoded], list(caption_image), list(image_keys))
+
+    def drop_long(self, max_len: int) -> PairSet:
+        """Without the captions of more than ``max_len`` word-pieces (training only; evaluation keeps all)."""
+        keep = [i for i, ids in enumerate(self.token_ids) if len(ids) <= max_len]
+        return replace(self, token_ids=[self.token_ids[i] for i in keep],
+                       caption_image=[self.caption_image[i] for i in keep])
+
+
+@dataclass
+class TrainData:
+    """Everything a run reads."""
+
+    train: PairSet  # training pairs (long captions are dropped by the trainer)
+    features: FeatureLookup  # features of every image named by train and val
+    val: PairSet | None = None  # validation pairs, scored by mean recall (None: keep the last model)
+    description: str = ""  # where the data came from, for the run's record
+
+
+@dataclass
+class _Regions:
+    features: np.ndarray
+    norm_bb: np.ndarray
+    soft_labels: np.ndarray | None
+
+
+class _ConvertedLookup:
+    def __init__(self, records: Mapping[str, Any]) -> None:
+        self.records = records
+
+    def __getitem__(self, key: str) -> _Regions:
+        rec = self.records[key]
+        soft = getattr(rec, "soft_labels", None)
+        return _Regions(rec.features, rec.norm_bb, None if soft is None else soft_labels_background_first(soft))
+
+
+def region_lookup(records: Mapping[str, Any]) -> FeatureLookup:
+    """A lookup over our detector's `RegionFeatures` (soft labels background LAST, converted to FIRST)."""
+    return _ConvertedLookup(records)
+
+
+# -- batching --------------------------------------------------------------------------------------------
+def epoch_order(n: int, seed: int, epoch: int, stream: int = 0) -> torch.Tensor:
+    """The shuffled pair order of one epoch of one stream (a pure function of its arguments)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + stream * 10_007 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches in an epoch (the last partial one is dropped so every batch has the same negatives);
+    one batch of everything when there are fewer pairs than ``batch_size``."""
+    return max(1, n // batch_size)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, position: int, stream: int = 0) -> list[int]:
+    """Pair indices of the ``position``-th batch of a stream (epochs follow one another)."""
+    per_epoch = batches_per_epoch(n, batch_size)
+    epoch, index = divmod(position, per_epoch)
+    order = epoch_order(n, seed, epoch, stream)
+    return order[index * batch_size:(index + 1) * batch_size].tolist()
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    cls: int
+    sep: int
+    pad: int
+    mask: int
+    vocab_range: tuple[int, int]  # [lo, hi) of random replacement ids
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> SpecialIds:
+        from models.nn.losses import vocab_range_of
+
+        if tokenizer.mask_id is None:
+            raise ValueError("the tokenizer has no [MASK] token: the mlm task cannot run")
+        return cls(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id, vocab_range_of(tokenizer))
+
+
+def collate(pairs: PairSet, indices: Iterable[int], features: FeatureLookup, ids: SpecialIds,
+            max_positions: int = 512, soft_labels: bool = False) -> PairBatch:
+    """A padded `PairBatch` of the given captions and their images (float32 features)."""
+    indices = list(indices)
+    rows = [[ids.cls, *pairs.token_ids[i][: max_positions - 2], ids.sep] for i in indices]
+    input_ids, text_mask = pad_ids(rows, ids.pad)
+    text_mask = text_mask.bool()
+    image_ids = [pairs.caption_image[i] for i in indices]
+    records = [features[pairs.image_keys[j]] for j in image_ids]
+    feat, bb, valid, soft = stack_regions(records, soft_labels)
+    return PairBatch(input_ids, text_mask, feat, bb, valid, torch.tensor(image_ids, dtype=torch.long), soft)

@@ -1,0 +1,756 @@
+"""The training loop: LightningDOT pre-training (itm/CMR + VMLM + MRFR + MRC-kl) and CMR fine-tuning.
+
+No typer/rich here: progress goes through a callback. One run lives in one directory::
+
+    <run_dir>/
+      run.json                 model config, training config, initialisation, data summary
+      tokenizer.json           the tokenizer the run uses (bundled into the final model)
+      checkpoint/              latest resume state, replaced atomically:
+        model.safetensors        BiEncoderForPretraining (official layout, tied aliases omitted)
+        optimizer.safetensors    AdamW moments
+        rng.safetensors          torch CPU/CUDA RNG states and the masking/task generator
+        state.json               step, stream positions, best score, GradScaler, optimizer groups
+      best.safetensors         the bi-encoder with the best mean recall on the validation pairs
+      best.json                its step and recalls
+      log.jsonl                one line per validation
+
+No pickle anywhere: tensors in safetensors, everything else JSON.
+
+Optimisation (official ``get_optimizer`` / ``build_optimizer`` + ``get_schedule_linear`` / ``get_lr_sched``):
+AdamW, no weight decay on biases and LayerNorm weights; learning rate warmed up linearly then decayed
+linearly to 0; gradients clipped by global norm; gradient accumulation; on CUDA, bf16 autocast (or fp16
+with a GradScaler); on CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.core.errors import LdotError
+from models.nn import losses
+from models.nn.config import BiEncoderConfig
+from models.nn.layers import box7_from_norm_bb
+from models.nn.pretraining import (
+    TASKS,
+    BiEncoderForPretraining,
+    PairBatch,
+    state_for_saving,
+    with_tied_aliases,
+)
+from models.nn.tokenizer import pad_ids
+from models.training.data import (
+    PairSet,
+    SpecialIds,
+    TrainData,
+    batch_indices,
+    batches_per_epoch,
+    collate,
+    stack_regions,
+)
+from models.training.metrics import recalls_from_vectors
+
+RUN_FORMAT = "ldot-run"
+RUN_VERSION = 1
+
+
+class TrainingError(LdotError):
+    """A run cannot start or continue as asked (the message says what to change)."""
+
+
+class TrainingInterrupted(LdotError):
+    """Ctrl-C during training: the state at the start of the interrupted step was saved for ``--resume``."""
+
+    exit_code = 130
+
+
+# -- configuration -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. `finetune_config` and `pretrain_config` give the official settings."""
+
+    tasks: tuple[tuple[str, float], ...] = (("itm", 1.0),)  # (task, mix ratio), one task sampled per micro-batch
+    batch_size: int = 96  # pairs per micro-batch: the in-batch negatives of CMR
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-5  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.0  # AdamW decoupled weight decay (never on biases and LayerNorm)
+    warmup: float = 0.1  # warmup: a fraction of all steps when < 1, else a number of steps
+    epochs: int | None = 15  # passes over the training pairs (fine-tuning) ...
+    steps: int | None = None  # ... or a number of optimizer steps (pre-training); wins over epochs
+    grad_clip: float = 2.0  # max global gradient norm (0: no clipping)
+    precision: str = "auto"  # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | fp16 | bf16
+    max_text_len: int = 60  # training drops captions with more word-pieces (validation keeps them)
+    text_mask_prob: float = 0.15  # VMLM: share of word-pieces masked
+    region_mask_prob: float = 0.15  # SMRM: share of regions masked
+    seed: int = 42  # data order, masking, task draws, dropout
+    eval_every: int | None = None  # optimizer steps between validations (None: every epoch)
+    checkpoint_every: int | None = None  # optimizer steps between resume checkpoints (None: at each validation)
+
+    def __post_init__(self) -> None:
+        unknown = [t for t, _ in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise TrainingError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
+        if any(r <= 0 for _, r in self.tasks):
+            raise TrainingError("every task's mix ratio must be positive")
+        if self.batch_size < 2:
+            raise TrainingError("--batch-size must be at least 2 (CMR needs in-batch negatives)")
+        if self.grad_accum < 1:
+            raise TrainingError("gradient accumulation must be at least 1")
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise TrainingError(f"unknown precision {self.precision!r}: auto, fp32, fp16 or bf16")
+        if self.steps is None and self.epochs is None:
+            raise TrainingError("give a number of epochs or of steps")
+        if (self.steps is not None and self.steps < 1) or (self.steps is None and self.epochs is not None
+                                                           and self.epochs < 1):
+            raise TrainingError("the number of epochs/steps must be positive")
+        if self.lr <= 0:
+            raise TrainingError("the learning rate must be positive")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t for t, _ in self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tasks"] = [list(t) for t in self.tasks]
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        data["tasks"] = tuple((str(t), float(r)) for t, r in data.get("tasks", [("itm", 1.0)]))
+        data["betas"] = tuple(data.get("betas", (0.9, 0.999)))
+        return cls(**data)
+
+
+FINETUNE_EPOCHS = {"flickr30k": 15, "coco": 20}
+PRETRAIN_MIX = {"coco": (16, 8, 4, 4), "other": (16, 12, 6, 6)}  # itm:mlm:mrfr:mrckl (COCO; VG, CC, SBU)
+
+
+def finetune_config(dataset: str = "flickr30k", **overrides: Any) -> TrainConfig:
+    """LightningDOT fine-tuning: CMR, batch 96, lr 2e-5, 10% warmup, clip 2.0, AdamW (0.9, 0.999) without
+    weight decay, 15 epochs on Flickr30k / 20 on COCO, best epoch by mean recall on the validation split."""
+    base = TrainConfig(tasks=(("itm", 1.0),), batch_size=96, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.0,
+                       warmup=0.1, epochs=FINETUNE_EPOCHS.get(dataset, 15), grad_clip=2.0)
+    return replace(base, **overrides)
+
+
+def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
+    """LightningDOT pre-training: itm:mlm:mrfr:mrckl 16:8:4:4 (COCO) or 16:12:6:6 (VG, CC, SBU), AdamW
+    (0.9, 0.98), lr 5e-5, weight decay 0.01, 10k warmup steps, 300k steps, clip 5.0, validation every 10k."""
+    ratios = PRETRAIN_MIX.get(mix, PRETRAIN_MIX["coco"])
+    base = TrainConfig(tasks=tuple(zip(TASKS, map(float, ratios))), batch_size=96, lr=5e-5, betas=(0.9, 0.98),
+                       weight_decay=0.01, warmup=10_000, epochs=None, steps=300_000, grad_clip=5.0,
+                       eval_every=10_000)
+    return replace(base, **overrides)
+
+
+# -- schedule and optimizer ----------------------------------------------------------------------------
+def warmup_steps(config: TrainConfig, total: int) -> int:
+    return int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``base_lr``, then linear decay to 0
+    at ``total`` (the official ``warmup_linear`` evaluated at step + 1)."""
+    s = step + 1
+    if s < warmup:
+        return base_lr * s / warmup
+    return base_lr * max(0.0, (total - s) / max(1, total - warmup))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with two groups: decayed weights; biases and LayerNorm parameters without decay."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, plain = [], []
+    for name, param in model.named_parameters():  # tied parameters appear once
+        if not param.requires_grad:
+            continue
+        (plain if id(param) in no_decay or name.endswith("bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None, False
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return None, False
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise TrainingError("fp16 training needs a CUDA device (use --precision fp32 or bf16 on CPU)")
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+# -- progress --------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """What the loop reports after each optimizer step (``event="step"``) and at other moments."""
+
+    event: str  # start | step | eval | checkpoint | done
+    step: int  # optimizer steps done
+    total: int  # optimizer steps of the whole run
+    epoch: float  # passes over the training pairs so far
+    loss: float | None = None  # mean loss of this step's micro-batches
+    task_losses: dict[str, float] = field(default_factory=dict)  # running mean per task
+    lr: float = 0.0
+    metrics: dict[str, Any] | None = None  # eval: recalls; done: the best
+    message: str = ""
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int  # optimizer steps done
+    total: int
+    finished: bool  # False when stopped early by ``stop_at_step``
+    best: dict[str, Any] | None  # best validation record (step, mean_recall, recalls)
+    seconds: float
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_pairs(model: BiEncoderForPretraining, pairs: PairSet, features: Any, ids: SpecialIds,
+                 device: torch.device, autocast: torch.dtype | None,
+                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(caption vectors (n_txt, D), image vectors (n_img, D)) of a pair set, in eval mode."""
+    was_training = model.training
+    model.eval()
+    bert = model.bert
+    max_pos = bert.config.text.max_position_embeddings
+    text_out, image_out = [], []
+    try:
+        with _autocast(device, autocast):
+            for start in range(0, len(pairs), batch_size):
+                rows = [[ids.cls, *pairs.token_ids[i][: max_pos - 2], ids.sep]
+                        for i in range(start, min(start + batch_size, len(pairs)))]
+                input_ids, mask = pad_ids(rows, ids.pad)
+                vec = bert.txt_model(input_ids.to(device), mask.to(device))
+                text_out.append(vec.float().cpu().numpy())
+            for start in range(0, len(pairs.image_keys), batch_size):
+                records = [features[k] for k in pairs.image_keys[start:start + batch_size]]
+                feat, bb, valid, _ = stack_regions(records)
+                vec = bert.img_model(feat.to(device), box7_from_norm_bb(bb).to(device), valid.to(device))
+                image_out.append(vec.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(text_out), np.concatenate(image_out)
+
+
+def evaluate(model: BiEncoderForPretraining, pairs: PairSet, features: Any, ids: SpecialIds,
+             device: torch.device, autocast: torch.dtype | None = None) -> dict[str, Any]:
+    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score)."""
+    text, image = encode_pairs(model, pairs, features, ids, device, autocast)
+    recalls = recalls_from_vectors(text, image, np.asarray(pairs.caption_image))
+    return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+CHECKPOINT = "checkpoint"
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW state -> (tensors ``state.<param>.<name>``, JSON: param groups and non-tensor state)."""
+    sd = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for pid, entries in sd["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value
+            else:
+                plain[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "plain": plain}
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["plain"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a directory beside ``target`` and swap it in; a crash leaves the old or the new one."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def checkpoint_dir(run_dir: Path) -> Path | None:
+    """The resume checkpoint of a run (or its previous copy, if a swap was interrupted)."""
+    for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
+        path = Path(run_dir) / name
+        if (path / "state.json").is_file():
+            return path
+    return None
+
+
+def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool) -> None:
+    """Fail before the first step when the features do not fit the model."""
+    dim = np.asarray(record.features).shape[-1]
+    if dim != model.config.img_dim:
+        raise TrainingError(f"the region features have {dim} dims but the model expects {model.config.img_dim}")
+    if soft_labels:
+        soft = getattr(record, "soft_labels", None)
+        if soft is None:
+            raise TrainingError("the mrckl task needs soft labels, and the image features have none (use an "
+                                "image DB written with soft labels, or drop mrckl from the tasks)")
+        if np.asarray(soft).shape[-1] != model.num_region_labels:
+            raise TrainingError(f"the soft labels have {np.asarray(soft).shape[-1]} classes but the region "
+                                f"classifier predicts {model.num_region_labels}")
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+class _Trainer:
+    def __init__(self, run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, data: TrainData,
+                 config: TrainConfig, device: torch.device, progress: ProgressFn | None) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.device = device
+        self.autocast, use_scaler = resolve_precision(config.precision, device)
+        self.model = model.to(device)
+        self.model.train()
+        self.tokenizer = tokenizer
+        self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
+            tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
+        self.train_pairs = data.train.drop_long(config.max_text_len)
+        if len(self.train_pairs) < 2:
+            raise TrainingError(f"only {len(self.train_pairs)} training pair(s) of at most {config.max_text_len} "
+                                "word-pieces: CMR needs at least 2")
+        self.features = data.features
+        self.val = data.val
+        _check_shapes(model, self.features[self.train_pairs.image_keys[0]], "mrckl" in config.task_names)
+        self.progress = progress or (lambda p: None)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.per_epoch = batches_per_epoch(len(self.train_pairs), config.batch_size)
+        steps_per_epoch = max(1, self.per_epoch // config.grad_accum)
+        self.total = config.steps if config.steps is not None else steps_per_epoch * int(config.epochs or 1)
+        self.steps_per_epoch = steps_per_epoch
+        self.warmup = warmup_steps(config, self.total)
+        self.eval_every = config.eval_every or steps_per_epoch
+        self.checkpoint_every = config.checkpoint_every or self.eval_every
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.positions = {t: 0 for t in config.task_names}  # micro-batches drawn per task stream
+        self.best: dict[str, Any] | None = None
+        self.running: dict[str, float] = {}
+        self.ratios = torch.tensor([r for _, r in config.tasks], dtype=torch.float64)
+        self.updating = False
+        self.prefetch = True  # read the next batch of each task in a background thread
+        self._executor: Any = None
+        self._pending: dict[tuple[str, int], Any] = {}
+
+    # -- one micro-batch ---------------------------------------------------------------------------
+    def _next_task(self) -> str:
+        if len(self.ratios) == 1:
+            return self.config.tasks[0][0]
+        return self.config.tasks[int(torch.multinomial(self.ratios, 1, generator=self.generator))][0]
+
+    def _load(self, task: str, position: int) -> PairBatch:
+        """The ``position``-th batch of a task's stream (a pure function: safe to compute ahead)."""
+        stream = self.config.task_names.index(task)
+        idx = batch_indices(len(self.train_pairs), self.config.batch_size, self.config.seed, position, stream)
+        batch = collate(self.train_pairs, idx, self.features, self.ids,
+                        self.model.config.text.max_position_embeddings, soft_labels=task == "mrckl")
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def _next_batch(self, task: str) -> PairBatch:
+        """Take the task's next batch, and have a background thread read the one after it (features come
+        from LMDB; reading them while the model computes keeps the accelerator busy)."""
+        position = self.positions[task]
+        future = self._pending.pop((task, position), None)
+        batch = future.result() if future is not None else self._load(task, position)
+        self.positions[task] = position + 1
+        if self.prefetch:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ldot-batches")
+            self._pending[(task, position + 1)] = self._executor.submit(self._load, task, position + 1)
+        return batch
+
+    def _stop_prefetch(self) -> None:
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _task_loss(self, task: str, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        if task == "itm":
+            return self.model.itm(batch.to(self.device))
+        if task == "mlm":
+            maskable = batch.text_mask.clone()
+            maskable[:, 0] = False
+            lengths = batch.text_mask.sum(dim=1)
+            maskable[torch.arange(len(batch)), lengths - 1] = False  # [SEP]
+            masked_ids, labels = losses.mask_tokens(batch.input_ids, maskable, self.ids.mask, self.ids.vocab_range,
+                                                    self.generator, cfg.text_mask_prob)
+            return self.model.mlm(batch.to(self.device), masked_ids.to(self.device), labels.to(self.device))
+        masked = losses.mask_regions(batch.region_mask, self.generator, cfg.region_mask_prob)
+        if task == "mrfr":
+            return self.model.mrfr(batch.to(self.device), masked.to(self.device))
+        return self.model.mrc(batch.to(self.device), masked.to(self.device))
+
+    # -- one optimizer step -----------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        """What a step consumes besides the weights (restored if the step is interrupted)."""
+        snap = {"positions": dict(self.positions), "generator": self.generator.get_state(),
+                "torch_cpu": torch.get_rng_state(), "running": dict(self.running)}
+        if self.device.type == "cuda":
+            snap["cuda"] = torch.cuda.get_rng_state_all()
+        return snap
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        self._stop_prefetch()
+        self.positions, self.running = snap["positions"], snap["running"]
+        self.generator.set_state(snap["generator"])
+        torch.set_rng_state(snap["torch_cpu"])
+        if "cuda" in snap:
+            torch.cuda.set_rng_state_all(snap["cuda"])
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self) -> tuple[float, float]:
+        cfg = self.config
+        total_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            task = self._next_task()
+            batch = self._next_batch(task)
+            with _autocast(self.device, self.autocast):
+                loss, _ = self._task_loss(task, batch)
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            value = float(loss.detach())
+            if not math.isfinite(value) and self.scaler is None:
+                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower --lr, or use "
+                                    "--precision fp32")
+            total_loss += value / cfg.grad_accum
+            self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
+        lr = lr_at(self.step, cfg.lr, self.warmup, self.total)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.updating = True  # from here on the weights change: an interrupt cannot be undone
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.updating = False
+        return total_loss, lr
+
+    # -- validation and best model --------------------------------------------------------------------------
+    def validate(self) -> dict[str, Any] | None:
+        if self.val is None or len(self.val) == 0:
+            return None
+        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast)
+        record = {"step": self.step, "epoch": round(self.epoch, 3), **metrics}
+        with open(self.run_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.best is None or metrics["mean_recall"] > self.best["mean_recall"]:
+            self.best = record
+            from safetensors.torch import save_file
+
+            tmp = self.run_dir / f".best.tmp-{os.getpid()}.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
+            os.replace(tmp, self.run_dir / "best.safetensors")
+            _write_json(self.run_dir / "best.json", record)
+        return record
+
+    @property
+    def epoch(self) -> float:
+        micro = sum(self.positions.values())
+        return micro / self.per_epoch
+
+    # -- checkpoint / resume ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer)
+        rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = state
+        state = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "step": self.step, "total": self.total,
+                 "positions": self.positions, "best": self.best, "running": self.running,
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "optimizer": opt_meta,
+                 "config": self.config.to_dict(), "train_pairs": len(self.train_pairs)}
+
+        def write(tmp: Path) -> None:
+            _save_tensors(tmp / "model.safetensors", state_for_saving(self.model))
+            _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            _save_tensors(tmp / "rng.safetensors", rng)
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+        _atomic_dir(self.run_dir / CHECKPOINT, write)
+        self.progress(Progress("checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT)))
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "state.json").read_text())
+        if state.get("format") != RUN_FORMAT or state.get("format_version", 99) > RUN_VERSION:
+            raise TrainingError(f"{path} is not a checkpoint this ldot can resume (format {state.get('format')!r}, "
+                                f"version {state.get('format_version')})")
+        saved = TrainConfig.from_dict(state["config"])
+        if saved != self.config or state["train_pairs"] != len(self.train_pairs):
+            diff = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}"
+                    for f in fields(TrainConfig) if getattr(saved, f.name) != getattr(self.config, f.name)]
+            if state["train_pairs"] != len(self.train_pairs):
+                diff.append(f"training pairs {state['train_pairs']} -> {len(self.train_pairs)}")
+            raise TrainingError(f"cannot resume {self.run_dir.name}: it was started with other settings ("
+                                + "; ".join(diff) + "); pass the same options and data, or start a new run")
+        model_state = with_tied_aliases(_load_tensors(path / "model.safetensors"))
+        self.model.load_state_dict({k: v.to(self.device) for k, v in model_state.items()})
+        self.optimizer.load_state_dict(_optimizer_from_flat(_load_tensors(path / "optimizer.safetensors"),
+                                                            state["optimizer"]))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng = _load_tensors(path / "rng.safetensors")
+        torch.set_rng_state(rng["torch_cpu"])
+        self.generator.set_state(rng["generator"])
+        if self.device.type == "cuda":
+            cuda_states = [rng[k] for k in sorted(rng) if k.startswith("cuda_")]
+            if cuda_states:
+                torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+        self.step = state["step"]
+        self.positions = {k: int(v) for k, v in state["positions"].items()}
+        self.best = state["best"]
+        self.running = state.get("running", {})
+
+    # -- run -----------------------------------------------------------------------------------------
+    def run(self, stop_at_step: int | None) -> TrainResult:
+        try:
+            return self._run(stop_at_step)
+        finally:
+            self._stop_prefetch()
+
+    def _run(self, stop_at_step: int | None) -> TrainResult:
+        started = time.monotonic()
+        if self.step == 0:
+            torch.manual_seed(self.config.seed)  # dropout; a resumed run restores the RNG state instead
+        lr = lr_at(self.step, self.config.lr, self.warmup, self.total)
+        self.progress(Progress("start", self.step, self.total, self.epoch, lr=lr))
+        while self.step < self.total:
+            snapshot = self._snapshot()
+            try:
+                loss, lr = self.train_step()
+            except KeyboardInterrupt:
+                if self.updating:
+                    raise
+                self._restore(snapshot)
+                self.save_checkpoint()
+                raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
+                                          f"{self.run_dir}: continue it with --resume") from None
+            self.progress(Progress("step", self.step, self.total, self.epoch, loss, dict(self.running), lr))
+            if self.step % self.eval_every == 0 or self.step == self.total:
+                record = self.validate()
+                if record is not None:
+                    self.progress(Progress("eval", self.step, self.total, self.epoch, metrics=record))
+            stopping = stop_at_step is not None and self.step >= stop_at_step and self.step < self.total
+            if self.step % self.checkpoint_every == 0 or self.step == self.total or stopping:
+                self.save_checkpoint()
+            if stopping:
+                return TrainResult(self.run_dir, self.step, self.total, False, self.best, time.monotonic() - started)
+        self.progress(Progress("done", self.step, self.total, self.epoch, metrics=self.best))
+        return TrainResult(self.run_dir, self.step, self.total, True, self.best, time.monotonic() - started)
+
+
+def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEncoderForPretraining | None = None,
+          tokenizer: Any = None, *, resume: bool = False, device: str | torch.device | None = "auto",
+          init: dict[str, Any] | None = None, progress: ProgressFn | None = None,
+          stop_at_step: int | None = None) -> TrainResult:
+    """Train in ``run_dir``: a new run (``model`` and ``tokenizer`` given) or, with ``resume``, continue the
+    run's checkpoint (the model and tokenizer are rebuilt from the run directory).
+
+    ``stop_at_step``: stop (after writing a checkpoint) once that many optimizer steps are done, e.g. to
+    train in time-boxed pieces; `train(..., resume=True)` continues. Returns where the run stands.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    ckpt = checkpoint_dir(run_dir)
+    if resume:
+        if ckpt is None:
+            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without --resume)")
+        model, tokenizer = _rebuild(run_dir)
+    else:
+        if ckpt is not None or (run_dir / "run.json").exists():
+            raise TrainingError(f"a run already exists in {run_dir}: pass --resume to continue it, or --force to "
+                                "start it over")
+        if model is None or tokenizer is None:
+            raise TrainingError("a new run needs a model and a tokenizer")
+    trainer = _Trainer(run_dir, model, tokenizer, data, config, device, progress)  # validates before writing
+    if resume:
+        assert ckpt is not None
+        trainer.load_checkpoint(ckpt)
+    else:
+        _start_run(run_dir, model, tokenizer, config, data, init)
+    return trainer.run(stop_at_step)
+
+
+def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, config: TrainConfig,
+               data: TrainData, init: dict[str, Any] | None) -> None:
+    from models.core.version import __version__
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(run_dir)
+    info = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "ldot_version": __version__,
+            "model_config": model.config.to_dict(), "num_region_labels": model.num_region_labels,
+            "train_config": config.to_dict(), "init": init or {}, "data": data.description,
+            "train_pairs": len(data.train), "val_pairs": len(data.val) if data.val is not None else 0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_json(run_dir / "run.json", info)
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainingError(f"{run_dir} is not a training run (no run.json)") from None
+    except ValueError as exc:
+        raise TrainingError(f"{path} is not valid JSON ({exc})") from None
+    if info.get("format") != RUN_FORMAT or info.get("format_version", 99) > RUN_VERSION:
+        raise TrainingError(f"{path} was written by another ldot (run format {info.get('format_version')})")
+    return info
+
+
+def _rebuild(run_dir: Path) -> tuple[BiEncoderForPretraining, Any]:
+    from models.nn.tokenizer import Tokenizer
+
+    info = read_run(run_dir)
+    config = BiEncoderConfig.from_dict(info["model_config"])
+    model = BiEncoderForPretraining(config, info.get("num_region_labels", 1601))
+    return model, Tokenizer.from_path(run_dir / "tokenizer.json")
+
+
+# -- the trained model ---------------------------------------------------------------------------------
+def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
+    """Install a run's model in the cache as ``<home>/models/<name>`` (kind ``bi-encoder``, tokenizer bundled,
+    manifest ``origin: train``): the best validated weights, else the last checkpoint's.
+
+    Pre-training runs also keep their heads (``heads.safetensors``, official key names) when the exported
+    weights are the last checkpoint's, so a later ``--init NAME`` continues pre-training with them.
+    """
+    from models.core.home import models_dir
+    from models.hub.cache import check_name, record_model
+    from models.hub.catalogue import find_entry
+    from models.hub.formats import save_model_dir
+    from models.nn.tokenizer import Tokenizer
+    from models.training.initialization import HEADS_FILE
+
+    run_dir = Path(run_dir)
+    check_name(name)
+    if find_entry(name) is not None:
+        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another --out")
+    target = models_dir() / name
+    if target.exists() and not force:
+        raise TrainingError(f"a model named {name!r} already exists: pass --force to replace it, or choose another "
+                            "--out")
+    info = read_run(run_dir)
+    ckpt = checkpoint_dir(run_dir)
+    if ckpt is None:
+        raise TrainingError(f"{run_dir} has no trained weights yet")
+    full = _load_tensors(ckpt / "model.safetensors")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
+    if best is not None and best["step"] != step:
+        state = _load_tensors(run_dir / "best.safetensors")
+    else:
+        state = {k[len("bert."):]: v for k, v in full.items() if k.startswith("bert.")}
+    source = {"origin": "train", "run": str(run_dir), "init": info.get("init", {}), "data": info.get("data", ""),
+              "train_config": info["train_config"], "steps": step, "best": best}
+    tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
+    config = info["model_config"]
+    save_model_dir(target, "bi-encoder", config, state, source=source, tokenizer=tokenizer)
+    tasks = [t for t, _ in info["train_config"]["tasks"]]
+    if tasks != ["itm"] and (best is None or best["step"] == step):  # heads of these very weights
+        heads = {k: v for k, v in full.items() if not k.startswith("bert.")}
+        _save_tensors(target / HEADS_FILE, heads)
+    record_model(target, name, "bi-encoder", "train", trained_from=str(run_dir), best=best)
+    return target
