@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
 
 
 def index(
-    paths: list[Path] = typer.Argument(..., help="Folders (or files) of images to index."),
+    paths: list[str] = typer.Argument(..., help="Folders (or files) of images to index; with --ray also file "
+                                                "lists (.txt) and webdataset shards (shards/{00000..00099}.tar), "
+                                                "local or fsspec URLs."),
     name: str = typer.Option("default", "--name", "-n", help="Name of the index."),
     model: str = typer.Option(None, help="Bi-encoder (registry name, model dir or .pt); default: the index's, "
                                          "else flickr-ft."),
@@ -37,6 +39,22 @@ def index(
     batch_size: int = typer.Option(8, help="Images per detector batch."),
     workers: int = typer.Option(2, help="Image-decoding processes."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
+    index_type: str = typer.Option(None, "--index-type", help="exact, ivf or ivfpq (OPQ + IVF-PQ, re-scored "
+                                                               "exactly from fp16 on disk); default: chosen from the "
+                                                               "image count and --memory-budget."),
+    memory_budget: str = typer.Option(None, "--memory-budget", help="RAM the vector index may take (e.g. 8GB); "
+                                                                     "default: half of this machine's."),
+    ray: str = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                            help="Run the models on a Ray cluster: --ray (a local Ray instance), --ray auto (the "
+                                 "cluster this machine belongs to) or --ray HOST:PORT. Put it after PATHS."),
+    ray_actors: int = typer.Option(None, "--ray-actors", help="Model copies on the cluster (default: one per GPU, "
+                                                              "or per --ray-cpus-per-actor cores)."),
+    ray_cpus_per_actor: int = typer.Option(None, "--ray-cpus-per-actor", help="Cores per model copy on CPU-only "
+                                                                              "clusters."),
+    ray_shard_size: int = typer.Option(None, "--ray-shard-size", help="Images per model call and output shard "
+                                                                      "(default: 256 on GPUs, 32 on CPUs)."),
+    shards_dir: str = typer.Option(None, "--shards-dir", help="Where workers write output shards (a shared folder "
+                                                              "or fsspec URL; default: the index's shards/)."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
     from ldot_cli.index.indexer import Indexer
@@ -46,11 +64,38 @@ def index(
     with progress_bar("bytes", transient=True) as bar:
         for needed in (detector, model or DEFAULT_BI_ENCODER):
             ensure_model(needed, download_progress(bar))
+    mode = None if ann is None else ("ivf" if ann else "exact")
+    if index_type is not None:
+        from ldot_cli.index.ann import KINDS
+
+        if index_type not in (*KINDS, "auto"):
+            raise typer.BadParameter(f"{index_type!r}: use one of auto, {', '.join(KINDS)}", param_hint="--index-type")
+        mode = index_type
+    budget = None
+    if memory_budget is not None:
+        from ldot_cli.index.ann import parse_bytes
+
+        try:
+            budget = parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
     with progress_bar() as bar:
-        indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                          device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"),
-                          ann=None if ann is None else ("ivf" if ann else "exact"))
-        report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
+        kwargs = dict(model=model, detector=detector, preset=preset, keep_regions=not no_regions, device=device,
+                      batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"), ann=mode)
+        if ray is None:
+            indexer = Indexer(name, **kwargs)
+            if budget is not None:
+                indexer.memory_budget = budget
+            report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
+        else:
+            from ldot_cli.index.distributed import RayIndexer, RayOptions
+
+            options = RayOptions(address=ray, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                                 shard_size=ray_shard_size, shards_dir=shards_dir)
+            indexer = RayIndexer(name, ray_options=options, **kwargs)
+            if budget is not None:
+                indexer.memory_budget = budget
+            report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex)
     err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "
               f"reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
               f"{len(report.skipped)} skipped; {report.vectors} in the index ({report.elapsed_s:.1f} s)")
