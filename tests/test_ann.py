@@ -126,3 +126,8 @@ def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
         store.sync_faiss()
         index, _ = store.read_faiss()
         assert index.ntotal == 5001 and ann.search(index, vectors[:1] * 3, 1)[1][0, 0] == 5001
+    from ldot_cli.index.status import describe_index
+
+    info = describe_index("pq")
+    assert info["index_type"] == ann.PQ and info["recall_at_10"] >= 0.95 and info["shards"] == 0
+    assert info["factory"].startswith("OPQ8_32,IVF") and 0 < info["bytes_per_image"] < 32 * 4 + 64

@@ -24,7 +24,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("feature_extraction.pipeline",),
     ("feature_extraction",),
     ("ldot_cli.data",),
-    ("ldot_cli.index", "ldot_cli.eval", "ldot_cli.train"),
+    ("ldot_cli.index", "ldot_cli.index.sources", "ldot_cli.index.shards", "ldot_cli.index.distributed",
+     "ldot_cli.eval", "ldot_cli.train"),
     ("ldot_cli.commands",),
     ("ldot_cli.main", "ldot_cli"),
 )

@@ -117,7 +117,7 @@ def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, mod
     again = ldot("index", source, "--name", "web", *ARGS, "--ray", address)  # committed shards: not read again
     assert "0 encoded" in again.stderr and "6 unchanged" in " ".join(again.stderr.split())
     status = json.loads(ldot("status", "--name", "web", "--json").stdout)
-    assert status["shards"] == 1 and status["index_type"] == "exact" and status["bytes_per_image"] > 0
+    assert status["shards"] >= 1 and status["index_type"] == "exact" and status["bytes_per_image"] > 0
 
 
 def test_a_worker_killed_mid_run_is_restarted_and_counts_stay_exact(cluster, models, tmp_path):

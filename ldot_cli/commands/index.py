@@ -136,10 +136,14 @@ def status(
         out.print_json(json.dumps(info))
         return
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
-                "vectors", "search", "bytes", "region_bytes_per_image", "updated"):
+                "vectors", "search", "index_type", "factory", "recall_at_10", "bytes_per_image", "shards", "bytes",
+                "region_bytes_per_image", "updated"):
         value = info.get(key)
-        if key in ("bytes", "region_bytes_per_image") and value is not None:
+        if key in ("bytes", "region_bytes_per_image", "bytes_per_image") and value is not None:
             value = human_bytes(value)
+        if key == "recall_at_10" and value is not None:
+            value = f"{value:.3f}" + (" (exact search)" if info.get("index_type") == "exact" else
+                                      " (vs exact, on a sample, at build time)")
         out.print(f"[bold]{key:>22}[/]  {value if value is not None else '-'}", highlight=False)
     for path, reason in info.get("errors", []):
         out.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)
