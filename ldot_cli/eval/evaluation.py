@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ from feature_extraction.uniter_db import FeatureStore
 from ldot_cli.data.benchmarks import DataPaths, RetrievalSet, locate
 from ldot_cli.data.errors import DatasetError
 from ldot_cli.data.features import ensure_features
+from models.core import ann
 from models.core.errors import LdotError, ModelError
 from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
@@ -251,33 +251,16 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
     return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
 
 
-@contextmanager
-def _faiss(blas_threshold: int = 20) -> Iterator[Any]:
-    """faiss, with BLAS used from ``blas_threshold`` queries on (faiss' default 20 is 128000: 5-6x slower)."""
-    import faiss
-
-    old = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = blas_threshold
-    try:
-        yield faiss
-    finally:
-        faiss.cvar.distance_compute_blas_threshold = old
-
-
 def search_both(text_vectors: np.ndarray, image_vectors: np.ndarray, depth: int,
                 timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search both ways: (images per caption (n_txt, k), captions per image (n_img, k))."""
     timings = timings or Timings()
-    with _faiss() as faiss:
-        t0 = time.perf_counter()
-        image_index = faiss.IndexFlatIP(image_vectors.shape[1])
-        image_index.add(image_vectors)
-        text_index = faiss.IndexFlatIP(text_vectors.shape[1])
-        text_index.add(text_vectors)
-        t1 = time.perf_counter()
-        _, ranked_images = image_index.search(text_vectors, min(depth, len(image_vectors)))
-        _, ranked_texts = text_index.search(image_vectors, min(depth, len(text_vectors)))
-        t2 = time.perf_counter()
+    t0 = time.perf_counter()
+    image_index, text_index = ann.flat(image_vectors), ann.flat(text_vectors)
+    t1 = time.perf_counter()
+    _, ranked_images = ann.search(image_index, text_vectors, depth)
+    _, ranked_texts = ann.search(text_index, image_vectors, depth)
+    t2 = time.perf_counter()
     timings.index_build_s += t1 - t0
     timings.search_s += t2 - t1
     return ranked_images, ranked_texts

@@ -147,7 +147,7 @@ class Searcher:
         return vector[None]
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
-        from ldot_cli.index import ann
+        from models.core import ann
 
         start = time.perf_counter()
         loaded = self._vector_index()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.core.errors import LdotError
-from models.core.fileio import fsync_path, sha256_file
+from models.core.fileio import replace_file, sha256_file
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
@@ -272,7 +272,7 @@ class IndexStore:
         changes (``kind`` None: exact up to `ANN_THRESHOLD` vectors, approximate past it). Only the
         process holding the index lock may call this. Returns what was done.
         """
-        from ldot_cli.index import ann
+        from models.core import ann
 
         total = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
         current = self.get_meta("faiss_kind")
@@ -315,11 +315,8 @@ class IndexStore:
         tmp = self.dir / f".{FAISS_FILE}.{os.getpid()}.tmp"
         try:
             faiss.write_index(index, str(tmp))
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
             digest = sha256_file(tmp)
-            os.replace(tmp, self.faiss_path)
-            fsync_path(self.dir)
+            replace_file(tmp, self.faiss_path)
         finally:
             tmp.unlink(missing_ok=True)
         self.set_meta({"faiss_sha256": digest, "faiss_rows": str(index.ntotal), "faiss_max_id": str(max_id),

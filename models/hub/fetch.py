@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from models.core.errors import DownloadError
-from models.core.fileio import atomic_write_text, sha256_file
+from models.core.fileio import atomic_write_text, replace_file, sha256_file
 from models.core.home import ldot_home, models_dir
 from models.core.progress import ProgressFn, report
 from models.hub.cache import model_path, read_manifest, record_model, write_manifest
@@ -158,7 +158,7 @@ def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, si
             part.unlink()
             raise DownloadError(f"{dest.name} from {url} has sha256 {digest[:12]}…, expected {expected[:12]}…: "
                                 "the file is corrupt or was changed; deleted, nothing installed")
-        os.replace(part, dest)
+        replace_file(part, dest)
         if hash_key and not expected:
             record_hash(hash_key, digest)
         return digest

@@ -27,10 +27,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.core.progress import Progress, ProgressFn
 from models.core.errors import LdotError
+from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
@@ -316,40 +315,6 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory beside ``target`` and swap it in; a crash leaves the old or the new one."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def checkpoint_dir(run_dir: Path) -> Path | None:
     """The resume checkpoint of a run (or its previous copy, if a swap was interrupted)."""
     for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
@@ -533,8 +498,8 @@ class _Trainer:
 
             tmp = self.run_dir / f".best.tmp-{os.getpid()}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
-            os.replace(tmp, self.run_dir / "best.safetensors")
-            _write_json(self.run_dir / "best.json", record)
+            replace_file(tmp, self.run_dir / "best.safetensors")
+            atomic_write_json(self.run_dir / "best.json", record, indent=2)
         return record
 
     @property
@@ -560,7 +525,8 @@ class _Trainer:
             _save_tensors(tmp / "rng.safetensors", rng)
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
-        _atomic_dir(self.run_dir / CHECKPOINT, write)
+        with new_dir(self.run_dir / CHECKPOINT) as tmp:
+            write(tmp)
         _report(self.progress, "checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -676,7 +642,7 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
             "train_config": config.to_dict(), "init": init or {}, "data": data.description,
             "train_pairs": len(data.train), "val_pairs": len(data.val) if data.val is not None else 0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(run_dir / "run.json", info)
+    atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
