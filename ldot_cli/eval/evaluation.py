@@ -69,7 +69,7 @@ class Reranker(Protocol):
 
 # ------------------------------------------------------------------------------------------ report
 @dataclass
-class Timings:
+class EvalTimings:
     """Seconds spent per stage (summed over folds for COCO 1K)."""
 
     feature_extraction_s: float = 0.0  # detector on image files (0 when features were there)
@@ -123,7 +123,7 @@ class EvalReport:
     reranked: dict[int, Recalls]  # M -> after re-ranking the top M (mean over folds)
     fold_recalls: list[Recalls]
     fold_reranked: list[dict[int, Recalls]]
-    timings: Timings
+    timings: EvalTimings
     text_input: str  # "token-ids" (from the text DB) or "raw-text" (tokenized by the model)
     sources: dict[str, str] = field(default_factory=dict)
     model: str | None = None
@@ -169,9 +169,9 @@ def _tick(progress: ProgressFn | None, stage: str, total: int, unit: str = "item
 
 
 def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str], batch_size: int = 64,
-                     progress: ProgressFn | None = None, timings: Timings | None = None) -> np.ndarray:
+                     progress: ProgressFn | None = None, timings: EvalTimings | None = None) -> np.ndarray:
     """Image vectors (n, D) of the images stored under ``keys``, read and encoded chunk by chunk."""
-    timings = timings or Timings()
+    timings = timings or EvalTimings()
     missing = store.missing(keys)
     if missing:
         raise DatasetError(f"image DB {store.img_dir} has no features for {len(missing)} of the {len(keys)} images "
@@ -211,13 +211,13 @@ def _text_mode(rset: RetrievalSet, encoder: Encoder, text_input: str) -> str:
 
 
 def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text", batch_size: int = 64,
-                    progress: ProgressFn | None = None, timings: Timings | None = None) -> np.ndarray:
+                    progress: ProgressFn | None = None, timings: EvalTimings | None = None) -> np.ndarray:
     """Caption vectors (n_txt, D), in caption order; batches of similar lengths.
 
     ``token-ids``: the text DB's word-pieces as ``[CLS] ids [SEP]`` (the official ``combine_inputs``);
     ``raw-text``: the captions tokenized by the model's own tokenizer.
     """
-    timings = timings or Timings()
+    timings = timings or EvalTimings()
     captions = rset.captions
     advance = _tick(progress, "encoding captions", len(captions), "captions")
     vectors: list[np.ndarray | None] = [None] * len(captions)
@@ -252,9 +252,9 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
 
 
 def search_both(text_vectors: np.ndarray, image_vectors: np.ndarray, depth: int,
-                timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+                timings: EvalTimings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search both ways: (images per caption (n_txt, k), captions per image (n_img, k))."""
-    timings = timings or Timings()
+    timings = timings or EvalTimings()
     t0 = time.perf_counter()
     image_index, text_index = ann.flat(image_vectors), ann.flat(text_vectors)
     t1 = time.perf_counter()
@@ -324,7 +324,7 @@ def _folds(n_images: int, fold_size: int | None) -> list[np.ndarray]:
 
 
 def time_cross_encoder(reranker: Reranker, store: FeatureStore, rset: RetrievalSet, sample: int,
-                       timings: Timings, seed: int = 0, progress: ProgressFn | None = None) -> None:
+                       timings: EvalTimings, seed: int = 0, progress: ProgressFn | None = None) -> None:
     """Time the cross-encoder on ``sample`` random pairs; extrapolate to ``timings.full_matrix_pairs``."""
     n_txt, n_img = len(rset.captions), len(rset.images)
     count = int(min(sample, n_txt * n_img))
@@ -360,7 +360,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
     if rset.image_db is None:
         raise DatasetError("the benchmark's image features are not extracted yet (call ensure_features first)")
     ms = sorted(set(rerank_ks))
-    timings = Timings()
+    timings = EvalTimings()
     store = FeatureStore(rset.image_db)
     try:
         image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress, timings)
@@ -390,7 +390,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
 
 def _evaluate_fold(rset: RetrievalSet, img_idx: np.ndarray, caption_image: np.ndarray, text_vectors: np.ndarray,
                    image_vectors: np.ndarray, ms: Sequence[int], reranker: Reranker | None, store: FeatureStore,
-                   timings: Timings, progress: ProgressFn | None, label: str) -> tuple[Recalls, dict[int, Recalls]]:
+                   timings: EvalTimings, progress: ProgressFn | None, label: str) -> tuple[Recalls, dict[int, Recalls]]:
     position = np.full(len(rset.images), -1)
     position[img_idx] = np.arange(len(img_idx))
     txt_idx = np.nonzero(position[caption_image] >= 0)[0]

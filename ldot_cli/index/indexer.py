@@ -24,8 +24,8 @@ from feature_extraction.detector.weights import open_detector
 from ldot_cli.index.store import (
     REGIONS_DIR,
     FileRow,
-    IndexError_,
     IndexStore,
+    IndexStoreError,
     index_path,
 )
 from models.core.errors import LdotError
@@ -105,11 +105,11 @@ class Indexer:
         model = self.model_arg or recorded or DEFAULT_BI_ENCODER
         want = fingerprint(model)
         if recorded is not None and store.get_meta("model_fingerprint") != want:
-            raise IndexError_(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another model: "
+            raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another model: "
                               f"add --reindex to rebuild it with {model!r} (or use another --name)")
         detector = store.get_meta("detector")
         if detector is not None and (detector, store.get_meta("preset")) != (self.detector_name, self.preset):
-            raise IndexError_(f"index {self.name!r} was built with detector {detector!r} preset "
+            raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
                               f"{store.get_meta('preset')!r}: add --reindex to change them")
         store.set_meta({"model": model, "model_fingerprint": want, "detector": self.detector_name,
                         "preset": self.preset, "regions": "kept" if self.keep_regions else "none"})

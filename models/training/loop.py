@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.core.errors import LdotError
+from models.core.errors import ConfigError, LdotError
 from models.core.fileio import atomic_write_json, new_dir, replace_file
 from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
 from models.nn.pretraining import (
+    NUM_REGION_LABELS,
     TASKS,
     BiEncoderForPretraining,
     PairBatch,
@@ -147,6 +149,21 @@ def finetune_config(dataset: str = "flickr30k", **overrides: Any) -> TrainConfig
     base = TrainConfig(tasks=(("itm", 1.0),), batch_size=96, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.0,
                        warmup=0.1, epochs=FINETUNE_EPOCHS.get(dataset, 15), grad_clip=2.0)
     return replace(base, **overrides)
+
+
+def mix_ratios(mix: str, tasks: Sequence[str]) -> list[float]:
+    """Ratios for ``tasks`` from a preset name (``coco``, ``other``: the official mixes, a task outside them gets
+    1) or from comma-separated numbers, one per task."""
+    if mix in PRETRAIN_MIX:
+        preset = dict(zip(TASKS, PRETRAIN_MIX[mix]))
+        return [float(preset.get(task, 1.0)) for task in tasks]
+    try:
+        ratios = [float(x) for x in mix.split(",")]
+    except ValueError:
+        raise ConfigError(f"mix {mix!r} is neither numbers nor a preset ({', '.join(PRETRAIN_MIX)})") from None
+    if len(ratios) != len(tasks):
+        raise ConfigError(f"mix {mix!r} gives {len(ratios)} ratios for {len(tasks)} tasks")
+    return ratios
 
 
 def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
@@ -663,7 +680,7 @@ def _rebuild(run_dir: Path) -> tuple[BiEncoderForPretraining, Any]:
 
     info = read_run(run_dir)
     config = BiEncoderConfig.from_dict(info["model_config"])
-    model = BiEncoderForPretraining(config, info.get("num_region_labels", 1601))
+    model = BiEncoderForPretraining(config, info.get("num_region_labels", NUM_REGION_LABELS))
     return model, Tokenizer.from_path(run_dir / "tokenizer.json")
 
 
