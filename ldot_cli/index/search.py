@@ -107,18 +107,15 @@ class Searcher:
 
     def _repair(self) -> tuple[Any, int] | None:
         """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only."""
-        from filelock import FileLock, Timeout
+        from ldot_cli.index.store import writer_lock
 
-        from ldot_cli.index.store import LOCK_FILE
-
-        try:
-            with FileLock(str(self.store.dir / LOCK_FILE), timeout=0):
-                warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
-                                          "rebuilt it from the index database"), stacklevel=2)
-                self.store.sync_faiss(rebuild=True)
-                return self.store.read_faiss()
-        except Timeout:
-            return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
+        with writer_lock(self.store.dir, wait=False) as held:
+            if not held:
+                return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
+            warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
+                                      "rebuilt it from the index database"), stacklevel=2)
+            self.store.sync_faiss(rebuild=True)
+            return self.store.read_faiss()
 
     # -- queries -------------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
