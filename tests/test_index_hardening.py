@@ -249,3 +249,92 @@ def test_index_rm_at_the_command_line(tmp_path, tiny):
     removed = runner.invoke(app, ["index", "rm", "trip"])
     assert removed.exit_code == 0 and "removed index 'trip'" in removed.output
     assert not index_path("trip").exists()
+
+
+# -- item 4: a damaged region store -------------------------------------------------------------------
+def _damage_regions(how: str) -> None:
+    data = index_path("default") / REGIONS_DIR / "feat_th0.2_max100_min10" / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    if how == "truncated":
+        data.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif how == "empty":
+        data.write_bytes(b"")
+    else:  # every page header past the two meta pages flipped
+        page = int.from_bytes(raw[40:44], "little")
+        for start in range(2 * page, len(raw), page):
+            raw[start:start + 16] = bytes(b ^ 0xFF for b in raw[start:start + 16])
+        data.write_bytes(bytes(raw))
+
+
+RUN_AND_REPORT = textwrap.dedent("""
+    import sys
+    sys.path[:0] = {paths!r}
+    from fakes import FakeDetector
+    from ldot_cli.index.indexer import Indexer
+    from models.core.errors import LdotError
+    try:
+        Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([{folder!r}])
+    except LdotError as exc:
+        print(exc)
+        sys.exit(2)
+""")
+
+
+@pytest.mark.parametrize("how", [pytest.param("truncated", marks=pytest.mark.slow), "empty", "flipped"])
+def test_damaged_region_store_is_named_with_the_way_out(tmp_path, tiny, how):
+    make_photos(tmp_path / "photos", 6)
+    run_index(tmp_path / "photos")
+    _damage_regions(how)
+    make_photos(tmp_path / "photos", 1, start=20)
+    if how == "truncated":  # in a subprocess: mapping a truncated LMDB file used to kill it with SIGBUS
+        code = RUN_AND_REPORT.format(paths=sys.path, folder=str(tmp_path / "photos"))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+        message = result.stdout.strip()
+    else:
+        with pytest.raises(IndexError_) as caught:
+            run_index(tmp_path / "photos")
+        message = str(caught.value)
+    assert "data.mdb is damaged" in message and "--reindex" in message and len(message.splitlines()) == 1
+    if how == "flipped":
+        report = run_index(tmp_path / "photos", reindex=True)
+        assert report.encoded == 7 and len(region_keys()) == 7
+
+
+# -- item 7: LMDB map sized from the data ------------------------------------------------------------
+def test_region_store_works_under_a_virtual_memory_limit(tmp_path):
+    code = textwrap.dedent(f"""
+        import resource, sys
+        sys.path[:0] = {sys.path!r}
+        import numpy as np
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # as `ulimit -v 3000000`
+        from feature_extraction.uniter_db import FeatureStore, UniterImageDBWriter
+        record = {{"features": np.ones((10, 8), np.float16), "norm_bb": np.ones((10, 6), np.float16),
+                   "conf": np.ones((10, 1), np.float16)}}
+        for round in range(2):  # create, then reopen and grow
+            with UniterImageDBWriter({str(tmp_path)!r}, "uniter") as writer:
+                for i in range(200):
+                    writer.put(f"k{{round}}-{{i}}", record)
+                writer.commit()
+        store = FeatureStore({str(tmp_path)!r})
+        print(len(store.db.keys()), store.get("k1-7").features.shape)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["400", "(10,", "8)"]
+
+
+def test_region_store_map_grows_from_a_small_start(tmp_path, monkeypatch):
+    import numpy as np
+
+    from feature_extraction import uniter_db
+
+    monkeypatch.setattr(uniter_db, "MIN_MAP_SIZE", 256 << 10)
+    record = {"features": np.ones((100, 2048), np.float16), "norm_bb": np.ones((100, 6), np.float16),
+              "conf": np.ones((100, 1), np.float16)}  # 400 kB each: the first commit overflows the map
+    with uniter_db.UniterImageDBWriter(tmp_path, "uniter") as writer:
+        for i in range(8):
+            writer.put(f"k{i}", record)
+            writer.commit()
+    with uniter_db.UniterImageDB(tmp_path, "uniter") as reader:
+        assert len(reader.keys()) == 8 and reader["k5"].features.shape == (100, 2048)

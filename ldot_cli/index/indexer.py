@@ -229,7 +229,10 @@ class Indexer:
         self.dir.mkdir(parents=True, exist_ok=True)
         with writer_lock(self.dir):
             with self.open(reindex) as store:
-                self._run(store, scan, retry_failed, report)
+                try:
+                    self._run(store, scan, retry_failed, report)
+                except ImageDBError as exc:
+                    raise damaged_regions(self.name, exc) from None
                 counts = store.counts()
                 report.images, report.vectors = counts.get("indexed", 0), counts["vectors"]
         report.elapsed_s = time.monotonic() - started
@@ -418,21 +421,24 @@ class Indexer:
             self.last_flush = time.monotonic()
 
 
+def damaged_regions(name: str, exc: ImageDBError) -> IndexError_:
+    """A damaged region store: its file, what is wrong, and the way out."""
+    return IndexError_(f"the region store of index {name!r} is damaged ({exc}): rebuild the index with "
+                       f"`ldot index FOLDER --name {name} --reindex`")
+
+
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
     """Delete the region records of ``regions_dir`` whose key is not in ``live``; returns how many."""
-    from feature_extraction.uniter_db import UniterImageDB, UniterImageDBWriter
+    from feature_extraction.uniter_db import UniterImageDB, UniterImageDBWriter, resolve_cut
 
-    if not regions_dir.is_dir():
-        return 0
-    try:
-        with UniterImageDB(regions_dir, preset) as reader:
-            dead = [key for key in reader.keys() if key not in live]
-    except ImageDBError:
-        return 0  # no region DB in there yet
+    if not (regions_dir / resolve_cut(preset).db_name() / "data.mdb").is_file():
+        return 0  # no region records yet
+    with UniterImageDB(regions_dir, preset) as reader:
+        dead = [key for key in reader.keys() if key not in live]
     if not dead:
         return 0
     with UniterImageDBWriter(regions_dir, preset) as writer:
@@ -555,7 +561,10 @@ def remove_folder(name: str, folder: str | os.PathLike[str], progress: ProgressF
             orphans = store.orphan_vectors()
             store.delete_vectors(db, [vid for vid, _ in orphans])
         if keep:
-            collect_regions(directory / REGIONS_DIR, preset, store.content_hash_set())
+            try:
+                collect_regions(directory / REGIONS_DIR, preset, store.content_hash_set())
+            except ImageDBError as exc:
+                raise damaged_regions(name, exc) from None
         if progress:
             progress("saving", 0, 1)
         store.sync_faiss(kind=None)

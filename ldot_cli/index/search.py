@@ -215,9 +215,17 @@ class Searcher:
         model = self.reranker(reranker)
         start = time.perf_counter()
         hashes = self.store.content_hashes([h.vector_id for h in hits])
-        if self._regions is None:
-            self._regions = FeatureStore(regions_dir, self.preset)
-        feat, bb, mask, _ = stack_regions([self._regions.get(hashes[h.vector_id]) for h in hits])
+        from feature_extraction.errors import ImageDBError
+
+        try:
+            if self._regions is None:
+                self._regions = FeatureStore(regions_dir, self.preset)
+            records = [self._regions.get(hashes[h.vector_id]) for h in hits]
+        except ImageDBError as exc:
+            from ldot_cli.index.indexer import damaged_regions
+
+            raise damaged_regions(self.store.name, exc) from None
+        feat, bb, mask, _ = stack_regions(records)
         scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
         order = np.argsort(-scores, kind="stable")
