@@ -20,7 +20,7 @@ from ldot_testing import install_tiny_model, make_photos
 from ldot_cli.index import indexer as indexer_mod
 from ldot_cli.index.indexer import Indexer, remove_folder, remove_index
 from ldot_cli.index.status import describe_index
-from ldot_cli.index.store import LOCK_INFO_FILE, REGIONS_DIR, IndexError_, IndexStore, index_path, writer_lock
+from ldot_cli.index.store import LOCK_INFO_FILE, REGIONS_DIR, IndexStoreError, IndexStore, index_path, writer_lock
 from models.core.errors import LdotError, LdotWarning
 
 
@@ -168,7 +168,7 @@ def test_damaged_database_header_names_the_file_and_the_rebuild(tmp_path, tiny, 
     raw = bytearray(path.read_bytes())
     raw[offset] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(IndexError_) as caught:
+    with pytest.raises(IndexStoreError) as caught:
         IndexStore(index_path("default"))
     assert str(path) in str(caught.value) and "--reindex" in str(caught.value)
     report = run_index(tmp_path / "photos", reindex=True)  # the way out works
@@ -180,7 +180,7 @@ def test_non_numeric_format_version_is_a_clear_error(tmp_path, tiny):
     run_index(tmp_path / "photos")
     with sqlite3.connect(index_path("default") / "index.sqlite") as db:
         db.execute("UPDATE meta SET value = 'one' WHERE key = 'format_version'")
-    with pytest.raises(IndexError_, match="format_version 'one' is not a number.*--reindex"):
+    with pytest.raises(IndexStoreError, match="format_version 'one' is not a number.*--reindex"):
         IndexStore(index_path("default"))
 
 
@@ -214,7 +214,7 @@ def test_remove_a_folder_then_the_index(tmp_path, tiny):
     run_index(tmp_path / "b")
     folders = {f["path"]: (f["indexed"], f["skipped"]) for f in describe_index("default")["folders"]}
     assert folders == {str(tmp_path / "a"): (3, 0), str(tmp_path / "b"): (2, 1)}
-    with pytest.raises(IndexError_, match="holds no files under"):
+    with pytest.raises(IndexStoreError, match="holds no files under"):
         remove_folder("default", tmp_path / "c")
     assert remove_folder("default", tmp_path / "b") == 3
     info = describe_index("default")
@@ -227,7 +227,7 @@ def test_remove_a_folder_then_the_index(tmp_path, tiny):
     assert b[0].exists()  # the photos themselves are never touched
     remove_index("default")
     assert not index_path("default").exists()
-    with pytest.raises(IndexError_, match="no index named"):
+    with pytest.raises(IndexStoreError, match="no index named"):
         remove_index("default")
 
 
@@ -292,7 +292,7 @@ def test_damaged_region_store_is_named_with_the_way_out(tmp_path, tiny, how):
         assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
         message = result.stdout.strip()
     else:
-        with pytest.raises(IndexError_) as caught:
+        with pytest.raises(IndexStoreError) as caught:
             run_index(tmp_path / "photos")
         message = str(caught.value)
     assert "data.mdb is damaged" in message and "--reindex" in message and len(message.splitlines()) == 1

@@ -10,9 +10,9 @@ import typer
 from typer.core import TyperCommand
 
 from ldot_cli.commands.console import (
-    StageProgress,
-    download_progress,
+    ProgressView,
     err,
+    safe,
     human_bytes,
     out,
     progress_bar,
@@ -58,11 +58,11 @@ def index_rm(
 
     if not folder:
         path = remove_index(name)
-        err.print(Text(f"removed index {name!r} ({display_path(os.fsencode(path))})"))
+        err.print(Text(f"removed index {name!r} ({safe(display_path(os.fsencode(path)))})"))
         return
     for one in folder:
         dropped = remove_folder(name, one)
-        err.print(Text(f"{name}: dropped {dropped} files under {one} from the index"))
+        err.print(Text(f"{name}: dropped {dropped} files under {safe(str(one))} from the index"))
 
 
 def index(
@@ -93,15 +93,15 @@ def index(
 
     with progress_bar() as bar:
         indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                          device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"),
+                          device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
                           ann=None if ann is None else ("ivf" if ann else "exact"))
         scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
         needed = indexer.needed_models(reindex)
     with progress_bar("bytes", transient=True) as bar:
         for model_name in needed:
-            ensure_model(model_name, download_progress(bar))
+            ensure_model(model_name, ProgressView(bar))
     with progress_bar() as bar:
-        indexer.progress = StageProgress(bar, "images")
+        indexer.progress = ProgressView(bar)
         report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(Text.assemble(
@@ -154,10 +154,10 @@ def status(
         value = info.get(key)
         if key in ("bytes", "region_bytes_per_image") and value is not None:
             value = human_bytes(value)
-        out.print(Text.assemble((f"{key:>22}", "bold"), f"  {value if value is not None else '-'}"), highlight=False)
+        out.print(Text.assemble((f"{key:>22}", "bold"), f"  {safe(str(value)) if value is not None else '-'}"), highlight=False)
     for i, folder in enumerate(info["folders"]):
         label = "folders" if i == 0 else ""
         counts = f"{folder['indexed']} indexed" + (f", {folder['skipped']} skipped" if folder["skipped"] else "")
-        out.print(Text.assemble((f"{label:>22}", "bold"), f"  {folder['path']} ({counts})"), highlight=False)
+        out.print(Text.assemble((f"{label:>22}", "bold"), f"  {safe(folder['path'])} ({counts})"), highlight=False)
     for path, reason in info.get("errors", []):
         out.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,16 @@ from ldot_cli.index.store import (
     LOCK_FILE,
     REGIONS_DIR,
     FileRow,
-    IndexError_,
     IndexStore,
+    IndexStoreError,
     display_path,
     index_path,
     writer_lock,
 )
 from models.core.errors import LdotError, LdotWarning
 from models.core.fileio import sha256_file
+from models.core.progress import ProgressFn
+from models.core.progress import report as report_progress
 from models.hub.catalogue import DEFAULT_BI_ENCODER, DEFAULT_DETECTOR
 
 DEFAULT_PRESET = "uniter"
@@ -43,8 +45,7 @@ FAISS_FLUSH_S = 300.0  # rewrite the vector file at least this often during long
 STAGING_DIR = ".staging-regions"
 
 
-# progress(stage, done, total): stage is "scanning" | "hashing" | "extracting" | "encoding" | "saving"
-ProgressFn = Callable[[str, int, "int | None"], None]
+# progress stages, in order: "scanning" (files), "hashing", "extracting", "encoding" (images), "saving"
 
 
 @dataclass
@@ -92,6 +93,10 @@ class Indexer:
     it), and for a new index to the defaults (`DEFAULT_BI_ENCODER`, `DEFAULT_DETECTOR`, `DEFAULT_PRESET`).
     """
 
+    def stage(self, stage: str, done: int, total: int | None) -> None:
+        """Report how far a stage has come (see `models.core.progress`)."""
+        report_progress(self.progress, stage, done, total, "files" if stage == "scanning" else "images")
+
     def __init__(self, name: str = "default", model: str | None = None, detector: Any = None,
                  preset: str | None = None, keep_regions: bool = True, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
@@ -109,7 +114,7 @@ class Indexer:
             self.detector_arg = getattr(detector, "name", type(detector).__name__)
         self.keep_regions, self.device = keep_regions, device
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.progress = progress or (lambda stage, done, total: None)
+        self.progress = progress
         self.ann = ann
         self._encoder: Any = None
         self.last_flush = time.monotonic()
@@ -123,7 +128,7 @@ class Indexer:
         try:
             with IndexStore(self.dir) as store:
                 return store.meta()
-        except IndexError_:
+        except IndexStoreError:
             if reindex:
                 return {}
             raise
@@ -155,7 +160,7 @@ class Indexer:
         for root in absolute:
             if not os.path.exists(root):
                 raise LdotError(f"{display_path(os.fsencode(root))} does not exist: give a folder of images to index")
-        self.progress("scanning", 0, None)
+        self.stage("scanning", 0, None)
         issues: list[Any] = []
         sources = []
         counts = dict.fromkeys(absolute, 0)
@@ -164,7 +169,7 @@ class Indexer:
                 if not _excluded(src.path, src.root, excludes):
                     sources.append(src)
                     counts[root] += 1
-        self.progress("scanning", len(sources), len(sources))
+        self.stage("scanning", len(sources), len(sources))
         if not sources and not issues and not (self.dir / DB_FILE).is_file():
             raise LdotError(f"no images found under {', '.join(display_path(os.fsencode(r)) for r in absolute)} "
                             "(looked for .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif and similar files): "
@@ -192,11 +197,11 @@ class Indexer:
         recorded = store.get_meta("model")
         want = fingerprint(model)
         if recorded is not None and store.get_meta("model_fingerprint") != want:
-            raise IndexError_(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another model: "
+            raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another model: "
                               f"add --reindex to rebuild it with {model!r} (or use another --name)")
         detector = store.get_meta("detector")
         if detector is not None and (detector, store.get_meta("preset")) != (self.detector_name, self.preset):
-            raise IndexError_(f"index {self.name!r} was built with detector {detector!r} preset "
+            raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
                               f"{store.get_meta('preset')!r}: add --reindex to change them")
         store.set_meta({"model": model, "model_fingerprint": want, "detector": self.detector_name,
                         "preset": self.preset, "regions": "kept" if self.keep_regions else "none"})
@@ -246,9 +251,9 @@ class Indexer:
         need = self._link_known(store, todo, hashes, report)
         self._encode_new(store, need, hashes, report)
         self._collect_garbage(store)
-        self.progress("saving", 0, 1)
+        self.stage("saving", 0, 1)
         report.faiss = store.sync_faiss(kind=None)
-        self.progress("saving", 1, 1)
+        self.stage("saving", 1, 1)
 
     def _plan(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> list[Any]:
         """Sources that need work; forgets files that are gone."""
@@ -291,15 +296,15 @@ class Indexer:
         hashes: dict[str, str] = {}
         if not todo:
             return hashes
-        self.progress("hashing", 0, len(todo))
+        self.stage("hashing", 0, len(todo))
         for i, src in enumerate(todo):
             try:
                 hashes[src.path] = sha256_file(src.path)
             except OSError:
                 pass  # unreadable: the extraction step reports why
             if i % 64 == 63:
-                self.progress("hashing", i + 1, len(todo))
-        self.progress("hashing", len(todo), len(todo))
+                self.stage("hashing", i + 1, len(todo))
+        self.stage("hashing", len(todo), len(todo))
         return hashes
 
     def _link_known(self, store: IndexStore, todo: list[Any], hashes: dict[str, str],
@@ -336,8 +341,8 @@ class Indexer:
             else:
                 by_hash.setdefault(digest, []).append(src)
         firsts = [group[0] for group in by_hash.values()]
-        self.progress("extracting", 0, None)  # stages show in this order; totals come when known
-        self.progress("encoding", 0, len(firsts))
+        self.stage("extracting", 0, None)  # stages show in this order; totals come when known
+        self.stage("encoding", 0, len(firsts))
         regions_dir = self.dir / (REGIONS_DIR if self.keep_regions else STAGING_DIR)
         pending = Batcher(self, store, by_hash, report, total=len(firsts))
         # contents whose regions an interrupted run already extracted: encode straight away
@@ -360,8 +365,8 @@ class Indexer:
         if fresh:
             self._extract(fresh, hashes, regions_dir, pending, report)
         pending.flush()
-        self.progress("extracting", len(fresh), len(fresh))
-        self.progress("encoding", pending.done, pending.done)  # files that failed extraction drop out
+        self.stage("extracting", len(fresh), len(fresh))
+        self.stage("encoding", pending.done, pending.done)  # files that failed extraction drop out
         if unreadable:
             self._skip(store, [(src, None, "unreadable file", True) for src in unreadable], report)
         if not self.keep_regions:
@@ -379,7 +384,7 @@ class Indexer:
             pending.flush()
 
         def on_progress(p: Any) -> None:
-            self.progress("extracting", p.done, total)
+            self.stage("extracting", p.done, total)
 
         result = extract_to_db([s.path for s in sources], regions_dir, self.detector, self.preset,
                                key_fn=lambda path, root: hashes[path], batch_size=self.batch_size,
@@ -421,9 +426,9 @@ class Indexer:
             self.last_flush = time.monotonic()
 
 
-def damaged_regions(name: str, exc: ImageDBError) -> IndexError_:
+def damaged_regions(name: str, exc: ImageDBError) -> IndexStoreError:
     """A damaged region store: its file, what is wrong, and the way out."""
-    return IndexError_(f"the region store of index {name!r} is damaged ({exc}): rebuild the index with "
+    return IndexStoreError(f"the region store of index {name!r} is damaged ({exc}): rebuild the index with "
                        f"`ldot index FOLDER --name {name} --reindex`")
 
 
@@ -478,7 +483,7 @@ class Batcher:
                 self.report.encoded += 1  # the file put through the models ...
                 self.report.reused += len(group) - 1  # ... and its copies found in the same run
                 self.done += 1
-        self.indexer.progress("encoding", self.done, self.total)
+        self.indexer.stage("encoding", self.done, self.total)
         _pause_for_tests(self.done)
         self.indexer.maybe_flush(store)
 
@@ -526,12 +531,12 @@ def remove_index(name: str) -> Path:
 
     directory = index_path(name)
     if not directory.is_dir():
-        raise IndexError_(f"no index named {name!r} (looked in {directory}): see `ldot status`")
+        raise IndexStoreError(f"no index named {name!r} (looked in {directory}): see `ldot status`")
     with writer_lock(directory, wait=False) as held:
         if not held:
             from ldot_cli.index.store import lock_holder
 
-            raise IndexError_(f"index {name!r} is being updated by {lock_holder(directory)}: "
+            raise IndexStoreError(f"index {name!r} is being updated by {lock_holder(directory)}: "
                               "wait for it to finish (or stop it), then remove it")
         doomed = directory.with_name(f".{directory.name}.removing-{os.getpid()}")
         os.replace(directory, doomed)  # gone at once for everyone; deleted below
@@ -555,7 +560,7 @@ def remove_folder(name: str, folder: str | os.PathLike[str], progress: ProgressF
                                                 "substr(path, 1, ?) = ?", (target, target, len(prefix), prefix))]
         if not paths:
             roots = ", ".join(display_path(r) for r, _ in store.roots()) or "none"
-            raise IndexError_(f"index {name!r} holds no files under {display_path(target)} (its folders: {roots})")
+            raise IndexStoreError(f"index {name!r} holds no files under {display_path(target)} (its folders: {roots})")
         with store.transaction() as db:
             store.delete_files(db, paths)
             orphans = store.orphan_vectors()
@@ -565,9 +570,7 @@ def remove_folder(name: str, folder: str | os.PathLike[str], progress: ProgressF
                 collect_regions(directory / REGIONS_DIR, preset, store.content_hash_set())
             except ImageDBError as exc:
                 raise damaged_regions(name, exc) from None
-        if progress:
-            progress("saving", 0, 1)
+        report_progress(progress, "saving", 0, 1, "images")
         store.sync_faiss(kind=None)
-        if progress:
-            progress("saving", 1, 1)
+        report_progress(progress, "saving", 1, 1, "images")
     return len(paths)

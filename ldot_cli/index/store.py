@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.core.errors import LdotError, LdotWarning, as_storage_error
-from models.core.fileio import atomic_write_json, fsync_path, sha256_file
+from models.core.fileio import atomic_write_json, replace_file, sha256_file
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
@@ -71,7 +71,7 @@ CREATE INDEX IF NOT EXISTS files_by_root ON files(root);
 """
 
 
-class IndexError_(LdotError):
+class IndexStoreError(LdotError):
     """An index is missing, damaged, from another model or from a newer ldot."""
 
 
@@ -184,9 +184,9 @@ def header_problem(path: Path) -> str | None:
     return None
 
 
-def damaged_index(directory: Path, exc: BaseException) -> IndexError_:
+def damaged_index(directory: Path, exc: BaseException) -> IndexStoreError:
     name = directory.name
-    return IndexError_(f"index {name!r} is damaged ({directory / DB_FILE}: {exc}): rebuild it with "
+    return IndexStoreError(f"index {name!r} is damaged ({directory / DB_FILE}: {exc}): rebuild it with "
                        f"`ldot index FOLDER --name {name} --reindex` (or remove it: `ldot index rm {name}`)")
 
 
@@ -220,7 +220,7 @@ class IndexStore:
         self.name = directory.name
         if not (directory / DB_FILE).is_file():
             if not create:
-                raise IndexError_(f"no index named {self.name!r} (looked in {directory}): "
+                raise IndexStoreError(f"no index named {self.name!r} (looked in {directory}): "
                                   "create it with `ldot index FOLDER" + (f" --name {self.name}`" if self.name != "default"
                                                                        else "`"))
             directory.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ class IndexStore:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SCHEMA)
-        except IndexError_:
+        except IndexStoreError:
             raise
         except sqlite3.DatabaseError as exc:
             problem = header_problem(self.dir / DB_FILE)
@@ -256,15 +256,15 @@ class IndexStore:
         version = self.get_meta("format_version")
         if version is None:
             if not create:
-                raise IndexError_(f"index {self.name!r} was never completed: run `ldot index FOLDER --name {self.name}`")
+                raise IndexStoreError(f"index {self.name!r} was never completed: run `ldot index FOLDER --name {self.name}`")
             self.set_meta({"format_version": str(FORMAT_VERSION), "created": str(time.time())})
             return
         if not version.isdigit():
-            raise IndexError_(f"index {self.name!r} is damaged ({self.dir / DB_FILE}: format_version "
+            raise IndexStoreError(f"index {self.name!r} is damaged ({self.dir / DB_FILE}: format_version "
                               f"{version[:40]!r} is not a number): rebuild it with "
                               f"`ldot index FOLDER --name {self.name} --reindex`")
         if int(version) > FORMAT_VERSION:
-            raise IndexError_(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
+            raise IndexStoreError(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
                               f"{FORMAT_VERSION}): upgrade ldot, or rebuild with `--reindex`")
 
     def close(self) -> None:
@@ -408,7 +408,7 @@ class IndexStore:
         changes (``kind`` None: exact up to `ANN_THRESHOLD` vectors, approximate past it). Only the
         process holding the index lock may call this. Returns what was done.
         """
-        from ldot_cli.index import ann
+        from models.core import ann
 
         total = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
         current = self.get_meta("faiss_kind")
@@ -419,7 +419,7 @@ class IndexStore:
         if not rebuild and current == want:
             try:
                 loaded = self.read_faiss(mmap=False)
-            except IndexError_:
+            except IndexStoreError:
                 loaded = None
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
         if loaded is not None and not ann.remove(loaded[0], np.asarray(removed, dtype=np.int64)):
@@ -451,11 +451,8 @@ class IndexStore:
         tmp = self.dir / f".{FAISS_FILE}.{os.getpid()}.tmp"
         try:
             faiss.write_index(index, str(tmp))
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
             digest = sha256_file(tmp)
-            os.replace(tmp, self.faiss_path)
-            fsync_path(self.dir)
+            replace_file(tmp, self.faiss_path)
         finally:
             tmp.unlink(missing_ok=True)
         self.set_meta({"faiss_sha256": digest, "faiss_rows": str(index.ntotal), "faiss_max_id": str(max_id),
@@ -464,7 +461,7 @@ class IndexStore:
     def read_faiss(self, attempts: int = 3, mmap: bool = True) -> tuple[Any, int] | None:
         """The verified FAISS index and the newest vector id it holds; None when there is none yet.
 
-        Raises `IndexError_` when the file does not match its recorded checksum (damaged: the caller
+        Raises `IndexStoreError` when the file does not match its recorded checksum (damaged: the caller
         rebuilds it from SQLite). A concurrent writer replacing the file is told apart by re-reading.
         """
         import faiss
@@ -487,4 +484,4 @@ class IndexStore:
             if self.get_meta("faiss_sha256") == want:  # nobody rewrote it meanwhile: damaged
                 break
             time.sleep(0.05 * (attempt + 1))
-        raise IndexError_(f"the vector file of index {self.name!r} is damaged or truncated")
+        raise IndexStoreError(f"the vector file of index {self.name!r} is damaged or truncated")
