@@ -338,3 +338,70 @@ def test_region_store_map_grows_from_a_small_start(tmp_path, monkeypatch):
             writer.commit()
     with uniter_db.UniterImageDB(tmp_path, "uniter") as reader:
         assert len(reader.keys()) == 8 and reader["k5"].features.shape == (100, 2048)
+
+
+# -- item 6: valid JSON of the wrong shape ------------------------------------------------------------
+@pytest.mark.parametrize("manifest", ["[1, 2]", '{"kind": 3}', '{"files": ["model.safetensors"]}',
+                                      '{"files": {"model.safetensors": {"sha256": 1}}}', '{"complete": "yes"}'])
+def test_a_bad_manifest_is_listed_as_damaged_and_the_others_still_list(tiny, manifest):
+    from typer.testing import CliRunner
+
+    from ldot_cli.main import app
+    from models.core.home import models_dir
+    from models.hub.cache import is_present, local_models, verify_models
+    from models.hub.catalogue import MANIFEST
+
+    (models_dir() / "broken").mkdir()
+    (models_dir() / "broken" / MANIFEST).write_text(manifest)
+    listed = {m.name: m for m in local_models()}
+    assert listed["tiny"].complete and listed["tiny"].problem is None
+    assert "broken" in listed and listed["broken"].problem and not is_present("broken")
+    problems = verify_models()
+    assert problems["tiny"] == [] and "re-download" in problems["broken"][0]
+    result = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "damaged" in result.output and "tiny" in result.output
+
+
+@pytest.mark.parametrize("config", ["[]", '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder"}',
+                                    '{"format": "ldot-model", "format_version": "1", "kind": "bi-encoder", "config": {}}',
+                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
+                                    '"config": {"text": [1]}}',
+                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
+                                    '"config": {"img_dim": "big"}}',
+                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
+                                    '"config": {"hidden": 3}}'])
+def test_a_model_config_of_the_wrong_shape_is_a_clear_error(tiny, config):
+    from models.core.errors import LdotError
+    from models.core.home import models_dir
+    from models.hub.load import load_bi_encoder
+
+    (models_dir() / "tiny" / "config.json").write_text(config)
+    with pytest.raises(LdotError) as caught:
+        load_bi_encoder("tiny")
+    assert "config.json" in str(caught.value)
+
+
+def test_detector_and_training_configs_follow_the_one_policy(tmp_path):
+    import json
+
+    from feature_extraction.detector.config import DetectorConfig, tiny_config
+    from feature_extraction.detector.weights import read_config
+    from models.core.errors import ConfigError
+    from models.training.loop import TrainConfig, finetune_config
+
+    assert TrainConfig.from_dict(json.loads(json.dumps(finetune_config().to_dict()))) == finetune_config()
+    with pytest.raises(ConfigError, match="unknown TrainConfig key.*'lr_typo'"):
+        TrainConfig.from_dict({**finetune_config().to_dict(), "lr_typo": 1})
+    with pytest.raises(ConfigError, match="'betas'"):
+        TrainConfig.from_dict({"betas": "0.9"})
+    assert DetectorConfig.from_dict(json.loads(json.dumps(tiny_config().to_dict()))) == tiny_config()
+    (tmp_path / "config.json").write_text(json.dumps({"format": "ldot-butd-detector", "format_version": 1,
+                                                      "config": {"stage_blocks": 3}}))
+    from models.core.errors import LdotError
+
+    with pytest.raises(LdotError, match="stage_blocks"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(LdotError, match="not an"):
+        read_config(tmp_path)
