@@ -25,19 +25,31 @@ def list_models() -> None:
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
-    local = {m.name: m for m in local_models()}
+    found = local_models()
+    local = {m.name: m for m in found}
     table = Table(title=None, show_lines=False)
     for column in ("name", "kind", "present", "size", "licence", "source"):
         table.add_column(column, overflow="fold")
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
         present = "[green]yes[/]" if model and model.complete else ("partial" if model else "[dim]no[/]")
+        if model and model.problem:
+            present = "[red]damaged[/]"
         size = human_bytes(model.size) if model else entry.approx_size
         source = _source(entry)
         table.add_row(entry.name, entry.kind, present, size, entry.licence, source)
     for model in local.values():
-        table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})")
+        present = "[red]damaged[/]" if model.problem else "[green]yes[/]"
+        table.add_row(model.name, model.kind, present, human_bytes(model.size), "-", f"local ({model.origin})")
     out.print(table)
+    for model in found:
+        if model.problem:
+            from rich.text import Text
+
+            from ldot_cli.commands.console import safe
+
+            err.print(Text(f"{safe(model.name)}: {safe(model.problem)}: re-download it (`ldot models download NAME`) or re-import "
+                           f"it (`ldot models import FILE --as NAME`)"))
 
 
 def _source(entry: object) -> str:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.core.config import config_from_dict
 from models.core.errors import ConfigError, LdotError, option
 from models.core.fileio import atomic_write_json, new_dir, replace_file
 from models.core.progress import Progress, ProgressFn
@@ -132,11 +133,10 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
-        data["tasks"] = tuple((str(t), float(r)) for t, r in data.get("tasks", [("itm", 1.0)]))
-        data["betas"] = tuple(data.get("betas", (0.9, 0.999)))
-        return cls(**data)
+    def from_dict(cls, data: Any, what: str = "") -> TrainConfig:
+        """From JSON (a run's saved settings): the one config policy (unknown keys and wrong shapes are a
+        `ConfigError`; JSON lists become the tuples of ``tasks`` and ``betas``)."""
+        return config_from_dict(cls, data, what)
 
 
 FINETUNE_EPOCHS = {"flickr30k": 15, "coco": 20}
