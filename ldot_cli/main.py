@@ -85,20 +85,16 @@ def _library_warnings_as_lines() -> Iterator[None]:
 
 def warn(message: str) -> None:
     """Print ``warning: message`` as one line on stderr."""
-    from rich.text import Text
+    from ldot_cli.commands.console import err, line
 
-    from ldot_cli.commands.console import err
-
-    err.print(Text.assemble(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
+    err.print(line(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
-    from rich.text import Text
+    from ldot_cli.commands.console import err, line
 
-    from ldot_cli.commands.console import err
-
-    err.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
+    err.print(line(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
     sys.exit(code)
 
 

@@ -1,16 +1,67 @@
-"""Rendering helpers: results to stdout, diagnostics and progress to stderr."""
+"""Rendering helpers: results to stdout, diagnostics and progress to stderr.
+
+User data (file names, captions, queries, model names, error messages that quote them) is never interpreted as
+rich markup and never reaches the terminal raw: both consoles have markup and highlighting off, styled lines are
+built with :func:`line` (a `rich.text.Text`), and every piece of text goes through :func:`safe`, which writes
+control characters (C0, DEL, C1), bidirectional overrides and undecodable bytes as visible escapes. Machine
+outputs (``--json``, ``--paths``, ``-0``) do not come through here: they stay byte-exact.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-out = Console(soft_wrap=True)  # results
-err = Console(stderr=True)  # diagnostics, progress, errors
+out = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)  # results
+err = Console(stderr=True, markup=False, highlight=False, emoji=False)  # diagnostics, progress, errors
+
+# C0 controls (newline and tab included: a name is one line), DEL, C1 controls (0x9b is a one-byte CSI on some
+# terminals), the Unicode line/paragraph separators, bidirectional marks, embeddings, overrides and isolates
+# (U+202E makes "gpj.exe" read "exe.jpg"), and lone surrogates (undecodable bytes of a file name).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def safe(value: object) -> str:
+    """``value`` as text that is safe to show on a terminal: control and bidi characters as ``\\xNN`` /
+    ``\\uNNNN`` escapes, undecodable bytes as ``\\xNN``; everything else unchanged."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+    return _UNSAFE.sub(_escape, str(value))
+
+
+def line(*parts: object) -> Text:
+    """One line of output as a `Text`: each part is a value (shown literally, through :func:`safe`) or a
+    ``(value, style)`` pair. Nothing in it is read as markup."""
+    text = Text(no_wrap=False)
+    for part in parts:
+        if isinstance(part, tuple):
+            value, style = part
+            text.append(safe(value), style=style)
+        else:
+            text.append(safe(part))
+    return text
+
+
+def cell(value: object, style: str = "") -> Text:
+    """A table cell holding ``value`` literally (see :func:`safe`); ``None`` shows as ``-``."""
+    return Text(safe("-" if value is None else value), style=style)
 
 
 def human_bytes(n: float | None) -> str:
@@ -43,11 +94,12 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
     )
 
     if unit == "bytes":
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn()]
     else:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
         yield progress
 
@@ -58,7 +110,7 @@ def download_progress(progress: Any) -> Any:
 
     def callback(done: int, total: int | None, label: str) -> None:
         if label not in tasks:
-            tasks[label] = progress.add_task(label, total=total)
+            tasks[label] = progress.add_task(safe(label), total=total)
         progress.update(tasks[label], completed=done, total=total)
 
     return callback
@@ -78,7 +130,7 @@ class StageProgress:
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
+            self.tasks[stage] = self.progress.add_task(safe(stage), total=total, rate="")
             self.starts[stage] = self._time()
         elapsed = self._time() - self.starts[stage]
         # a stage's clock starts at its first update; no rate until it has run a moment
@@ -106,13 +158,13 @@ class TrainView:
         elif p.event == "step":
             elapsed = max(self._time() - self.started, 1e-9)
             losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.task_losses.items()))
-            self.progress.update(self.task, completed=p.step, description=f"epoch {p.epoch:.2f} {losses}",
+            self.progress.update(self.task, completed=p.step, description=safe(f"epoch {p.epoch:.2f} {losses}"),
                                  rate=f"{(p.step - self.first_step) / elapsed:.2f} steps/s lr {p.lr:.2e}")
         elif p.event == "eval":
             m = p.metrics
             t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
             i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
-            self.progress.console.print(f"step {p.step}: mean recall {m['mean_recall']:.2f} "
-                                        f"(text->image R@1/5/10 {t2i}; image->text {i2t})", highlight=False)
+            self.progress.console.print(line(f"step {p.step}: mean recall {m['mean_recall']:.2f} "
+                                             f"(text->image R@1/5/10 {t2i}; image->text {i2t})"))
         elif p.event == "checkpoint":
-            self.progress.console.print(f"[dim]step {p.step}: checkpoint saved[/]", highlight=False)
+            self.progress.console.print(line((f"step {p.step}: checkpoint saved", "dim")))

@@ -10,6 +10,7 @@ from ldot_cli.commands.console import (
     StageProgress,
     download_progress,
     err,
+    line,
     progress_bar,
 )
 
@@ -46,9 +47,10 @@ def extract(
         report = extract_to_db([str(p) for p in paths], out, model, preset, batch_size=batch_size,
                                num_workers=workers, with_soft_labels=soft_labels, retry_failed=retry_failed,
                                progress=lambda p: render("extracting", p.done, p.total))
-    err.print(f"{report.written} images written to {report.db_path}, {report.skipped_existing} already there, "
-              f"{report.failed} failed, {report.skipped_known_bad} known-bad skipped ({report.elapsed_s:.1f} s)")
+    err.print(line(f"{report.written} images written to ", report.db_path, f", {report.skipped_existing} already "
+                   f"there, {report.failed} failed, {report.skipped_known_bad} known-bad skipped "
+                   f"({report.elapsed_s:.1f} s)"))
     for failure in report.failures[:20]:
-        err.print(f"[yellow]failed[/] {failure.path}: {failure.reason}", highlight=False)
+        err.print(line(("failed", "yellow"), " ", failure.path, ": ", failure.reason))
     if report.failed > 20:
-        err.print(f"… and {report.failed - 20} more: see {report.db_path}.failed.json")
+        err.print(line(f"… and {report.failed - 20} more: see ", f"{report.db_path}.failed.json"))

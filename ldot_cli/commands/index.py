@@ -8,9 +8,11 @@ import typer
 
 from ldot_cli.commands.console import (
     StageProgress,
+    cell,
     download_progress,
     err,
     human_bytes,
+    line,
     out,
     progress_bar,
 )
@@ -51,11 +53,11 @@ def index(
                           device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"),
                           ann=None if ann is None else ("ivf" if ann else "exact"))
         report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
-    err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "
-              f"reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
-              f"{len(report.skipped)} skipped; {report.vectors} in the index ({report.elapsed_s:.1f} s)")
+    err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
+                   f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
+                   f"{len(report.skipped)} skipped; {report.vectors} in the index ({report.elapsed_s:.1f} s)"))
     if report.skipped:
-        err.print(f"see why with `ldot status --name {name} --errors`")
+        err.print(line(f"see why with `ldot status --name {name} --errors`"))
 
 
 def status(
@@ -82,8 +84,8 @@ def status(
         for column in ("name", "images", "skipped", "model", "size"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["name"], str(row["indexed"]), str(row["skipped"]), row["model"] or "-",
-                          human_bytes(row["bytes"]))
+            table.add_row(cell(row["name"]), cell(row["indexed"]), cell(row["skipped"]), cell(row["model"]),
+                          cell(human_bytes(row["bytes"])))
         out.print(table)
         return
     info = describe_index(name or "default", with_errors=errors)
@@ -95,6 +97,6 @@ def status(
         value = info.get(key)
         if key in ("bytes", "region_bytes_per_image") and value is not None:
             value = human_bytes(value)
-        out.print(f"[bold]{key:>22}[/]  {value if value is not None else '-'}", highlight=False)
+        out.print(line((f"{key:>22}", "bold"), "  ", "-" if value is None else value))
     for path, reason in info.get("errors", []):
-        out.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)
+        out.print(line(("skipped", "yellow"), " ", path, ": ", reason))

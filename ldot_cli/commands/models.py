@@ -7,11 +7,14 @@ from pathlib import Path
 import typer
 
 from ldot_cli.commands.console import (
+    cell,
     download_progress,
     err,
     human_bytes,
+    line,
     out,
     progress_bar,
+    safe,
 )
 
 app = typer.Typer(help="Named checkpoints in the cache: list, download, import, verify, rm.", no_args_is_help=True)
@@ -31,12 +34,13 @@ def list_models() -> None:
         table.add_column(column, overflow="fold")
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
-        present = "[green]yes[/]" if model and model.complete else ("partial" if model else "[dim]no[/]")
+        present = cell("yes", "green") if model and model.complete else cell("partial") if model else cell("no", "dim")
         size = human_bytes(model.size) if model else entry.approx_size
         source = _source(entry)
-        table.add_row(entry.name, entry.kind, present, size, entry.licence, source)
+        table.add_row(cell(entry.name), cell(entry.kind), present, cell(size), cell(entry.licence), cell(source))
     for model in local.values():
-        table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})")
+        table.add_row(cell(model.name), cell(model.kind), cell("yes", "green"), cell(human_bytes(model.size)), cell("-"),
+                      cell(f"local ({model.origin})"))
     out.print(table)
 
 
@@ -61,7 +65,7 @@ def download(
 
     with progress_bar("bytes") as progress:
         path = download_entry(name, progress=download_progress(progress), keep_source=keep_source)
-    err.print(f"[green]ok[/] {name} -> {path}")
+    err.print(line(("ok", "green"), " ", name, " -> ", path))
 
 
 @app.command("import")
@@ -74,7 +78,8 @@ def import_(
     from models.hub.convert import import_model
 
     model = import_model(file, name, force=force)
-    err.print(f"[green]ok[/] imported {file} as {model.name} ({model.kind}, {human_bytes(model.size)}) -> {model.path}")
+    err.print(line(("ok", "green"), " imported ", file, " as ", model.name, f" ({model.kind}, {human_bytes(model.size)}) -> ",
+                   model.path))
 
 
 @app.command()
@@ -87,13 +92,13 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
     for name, problems in results.items():
         if problems:
             bad += 1
-            out.print(f"[red]FAILED[/] {name}: " + "; ".join(problems), highlight=False)
+            out.print(line(("FAILED", "red"), " ", name, ": ", "; ".join(problems)))
         else:
-            out.print(f"[green]ok[/] {name}", highlight=False)
+            out.print(line(("ok", "green"), " ", name))
     if not results:
         err.print("no models in the cache")
     if bad:
-        err.print(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)")
+        err.print(line(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)"))
         raise typer.Exit(1)
 
 
@@ -106,6 +111,6 @@ def rm(
     from models.hub.cache import remove_model
 
     if not yes:
-        typer.confirm(f"delete model {name!r} from the cache?", abort=True, err=True)
+        typer.confirm(safe(f"delete model {name!r} from the cache?"), abort=True, err=True)
     path = remove_model(name)
-    err.print(f"removed {path}")
+    err.print(line("removed ", path))

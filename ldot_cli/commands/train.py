@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import err, progress_bar
+from ldot_cli.commands.console import err, line, progress_bar
 
 app = typer.Typer(help="Make your own LightningDOT model: fine-tune or pre-train a bi-encoder.", no_args_is_help=True)
 
@@ -114,11 +114,11 @@ def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | No
     result = outcome.result
     best = result.best
     summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"
-    err.print(f"[green]ok[/] {mode}: {result.step} steps on {outcome.train_pairs} pairs in {result.seconds:.0f} s; "
-              f"{summary}", highlight=False)
+    err.print(line(("ok", "green"), f" {mode}: {result.step} steps on {outcome.train_pairs} pairs in "
+                   f"{result.seconds:.0f} s; {summary}"))
     if outcome.model_dir is not None:
         typer.echo(f"{name}\t{outcome.model_dir}")  # plain: for scripts
-        err.print(f"use it: ldot index PHOTOS --model {name}", highlight=False)
+        err.print(line(f"use it: ldot index PHOTOS --model {name}"))
 
 
 def register(app_: typer.Typer) -> None:
