@@ -21,27 +21,56 @@ app = typer.Typer(help="Named checkpoints in the cache: list, download, import, 
 
 
 @app.command("list")
-def list_models() -> None:
+def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON list of the models instead.")) -> None:
     """Every named checkpoint: kind, source, size, licence, and whether it is present."""
+    import json
+
+    from rich import box
     from rich.table import Table
 
+    rows = _model_rows()
+    if json_:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    # names, kinds and licences never wrap; sizes wrap between words; the source column (long host names) only
+    # when the terminal has room for it
+    with_source = out.size.width >= 100 + max((len(str(r["name"])) - 28 for r in rows), default=0)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "kind", "present", "licence"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("size", min_width=7)
+    if with_source:
+        table.add_column("source", overflow="fold")
+    styles = {"yes": "green", "no": "dim", "partial": "yellow"}
+    for row in rows:
+        cells = [cell(row["name"]), cell(row["kind"]), cell(row["present"], styles[str(row["present"])]),
+                 cell(row["licence"] or "-"), cell(row["size"])]
+        table.add_row(*cells, *([cell(row["source"])] if with_source else []))
+    out.print(table)
+    if not with_source:
+        err.print(line(("sources: `ldot models list --json` (or a terminal of 100+ columns)", "dim")))
+
+
+def _model_rows() -> list[dict[str, object]]:
+    """One dict per registry entry and per local model: name, kind, present (yes/partial/no), size (text),
+    bytes (when present), licence, source, path (when present)."""
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
     local = {m.name: m for m in local_models()}
-    table = Table(title=None, show_lines=False)
-    for column in ("name", "kind", "present", "size", "licence", "source"):
-        table.add_column(column, overflow="fold")
+    rows: list[dict[str, object]] = []
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
-        present = cell("yes", "green") if model and model.complete else cell("partial") if model else cell("no", "dim")
-        size = human_bytes(model.size) if model else entry.approx_size
-        source = _source(entry)
-        table.add_row(cell(entry.name), cell(entry.kind), present, cell(size), cell(entry.licence), cell(source))
+        rows.append({"name": entry.name, "kind": entry.kind,
+                     "present": "yes" if model and model.complete else "partial" if model else "no",
+                     "size": human_bytes(model.size) if model else entry.approx_size,
+                     "bytes": model.size if model else None, "licence": entry.licence, "source": _source(entry),
+                     "path": str(model.path) if model else None})
     for model in local.values():
-        table.add_row(cell(model.name), cell(model.kind), cell("yes", "green"), cell(human_bytes(model.size)), cell("-"),
-                      cell(f"local ({model.origin})"))
-    out.print(table)
+        rows.append({"name": model.name, "kind": model.kind, "present": "yes", "size": human_bytes(model.size),
+                     "bytes": model.size, "licence": None, "source": f"local ({model.origin})",
+                     "path": str(model.path)})
+    return rows
 
 
 def _source(entry: object) -> str:
