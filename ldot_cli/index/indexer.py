@@ -439,7 +439,11 @@ def _under(path: str, root: str) -> bool:
 
 def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
     """Delete the region records of ``regions_dir`` whose key is not in ``live``; returns how many."""
-    from feature_extraction.uniter_db import UniterImageDB, UniterImageDBWriter, resolve_cut
+    from feature_extraction.uniter_db import (
+        UniterImageDB,
+        UniterImageDBWriter,
+        resolve_cut,
+    )
 
     if not (regions_dir / resolve_cut(preset).db_name() / "data.mdb").is_file():
         return 0  # no region records yet
