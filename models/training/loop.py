@@ -39,7 +39,12 @@ from torch import nn
 
 from models.core.config import config_from_dict
 from models.core.errors import ConfigError, LdotError, option
-from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.fileio import (
+    atomic_write_json,
+    new_dir,
+    read_json_object,
+    replace_file,
+)
 from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
@@ -667,14 +672,10 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"{run_dir} is not a training run (no run.json)") from None
-    except ValueError as exc:
-        raise TrainingError(f"{path} is not valid JSON ({exc})") from None
-    if info.get("format") != RUN_FORMAT or info.get("format_version", 99) > RUN_VERSION:
-        raise TrainingError(f"{path} was written by another ldot (run format {info.get('format_version')})")
+    info = read_json_object(path, TrainingError, f"{run_dir} is not a training run (no run.json)")
+    version = info.get("format_version")
+    if info.get("format") != RUN_FORMAT or not isinstance(version, int) or version > RUN_VERSION:
+        raise TrainingError(f"{path} was written by another ldot (run format {version!r})")
     return info
 
 
