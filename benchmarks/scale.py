@@ -5,7 +5,7 @@ clustered 768-d vectors with the automatic index choice, then the 100M figures w
     python benchmarks/scale.py --sizes 1000000          # 1M only
     python benchmarks/scale.py --memory-budget 8GB      # the budget the automatic choice works with
 
-The vectors go straight to the index tiers (`ldot_cli.index.ann`): at 10M, float32 copies in SQLite would
+The vectors go straight to the index tiers (`models.core.ann`): at 10M, float32 copies in SQLite would
 take 31 GB, which is what the IVF-PQ tier avoids holding in RAM. Recall@10 is against exact search (a
 streamed brute-force scan) for 100 queries near the data. No GPU here: extraction at 100M is costed at the
 issue's 25 images/s per GPU target, not measured.
@@ -67,7 +67,7 @@ def p50_ms(fn, repeat: int = 30) -> float:
 def measure(n: int, workdir: Path, budget: int) -> dict:
     import faiss
 
-    from ldot_cli.index import ann
+    from models.core import ann
     from ldot_cli.index.store import ANN_THRESHOLD
 
     kind = ann.choose_kind(n, DIM, ANN_THRESHOLD, budget)
@@ -104,7 +104,7 @@ def measure(n: int, workdir: Path, budget: int) -> dict:
 
 
 def project(rows: list[dict], budget: int) -> None:
-    from ldot_cli.index import ann
+    from models.core import ann
     from ldot_cli.index.store import ANN_THRESHOLD
 
     n = 100_000_000
@@ -130,7 +130,7 @@ def project(rows: list[dict], budget: int) -> None:
 
 
 def main() -> None:
-    from ldot_cli.index import ann
+    from models.core import ann
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])

@@ -1,16 +1,79 @@
-"""Rendering helpers: results to stdout, diagnostics and progress to stderr."""
+"""Rendering helpers: results to stdout, diagnostics and progress to stderr.
+
+User data (file names, captions, queries, model names, error messages that quote them) is never interpreted as
+rich markup and never reaches the terminal raw: both consoles have markup and highlighting off, styled lines are
+built with :func:`line` (a `rich.text.Text`), and every piece of text goes through :func:`safe`, which writes
+control characters (C0, DEL, C1), bidirectional overrides and undecodable bytes as visible escapes. Machine
+outputs (``--json``, ``--paths``, ``-0``) do not come through here: they stay byte-exact.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-out = Console(soft_wrap=True)  # results
-err = Console(stderr=True)  # diagnostics, progress, errors
+from models.core.progress import Progress
+
+out = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)  # results
+err = Console(stderr=True, markup=False, highlight=False, emoji=False)  # diagnostics, progress, errors
+
+# C0 controls (newline and tab included: a name is one line), DEL, C1 controls (0x9b is a one-byte CSI on some
+# terminals), the Unicode line/paragraph separators, bidirectional marks, embeddings, overrides and isolates
+# (U+202E makes "gpj.exe" read "exe.jpg"), and lone surrogates (undecodable bytes of a file name).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def safe(value: object) -> str:
+    """``value`` as text that is safe to show on a terminal: control and bidi characters as ``\\xNN`` /
+    ``\\uNNNN`` escapes, undecodable bytes as ``\\xNN``; everything else unchanged."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+    return _UNSAFE.sub(_escape, str(value))
+
+
+def line(*parts: object) -> Text:
+    """One line of output as a `Text`: each part is a value (shown literally, through :func:`safe`) or a
+    ``(value, style)`` pair. Nothing in it is read as markup."""
+    text = Text(no_wrap=False)
+    for part in parts:
+        if isinstance(part, tuple):
+            value, style = part
+            text.append(safe(value), style=style)
+        else:
+            text.append(safe(part))
+    return text
+
+
+def cell(value: object, style: str = "") -> Text:
+    """A table cell holding ``value`` literally (see :func:`safe`); ``None`` shows as ``-``."""
+    return Text(safe("-" if value is None else value), style=style)
+
+
+def cli_message(exc: BaseException, flags: dict[str, str] | None = None) -> str:
+    """An error's one-line message as the command line says it: settings the library names by their Python
+    name (`models.core.errors.option`) shown as flags (``flags`` maps names to the running command's own)."""
+    flags = flags or {}
+    for_cli = getattr(exc, "for_cli", None)
+    if for_cli is None:
+        return " ".join(str(exc).split())
+    return " ".join(for_cli(lambda name: flags.get(name, "--" + name.replace("_", "-"))).split())
 
 
 def human_bytes(n: float | None) -> str:
@@ -43,76 +106,54 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
     )
 
     if unit == "bytes":
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn()]
     else:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
         yield progress
 
 
-def download_progress(progress: Any) -> Any:
-    """An adapter from `models.hub.fetch`'s callback to one rich task per file."""
-    tasks: dict[str, Any] = {}
-
-    def callback(done: int, total: int | None, label: str) -> None:
-        if label not in tasks:
-            tasks[label] = progress.add_task(label, total=total)
-        progress.update(tasks[label], completed=done, total=total)
-
-    return callback
-
-
-class StageProgress:
-    """An adapter from a library ``progress(stage, done, total)`` callback to one rich task per stage,
-    each with its count, rate and ETA."""
-
-    def __init__(self, progress: Any, unit: str = "") -> None:
-        import time
-
-        self._time = time.monotonic
-        self.progress, self.unit = progress, unit
-        self.tasks: dict[str, Any] = {}
-        self.starts: dict[str, float] = {}
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
-            self.starts[stage] = self._time()
-        elapsed = self._time() - self.starts[stage]
-        # a stage's clock starts at its first update; no rate until it has run a moment
-        rate = f"{done / elapsed:.2f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0.5 else ""
-        self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
-
-
-class TrainView:
-    """Renders `models.training.loop.Progress`: one bar of optimizer steps with steps/s, loss and ETA; a line per
-    validation and a dim line per checkpoint."""
+class ProgressView:
+    """Draws `models.core.progress` reports: one rich task per stage with its count (or bytes), rate and ETA;
+    training's validation and checkpoint events as lines above the bars."""
 
     def __init__(self, progress: Any) -> None:
         import time
 
         self._time = time.monotonic
         self.progress = progress
-        self.task: Any = None
-        self.started = 0.0
-        self.first_step = 0
+        self.tasks: dict[str, Any] = {}
+        self.starts: dict[str, tuple[float, int]] = {}  # stage -> (clock, done) at its first report
 
-    def __call__(self, p: Any) -> None:
-        if p.event == "start":
-            self.task = self.progress.add_task("train", total=p.total, completed=p.step, rate="")
-            self.started, self.first_step = self._time(), p.step
-        elif p.event == "step":
-            elapsed = max(self._time() - self.started, 1e-9)
-            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.task_losses.items()))
-            self.progress.update(self.task, completed=p.step, description=f"epoch {p.epoch:.2f} {losses}",
-                                 rate=f"{(p.step - self.first_step) / elapsed:.2f} steps/s lr {p.lr:.2e}")
-        elif p.event == "eval":
-            m = p.metrics
-            t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
-            i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
-            self.progress.console.print(f"step {p.step}: mean recall {m['mean_recall']:.2f} "
-                                        f"(text->image R@1/5/10 {t2i}; image->text {i2t})", highlight=False)
-        elif p.event == "checkpoint":
-            self.progress.console.print(f"[dim]step {p.step}: checkpoint saved[/]", highlight=False)
+    def __call__(self, p: Progress) -> None:
+        if p.event == "eval":
+            self._eval_line(p)
+            return
+        if p.event == "checkpoint":
+            self.progress.console.print(line((f"step {p.done}: checkpoint saved", "dim")))
+            return
+        if p.stage not in self.tasks:
+            self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
+            self.starts[p.stage] = (self._time(), p.done)
+        started, first = self.starts[p.stage]
+        elapsed = self._time() - started
+        # a stage's clock starts at its first report; no rate until it has run a moment
+        rate = f"{(p.done - first) / elapsed:.2f} {p.unit}/s" if p.done > first and elapsed > 0.5 else ""
+        description = safe(p.stage)
+        if "task_losses" in p.info:  # training: where it is and how the losses go
+            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.info["task_losses"].items()))
+            description = safe(f"epoch {p.info.get('epoch', 0.0):.2f} {losses}")
+        if "lr" in p.info and rate:
+            rate += f" lr {p.info['lr']:.2e}"
+        self.progress.update(self.tasks[p.stage], completed=p.done, total=p.total, rate=rate,
+                             description=description)
+
+    def _eval_line(self, p: Progress) -> None:
+        m = p.info["metrics"]
+        t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
+        i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
+        self.progress.console.print(line(f"step {p.done}: mean recall {m['mean_recall']:.2f} "
+                                         f"(text->image R@1/5/10 {t2i}; image->text {i2t})"))

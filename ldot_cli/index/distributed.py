@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index import shards as shard_io
-from ldot_cli.index.indexer import Indexer, IndexReport, file_row
+from ldot_cli.index.indexer import Indexer, IndexReport, Scan, damaged_regions, file_row
 from ldot_cli.index.sources import Item, Unit, file_units, plan_sources, read_unit
-from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore
+from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore, writer_lock
 from models.core.errors import LdotError
 
 LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
@@ -249,23 +249,29 @@ class RayIndexer(Indexer):
         super().__init__(*args, **kwargs)
         self.options = ray_options or RayOptions()
         self.layout: Layout | None = None
+        self._tar_units: set[str] = set()
 
     def run_sources(self, sources: Sequence[str], excludes: Sequence[str] = (), reindex: bool = False,
                     retry_failed: bool = False) -> IndexReport:
-        from filelock import FileLock
+        from feature_extraction.errors import ImageDBError
 
         started = time.monotonic()
         report = IndexReport(self.name)
+        plan = plan_sources(list(sources))  # inputs first: a typo fails before anything is created
         self.dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.dir / ".lock")):
+        with writer_lock(self.dir):
             with self.open(reindex) as store:
                 store.db.executescript(shard_io.TABLES)
                 if reindex:
                     shard_io.clean_temporary(self.shards_dir)
                     for name in shard_io.committed(self.shards_dir):
                         shard_io.remove(self.shards_dir, name)
-                self._run_sources(store, list(sources), excludes, retry_failed, report)
-                report.vectors = store.counts()["vectors"]
+                try:
+                    self._run_sources(store, plan, excludes, retry_failed, report)
+                except ImageDBError as exc:
+                    raise damaged_regions(self.name, exc) from None
+                counts = store.counts()
+                report.images, report.vectors = counts.get("indexed", 0), counts["vectors"]
         report.elapsed_s = time.monotonic() - started
         return report
 
@@ -273,7 +279,7 @@ class RayIndexer(Indexer):
     def shards_dir(self) -> str:
         return self.options.shards_dir or str(self.dir / shard_io.SHARDS_DIR)
 
-    def _run_sources(self, store: IndexStore, sources: list[str], excludes: Sequence[str], retry_failed: bool,
+    def _run_sources(self, store: IndexStore, plan: Any, excludes: Sequence[str], retry_failed: bool,
                      report: IndexReport) -> None:
         from feature_extraction.images.walk import collect_images
         from ldot_cli.index.indexer import _excluded
@@ -284,8 +290,7 @@ class RayIndexer(Indexer):
             shard_io.clean_temporary(self.shards_dir)
             for name in shard_io.committed(self.shards_dir):
                 self._merge(store, regions, name, report, resumed=True)
-            self.progress("scanning", 0, None)
-            plan = plan_sources(sources)
+            self.stage("scanning", 0, None)
             walked: list[Any] = []
             for root in plan.roots:
                 for src in collect_images([root], exclude=[ldot_home()], on_issue=plan.issues.append):
@@ -293,20 +298,20 @@ class RayIndexer(Indexer):
                         walked.append(src)
             files = walked + plan.files
             roots = plan.roots + sorted({i.root for i in plan.files})
-            report.found = len(files)
-            self.progress("scanning", len(files), len(files))
-            todo = self._plan(store, roots, files, retry_failed, report) if files else []
-            if plan.issues:
-                self._record_walk_issues(store, plan.roots, plan.issues, report)
+            report.found = len(files) + len(plan.issues)
+            self.stage("scanning", len(files), len(files))
+            scan = Scan(roots, files, plan.issues)
+            todo = self._plan(store, scan, retry_failed, report) if roots else []
+            self._record_walk_issues(store, scan, report)
             items = [Item(s.path, s.root, s.size, s.mtime_ns) for s in todo]
             tars = self._plan_tars(store, plan.tars, report)
             units = tars + file_units(items)
             if units:
                 self._extract_on_ray(store, regions, units, len(items), report)
         self._collect_garbage(store)
-        self.progress("saving", 0, 1)
+        self.stage("saving", 0, 1)
         report.faiss = store.sync_faiss(kind=None)
-        self.progress("saving", 1, 1)
+        self.stage("saving", 1, 1)
 
     def _regions(self) -> Any:
         from contextlib import nullcontext
@@ -331,6 +336,7 @@ class RayIndexer(Indexer):
                 db.execute("INSERT OR REPLACE INTO units (id, source, size, mtime_ns, total, merged) "
                            "VALUES (?, ?, ?, ?, NULL, 0)", (unit.id, unit.tar, unit.size, unit.mtime_ns))
             todo.append(unit)
+            self._tar_units.add(unit.id)
         return todo
 
     def _model_sources(self) -> tuple[str, str, Any]:
@@ -350,13 +356,11 @@ class RayIndexer(Indexer):
 
     def _extract_on_ray(self, store: IndexStore, regions: Any, units: list[Unit], known_images: int,
                         report: IndexReport) -> None:
-        ray = connect(self.options)
-        import ray.data
-
+        ray = connect(self.options)  # ray, with ray.data imported
         self.layout = layout = plan_layout(ray.cluster_resources(), self.options, self.device)
         detector, model, preprocess = self._model_sources()
         total = known_images if all(u.tar is None for u in units) else None
-        self.progress("extracting", 0, total)
+        self.stage("extracting", 0, total)
         ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
         ds = ds.flat_map(decode_unit, fn_kwargs={"preprocess": preprocess, "max_pixels": _max_pixels()},
                          num_cpus=1)
@@ -370,8 +374,8 @@ class RayIndexer(Indexer):
         done = 0
         for row in ds.iter_rows():
             done += self._merge(store, regions, str(row["name"]), report)
-            self.progress("extracting", done, total)
-        self.progress("extracting", done, done)
+            self.stage("extracting", done, total)
+        self.stage("extracting", done, done)
 
     def _merge(self, store: IndexStore, regions: Any, name: str, report: IndexReport, resumed: bool = False) -> int:
         """Merge one committed shard (idempotent); returns the file rows it held."""
@@ -412,8 +416,8 @@ class RayIndexer(Indexer):
                 store.put_files(db, files)
                 db.execute("INSERT OR REPLACE INTO shards (id, sha256, bytes, rows, merged) VALUES (?, ?, ?, ?, ?)",
                            (name, info["sha256"], info["bytes"], info["rows"], time.time()))
-            if resumed:
-                report.found += sum(1 for r in shard.rows if "end" not in r)
+            if not resumed:  # loose files were counted by the scan; tar members are counted as they arrive
+                report.found += sum(1 for r in shard.rows if "end" not in r and r.get("unit") in self._tar_units)
         shard_io.remove(self.shards_dir, name)
         return sum(1 for r in shard.rows if "end" not in r)
 

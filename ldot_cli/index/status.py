@@ -52,6 +52,8 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
             "bytes": _dir_bytes(store.dir),
             "region_bytes_per_image": regions // counts["vectors"] if counts["vectors"] and regions else None,
             "updated": datetime.datetime.fromtimestamp(float(updated)).isoformat(timespec="seconds") if updated else None,
+            "folders": [{"path": display_path(root), "indexed": c.get("indexed", 0), "skipped": c.get("skipped", 0)}
+                        for root, c in store.roots()],
         }
         info.update(_vector_index_info(store, meta, counts["vectors"]))
         if with_errors:
@@ -62,7 +64,7 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
 def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) -> dict[str, Any]:
     """Index type and FAISS factory string, bytes per image of the vector index (FAISS file + fp16
     re-scoring file), recall@10 against exact search measured at build time, output shards merged."""
-    from ldot_cli.index import ann
+    from models.core import ann
 
     files = [store.faiss_path, store.dir / ann.RESCORE_FILE, store.dir / ann.RESCORE_IDS]
     size = sum(p.stat().st_size for p in files if p.is_file())

@@ -7,11 +7,13 @@ until the new one is in place the old one is still there (as the backup), so a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,22 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json_object(path: str | os.PathLike[str], error: type[Exception], missing: str, hint: str = "") -> dict:
+    """A JSON object read from ``path``; ``error`` names the file when it is absent (``missing`` says what that
+    means), not JSON, or JSON of another shape. ``hint`` (what to do) ends each message."""
+    path = Path(path)
+    tail = f": {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}){tail}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object{tail}")
+    return data
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=indent is not None) + "\n")
 
@@ -90,6 +108,22 @@ def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
     os.replace(tmp, target)
     fsync_path(target.parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build the next version of the directory ``target``: yields an empty temp dir beside it, which replaces
+    ``target`` (`replace_dir`) when the block succeeds and is removed when it fails."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def recover_dir(target: str | os.PathLike[str]) -> None:
