@@ -137,7 +137,15 @@ def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
     ivf.cp.seed = seed
     ivf.cp.niter = 10
     ivf.pq.cp.niter = 10
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    bits = _pq_bits(n)
+    trainer = faiss.ProductQuantizer(dout, m, bits) if bits != 8 else None
+    if trainer is not None:
+        opq.pq = trainer  # OPQ's own quantizer would be 8-bit, and warn about a small sample on stderr
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    finally:
+        if trainer is not None:
+            opq.pq = None  # only borrowed for training
     ivf.nprobe = default_nprobe(ivf.nlist)
     return index
 
