@@ -28,6 +28,7 @@ def cluster(tmp_path_factory):
     """One local Ray instance for the session; yields (its address, the folder actors write their pids to)."""
     pids = tmp_path_factory.mktemp("ray-pids")
     os.environ["LDOT_RAY_PID_DIR"] = str(pids)  # inherited by the worker processes Ray starts
+    os.environ["LDOT_RAY_BATCH_DELAY_S"] = "0.5"  # work stays in flight long enough to kill a worker mid-run
     context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20,
                        log_to_driver=False, logging_level="ERROR")
     try:
@@ -35,6 +36,7 @@ def cluster(tmp_path_factory):
     finally:
         ray.shutdown()
         os.environ.pop("LDOT_RAY_PID_DIR", None)
+        os.environ.pop("LDOT_RAY_BATCH_DELAY_S", None)
 
 
 @pytest.fixture
@@ -128,14 +130,20 @@ def test_a_worker_killed_mid_run_is_restarted_and_counts_stay_exact(cluster, mod
     driver = spawn("index", str(photos), "--name", "kw", *ARGS, "--ray", address, "--ray-shard-size", "2")
     deadline = time.monotonic() + 300
     killed = None
+    from ldot_cli.index.store import index_path
+
+    committed_at_kill = 0
     while time.monotonic() < deadline and driver.poll() is None:
         actors = [p for p in pids.iterdir() if p.name.startswith("actor-")]
-        if actors and merged_shards("kw") >= 1:
+        committed = list((index_path("kw") / "shards").glob("*.sha256")) if actors else []
+        if actors and (committed or merged_shards("kw")):
             killed = int(actors[0].read_text())
             os.kill(killed, signal.SIGKILL)
+            committed_at_kill = len(committed) + merged_shards("kw")
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert killed is not None and driver.poll() is None, "the run ended before a worker could be killed"
+    assert committed_at_kill < 8, "every batch was done before the kill: nothing was in flight"
     _, err = driver.communicate(timeout=400)
     assert driver.returncode == 0, err[-3000:]
     assert len([p for p in pids.iterdir() if p.name.startswith("actor-")]) >= 2  # Ray started a new one

@@ -175,6 +175,8 @@ class Extractor:
                 handle.write(str(os.getpid()))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        if os.environ.get("LDOT_RAY_BATCH_DELAY_S"):  # tests: keeps work in flight long enough to kill a worker
+            time.sleep(float(os.environ["LDOT_RAY_BATCH_DELAY_S"]))
         entries = [pickle.loads(blob) for blob in batch["blob"]]
         images = [e for e in entries if "pixels" in e]
         regions = self._detect(images)
