@@ -98,8 +98,25 @@ class TrainView:
         self.task: Any = None
         self.started = 0.0
         self.first_step = 0
+        self.stages: dict[str, Any] = {}
+        self.stage_started: dict[str, float] = {}
+
+    def _stage(self, p: Any) -> None:
+        """`models.core.progress.Progress` of a stage (encoding, mining): a bar per stage, restarted each time."""
+        task = self.stages.get(p.stage)
+        if task is None:
+            task = self.stages[p.stage] = self.progress.add_task(p.stage, total=p.total, rate="")
+        if task not in self.stage_started or p.done <= 1 and self.progress.tasks[task].completed >= (p.total or 0):
+            self.stage_started[task] = self._time()
+            self.progress.reset(task, total=p.total, completed=0)
+        elapsed = self._time() - self.stage_started[task]
+        rate = f"{p.done / elapsed:.1f} {p.unit}/s" if elapsed > 0.5 and p.done else ""
+        self.progress.update(task, completed=p.done, total=p.total, rate=rate)
 
     def __call__(self, p: Any) -> None:
+        if hasattr(p, "stage"):  # a stage inside the run (hard-negative mining): its own bar
+            self._stage(p)
+            return
         if p.event == "start":
             self.task = self.progress.add_task("train", total=p.total, completed=p.step, rate="")
             self.started, self.first_step = self._time(), p.step
