@@ -201,9 +201,10 @@ class DecomposedEncoder(nn.Module):
         feat = torch.zeros(n_img, cfg.max_regions, features.shape[2], dtype=self.dtype, device=self.device)
         bb = torch.zeros(n_img, cfg.max_regions, 6, dtype=self.dtype, device=self.device)
         valid = torch.zeros(n_img, cfg.max_regions, dtype=torch.bool, device=self.device)
-        feat[:, :n] = features[:, :n].to(device=self.device, dtype=self.dtype)
-        bb[:, :n] = norm_bb[:, :n].to(device=self.device, dtype=self.dtype)
         valid[:, :n] = True if mask is None else mask[:, :n].to(self.device).bool()
+        keep = valid[:, :n, None]  # padding is zeroed: every position enters the mean, so padding must not vary
+        feat[:, :n] = features[:, :n].to(device=self.device, dtype=self.dtype) * keep
+        bb[:, :n] = norm_bb[:, :n].to(device=self.device, dtype=self.dtype) * keep
         if object_ids is not None:
             object_ids = object_ids[:, :n].masked_fill(~valid[:, :n].cpu(), -1)
         ids, tag_mask, types = self.tag_rows(object_ids, n_img)

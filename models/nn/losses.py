@@ -146,7 +146,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     student, teacher: (M, B) scores of M images against B captions."""
     log_p = F.log_softmax(student.float() / temperature, dim=-1)
     q = F.softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(log_p, q, reduction="mean") * temperature ** 2
+    return F.kl_div(log_p, q, reduction="sum") / log_p.numel() * temperature ** 2  # the official "mean"
 
 
 # -- pre-training heads' losses ------------------------------------------------------------------------
