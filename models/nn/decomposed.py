@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.core.progress import ProgressFn, report
 from models.nn import losses
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import DecomposedConfig, TransformerConfig
@@ -275,15 +276,14 @@ class DecomposedEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode_images(self, records: Sequence[Any], batch_size: int = 64,
-                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                      progress: ProgressFn | None = None, stage: str = "encoding images") -> torch.Tensor:
         """Per-image region sets (``features``, ``norm_bb``, and ``object_ids`` or ``soft_labels`` for the tags)
-        -> (n, H) unit vectors in input order."""
+        -> (n, H) unit vectors in input order; ``progress`` hears of each batch (``stage``, images done)."""
         out = torch.empty(len(records), self.config.project_dim)
         for start in range(0, len(records), batch_size):
             chunk = list(records[start:start + batch_size])
             out[start:start + len(chunk)] = self.record_vectors(chunk).cpu()
-            if progress is not None:
-                progress(len(chunk))
+            report(progress, stage, start + len(chunk), len(records), "images")
         return out
 
     @staticmethod

@@ -52,12 +52,14 @@ class HardNegatives:
 
 def search_top(queries: np.ndarray, keys: np.ndarray, top: int, use_gpu: bool = False) -> np.ndarray:
     """Exact inner-product top-``top`` key indices of each query (n_queries, top)."""
-    import faiss
+    from models.core import ann
 
-    index: Any = faiss.IndexFlatIP(keys.shape[1])
-    if use_gpu and hasattr(faiss, "StandardGpuResources"):
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(np.ascontiguousarray(keys, dtype=np.float32))
+    index: Any = ann.flat(keys)
+    if use_gpu:
+        import faiss
+
+        if hasattr(faiss, "StandardGpuResources"):  # faiss-gpu installed (the [gpu] extra)
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), top)
     return found
 
