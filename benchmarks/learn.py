@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (tiny models from scratch)")
     parser.add_argument("--temperature", type=float, default=0.05, help="decomposition InfoNCE temperature")
     parser.add_argument("--hard-negatives", type=int, default=4)
+    parser.add_argument("--no-tags", action="store_true", help="decompose without object tags (harder: the tags "
+                        "name the objects and the scene)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default="finetune,pretrain,decompose,distill,hard-negatives")
     args = parser.parse_args()
@@ -91,12 +93,14 @@ def main() -> None:
                 continue
             import models
 
-            model = decomposed_model(read_decompose_source("teacher"), tok, tags=L.CLASS_NAMES, text_len=16,
+            model = decomposed_model(read_decompose_source("teacher"), tok,
+                                     tags=() if args.no_tags else L.CLASS_NAMES, text_len=16,
                                      max_regions=8, temperature=args.temperature)
             scorer = models.load_reranker("teacher", device="cpu") if extra else None
             from dataclasses import replace
 
-            r = L.run_mode(mode, model, train, val, lookup, tok, replace(config, **extra), teacher=scorer)
+            r = L.run_mode(mode + (" (no tags)" if args.no_tags else ""), model, train, val, lookup, tok,
+                           replace(config, **extra), teacher=scorer)
             print(_row(r), flush=True)
     if "hard-negatives" in modes and base is not None:
         conf_train, conf_lookup, _ = L.learnable_set(args.images, seed=2, confusable=args.images, tokenizer=tok)

@@ -262,3 +262,41 @@ def test_decompose_with_distillation_and_hard_negatives_then_index_search_eval(t
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
     assert 0 <= report["recall"]["rsum"] <= 600 and "3" in report["rerank"]
+
+
+@pytest.mark.slow  # transformers' LXMERT import
+def test_a_live_lxmert_teacher_scores_decoded_captions_with_its_own_tokenizer(tmp_path, tokenizer, vocab_dir):
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    from models.training.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    cfg = LxmertConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1,
+                       x_layers=1, r_layers=1, visual_feat_dim=32, num_object_labels=10, num_attr_labels=5,
+                       num_qa_labels=3)
+    LxmertForPreTraining(cfg).save_pretrained(tmp_path / "lxmert")
+    (tmp_path / "lxmert" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    teacher = models.load_reranker(tmp_path / "lxmert", device="cpu")
+    seen = []
+    score = teacher.score
+
+    def recording(texts, features, norm_bb, mask=None):
+        seen.append((list(texts), tuple(features.shape)))
+        return score(texts, features, norm_bb, mask)
+
+    teacher.score = recording
+    pairs, lookup = planted_pairs(n_images=8)
+    from models.nn.config import preset
+    from models.nn.pretraining import BiEncoderForPretraining
+
+    torch.manual_seed(0)
+    model = BiEncoderForPretraining(preset("tiny"), 11)
+    train(tmp_path / "run", TrainData(pairs, lookup), TrainConfig(batch_size=4, lr=1e-3, epochs=None, steps=2,
+                                                                  distill_from=str(tmp_path / "lxmert")),
+          model, tokenizer, device="cpu", teacher=teacher)
+    texts, shape = seen[0]
+    assert shape[:2] == (4 * 4, 4) and len(texts) == 16  # 4 images x 4 captions (distill_images caps at B)
+    decoded = {tokenizer.backend.decode(list(ids)) for ids in pairs.token_ids}
+    assert set(texts) <= decoded and all("[CLS]" not in t and "[PAD]" not in t for t in texts)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["tasks"]["distill"]) for r in steps)
