@@ -300,3 +300,31 @@ def test_a_live_lxmert_teacher_scores_decoded_captions_with_its_own_tokenizer(tm
     assert set(texts) <= decoded and all("[CLS]" not in t and "[PAD]" not in t for t in texts)
     steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["tasks"]["distill"]) for r in steps)
+
+
+@pytest.mark.slow  # ~5 s alone
+def test_decomposition_resumes_exactly_and_installs_a_decomposed_model(tmp_path, tokenizer, vocab_dir, ldot_home):
+    from models.training.loop import decompose_config, export_model, train
+
+    install_tiny_reranker("tiny-cross", vocab_dir, img_dim=32)
+
+    def model():
+        return decomposed_model(read_decompose_source("tiny-cross"), tokenizer, tags=("dog", "cat", "car"),
+                                text_len=10, max_regions=5, temperature=0.05)
+
+    pairs, lookup = planted_pairs(n_images=8)
+    data = TrainData(pairs, lookup, val=pairs)
+    config = decompose_config(batch_size=4, lr=1e-3, epochs=None, steps=4, warmup=1, eval_every=2,
+                              hard_negatives=1)
+    train(tmp_path / "a", data, config, model(), tokenizer, device="cpu")
+    train(tmp_path / "b", data, config, model(), tokenizer, device="cpu", stop_at_step=3)
+    train(tmp_path / "b", data, config, resume=True, device="cpu")
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / r / "checkpoint" / "model.safetensors") for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "log.jsonl").read_text() == (tmp_path / "b" / "log.jsonl").read_text()
+    target = export_model(tmp_path / "b", "dec")
+    loaded = models.load_bi_encoder("dec")
+    assert loaded.config.tags == ("dog", "cat", "car") and loaded.config.temperature == 0.05
+    assert json.loads((target / "ldot-manifest.json").read_text())["kind"] == "decomposed"
