@@ -39,7 +39,8 @@ def learnable_set(n_images: int, seed: int = 0, confusable: int = 0, img_dim: in
                   noise: float = 0.3, protos_seed: int = 1234, tokenizer: Any = None,
                   group: int = 8) -> tuple[Any, dict, list[str]]:
     """(PairSet, lookup, captions) of ``n_images`` images x 2 captions; the first ``confusable`` images come in groups
-    of ``group`` that share their objects and scene and differ only in the first object's colour and size. Prototypes depend on
+    of ``group`` that share their objects and scene and differ only in the first object's colour and size.
+    Prototypes depend on
     ``protos_seed`` only, so sets drawn with other ``seed`` values share one "world" (train / validation splits)."""
     from models.training.data import PairSet
 

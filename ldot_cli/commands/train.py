@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import ProgressView, err, progress_bar
+from ldot_cli.commands.console import ProgressView, err, line, progress_bar
 
 app = typer.Typer(help="Make your own model: fine-tune or pre-train a bi-encoder, or decompose a cross-encoder.",
                   no_args_is_help=True)
@@ -23,26 +23,45 @@ Init = typer.Option(None, "--init", help="Start from a bi-encoder (lightningdot,
 ImageInit = typer.Option(None, "--image-init", help="Image tower when --init is a BERT: uniter-base (default when "
                          "present) or a BERT (fresh region embedding).")
 Out = typer.Option(..., "--out", help="Name of the run and of the trained model (`ldot index --model NAME`).")
-BatchSize = typer.Option(None, "--batch-size", help="Pairs per batch: the in-batch negatives. [default: 96]")
-Lr = typer.Option(None, "--lr", help="Peak learning rate.")
-Warmup = typer.Option(None, "--warmup", help="Warmup: a fraction of all steps (< 1) or a number of steps.")
-Clip = typer.Option(None, "--grad-clip", help="Max gradient norm (0: off).")
-Accum = typer.Option(None, "--grad-accum", help="Batches per optimizer step. [default: 1]")
-Precision = typer.Option(None, "--precision", help="auto | fp32 | fp16 | bf16 (auto: bf16 or fp16 on CUDA, fp32 on "
-                         "CPU, where bf16 is far slower).")
-Seed = typer.Option(None, "--seed", help="Seed of data order, masking and dropout. [default: 42]")
+# What `--help` shows as defaults: the official settings (`models.training.loop.finetune_config` /
+# `pretrain_config`; tests/test_cli_help.py checks they agree). Written here so that --help imports no torch.
+FINETUNE_DEFAULTS = {"batch_size": "96", "lr": "2e-5", "warmup": "0.1", "grad_clip": "2.0", "grad_accum": "1",
+                     "precision": "auto", "seed": "42"}
+PRETRAIN_DEFAULTS = {**FINETUNE_DEFAULTS, "lr": "5e-5", "warmup": "0.1", "grad_clip": "5.0", "steps": "300000",
+                     "eval_every": "10000"}
+DECOMPOSE_DEFAULTS = {**FINETUNE_DEFAULTS, "batch_size": "300", "lr": "7.5e-6", "warmup": "200", "grad_clip": "1.0"}
+_HELP = {
+    "batch_size": ("--batch-size", "Pairs per batch: the in-batch negatives."),
+    "lr": ("--lr", "Peak learning rate."),
+    "warmup": ("--warmup", "Warmup: a fraction of all steps (< 1) or a number of steps."),
+    "grad_clip": ("--grad-clip", "Max gradient norm (0: off)."),
+    "grad_accum": ("--grad-accum", "Batches per optimizer step."),
+    "precision": ("--precision", "auto | fp32 | fp16 | bf16 (auto: bf16 or fp16 on CUDA, fp32 on CPU, where bf16 is "
+                                 "far slower)."),
+    "seed": ("--seed", "Seed of data order, masking and dropout."),
+    "steps": ("--steps", "Optimizer steps."),
+    "eval_every": ("--eval-every", "Steps between validations."),
+}
+
+
+def _opt(key: str, defaults: dict[str, str]) -> Any:
+    flag, text = _HELP[key]
+    return typer.Option(None, flag, help=f"{text} \\[default: {defaults[key]}]")  # \\[: not rich markup
+
+
 Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 Resume = typer.Option(False, "--resume", help="Continue the run named by --out from its last checkpoint.")
 Force = typer.Option(False, "--force", help="Start the run over and replace a model of that name.")
-SaveEvery = typer.Option(None, "--save-every", help="Steps between resume checkpoints. [default: at each validation]")
+SaveEvery = typer.Option(None, "--save-every", help="Steps between resume checkpoints. \\[default: at each validation]")
 Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall curves to <run>/curves.png at the end "
                     "(needs matplotlib: pip install 'ldot[plot]').")
 HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
-                             "the current model before training and after each epoch. [default: 0, in-batch only]")
+                             "the current model before training and after each epoch. \\[default: 0, in-batch only]")
 DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "
-                           "lxmert-base-uncased, a uniter-itm model): KL over captions for the batch's first 10 images.")
-DistillWeight = typer.Option(None, "--distill-weight", help="Weight of the distillation loss. [default: 1.0]")
-DistillTemperature = typer.Option(None, "--distill-temperature", help="Distillation temperature T. [default: 1.0]")
+                           "lxmert-base-uncased, a uniter-itm model): KL over captions for the batch's first 10 "
+                           "images.")
+DistillWeight = typer.Option(None, "--distill-weight", help="Weight of the distillation loss. \\[default: 1.0]")
+DistillTemperature = typer.Option(None, "--distill-temperature", help="Distillation temperature T. \\[default: 1.0]")
 
 
 @app.command()
@@ -52,9 +71,12 @@ def finetune(
     txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
     val_images: int = ValImages, no_val: bool = NoVal, init: str = Init, image_init: str = ImageInit,
     out_name: str = Out,
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs."),
-    batch_size: int = BatchSize, lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
-    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. \\[default: 15 for flickr30k, "
+                               "20 for coco]"),
+    batch_size: int = _opt("batch_size", FINETUNE_DEFAULTS), lr: float = _opt("lr", FINETUNE_DEFAULTS),
+    warmup: float = _opt("warmup", FINETUNE_DEFAULTS), grad_clip: float = _opt("grad_clip", FINETUNE_DEFAULTS),
+    grad_accum: int = _opt("grad_accum", FINETUNE_DEFAULTS), precision: str = _opt("precision", FINETUNE_DEFAULTS),
+    seed: int = _opt("seed", FINETUNE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
     hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
@@ -76,11 +98,12 @@ def pretrain(
     tasks: str = typer.Option("itm,mlm,mrfr,mrckl", "--tasks", help="Tasks to mix: itm (CMR), mlm, mrfr, mrckl."),
     mix: str = typer.Option("16,8,4,4", "--mix", help="Mix ratios, one per task, or a preset: coco (16,8,4,4), "
                             "other (16,12,6,6: VG, CC, SBU)."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps. [default: 300000]"),
-    eval_every: int = typer.Option(None, "--eval-every", help="Steps between validations. [default: 10000]"),
+    steps: int = _opt("steps", PRETRAIN_DEFAULTS), eval_every: int = _opt("eval_every", PRETRAIN_DEFAULTS),
     init: str = Init, image_init: str = ImageInit, out_name: str = Out,
-    batch_size: int = BatchSize, lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
-    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+    batch_size: int = _opt("batch_size", PRETRAIN_DEFAULTS), lr: float = _opt("lr", PRETRAIN_DEFAULTS),
+    warmup: float = _opt("warmup", PRETRAIN_DEFAULTS), grad_clip: float = _opt("grad_clip", PRETRAIN_DEFAULTS),
+    grad_accum: int = _opt("grad_accum", PRETRAIN_DEFAULTS), precision: str = _opt("precision", PRETRAIN_DEFAULTS),
+    seed: int = _opt("seed", PRETRAIN_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
 ) -> None:
     """Pre-train with a mix of CMR, VMLM, MRFR and MRC-kl (one task sampled per batch)."""
@@ -106,15 +129,15 @@ def decompose(
     tags: bool = typer.Option(None, "--tags/--no-tags", help="Prefix each image with its regions' object names "
                               "([CLS] tags [SEP]). Default: on when the features hold class ids or soft labels."),
     tag_vocab: str = typer.Option(None, "--tag-vocab", help="Detector (name or dir) or objects_vocab.txt naming the "
-                                  "classes. [default: butd-r101-vg]"),
-    text_len: int = typer.Option(None, "--text-len", help="Text (and tag) input length. [default: 35]"),
-    max_regions: int = typer.Option(None, "--max-regions", help="Regions per image. [default: 100]"),
-    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. [default: 0.005]"),
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. [default: 200]"),
-    batch_size: int = typer.Option(None, "--batch-size", help="Pairs per batch: the in-batch negatives. "
-                                   "[default: 300]"),
-    lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
-    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+                                  "classes. \\[default: butd-r101-vg]"),
+    text_len: int = typer.Option(None, "--text-len", help="Text (and tag) input length. \\[default: 35]"),
+    max_regions: int = typer.Option(None, "--max-regions", help="Regions per image. \\[default: 100]"),
+    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. \\[default: 0.005]"),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. \\[default: 200]"),
+    batch_size: int = _opt("batch_size", DECOMPOSE_DEFAULTS), lr: float = _opt("lr", DECOMPOSE_DEFAULTS),
+    warmup: float = _opt("warmup", DECOMPOSE_DEFAULTS), grad_clip: float = _opt("grad_clip", DECOMPOSE_DEFAULTS),
+    grad_accum: int = _opt("grad_accum", DECOMPOSE_DEFAULTS), precision: str = _opt("precision", DECOMPOSE_DEFAULTS),
+    seed: int = _opt("seed", DECOMPOSE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
     hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
@@ -134,11 +157,9 @@ def decompose(
 @app.command()
 def show(
     run: str = typer.Argument(..., help="A run name (<home>/runs/NAME) or a run folder."),
-    out: Path = typer.Option(None, "--out", help="PNG to write. [default: <run>/curves.png]"),
+    out: Path = typer.Option(None, "--out", help="PNG to write. \\[default: <run>/curves.png]"),
 ) -> None:
     """Draw a run's loss and validation-recall curves (from its log.jsonl) to a PNG."""
-    from rich.text import Text
-
     from ldot_cli.train.plot import plot_run
     from models.core.home import runs_dir
 
@@ -149,7 +170,7 @@ def show(
         raise typer.BadParameter(f"no run named {run!r} (runs live in {runs_dir()})", param_hint="RUN")
     written = plot_run(path, out)
     typer.echo(str(written))
-    err.print(Text(f"curves of {path.name}: {written}"))
+    err.print(line(f"curves of {path.name}: {written}"))
 
 
 def _mix(mix: str, names: list[str]) -> list[float]:
@@ -171,8 +192,6 @@ def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[P
 
 def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | None, device: str, resume: bool,
          force: bool, options: dict[str, Any], plot: bool = False, **extra: Any) -> None:
-    from rich.text import Text
-
     from ldot_cli.train.driver import TrainRequest, run_training
 
     overrides = {k: v for k, v in options.items() if v is not None}
@@ -183,13 +202,13 @@ def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | No
     result = outcome.result
     best = result.best
     summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"
-    err.print(f"[green]ok[/] {mode}: {result.step} steps on {outcome.train_pairs} pairs in {result.seconds:.0f} s; "
-              f"{summary}", highlight=False)
+    err.print(line(("ok", "green"), f" {mode}: {result.step} steps on {outcome.train_pairs} pairs in "
+                   f"{result.seconds:.0f} s; {summary}"))
     if outcome.plot is not None:
-        err.print(Text(f"curves: {outcome.plot}"))
+        err.print(line(f"curves: {outcome.plot}"))
     if outcome.model_dir is not None:
         typer.echo(f"{name}\t{outcome.model_dir}")  # plain: for scripts
-        err.print(f"use it: ldot index PHOTOS --model {name}", highlight=False)
+        err.print(line(f"use it: ldot index PHOTOS --model {name}"))
 
 
 def register(app_: typer.Typer) -> None:

@@ -84,7 +84,8 @@ def visualbert_config(hf: dict[str, Any]) -> tuple[TransformerConfig, int]:
                              num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
                              intermediate_size=hf["intermediate_size"],
                              max_position_embeddings=hf["max_position_embeddings"],
-                             type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                             type_vocab_size=hf.get("type_vocab_size", 2),
+                             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                              dropout=hf.get("hidden_dropout_prob", 0.1))
     return body, int(hf["visual_embedding_dim"])
 
