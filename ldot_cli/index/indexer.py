@@ -315,10 +315,13 @@ class Indexer:
                 store.put_files(db, rows)
 
     def _collect_garbage(self, store: IndexStore) -> None:
+        from ldot_cli.index.thumbs import remove_thumbnails
+
         orphans = store.orphan_vectors()
         if orphans:
             with store.transaction() as db:
                 store.delete_vectors(db, [vid for vid, _ in orphans])
+            remove_thumbnails(self.dir, [digest for _, digest in orphans])
             if self.keep_regions and (self.dir / REGIONS_DIR).is_dir():
                 from feature_extraction.uniter_db import UniterImageDBWriter
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ldot_cli.index.hits import display_path  # noqa: F401 - re-exported
 from models.core.errors import LdotError
 from models.core.fileio import fsync_path, sha256_file
 from models.core.home import indexes_dir
@@ -92,11 +93,6 @@ class FileRow:
     @property
     def display(self) -> str:
         return display_path(self.path)
-
-
-def display_path(path: bytes) -> str:
-    """A printable form of any path (undecodable bytes as \\xNN)."""
-    return path.decode("utf-8", "backslashreplace")
 
 
 def index_path(name: str) -> Path:
