@@ -18,8 +18,9 @@ import numpy as np
 
 from models.core.errors import LdotError
 from models.core.fileio import atomic_write_text
+from models.hub.cache import MUTABLE_FILES
 
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FILE = MUTABLE_FILES[0]
 AUTO_QUANTILE = 0.999  # of non-matching pairs' scores: a non-match passes `auto` 0.1% of the time
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
 MAX_NEGATIVES = 2_000_000  # non-matching pairs sampled from the score matrix

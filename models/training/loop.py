@@ -271,9 +271,13 @@ def encode_pairs(model: BiEncoderForPretraining, pairs: PairSet, features: Any, 
 
 
 def evaluate(model: BiEncoderForPretraining, pairs: PairSet, features: Any, ids: SpecialIds,
-             device: torch.device, autocast: torch.dtype | None = None) -> dict[str, Any]:
-    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score)."""
+             device: torch.device, autocast: torch.dtype | None = None,
+             vectors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score).
+    ``vectors``, when given, receives the ``text`` and ``image`` vectors (for the score calibration)."""
     text, image = encode_pairs(model, pairs, features, ids, device, autocast)
+    if vectors is not None:
+        vectors.update(text=text, image=image)
     recalls = recalls_from_vectors(text, image, np.asarray(pairs.caption_image))
     return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
 
@@ -532,7 +536,8 @@ class _Trainer:
     def validate(self) -> dict[str, Any] | None:
         if self.val is None or len(self.val) == 0:
             return None
-        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast)
+        vectors: dict[str, np.ndarray] = {}
+        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast, vectors)
         record = {"step": self.step, "epoch": round(self.epoch, 3), **metrics}
         with open(self.run_dir / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -544,7 +549,18 @@ class _Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
             os.replace(tmp, self.run_dir / "best.safetensors")
             _write_json(self.run_dir / "best.json", record)
+            self._calibrate(vectors, f"validation pairs of training run {self.run_dir.name}, step {self.step}")
         return record
+
+    def _calibrate(self, vectors: dict[str, np.ndarray], source: str) -> None:
+        """The best model's score distributions on the validation pairs (`--min-score auto` reads them)."""
+        from models.training.calibration import CalibrationError, calibrate, save_calibration
+
+        try:
+            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], self.val.caption_image,
+                                                     source))
+        except CalibrationError:
+            pass  # one validation image: no non-matching pairs to learn a level from
 
     @property
     def epoch(self) -> float:
@@ -752,5 +768,10 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     if tasks != ["itm"] and (best is None or best["step"] == step):  # heads of these very weights
         heads = {k: v for k, v in full.items() if not k.startswith("bert.")}
         _save_tensors(target / HEADS_FILE, heads)
+    from models.training.calibration import CALIBRATION_FILE
+
+    calibration = run_dir / CALIBRATION_FILE
+    if best is not None and calibration.is_file():  # it describes the best weights, the ones exported
+        shutil.copyfile(calibration, target / CALIBRATION_FILE)
     record_model(target, name, "bi-encoder", "train", trained_from=str(run_dir), best=best)
     return target
