@@ -11,7 +11,7 @@ import typer
 
 from rich.text import Text
 
-from ldot_cli.commands.console import StageProgress, err, out, progress_bar
+from ldot_cli.commands.console import ProgressView, err, out, progress_bar
 
 
 class Dataset(str, Enum):
@@ -94,7 +94,7 @@ def eval_command(
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,
                        batch_size, device.value, cross_sample, save_embeddings)
     with progress_bar(transient=True) as progress:
-        report = run(opts, StageProgress(progress))
+        report = run(opts, ProgressView(progress))
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

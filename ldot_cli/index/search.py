@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index.hits import Hit
-from ldot_cli.index.store import IndexError_, IndexStore, index_path
+from ldot_cli.index.store import IndexStore, IndexStoreError, index_path
 from models.core.errors import LdotError, LdotWarning
 
 DEFAULT_RERANK_K = 50
@@ -27,7 +27,7 @@ class QueryError(LdotError):
 
 
 @dataclass
-class Timings:
+class QueryTimings:
     encode_ms: float = 0.0
     search_ms: float = 0.0
     rerank_ms: float = 0.0
@@ -54,7 +54,7 @@ class Request:
 class Answer:
     hits: list[Hit]
     min_score: float | None  # the level applied (auto resolved), None when none
-    timings: Timings
+    timings: QueryTimings
     below: int = 0  # results dropped by min_score
 
     @property
@@ -68,13 +68,13 @@ def check_model(store: IndexStore, model: str | None) -> str:
 
     recorded = store.get_meta("model")
     if recorded is None:
-        raise IndexError_(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
+        raise IndexStoreError(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
     if model is None or model == recorded:
         return recorded
     want = store.get_meta("model_fingerprint")
     got = fingerprint(model)
     if got != want:
-        raise IndexError_(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
+        raise IndexStoreError(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
                           f"{model!r} is another model ({got}): search without --model, or rebuild the index "
                           f"with `ldot index FOLDER --name {store.name} --model {model} --reindex`")
     return model
@@ -94,7 +94,7 @@ class Searcher:
         self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
         self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
-        self.timings = Timings()
+        self.timings = QueryQueryTimings()
 
     def close(self) -> None:
         if self._regions is not None:
@@ -117,7 +117,7 @@ class Searcher:
         if sha != self._faiss_sha:
             try:
                 self._faiss = self.store.read_faiss()
-            except IndexError_:
+            except IndexStoreError:
                 self._faiss = self._repair()
             self._faiss_sha = self.store.get_meta("faiss_sha256")
         return self._faiss
@@ -178,7 +178,7 @@ class Searcher:
         return vector[None]
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
-        from ldot_cli.index import ann
+        from models.core import ann
 
         start = time.perf_counter()
         loaded = self._vector_index()
@@ -221,7 +221,7 @@ class Searcher:
         if request.k < 1:
             raise QueryError(f"-k must be at least 1 (got {request.k})")
         level = self.min_score(request.min_score)
-        self.timings = Timings()
+        self.timings = QueryTimings()
         sources = sum(x is not None for x in (request.text, request.image_path, request.vector_id,
                                               request.image_sha256))
         if sources != 1:
@@ -288,7 +288,7 @@ class Searcher:
 
         regions_dir = self.store.dir / REGIONS_DIR
         if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
-            raise IndexError_(f"index {self.store.name!r} keeps no region features (built with --no-regions): "
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with --no-regions): "
                               f"re-index without it to use --rerank or --regions")
         if self._regions is None:
             self._regions = FeatureStore(regions_dir, self.preset)

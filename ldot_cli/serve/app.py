@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from ldot_cli.index.hits import hit_json
 from ldot_cli.index.search import QueryError, Request, Searcher
-from ldot_cli.index.store import DB_FILE, IndexError_, display_path
+from ldot_cli.index.store import DB_FILE, IndexStoreError, display_path
 from models.core.errors import LdotError
 
 STATIC = Path(__file__).parent / "static"
@@ -179,7 +179,7 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
     @app.exception_handler(LdotError)
     async def ldot_error(request: HttpRequest, exc: LdotError) -> Any:
         status = 404 if isinstance(exc, QueryError) and "not in the index" in str(exc) else 400
-        if isinstance(exc, IndexError_):
+        if isinstance(exc, IndexStoreError):
             status = 503
         return JSONResponse({"error": " ".join(str(exc).split())}, status_code=status)
 

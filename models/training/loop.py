@@ -27,10 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.core.errors import LdotError
+from models.core.errors import ConfigError, LdotError
+from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
 from models.nn.pretraining import (
+    NUM_REGION_LABELS,
     TASKS,
     BiEncoderForPretraining,
     PairBatch,
@@ -149,6 +151,21 @@ def finetune_config(dataset: str = "flickr30k", **overrides: Any) -> TrainConfig
     return replace(base, **overrides)
 
 
+def mix_ratios(mix: str, tasks: Sequence[str]) -> list[float]:
+    """Ratios for ``tasks`` from a preset name (``coco``, ``other``: the official mixes, a task outside them gets
+    1) or from comma-separated numbers, one per task."""
+    if mix in PRETRAIN_MIX:
+        preset = dict(zip(TASKS, PRETRAIN_MIX[mix]))
+        return [float(preset.get(task, 1.0)) for task in tasks]
+    try:
+        ratios = [float(x) for x in mix.split(",")]
+    except ValueError:
+        raise ConfigError(f"mix {mix!r} is neither numbers nor a preset ({', '.join(PRETRAIN_MIX)})") from None
+    if len(ratios) != len(tasks):
+        raise ConfigError(f"mix {mix!r} gives {len(ratios)} ratios for {len(tasks)} tasks")
+    return ratios
+
+
 def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
     """LightningDOT pre-training: itm:mlm:mrfr:mrckl 16:8:4:4 (COCO) or 16:12:6:6 (VG, CC, SBU), AdamW
     (0.9, 0.98), lr 5e-5, weight decay 0.01, 10k warmup steps, 300k steps, clip 5.0, validation every 10k."""
@@ -213,22 +230,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
 
 
 # -- progress --------------------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    """What the loop reports after each optimizer step (``event="step"``) and at other moments."""
-
-    event: str  # start | step | eval | checkpoint | done
-    step: int  # optimizer steps done
-    total: int  # optimizer steps of the whole run
-    epoch: float  # passes over the training pairs so far
-    loss: float | None = None  # mean loss of this step's micro-batches
-    task_losses: dict[str, float] = field(default_factory=dict)  # running mean per task
-    lr: float = 0.0
-    metrics: dict[str, Any] | None = None  # eval: recalls; done: the best
-    message: str = ""
-
-
-ProgressFn = Callable[[Progress], None]
+# The loop reports through `models.core.progress` with stage "train" and unit "steps": ``done`` = optimizer steps
+# done, ``total`` = steps of the run; ``event`` is start | step | eval | checkpoint | done; ``info`` holds epoch
+# (passes over the training pairs so far), loss (mean of the step's micro-batches), task_losses (running mean per
+# task), lr, metrics (eval: recalls; done: the best) and message.
+def _report(progress: ProgressFn, event: str, step: int, total: int, epoch: float, **info: Any) -> None:
+    progress(Progress("train", step, total, "steps", event, {"epoch": epoch, **info}))
 
 
 @dataclass
@@ -327,40 +334,6 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         state.setdefault(int(pid), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory beside ``target`` and swap it in; a crash leaves the old or the new one."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def checkpoint_dir(run_dir: Path) -> Path | None:
@@ -547,8 +520,8 @@ class _Trainer:
 
             tmp = self.run_dir / f".best.tmp-{os.getpid()}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
-            os.replace(tmp, self.run_dir / "best.safetensors")
-            _write_json(self.run_dir / "best.json", record)
+            replace_file(tmp, self.run_dir / "best.safetensors")
+            atomic_write_json(self.run_dir / "best.json", record, indent=2)
             self._calibrate(vectors, f"validation pairs of training run {self.run_dir.name}, step {self.step}")
         return record
 
@@ -585,8 +558,9 @@ class _Trainer:
             _save_tensors(tmp / "rng.safetensors", rng)
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
-        _atomic_dir(self.run_dir / CHECKPOINT, write)
-        self.progress(Progress("checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT)))
+        with new_dir(self.run_dir / CHECKPOINT) as tmp:
+            write(tmp)
+        _report(self.progress, "checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT))
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
@@ -631,7 +605,7 @@ class _Trainer:
         if self.step == 0:
             torch.manual_seed(self.config.seed)  # dropout; a resumed run restores the RNG state instead
         lr = lr_at(self.step, self.config.lr, self.warmup, self.total)
-        self.progress(Progress("start", self.step, self.total, self.epoch, lr=lr))
+        _report(self.progress, "start", self.step, self.total, self.epoch, lr=lr)
         while self.step < self.total:
             snapshot = self._snapshot()
             try:
@@ -643,17 +617,18 @@ class _Trainer:
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
                                           f"{self.run_dir}: continue it with --resume") from None
-            self.progress(Progress("step", self.step, self.total, self.epoch, loss, dict(self.running), lr))
+            _report(self.progress, "step", self.step, self.total, self.epoch, loss=loss, task_losses=dict(self.running),
+                    lr=lr)
             if self.step % self.eval_every == 0 or self.step == self.total:
                 record = self.validate()
                 if record is not None:
-                    self.progress(Progress("eval", self.step, self.total, self.epoch, metrics=record))
+                    _report(self.progress, "eval", self.step, self.total, self.epoch, metrics=record)
             stopping = stop_at_step is not None and self.step >= stop_at_step and self.step < self.total
             if self.step % self.checkpoint_every == 0 or self.step == self.total or stopping:
                 self.save_checkpoint()
             if stopping:
                 return TrainResult(self.run_dir, self.step, self.total, False, self.best, time.monotonic() - started)
-        self.progress(Progress("done", self.step, self.total, self.epoch, metrics=self.best))
+        _report(self.progress, "done", self.step, self.total, self.epoch, metrics=self.best)
         return TrainResult(self.run_dir, self.step, self.total, True, self.best, time.monotonic() - started)
 
 
@@ -700,7 +675,7 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
             "train_config": config.to_dict(), "init": init or {}, "data": data.description,
             "train_pairs": len(data.train), "val_pairs": len(data.val) if data.val is not None else 0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(run_dir / "run.json", info)
+    atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -721,7 +696,7 @@ def _rebuild(run_dir: Path) -> tuple[BiEncoderForPretraining, Any]:
 
     info = read_run(run_dir)
     config = BiEncoderConfig.from_dict(info["model_config"])
-    model = BiEncoderForPretraining(config, info.get("num_region_labels", 1601))
+    model = BiEncoderForPretraining(config, info.get("num_region_labels", NUM_REGION_LABELS))
     return model, Tokenizer.from_path(run_dir / "tokenizer.json")
 
 
