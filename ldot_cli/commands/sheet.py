@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldot_cli.commands.console import err, out
+from ldot_cli.commands.console import err, out, safe
 
 SHEET_THUMB = 320
 PREVIEW_CELLS = 24  # preview width in terminal columns
@@ -80,7 +80,7 @@ def write_sheet(target: Path, hits: list[Any], query: str | None) -> None:
     from models.core.fileio import atomic_write_text
 
     atomic_write_text(target, sheet_html(hits, query))
-    err.print(f"contact sheet: {target}", highlight=False, markup=False)
+    err.print(f"contact sheet: {safe(str(target))}", highlight=False, markup=False)
 
 
 def preview_table(hits: list[Any]) -> bool:
@@ -105,6 +105,6 @@ def preview_table(hits: list[Any]) -> bool:
     for hit in hits:
         image = _thumb(hit.path, 256)
         cell: Any = TerminalImage(image, width=PREVIEW_CELLS, height="auto") if image is not None else Text("-")
-        table.add_row(cell, str(hit.rank), f"{hit.score:.3f}", Text(hit.path.decode("utf-8", "backslashreplace")))
+        table.add_row(cell, str(hit.rank), f"{hit.score:.3f}", Text(safe(hit.path.decode("utf-8", "backslashreplace"))))
     out.print(table)
     return True

@@ -94,7 +94,7 @@ class Searcher:
         self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
         self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
-        self.timings = QueryQueryTimings()
+        self.timings = QueryTimings()
 
     def close(self) -> None:
         if self._regions is not None:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from models.core.errors import ConfigError, LdotError
-from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.fileio import atomic_write_bytes, atomic_write_json, new_dir, replace_file
 from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
@@ -747,6 +747,6 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
 
     calibration = run_dir / CALIBRATION_FILE
     if best is not None and calibration.is_file():  # it describes the best weights, the ones exported
-        shutil.copyfile(calibration, target / CALIBRATION_FILE)
+        atomic_write_bytes(target / CALIBRATION_FILE, calibration.read_bytes())
     record_model(target, name, "bi-encoder", "train", trained_from=str(run_dir), best=best)
     return target
