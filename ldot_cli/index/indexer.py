@@ -22,6 +22,7 @@ import numpy as np
 
 from feature_extraction.detector.weights import open_detector
 from ldot_cli.index.store import (
+    DEFAULT_PRESET,
     REGIONS_DIR,
     FileRow,
     IndexStore,
@@ -34,7 +35,6 @@ from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
 from models.hub.catalogue import DEFAULT_BI_ENCODER, DEFAULT_DETECTOR
 
-DEFAULT_PRESET = "uniter"
 FAISS_FLUSH_S = 300.0  # rewrite the vector file at least this often during long runs
 STAGING_DIR = ".staging-regions"
 

@@ -346,7 +346,7 @@ class Searcher:
     @property
     def preset(self) -> str:
         """The box preset the index's region features were extracted with."""
-        from ldot_cli.index.indexer import DEFAULT_PRESET
+        from ldot_cli.index.store import DEFAULT_PRESET
 
         return self.store.get_meta("preset") or DEFAULT_PRESET
 

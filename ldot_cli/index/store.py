@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 DB_FILE = "index.sqlite"
 FAISS_FILE = "vectors.faiss"
 REGIONS_DIR = "regions"
+DEFAULT_PRESET = "uniter"  # the box preset of an index's region features unless `ldot index --preset` says
 LOCK_FILE = ".lock"
 # Past this many vectors an index switches to approximate search (IVF), unless told otherwise.
 ANN_THRESHOLD = 250_000

@@ -3,8 +3,9 @@
 The score is ``q . f(regions)``. A box matters as much as the score drops when the image tower reads the
 image without it (the box masked out of attention, exactly as if the detector had not found it). Trying
 every box costs one image-tower pass per box, so the candidates come first from one pass: each region's own
-output state, projected like the [CLS] state, dotted with ``q``. Only the best ``candidates`` of those are
-then removed one at a time (batched), and the boxes are ranked by the measured drop.
+output state, projected like the [CLS] state, dotted with ``q``. Only the best of those (a budget of
+`REMOVAL_BUDGET` passes shared by the results, at least `MIN_CANDIDATES` each) are then removed one at a
+time (batched), and the boxes are ranked by the measured drop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import torch
 
 from models.nn.layers import box7_from_norm_bb
 from models.nn.regions import stack_regions
+
+
+REMOVAL_BUDGET = 96  # image-tower passes with one box removed, shared by the results of one query
+MIN_CANDIDATES = 4
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,15 @@ def prepare(model: Any, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.inference_mode()
-def region_weights(model: Any, queries: np.ndarray, records: Sequence[Any], candidates: int = 4,
+def region_weights(model: Any, queries: np.ndarray, records: Sequence[Any], budget: int = REMOVAL_BUDGET,
                    max_boxes: int = 3) -> tuple[np.ndarray, list[list[BoxWeight]]]:
     """For each (query vector, image regions) pair: its score and the boxes whose removal lowers it most.
 
-    ``model`` is a `BiEncoder` with its image tower; ``queries`` (B, D) the text (or image) vectors; a box is
-    returned only when removing it lowers the score (at most ``max_boxes``, largest drop first).
+    ``model`` is a `BiEncoder` with its image tower; ``queries`` (B, D) the text (or image) vectors. Each image
+    gets ``max(MIN_CANDIDATES, budget // B)`` candidate boxes (all of them when it has fewer), removed one at a
+    time; a box is returned only when removing it lowers the score (at most ``max_boxes``, largest drop first).
     """
+    candidates = max(MIN_CANDIDATES, budget // max(1, len(records)))
     if not records:
         return np.zeros(0, np.float32), []
     tower = model.img_model
