@@ -295,3 +295,30 @@ def test_the_page_in_a_real_browser(served, env, tmp_path):
     assert colours is not None and len(colours) > 200, "the screenshot is (nearly) blank"
     accent = sum(n for n, c in colours if abs(c[0] - 232) < 20 and abs(c[1] - 89) < 25 and c[2] < 60)
     assert accent > 100  # the orange region boxes are on screen
+
+
+def test_the_server_follows_index_updates_without_a_restart(served, monkeypatch):
+    """New photos indexed while the server runs are searchable at once; a rebuilt index (--reindex) too."""
+    home, _, public = served
+    token = public.url.split("token=")[1]
+    headers = {"X-Ldot-Token": token}
+
+    def info() -> dict:
+        return httpx.get(f"{public.base}/api/info", headers=headers, timeout=60).json()
+
+    assert info()["images"] == 8
+    monkeypatch.setenv("LDOT_HOME", str(home / "x"))
+    from ldot_cli.index.indexer import Indexer
+
+    more = home / "x" / "more"
+    make_photos(more, 3, start=50, size=(96, 64))
+    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([more])
+    assert info()["images"] == 11
+    hits = api(public.base, {"q": QUERY, "k": 20}, headers=headers).json()["hits"]
+    assert len(hits) == 11 and sum(h["path"].startswith(str(more)) for h in hits) == 3
+    new = next(h for h in hits if h["path"].startswith(str(more)))
+    assert httpx.get(f"{public.base}/thumb/{new['id']}", headers=headers, timeout=60).status_code == 200
+    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([more], reindex=True)
+    assert info()["images"] == 3
+    hits = api(public.base, {"q": QUERY, "k": 20}, headers=headers).json()["hits"]
+    assert sorted(h["path"] for h in hits) == sorted(str(p) for p in more.iterdir())

@@ -220,6 +220,8 @@ class Searcher:
         """Answer one `Request`: the results `ldot search` prints and `ldot serve` returns."""
         if request.k < 1:
             raise QueryError(f"-k must be at least 1 (got {request.k})")
+        if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
+            raise QueryError("--min-score auto is calibrated on text-image pairs: give a number for image queries")
         level = self.min_score(request.min_score)
         self.timings = QueryTimings()
         sources = sum(x is not None for x in (request.text, request.image_path, request.vector_id,
