@@ -270,6 +270,9 @@ def test_the_page_in_a_real_browser(served, env, tmp_path):
                                  for i in d.find_elements(By.CSS_SELECTOR, "#results .card img")))
         assert cards[0].find_elements(By.CSS_SELECTOR, ".box")  # the matching region on the thumbnail
         assert "query" in driver.find_element(By.ID, "status").text and "ms" in driver.find_element(By.ID, "status").text
+        keep = os.environ.get("LDOT_SCREENSHOTS")
+        if keep:
+            driver.save_screenshot(str(Path(keep) / "serve-results.png"))
         target = cards[2]
         similar_want = [h["path"] for h in api(local.base, {"id": int(target.get_attribute("data-id")), "k": 20,
                                                             "regions": True}).json()["hits"]]
