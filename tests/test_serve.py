@@ -135,7 +135,7 @@ def test_api_answers_as_the_library_does(served, env):
     ({"q": "dog", "id": 1}, 400, "give exactly one of"),
     ({"q": "dog", "k": 0}, 422, "k"),
     ({"q": "dog", "k": "many"}, 422, "k"),
-    ({"q": "dog", "min_score": "lots"}, 400, "--min-score must be a number"),
+    ({"q": "dog", "min_score": "lots"}, 400, "`min_score` must be a number"),
     ({"q": "dog", "min_score": "auto"}, 400, "no score calibration"),
     ({"q": "x" * 20_000}, 422, "q"),
     ({"q": ["dog"]}, 422, "q"),

@@ -17,7 +17,7 @@ import numpy as np
 
 from ldot_cli.index.hits import Hit
 from ldot_cli.index.store import IndexStore, IndexStoreError, index_path
-from models.core.errors import LdotError, LdotWarning
+from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
 
@@ -75,7 +75,7 @@ def check_model(store: IndexStore, model: str | None) -> str:
     got = fingerprint(model)
     if got != want:
         raise IndexStoreError(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
-                          f"{model!r} is another model ({got}): search without --model, or rebuild the index "
+                          f"{model!r} is another model ({got}): search without {option('model')}, or rebuild the index "
                           f"with `ldot index FOLDER --name {store.name} --model {model} --reindex`")
     return model
 
@@ -124,18 +124,15 @@ class Searcher:
 
     def _repair(self) -> tuple[Any, int] | None:
         """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only."""
-        from filelock import FileLock, Timeout
+        from ldot_cli.index.store import writer_lock
 
-        from ldot_cli.index.store import LOCK_FILE
-
-        try:
-            with FileLock(str(self.store.dir / LOCK_FILE), timeout=0):
-                warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
-                                          "rebuilt it from the index database"), stacklevel=2)
-                self.store.sync_faiss(rebuild=True)
-                return self.store.read_faiss()
-        except Timeout:
-            return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
+        with writer_lock(self.store.dir, wait=False) as held:
+            if not held:
+                return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
+            warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
+                                      "rebuilt it from the index database"), stacklevel=2)
+            self.store.sync_faiss(rebuild=True)
+            return self.store.read_faiss()
 
     # -- queries -------------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
@@ -221,7 +218,8 @@ class Searcher:
         if request.k < 1:
             raise QueryError(f"-k must be at least 1 (got {request.k})")
         if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
-            raise QueryError("--min-score auto is calibrated on text-image pairs: give a number for image queries")
+            raise QueryError(f"{option('min_score')} auto is calibrated on text-image pairs: give a number for "
+                             "image queries")
         level = self.min_score(request.min_score)
         self.timings = QueryTimings()
         sources = sum(x is not None for x in (request.text, request.image_path, request.vector_id,
@@ -232,7 +230,7 @@ class Searcher:
             hits = self.search(request.text, request.k, rerank_k=request.rerank_k, reranker=request.reranker)
         else:
             if request.rerank_k:
-                raise QueryError("--rerank needs a text query (the cross-encoder scores text-image pairs)")
+                raise QueryError(f"{option('rerank')} needs a text query (the cross-encoder scores text-image pairs)")
             if request.image_path is not None:
                 vector = self.image_vector(request.image_path)
             elif request.vector_id is not None:
@@ -278,9 +276,9 @@ class Searcher:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise QueryError(f"--min-score must be a number or 'auto' (got {value!r})") from None
+            raise QueryError(f"{option('min_score')} must be a number or 'auto' (got {value!r})") from None
         if not np.isfinite(number):
-            raise QueryError(f"--min-score must be a finite number (got {value!r})")
+            raise QueryError(f"{option('min_score')} must be a finite number (got {value!r})")
         return number
 
     # -- regions ---------------------------------------------------------------------------------
@@ -290,8 +288,9 @@ class Searcher:
 
         regions_dir = self.store.dir / REGIONS_DIR
         if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
-            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with --no-regions): "
-                              f"re-index without it to use --rerank or --regions")
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}): re-index without it to use {option('rerank')} or "
+                                  f"{option('regions')}")
         if self._regions is None:
             self._regions = FeatureStore(regions_dir, self.preset)
         return self._regions
@@ -311,7 +310,12 @@ class Searcher:
             if self._regions is not None:
                 self._regions.close()
                 self._regions = None
+        try:
             return [self.region_store().get(hashes[v]) for v in vector_ids]
+        except ImageDBError as exc:
+            from ldot_cli.index.indexer import damaged_regions
+
+            raise damaged_regions(self.store.name, exc) from None
 
     @property
     def image_tower(self) -> Any:

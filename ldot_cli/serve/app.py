@@ -181,7 +181,9 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
         status = 404 if isinstance(exc, QueryError) and "not in the index" in str(exc) else 400
         if isinstance(exc, IndexStoreError):
             status = 503
-        return JSONResponse({"error": " ".join(str(exc).split())}, status_code=status)
+        raw = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        # "error": for people; "raw": with the option markers, so `ldot search` names its own flags
+        return JSONResponse({"error": " ".join(str(exc).split()), "raw": raw}, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: HttpRequest, exc: HTTPException) -> Any:

@@ -109,6 +109,6 @@ def post(server: dict[str, Any], route: str, body: dict[str, Any], timeout: floa
     except ValueError:
         raise ServerUnavailable(f"unreadable answer ({response.status})") from None
     if response.status != 200:
-        raise ServerRefused(response.status, str(data.get("error", response.status)) if isinstance(data, dict)
-                            else str(response.status))
+        message = data.get("raw") or data.get("error") if isinstance(data, dict) else None
+        raise ServerRefused(response.status, str(message or response.status))
     return data

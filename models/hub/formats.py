@@ -284,10 +284,19 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not an ldot model directory (no {CONFIG_FILE})") from None
     except ValueError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); re-import or re-download the model") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not an ldot model config: "
+                              "re-import or re-download the model")
     if meta.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path} is not an ldot model config (format {meta.get('format')!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version {version!r} is not a number: re-import or re-download the "
+                              "model")
+    if not isinstance(meta.get("kind"), str) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} lacks its model kind or config (or they are of the wrong type): re-import or "
+                              "re-download the model")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{directory} was written by a newer ldot (model format {version}, this ldot "
                               f"reads {FORMAT_VERSION}): upgrade ldot, or re-import the original checkpoint")
     return meta

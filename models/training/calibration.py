@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from models.core.errors import LdotError
+from models.core.errors import LdotError, option
 from models.core.fileio import atomic_write_text
 from models.hub.cache import MUTABLE_FILES
 
@@ -113,5 +113,5 @@ def auto_threshold(model_dir: str | Path, model_name: str) -> float:
     if data is None:
         raise CalibrationError(f"model {model_name!r} has no score calibration ({CALIBRATION_FILE} in its model dir): "
                                "it is written when the model is trained or evaluated (`ldot eval ... --model "
-                               f"{model_name}`); meanwhile give a number, e.g. --min-score 5.0")
+                               f"{model_name}`); meanwhile give a number, e.g. {option('min_score')} 5.0")
     return float(data["auto"]["threshold"])
