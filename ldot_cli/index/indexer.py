@@ -418,6 +418,8 @@ class Indexer:
         if orphans:
             with store.transaction() as db:
                 store.delete_vectors(db, [vid for vid, _ in orphans])
+        from ldot_cli.index.thumbs import collect_thumbnails
+
         live = store.content_hash_set()
         if self.keep_regions:
             collect_regions(self.dir / REGIONS_DIR, self.preset, live)

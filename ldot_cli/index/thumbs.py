@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+import time
 from pathlib import Path
 
 from models.core.fileio import atomic_write_bytes
@@ -75,13 +75,21 @@ def oriented_size(source: str | os.PathLike[str]) -> tuple[int, int]:
     return width, height
 
 
-def remove_thumbnails(index_dir: Path, content_hashes: Iterable[str]) -> int:
-    """Delete the cached thumbnails of images that left the index; returns how many were there."""
+def collect_thumbnails(index_dir: Path, live: set[str]) -> int:
+    """Delete the cached thumbnails of contents no longer in the index (``live``: its content hashes); swept
+    on every `ldot index` run, so a run killed half-way leaves nothing behind for long. Returns how many."""
+    root = index_dir / THUMBS_DIR
+    if not root.is_dir():
+        return 0
     removed = 0
-    for digest in content_hashes:
-        try:
-            thumb_path(index_dir, digest).unlink()
+    for path in root.glob("*/*.jpg"):
+        if path.stem not in live:
+            path.unlink(missing_ok=True)
             removed += 1
-        except (FileNotFoundError, ValueError):
+    for tmp in root.glob("*/.*"):  # temp files of an interrupted write
+        try:
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
+        except OSError:
             pass
     return removed
