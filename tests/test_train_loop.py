@@ -21,6 +21,7 @@ from models.training.loop import (
     TrainConfig,
     TrainingError,
     build_optimizer,
+    encode_pairs,
     evaluate,
     export_model,
     finetune_config,
@@ -229,6 +230,17 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
                                        tokenizer=tokenizer)
     text = ["a dog on the beach"]
     assert torch.allclose(loaded.encode_text(text), ref.encode_text(text), atol=1e-6)
+    # the best weights' score calibration on the validation pairs comes along (`--min-score auto`)
+    from models.training.calibration import AUTO_QUANTILE, load_calibration
+
+    calibration = load_calibration(target)
+    text, image = encode_pairs(best, pairs, lookup, ids, torch.device("cpu"), None)
+    scores = text @ image.T
+    match = np.zeros_like(scores, dtype=bool)
+    match[np.arange(len(text)), pairs.caption_image] = True
+    assert calibration["auto"]["threshold"] == pytest.approx(np.quantile(scores[~match], AUTO_QUANTILE), abs=1e-3)
+    assert calibration["pairs"] == {"match": len(text), "non_match": int((~match).sum())}
+    assert f"step {result.best['step']}" in calibration["source"]
     with pytest.raises(TrainingError, match="`force`"):
         export_model(tmp_path / "run", "mine")
     with pytest.raises(TrainingError, match="registry name"):

@@ -41,6 +41,7 @@ from torch import nn
 from models.core.config import config_from_dict
 from models.core.errors import ConfigError, LdotError, option
 from models.core.fileio import (
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     new_dir,
@@ -329,9 +330,13 @@ def _max_text_positions(model: Any) -> int:
 
 
 def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
-             device: torch.device, autocast: torch.dtype | None = None) -> dict[str, Any]:
-    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score)."""
+             device: torch.device, autocast: torch.dtype | None = None,
+             vectors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score).
+    ``vectors``, when given, receives the ``text`` and ``image`` vectors (for the score calibration)."""
     text, image = encode_pairs(model, pairs, features, ids, device, autocast)
+    if vectors is not None:
+        vectors.update(text=text, image=image)
     recalls = recalls_from_vectors(text, image, np.asarray(pairs.caption_image))
     return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
 
@@ -633,7 +638,8 @@ class _Trainer:
     def validate(self) -> dict[str, Any] | None:
         if self.val is None or len(self.val) == 0:
             return None
-        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast)
+        vectors: dict[str, np.ndarray] = {}
+        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast, vectors)
         record = {"step": self.step, "epoch": round(self.epoch, 3), **metrics}
         self._log({"event": "eval", **record})
         if self.best is None or metrics["mean_recall"] > self.best["mean_recall"]:
@@ -644,6 +650,7 @@ class _Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.export_state().items()}, str(tmp))
             replace_file(tmp, self.run_dir / "best.safetensors")
             atomic_write_json(self.run_dir / "best.json", record, indent=2)
+            self._calibrate(vectors, f"validation pairs of training run {self.run_dir.name}, step {self.step}")
         return record
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -664,6 +671,15 @@ class _Trainer:
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= self.step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
+    def _calibrate(self, vectors: dict[str, np.ndarray], source: str) -> None:
+        """The best model's score distributions on the validation pairs (`--min-score auto` reads them)."""
+        from models.training.calibration import CalibrationError, calibrate, save_calibration
+
+        try:
+            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], self.val.caption_image,
+                                                     source))
+        except CalibrationError:
+            pass  # one validation image: no non-matching pairs to learn a level from
 
     @property
     def epoch(self) -> float:
@@ -897,5 +913,10 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     if kind == "bi-encoder" and tasks != ["itm"] and (best is None or best["step"] == step):  # these weights' heads
         heads = {k: v for k, v in full.items() if not k.startswith("bert.")}
         _save_tensors(target / HEADS_FILE, heads)
+    from models.training.calibration import CALIBRATION_FILE
+
+    calibration = run_dir / CALIBRATION_FILE
+    if best is not None and calibration.is_file():  # it describes the best weights, the ones exported
+        atomic_write_bytes(target / CALIBRATION_FILE, calibration.read_bytes())
     record_model(target, name, kind, "train", trained_from=str(run_dir), best=best)
     return target
