@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ldot_cli.data",),
     ("ldot_cli.index", "ldot_cli.index.sources", "ldot_cli.index.shards", "ldot_cli.index.distributed",
      "ldot_cli.eval", "ldot_cli.train"),
+    ("ldot_cli.serve",),
     ("ldot_cli.commands",),
     ("ldot_cli.main", "ldot_cli"),
 )
