@@ -405,3 +405,32 @@ def test_detector_and_training_configs_follow_the_one_policy(tmp_path):
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(LdotError, match="not an"):
         read_config(tmp_path)
+
+
+# -- item 1: damaged weights are refused before use ----------------------------------------------------
+def test_bit_flipped_weights_are_detected_before_use(tiny, monkeypatch):
+    from models.core.home import models_dir
+    from models.hub import cache
+    from models.hub.cache import DamagedModelError
+    from models.hub.load import load_bi_encoder
+
+    hashed = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    load_bi_encoder("tiny")
+    assert hashed == []  # hashed when installed, unchanged since: no re-hash
+    weights = models_dir() / "tiny" / "model.safetensors"
+    os.utime(weights)  # touched, not changed: hashed once, then remembered
+    load_bi_encoder("tiny")
+    load_bi_encoder("tiny")
+    assert hashed == ["model.safetensors"]
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(DamagedModelError, match=r"model.safetensors is damaged.*ldot models verify tiny"):
+        load_bi_encoder("tiny")
+    weights.write_bytes(bytes(raw[:-10]))  # truncated: caught by the size alone
+    hashed.clear()
+    with pytest.raises(DamagedModelError, match="bytes, .* recorded"):
+        load_bi_encoder("tiny")
+    assert hashed == []
