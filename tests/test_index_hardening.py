@@ -175,13 +175,27 @@ def test_damaged_database_header_names_the_file_and_the_rebuild(tmp_path, tiny, 
     assert report.encoded == 2
 
 
-def test_non_numeric_format_version_is_a_clear_error(tmp_path, tiny):
+@pytest.mark.parametrize("key", ["format_version", "dim"])
+def test_non_numeric_meta_values_are_a_clear_error(tmp_path, tiny, key):
+    from ldot_cli.index.search import Searcher
+
     make_photos(tmp_path / "photos", 1)
     run_index(tmp_path / "photos")
     with sqlite3.connect(index_path("default") / "index.sqlite") as db:
-        db.execute("UPDATE meta SET value = 'one' WHERE key = 'format_version'")
-    with pytest.raises(IndexStoreError, match="format_version 'one' is not a number.*--reindex"):
-        IndexStore(index_path("default"))
+        db.execute("UPDATE meta SET value = 'one' WHERE key = ?", (key,))
+    with pytest.raises(IndexStoreError, match=f"{key} 'one' is not a number.*--reindex"):
+        Searcher("default").search("a dog", k=1)
+
+
+def test_non_numeric_vector_file_meta_is_repaired(tmp_path, tiny):
+    from ldot_cli.index.search import Searcher
+
+    make_photos(tmp_path / "photos", 2)
+    run_index(tmp_path / "photos")
+    with sqlite3.connect(index_path("default") / "index.sqlite") as db:
+        db.execute("UPDATE meta SET value = 'one' WHERE key = 'faiss_rows'")
+    with pytest.warns(LdotWarning, match="rebuilt"):
+        assert len(Searcher("default").search("a dog", k=2)) == 2
 
 
 # -- item 17: who holds the lock ----------------------------------------------------------------------
