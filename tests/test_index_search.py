@@ -89,7 +89,7 @@ def test_another_model_is_refused_and_reindex_rebuilds(tmp_path, tiny, vocab_dir
     make_photos(tmp_path / "photos", 3)
     run_index(tmp_path / "photos")
     install_tiny_model("other", vocab_dir, seed=1)
-    with pytest.raises(IndexStoreError, match="--reindex"):
+    with pytest.raises(IndexStoreError, match="`reindex`"):
         run_index(tmp_path / "photos", model="other")
     with pytest.raises(IndexStoreError, match="another model"):
         Searcher("default", model="other")
@@ -188,7 +188,7 @@ def test_rerank_without_regions_is_a_clear_error(tmp_path, tiny, vocab_dir):
     Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0, keep_regions=False).run(
         [tmp_path / "photos"])
     assert not (index_path("default") / ".staging-regions").exists()
-    with pytest.raises(IndexStoreError, match="--no-regions"):
+    with pytest.raises(IndexStoreError, match="`no_regions`"):
         Searcher("default", device="cpu").search("a dog", k=2, rerank_k=3)
 
 

@@ -11,9 +11,10 @@ from typer.core import TyperCommand
 
 from ldot_cli.commands.console import (
     ProgressView,
+    cell,
     err,
-    safe,
     human_bytes,
+    line,
     out,
     progress_bar,
 )
@@ -51,18 +52,16 @@ def index_rm(
                                                                  "index (repeatable); the index stays."),
 ) -> None:
     """Remove an index, or drop folders from it (their vectors and region features go with them)."""
-    from rich.text import Text
-
     from ldot_cli.index.indexer import remove_folder, remove_index
     from ldot_cli.index.store import display_path
 
     if not folder:
         path = remove_index(name)
-        err.print(Text(f"removed index {name!r} ({safe(display_path(os.fsencode(path)))})"))
+        err.print(line(f"removed index {name!r} (", display_path(os.fsencode(path)), ")"))
         return
     for one in folder:
         dropped = remove_folder(name, one)
-        err.print(Text(f"{name}: dropped {dropped} files under {safe(str(one))} from the index"))
+        err.print(line(name, f": dropped {dropped} files under ", one, " from the index"))
 
 
 def index(
@@ -86,7 +85,6 @@ def index(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
-    from rich.text import Text
 
     from ldot_cli.index.indexer import Indexer
     from models.hub.fetch import ensure_model
@@ -104,15 +102,13 @@ def index(
         indexer.progress = ProgressView(bar)
         report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
-    err.print(Text.assemble(
-        (report.name, "bold"),
-        f": {report.found} images found; {report.encoded} encoded, {report.reused} reused (same content), "
-        f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped_total} skipped{new_skips}; "
-        f"{report.images} images in the index ({report.elapsed_s:.1f} s)"))
+    err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
+                   f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
+                   f"{report.skipped_total} skipped{new_skips}; {report.images} images in the index "
+                   f"({report.elapsed_s:.1f} s)"))
     if report.skipped_total:
-        err.print(f"see why with `ldot status --name {name} --errors`" + ("; try them again with --retry-failed"
-                                                                         if report.skipped_before else ""),
-                  markup=False, highlight=False)
+        err.print(line(f"see why with `ldot status --name {name} --errors`"
+                       + ("; try them again with --retry-failed" if report.skipped_before else "")))
 
 
 def status(
@@ -139,25 +135,24 @@ def status(
         for column in ("name", "images", "skipped", "model", "size"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["name"], str(row["indexed"]), str(row["skipped"]), row["model"] or "-",
-                          human_bytes(row["bytes"]))
+            table.add_row(cell(row["name"]), cell(row["indexed"]), cell(row["skipped"]), cell(row["model"]),
+                          cell(human_bytes(row["bytes"])))
         out.print(table)
         return
     info = describe_index(name or "default", with_errors=errors)
     if json_:
         out.print_json(json.dumps(info))
         return
-    from rich.text import Text
 
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
                 "vectors", "search", "bytes", "region_bytes_per_image", "updated"):
         value = info.get(key)
         if key in ("bytes", "region_bytes_per_image") and value is not None:
             value = human_bytes(value)
-        out.print(Text.assemble((f"{key:>22}", "bold"), f"  {safe(str(value)) if value is not None else '-'}"), highlight=False)
+        out.print(line((f"{key:>22}", "bold"), "  ", "-" if value is None else value))
     for i, folder in enumerate(info["folders"]):
         label = "folders" if i == 0 else ""
         counts = f"{folder['indexed']} indexed" + (f", {folder['skipped']} skipped" if folder["skipped"] else "")
-        out.print(Text.assemble((f"{label:>22}", "bold"), f"  {safe(folder['path'])} ({counts})"), highlight=False)
+        out.print(line((f"{label:>22}", "bold"), "  ", folder["path"], f" ({counts})"))
     for path, reason in info.get("errors", []):
-        out.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)
+        out.print(line(("skipped", "yellow"), " ", path, ": ", reason))

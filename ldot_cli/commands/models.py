@@ -3,53 +3,84 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from ldot_cli.commands.console import (
     ProgressView,
+    cell,
     err,
     human_bytes,
+    line,
     out,
     progress_bar,
+    safe,
 )
 
 app = typer.Typer(help="Named checkpoints in the cache: list, download, import, verify, rm.", no_args_is_help=True)
 
 
 @app.command("list")
-def list_models() -> None:
+def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON list of the models instead.")) -> None:
     """Every named checkpoint: kind, source, size, licence, and whether it is present."""
+    import json
+
+    from rich import box
     from rich.table import Table
 
+    rows = _model_rows()
+    if json_:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    # names, kinds and licences never wrap; sizes wrap between words; the source column (long host names) only
+    # when the terminal has room for it
+    with_source = out.size.width >= 100 + max((len(str(r["name"])) - 28 for r in rows), default=0)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "kind", "present", "licence"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("size", min_width=7)
+    if with_source:
+        table.add_column("source", overflow="fold")
+    styles = {"yes": "green", "no": "dim", "partial": "yellow", "damaged": "red"}
+    for row in rows:
+        cells = [cell(row["name"]), cell(row["kind"]), cell(row["present"], styles[str(row["present"])]),
+                 cell(row["licence"] or "-"), cell(row["size"])]
+        table.add_row(*cells, *([cell(row["source"])] if with_source else []))
+    out.print(table)
+    if not with_source:
+        err.print(line(("sources: `ldot models list --json` (or a terminal of 100+ columns)", "dim")))
+    for row in rows:
+        if row["problem"]:
+            err.print(line(row["name"], ": ", row["problem"], ": re-download it (`ldot models download NAME`) or "
+                           "re-import it (`ldot models import FILE --as NAME`)"))
+
+
+def _model_rows() -> list[dict[str, object]]:
+    """One dict per registry entry and per local model: name, kind, present (yes/partial/no), size (text),
+    bytes (when present), licence, source, path (when present)."""
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
-    found = local_models()
-    local = {m.name: m for m in found}
-    table = Table(title=None, show_lines=False)
-    for column in ("name", "kind", "present", "size", "licence", "source"):
-        table.add_column(column, overflow="fold")
+    local = {m.name: m for m in local_models()}
+    rows: list[dict[str, object]] = []
+
+    def present(model: Any) -> str:
+        if model is None:
+            return "no"
+        return "damaged" if model.problem else "yes" if model.complete else "partial"
+
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
-        present = "[green]yes[/]" if model and model.complete else ("partial" if model else "[dim]no[/]")
-        if model and model.problem:
-            present = "[red]damaged[/]"
-        size = human_bytes(model.size) if model else entry.approx_size
-        source = _source(entry)
-        table.add_row(entry.name, entry.kind, present, size, entry.licence, source)
+        rows.append({"name": entry.name, "kind": entry.kind, "present": present(model),
+                     "size": human_bytes(model.size) if model else entry.approx_size,
+                     "bytes": model.size if model else None, "licence": entry.licence, "source": _source(entry),
+                     "path": str(model.path) if model else None, "problem": model.problem if model else None})
     for model in local.values():
-        present = "[red]damaged[/]" if model.problem else "[green]yes[/]"
-        table.add_row(model.name, model.kind, present, human_bytes(model.size), "-", f"local ({model.origin})")
-    out.print(table)
-    for model in found:
-        if model.problem:
-            from rich.text import Text
-
-            from ldot_cli.commands.console import safe
-
-            err.print(Text(f"{safe(model.name)}: {safe(model.problem)}: re-download it (`ldot models download NAME`) or re-import "
-                           f"it (`ldot models import FILE --as NAME`)"))
+        rows.append({"name": model.name, "kind": model.kind, "present": present(model),
+                     "size": human_bytes(model.size), "bytes": model.size, "licence": None,
+                     "source": f"local ({model.origin})", "path": str(model.path), "problem": model.problem})
+    return rows
 
 
 def _source(entry: object) -> str:
@@ -73,7 +104,7 @@ def download(
 
     with progress_bar("bytes") as progress:
         path = download_entry(name, progress=ProgressView(progress), keep_source=keep_source)
-    err.print(f"[green]ok[/] {name} -> {path}")
+    err.print(line(("ok", "green"), " ", name, " -> ", path))
 
 
 @app.command("import")
@@ -86,7 +117,8 @@ def import_(
     from models.hub.convert import import_model
 
     model = import_model(file, name, force=force)
-    err.print(f"[green]ok[/] imported {file} as {model.name} ({model.kind}, {human_bytes(model.size)}) -> {model.path}")
+    err.print(line(("ok", "green"), " imported ", file, " as ", model.name, f" ({model.kind}, {human_bytes(model.size)}) -> ",
+                   model.path))
 
 
 @app.command()
@@ -99,13 +131,13 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
     for name, problems in results.items():
         if problems:
             bad += 1
-            out.print(f"[red]FAILED[/] {name}: " + "; ".join(problems), highlight=False)
+            out.print(line(("FAILED", "red"), " ", name, ": ", "; ".join(problems)))
         else:
-            out.print(f"[green]ok[/] {name}", highlight=False)
+            out.print(line(("ok", "green"), " ", name))
     if not results:
         err.print("no models in the cache")
     if bad:
-        err.print(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)")
+        err.print(line(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)"))
         raise typer.Exit(1)
 
 
@@ -118,6 +150,6 @@ def rm(
     from models.hub.cache import remove_model
 
     if not yes:
-        typer.confirm(f"delete model {name!r} from the cache?", abort=True, err=True)
+        typer.confirm(safe(f"delete model {name!r} from the cache?"), abort=True, err=True)
     path = remove_model(name)
-    err.print(f"removed {path}")
+    err.print(line("removed ", path))

@@ -27,7 +27,7 @@ from feature_extraction.uniter_db import (
 )
 from ldot_cli.data import benchmarks
 from ldot_cli.data.uniter_text_db import read_uniter_text_db
-from models.core.errors import LdotError
+from models.core.errors import LdotError, option
 
 
 class TrainDataError(LdotError):
@@ -137,7 +137,7 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
     from models.training.data import TrainData
 
     if spec.data is not None and not spec.data.is_dir():
-        raise TrainDataError(f"--data {spec.data} is not a folder")
+        raise TrainDataError(f"{option('data')} {spec.data} is not a folder")
     train_dbs = list(spec.txt_dbs)
     val_db = spec.val_txt_db
     karpathy = spec.karpathy
@@ -163,7 +163,8 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
         described = str(karpathy)
     else:
         raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
-                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under --data, or pass "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
+                             "or pass "
                              "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)

@@ -32,13 +32,13 @@ from ldot_cli.data.benchmarks import DataPaths, RetrievalSet, locate
 from ldot_cli.data.errors import DatasetError
 from ldot_cli.data.features import ensure_features
 from models.core import ann
-from models.core.errors import LdotError, ModelError
+from models.core.errors import LdotError, ModelError, option
 from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
 from models.nn.regions import stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
 
-# Official README (R@1/5/10 in %), lightningdot.md §8: (dataset, checkpoint) -> row.
+# The official LightningDOT README's table (R@1/5/10 in %): (dataset, checkpoint) -> row.
 PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
     ("flickr30k", "lightningdot"): {"setting": "Flickr30k zero-shot (pre-trained), official README",
                                     "text_to_image": (53.32, 80.58, 88.04), "image_to_text": (68.2, 89.1, 94.0)},
@@ -356,7 +356,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
     if rerank_ks and reranker is None:
         raise ModelError("re-ranking needs a cross-encoder (reranker=)")
     if any(m < 1 for m in rerank_ks):
-        raise LdotError(f"--rerank-k must be positive (got {', '.join(map(str, rerank_ks))})")
+        raise LdotError(f"{option('rerank_k')} must be positive (got {', '.join(map(str, rerank_ks))})")
     if rset.image_db is None:
         raise DatasetError("the benchmark's image features are not extracted yet (call ensure_features first)")
     ms = sorted(set(rerank_ks))

@@ -34,7 +34,7 @@ from ldot_cli.index.store import (
     index_path,
     writer_lock,
 )
-from models.core.errors import LdotError, LdotWarning
+from models.core.errors import LdotError, LdotWarning, option
 from models.core.fileio import sha256_file
 from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
@@ -197,12 +197,13 @@ class Indexer:
         recorded = store.get_meta("model")
         want = fingerprint(model)
         if recorded is not None and store.get_meta("model_fingerprint") != want:
-            raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another model: "
-                              f"add --reindex to rebuild it with {model!r} (or use another --name)")
+            raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another "
+                                  f"model: add {option('reindex')} to rebuild it with {model!r} (or use another "
+                                  f"{option('name')})")
         detector = store.get_meta("detector")
         if detector is not None and (detector, store.get_meta("preset")) != (self.detector_name, self.preset):
             raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
-                              f"{store.get_meta('preset')!r}: add --reindex to change them")
+                              f"{store.get_meta('preset')!r}: add {option('reindex')} to change them")
         store.set_meta({"model": model, "model_fingerprint": want, "detector": self.detector_name,
                         "preset": self.preset, "regions": "kept" if self.keep_regions else "none"})
         if self.ann:
@@ -438,7 +439,11 @@ def _under(path: str, root: str) -> bool:
 
 def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
     """Delete the region records of ``regions_dir`` whose key is not in ``live``; returns how many."""
-    from feature_extraction.uniter_db import UniterImageDB, UniterImageDBWriter, resolve_cut
+    from feature_extraction.uniter_db import (
+        UniterImageDB,
+        UniterImageDBWriter,
+        resolve_cut,
+    )
 
     if not (regions_dir / resolve_cut(preset).db_name() / "data.mdb").is_file():
         return 0  # no region records yet

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index.store import IndexStore, IndexStoreError, display_path, index_path
-from models.core.errors import LdotError, LdotWarning
+from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
 
@@ -61,7 +61,7 @@ def check_model(store: IndexStore, model: str | None) -> str:
     got = fingerprint(model)
     if got != want:
         raise IndexStoreError(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
-                          f"{model!r} is another model ({got}): search without --model, or rebuild the index "
+                          f"{model!r} is another model ({got}): search without {option('model')}, or rebuild the index "
                           f"with `ldot index FOLDER --name {store.name} --model {model} --reindex`")
     return model
 
@@ -210,8 +210,9 @@ class Searcher:
 
         regions_dir = self.store.dir / REGIONS_DIR
         if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
-            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with --no-regions): "
-                              f"re-index without it to use --rerank")
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}): "
+                              f"re-index without it to use {option('rerank')}")
         model = self.reranker(reranker)
         start = time.perf_counter()
         hashes = self.store.content_hashes([h.vector_id for h in hits])

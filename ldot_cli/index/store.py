@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from models.core.errors import LdotError, LdotWarning, as_storage_error
+from models.core.errors import LdotError, LdotWarning, as_storage_error, option
 from models.core.fileio import atomic_write_json, replace_file, sha256_file
 from models.core.home import indexes_dir
 
@@ -263,7 +263,7 @@ class IndexStore:
             self._number("format_version", version)  # raises: a damaged index, named
         if int(version) > FORMAT_VERSION:
             raise IndexStoreError(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
-                              f"{FORMAT_VERSION}): upgrade ldot, or rebuild with `--reindex`")
+                              f"{FORMAT_VERSION}): upgrade ldot, or rebuild it ({option('reindex')})")
 
     def _number(self, key: str, value: str) -> int:
         """A numeric meta value; a damaged one is named with the way to rebuild."""

@@ -22,7 +22,7 @@ APPROX = "ivf"
 REFINE_FACTOR = 4
 
 
-BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster here (environment.md) ...
+BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster (measured on a 2-core machine) ...
 BLAS_THRESHOLD_SINGLE = 128_000  # ... but doubled the latency of one query (43 vs 20 ms at 100k, measured)
 
 

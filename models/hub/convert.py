@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from models.core.errors import CheckpointError, ModelError
+from models.core.errors import CheckpointError, ModelError, option
 from models.core.fileio import new_dir, sha256_file
 from models.core.home import models_dir
 from models.hub.cache import MANIFEST, LocalModel, check_name, dir_size, record_model
@@ -86,7 +86,8 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
         raise ModelError(f"{src} does not exist")
     target = models_dir() / name
     if target.exists() and not force:
-        raise ModelError(f"a model named {name!r} already exists: pass --force to replace it, or choose another --as")
+        raise ModelError(f"a model named {name!r} already exists: pass {option('force')} to replace it, or choose "
+                         f"another {option('name')}")
     entry = find_entry(name)
     if src.is_dir():
         kind = _dir_kind(src)
@@ -106,7 +107,7 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
     if entry is not None and entry.kind != kind:
         shutil.rmtree(target, ignore_errors=True)
         raise ModelError(f"{src} holds a {kind} model but {name!r} is the registry's {entry.kind}: "
-                         "choose another --as name")
+                         f"choose another {option('name')}")
     record_model(target, name, kind, "import", imported_from=str(src.absolute()))
     return LocalModel(name, target, kind, True, "import", dir_size(target))
 

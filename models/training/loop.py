@@ -38,8 +38,13 @@ import torch
 from torch import nn
 
 from models.core.config import config_from_dict
-from models.core.errors import ConfigError, LdotError
-from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.errors import ConfigError, LdotError, option
+from models.core.fileio import (
+    atomic_write_json,
+    new_dir,
+    read_json_object,
+    replace_file,
+)
 from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
@@ -479,7 +484,8 @@ class _Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             value = float(loss.detach())
             if not math.isfinite(value) and self.scaler is None:
-                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower --lr, or use "
+                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower {option('lr')}, "
+                                    "or use "
                                     "--precision fp32")
             total_loss += value / cfg.grad_accum
             self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
@@ -600,7 +606,7 @@ class _Trainer:
                 self._restore(snapshot)
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
-                                          f"{self.run_dir}: continue it with --resume") from None
+                                          f"{self.run_dir}: continue it with {option('resume')}") from None
             _report(self.progress, "step", self.step, self.total, self.epoch, loss=loss, task_losses=dict(self.running),
                     lr=lr)
             if self.step % self.eval_every == 0 or self.step == self.total:
@@ -631,11 +637,13 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
     ckpt = checkpoint_dir(run_dir)
     if resume:
         if ckpt is None:
-            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without --resume)")
+            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without "
+                                f"{option('resume')})")
         model, tokenizer = _rebuild(run_dir)
     else:
         if ckpt is not None or (run_dir / "run.json").exists():
-            raise TrainingError(f"a run already exists in {run_dir}: pass --resume to continue it, or --force to "
+            raise TrainingError(f"a run already exists in {run_dir}: pass {option('resume')} to continue it, or "
+                                f"{option('force')} to "
                                 "start it over")
         if model is None or tokenizer is None:
             raise TrainingError("a new run needs a model and a tokenizer")
@@ -664,14 +672,10 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"{run_dir} is not a training run (no run.json)") from None
-    except ValueError as exc:
-        raise TrainingError(f"{path} is not valid JSON ({exc})") from None
-    if info.get("format") != RUN_FORMAT or info.get("format_version", 99) > RUN_VERSION:
-        raise TrainingError(f"{path} was written by another ldot (run format {info.get('format_version')})")
+    info = read_json_object(path, TrainingError, f"{run_dir} is not a training run (no run.json)")
+    version = info.get("format_version")
+    if info.get("format") != RUN_FORMAT or not isinstance(version, int) or version > RUN_VERSION:
+        raise TrainingError(f"{path} was written by another ldot (run format {version!r})")
     return info
 
 
@@ -702,11 +706,12 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     run_dir = Path(run_dir)
     check_name(name)
     if find_entry(name) is not None:
-        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another --out")
+        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another {option('out')}")
     target = models_dir() / name
     if target.exists() and not force:
-        raise TrainingError(f"a model named {name!r} already exists: pass --force to replace it, or choose another "
-                            "--out")
+        raise TrainingError(f"a model named {name!r} already exists: pass {option('force')} to replace it, or choose "
+                            "another "
+                            f"{option('out')}")
     info = read_run(run_dir)
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:
