@@ -20,7 +20,14 @@ from ldot_testing import install_tiny_model, make_photos
 from ldot_cli.index import indexer as indexer_mod
 from ldot_cli.index.indexer import Indexer, remove_folder, remove_index
 from ldot_cli.index.status import describe_index
-from ldot_cli.index.store import LOCK_INFO_FILE, REGIONS_DIR, IndexStoreError, IndexStore, index_path, writer_lock
+from ldot_cli.index.store import (
+    LOCK_INFO_FILE,
+    REGIONS_DIR,
+    IndexStore,
+    IndexStoreError,
+    index_path,
+    writer_lock,
+)
 from models.core.errors import LdotError, LdotWarning
 
 
@@ -377,14 +384,13 @@ def test_a_bad_manifest_is_listed_as_damaged_and_the_others_still_list(tiny, man
     assert "damaged" in result.output and "tiny" in result.output
 
 
-@pytest.mark.parametrize("config", ["[]", '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder"}',
+HEAD = '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder"'
+
+
+@pytest.mark.parametrize("config", ["[]", HEAD + "}",
                                     '{"format": "ldot-model", "format_version": "1", "kind": "bi-encoder", "config": {}}',
-                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
-                                    '"config": {"text": [1]}}',
-                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
-                                    '"config": {"img_dim": "big"}}',
-                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
-                                    '"config": {"hidden": 3}}'])
+                                    HEAD + ', "config": {"text": [1]}}', HEAD + ', "config": {"img_dim": "big"}}',
+                                    HEAD + ', "config": {"hidden": 3}}'])
 def test_a_model_config_of_the_wrong_shape_is_a_clear_error(tiny, config):
     from models.core.errors import LdotError
     from models.core.home import models_dir

@@ -322,10 +322,9 @@ def open_detector(name: str, device: str = "auto", half: bool = False) -> Any:
     import torch
 
     from feature_extraction.detector.weights import load_detector
+    from models.hub.cache import check_model_files
     from models.hub.formats import pick_device
     from models.hub.load import resolve_source
-
-    from models.hub.cache import check_model_files
 
     dev = pick_device(device)
     if half and dev.type != "cuda":

@@ -8,7 +8,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.core.errors import CheckpointError, LdotError, ModelError, ModelNotFoundError
+from models.core.errors import (
+    CheckpointError,
+    LdotError,
+    ModelError,
+    ModelNotFoundError,
+)
 from models.core.fileio import atomic_write_text, sha256_file
 from models.core.home import models_dir
 from models.hub.catalogue import MANIFEST, RERANKERS, find_entry
