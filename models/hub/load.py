@@ -84,7 +84,7 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
 def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
                      device: str | torch.device, dtype: torch.dtype | None) -> DecomposedEncoder:
     """A decomposed (VLDeformer) encoder from its model dir: one body for texts and images."""
-    config = DecomposedConfig.from_dict(meta["config"])
+    config = DecomposedConfig.from_dict(meta["config"], str(path / "config.json"))
     model = build_on_meta(DecomposedEncoder, config)
     load_strict(model, cast_state(state, dtype), assign=True)
     model = model.to(pick_device(device)).eval()
