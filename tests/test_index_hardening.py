@@ -454,3 +454,24 @@ def test_bit_flipped_weights_are_detected_before_use(tiny, monkeypatch):
     with pytest.raises(DamagedModelError, match="bytes, .* recorded"):
         load_bi_encoder("tiny")
     assert hashed == []
+
+
+def test_a_full_disk_in_the_region_store_is_a_storage_error_not_damage(tmp_path, monkeypatch):
+    import lmdb
+    import numpy as np
+
+    from feature_extraction import uniter_db
+    from models.core.errors import StorageError
+
+    record = {"features": np.ones((10, 8), np.float16), "norm_bb": np.ones((10, 6), np.float16),
+              "conf": np.ones((10, 1), np.float16)}
+    with uniter_db.UniterImageDBWriter(tmp_path, "uniter") as writer:
+        writer.put("a", record)
+
+        def full() -> None:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+        monkeypatch.setattr(writer, "_write_staged", full)
+        with pytest.raises(StorageError, match="run the same command again"):
+            writer.commit()
+        monkeypatch.undo()
