@@ -99,9 +99,13 @@ class _ErrorBoundary(TyperGroup):
             fail("interrupted", 130)
         except Exception as exc:
             from models.core.errors import as_storage_error
+            from models.core.home import as_home_error
 
             if debug:
                 raise
+            home = as_home_error(exc)  # LDOT_HOME a file, read-only or not creatable: say so, name it
+            if home is not None:
+                fail(str(home), home.exit_code)
             storage = as_storage_error(exc)  # a full or failing disk is the user's to fix, not a bug
             if storage is not None:
                 fail(str(storage), storage.exit_code)

@@ -41,10 +41,12 @@ def index(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
+    from feature_extraction.uniter_db import resolve_cut
     from ldot_cli.index.indexer import Indexer
     from models.hub.catalogue import DEFAULT_BI_ENCODER
     from models.hub.fetch import ensure_model
 
+    resolve_cut(preset)  # check what is cheap to check before any download
     with progress_bar("bytes", transient=True) as bar:
         for needed in (detector, model or DEFAULT_BI_ENCODER):
             ensure_model(needed, download_progress(bar))

@@ -41,6 +41,8 @@ def search(
     if query is None and image is None and not sys.stdin.isatty():
         raise LdotError("no query: give one, e.g. `ldot search \"a dog on a beach\"` (or run it in a terminal "
                         "for a prompt)")
+    if rerank and rerank_k < 1:
+        raise LdotError(f"--rerank-k must be at least 1 (got {rerank_k}): it is how many top results are re-scored")
     searcher = Searcher(name, model=model, device=device)
     mode = "json" if json_ else "paths" if paths else "null" if null else "table"
     m = rerank_k if rerank else None

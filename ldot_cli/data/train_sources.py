@@ -138,13 +138,21 @@ def _first_images(pairs: Any, n: int | None) -> Any:
     return PairSet([pairs.token_ids[i] for i in keep], [pairs.caption_image[i] for i in keep], pairs.image_keys[:n])
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
-    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
-    from models.training.data import TrainData
+def check_training_data(spec: DataSpec) -> None:
+    """The file-level checks of :func:`open_training_data` (folders, caption source, image DBs), without reading
+    any caption: run before anything is loaded or downloaded, so that a wrong --data fails at once."""
+    datasets, _ = _readers()
+    _locate_captions(spec, datasets)
+    _image_dbs(spec)
 
-    datasets, uniter_db = _readers()
+
+def _locate_captions(spec: DataSpec, datasets: Any) -> tuple[list[Path], Path | None, Path | None]:
+    """(training text DBs, validation text DB, Karpathy file): where the captions come from, or a one-line error."""
     if spec.data is not None and not spec.data.is_dir():
         raise TrainDataError(f"--data {spec.data} is not a folder")
+    missing = [p for p in (*spec.txt_dbs, spec.val_txt_db, spec.karpathy) if p is not None and not p.exists()]
+    if missing:
+        raise TrainDataError(f"{missing[0]} does not exist")
     train_dbs = list(spec.txt_dbs)
     val_db = spec.val_txt_db
     karpathy = spec.karpathy
@@ -154,6 +162,22 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
             train_dbs = [found]
         else:
             karpathy = datasets.find_karpathy(spec.data, spec.dataset)
+    if not train_dbs and karpathy is None:
+        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under --data, or pass "
+                             "--txt-db / --karpathy")
+    if not train_dbs and spec.dataset not in ("flickr30k", "coco"):
+        raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
+                             "follow the dataset's naming)")
+    return train_dbs, val_db, karpathy
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
+    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
+    from models.training.data import TrainData
+
+    datasets, uniter_db = _readers()
+    train_dbs, val_db, karpathy = _locate_captions(spec, datasets)
     if train_dbs:
         train = _pairs_from_text_dbs(train_dbs, datasets)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
@@ -161,17 +185,10 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
         val = _pairs_from_text_dbs([val_db], datasets) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
     elif karpathy is not None:
-        if spec.dataset not in ("flickr30k", "coco"):
-            raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
-                                 "follow the dataset's naming)")
         splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
         train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer, datasets)
         val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer, datasets)
         described = str(karpathy)
-    else:
-        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
-                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under --data, or pass "
-                             "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)
     img_dirs = _image_dbs(spec)

@@ -70,8 +70,11 @@ class Indexer:
                  preset: str = DEFAULT_PRESET, keep_regions: bool = True, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
                  ann: str | None = None) -> None:
+        from feature_extraction.uniter_db import resolve_cut
+
         self.name = name
         self.dir = index_path(name)
+        resolve_cut(preset)  # an unknown preset fails here, before any folder or download
         self.model_arg, self.preset = model, preset
         # a registry name or path, or a ready detector object (anything with the pipeline's extract())
         self.detector_name = detector if isinstance(detector, str) else getattr(detector, "name", type(detector).__name__)

@@ -102,7 +102,7 @@ def display_path(path: bytes) -> str:
 def index_path(name: str) -> Path:
     from models.hub.cache import check_name
 
-    return indexes_dir() / check_name(name)
+    return indexes_dir() / check_name(name, "index")
 
 
 class IndexStore:
