@@ -56,7 +56,9 @@ class _ErrorBoundary(TyperGroup):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _clean_help(self)
+        from ldot_cli.commands.console import clean_help
+
+        clean_help(self)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -77,15 +79,18 @@ class _ErrorBoundary(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def get_params(self, ctx: click.Context) -> list[Any]:
+        from ldot_cli.commands.console import clean_param
+
         params = super().get_params(ctx)
         for param in params:  # typer adds --install-completion / --show-completion after __init__
-            _clean_param(param)
+            clean_param(param)
         return params
 
     def invoke(self, ctx: click.Context) -> Any:
         from models.core.errors import LdotError
 
         debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # invoking consumes them
         try:
             with _library_warnings_as_lines():
                 return super().invoke(ctx)
@@ -94,7 +99,9 @@ class _ErrorBoundary(TyperGroup):
         except LdotError as exc:
             if debug:
                 raise
-            fail(str(exc), exc.exit_code)
+            from ldot_cli.commands.console import cli_message
+
+            fail(cli_message(exc, _option_flags(self, ctx, args)), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:
@@ -111,6 +118,26 @@ class _ErrorBoundary(TyperGroup):
                 fail(str(storage), storage.exit_code)
             fail(f"unexpected {type(exc).__name__}: {exc} (run with LDOT_DEBUG=1 for the traceback, "
                  "and please report it)", 1)
+
+
+def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
+    """Python parameter name -> flag of the command being run: how the library's `option(...)` references in
+    error messages are shown here (``name`` is ``--as`` for `ldot models import`, ``--name`` elsewhere)."""
+    command: Any = group
+    try:  # typer vendors click: its groups are not click.Group instances, so ask for the method
+        while hasattr(command, "resolve_command") and args:
+            _, sub, args = command.resolve_command(ctx, args)
+            if sub is None:
+                break
+            command = sub
+    except Exception:  # an unknown command: no flags to name
+        pass
+    flags = {}
+    for param in command.params:
+        long = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        if param.name and long:
+            flags[param.name] = long[0]
+    return flags
 
 
 @contextlib.contextmanager
@@ -150,59 +177,6 @@ def _usage_line(exc: Any) -> str:
     return message
 
 
-def _type_word(param: Any) -> str:
-    """A click-style metavar for an option's value: TEXT, INTEGER, FLOAT, PATH or the choices (a|b)."""
-    desc = getattr(param, "type_descriptor", None)
-    if desc is None:  # pragma: no cover - typer before 0.2x: click types
-        choices = getattr(param.type, "choices", None)
-        return "|".join(map(str, choices)) if choices else str(getattr(param.type, "name", "text")).upper()
-    if getattr(desc, "is_choice", False) and desc.choices:
-        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
-    if getattr(desc, "is_path", False):
-        return "PATH"
-    annotation = desc.annotation
-    if getattr(desc, "is_list", False):
-        from typing import get_args
-
-        annotation = (get_args(annotation) or (str,))[0]
-    from pathlib import PurePath
-
-    if isinstance(annotation, type) and issubclass(annotation, PurePath):
-        return "PATH"
-    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
-
-
-def _clean_help(command: Any) -> None:
-    """Help shows click-style metavars (PATHS..., TEXT, INTEGER; nothing after a flag) instead of Python types
-    (``<list[Path]>``, ``<bool>``, ``{paths}...``), for every command and sub-command."""
-    for param in getattr(command, "params", []):
-        _clean_param(param)
-    plain_help_option = command.get_help_option
-
-    def help_option(ctx: Any) -> Any:
-        option = plain_help_option(ctx)
-        if option is not None:
-            _clean_param(option)
-        return option
-
-    command.get_help_option = help_option
-    for sub in getattr(command, "commands", {}).values():
-        _clean_help(sub)
-
-
-def _clean_param(param: Any) -> None:
-    if param.param_type_name == "argument":
-        name = (param.name or "arg").upper() + ("..." if param.nargs != 1 else "")
-        param.metavar = name
-        param.display_type_rich = lambda ctx: None
-        param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
-        param._rich_display_name = lambda name=name: name
-    elif getattr(param, "is_flag", False) or getattr(param, "count", False):
-        param.display_type_rich = lambda ctx: None
-    elif param.metavar is None:
-        param.metavar = _type_word(param)
-
-
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
     from ldot_cli.commands.console import err, line
@@ -230,7 +204,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and "
+                                                                                            "exit."),
 ) -> None:
     """ldot: LightningDOT retrieval from the command line. Files live in $LDOT_HOME (default: the user cache dir)."""
 

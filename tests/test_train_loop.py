@@ -138,7 +138,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     train(tmp_path / "a", data, config, full, tokenizer, device="cpu")
     first = train(tmp_path / "b", data, config, _model(), tokenizer, device="cpu", stop_at_step=3)
     assert not first.finished and first.step == 3
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(TrainingError, match="`resume`"):
         train(tmp_path / "b", data, config, _model(), tokenizer, device="cpu")
     with pytest.raises(TrainingError, match="lr 0.001 -> 0.002"):
         train(tmp_path / "b", data, replace(config, lr=2e-3), resume=True, device="cpu")
@@ -181,7 +181,7 @@ def test_pretraining_heads_learn_and_the_model_installs_with_them(tmp_path, toke
     model = _model()
     before = _head_losses(model, pairs, lookup, tokenizer)
     train(tmp_path / "run", TrainData(pairs, lookup), config, model, tokenizer, device="cpu",
-          progress=lambda p: seen.append((p.event, dict(p.task_losses))))
+          progress=lambda p: seen.append((p.event, dict(p.info.get("task_losses", {})))))
     after = _head_losses(model, pairs, lookup, tokenizer)
     assert all(after[t] < before[t] for t in before), (before, after)
     events = [e for e, _ in seen]
@@ -221,7 +221,7 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
                                        tokenizer=tokenizer)
     text = ["a dog on the beach"]
     assert torch.allclose(loaded.encode_text(text), ref.encode_text(text), atol=1e-6)
-    with pytest.raises(TrainingError, match="--force"):
+    with pytest.raises(TrainingError, match="`force`"):
         export_model(tmp_path / "run", "mine")
     with pytest.raises(TrainingError, match="registry name"):
         export_model(tmp_path / "run", "lightningdot")
@@ -260,7 +260,7 @@ def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(tmp_path, token
         return itm(batch)
 
     interrupted.itm = ctrl_c_on_the_third_itm_batch
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [0-3] of 4.*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [0-3] of 4.*`resume`"):
         train(tmp_path / "b", TrainData(pairs, lookup), config, interrupted, tokenizer, device="cpu")
     train(tmp_path / "b", TrainData(pairs, lookup), config, resume=True, device="cpu")
     from safetensors.torch import load_file
@@ -277,7 +277,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tokenizer):
     config = _config(tasks=(("itm", 1.0), ("mrfr", 1.0)), steps=2, precision="bf16")
     train(tmp_path / "run", TrainData(pairs, lookup, val=pairs), config, model, tokenizer, device="cpu",
           progress=seen.append)
-    assert all(np.isfinite(p.loss) for p in seen if p.event == "step")
+    assert all(np.isfinite(p.info["loss"]) for p in seen if p.event == "step")
     assert model.bert.txt_model.encode_proj[0].weight.dtype == torch.float32  # weights stay fp32 (autocast)
 
 

@@ -12,7 +12,10 @@ below are reconstructed from the reference code defaults and the published BUTD 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from models.core.config import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,9 @@ class DetectorConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DetectorConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ValueError(f"unknown detector config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    def from_dict(cls, data: Any, what: str = "") -> "DetectorConfig":
+        """Inverse of :meth:`to_dict`; unknown keys and wrong shapes are a `ConfigError` (the one config policy)."""
+        return config_from_dict(cls, data, what)
 
 
 def butd_r101_config() -> DetectorConfig:

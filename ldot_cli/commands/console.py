@@ -18,6 +18,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from models.core.progress import Progress
+
 out = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)  # results
 err = Console(stderr=True, markup=False, highlight=False, emoji=False)  # diagnostics, progress, errors
 
@@ -64,6 +66,70 @@ def cell(value: object, style: str = "") -> Text:
     return Text(safe("-" if value is None else value), style=style)
 
 
+def cli_message(exc: BaseException, flags: dict[str, str] | None = None) -> str:
+    """An error's one-line message as the command line says it: settings the library names by their Python
+    name (`models.core.errors.option`) shown as flags (``flags`` maps names to the running command's own)."""
+    flags = flags or {}
+    for_cli = getattr(exc, "for_cli", None)
+    if for_cli is None:
+        return " ".join(str(exc).split())
+    return " ".join(for_cli(lambda name: flags.get(name, "--" + name.replace("_", "-"))).split())
+
+
+# -- help ------------------------------------------------------------------------------------------------
+def _type_word(param: Any) -> str:
+    """A click-style metavar for an option's value: TEXT, INTEGER, FLOAT, PATH or the choices (a|b)."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None:  # pragma: no cover - typer before 0.2x: click types
+        choices = getattr(param.type, "choices", None)
+        return "|".join(map(str, choices)) if choices else str(getattr(param.type, "name", "text")).upper()
+    if getattr(desc, "is_choice", False) and desc.choices:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+    if getattr(desc, "is_path", False):
+        return "PATH"
+    annotation = desc.annotation
+    if getattr(desc, "is_list", False):
+        from typing import get_args
+
+        annotation = (get_args(annotation) or (str,))[0]
+    from pathlib import PurePath
+
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "PATH"
+    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
+
+
+def clean_help(command: Any) -> None:
+    """Help shows click-style metavars (PATHS..., TEXT, INTEGER; nothing after a flag) instead of Python types
+    (``<list[Path]>``, ``<bool>``, ``{paths}...``), for every command and sub-command."""
+    for param in getattr(command, "params", []):
+        clean_param(param)
+    plain_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = plain_help_option(ctx)
+        if option is not None:
+            clean_param(option)
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        clean_help(sub)
+
+
+def clean_param(param: Any) -> None:
+    if param.param_type_name == "argument":
+        name = (param.name or "arg").upper() + ("..." if param.nargs != 1 else "")
+        param.metavar = name
+        param.display_type_rich = lambda ctx: None
+        param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
+        param._rich_display_name = lambda name=name: name
+    elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+        param.display_type_rich = lambda ctx: None
+    elif param.metavar is None:
+        param.metavar = _type_word(param)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "?"
@@ -97,74 +163,50 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
         columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), TimeRemainingColumn()]
     else:
-        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                   TaskProgressColumn(), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
         yield progress
 
 
-def download_progress(progress: Any) -> Any:
-    """An adapter from `models.hub.fetch`'s callback to one rich task per file."""
-    tasks: dict[str, Any] = {}
-
-    def callback(done: int, total: int | None, label: str) -> None:
-        if label not in tasks:
-            tasks[label] = progress.add_task(safe(label), total=total)
-        progress.update(tasks[label], completed=done, total=total)
-
-    return callback
-
-
-class StageProgress:
-    """An adapter from a library ``progress(stage, done, total)`` callback to one rich task per stage,
-    each with its count, rate and ETA."""
-
-    def __init__(self, progress: Any, unit: str = "") -> None:
-        import time
-
-        self._time = time.monotonic
-        self.progress, self.unit = progress, unit
-        self.tasks: dict[str, Any] = {}
-        self.starts: dict[str, float] = {}
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(safe(stage), total=total, rate="")
-            self.starts[stage] = self._time()
-        elapsed = self._time() - self.starts[stage]
-        # a stage's clock starts at its first update; no rate until it has run a moment
-        rate = f"{done / elapsed:.2f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0.5 else ""
-        self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
-
-
-class TrainView:
-    """Renders `models.training.loop.Progress`: one bar of optimizer steps with steps/s, loss and ETA; a line per
-    validation and a dim line per checkpoint."""
+class ProgressView:
+    """Draws `models.core.progress` reports: one rich task per stage with its count (or bytes), rate and ETA;
+    training's validation and checkpoint events as lines above the bars."""
 
     def __init__(self, progress: Any) -> None:
         import time
 
         self._time = time.monotonic
         self.progress = progress
-        self.task: Any = None
-        self.started = 0.0
-        self.first_step = 0
+        self.tasks: dict[str, Any] = {}
+        self.starts: dict[str, tuple[float, int]] = {}  # stage -> (clock, done) at its first report
 
-    def __call__(self, p: Any) -> None:
-        if p.event == "start":
-            self.task = self.progress.add_task("train", total=p.total, completed=p.step, rate="")
-            self.started, self.first_step = self._time(), p.step
-        elif p.event == "step":
-            elapsed = max(self._time() - self.started, 1e-9)
-            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.task_losses.items()))
-            self.progress.update(self.task, completed=p.step, description=safe(f"epoch {p.epoch:.2f} {losses}"),
-                                 rate=f"{(p.step - self.first_step) / elapsed:.2f} steps/s lr {p.lr:.2e}")
-        elif p.event == "eval":
-            m = p.metrics
-            t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
-            i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
-            self.progress.console.print(line(f"step {p.step}: mean recall {m['mean_recall']:.2f} "
-                                             f"(text->image R@1/5/10 {t2i}; image->text {i2t})"))
-        elif p.event == "checkpoint":
-            self.progress.console.print(line((f"step {p.step}: checkpoint saved", "dim")))
+    def __call__(self, p: Progress) -> None:
+        if p.event == "eval":
+            self._eval_line(p)
+            return
+        if p.event == "checkpoint":
+            self.progress.console.print(Text(f"step {p.done}: checkpoint saved", style="dim"))
+            return
+        if p.stage not in self.tasks:
+            self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
+            self.starts[p.stage] = (self._time(), p.done)
+        started, first = self.starts[p.stage]
+        elapsed = self._time() - started
+        # a stage's clock starts at its first report; no rate until it has run a moment
+        rate = f"{(p.done - first) / elapsed:.2f} {p.unit}/s" if p.done > first and elapsed > 0.5 else ""
+        description = safe(p.stage)
+        if "task_losses" in p.info:  # training: where it is and how the losses go
+            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.info["task_losses"].items()))
+            description = safe(f"epoch {p.info.get('epoch', 0.0):.2f} {losses}")
+        if "lr" in p.info and rate:
+            rate += f" lr {p.info['lr']:.2e}"
+        self.progress.update(self.tasks[p.stage], completed=p.done, total=p.total, rate=rate,
+                             description=description)
+
+    def _eval_line(self, p: Progress) -> None:
+        m = p.info["metrics"]
+        t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
+        i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
+        self.progress.console.print(line(f"step {p.done}: mean recall {m['mean_recall']:.2f} "
+                                         f"(text->image R@1/5/10 {t2i}; image->text {i2t})"))

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from ldot_cli.commands.console import (
-    StageProgress,
-    download_progress,
+    ProgressView,
     err,
     line,
     progress_bar,
@@ -22,7 +21,7 @@ def register(app: typer.Typer) -> None:
 def extract(
     paths: list[Path] = typer.Argument(..., help="Image files and folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Image DB folder (UNITER layout); re-run to resume."),
-    preset: str = typer.Option("uniter", help="uniter (10-100 boxes, conf >= 0.2) or lxmert36 (36 boxes)."),
+    preset: str = typer.Option("uniter", help="uniter (UNITER's cut: boxes with confidence > 0.2, at least 10, at most 100) or lxmert36 (36 boxes)."),
     detector: str = typer.Option("butd-r101-vg", help="Detector weights (registry name, folder or file)."),
     soft_labels: bool = typer.Option(False, "--soft-labels", help="Also store the 1601-class soft labels (pre-training)."),
     batch_size: int = typer.Option(4, help="Images per detector batch (and per committed transaction)."),
@@ -42,13 +41,12 @@ def extract(
 
     resolve_cut(preset)  # before any download
     with progress_bar("bytes", transient=True) as bar:
-        ensure_model(detector, download_progress(bar))
+        ensure_model(detector, ProgressView(bar))
     model = open_detector(detector, device, half)
     with progress_bar() as bar:
-        render = StageProgress(bar, "images")
         report = extract_to_db([str(p) for p in paths], out, model, preset, batch_size=batch_size,
                                num_workers=workers, with_soft_labels=soft_labels, retry_failed=retry_failed,
-                               progress=lambda p: render("extracting", p.done, p.total))
+                               progress=ProgressView(bar))
     err.print(line(f"{report.written} images written to ", report.db_path, f", {report.skipped_existing} already "
                    f"there, {report.failed} failed, {report.skipped_known_bad} known-bad skipped "
                    f"({report.elapsed_s:.1f} s)"))

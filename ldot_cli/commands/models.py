@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from ldot_cli.commands.console import (
+    ProgressView,
     cell,
-    download_progress,
     err,
     human_bytes,
     line,
@@ -41,7 +41,7 @@ def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON l
     table.add_column("size", min_width=7)
     if with_source:
         table.add_column("source", overflow="fold")
-    styles = {"yes": "green", "no": "dim", "partial": "yellow"}
+    styles = {"yes": "green", "no": "dim", "partial": "yellow", "damaged": "red"}
     for row in rows:
         cells = [cell(row["name"]), cell(row["kind"]), cell(row["present"], styles[str(row["present"])]),
                  cell(row["licence"] or "-"), cell(row["size"])]
@@ -49,6 +49,10 @@ def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON l
     out.print(table)
     if not with_source:
         err.print(line(("sources: `ldot models list --json` (or a terminal of 100+ columns)", "dim")))
+    for row in rows:
+        if row["problem"]:
+            err.print(line(row["name"], ": ", row["problem"], ": re-download it (`ldot models download NAME`) or "
+                           "re-import it (`ldot models import FILE --as NAME`)"))
 
 
 def _model_rows() -> list[dict[str, object]]:
@@ -57,19 +61,27 @@ def _model_rows() -> list[dict[str, object]]:
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
-    local = {m.name: m for m in local_models()}
+    found = local_models()
+    local = {m.name: m for m in found}
     rows: list[dict[str, object]] = []
+
+    def present(model: object) -> str:
+        if model is None:
+            return "no"
+        if getattr(model, "problem", None):
+            return "damaged"
+        return "yes" if model.complete else "partial"  # type: ignore[attr-defined]
+
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
-        rows.append({"name": entry.name, "kind": entry.kind,
-                     "present": "yes" if model and model.complete else "partial" if model else "no",
+        rows.append({"name": entry.name, "kind": entry.kind, "present": present(model),
                      "size": human_bytes(model.size) if model else entry.approx_size,
                      "bytes": model.size if model else None, "licence": entry.licence, "source": _source(entry),
-                     "path": str(model.path) if model else None})
+                     "path": str(model.path) if model else None, "problem": model.problem if model else None})
     for model in local.values():
-        rows.append({"name": model.name, "kind": model.kind, "present": "yes", "size": human_bytes(model.size),
-                     "bytes": model.size, "licence": None, "source": f"local ({model.origin})",
-                     "path": str(model.path)})
+        rows.append({"name": model.name, "kind": model.kind, "present": present(model),
+                     "size": human_bytes(model.size), "bytes": model.size, "licence": None,
+                     "source": f"local ({model.origin})", "path": str(model.path), "problem": model.problem})
     return rows
 
 
@@ -93,7 +105,7 @@ def download(
     from models.hub.fetch import download_entry
 
     with progress_bar("bytes") as progress:
-        path = download_entry(name, progress=download_progress(progress), keep_source=keep_source)
+        path = download_entry(name, progress=ProgressView(progress), keep_source=keep_source)
     err.print(line(("ok", "green"), " ", name, " -> ", path))
 
 

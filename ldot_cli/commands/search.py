@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import cell, err, line, out
+from ldot_cli.commands.console import cell, cli_message, err, line, out
 
 
 def register(app: typer.Typer) -> None:
@@ -132,4 +132,4 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
             err.print(line((f"{t.encode_ms:.0f} ms encode, {t.search_ms:.0f} ms search"
                             + (f", {t.rerank_ms:.0f} ms re-rank" if rerank_k else ""), "dim")))
         except LdotError as exc:
-            err.print(line(("error: ", "red"), " ".join(str(exc).split())))
+            err.print(line(("error: ", "red"), cli_message(exc)))

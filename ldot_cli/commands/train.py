@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import err, line, progress_bar
+from ldot_cli.commands.console import ProgressView, err, line, progress_bar
 
 app = typer.Typer(help="Make your own LightningDOT model: fine-tune or pre-train a bi-encoder.", no_args_is_help=True)
 
@@ -102,18 +102,13 @@ def pretrain(
 
 
 def _mix(mix: str, names: list[str]) -> list[float]:
-    presets = {"coco": "16,8,4,4", "other": "16,12,6,6"}
-    if mix in presets:
-        order = {"itm": 0, "mlm": 1, "mrfr": 2, "mrckl": 3}
-        full = [float(x) for x in presets[mix].split(",")]
-        return [full[order[n]] if n in order else 1.0 for n in names]
+    from models.core.errors import ConfigError
+    from models.training.loop import mix_ratios
+
     try:
-        ratios = [float(x) for x in mix.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"{mix!r} is neither numbers nor a preset (coco, other)", param_hint="--mix") from None
-    if len(ratios) != len(names):
-        raise typer.BadParameter(f"{len(ratios)} ratios for {len(names)} tasks", param_hint="--mix")
-    return ratios
+        return mix_ratios(mix, names)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mix") from None
 
 
 def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[Path] | None, val_txt_db: Path | None,
@@ -125,13 +120,12 @@ def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[P
 
 def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | None, device: str, resume: bool,
          force: bool, options: dict[str, Any]) -> None:
-    from ldot_cli.commands.console import TrainView
     from ldot_cli.train.driver import TrainRequest, run_training
 
     overrides = {k: v for k, v in options.items() if v is not None}
     request = TrainRequest(mode, name, spec, init, image_init, overrides, device=device, resume=resume, force=force)
     with progress_bar("steps") as progress:
-        outcome = run_training(request, TrainView(progress))
+        outcome = run_training(request, ProgressView(progress))
     result = outcome.result
     best = result.best
     summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"

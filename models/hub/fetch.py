@@ -13,12 +13,13 @@ import shutil
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from models.core.errors import DownloadError
-from models.core.fileio import atomic_write_text, sha256_file
+from models.core.fileio import atomic_write_text, replace_file, sha256_file
 from models.core.home import ldot_home, models_dir
+from models.core.progress import ProgressFn, report
 from models.hub.cache import model_path, read_manifest, record_model, write_manifest
 from models.hub.catalogue import (
     TOKENIZER_FILES,
@@ -28,7 +29,6 @@ from models.hub.catalogue import (
     get_entry,
 )
 
-Progress = Callable[[int, "int | None", str], None]  # (bytes done, total or None, label)
 CHUNK = 1 << 20
 USER_AGENT = "ldot (+https://github.com/ldot)"
 
@@ -86,7 +86,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _fetch(url: str, part: Path, progress: Progress | None, label: str, timeout: float) -> int | None:
+def _fetch(url: str, part: Path, progress: ProgressFn | None, label: str, timeout: float) -> int | None:
     """Stream ``url`` into ``part``, resuming what is there. Returns the total size the server announced."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
@@ -114,20 +114,18 @@ def _fetch(url: str, part: Path, progress: Progress | None, label: str, timeout:
             mode = "wb"
         with open(part, mode) as handle:
             done = have
-            if progress:
-                progress(done, total, label)
+            report(progress, label, done, total, "bytes")
             while block := response.read(CHUNK):
                 handle.write(block)
                 done += len(block)
-                if progress:
-                    progress(done, total, label)
+                report(progress, label, done, total, "bytes")
             handle.flush()
             os.fsync(handle.fileno())
     return total
 
 
 def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, size: int | None = None,
-                  progress: Progress | None = None, hash_key: str | None = None, timeout: float = 30.0) -> str:
+                  progress: ProgressFn | None = None, hash_key: str | None = None, timeout: float = 30.0) -> str:
     """Download to ``dest`` via ``dest.part``; resume, verify, rename. Returns the sha256.
 
     ``hash_key`` names the file in the known-hashes record: with no published ``sha256``, a recorded one
@@ -160,14 +158,14 @@ def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, si
             part.unlink()
             raise DownloadError(f"{dest.name} from {url} has sha256 {digest[:12]}…, expected {expected[:12]}…: "
                                 "the file is corrupt or was changed; deleted, nothing installed")
-        os.replace(part, dest)
+        replace_file(part, dest)
         if hash_key and not expected:
             record_hash(hash_key, digest)
         return digest
     raise UnreachableError(dest.name, failures)
 
 
-def download_entry(name: str, progress: Progress | None = None, only: Iterable[str] | None = None,
+def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable[str] | None = None,
                    keep_source: bool = False) -> Path:
     """Fetch a registry entry into ``<home>/models/NAME`` (converting official pickles once).
 
@@ -237,7 +235,7 @@ def ensure_tokenizer(name: str) -> Path:
     return directory
 
 
-def ensure_model(name: str, progress: Callable[[int, int | None, str], None] | None = None) -> None:
+def ensure_model(name: str, progress: ProgressFn | None = None) -> None:
     """Download a registry model that is missing (only registry names; paths and local names pass)."""
     from models.core.home import models_dir
     from models.hub.cache import is_present

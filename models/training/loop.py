@@ -27,10 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.core.errors import LdotError
+from models.core.config import config_from_dict
+from models.core.errors import ConfigError, LdotError, option
+from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
 from models.nn.pretraining import (
+    NUM_REGION_LABELS,
     TASKS,
     BiEncoderForPretraining,
     PairBatch,
@@ -130,11 +133,10 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
-        data["tasks"] = tuple((str(t), float(r)) for t, r in data.get("tasks", [("itm", 1.0)]))
-        data["betas"] = tuple(data.get("betas", (0.9, 0.999)))
-        return cls(**data)
+    def from_dict(cls, data: Any, what: str = "") -> TrainConfig:
+        """From JSON (a run's saved settings): the one config policy (unknown keys and wrong shapes are a
+        `ConfigError`; JSON lists become the tuples of ``tasks`` and ``betas``)."""
+        return config_from_dict(cls, data, what)
 
 
 FINETUNE_EPOCHS = {"flickr30k": 15, "coco": 20}
@@ -147,6 +149,21 @@ def finetune_config(dataset: str = "flickr30k", **overrides: Any) -> TrainConfig
     base = TrainConfig(tasks=(("itm", 1.0),), batch_size=96, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.0,
                        warmup=0.1, epochs=FINETUNE_EPOCHS.get(dataset, 15), grad_clip=2.0)
     return replace(base, **overrides)
+
+
+def mix_ratios(mix: str, tasks: Sequence[str]) -> list[float]:
+    """Ratios for ``tasks`` from a preset name (``coco``, ``other``: the official mixes, a task outside them gets
+    1) or from comma-separated numbers, one per task."""
+    if mix in PRETRAIN_MIX:
+        preset = dict(zip(TASKS, PRETRAIN_MIX[mix]))
+        return [float(preset.get(task, 1.0)) for task in tasks]
+    try:
+        ratios = [float(x) for x in mix.split(",")]
+    except ValueError:
+        raise ConfigError(f"mix {mix!r} is neither numbers nor a preset ({', '.join(PRETRAIN_MIX)})") from None
+    if len(ratios) != len(tasks):
+        raise ConfigError(f"mix {mix!r} gives {len(ratios)} ratios for {len(tasks)} tasks")
+    return ratios
 
 
 def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
@@ -213,22 +230,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
 
 
 # -- progress --------------------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    """What the loop reports after each optimizer step (``event="step"``) and at other moments."""
-
-    event: str  # start | step | eval | checkpoint | done
-    step: int  # optimizer steps done
-    total: int  # optimizer steps of the whole run
-    epoch: float  # passes over the training pairs so far
-    loss: float | None = None  # mean loss of this step's micro-batches
-    task_losses: dict[str, float] = field(default_factory=dict)  # running mean per task
-    lr: float = 0.0
-    metrics: dict[str, Any] | None = None  # eval: recalls; done: the best
-    message: str = ""
-
-
-ProgressFn = Callable[[Progress], None]
+# The loop reports through `models.core.progress` with stage "train" and unit "steps": ``done`` = optimizer steps
+# done, ``total`` = steps of the run; ``event`` is start | step | eval | checkpoint | done; ``info`` holds epoch
+# (passes over the training pairs so far), loss (mean of the step's micro-batches), task_losses (running mean per
+# task), lr, metrics (eval: recalls; done: the best) and message.
+def _report(progress: ProgressFn, event: str, step: int, total: int, epoch: float, **info: Any) -> None:
+    progress(Progress("train", step, total, "steps", event, {"epoch": epoch, **info}))
 
 
 @dataclass
@@ -323,40 +330,6 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
         state.setdefault(int(pid), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory beside ``target`` and swap it in; a crash leaves the old or the new one."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def checkpoint_dir(run_dir: Path) -> Path | None:
@@ -506,7 +479,8 @@ class _Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             value = float(loss.detach())
             if not math.isfinite(value) and self.scaler is None:
-                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower --lr, or use "
+                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower {option('lr')}, "
+                                    "or use "
                                     "--precision fp32")
             total_loss += value / cfg.grad_accum
             self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
@@ -542,8 +516,8 @@ class _Trainer:
 
             tmp = self.run_dir / f".best.tmp-{os.getpid()}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
-            os.replace(tmp, self.run_dir / "best.safetensors")
-            _write_json(self.run_dir / "best.json", record)
+            replace_file(tmp, self.run_dir / "best.safetensors")
+            atomic_write_json(self.run_dir / "best.json", record, indent=2)
         return record
 
     @property
@@ -569,8 +543,9 @@ class _Trainer:
             _save_tensors(tmp / "rng.safetensors", rng)
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
-        _atomic_dir(self.run_dir / CHECKPOINT, write)
-        self.progress(Progress("checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT)))
+        with new_dir(self.run_dir / CHECKPOINT) as tmp:
+            write(tmp)
+        _report(self.progress, "checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT))
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
@@ -615,7 +590,7 @@ class _Trainer:
         if self.step == 0:
             torch.manual_seed(self.config.seed)  # dropout; a resumed run restores the RNG state instead
         lr = lr_at(self.step, self.config.lr, self.warmup, self.total)
-        self.progress(Progress("start", self.step, self.total, self.epoch, lr=lr))
+        _report(self.progress, "start", self.step, self.total, self.epoch, lr=lr)
         while self.step < self.total:
             snapshot = self._snapshot()
             try:
@@ -626,18 +601,19 @@ class _Trainer:
                 self._restore(snapshot)
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
-                                          f"{self.run_dir}: continue it with --resume") from None
-            self.progress(Progress("step", self.step, self.total, self.epoch, loss, dict(self.running), lr))
+                                          f"{self.run_dir}: continue it with {option('resume')}") from None
+            _report(self.progress, "step", self.step, self.total, self.epoch, loss=loss, task_losses=dict(self.running),
+                    lr=lr)
             if self.step % self.eval_every == 0 or self.step == self.total:
                 record = self.validate()
                 if record is not None:
-                    self.progress(Progress("eval", self.step, self.total, self.epoch, metrics=record))
+                    _report(self.progress, "eval", self.step, self.total, self.epoch, metrics=record)
             stopping = stop_at_step is not None and self.step >= stop_at_step and self.step < self.total
             if self.step % self.checkpoint_every == 0 or self.step == self.total or stopping:
                 self.save_checkpoint()
             if stopping:
                 return TrainResult(self.run_dir, self.step, self.total, False, self.best, time.monotonic() - started)
-        self.progress(Progress("done", self.step, self.total, self.epoch, metrics=self.best))
+        _report(self.progress, "done", self.step, self.total, self.epoch, metrics=self.best)
         return TrainResult(self.run_dir, self.step, self.total, True, self.best, time.monotonic() - started)
 
 
@@ -656,11 +632,13 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
     ckpt = checkpoint_dir(run_dir)
     if resume:
         if ckpt is None:
-            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without --resume)")
+            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without "
+                                f"{option('resume')})")
         model, tokenizer = _rebuild(run_dir)
     else:
         if ckpt is not None or (run_dir / "run.json").exists():
-            raise TrainingError(f"a run already exists in {run_dir}: pass --resume to continue it, or --force to "
+            raise TrainingError(f"a run already exists in {run_dir}: pass {option('resume')} to continue it, or "
+                                f"{option('force')} to "
                                 "start it over")
         if model is None or tokenizer is None:
             raise TrainingError("a new run needs a model and a tokenizer")
@@ -684,7 +662,7 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
             "train_config": config.to_dict(), "init": init or {}, "data": data.description,
             "train_pairs": len(data.train), "val_pairs": len(data.val) if data.val is not None else 0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(run_dir / "run.json", info)
+    atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -705,7 +683,7 @@ def _rebuild(run_dir: Path) -> tuple[BiEncoderForPretraining, Any]:
 
     info = read_run(run_dir)
     config = BiEncoderConfig.from_dict(info["model_config"])
-    model = BiEncoderForPretraining(config, info.get("num_region_labels", 1601))
+    model = BiEncoderForPretraining(config, info.get("num_region_labels", NUM_REGION_LABELS))
     return model, Tokenizer.from_path(run_dir / "tokenizer.json")
 
 
@@ -727,11 +705,12 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     run_dir = Path(run_dir)
     check_name(name)
     if find_entry(name) is not None:
-        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another --out")
+        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another {option('out')}")
     target = models_dir() / name
     if target.exists() and not force:
-        raise TrainingError(f"a model named {name!r} already exists: pass --force to replace it, or choose another "
-                            "--out")
+        raise TrainingError(f"a model named {name!r} already exists: pass {option('force')} to replace it, or choose "
+                            "another "
+                            f"{option('out')}")
     info = read_run(run_dir)
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:
