@@ -150,7 +150,7 @@ def writer_lock(directory: Path, wait: bool = True) -> Iterator[bool]:
 def index_path(name: str) -> Path:
     from models.hub.cache import check_name
 
-    return indexes_dir() / check_name(name)
+    return indexes_dir() / check_name(name, "index")
 
 
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:

@@ -62,9 +62,10 @@ def local_models() -> list[LocalModel]:
     return out
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "model") -> str:
+    """``name`` when it is a safe folder name (a model's, or ``what``'s: "index", "run"), else a one-line error."""
     if not NAME_RE.match(name):
-        raise ModelError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
+        raise ModelError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
     return name
 
 
