@@ -129,8 +129,7 @@ def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str |
 
         write_sheet(html, answer.hits, query)
     if answer.no_match and mode in ("table",):
-        out.print(f"no good match (none of the top results scores {answer.min_score:.3f} or more)",
-                  highlight=False)
+        out.print(line(f"no good match (none of the top results scores {answer.min_score:.3f} or more)"))
         return
     if preview:
         from ldot_cli.commands.sheet import preview_table

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldot_cli.commands.console import err, out, safe
+from ldot_cli.commands.console import err, line, out, safe
 
 SHEET_THUMB = 320
 PREVIEW_CELLS = 24  # preview width in terminal columns
@@ -80,7 +80,7 @@ def write_sheet(target: Path, hits: list[Any], query: str | None) -> None:
     from models.core.fileio import atomic_write_text
 
     atomic_write_text(target, sheet_html(hits, query))
-    err.print(f"contact sheet: {safe(str(target))}", highlight=False, markup=False)
+    err.print(line("contact sheet: ", target))
 
 
 def preview_table(hits: list[Any]) -> bool:
