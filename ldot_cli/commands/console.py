@@ -163,8 +163,9 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
         columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), TimeRemainingColumn()]
     else:
-        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
         yield progress
 
@@ -186,10 +187,13 @@ class ProgressView:
             self._eval_line(p)
             return
         if p.event == "checkpoint":
-            self.progress.console.print(Text(f"step {p.done}: checkpoint saved", style="dim"))
+            self.progress.console.print(line((f"step {p.done}: checkpoint saved", "dim")))
             return
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
+            self.starts[p.stage] = (self._time(), p.done)
+        elif p.done < self.progress.tasks[self.tasks[p.stage]].completed:  # the stage runs again (mining per epoch)
+            self.progress.reset(self.tasks[p.stage], total=p.total, completed=p.done)
             self.starts[p.stage] = (self._time(), p.done)
         started, first = self.starts[p.stage]
         elapsed = self._time() - started

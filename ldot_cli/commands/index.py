@@ -63,7 +63,7 @@ def index_rm(
         return
     for one in folder:
         dropped = remove_folder(name, one)
-        err.print(line(f"{name}: dropped {dropped} files under ", one, " from the index"))
+        err.print(line(name, f": dropped {dropped} files under ", one, " from the index"))
 
 
 def index(
@@ -106,11 +106,10 @@ def index(
         indexer.progress = ProgressView(bar)
         report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
-    err.print(line(
-        (report.name, "bold"),
-        f": {report.found} images found; {report.encoded} encoded, {report.reused} reused (same content), "
-        f"{report.unchanged} unchanged, {report.removed} removed, {report.skipped_total} skipped{new_skips}; "
-        f"{report.images} images in the index ({report.elapsed_s:.1f} s)"))
+    err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
+                   f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
+                   f"{report.skipped_total} skipped{new_skips}; {report.images} images in the index "
+                   f"({report.elapsed_s:.1f} s)"))
     if report.skipped_total:
         err.print(line(f"see why with `ldot status --name {name} --errors`"
                        + ("; try them again with --retry-failed" if report.skipped_before else "")))
@@ -148,6 +147,7 @@ def status(
     if json_:
         out.print_json(json.dumps(info))
         return
+
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
                 "vectors", "search", "bytes", "region_bytes_per_image", "updated"):
         value = info.get(key)

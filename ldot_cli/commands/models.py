@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -61,16 +62,13 @@ def _model_rows() -> list[dict[str, object]]:
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
-    found = local_models()
-    local = {m.name: m for m in found}
+    local = {m.name: m for m in local_models()}
     rows: list[dict[str, object]] = []
 
-    def present(model: object) -> str:
+    def present(model: Any) -> str:
         if model is None:
             return "no"
-        if getattr(model, "problem", None):
-            return "damaged"
-        return "yes" if model.complete else "partial"  # type: ignore[attr-defined]
+        return "damaged" if model.problem else "yes" if model.complete else "partial"
 
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
