@@ -6,12 +6,10 @@ token; the tests reach it through 127.0.0.1 only)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
