@@ -93,6 +93,16 @@ def test_offline_names_the_urls_and_the_import_command(monkeypatch):
     assert url + "/a/test-ft.pt" in message and url + "/b/test-ft.pt" in message
     assert "connection refused" in message
     assert "ldot models import test-ft.pt --as test-ft" in message
+    assert "ldot train finetune" in message and "--model NAME" in message  # issue 14 item 14: as the README says
+
+
+def test_offline_reranker_names_the_live_alternative(monkeypatch):
+    url = closed_port_url()
+    _entry(monkeypatch, ModelEntry("test-itm", "uniter-itm", "t", "MIT",
+                                   (RemoteFile("test-itm.pt", (url + "/a/test-itm.pt",)),), convert=True))
+    with pytest.raises(DownloadError) as info:
+        download_entry("test-itm")
+    assert "--reranker lxmert-base-uncased" in str(info.value)
 
 
 def test_official_checkpoint_download_is_converted_once(monkeypatch, tmp_path, tiny_model, ldot_home):

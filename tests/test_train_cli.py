@@ -36,6 +36,7 @@ def planted(monkeypatch, ldot_home):
         return TrainData(pairs, lookup, val=None if spec.no_val else pairs, description="planted")
 
     monkeypatch.setattr("ldot_cli.train.driver.open_training_data", fake_open)
+    monkeypatch.setattr("ldot_cli.train.driver.check_training_data", lambda spec: None)  # the files are planted
     return seen
 
 
@@ -95,7 +96,8 @@ def test_resume_of_an_unknown_run_says_so(planted):
     assert result.exit_code == 2 and "no run named 'nope' to resume" in result.output
 
 
-def test_missing_bert_says_how_to_get_it():
+def test_missing_bert_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr("ldot_cli.train.driver.check_training_data", lambda spec: None)  # data found: then the model
     result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
     assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
 from rich.text import Text
 
 from ldot_cli.commands.console import ProgressView, cell, err, line, out, progress_bar

@@ -23,10 +23,18 @@ from ldot_cli.commands.console import (
 class _IndexCommand(TyperCommand):
     """`ldot index PATHS...`, and `ldot index rm NAME [--folder DIR]` (a folder literally named rm: `./rm`)."""
 
+    _rm: Any = None
+
+    @property
+    def commands(self) -> dict[str, Any]:
+        """The `rm` sub-command (so help clean-ups that walk sub-commands reach it too)."""
+        if self._rm is None:
+            self._rm = typer.main.get_command(_rm_app)
+        return {"rm": self._rm}
+
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         if args[:1] == ["rm"]:
-            rm = typer.main.get_command(_rm_app)
-            return rm.make_context(f"{info_name} rm", args[1:], parent=parent, **extra)
+            return self.commands["rm"].make_context(f"{info_name} rm", args[1:], parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: Any) -> Any:
@@ -42,7 +50,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
 
 
-_rm_app = typer.Typer()
+_rm_app = typer.Typer(add_completion=False)
 
 
 @_rm_app.command()
@@ -103,10 +111,11 @@ def index(
                                                               "or fsspec URL; default: the index's shards/)."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
-
+    from feature_extraction.uniter_db import resolve_cut
     from ldot_cli.index.indexer import Indexer
     from models.hub.fetch import ensure_model
 
+<<<<<<< HEAD
     mode = None if ann is None else ("ivf" if ann else "exact")
     if index_type is not None:
         from models.core.ann import KINDS
@@ -153,6 +162,22 @@ def index(
         with progress_bar() as bar:
             indexer.progress = ProgressView(bar)
             report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
+=======
+    if preset is not None:
+        resolve_cut(preset)  # cheap checks before anything is created or downloaded
+    with progress_bar() as bar:
+        indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
+                          device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
+                          ann=None if ann is None else ("ivf" if ann else "exact"))
+        scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
+        needed = indexer.needed_models(reindex)
+    with progress_bar("bytes", transient=True) as bar:
+        for model_name in needed:
+            ensure_model(model_name, ProgressView(bar))
+    with progress_bar() as bar:
+        indexer.progress = ProgressView(bar)
+        report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
+>>>>>>> main
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
                    f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
@@ -195,7 +220,6 @@ def status(
     if json_:
         out.print_json(json.dumps(info))
         return
-
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
                 "vectors", "search", "index_type", "factory", "recall_at_10", "bytes_per_image", "shards", "bytes",
                 "region_bytes_per_image", "updated"):

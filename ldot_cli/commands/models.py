@@ -145,10 +145,21 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
 def rm(
     name: str = typer.Argument(..., help="Model to delete from the cache."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    force: bool = typer.Option(False, "--force", help="Delete it even if an index was built with it."),
 ) -> None:
-    """Delete a model from the cache."""
+    """Delete a model from the cache (refused while an index uses it, unless --force)."""
+    from ldot_cli.index.status import indexes_using
+    from models.core.errors import LdotError
     from models.hub.cache import remove_model
 
+    users = indexes_using(name)
+    if users and not force:
+        raise LdotError(f"model {name!r} is used by index {', '.join(map(repr, users))}: searching or updating it "
+                        f"would need the model again (a download, or `ldot models import`); pass --force to delete "
+                        "it anyway")
+    if users:
+        err.print(line(("warning: ", "bold yellow"), f"index {', '.join(map(repr, users))} will need model {name!r} "
+                       "again"))
     if not yes:
         typer.confirm(safe(f"delete model {name!r} from the cache?"), abort=True, err=True)
     path = remove_model(name)

@@ -132,12 +132,20 @@ def _first_images(pairs: Any, n: int | None) -> Any:
     return PairSet([pairs.token_ids[i] for i in keep], [pairs.caption_image[i] for i in keep], pairs.image_keys[:n])
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
-    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
-    from models.training.data import TrainData
+def check_training_data(spec: DataSpec) -> None:
+    """The file-level checks of :func:`open_training_data` (folders, caption source, image DBs), without reading
+    any caption: run before anything is loaded or downloaded, so that a wrong --data fails at once."""
+    _locate_captions(spec)
+    _image_dbs(spec)
 
+
+def _locate_captions(spec: DataSpec) -> tuple[list[Path], Path | None, Path | None]:
+    """(training text DBs, validation text DB, Karpathy file): where the captions come from, or a one-line error."""
     if spec.data is not None and not spec.data.is_dir():
         raise TrainDataError(f"{option('data')} {spec.data} is not a folder")
+    missing = [p for p in (*spec.txt_dbs, spec.val_txt_db, spec.karpathy) if p is not None and not p.exists()]
+    if missing:
+        raise TrainDataError(f"{missing[0]} does not exist")
     train_dbs = list(spec.txt_dbs)
     val_db = spec.val_txt_db
     karpathy = spec.karpathy
@@ -147,25 +155,32 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
             train_dbs = [found]
         else:
             karpathy = benchmarks.find_karpathy(spec.data, spec.dataset)
+    if not train_dbs and karpathy is None:
+        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
+                             "or pass --txt-db / --karpathy")
+    if not train_dbs and spec.dataset not in ("flickr30k", "coco"):
+        raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
+                             "follow the dataset's naming)")
+    return train_dbs, val_db, karpathy
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
+    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
+    from models.training.data import TrainData
+
+    train_dbs, val_db, karpathy = _locate_captions(spec)
     if train_dbs:
         train = _pairs_from_text_dbs(train_dbs)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
             val_db = benchmarks.find_text_db(spec.data, spec.dataset, "val")
         val = _pairs_from_text_dbs([val_db]) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
-    elif karpathy is not None:
-        if spec.dataset not in ("flickr30k", "coco"):
-            raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
-                                 "follow the dataset's naming)")
+    else:
         splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
         train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
         val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)
         described = str(karpathy)
-    else:
-        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
-                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
-                             "or pass "
-                             "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)
     img_dirs = _image_dbs(spec)

@@ -512,7 +512,11 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
 def record_calibration(report: EvalReport, rset: RetrievalSet, model_name: str | Path) -> dict[str, Any] | None:
     """Score distributions of the evaluated pairs; stored in the model dir (``--min-score auto`` reads them)."""
     from models.hub.load import resolve_source
-    from models.training.calibration import CalibrationError, calibrate, save_calibration
+    from models.training.calibration import (
+        CalibrationError,
+        calibrate,
+        save_calibration,
+    )
 
     if report.text_vectors is None or report.image_vectors is None:
         return None

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ldot_cli.data.train_sources import DataSpec, open_training_data
+from ldot_cli.data.train_sources import (
+    DataSpec,
+    check_training_data,
+    open_training_data,
+)
 from models.core.errors import LdotError, option
 
 
@@ -95,6 +99,7 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     )
 
     check_name(req.out)
+    check_training_data(req.data)  # a wrong --data fails before any model is read or asked for
     if find_entry(req.out) is not None:
         raise LdotError(f"{req.out!r} is a registry name (`ldot models list`): choose another {option('out')}")
     run_dir = runs_dir() / req.out

@@ -218,6 +218,12 @@ def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str) -> str:
     else:
         have = (f"If you have its files ({', '.join(f.filename for f in entry.files if not f.optional)}), put them "
                 f"in one folder and run `ldot models import FOLDER --as {entry.name}`")
+    if entry.kind == "bi-encoder":  # the official LightningDOT hosts have been seen dead: say how to do without
+        have += (f"; or make a bi-encoder from live weights with `ldot train finetune --data DIR --out NAME` and use "
+                 f"it with `--model NAME` (README: Training a model)")
+    elif entry.kind == "uniter-itm":
+        have += ("; or re-rank with the live LXMERT: `ldot models download lxmert-base-uncased`, then "
+                 "`--reranker lxmert-base-uncased`")
     return f"could not download {entry.name} ({remote.filename}): {why}. {have}"
 
 
