@@ -115,7 +115,8 @@ def index(
     from ldot_cli.index.indexer import Indexer
     from models.hub.fetch import ensure_model
 
-<<<<<<< HEAD
+    if preset is not None:
+        resolve_cut(preset)  # cheap checks before anything is created or downloaded
     mode = None if ann is None else ("ivf" if ann else "exact")
     if index_type is not None:
         from models.core.ann import KINDS
@@ -162,22 +163,6 @@ def index(
         with progress_bar() as bar:
             indexer.progress = ProgressView(bar)
             report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
-=======
-    if preset is not None:
-        resolve_cut(preset)  # cheap checks before anything is created or downloaded
-    with progress_bar() as bar:
-        indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                          device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
-                          ann=None if ann is None else ("ivf" if ann else "exact"))
-        scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
-        needed = indexer.needed_models(reindex)
-    with progress_bar("bytes", transient=True) as bar:
-        for model_name in needed:
-            ensure_model(model_name, ProgressView(bar))
-    with progress_bar() as bar:
-        indexer.progress = ProgressView(bar)
-        report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
->>>>>>> main
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
                    f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "

@@ -78,7 +78,6 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
     return info
 
 
-<<<<<<< HEAD
 def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) -> dict[str, Any]:
     """Index type and FAISS factory string, bytes per image of the vector index (FAISS file + fp16
     re-scoring file), recall@10 against exact search measured at build time, output shards merged."""
@@ -97,7 +96,4 @@ def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) ->
             "recall_at_10": float(recall) if recall else (1.0 if kind == "exact" else None), "shards": shards}
 
 
-__all__ = ["describe_index", "list_indexes", "display_path"]
-=======
 __all__ = ["describe_index", "indexes_using", "list_indexes", "display_path"]
->>>>>>> main
