@@ -91,6 +91,10 @@ class ServedFile:
     data: bytes
     cut_after: int | None = None  # close the connection after this many body bytes (a truncated transfer)
     ignore_range: bool = False
+    delay: float = 0.0  # seconds to wait before sending the body (a slow server)
+    fail_first: int = 0  # answer HTTP 503 to this many requests first (a flaky server)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. the hub's X-Repo-Commit)
+    redirect: str | None = None  # answer 302 to this path instead (the hub's CDN redirect)
 
 
 @dataclass
@@ -109,12 +113,32 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
         def log_message(self, *args):  # quiet
             pass
 
+        def do_HEAD(self):  # noqa: N802
+            self._serve(head=True)
+
         def do_GET(self):  # noqa: N802
+            self._serve(head=False)
+
+        def _serve(self, head: bool):
+            import time
+
             rng = self.headers.get("Range")
-            server_state.requests.append((self.path, rng))
-            served = server_state.files.get(self.path)
+            server_state.requests.append((self.path, rng) if not head else ("HEAD " + self.path, rng))
+            served = server_state.files.get(self.path.split("?")[0])
             if served is None:
                 self.send_error(404)
+                return
+            if served.fail_first > 0:
+                served.fail_first -= 1
+                self.send_error(503)
+                return
+            if served.redirect is not None:
+                self.send_response(302)
+                self.send_header("Location", served.redirect)
+                for key, value in served.headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             data, start = served.data, 0
             match = re.match(r"bytes=(\d+)-", rng or "")
@@ -131,11 +155,20 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
                 self.send_response(200)
             body = data[start:]
             self.send_header("Content-Length", str(len(body)))
+            for key, value in served.headers.items():
+                self.send_header(key, value)
             self.end_headers()
+            if head:
+                return
+            if served.delay:
+                time.sleep(served.delay)
             if served.cut_after is not None:
                 body = body[: served.cut_after]
-            self.wfile.write(body)
-            self.wfile.flush()
+            try:
+                self.wfile.write(body)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return
             if served.cut_after is not None:
                 self.close_connection = True
 

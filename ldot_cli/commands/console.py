@@ -53,13 +53,17 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
 
 
 def download_progress(progress: Any) -> Any:
-    """An adapter from `models.hub.fetch`'s callback to one rich task per file."""
+    """An adapter from `models.core.progress` byte reports (downloads) to one rich task per stage (file or
+    batch), drawn by a `progress_bar("bytes")`: size done, bytes/s and ETA."""
     tasks: dict[str, Any] = {}
 
-    def callback(done: int, total: int | None, label: str) -> None:
+    def callback(p: Any) -> None:
+        label = p.stage
+        files = p.info.get("files") if p.info else None
+        description = f"{label} ({files:,}/{p.info['of']:,} files)" if files is not None else label
         if label not in tasks:
-            tasks[label] = progress.add_task(label, total=total)
-        progress.update(tasks[label], completed=done, total=total)
+            tasks[label] = progress.add_task(description, total=p.total)
+        progress.update(tasks[label], completed=p.done, total=p.total, description=description)
 
     return callback
 

@@ -33,11 +33,22 @@ def list_models() -> None:
         model = local.pop(entry.name, None)
         present = "[green]yes[/]" if model and model.complete else ("partial" if model else "[dim]no[/]")
         size = human_bytes(model.size) if model else entry.approx_size
+        pending = _pending_bytes(entry.name)
+        if pending and not (model and model.complete):
+            present = f"no ({human_bytes(pending)} downloaded: `ldot models download {entry.name}` resumes)"
         source = _source(entry)
         table.add_row(entry.name, entry.kind, present, size, entry.licence, source)
     for model in local.values():
         table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})")
     out.print(table)
+
+
+def _pending_bytes(name: str) -> int:
+    """Bytes an interrupted download of ``name`` left in its staging folder (resumed by the next download)."""
+    from models.hub.fetch import staging_dir
+
+    folder = staging_dir(name)
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
 
 
 def _source(entry: object) -> str:

@@ -34,15 +34,25 @@ def resolve_source(source: str | Path) -> Path:
         return path
     name = str(source)
     candidate = models_dir() / name
-    if candidate.exists():
-        return candidate
     from models.hub.catalogue import find_entry
 
     entry = find_entry(name)
+    if candidate.exists() and (entry is None or _complete(candidate)):
+        return candidate
     if entry is not None:
-        raise ModelNotFoundError(f"model {name!r} is not downloaded: run `ldot models download {name}` "
-                                 f"(or `ldot models import FILE --as {name}`)")
+        from models.hub.cache import is_present
+
+        if is_present(entry.name):
+            return models_dir() / entry.name
+        raise ModelNotFoundError(f"model {name!r} is not downloaded (or only partly): run `ldot models download "
+                                 f"{entry.name}` (it resumes), or `ldot models import FILE --as {entry.name}`")
     raise ModelNotFoundError(f"no model or file named {name!r}: see `ldot models list`, or pass a path")
+
+
+def _complete(directory: Path) -> bool:
+    from models.hub.cache import read_manifest
+
+    return bool(read_manifest(directory).get("complete"))
 
 
 def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
