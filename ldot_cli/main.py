@@ -127,6 +127,7 @@ def main(
 
 
 def _register() -> None:
+    from ldot_cli.commands import data as cmd_data
     from ldot_cli.commands import eval as cmd_eval
     from ldot_cli.commands import extract as cmd_extract
     from ldot_cli.commands import index as cmd_index
@@ -140,6 +141,7 @@ def _register() -> None:
     cmd_eval.register(app)
     cmd_train.register(app)
     cmd_extract.register(app)
+    cmd_data.register(app)
 
 
 _register()

@@ -1,0 +1,487 @@
+"""Public benchmarks and training sets fetched into ``<home>/datasets/<name>/``, verified, ready for `locate`.
+
+Layout of a dataset folder::
+
+    downloads/                 the files as published (zip, csv, parquet, .gz), ``.part`` while downloading
+    flickr30k-images/          Flickr30k images, flat (``<id>.jpg``)
+    val2014/, train2014/       COCO images, flat (``COCO_val2014_<id>.jpg``)
+    dataset_<name>.json        the Karpathy split file, written from the published CSV / parquet files
+    data/task1/...             Multi30K files in the multi30k/dataset layout
+    ldot-data-<split>.json     written LAST, once the split is verified: files and their sha256, counts
+
+A split is present only when its marker is there, so an interrupted fetch is never read as complete: the next
+run resumes the ``.part`` files, skips what is in place, and re-checks everything before writing the marker.
+Checks on the data: the counts of images and captions the catalogue states (COCO 5K test: 5,000 / 25,010),
+every image file present (JPEG/PNG bytes), and Multi30K's image list against the Karpathy Flickr30k test.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ldot_cli.data.archive import safe_extract
+from ldot_cli.data.benchmarks import DataPaths
+from ldot_cli.data.catalogue import (
+    COCO_IMAGE_HOSTS,
+    SPLITS,
+    DataFile,
+    DataSplit,
+    find_split,
+)
+from ldot_cli.data.errors import DatasetError
+from models.core.download import Job, UnreachableError, download_file, download_many, known_hash, record_hash
+from models.core.errors import LdotWarning
+from models.core.fileio import atomic_write_json, sha256_file
+from models.core.home import ldot_home
+from models.core.progress import ProgressFn, report
+from models.hub.catalogue import expand_url
+
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+KARPATHY_SPLITS = {"test": ("test",), "train": ("train", "restval", "val")}  # what a fetched split must hold
+
+
+def datasets_dir() -> Path:
+    return ldot_home() / "datasets"
+
+
+def dataset_dir(dataset: str) -> Path:
+    return datasets_dir() / dataset
+
+
+def _marker(entry: DataSplit, lang: str = "de") -> Path:
+    suffix = f"-{lang}" if entry.dataset == "multi30k" else ""
+    return dataset_dir(entry.dataset) / f"ldot-data-{entry.split}{suffix}.json"
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("complete") is True else {}
+
+
+def is_fetched(dataset: str, split: str = "test", lang: str = "de") -> bool:
+    return bool(read_marker(_marker(find_split(dataset, split, lang), lang)))
+
+
+# ------------------------------------------------------------------------------------------ plan
+@dataclass
+class Plan:
+    """What fetching a split needs: the splits in order (requirements first), bytes left, terms, folders."""
+
+    splits: list[DataSplit]
+    missing_bytes: int  # approximate bytes still to download
+    lang: str = "de"
+
+    @property
+    def folders(self) -> list[Path]:
+        return list(dict.fromkeys(dataset_dir(e.dataset) for e in self.splits))
+
+    @property
+    def terms(self) -> list[str]:
+        return list(dict.fromkeys(e.terms for e in self.splits))
+
+    @property
+    def done(self) -> bool:
+        return all(read_marker(_marker(e, self.lang)) for e in self.splits)
+
+
+def _missing_bytes(entry: DataSplit, lang: str) -> int:
+    if read_marker(_marker(entry, lang)):
+        return 0
+    downloads = dataset_dir(entry.dataset) / "downloads"
+    left = 0
+    for f in entry.files:
+        whole = f.size or f.approx
+        if (downloads / f.name).is_file():
+            continue
+        part = downloads / (f.name + ".part")
+        left += max(whole - (part.stat().st_size if part.is_file() else 0), 0)
+    if entry.per_image_bytes:
+        folder = dataset_dir(entry.dataset) / "val2014"
+        have = sum(1 for _ in folder.glob("*.jpg")) if folder.is_dir() else 0
+        left += int(entry.per_image_bytes * max(entry.images - have, 0) / entry.images)
+    return left
+
+
+def plan(dataset: str, split: str = "test", lang: str = "de") -> Plan:
+    entry = find_split(dataset, split, lang)
+    chain = [find_split(d, s, lang) for d, s in entry.requires] + [entry]
+    return Plan(chain, sum(_missing_bytes(e, lang) for e in chain), lang)
+
+
+# ------------------------------------------------------------------------------------------ fetch
+class _Bytes:
+    """One progress stage for a whole fetch: bytes over the plan's estimate, whatever file is downloading."""
+
+    def __init__(self, progress: ProgressFn | None, stage: str, total: int) -> None:
+        self.progress, self.stage, self.total, self.offset = progress, stage, total, 0
+
+    def file(self) -> ProgressFn:
+        def callback(p: Any) -> None:
+            info = dict(p.info) if p.info else {}
+            report(self.progress, self.stage, self.offset + p.done, max(self.total, self.offset + p.done), "bytes",
+                   **info)
+        return callback
+
+    def add(self, n: int) -> None:
+        self.offset += n
+
+
+def fetch(dataset: str, split: str = "test", lang: str = "de", progress: ProgressFn | None = None,
+          workers: int = 8, retries: int = 3, backoff: float = 1.0, timeout: float = 30.0) -> Path:
+    """Fetch, verify and assemble ``dataset``/``split`` (and what it needs first); returns its folder.
+
+    Resumes whatever an earlier run left. Raises `DatasetError` with the URL tried, the mirror tried next and
+    the manual steps when a source is unreachable; nothing is marked complete unless it checked out.
+    """
+    p = plan(dataset, split, lang)
+    meter = _Bytes(progress, f"{dataset} {split}", p.missing_bytes)
+    for entry in p.splits:
+        if not read_marker(_marker(entry, lang)):
+            _fetch_split(entry, lang, meter, progress, workers, retries, backoff, timeout)
+    return dataset_dir(dataset)
+
+
+def _fetch_split(entry: DataSplit, lang: str, meter: _Bytes, progress: ProgressFn | None, workers: int,
+                 retries: int, backoff: float, timeout: float) -> None:
+    from filelock import FileLock
+
+    folder = dataset_dir(entry.dataset)
+    downloads = folder / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".fetch.lock")):
+        digests: dict[str, dict[str, Any]] = {}
+        for f in entry.files:
+            dest = downloads / f.name
+            digests[f"downloads/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
+        for f in entry.files:
+            if f.extract_to:
+                safe_extract(downloads / f.name, folder / f.extract_to, progress=progress)
+        assemble = {"flickr30k": _assemble_flickr, "coco": _assemble_coco, "multi30k": _assemble_multi30k}
+        counts = assemble[entry.dataset](entry, folder, lang, meter, progress, workers, retries, backoff, timeout,
+                                         digests)
+        for f in entry.files:  # trust on first use, once the data checked out
+            key = _hash_key(entry, f)
+            if f.sha256 is None and known_hash(key) is None:
+                record_hash(key, digests[f"downloads/{f.name}"]["sha256"])
+        atomic_write_json(_marker(entry, lang), {"dataset": entry.dataset, "split": entry.split, "complete": True,
+                                                 "lang": lang if entry.dataset == "multi30k" else None,
+                                                 "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                 **counts, "files": digests}, indent=1)
+
+
+def _hash_key(entry: DataSplit, f: DataFile) -> str:
+    return f"datasets/{entry.dataset}/{f.name}"
+
+
+def _download(entry: DataSplit, f: DataFile, dest: Path, meter: _Bytes, retries: int, backoff: float,
+              timeout: float) -> dict[str, Any]:
+    key = _hash_key(entry, f)
+    expected = f.sha256 or known_hash(key)
+    if dest.is_file():  # fetched earlier, or put there by hand: check it as a download would be
+        if f.size is not None and dest.stat().st_size != f.size:
+            raise DatasetError(f"{dest} is {dest.stat().st_size:,} bytes, expected {f.size:,}: delete it and run "
+                               "the same command again")
+        digest = sha256_file(dest)
+        if expected and digest != expected:
+            raise DatasetError(f"{dest} has sha256 {digest[:12]}…, expected {expected[:12]}…: delete it and run the "
+                               "same command again")
+        return {"sha256": digest, "size": dest.stat().st_size}
+    urls = [expand_url(u) for u in f.urls]
+    try:
+        digest = download_file(urls, dest, f.sha256, f.size, meter.file(), hash_key=key, retries=retries,
+                               backoff=backoff, timeout=timeout, record=False, stage=meter.stage)
+    except UnreachableError as exc:
+        raise DatasetError(_offline(entry, f.name, urls, exc.failures, dest)) from None
+    size = dest.stat().st_size
+    meter.add(size)
+    return {"sha256": digest, "size": size}
+
+
+def _offline(entry: DataSplit, name: str, urls: list[str], failures: list[str], dest: Path) -> str:
+    tried = failures[0] if failures else urls[0]
+    mirror = f", then the mirror {failures[1]}" if len(failures) > 1 else " (no mirror known)"
+    part = dest.with_name(dest.name + ".part")
+    kept = f"; {part.stat().st_size:,} bytes kept: run the same command again to resume" \
+        if part.is_file() and part.stat().st_size else ""
+    return (f"could not fetch {name} for {entry.dataset} {entry.split}: tried {tried}{mirror}{kept}. Without a "
+            f"network: download {urls[0]} elsewhere, put it at {dest}, and run `ldot data get {entry.dataset} --split "
+            f"{entry.split}` again (or pass --data with your own copy)")
+
+
+# ------------------------------------------------------------------------------------------ caption files
+def _listish(value: Any) -> list[Any]:
+    """A CSV cell holding a JSON / Python list (or one plain string) as a list."""
+    if isinstance(value, list):
+        return value
+    if hasattr(value, "tolist"):
+        return list(value.tolist())
+    text = str(value).strip()
+    if text.startswith("["):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                parsed = parse(text)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(parsed, list):
+                return parsed
+    return [text] if text else []
+
+
+def _column(row: dict[str, Any], names: Iterable[str], path: Path) -> Any:
+    for name in names:
+        if name in row and row[name] not in (None, ""):
+            return row[name]
+    raise DatasetError(f"{path} has none of the columns {', '.join(names)} (columns: {', '.join(row)}): the published "
+                       "file changed; pass --data with your own copy")
+
+
+def karpathy_from_rows(rows: Iterable[dict[str, Any]], path: Path, default_split: str, filepath: str | None = None
+                       ) -> list[dict[str, Any]]:
+    """Karpathy ``images[]`` entries from CSV / parquet rows (nlphuji and yerevann columns)."""
+    images = []
+    next_sent = 0
+    for n, row in enumerate(rows):
+        filename = str(_column(row, ("filename", "file_name", "image"), path))
+        raws = [str(r).strip() for r in _listish(_column(row, ("raw", "sentences", "captions", "caption"), path))]
+        sentids = _listish(row["sentids"]) if row.get("sentids") not in (None, "") else []
+        if len(sentids) != len(raws):
+            sentids = list(range(next_sent, next_sent + len(raws)))
+        next_sent = max([next_sent, *(int(s) + 1 for s in sentids if str(s).isdigit())])
+        split = str(row.get("split") or default_split)
+        entry = {"filename": filename, "split": split, "imgid": row.get("imgid", row.get("img_id", n)),
+                 "sentences": [{"raw": r, "sentid": int(s) if str(s).isdigit() else s} for r, s in zip(raws, sentids)]}
+        fp = row.get("filepath") or filepath
+        if fp:
+            entry["filepath"] = str(fp)
+        if row.get("cocoid") is not None:
+            entry["cocoid"] = int(row["cocoid"])
+        images.append(entry)
+    return images
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read {path} ({exc}): delete it and run the same command again") from None
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError("reading the COCO Karpathy parquet files needs pyarrow: pip install 'ldot[data]'") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's ArrowInvalid and OS errors
+        raise DatasetError(f"cannot read {path} ({exc}): delete it and run the same command again") from None
+
+
+def _write_karpathy(folder: Path, dataset: str, images: list[dict[str, Any]]) -> Path:
+    unique: dict[str, dict[str, Any]] = {}
+    for image in images:
+        unique.setdefault(f"{image.get('filepath', '')}/{image['filename']}", image)
+    path = folder / f"dataset_{dataset}.json"
+    atomic_write_json(path, {"dataset": dataset, "images": list(unique.values())})
+    return path
+
+
+def _split_counts(images: list[dict[str, Any]], splits: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
+    chosen = [im for im in images if im["split"] in set(splits)]
+    return chosen, sum(len(im["sentences"]) for im in chosen)
+
+
+def _check_counts(entry: DataSplit, n_images: int, n_captions: int, source: Path) -> None:
+    if n_images != entry.images or (entry.captions is not None and n_captions != entry.captions):
+        want = f"{entry.images:,} images" + (f" and {entry.captions:,} captions" if entry.captions else "")
+        raise DatasetError(f"the fetched {entry.dataset} {entry.split} split ({source}) has {n_images:,} images and "
+                           f"{n_captions:,} captions, expected {want}: not marked complete (the published file "
+                           "changed?); pass --data with your own copy")
+
+
+def _check_images(entry: DataSplit, folder: Path, files: Iterable[str]) -> int:
+    missing, bad = [], []
+    count = 0
+    for name in files:
+        path = folder / name
+        count += 1
+        if not path.is_file():
+            missing.append(path)
+            continue
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if not head.startswith(IMAGE_MAGIC):
+            bad.append(path)
+    if bad:
+        for path in bad:
+            path.unlink(missing_ok=True)
+        raise DatasetError(f"{len(bad)} fetched {entry.dataset} image(s) are not JPEG/PNG (first: {bad[0]}): deleted; "
+                           "run the same command again")
+    if missing:
+        raise DatasetError(f"{len(missing)} of the {count:,} {entry.dataset} {entry.split} images are missing (first: "
+                           f"{missing[0]}): the archive lacks them; delete {folder / 'downloads'} and fetch again, or "
+                           "pass --data with your own copy")
+    return count
+
+
+# ------------------------------------------------------------------------------------------ per dataset
+def _assemble_flickr(entry: DataSplit, folder: Path, lang: str, meter: _Bytes, progress: ProgressFn | None,
+                     workers: int, retries: int, backoff: float, timeout: float, digests: dict) -> dict[str, Any]:
+    downloads = folder / "downloads"
+    sources = [downloads / n for n in ("flickr_annotations_30k.csv", "test_1k_flickr.csv") if (downloads / n).is_file()]
+    images: list[dict[str, Any]] = []
+    for path in sources:  # the full file first: its Karpathy split wins
+        images += karpathy_from_rows(_read_csv(path), path, "test")
+    karpathy = _write_karpathy(folder, "flickr30k", images)
+    chosen, n_captions = _split_counts(images, ("test",) if entry.split == "test" else ("train",))
+    _check_counts(entry, len(chosen), n_captions if entry.captions else 0, karpathy)
+    _check_images(entry, folder / "flickr30k-images", [im["filename"] for im in chosen])
+    return {"images": len(chosen), "captions": n_captions, "karpathy": karpathy.name}
+
+
+def _assemble_coco(entry: DataSplit, folder: Path, lang: str, meter: _Bytes, progress: ProgressFn | None,
+                   workers: int, retries: int, backoff: float, timeout: float, digests: dict) -> dict[str, Any]:
+    downloads = folder / "downloads"
+    images: list[dict[str, Any]] = []
+    for name in ("train", "restval", "validation", "test"):
+        path = downloads / f"{name}-00000-of-00001.parquet"
+        if path.is_file():
+            images += karpathy_from_rows(_read_parquet(path), path, name)
+    karpathy = _write_karpathy(folder, "coco", images)
+    chosen, n_captions = _split_counts(images, KARPATHY_SPLITS[entry.split] if entry.split == "train" else ("test",))
+    if entry.split == "test":
+        _check_counts(entry, len(chosen), n_captions, karpathy)
+        target = folder / "val2014"
+        target.mkdir(parents=True, exist_ok=True)
+        names = [im["filename"] for im in chosen]
+        jobs = [Job(tuple(f"{host}val2014/{n}" for host in COCO_IMAGE_HOSTS), target / n) for n in names]
+        result = download_many(jobs, meter.file(), meter.stage, workers=workers, retries=retries, backoff=backoff,
+                               timeout=timeout, expected_bytes=None)
+        meter.add(sum(jobs[i].dest.stat().st_size for i in range(len(jobs)) if jobs[i].dest in result.digests))
+        if result.failures:
+            dest, exc = next(iter(result.failures.items()))
+            raise DatasetError(f"{len(result.failures):,} of the {len(jobs):,} COCO test images could not be fetched "
+                               f"(first, {dest.name}: {exc}); the {len(jobs) - len(result.failures):,} fetched are "
+                               f"kept: run the same command again to fetch the rest. Without a network: put the val2014 "
+                               f"images (val2014.zip from cocodataset.org) in {target}/")
+        _check_images(entry, target, names)
+        for n in names:
+            path = target / n
+            digests[f"val2014/{n}"] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    else:
+        _check_counts(entry, len(chosen), n_captions, karpathy)
+        _check_images(entry, folder, [f"{im.get('filepath', '')}/{im['filename']}".lstrip("/") for im in chosen])
+    return {"images": len(chosen), "captions": n_captions, "karpathy": karpathy.name}
+
+
+def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes, progress: ProgressFn | None,
+                       workers: int, retries: int, backoff: float, timeout: float, digests: dict) -> dict[str, Any]:
+    from ldot_cli.data.benchmarks import read_karpathy, read_multi30k
+
+    downloads = folder / "downloads"
+    raw, splits = folder / "data" / "task1" / "raw", folder / "data" / "task1" / "image_splits"
+    raw.mkdir(parents=True, exist_ok=True)
+    splits.mkdir(parents=True, exist_ok=True)
+    captions, image_list = raw / f"test_2016_flickr.{lang}.gz", splits / "test_2016_flickr.txt"
+    for src, dest in ((downloads / captions.name, captions), (downloads / image_list.name, image_list)):
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    files, rows = read_multi30k(captions, image_list, lang)
+    _check_counts(entry, len(files), len(rows), image_list)
+    flickr = dataset_dir("flickr30k")
+    karpathy_files, _ = read_karpathy(flickr / "dataset_flickr30k.json", "test")
+    ours, theirs = set(files), set(karpathy_files)
+    if ours != theirs:
+        warnings.warn(LdotWarning(
+            f"Multi30K's {len(ours):,} test images are not the Karpathy Flickr30k test images: {len(ours - theirs):,} "
+            f"only in Multi30K (e.g. {sorted(ours - theirs)[:1]}), {len(theirs - ours):,} only in Karpathy"), stacklevel=2)
+    _check_images(entry, flickr / "flickr30k-images", files)
+    return {"images": len(files), "captions": len(rows), "same_images_as_karpathy_test": ours == theirs}
+
+
+# ------------------------------------------------------------------------------------------ use
+def eval_paths(dataset: str, lang: str = "de") -> DataPaths:
+    """The inputs of `ldot eval` on a fetched test split (`fetch` first)."""
+    folder = dataset_dir(dataset)
+    if dataset == "multi30k":
+        return DataPaths(data=folder, images=dataset_dir("flickr30k") / "flickr30k-images")
+    return DataPaths(data=folder)
+
+
+@dataclass
+class SplitStatus:
+    entry: DataSplit
+    present: bool
+    partial_bytes: int  # bytes on disk for a split not (yet) complete
+    folder: Path
+
+
+def status() -> list[SplitStatus]:
+    """Every fetchable split: present or not, and how much an interrupted fetch left."""
+    out = []
+    for entry in SPLITS:
+        folder = dataset_dir(entry.dataset)
+        present = any(read_marker(p) for p in folder.glob(f"ldot-data-{entry.split}*.json")) if folder.is_dir() \
+            else False
+        partial = 0
+        if not present and (folder / "downloads").is_dir():
+            partial = sum((folder / "downloads" / (f.name + s)).stat().st_size for f in entry.files
+                          for s in ("", ".part") if (folder / "downloads" / (f.name + s)).is_file())
+        out.append(SplitStatus(entry, present, partial, folder))
+    return out
+
+
+def verify(datasets: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Re-hash every file a fetched split recorded; returns ``dataset/split`` -> problems (empty when intact)."""
+    out: dict[str, list[str]] = {}
+    wanted = set(datasets or ())
+    for marker in sorted(datasets_dir().glob("*/ldot-data-*.json")) if datasets_dir().is_dir() else []:
+        dataset = marker.parent.name
+        if wanted and dataset not in wanted:
+            continue
+        data = read_marker(marker)
+        key = f"{dataset}/{marker.stem[len('ldot-data-'):]}"
+        if not data:
+            out[key] = [f"{marker}: not a complete fetch record: run `ldot data get {dataset}` again"]
+            continue
+        problems = []
+        for rel, info in (data.get("files") or {}).items():
+            path = marker.parent / rel
+            if not path.is_file():
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != info.get("size"):
+                problems.append(f"{rel}: {path.stat().st_size} bytes, expected {info.get('size')}")
+            elif sha256_file(path) != info.get("sha256"):
+                problems.append(f"{rel}: sha256 mismatch (corrupted)")
+        out[key] = problems
+    missing = wanted - {k.split("/")[0] for k in out}
+    if missing:
+        raise DatasetError(f"not fetched: {', '.join(sorted(missing))} (see `ldot data list`)")
+    return out
+
+
+def remove(dataset: str) -> Path:
+    """Delete a fetched dataset's folder (downloads, images, captions). Cached features are kept."""
+    from ldot_cli.data.catalogue import DATASETS
+
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    folder = dataset_dir(dataset)
+    if not folder.is_dir():
+        raise DatasetError(f"{dataset} is not fetched ({folder} does not exist)")
+    shutil.rmtree(folder)
+    return folder

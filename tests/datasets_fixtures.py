@@ -1,0 +1,123 @@
+"""Miniature copies of the public dataset layouts, served from 127.0.0.1 as the hub, the COCO image host and
+GitHub raw serve them: the same file names, paths and columns, a few images instead of thousands."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+from ldot_testing import ServedFile
+
+from ldot_cli.data import catalogue, sources
+
+FLICKR_IDS = ["1007129816", "1009434119", "101362133", "102617084"]  # the Karpathy test starts like this
+COCO_IDS = [391895, 522418, 184613, 318219, 554625]
+
+
+def jpeg(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = (rng.integers(0, 255, size=(size[1], size[0], 3))).astype(np.uint8)
+    arr[:, : size[0] // 2, seed % 3] = 255  # a distinct block of colour per image
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+WORDS = ["a dog on the beach", "two people sitting on a bench", "a red car in the street", "a child with a ball",
+         "a man near a tree", "a woman in the snow"]
+
+
+def flickr_captions(i: int) -> list[str]:
+    return [f"{WORDS[(i + k) % len(WORDS)]} {k}" for k in range(5)]
+
+
+def flickr_zip(ids: list[str], extra: dict[str, bytes] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("images_flickr_1k_test/", b"")
+        for n, i in enumerate(ids):
+            z.writestr(f"images_flickr_1k_test/{i}.jpg", jpeg(n))
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def flickr_csv(ids: list[str]) -> bytes:
+    """nlphuji's columns: raw (JSON list of 5), sentids, split, filename, img_id."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
+    for n, i in enumerate(ids):
+        writer.writerow([json.dumps(flickr_captions(n)), json.dumps(list(range(5 * n, 5 * n + 5))), "test",
+                         f"{i}.jpg", str(n)])
+    return buf.getvalue().encode()
+
+
+def coco_parquet(ids: list[int], captions_per_image: tuple[int, ...] = (5, 5, 6, 5, 7)) -> bytes:
+    """yerevann/coco-karpathy's columns: filepath, filename, imgid, split, sentids, sentences, cocoid, url."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    sent = 0
+    for n, cid in enumerate(ids):
+        k = captions_per_image[n % len(captions_per_image)]
+        name = f"COCO_val2014_{cid:012d}.jpg"
+        rows.append({"filepath": "val2014", "filename": name, "imgid": n, "split": "test",
+                     "sentids": list(range(sent, sent + k)),
+                     "sentences": [f"{WORDS[(n + j) % len(WORDS)]} {j}" for j in range(k)], "cocoid": cid,
+                     "url": f"http://images.cocodataset.org/val2014/{name}"})
+        sent += k
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def gz_lines(lines: list[str]) -> bytes:
+    return gzip.compress(("\n".join(lines) + "\n").encode())
+
+
+@dataclass
+class Mini:
+    files: dict[str, ServedFile]
+    coco_images: dict[int, bytes]
+
+
+def miniature(flickr_ids: list[str] = FLICKR_IDS, multi30k_ids: list[str] | None = None) -> Mini:
+    """Every served path -> file, as the real hosts lay them out."""
+    flickr = f"/datasets/{catalogue.FLICKR_1K_REPO}/resolve/{catalogue.FLICKR_1K_REV}"
+    coco = f"/datasets/{catalogue.COCO_KARPATHY_REPO}/resolve/{catalogue.COCO_KARPATHY_REV}/data"
+    gh = f"/gh/multi30k/dataset/{catalogue.MULTI30K_COMMIT}/data/task1"
+    m30 = multi30k_ids if multi30k_ids is not None else flickr_ids
+    files = {f"{flickr}/images_flickr_1k_test.zip": ServedFile(flickr_zip(flickr_ids)),
+             f"{flickr}/test_1k_flickr.csv": ServedFile(flickr_csv(flickr_ids)),
+             f"{coco}/test-00000-of-00001.parquet": ServedFile(coco_parquet(COCO_IDS)),
+             f"{gh}/raw/test_2016_flickr.de.gz": ServedFile(gz_lines([f"ein Hund {i}" for i in range(len(m30))])),
+             f"{gh}/image_splits/test_2016_flickr.txt": ServedFile(("\n".join(f"{i}.jpg" for i in m30) + "\n").encode())}
+    images = {}
+    for n, cid in enumerate(COCO_IDS):
+        images[cid] = jpeg(10 + n)
+        files[f"/coco/val2014/COCO_val2014_{cid:012d}.jpg"] = ServedFile(images[cid])
+    return Mini(files, images)
+
+
+def point_catalogue_at(monkeypatch, url: str, coco_hosts: tuple[str, ...] | None = None) -> None:
+    """The catalogue's hosts -> the local server; the expected counts -> the miniature's."""
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(catalogue, "GITHUB_RAW", url + "/gh/")
+    monkeypatch.setattr(sources, "COCO_IMAGE_HOSTS", coco_hosts or (url + "/coco/",))
+    counts = {("flickr30k", "test"): (len(FLICKR_IDS), 5 * len(FLICKR_IDS)), ("coco", "test"): (5, 28),
+              ("multi30k", "test"): (len(FLICKR_IDS), len(FLICKR_IDS))}
+    splits = tuple(dataclasses.replace(s, images=counts[(s.dataset, s.split)][0],
+                                       captions=counts[(s.dataset, s.split)][1])
+                   if (s.dataset, s.split) in counts else s for s in catalogue.SPLITS)
+    monkeypatch.setattr(catalogue, "SPLITS", splits)
+    monkeypatch.setattr(sources, "SPLITS", splits)
