@@ -126,11 +126,11 @@ def main() -> None:
 def _printer():
     last = {}
 
-    def progress(stage: str, done: int, total: int) -> None:
+    def progress(p) -> None:  # a models.core.progress.Progress
         now = time.monotonic()
-        if done == total or now - last.get(stage, 0) > 5:
-            last[stage] = now
-            print(f"  {stage}: {done}/{total}", file=sys.stderr)
+        if p.done == p.total or now - last.get(p.stage, 0) > 5:
+            last[p.stage] = now
+            print(f"  {p.stage}: {p.done}/{p.total}", file=sys.stderr)
 
     return progress
 

@@ -6,8 +6,8 @@ preprocesses the rest in worker processes, runs the detector in batches and comm
 batch atomically with the files that failed in the meantime. Interrupt it at any point
 (Ctrl-C, kill -9, power loss): a re-run finishes the job, having lost at most one batch.
 
-The library never renders anything: pass ``progress`` (a callable taking
-:class:`ExtractProgress`) to draw a progress bar.
+The library never renders anything: pass ``progress`` (a `models.core.progress.ProgressFn`; stage
+``extracting``, ``info`` holds written, failed, skipped and elapsed_s) to draw a progress bar.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from feature_extraction.uniter_db import (
     regions_to_record,
     resolve_cut,
 )
+from models.core.progress import ProgressFn
+from models.core.progress import report as report_progress
 
 DetectorInput = tuple[Any, float, tuple[int, int]]  # ((3, h, w) float32 tensor, scale, (H, W))
 _MAX_FAILED_BATCHES = 3  # consecutive batches on which every image failed in the detector: give up
@@ -65,20 +67,6 @@ class RegionDetector(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ExtractProgress:
-    """Counts passed to the progress callback: at start, after each committed batch and after
-    each failed file (``failed`` counts files not yet committed as failed too)."""
-
-    total: int  # files this run will process (candidates minus skipped)
-    done: int  # processed so far: written + failed
-    written: int  # records committed by this run
-    failed: int  # files that failed in this run
-    skipped: int  # candidates skipped up front (already in the DB, or known bad)
-    elapsed_s: float  # since processing started
-
-
-ProgressFn = Callable[[ExtractProgress], None]
 # Called after each committed batch with the (source, record) pairs it stored, each record exactly as
 # the DB reader returns it: lets a caller consume features as they land (``ldot index`` encodes and
 # commits vectors batch by batch, with the same numbers a resumed run reads back).
@@ -133,7 +121,7 @@ def extract_to_db(paths: Iterable[str | os.PathLike[str]], out_dir: str | os.Pat
         batch_size: images per detector call, and per committed transaction.
         num_workers: decode/preprocess processes (0: in this process, no timeout).
         with_soft_labels: also store the 1601-class soft labels (for MRC-kl pre-training).
-        progress: called with :class:`ExtractProgress` after each commit.
+        progress: a `models.core.progress.ProgressFn`, called after each commit (stage ``extracting``).
         retry_failed: retry files that failed before although unchanged.
         max_pixels: decompression-bomb cap (see :func:`~feature_extraction.images.decode.load_image`).
         decode_timeout_s: per-file decode+preprocess limit in workers.
@@ -325,9 +313,9 @@ class _Run:
         if self.progress is None:
             return
         r = self.report
-        self.progress(ExtractProgress(total=len(self.todo), done=r.written + r.failed, written=r.written,
-                                      failed=r.failed, skipped=r.skipped_existing + r.skipped_known_bad,
-                                      elapsed_s=time.monotonic() - self.started))
+        report_progress(self.progress, "extracting", r.written + r.failed, len(self.todo), "images", written=r.written,
+               failed=r.failed, skipped=r.skipped_existing + r.skipped_known_bad,
+               elapsed_s=time.monotonic() - self.started)
 
 
 def _detector_input(item: DecodedImage) -> DetectorInput:

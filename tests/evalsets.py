@@ -29,6 +29,8 @@ import msgpack_numpy
 import numpy as np
 import torch
 
+from models.core.progress import Progress
+
 CLS, SEP = 101, 102
 KS = (1, 5, 10)
 
@@ -158,7 +160,7 @@ class PlantedEncoder:
         self.calls["images"] += len(records)
         out = np.stack([self.image_vectors[int(round(float(r.features[0, 0])))] for r in records])
         if progress is not None:
-            progress(len(records))
+            progress(Progress("encoding images", len(records), len(records), "images"))
         return torch.tensor(out, dtype=torch.float32)
 
 

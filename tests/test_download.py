@@ -11,8 +11,7 @@ from ldot_testing import ServedFile, closed_port_url, http_server, official_fine
 
 from models.core.errors import DownloadError
 from models.hub import catalogue as registry
-from models.hub.cache import is_present
-from models.hub.cache import verify_dir
+from models.hub.cache import is_present, verify_dir
 from models.hub.catalogue import ModelEntry, RemoteFile
 from models.hub.fetch import download_entry, download_file, known_hash
 

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 import models
 from ldot_cli.main import app
+from models.core.progress import Progress
 
 runner = CliRunner()
 PLANT = make_plant([1, 7, 2, 5, 6, 3, 5, 4, 8, 1, 5, 2], [0, 0, 2, 0, 5, 0, 1, 0, 9, 0, 0, 3, 0, 11], seed=4)
@@ -114,7 +115,7 @@ class NoisyEncoder:
 
     def encode_images(self, records, batch_size=64, progress=None):
         if progress:
-            progress(len(records))
+            progress(Progress("encoding images", len(records), len(records), "images"))
         return torch.from_numpy(self.image_vectors[[int(r.features[0, 0]) for r in records]])
 
 

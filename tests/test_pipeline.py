@@ -24,7 +24,6 @@ from imagegen import save, truncate, write_png_bomb
 
 from feature_extraction.errors import DBLockedError, DetectorError
 from feature_extraction.pipeline import (
-    ExtractProgress,
     ExtractReport,
     RegionDetector,
     extract_to_db,
@@ -34,6 +33,7 @@ from feature_extraction.uniter_db import (
     UniterImageDBWriter,
     soft_labels_to_uniter,
 )
+from models.core.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -112,7 +112,7 @@ def test_protocol_is_structural() -> None:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_broken_files_among_good_ones(tmp_path: Path, home: Path, num_workers: int) -> None:
     good = make_photos(tmp_path / "photos")
-    events: list[ExtractProgress] = []
+    events: list[Progress] = []
     report = extract_to_db([tmp_path / "photos"], tmp_path / "out", FakeDetector(), batch_size=4,
                            num_workers=num_workers, progress=events.append)
     assert report.written == len(good) == 15 and report.candidates == 19
@@ -123,7 +123,7 @@ def test_broken_files_among_good_ones(tmp_path: Path, home: Path, num_workers: i
     assert [(Path(i.path).name, i.reason) for i in report.walk_issues] == [("pipe.jpg", "not a regular file")]
     assert_db_matches(tmp_path / "out", good)
     dones = [e.done for e in events]
-    assert dones == sorted(dones) and events[-1].done == events[-1].total == 19 and events[-1].written == 15
+    assert dones == sorted(dones) and events[-1].done == events[-1].total == 19 and events[-1].info["written"] == 15
     sidecar = (tmp_path / "out" / "feat_th0.2_max100_min10.failed.json").read_text()
     assert "truncated.jpg" in sidecar and "_img00" not in sidecar
 
@@ -165,8 +165,8 @@ def test_resume_after_injected_interruption(tmp_path: Path, home: Path) -> None:
 def test_progress_callback_exception_stops_cleanly(tmp_path: Path, home: Path) -> None:
     good = make_photos(tmp_path / "photos", n_good=8)
 
-    def stop_after_first_commit(p: ExtractProgress) -> None:
-        if p.written:
+    def stop_after_first_commit(p: Progress) -> None:
+        if p.info["written"]:
             raise RuntimeError("user pressed stop")
 
     with pytest.raises(RuntimeError, match="user pressed stop"):
@@ -182,7 +182,7 @@ _KILL_SCRIPT = """
     from feature_extraction.pipeline import extract_to_db
 
     def progress(p):
-        print(p.written, flush=True)
+        print(p.info["written"], flush=True)
 
     extract_to_db([sys.argv[1]], sys.argv[2], FakeDetector(delay_s=0.15), batch_size=2, num_workers=1,
                   progress=progress)

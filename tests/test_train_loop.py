@@ -181,7 +181,7 @@ def test_pretraining_heads_learn_and_the_model_installs_with_them(tmp_path, toke
     model = _model()
     before = _head_losses(model, pairs, lookup, tokenizer)
     train(tmp_path / "run", TrainData(pairs, lookup), config, model, tokenizer, device="cpu",
-          progress=lambda p: seen.append((p.event, dict(p.task_losses))))
+          progress=lambda p: seen.append((p.event, dict(p.info.get("task_losses", {})))))
     after = _head_losses(model, pairs, lookup, tokenizer)
     assert all(after[t] < before[t] for t in before), (before, after)
     events = [e for e, _ in seen]
@@ -277,7 +277,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tokenizer):
     config = _config(tasks=(("itm", 1.0), ("mrfr", 1.0)), steps=2, precision="bf16")
     train(tmp_path / "run", TrainData(pairs, lookup, val=pairs), config, model, tokenizer, device="cpu",
           progress=seen.append)
-    assert all(np.isfinite(p.loss) for p in seen if p.event == "step")
+    assert all(np.isfinite(p.info["loss"]) for p in seen if p.event == "step")
     assert model.bert.txt_model.encode_proj[0].weight.dtype == torch.float32  # weights stay fp32 (autocast)
 
 

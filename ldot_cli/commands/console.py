@@ -8,9 +8,24 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
+
+from models.core.progress import Progress
 
 out = Console(soft_wrap=True)  # results
 err = Console(stderr=True)  # diagnostics, progress, errors
+
+# C0 and C1 control characters and the bidirectional overrides/isolates: never sent to a terminal raw
+_UNSAFE = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09,)}
+_UNSAFE.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F]})
+
+
+def safe(text: str) -> str:
+    """User data (a file name, a caption) made safe for a terminal: control characters escaped as ``\\xNN``.
+
+    Print the result as plain text (``Text(...)``, or ``markup=False``), never as rich markup.
+    """
+    return text.translate(_UNSAFE)
 
 
 def human_bytes(n: float | None) -> str:
@@ -43,80 +58,55 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
     )
 
     if unit == "bytes":
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn()]
     else:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
         yield progress
 
 
-def download_progress(progress: Any) -> Any:
-    """An adapter from `models.core.progress` byte reports (downloads) to one rich task per stage (file or
-    batch), drawn by a `progress_bar("bytes")`: size done, bytes/s and ETA."""
-    tasks: dict[str, Any] = {}
-
-    def callback(p: Any) -> None:
-        label = p.stage
-        files = p.info.get("files") if p.info else None
-        description = f"{label} ({files:,}/{p.info['of']:,} files)" if files is not None else label
-        if label not in tasks:
-            tasks[label] = progress.add_task(description, total=p.total)
-        progress.update(tasks[label], completed=p.done, total=p.total, description=description)
-
-    return callback
-
-
-class StageProgress:
-    """An adapter from a library ``progress(stage, done, total)`` callback to one rich task per stage,
-    each with its count, rate and ETA."""
-
-    def __init__(self, progress: Any, unit: str = "") -> None:
-        import time
-
-        self._time = time.monotonic
-        self.progress, self.unit = progress, unit
-        self.tasks: dict[str, Any] = {}
-        self.starts: dict[str, float] = {}
-
-    def __call__(self, stage: str, done: int, total: int | None) -> None:
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, rate="")
-            self.starts[stage] = self._time()
-        elapsed = self._time() - self.starts[stage]
-        # a stage's clock starts at its first update; no rate until it has run a moment
-        rate = f"{done / elapsed:.2f}{' ' + self.unit if self.unit else ''}/s" if done and elapsed > 0.5 else ""
-        self.progress.update(self.tasks[stage], completed=done, total=total, rate=rate)
-
-
-class TrainView:
-    """Renders `models.training.loop.Progress`: one bar of optimizer steps with steps/s, loss and ETA; a line per
-    validation and a dim line per checkpoint."""
+class ProgressView:
+    """Draws `models.core.progress` reports: one rich task per stage with its count (or bytes), rate and ETA;
+    training's validation and checkpoint events as lines above the bars."""
 
     def __init__(self, progress: Any) -> None:
         import time
 
         self._time = time.monotonic
         self.progress = progress
-        self.task: Any = None
-        self.started = 0.0
-        self.first_step = 0
+        self.tasks: dict[str, Any] = {}
+        self.starts: dict[str, tuple[float, int]] = {}  # stage -> (clock, done) at its first report
 
-    def __call__(self, p: Any) -> None:
-        if p.event == "start":
-            self.task = self.progress.add_task("train", total=p.total, completed=p.step, rate="")
-            self.started, self.first_step = self._time(), p.step
-        elif p.event == "step":
-            elapsed = max(self._time() - self.started, 1e-9)
-            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.task_losses.items()))
-            self.progress.update(self.task, completed=p.step, description=f"epoch {p.epoch:.2f} {losses}",
-                                 rate=f"{(p.step - self.first_step) / elapsed:.2f} steps/s lr {p.lr:.2e}")
-        elif p.event == "eval":
-            m = p.metrics
-            t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
-            i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
-            self.progress.console.print(f"step {p.step}: mean recall {m['mean_recall']:.2f} "
-                                        f"(text->image R@1/5/10 {t2i}; image->text {i2t})", highlight=False)
-        elif p.event == "checkpoint":
-            self.progress.console.print(f"[dim]step {p.step}: checkpoint saved[/]", highlight=False)
+    def __call__(self, p: Progress) -> None:
+        if p.event == "eval":
+            self._eval_line(p)
+            return
+        if p.event == "checkpoint":
+            self.progress.console.print(Text(f"step {p.done}: checkpoint saved", style="dim"))
+            return
+        if p.stage not in self.tasks:
+            self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
+            self.starts[p.stage] = (self._time(), p.done)
+        started, first = self.starts[p.stage]
+        elapsed = self._time() - started
+        # a stage's clock starts at its first report; no rate until it has run a moment
+        rate = f"{(p.done - first) / elapsed:.2f} {p.unit}/s" if p.done > first and elapsed > 0.5 else ""
+        description = safe(p.stage)
+        if "task_losses" in p.info:  # training: where it is and how the losses go
+            losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.info["task_losses"].items()))
+            description = f"epoch {p.info.get('epoch', 0.0):.2f} {losses}"
+        if "files" in p.info and "of" in p.info:  # a batch of downloads: files done of all
+            description += f" ({p.info['files']:,}/{p.info['of']:,} files)"
+        if "lr" in p.info and rate:
+            rate += f" lr {p.info['lr']:.2e}"
+        self.progress.update(self.tasks[p.stage], completed=p.done, total=p.total, rate=rate,
+                             description=description)
+
+    def _eval_line(self, p: Progress) -> None:
+        m = p.info["metrics"]
+        t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
+        i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
+        self.progress.console.print(f"step {p.done}: mean recall {m['mean_recall']:.2f} "
+                                    f"(text->image R@1/5/10 {t2i}; image->text {i2t})", highlight=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import download_progress, err, human_bytes, out, progress_bar
+from ldot_cli.commands.console import ProgressView, err, human_bytes, out, progress_bar
 
 app = typer.Typer(help="Public benchmarks and training sets in the cache: list, get, verify, rm.",
                   no_args_is_help=True)
@@ -45,7 +45,7 @@ def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers:
     if plan.done:
         return
     with progress_bar("bytes", transient=False) as bar:
-        sources.fetch(dataset, split, lang, progress=_bytes_only(download_progress(bar)), workers=workers)
+        sources.fetch(dataset, split, lang, progress=_bytes_only(ProgressView(bar)), workers=workers)
 
 
 def _bytes_only(callback: Any) -> Any:

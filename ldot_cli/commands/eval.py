@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import StageProgress, out, progress_bar
+from ldot_cli.commands.console import ProgressView, out, progress_bar
 
 
 class Dataset(str, Enum):
@@ -104,7 +104,7 @@ def eval_command(
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,
                        batch_size, device.value, cross_sample, save_embeddings)
     with progress_bar(transient=True) as progress:
-        report = run(opts, StageProgress(progress))
+        report = run(opts, ProgressView(progress))
     if json_output:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from ldot_cli.commands.console import (
-    StageProgress,
-    download_progress,
+    ProgressView,
     err,
     progress_bar,
 )
@@ -39,13 +38,12 @@ def extract(
     from models.hub.fetch import ensure_model
 
     with progress_bar("bytes", transient=True) as bar:
-        ensure_model(detector, download_progress(bar))
+        ensure_model(detector, ProgressView(bar))
     model = open_detector(detector, device, half)
     with progress_bar() as bar:
-        render = StageProgress(bar, "images")
         report = extract_to_db([str(p) for p in paths], out, model, preset, batch_size=batch_size,
                                num_workers=workers, with_soft_labels=soft_labels, retry_failed=retry_failed,
-                               progress=lambda p: render("extracting", p.done, p.total))
+                               progress=ProgressView(bar))
     err.print(f"{report.written} images written to {report.db_path}, {report.skipped_existing} already there, "
               f"{report.failed} failed, {report.skipped_known_bad} known-bad skipped ({report.elapsed_s:.1f} s)")
     for failure in report.failures[:20]:

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from ldot_cli.commands.console import (
-    StageProgress,
-    download_progress,
+    ProgressView,
     err,
     human_bytes,
     out,
@@ -45,10 +44,10 @@ def index(
 
     with progress_bar("bytes", transient=True) as bar:
         for needed in (detector, model or DEFAULT_BI_ENCODER):
-            ensure_model(needed, download_progress(bar))
+            ensure_model(needed, ProgressView(bar))
     with progress_bar() as bar:
         indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                          device=device, batch_size=batch_size, num_workers=workers, progress=StageProgress(bar, "images"),
+                          device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
                           ann=None if ann is None else ("ivf" if ann else "exact"))
         report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
     err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "

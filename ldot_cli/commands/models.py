@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ldot_cli.commands.console import (
-    download_progress,
+    ProgressView,
     err,
     human_bytes,
     out,
@@ -71,7 +71,7 @@ def download(
     from models.hub.fetch import download_entry
 
     with progress_bar("bytes") as progress:
-        path = download_entry(name, progress=download_progress(progress), keep_source=keep_source)
+        path = download_entry(name, progress=ProgressView(progress), keep_source=keep_source)
     err.print(f"[green]ok[/] {name} -> {path}")
 
 

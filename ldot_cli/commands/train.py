@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import err, progress_bar
+from ldot_cli.commands.console import ProgressView, err, progress_bar
 
 app = typer.Typer(help="Make your own LightningDOT model: fine-tune or pre-train a bi-encoder.", no_args_is_help=True)
 
@@ -104,13 +104,12 @@ def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[P
 
 def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | None, device: str, resume: bool,
          force: bool, options: dict[str, Any]) -> None:
-    from ldot_cli.commands.console import TrainView
     from ldot_cli.train.driver import TrainRequest, run_training
 
     overrides = {k: v for k, v in options.items() if v is not None}
     request = TrainRequest(mode, name, spec, init, image_init, overrides, device=device, resume=resume, force=force)
     with progress_bar("steps") as progress:
-        outcome = run_training(request, TrainView(progress))
+        outcome = run_training(request, ProgressView(progress))
     result = outcome.result
     best = result.best
     summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"

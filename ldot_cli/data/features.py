@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from feature_extraction.uniter_db import FeatureStore, is_image_db
 from ldot_cli.data.benchmarks import RetrievalSet
 from ldot_cli.data.errors import DatasetError
 from models.core.errors import LdotError
+from models.core.progress import Progress, ProgressFn, report
 
 
 def feature_cache_dir(image_root: Path) -> Path:
@@ -26,7 +27,7 @@ def feature_cache_dir(image_root: Path) -> Path:
 
 
 def ensure_features(rset: RetrievalSet, detector: Any = None, device: str = "auto",
-                    progress: Callable[[str, int, int], None] | None = None, num_workers: int = 2) -> Path:
+                    progress: ProgressFn | None = None, num_workers: int = 2) -> Path:
     """Make sure every image of ``rset`` has features in a UNITER image DB; returns (and sets) its folder.
 
     A UNITER image DB given by the user is used as it is. For image files, features are extracted once
@@ -101,7 +102,7 @@ def load_default_detector(device: str = "auto") -> Any:
 
 
 def _extract(paths: Sequence[Path], keys: Sequence[str], out_dir: Path, detector: Any,
-             progress: Callable[[str, int, int], None] | None, num_workers: int) -> Any:
+             progress: ProgressFn | None, num_workers: int) -> Any:
     """Extract region features of ``paths`` into the UNITER image DB ``out_dir``, stored under ``keys``.
 
     INTEGRATION POINT (feature extraction): the one call into `feature_extraction.pipeline.extract_to_db`.
@@ -113,9 +114,8 @@ def _extract(paths: Sequence[Path], keys: Sequence[str], out_dir: Path, detector
     def key_fn(path: str, root: str) -> str:
         return key_of.get(os.path.abspath(path), os.path.basename(path))
 
-    def on_progress(p: Any) -> None:
-        if progress is not None:
-            progress("extracting features", p.done, p.total)
+    def on_progress(p: Progress) -> None:
+        report(progress, "extracting features", p.done, p.total, "images")
 
     try:
         return extract_to_db([str(p) for p in paths], out_dir, detector, "uniter", key_fn=key_fn,

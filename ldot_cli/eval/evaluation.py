@@ -13,7 +13,7 @@ Semantics (the official LightningDOT ``eval_model_on_dataloader`` / UNITER ``itm
   their bi-encoder ranks.
 
 Scores are raw dot products searched exactly with FAISS ``IndexFlatIP``. No typer/rich here: the CLI passes
-a ``progress(stage, done, total)`` callback.
+a `models.core.progress.ProgressFn`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from ldot_cli.data.benchmarks import DataPaths, RetrievalSet, locate
 from ldot_cli.data.errors import DatasetError
 from ldot_cli.data.features import ensure_features
 from models.core.errors import LdotError, ModelError
+from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
 from models.nn.regions import stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
-
-ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
 
 # Official README (R@1/5/10 in %), lightningdot.md §8: (dataset, checkpoint) -> row.
 PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
@@ -59,7 +58,7 @@ class Encoder(Protocol):
     def encode_token_ids(self, input_ids: Any, attention_mask: Any = None) -> Any: ...
 
     def encode_images(self, records: Sequence[Any], batch_size: int = ...,
-                      progress: Callable[[int], None] | None = None) -> Any: ...
+                      progress: ProgressFn | None = None) -> Any: ...
 
 
 class Reranker(Protocol):
@@ -157,16 +156,15 @@ def _numpy(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def _tick(progress: ProgressFn | None, stage: str, total: int) -> Callable[[int], None]:
+def _tick(progress: ProgressFn | None, stage: str, total: int, unit: str = "items") -> Callable[[int], None]:
+    """A counter for work done in pieces: ``advance(k)`` reports ``k`` more units of ``stage`` done."""
     done = [0]
 
     def advance(k: int) -> None:
         done[0] += k
-        if progress is not None:
-            progress(stage, done[0], total)
+        report(progress, stage, done[0], total, unit)
 
-    if progress is not None:
-        progress(stage, 0, total)
+    report(progress, stage, 0, total, unit)
     return advance
 
 
@@ -178,14 +176,18 @@ def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str],
     if missing:
         raise DatasetError(f"image DB {store.img_dir} has no features for {len(missing)} of the {len(keys)} images "
                            f"(first: {missing[0]})")
-    advance = _tick(progress, "encoding images", len(keys))
+    report(progress, "encoding images", 0, len(keys), "images")
     chunk = max(256, 8 * batch_size)
     out = []
     for start in range(0, len(keys), chunk):
         t0 = time.perf_counter()
         records = [store.get(k) for k in keys[start:start + chunk]]
         t1 = time.perf_counter()
-        out.append(_numpy(encoder.encode_images(records, batch_size=batch_size, progress=advance)))
+
+        def within(p: Progress, offset: int = start) -> None:  # the chunk's count, as a count of the whole set
+            report(progress, "encoding images", offset + p.done, len(keys), "images")
+
+        out.append(_numpy(encoder.encode_images(records, batch_size=batch_size, progress=within)))
         timings.feature_loading_s += t1 - t0
         timings.image_encoding_s += time.perf_counter() - t1
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
@@ -217,7 +219,7 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
     """
     timings = timings or Timings()
     captions = rset.captions
-    advance = _tick(progress, "encoding captions", len(captions))
+    advance = _tick(progress, "encoding captions", len(captions), "captions")
     vectors: list[np.ndarray | None] = [None] * len(captions)
     t0 = time.perf_counter()
     if mode == "token-ids":

@@ -13,7 +13,7 @@ import fnmatch
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from ldot_cli.index.store import (
 )
 from models.core.errors import LdotError
 from models.core.fileio import sha256_file
+from models.core.progress import ProgressFn
+from models.core.progress import report as report_progress
 from models.hub.catalogue import DEFAULT_BI_ENCODER, DEFAULT_DETECTOR
 
 DEFAULT_PRESET = "uniter"
@@ -37,8 +39,7 @@ FAISS_FLUSH_S = 300.0  # rewrite the vector file at least this often during long
 STAGING_DIR = ".staging-regions"
 
 
-# progress(stage, done, total): stage is "scanning" | "hashing" | "extracting" | "encoding" | "saving"
-ProgressFn = Callable[[str, int, "int | None"], None]
+# progress stages, in order: "scanning" (files), "hashing", "extracting", "encoding" (images), "saving"
 
 
 @dataclass
@@ -66,6 +67,10 @@ def _excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
 class Indexer:
     """One indexing run over some roots into one named index (holds the index lock throughout)."""
 
+    def stage(self, stage: str, done: int, total: int | None) -> None:
+        """Report how far a stage has come (see `models.core.progress`)."""
+        report_progress(self.progress, stage, done, total, "files" if stage == "scanning" else "images")
+
     def __init__(self, name: str = "default", model: str | None = None, detector: Any = DEFAULT_DETECTOR,
                  preset: str = DEFAULT_PRESET, keep_regions: bool = True, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
@@ -78,7 +83,7 @@ class Indexer:
         self._detector: Any = None if isinstance(detector, str) else detector
         self.keep_regions, self.device = keep_regions, device
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.progress = progress or (lambda stage, done, total: None)
+        self.progress = progress
         self.ann = ann
         self._encoder: Any = None
         self.last_flush = time.monotonic()
@@ -149,7 +154,7 @@ class Indexer:
         for root in roots:
             if not os.path.exists(root):
                 raise LdotError(f"{root} does not exist: give a folder of images to index")
-        self.progress("scanning", 0, None)
+        self.stage("scanning", 0, None)
         issues: list[Any] = []
         sources = []
         for root in roots:
@@ -157,16 +162,16 @@ class Indexer:
                 if not _excluded(src.path, src.root, excludes):
                     sources.append(src)
         report.found = len(sources)
-        self.progress("scanning", len(sources), len(sources))
+        self.stage("scanning", len(sources), len(sources))
         todo = self._plan(store, roots, sources, retry_failed, report)
         self._record_walk_issues(store, roots, issues, report)
         hashes = self._hash(todo)
         need = self._link_known(store, todo, hashes, report)
         self._encode_new(store, need, hashes, report)
         self._collect_garbage(store)
-        self.progress("saving", 0, 1)
+        self.stage("saving", 0, 1)
         report.faiss = store.sync_faiss(kind=None)
-        self.progress("saving", 1, 1)
+        self.stage("saving", 1, 1)
 
     def _plan(self, store: IndexStore, roots: list[str], sources: list[Any], retry_failed: bool,
               report: IndexReport) -> list[Any]:
@@ -208,15 +213,15 @@ class Indexer:
         hashes: dict[str, str] = {}
         if not todo:
             return hashes
-        self.progress("hashing", 0, len(todo))
+        self.stage("hashing", 0, len(todo))
         for i, src in enumerate(todo):
             try:
                 hashes[src.path] = sha256_file(src.path)
             except OSError:
                 pass  # unreadable: the extraction step reports why
             if i % 64 == 63:
-                self.progress("hashing", i + 1, len(todo))
-        self.progress("hashing", len(todo), len(todo))
+                self.stage("hashing", i + 1, len(todo))
+        self.stage("hashing", len(todo), len(todo))
         return hashes
 
     def _link_known(self, store: IndexStore, todo: list[Any], hashes: dict[str, str],
@@ -249,8 +254,8 @@ class Indexer:
             else:
                 by_hash.setdefault(digest, []).append(src)
         firsts = [group[0] for group in by_hash.values()]
-        self.progress("extracting", 0, None)  # stages show in this order; totals come when known
-        self.progress("encoding", 0, len(firsts))
+        self.stage("extracting", 0, None)  # stages show in this order; totals come when known
+        self.stage("encoding", 0, len(firsts))
         regions_dir = self.dir / (REGIONS_DIR if self.keep_regions else STAGING_DIR)
         pending = Batcher(self, store, by_hash, report, total=len(firsts))
         # contents whose regions an interrupted run already extracted: encode straight away
@@ -273,8 +278,8 @@ class Indexer:
         if fresh:
             self._extract(fresh, hashes, regions_dir, pending, report)
         pending.flush()
-        self.progress("extracting", len(fresh), len(fresh))
-        self.progress("encoding", report.encoded, report.encoded)  # files that failed extraction drop out
+        self.stage("extracting", len(fresh), len(fresh))
+        self.stage("encoding", report.encoded, report.encoded)  # files that failed extraction drop out
         if unreadable:
             self._skip(store, [(src, None, "unreadable file", True) for src in unreadable], report)
         if not self.keep_regions:
@@ -294,7 +299,7 @@ class Indexer:
 
         def on_progress(p: Any) -> None:
             state["done"] = p.done
-            self.progress("extracting", p.done, total)
+            self.stage("extracting", p.done, total)
 
         result = extract_to_db([s.path for s in sources], regions_dir, self.detector, self.preset,
                                key_fn=lambda path, root: hashes[path], batch_size=self.batch_size,
@@ -359,7 +364,7 @@ class Batcher:
                 vid = store.add_vector(db, digest, vector, len(regions.features))
                 store.put_files(db, [file_row(src, digest, vid) for src in self.by_hash[digest]])
                 self.report.encoded += 1
-        self.indexer.progress("encoding", self.report.encoded, self.total)
+        self.indexer.stage("encoding", self.report.encoded, self.total)
         self.indexer.maybe_flush(store)
 
 

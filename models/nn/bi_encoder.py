@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models.core.errors import ModelError
+from models.core.progress import ProgressFn, report
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import BertBody, Projection, UniterBody, box7_from_norm_bb
 
@@ -145,12 +146,12 @@ class BiEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode_images(self, records: Sequence[Any], batch_size: int = 64,
-                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                      progress: ProgressFn | None = None, stage: str = "encoding images") -> torch.Tensor:
         """Per-image region sets -> (n, D) float32, in input order.
 
         ``records`` are anything with ``features`` (n_i, img_dim) and ``norm_bb`` (n_i, 6) arrays (e.g.
         `feature_extraction.types.RegionFeatures`). Images are batched by similar region counts to keep
-        padding small; ``progress(k)`` is called after each batch of k images.
+        padding small; ``progress`` hears of each batch (``stage``, images done, of ``len(records)``).
         """
         from models.nn.regions import stack_regions
 
@@ -160,8 +161,7 @@ class BiEncoder(nn.Module):
             idx = order[start:start + batch_size]
             feat, bb, mask, _ = stack_regions([records[i] for i in idx])
             out[idx] = self.encode_regions(feat, bb, mask).cpu()
-            if progress is not None:
-                progress(len(idx))
+            report(progress, stage, min(start + batch_size, len(order)), len(order), "images")
         return out
 
     @staticmethod

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.core.progress import Progress, ProgressFn
 from models.core.errors import LdotError
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
@@ -213,22 +214,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
 
 
 # -- progress --------------------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    """What the loop reports after each optimizer step (``event="step"``) and at other moments."""
-
-    event: str  # start | step | eval | checkpoint | done
-    step: int  # optimizer steps done
-    total: int  # optimizer steps of the whole run
-    epoch: float  # passes over the training pairs so far
-    loss: float | None = None  # mean loss of this step's micro-batches
-    task_losses: dict[str, float] = field(default_factory=dict)  # running mean per task
-    lr: float = 0.0
-    metrics: dict[str, Any] | None = None  # eval: recalls; done: the best
-    message: str = ""
-
-
-ProgressFn = Callable[[Progress], None]
+# The loop reports through `models.core.progress` with stage "train" and unit "steps": ``done`` = optimizer steps
+# done, ``total`` = steps of the run; ``event`` is start | step | eval | checkpoint | done; ``info`` holds epoch
+# (passes over the training pairs so far), loss (mean of the step's micro-batches), task_losses (running mean per
+# task), lr, metrics (eval: recalls; done: the best) and message.
+def _report(progress: ProgressFn, event: str, step: int, total: int, epoch: float, **info: Any) -> None:
+    progress(Progress("train", step, total, "steps", event, {"epoch": epoch, **info}))
 
 
 @dataclass
@@ -570,7 +561,7 @@ class _Trainer:
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
         _atomic_dir(self.run_dir / CHECKPOINT, write)
-        self.progress(Progress("checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT)))
+        _report(self.progress, "checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT))
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
@@ -615,7 +606,7 @@ class _Trainer:
         if self.step == 0:
             torch.manual_seed(self.config.seed)  # dropout; a resumed run restores the RNG state instead
         lr = lr_at(self.step, self.config.lr, self.warmup, self.total)
-        self.progress(Progress("start", self.step, self.total, self.epoch, lr=lr))
+        _report(self.progress, "start", self.step, self.total, self.epoch, lr=lr)
         while self.step < self.total:
             snapshot = self._snapshot()
             try:
@@ -627,17 +618,18 @@ class _Trainer:
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
                                           f"{self.run_dir}: continue it with --resume") from None
-            self.progress(Progress("step", self.step, self.total, self.epoch, loss, dict(self.running), lr))
+            _report(self.progress, "step", self.step, self.total, self.epoch, loss=loss, task_losses=dict(self.running),
+                    lr=lr)
             if self.step % self.eval_every == 0 or self.step == self.total:
                 record = self.validate()
                 if record is not None:
-                    self.progress(Progress("eval", self.step, self.total, self.epoch, metrics=record))
+                    _report(self.progress, "eval", self.step, self.total, self.epoch, metrics=record)
             stopping = stop_at_step is not None and self.step >= stop_at_step and self.step < self.total
             if self.step % self.checkpoint_every == 0 or self.step == self.total or stopping:
                 self.save_checkpoint()
             if stopping:
                 return TrainResult(self.run_dir, self.step, self.total, False, self.best, time.monotonic() - started)
-        self.progress(Progress("done", self.step, self.total, self.epoch, metrics=self.best))
+        _report(self.progress, "done", self.step, self.total, self.epoch, metrics=self.best)
         return TrainResult(self.run_dir, self.step, self.total, True, self.best, time.monotonic() - started)
 
 
