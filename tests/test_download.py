@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from ldot_testing import ServedFile, closed_port_url, http_server, official_finetuned
+from ldot_testing import ServedFile, closed_port_url, http_server, hub_online, hub_repo_files, official_finetuned
 
 from models.core.errors import DownloadError
 from models.hub import catalogue as registry
@@ -114,10 +114,10 @@ def test_official_checkpoint_download_is_converted_once(monkeypatch, tmp_path, t
 
 
 def test_hub_entry_downloads_files_skips_missing_optional_ones_and_verify_detects_damage(monkeypatch):
-    files = {"/org/m/resolve/main/config.json": ServedFile(b'{"model_type": "bert"}'),
-             "/org/m/resolve/main/vocab.txt": ServedFile(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n")}
+    files = hub_repo_files("org/m", {"config.json": b'{"model_type": "bert"}',
+                                     "vocab.txt": b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n"})
     with http_server(files) as srv:
-        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        hub_online(monkeypatch, srv.url)
         _entry(monkeypatch, ModelEntry("test-bert", "text-encoder", "t", "MIT", registry._hub(
             "org/m", "config.json", "vocab.txt", optional=("tokenizer.json",))))
         path = download_entry("test-bert")
@@ -125,14 +125,14 @@ def test_hub_entry_downloads_files_skips_missing_optional_ones_and_verify_detect
         assert not (path / "tokenizer.json").exists()
         n = len(srv.requests)
         download_entry("test-bert")  # present files are not fetched again
-        assert [r for r in srv.requests[n:] if not r[0].endswith("tokenizer.json")] == []
+        assert [r for r in srv.requests[n:] if "tokenizer.json" not in r[0]] == []
     (path / "vocab.txt").write_bytes(b"tampered")
     assert any("vocab.txt" in p for p in verify_dir(path))
 
 
 def test_a_404_on_a_required_file_is_an_error(monkeypatch):
     with http_server({}) as srv:
-        monkeypatch.setenv("HF_ENDPOINT", srv.url)
+        hub_online(monkeypatch, srv.url)
         _entry(monkeypatch, ModelEntry("test-x", "text-encoder", "t", "MIT", registry._hub("org/x", "config.json",
                                                                                               "vocab.txt")))
         with pytest.raises(DownloadError, match="404"):
@@ -177,12 +177,11 @@ def test_an_interrupted_model_download_is_not_a_model_and_resumes(monkeypatch, t
     from models.hub.load import resolve_source
 
     weights = os.urandom(300_000)
-    files = {"/org/w/resolve/main/config.json": ServedFile(b'{"model_type": "bert"}'),
-             "/org/w/resolve/main/model.safetensors": ServedFile(weights, cut_after=50_000)}  # 4 tries: 200 kB
+    files = {"/w/config.json": ServedFile(b'{"model_type": "bert"}'),
+             "/w/model.safetensors": ServedFile(weights, cut_after=50_000)}  # 4 tries: 200 kB
     with http_server(files) as srv:
-        monkeypatch.setenv("HF_ENDPOINT", srv.url)
-        _entry(monkeypatch, ModelEntry("test-w", "text-encoder", "t", "MIT",
-                                       registry._hub("org/w", "config.json", "model.safetensors")))
+        _entry(monkeypatch, ModelEntry("test-w", "text-encoder", "t", "MIT", tuple(
+            RemoteFile(f, (srv.url + "/w/" + f,)) for f in ("config.json", "model.safetensors"))))
         monkeypatch.setattr("models.core.download.time.sleep", lambda s: None)
         with pytest.raises(DownloadError, match="run the same command again to resume"):
             ensure_model("test-w")
@@ -192,10 +191,10 @@ def test_an_interrupted_model_download_is_not_a_model_and_resumes(monkeypatch, t
         assert "downloaded: `ldot models download test-w` resumes" in " ".join(listed.output.split())
         with pytest.raises(Exception, match="not downloaded .*ldot models download test-w"):
             resolve_source("test-w")
-        srv.files["/org/w/resolve/main/model.safetensors"] = ServedFile(weights)
+        srv.files["/w/model.safetensors"] = ServedFile(weights)
         n = len(srv.requests)
         ensure_model("test-w")  # the next run resumes from the kept bytes
-        assert ("/org/w/resolve/main/model.safetensors", "bytes=200000-") in srv.requests[n:]
+        assert ("/w/model.safetensors", "bytes=200000-") in srv.requests[n:]
     assert is_present("test-w") and (ldot_home / "models" / "test-w" / "model.safetensors").read_bytes() == weights
     assert not staging_dir("test-w").exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from ldot_cli.commands.console import (
     ProgressView,
@@ -27,28 +28,50 @@ def list_models() -> None:
 
     local = {m.name: m for m in local_models()}
     table = Table(title=None, show_lines=False)
-    for column in ("name", "kind", "present", "size", "licence", "source"):
+    for column in ("name", "kind", "present", "size", "licence", "source", "where"):
         table.add_column(column, overflow="fold")
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
         present = "[green]yes[/]" if model and model.complete else ("partial" if model else "[dim]no[/]")
         size = human_bytes(model.size) if model else entry.approx_size
-        pending = _pending_bytes(entry.name)
+        pending = _pending_bytes(entry)
         if pending and not (model and model.complete):
             present = f"no ({human_bytes(pending)} downloaded: `ldot models download {entry.name}` resumes)"
         source = _source(entry)
-        table.add_row(entry.name, entry.kind, present, size, entry.licence, source)
+        table.add_row(entry.name, entry.kind, present, size, entry.licence, source, _where(model))
     for model in local.values():
-        table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})")
+        table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})",
+                      _where(model))
     out.print(table)
 
 
-def _pending_bytes(name: str) -> int:
-    """Bytes an interrupted download of ``name`` left in its staging folder (resumed by the next download)."""
+def _pending_bytes(entry: object) -> int:
+    """Bytes an interrupted download left (in the staging folder, or the shared hub cache's ``.part`` blobs):
+    the next download resumes from them."""
     from models.hub.fetch import staging_dir
+    from models.hub.hubfiles import hub_cache_dir, parse_hub_url
 
+    name = entry.name  # type: ignore[attr-defined]
     folder = staging_dir(name)
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    hub = parse_hub_url(entry.files[0].urls[0])  # type: ignore[attr-defined]
+    if hub is not None:
+        blobs = hub_cache_dir() / ("models--" + hub.repo.replace("/", "--")) / "blobs"
+        total += sum(p.stat().st_size for p in blobs.glob("*.part")) if blobs.is_dir() else 0
+    return total
+
+
+def _where(model: object) -> Text:
+    """Where a present model's files are: the ldot cache, or (linked from it) the shared Hugging Face cache."""
+    from models.hub.hubfiles import hub_cache_dir
+
+    if model is None:
+        return Text("-")
+    path = model.path  # type: ignore[attr-defined]
+    linked = [p for p in path.iterdir() if p.is_symlink()] if path.is_dir() else []
+    if linked:
+        return Text(f"shared hub cache {hub_cache_dir()} (linked from {path})")
+    return Text(f"ldot cache {path}")
 
 
 def _source(entry: object) -> str:

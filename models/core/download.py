@@ -42,6 +42,7 @@ class UnreachableError(DownloadError):
             kept = f"; {part.stat().st_size} bytes kept in {part}: run the same command again to resume"
         super().__init__(f"could not download {filename}: tried " + "; ".join(failures) + kept)
         self.failures = failures
+        self.kept = kept  # "; N bytes kept in X.part: run the same command again to resume", or ""
         self.not_found = bool(failures) and all(f.endswith("(HTTP 404 Not Found)") for f in failures)
 
 

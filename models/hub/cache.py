@@ -94,7 +94,10 @@ def is_present(name: str) -> bool:
     """Downloaded (or imported) and complete: every non-optional file, or a converted model."""
     directory = model_path(name)
     manifest = read_manifest(directory)
-    return bool(manifest.get("complete")) and directory.is_dir()
+    if not (manifest.get("complete") and directory.is_dir()):
+        return False
+    files = manifest.get("files")  # a file linked from the shared hub cache may have been deleted there
+    return not isinstance(files, dict) or all((directory / f).is_file() for f in files)
 
 
 def hash_dir(directory: Path) -> dict[str, dict[str, object]]:

@@ -22,6 +22,7 @@ from models.core.fileio import replace_dir
 from models.core.home import models_dir
 from models.core.progress import ProgressFn
 from models.hub.cache import model_path, read_manifest, record_model, write_manifest
+from models.hub.hubfiles import HubFile, HubOfflineError, fetch_hub_file, hub_cache_dir, parse_hub_url
 from models.hub.catalogue import (
     TOKENIZER_FILES,
     ModelEntry,
@@ -56,10 +57,15 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
         manifest = read_manifest(target)
         complete_before = bool(manifest.get("complete"))
         files = dict(manifest.get("files", {})) if isinstance(manifest.get("files"), dict) else {}
-        if only is None and not entry.convert:
+        hub = _hub_files(entry)
+        pin: dict[str, str] = {}
+        if only is None and not entry.convert and hub is None:
             _reuse_verified(target, staging, files)
         for remote in wanted:
             dest = staging / remote.filename
+            if hub is not None:
+                _link_hub_file(entry, remote, hub[remote.filename], staging, files, pin, progress)
+                continue
             if not entry.convert and remote.filename in files and dest.is_file():
                 continue
             try:
@@ -78,10 +84,49 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
                                     "complete": complete or complete_before, "origin": "download"})
             return target
         files = {k: v for k, v in files.items() if (staging / k).is_file()}
+        extra = {"hub": {"repo": hub[next(iter(hub))].repo, "commit": pin.get("commit"),
+                         "cache": str(hub_cache_dir())}} if hub else {}
         write_manifest(staging, {"name": entry.name, "kind": entry.kind, "files": files, "complete": complete,
-                                 "origin": "download"})
+                                 "origin": "download", **extra})
         replace_dir(staging, target)
     return target
+
+
+def _hub_files(entry: ModelEntry) -> dict[str, HubFile] | None:
+    """The hub location of each file when every file of ``entry`` lives on the hub (else None)."""
+    parsed = {f.filename: parse_hub_url(f.urls[0]) for f in entry.files}
+    if entry.convert or not parsed or any(p is None for p in parsed.values()):
+        return None
+    return parsed  # type: ignore[return-value]
+
+
+def _link_hub_file(entry: ModelEntry, remote: RemoteFile, where: HubFile, staging: Path, files: dict,
+                   pin: dict[str, str], progress: ProgressFn | None) -> bool:
+    """Put ``remote`` in the shared hub cache (downloading it only when missing) and link it from ``staging``.
+
+    Returns False for an optional file the hub does not have."""
+    try:  # every file at the commit the first one resolved to
+        got = fetch_hub_file(where.repo, where.filename, pin.get("commit") or where.revision, progress)
+    except UnreachableError as exc:
+        if exc.not_found and remote.optional:
+            return False
+        raise DownloadError(_offline_message(entry, remote, "; ".join(exc.failures) + exc.kept, None)) from None
+    except HubOfflineError as exc:
+        if remote.optional:
+            return False
+        raise DownloadError(_offline_message(entry, remote, str(exc), None)) from None
+    if got.commit:
+        pin.setdefault("commit", got.commit)
+    link = staging / remote.filename
+    staging.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(got.path.absolute())
+    files[remote.filename] = {"sha256": got.sha256, "size": got.size, "hub": str(got.path.absolute()),
+                              **({"commit": got.commit} if got.commit else {})}
+    return True
+
+
 
 
 def _reuse_verified(target: Path, staging: Path, files: dict) -> None:
@@ -116,15 +161,15 @@ def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dic
     return target
 
 
-def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str, staging: Path) -> str:
+def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str, staging: Path | None) -> str:
     if len(entry.files) == 1:
         have = f"If you have the file, run `ldot models import {remote.filename} --as {entry.name}`"
     else:
         have = (f"If you have its files ({', '.join(f.filename for f in entry.files if not f.optional)}), put them "
                 f"in one folder and run `ldot models import FOLDER --as {entry.name}`")
-    part = staging / (remote.filename + ".part")
+    part = (staging or Path(".")) / (remote.filename + ".part")
     kept = (f"; {part.stat().st_size} bytes are kept in {part}: run the same command again to resume"
-            if part.is_file() and part.stat().st_size else "")
+            if staging is not None and part.is_file() and part.stat().st_size else "")
     return f"could not download {entry.name} ({remote.filename}): {why}{kept}. {have}"
 
 
