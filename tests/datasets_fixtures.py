@@ -50,15 +50,27 @@ def flickr_zip(ids: list[str], extra: dict[str, bytes] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def flickr_csv(ids: list[str]) -> bytes:
+def flickr_csv(ids: list[str], splits: list[str] | None = None) -> bytes:
     """nlphuji's columns: raw (JSON list of 5), sentids, split, filename, img_id."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
     for n, i in enumerate(ids):
-        writer.writerow([json.dumps(flickr_captions(n)), json.dumps(list(range(5 * n, 5 * n + 5))), "test",
-                         f"{i}.jpg", str(n)])
+        writer.writerow([json.dumps(flickr_captions(n)), json.dumps(list(range(5 * n, 5 * n + 5))),
+                         splits[n] if splits else "test", f"{i}.jpg", str(n)])
     return buf.getvalue().encode()
+
+
+FLICKR_TRAIN = ["1000092795", "10002456", "1000268201", "1000344755", "1000366164", "1000523639"]
+FLICKR_TRAIN_SPLITS = ["train", "train", "train", "train", "val", "val"]
+
+
+def flickr_full_zip(ids: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for n, i in enumerate(ids):
+            z.writestr(f"flickr30k-images/{i}.jpg", jpeg(20 + n))
+    return buf.getvalue()
 
 
 def coco_parquet(ids: list[int], captions_per_image: tuple[int, ...] = (5, 5, 6, 5, 7)) -> bytes:
@@ -102,6 +114,9 @@ def miniature(flickr_ids: list[str] = FLICKR_IDS, multi30k_ids: list[str] | None
              f"{coco}/test-00000-of-00001.parquet": ServedFile(coco_parquet(COCO_IDS)),
              f"{gh}/raw/test_2016_flickr.de.gz": ServedFile(gz_lines([f"ein Hund {i}" for i in range(len(m30))])),
              f"{gh}/image_splits/test_2016_flickr.txt": ServedFile(("\n".join(f"{i}.jpg" for i in m30) + "\n").encode())}
+    full = f"/datasets/{catalogue.FLICKR_FULL_REPO}/resolve/{catalogue.FLICKR_FULL_REV}"
+    files[f"{full}/flickr30k-images.zip"] = ServedFile(flickr_full_zip(FLICKR_TRAIN))
+    files[f"{full}/flickr_annotations_30k.csv"] = ServedFile(flickr_csv(FLICKR_TRAIN, FLICKR_TRAIN_SPLITS))
     images = {}
     for n, cid in enumerate(COCO_IDS):
         images[cid] = jpeg(10 + n)
@@ -115,7 +130,7 @@ def point_catalogue_at(monkeypatch, url: str, coco_hosts: tuple[str, ...] | None
     monkeypatch.setattr(catalogue, "GITHUB_RAW", url + "/gh/")
     monkeypatch.setattr(sources, "COCO_IMAGE_HOSTS", coco_hosts or (url + "/coco/",))
     counts = {("flickr30k", "test"): (len(FLICKR_IDS), 5 * len(FLICKR_IDS)), ("coco", "test"): (5, 28),
-              ("multi30k", "test"): (len(FLICKR_IDS), len(FLICKR_IDS))}
+              ("multi30k", "test"): (len(FLICKR_IDS), len(FLICKR_IDS)), ("flickr30k", "train"): (4, None)}
     splits = tuple(dataclasses.replace(s, images=counts[(s.dataset, s.split)][0],
                                        captions=counts[(s.dataset, s.split)][1])
                    if (s.dataset, s.split) in counts else s for s in catalogue.SPLITS)

@@ -24,6 +24,16 @@ FAST = dict(retries=0, backoff=0.01, timeout=5)
 
 
 @pytest.fixture
+def in_process_extraction(monkeypatch):
+    """Feature extraction without decode worker processes (their start-up is most of a tiny run's time)."""
+    from ldot_cli.data import features
+
+    extract = features._extract
+    monkeypatch.setattr(features, "_extract", lambda paths, keys, out, det, progress, workers:
+                        extract(paths, keys, out, det, progress, 0))
+
+
+@pytest.fixture
 def mini(monkeypatch):
     m = miniature()
     with http_server(m.files) as srv:
@@ -240,7 +250,7 @@ def test_cli_asks_before_a_large_download_and_says_size_terms_and_place(mini, ld
 
 
 @pytest.mark.slow
-def test_eval_flickr30k_with_no_data_runs_end_to_end(mini, ldot_home, vocab_dir):
+def test_eval_flickr30k_with_no_data_runs_end_to_end(mini, ldot_home, vocab_dir, in_process_extraction):
     """`ldot eval flickr30k --yes` with nothing prepared: fetch, extract (tiny detector), evaluate (tiny model)."""
     from ldot_testing import install_tiny_detector, install_tiny_model
 
@@ -257,3 +267,27 @@ def test_eval_flickr30k_with_no_data_runs_end_to_end(mini, ldot_home, vocab_dir)
     again = runner.invoke(app, ["eval", "flickr30k", "--json", "--device", "cpu", "--cross-sample", "0"])
     assert again.exit_code == 0 and len(mini.requests) == n  # present: no network, no question
     assert json.loads(again.stdout)["recall"] == rep["recall"]
+
+
+@pytest.mark.slow
+def test_finetune_with_no_data_fetches_the_training_set_and_extracts_its_features(mini, ldot_home,
+                                                                                 in_process_extraction):
+    """`ldot train finetune --dataset flickr30k --yes` with nothing prepared: fetch, extract (tiny detector), train."""
+    import torch
+    from ldot_testing import install_tiny_detector, write_tiny_hf_bert
+
+    install_tiny_detector("butd-r101-vg")
+    write_tiny_hf_bert(ldot_home / "models" / "bert-base-cased")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = runner.invoke(app, ["train", "finetune", "--dataset", "flickr30k", "--yes", "--out", "mine",
+                                     "--epochs", "1", "--batch-size", "4", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    assert sources.is_fetched("flickr30k", "train")
+    assert "non-commercial research and education" in result.output
+    assert (ldot_home / "models" / "mine" / "model.safetensors").is_file()
+    karpathy = json.loads((ldot_home / "datasets" / "flickr30k" / "dataset_flickr30k.json").read_text())
+    assert sorted(im["split"] for im in karpathy["images"]) == ["train"] * 4 + ["val"] * 2

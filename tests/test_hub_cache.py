@@ -55,7 +55,8 @@ def test_files_land_in_the_shared_cache_as_the_hub_tools_lay_them_out(hub, ldot_
         assert hf_hub_download("org/bert", name, cache_dir=str(hub_cache_dir()), local_files_only=True)
     assert f"/cdn/{SHA}" in _gets(hub)  # the bytes came through the CDN redirect
     listed = CliRunner().invoke(app, ["models", "list"], env={"COLUMNS": "400"})
-    assert f"shared hub cache {hub_cache_dir()}" in listed.output
+    row = next(line for line in listed.output.splitlines() if "test-bert" in line)
+    assert "hub cache" in row and f"the shared Hugging Face cache {hub_cache_dir()}" in listed.output
 
 
 def test_files_already_in_the_shared_cache_are_not_downloaded_again(hub, ldot_home):

@@ -31,7 +31,7 @@ def planted(monkeypatch, ldot_home):
     pairs, lookup = planted_pairs(n_images=16)
     seen = []
 
-    def fake_open(spec, tokenizer):
+    def fake_open(spec, tokenizer, **kw):
         seen.append(spec)
         return TrainData(pairs, lookup, val=None if spec.no_val else pairs, description="planted")
 
@@ -95,6 +95,6 @@ def test_resume_of_an_unknown_run_says_so(planted):
     assert result.exit_code == 2 and "no run named 'nope' to resume" in result.output
 
 
-def test_missing_bert_says_how_to_get_it():
-    result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
+def test_missing_bert_says_how_to_get_it(tmp_path):
+    result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased", "--data", str(tmp_path)])
     assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output

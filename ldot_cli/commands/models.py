@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.text import Text
 
 from ldot_cli.commands.console import (
     ProgressView,
@@ -43,6 +42,13 @@ def list_models() -> None:
         table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})",
                       _where(model))
     out.print(table)
+    from rich.text import Text
+
+    from models.core.home import models_dir
+    from models.hub.hubfiles import hub_cache_dir
+
+    out.print(Text(f"where: ldot = {models_dir()}; hub cache = the shared Hugging Face cache {hub_cache_dir()} "
+                   "(linked from the ldot folder)"), soft_wrap=True)
 
 
 def _pending_bytes(entry: object) -> int:
@@ -61,17 +67,13 @@ def _pending_bytes(entry: object) -> int:
     return total
 
 
-def _where(model: object) -> Text:
+def _where(model: object) -> str:
     """Where a present model's files are: the ldot cache, or (linked from it) the shared Hugging Face cache."""
-    from models.hub.hubfiles import hub_cache_dir
-
     if model is None:
-        return Text("-")
+        return "-"
     path = model.path  # type: ignore[attr-defined]
-    linked = [p for p in path.iterdir() if p.is_symlink()] if path.is_dir() else []
-    if linked:
-        return Text(f"shared hub cache {hub_cache_dir()} (linked from {path})")
-    return Text(f"ldot cache {path}")
+    linked = path.is_dir() and any(p.is_symlink() for p in path.iterdir())
+    return "hub cache" if linked else "ldot"
 
 
 def _source(entry: object) -> str:

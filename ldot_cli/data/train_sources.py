@@ -95,6 +95,10 @@ def _image_dbs(spec: DataSpec) -> list[Path]:
     return found
 
 
+def _has_image_db(data: Path) -> bool:
+    return any(is_image_db(p) for p in [data, *subdirs(data), *(q for p in subdirs(data) for q in subdirs(p))])
+
+
 def _pairs_from_text_dbs(dbs: Sequence[Path], datasets: Any) -> Any:
     from models.training.data import PairSet
 
@@ -138,8 +142,34 @@ def _first_images(pairs: Any, n: int | None) -> Any:
     return PairSet([pairs.token_ids[i] for i in keep], [pairs.caption_image[i] for i in keep], pairs.image_keys[:n])
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
-    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
+def _features_from_image_files(spec: DataSpec, karpathy: Path, datasets: Any, device: str, progress: Any) -> list[Path]:
+    """Region features of the Karpathy train/restval/val images found as files under ``spec.data`` (e.g. a split
+    fetched by `ldot data get`), extracted once into the feature cache like `ldot eval` does."""
+    from ldot_cli.data.benchmarks import EvalImage, RetrievalSet, find_image_folder
+    from ldot_cli.data.features import ensure_features
+
+    files: list[str] = []
+    for split in ("train", "restval", "val"):
+        try:
+            files += datasets.read_karpathy(karpathy, split)[0]
+        except LdotError:
+            if split != "restval":
+                raise
+    assert spec.data is not None
+    root = find_image_folder(spec.data, spec.dataset, files[0])
+    if root is None:
+        raise TrainDataError(f"no UNITER image DB and no image files under {spec.data} (e.g. {files[0]}): fetch them "
+                             f"with `ldot data get {spec.dataset} --split train`, or pass --img-db")
+    images = [EvalImage(f, datasets.uniter_image_key(spec.dataset, f)) for f in dict.fromkeys(files)]
+    rset = RetrievalSet(spec.dataset, "train", images, [], image_root=root)
+    return [ensure_features(rset, device=device, progress=progress)]
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None) -> Any:
+    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`.
+
+    With a Karpathy file and image files but no UNITER image DB (a split fetched by `ldot data get`), the images'
+    region features are extracted once into the feature cache (``device``, ``progress``) and read from there."""
     from models.training.data import TrainData
 
     datasets, uniter_db = _readers()
@@ -174,7 +204,11 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
                              "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)
-    img_dirs = _image_dbs(spec)
+    if (not spec.img_dbs and karpathy is not None and not train_dbs and spec.data is not None
+            and not _has_image_db(spec.data)):
+        img_dirs = _features_from_image_files(spec, karpathy, datasets, device, progress)
+    else:
+        img_dirs = _image_dbs(spec)
     try:
         lookup = MultiImageDB([uniter_db.UniterImageDB(d, "uniter") for d in img_dirs])
     except Exception as exc:  # the reader's ImageDBError, lmdb errors

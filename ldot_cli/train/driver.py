@@ -80,7 +80,7 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         config = replace(config, **req.overrides)
         tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
         init: dict[str, Any] = saved.get("init", {})
-        data = open_training_data(req.data, tokenizer)
+        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         model = None
     else:
         if run_dir.exists():
@@ -90,7 +90,7 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
             shutil.rmtree(run_dir)
         source = read_source(req.init or default_init(req.mode))
         tokenizer = source_tokenizer(source)
-        data = open_training_data(req.data, tokenizer)
+        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         first = data.features[data.train.image_keys[0]]
         soft = getattr(first, "soft_labels", None)
         model, report = initial_model(source, req.image_init, img_dim=first.features.shape[-1],

@@ -100,6 +100,20 @@ def is_present(name: str) -> bool:
     return not isinstance(files, dict) or all((directory / f).is_file() for f in files)
 
 
+def half_downloaded(directory: Path) -> bool:
+    """A folder an interrupted download left rather than a model: its manifest says incomplete, or it has no
+    manifest and is empty or holds ``.part`` files (what older versions left). A hand-made folder of model files
+    without a manifest is not one."""
+    manifest = read_manifest(directory)
+    if manifest:
+        return not manifest.get("complete")
+    try:
+        entries = [p for p in directory.iterdir() if not p.name.endswith(".lock")]
+    except OSError:
+        return False
+    return not entries or any(p.name.endswith(".part") for p in entries)
+
+
 def hash_dir(directory: Path) -> dict[str, dict[str, object]]:
     """sha256 and size of every regular file in a model directory (the manifest excepted)."""
     out = {}

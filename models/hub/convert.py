@@ -14,7 +14,7 @@ import torch
 from models.core.errors import CheckpointError, ModelError
 from models.core.fileio import sha256_file
 from models.core.home import models_dir
-from models.hub.cache import MANIFEST, LocalModel, check_name, dir_size, read_manifest, record_model
+from models.hub.cache import MANIFEST, LocalModel, check_name, dir_size, half_downloaded, record_model
 from models.hub.catalogue import find_entry
 from models.hub.formats import (
     bi_encoder_from_state,
@@ -87,7 +87,7 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
         raise ModelError(f"{src} does not exist")
     target = models_dir() / name
     entry = find_entry(name)
-    if target.exists() and not force and not _half_download(target, entry is not None):
+    if target.exists() and not force and not (target.is_dir() and half_downloaded(target)):
         raise ModelError(f"a model named {name!r} already exists: pass --force to replace it, or choose another --as")
     if src.is_dir():
         kind = _dir_kind(src)
@@ -110,14 +110,6 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
                          "choose another --as name")
     record_model(target, name, kind, "import", imported_from=str(src.absolute()))
     return LocalModel(name, target, kind, True, "import", dir_size(target))
-
-
-def _half_download(target: Path, registered: bool) -> bool:
-    """A folder an interrupted download left (no complete manifest): not a model, so an import may replace it."""
-    manifest = read_manifest(target)
-    if manifest:
-        return not manifest.get("complete")
-    return registered or not any(p for p in target.iterdir() if not p.name.endswith((".part", ".lock")))
 
 
 def _dir_kind(src: Path) -> str:

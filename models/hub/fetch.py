@@ -189,11 +189,11 @@ def ensure_tokenizer(name: str) -> Path:
 
 def ensure_model(name: str, progress: ProgressFn | None = None) -> None:
     """Download a registry model that is missing or half downloaded (resuming it); paths and local names pass."""
-    from models.hub.cache import is_present
+    from models.hub.cache import half_downloaded, is_present
     from models.hub.catalogue import find_entry
 
     entry = find_entry(name)
     if entry is not None and not Path(name).expanduser().exists():
-        if not is_present(entry.name):
-            download_entry(entry.name, progress=progress)
-        return
+        folder = models_dir() / entry.name
+        if not is_present(entry.name) and (not folder.is_dir() or half_downloaded(folder)):
+            download_entry(entry.name, progress=progress)  # resumes what an interrupted run left

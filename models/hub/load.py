@@ -34,10 +34,11 @@ def resolve_source(source: str | Path) -> Path:
         return path
     name = str(source)
     candidate = models_dir() / name
+    from models.hub.cache import half_downloaded
     from models.hub.catalogue import find_entry
 
     entry = find_entry(name)
-    if candidate.exists() and (entry is None or _complete(candidate)):
+    if candidate.exists() and not (candidate.is_dir() and half_downloaded(candidate)):
         return candidate
     if entry is not None:
         from models.hub.cache import is_present
@@ -47,12 +48,6 @@ def resolve_source(source: str | Path) -> Path:
         raise ModelNotFoundError(f"model {name!r} is not downloaded (or only partly): run `ldot models download "
                                  f"{entry.name}` (it resumes), or `ldot models import FILE --as {entry.name}`")
     raise ModelNotFoundError(f"no model or file named {name!r}: see `ldot models list`, or pass a path")
-
-
-def _complete(directory: Path) -> bool:
-    from models.hub.cache import read_manifest
-
-    return bool(read_manifest(directory).get("complete"))
 
 
 def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
