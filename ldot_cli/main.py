@@ -39,6 +39,7 @@ class _ErrorBoundary(TyperGroup):
         from models.core.errors import LdotError
 
         debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # invoking consumes them
         try:
             with _library_warnings_as_lines():
                 return super().invoke(ctx)
@@ -47,7 +48,9 @@ class _ErrorBoundary(TyperGroup):
         except LdotError as exc:
             if debug:
                 raise
-            fail(str(exc), exc.exit_code)
+            from ldot_cli.commands.console import cli_message
+
+            fail(cli_message(exc, _option_flags(self, ctx, args)), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as exc:
@@ -60,6 +63,26 @@ class _ErrorBoundary(TyperGroup):
                 fail(str(storage), storage.exit_code)
             fail(f"unexpected {type(exc).__name__}: {exc} (run with LDOT_DEBUG=1 for the traceback, "
                  "and please report it)", 1)
+
+
+def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
+    """Python parameter name -> flag of the command being run: how the library's `option(...)` references in
+    error messages are shown here (``name`` is ``--as`` for `ldot models import`, ``--name`` elsewhere)."""
+    command: Any = group
+    try:  # typer vendors click: its groups are not click.Group instances, so ask for the method
+        while hasattr(command, "resolve_command") and args:
+            _, sub, args = command.resolve_command(ctx, args)
+            if sub is None:
+                break
+            command = sub
+    except Exception:  # an unknown command: no flags to name
+        pass
+    flags = {}
+    for param in command.params:
+        long = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        if param.name and long:
+            flags[param.name] = long[0]
+    return flags
 
 
 @contextlib.contextmanager
@@ -121,7 +144,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and "
+                                                                                            "exit."),
 ) -> None:
     """ldot: LightningDOT retrieval from the command line. Files live in $LDOT_HOME (default: the user cache dir)."""
 

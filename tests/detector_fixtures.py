@@ -17,7 +17,7 @@ from feature_extraction.detector.config import DetectorConfig
 from feature_extraction.detector.network import BUTDDetector, cell_anchors
 
 DATA = Path(__file__).parent / "data"
-KEYS_FILE = DATA / "frcnn-vg-finetuned.keys.txt"  # the 640 hub names and shapes (copied from shared/reference)
+KEYS_FILE = DATA / "frcnn-vg-finetuned.keys.txt"  # the 640 hub names and shapes of unc-nlp/frcnn-vg-finetuned
 
 
 def hub_key_shapes(config: DetectorConfig) -> dict[str, tuple[int, ...]]:

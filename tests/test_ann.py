@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldot_cli.index import ann
 from ldot_cli.index.store import FileRow, IndexStore, index_path
+from models.core import ann
 
 
 def clustered(n: int, d: int = 64, clusters: int = 40, seed: int = 0) -> np.ndarray:

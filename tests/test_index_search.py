@@ -13,7 +13,7 @@ from ldot_testing import install_tiny_model, make_photos
 
 from ldot_cli.index.indexer import Indexer
 from ldot_cli.index.search import QueryError, Searcher
-from ldot_cli.index.store import FAISS_FILE, IndexError_, IndexStore, index_path
+from ldot_cli.index.store import FAISS_FILE, IndexStore, IndexStoreError, index_path
 
 
 @pytest.fixture
@@ -88,9 +88,9 @@ def test_another_model_is_refused_and_reindex_rebuilds(tmp_path, tiny, vocab_dir
     make_photos(tmp_path / "photos", 3)
     run_index(tmp_path / "photos")
     install_tiny_model("other", vocab_dir, seed=1)
-    with pytest.raises(IndexError_, match="--reindex"):
+    with pytest.raises(IndexStoreError, match="`reindex`"):
         run_index(tmp_path / "photos", model="other")
-    with pytest.raises(IndexError_, match="another model"):
+    with pytest.raises(IndexStoreError, match="another model"):
         Searcher("default", model="other")
     report, _ = run_index(tmp_path / "photos", model="other", reindex=True)
     assert report.encoded == 3
@@ -105,7 +105,7 @@ def test_damaged_vector_file_is_detected_and_rebuilt(tmp_path, tiny):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x40
     path.write_bytes(bytes(data))
-    with IndexStore(index_path("default")) as store, pytest.raises(IndexError_, match="damaged"):
+    with IndexStore(index_path("default")) as store, pytest.raises(IndexStoreError, match="damaged"):
         store.read_faiss()
     after = [h.vector_id for h in Searcher("default").search("a red car", k=8)]  # repaired on the fly
     assert after == before
@@ -123,7 +123,7 @@ def test_truncated_vector_file_and_newer_format(tmp_path, tiny):
     db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
     db.commit()
     db.close()
-    with pytest.raises(IndexError_, match="newer ldot"):
+    with pytest.raises(IndexStoreError, match="newer ldot"):
         Searcher("default")
 
 
@@ -152,7 +152,7 @@ def test_empty_query_is_an_error(tmp_path, tiny, query):
 
 
 def test_unknown_index_is_an_error(tiny):
-    with pytest.raises(IndexError_, match="no index named 'nope'"):
+    with pytest.raises(IndexStoreError, match="no index named 'nope'"):
         Searcher("nope")
 
 
@@ -187,7 +187,7 @@ def test_rerank_without_regions_is_a_clear_error(tmp_path, tiny, vocab_dir):
     Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0, keep_regions=False).run(
         [tmp_path / "photos"])
     assert not (index_path("default") / ".staging-regions").exists()
-    with pytest.raises(IndexError_, match="--no-regions"):
+    with pytest.raises(IndexStoreError, match="`no_regions`"):
         Searcher("default", device="cpu").search("a dog", k=2, rerank_k=3)
 
 

@@ -138,7 +138,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     train(tmp_path / "a", data, config, full, tokenizer, device="cpu")
     first = train(tmp_path / "b", data, config, _model(), tokenizer, device="cpu", stop_at_step=3)
     assert not first.finished and first.step == 3
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(TrainingError, match="`resume`"):
         train(tmp_path / "b", data, config, _model(), tokenizer, device="cpu")
     with pytest.raises(TrainingError, match="lr 0.001 -> 0.002"):
         train(tmp_path / "b", data, replace(config, lr=2e-3), resume=True, device="cpu")
@@ -221,7 +221,7 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
                                        tokenizer=tokenizer)
     text = ["a dog on the beach"]
     assert torch.allclose(loaded.encode_text(text), ref.encode_text(text), atol=1e-6)
-    with pytest.raises(TrainingError, match="--force"):
+    with pytest.raises(TrainingError, match="`force`"):
         export_model(tmp_path / "run", "mine")
     with pytest.raises(TrainingError, match="registry name"):
         export_model(tmp_path / "run", "lightningdot")
@@ -260,7 +260,7 @@ def test_ctrl_c_mid_step_saves_a_checkpoint_that_resumes_exactly(tmp_path, token
         return itm(batch)
 
     interrupted.itm = ctrl_c_on_the_third_itm_batch
-    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [0-3] of 4.*--resume"):
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step [0-3] of 4.*`resume`"):
         train(tmp_path / "b", TrainData(pairs, lookup), config, interrupted, tokenizer, device="cpu")
     train(tmp_path / "b", TrainData(pairs, lookup), config, resume=True, device="cpu")
     from safetensors.torch import load_file

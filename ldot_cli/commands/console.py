@@ -28,6 +28,16 @@ def safe(text: str) -> str:
     return text.translate(_UNSAFE)
 
 
+def cli_message(exc: BaseException, flags: dict[str, str] | None = None) -> str:
+    """An error's one-line message as the command line says it: settings the library names by their Python
+    name (`models.core.errors.option`) shown as flags (``flags`` maps names to the running command's own)."""
+    flags = flags or {}
+    for_cli = getattr(exc, "for_cli", None)
+    if for_cli is None:
+        return " ".join(str(exc).split())
+    return " ".join(for_cli(lambda name: flags.get(name, "--" + name.replace("_", "-"))).split())
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "?"

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 def extract(
     paths: list[Path] = typer.Argument(..., help="Image files and folders."),
     out: Path = typer.Option(..., "--out", "-o", help="Image DB folder (UNITER layout); re-run to resume."),
-    preset: str = typer.Option("uniter", help="uniter (10-100 boxes, conf >= 0.2) or lxmert36 (36 boxes)."),
+    preset: str = typer.Option("uniter", help="uniter (UNITER's cut: boxes with confidence > 0.2, at least 10, at most 100) or lxmert36 (36 boxes)."),
     detector: str = typer.Option("butd-r101-vg", help="Detector weights (registry name, folder or file)."),
     soft_labels: bool = typer.Option(False, "--soft-labels", help="Also store the 1601-class soft labels (pre-training)."),
     batch_size: int = typer.Option(4, help="Images per detector batch (and per committed transaction)."),

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.text import Text
 
-from ldot_cli.commands.console import err, out
+from ldot_cli.commands.console import cli_message, err, out
 
 
 def register(app: typer.Typer) -> None:
@@ -130,4 +131,4 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
             err.print(f"[dim]{t.encode_ms:.0f} ms encode, {t.search_ms:.0f} ms search"
                       + (f", {t.rerank_ms:.0f} ms re-rank" if rerank_k else "") + "[/]")
         except LdotError as exc:
-            err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(Text.assemble(("error: ", "red"), cli_message(exc)), highlight=False)

@@ -92,18 +92,13 @@ def pretrain(
 
 
 def _mix(mix: str, names: list[str]) -> list[float]:
-    presets = {"coco": "16,8,4,4", "other": "16,12,6,6"}
-    if mix in presets:
-        order = {"itm": 0, "mlm": 1, "mrfr": 2, "mrckl": 3}
-        full = [float(x) for x in presets[mix].split(",")]
-        return [full[order[n]] if n in order else 1.0 for n in names]
+    from models.core.errors import ConfigError
+    from models.training.loop import mix_ratios
+
     try:
-        ratios = [float(x) for x in mix.split(",")]
-    except ValueError:
-        raise typer.BadParameter(f"{mix!r} is neither numbers nor a preset (coco, other)", param_hint="--mix") from None
-    if len(ratios) != len(names):
-        raise typer.BadParameter(f"{len(ratios)} ratios for {len(names)} tasks", param_hint="--mix")
-    return ratios
+        return mix_ratios(mix, names)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mix") from None
 
 
 def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[Path] | None, val_txt_db: Path | None,

@@ -38,6 +38,7 @@ from typing import Any
 from feature_extraction.uniter_db import UNITER_FEATURE_DB, is_image_db, subdirs
 from ldot_cli.data.errors import DatasetError, load_json
 from ldot_cli.data.uniter_text_db import read_uniter_text_db
+from models.core.errors import option
 
 DATASETS = ("flickr30k", "coco", "multi30k")
 MULTI30K_LANGS = ("de", "fr", "cs", "en")
@@ -316,7 +317,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
         raise DatasetError(f"unknown split {split!r} (test or val)")
     data = paths.data
     if data is not None and not data.is_dir():
-        raise DatasetError(f"--data {data} is not a folder")
+        raise DatasetError(f"{option('data')} {data} is not a folder")
     sources: dict[str, str] = {}
     meta = None
     file_names: list[str] | None = None  # image files, when the captions name files
@@ -348,7 +349,8 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
             sources["captions"] = str(karpathy)
         else:
             raise DatasetError(f"no captions for {dataset} under {data}: expected dataset_{dataset}.json (Karpathy "
-                               f"split) or a UNITER text DB itm_{dataset}_{split}*.db; or pass --karpathy / --txt-db")
+                               f"split) or a UNITER text DB itm_{dataset}_{split}*.db; or pass {option('karpathy')} "
+                               f"/ {option('txt_db')}")
     img_db, images = paths.img_db, paths.images
     if img_db is None and images is None:
         if data is None:
@@ -374,7 +376,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
     else:
         assert images is not None
         if not images.is_dir():
-            raise DatasetError(f"--images {images} is not a folder")
+            raise DatasetError(f"{option('images')} {images} is not a folder")
         files = file_names if file_names is not None else [image_file_from_uniter_key(k) for k in uniter_names or []]
         key_of = lambda f: f  # noqa: E731
         sources["images"] = str(images)

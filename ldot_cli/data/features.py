@@ -103,10 +103,7 @@ def load_default_detector(device: str = "auto") -> Any:
 
 def _extract(paths: Sequence[Path], keys: Sequence[str], out_dir: Path, detector: Any,
              progress: ProgressFn | None, num_workers: int) -> Any:
-    """Extract region features of ``paths`` into the UNITER image DB ``out_dir``, stored under ``keys``.
-
-    INTEGRATION POINT (feature extraction): the one call into `feature_extraction.pipeline.extract_to_db`.
-    """
+    """Extract region features of ``paths`` into the UNITER image DB ``out_dir``, stored under ``keys``."""
     from feature_extraction.pipeline import extract_to_db
 
     key_of = {os.path.abspath(p): k for p, k in zip(paths, keys)}

@@ -1,11 +1,8 @@
 """Training data from the files users have: UNITER text/image DBs and Karpathy split files -> `TrainData`.
 
-INTEGRATION POINT (one adapter): the readers live elsewhere and are imported lazily here, nowhere else:
-
-- captions: `ldot_cli.data.benchmarks` (branch ``eval``): `read_karpathy(path, split)`, `read_uniter_text_db(dir)`,
-  `uniter_image_key`, `find_karpathy`, `find_text_db`;
-- region features: `feature_extraction.uniter_db.UniterImageDB` (branch ``images``), whose records already
-  hold ``soft_labels`` background FIRST, as `models.training.data.FeatureLookup` expects.
+Captions come from the benchmark readers (`ldot_cli.data.benchmarks`: Karpathy files; `ldot_cli.data.uniter_text_db`:
+UNITER text DBs); region features from `feature_extraction.uniter_db.UniterImageDB`, whose records already hold
+``soft_labels`` background FIRST, as `models.training.data.FeatureLookup` expects.
 
 Layouts:
 - fine-tuning (Flickr30k, COCO): a UNITER text DB ``itm_<set>_train*.db`` (+ ``itm_<set>_val*.db``) or the
@@ -22,22 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from feature_extraction.uniter_db import UNITER_FEATURE_DB, is_image_db, subdirs
-from models.core.errors import LdotError
+from feature_extraction.uniter_db import (
+    UNITER_FEATURE_DB,
+    UniterImageDB,
+    is_image_db,
+    subdirs,
+)
+from ldot_cli.data import benchmarks
+from ldot_cli.data.uniter_text_db import read_uniter_text_db
+from models.core.errors import LdotError, option
 
 
 class TrainDataError(LdotError):
     """Training data is missing or does not fit together (the message names the file)."""
-
-
-def _readers() -> tuple[Any, Any]:
-    try:
-        from feature_extraction import uniter_db
-        from ldot_cli.data import benchmarks as datasets
-    except ImportError:
-        raise TrainDataError("this build lacks the dataset readers (ldot_cli.data.benchmarks, feature_extraction.uniter_db) "
-                             "that `ldot train` reads UNITER DBs and Karpathy files with") from None
-    return datasets, uniter_db
 
 
 @dataclass(frozen=True)
@@ -99,20 +93,20 @@ def _has_image_db(data: Path) -> bool:
     return any(is_image_db(p) for p in [data, *subdirs(data), *(q for p in subdirs(data) for q in subdirs(p))])
 
 
-def _pairs_from_text_dbs(dbs: Sequence[Path], datasets: Any) -> Any:
+def _pairs_from_text_dbs(dbs: Sequence[Path]) -> Any:
     from models.training.data import PairSet
 
     keys: dict[str, int] = {}
     token_ids, caption_image = [], []
     for db in dbs:
-        names, rows, _ = datasets.read_uniter_text_db(db)
+        names, rows, _ = read_uniter_text_db(db)
         for _, _, image, ids in rows:
             caption_image.append(keys.setdefault(names[image], len(keys)))
             token_ids.append(tuple(ids))
     return PairSet(token_ids, caption_image, list(keys))
 
 
-def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokenizer: Any, datasets: Any) -> Any:
+def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokenizer: Any) -> Any:
     from models.training.data import PairSet
 
     files: list[str] = []
@@ -120,7 +114,7 @@ def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokeni
     images: list[int] = []
     for split in splits:
         try:
-            split_files, captions = datasets.read_karpathy(path, split)
+            split_files, captions = benchmarks.read_karpathy(path, split)
         except LdotError:
             if split == "restval":  # COCO only
                 continue
@@ -129,7 +123,7 @@ def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokeni
         files.extend(split_files)
         texts.extend(c[1] for c in captions)
         images.extend(offset + c[2] for c in captions)
-    keys = [datasets.uniter_image_key(dataset, f) for f in files]
+    keys = [benchmarks.uniter_image_key(dataset, f) for f in files]
     return PairSet.from_texts(texts, images, keys, tokenizer)
 
 
@@ -142,12 +136,13 @@ def _first_images(pairs: Any, n: int | None) -> Any:
     return PairSet([pairs.token_ids[i] for i in keep], [pairs.caption_image[i] for i in keep], pairs.image_keys[:n])
 
 
-def _features_from_image_files(spec: DataSpec, karpathy: Path, datasets: Any, device: str, progress: Any) -> list[Path]:
+def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str, progress: Any) -> list[Path]:
     """Region features of the Karpathy train/restval/val images found as files under ``spec.data`` (e.g. a split
     fetched by `ldot data get`), extracted once into the feature cache like `ldot eval` does."""
     from ldot_cli.data.benchmarks import EvalImage, RetrievalSet, find_image_folder
     from ldot_cli.data.features import ensure_features
 
+    datasets = benchmarks
     files: list[str] = []
     for split in ("train", "restval", "val"):
         try:
@@ -172,45 +167,45 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
     region features are extracted once into the feature cache (``device``, ``progress``) and read from there."""
     from models.training.data import TrainData
 
-    datasets, uniter_db = _readers()
     if spec.data is not None and not spec.data.is_dir():
-        raise TrainDataError(f"--data {spec.data} is not a folder")
+        raise TrainDataError(f"{option('data')} {spec.data} is not a folder")
     train_dbs = list(spec.txt_dbs)
     val_db = spec.val_txt_db
     karpathy = spec.karpathy
     if not train_dbs and karpathy is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
-        found = datasets.find_text_db(spec.data, spec.dataset, "train")
+        found = benchmarks.find_text_db(spec.data, spec.dataset, "train")
         if found is not None:
             train_dbs = [found]
         else:
-            karpathy = datasets.find_karpathy(spec.data, spec.dataset)
+            karpathy = benchmarks.find_karpathy(spec.data, spec.dataset)
     if train_dbs:
-        train = _pairs_from_text_dbs(train_dbs, datasets)
+        train = _pairs_from_text_dbs(train_dbs)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
-            val_db = datasets.find_text_db(spec.data, spec.dataset, "val")
-        val = _pairs_from_text_dbs([val_db], datasets) if val_db is not None and not spec.no_val else None
+            val_db = benchmarks.find_text_db(spec.data, spec.dataset, "val")
+        val = _pairs_from_text_dbs([val_db]) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
     elif karpathy is not None:
         if spec.dataset not in ("flickr30k", "coco"):
             raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
                                  "follow the dataset's naming)")
         splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
-        train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer, datasets)
-        val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer, datasets)
+        train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
+        val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)
         described = str(karpathy)
     else:
         raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
-                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under --data, or pass "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
+                             "or pass "
                              "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)
     if (not spec.img_dbs and karpathy is not None and not train_dbs and spec.data is not None
             and not _has_image_db(spec.data)):
-        img_dirs = _features_from_image_files(spec, karpathy, datasets, device, progress)
+        img_dirs = _features_from_image_files(spec, karpathy, device, progress)
     else:
         img_dirs = _image_dbs(spec)
     try:
-        lookup = MultiImageDB([uniter_db.UniterImageDB(d, "uniter") for d in img_dirs])
+        lookup = MultiImageDB([UniterImageDB(d, "uniter") for d in img_dirs])
     except Exception as exc:  # the reader's ImageDBError, lmdb errors
         raise TrainDataError(f"cannot open the image DB(s) {', '.join(map(str, img_dirs))}: {exc}") from None
     _check_features(train, val, lookup, img_dirs)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,13 +31,14 @@ from feature_extraction.uniter_db import FeatureStore
 from ldot_cli.data.benchmarks import DataPaths, RetrievalSet, locate
 from ldot_cli.data.errors import DatasetError
 from ldot_cli.data.features import ensure_features
-from models.core.errors import LdotError, ModelError
+from models.core import ann
+from models.core.errors import LdotError, ModelError, option
 from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
 from models.nn.regions import stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
 
-# Official README (R@1/5/10 in %), lightningdot.md §8: (dataset, checkpoint) -> row.
+# The official LightningDOT README's table (R@1/5/10 in %): (dataset, checkpoint) -> row.
 PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
     ("flickr30k", "lightningdot"): {"setting": "Flickr30k zero-shot (pre-trained), official README",
                                     "text_to_image": (53.32, 80.58, 88.04), "image_to_text": (68.2, 89.1, 94.0)},
@@ -69,7 +69,7 @@ class Reranker(Protocol):
 
 # ------------------------------------------------------------------------------------------ report
 @dataclass
-class Timings:
+class EvalTimings:
     """Seconds spent per stage (summed over folds for COCO 1K)."""
 
     feature_extraction_s: float = 0.0  # detector on image files (0 when features were there)
@@ -123,7 +123,7 @@ class EvalReport:
     reranked: dict[int, Recalls]  # M -> after re-ranking the top M (mean over folds)
     fold_recalls: list[Recalls]
     fold_reranked: list[dict[int, Recalls]]
-    timings: Timings
+    timings: EvalTimings
     text_input: str  # "token-ids" (from the text DB) or "raw-text" (tokenized by the model)
     sources: dict[str, str] = field(default_factory=dict)
     model: str | None = None
@@ -169,9 +169,9 @@ def _tick(progress: ProgressFn | None, stage: str, total: int, unit: str = "item
 
 
 def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str], batch_size: int = 64,
-                     progress: ProgressFn | None = None, timings: Timings | None = None) -> np.ndarray:
+                     progress: ProgressFn | None = None, timings: EvalTimings | None = None) -> np.ndarray:
     """Image vectors (n, D) of the images stored under ``keys``, read and encoded chunk by chunk."""
-    timings = timings or Timings()
+    timings = timings or EvalTimings()
     missing = store.missing(keys)
     if missing:
         raise DatasetError(f"image DB {store.img_dir} has no features for {len(missing)} of the {len(keys)} images "
@@ -211,13 +211,13 @@ def _text_mode(rset: RetrievalSet, encoder: Encoder, text_input: str) -> str:
 
 
 def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text", batch_size: int = 64,
-                    progress: ProgressFn | None = None, timings: Timings | None = None) -> np.ndarray:
+                    progress: ProgressFn | None = None, timings: EvalTimings | None = None) -> np.ndarray:
     """Caption vectors (n_txt, D), in caption order; batches of similar lengths.
 
     ``token-ids``: the text DB's word-pieces as ``[CLS] ids [SEP]`` (the official ``combine_inputs``);
     ``raw-text``: the captions tokenized by the model's own tokenizer.
     """
-    timings = timings or Timings()
+    timings = timings or EvalTimings()
     captions = rset.captions
     advance = _tick(progress, "encoding captions", len(captions), "captions")
     vectors: list[np.ndarray | None] = [None] * len(captions)
@@ -251,33 +251,16 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
     return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
 
 
-@contextmanager
-def _faiss(blas_threshold: int = 20) -> Iterator[Any]:
-    """faiss, with BLAS used from ``blas_threshold`` queries on (faiss' default 20 is 128000: 5-6x slower)."""
-    import faiss
-
-    old = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = blas_threshold
-    try:
-        yield faiss
-    finally:
-        faiss.cvar.distance_compute_blas_threshold = old
-
-
 def search_both(text_vectors: np.ndarray, image_vectors: np.ndarray, depth: int,
-                timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+                timings: EvalTimings | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product search both ways: (images per caption (n_txt, k), captions per image (n_img, k))."""
-    timings = timings or Timings()
-    with _faiss() as faiss:
-        t0 = time.perf_counter()
-        image_index = faiss.IndexFlatIP(image_vectors.shape[1])
-        image_index.add(image_vectors)
-        text_index = faiss.IndexFlatIP(text_vectors.shape[1])
-        text_index.add(text_vectors)
-        t1 = time.perf_counter()
-        _, ranked_images = image_index.search(text_vectors, min(depth, len(image_vectors)))
-        _, ranked_texts = text_index.search(image_vectors, min(depth, len(text_vectors)))
-        t2 = time.perf_counter()
+    timings = timings or EvalTimings()
+    t0 = time.perf_counter()
+    image_index, text_index = ann.flat(image_vectors), ann.flat(text_vectors)
+    t1 = time.perf_counter()
+    _, ranked_images = ann.search(image_index, text_vectors, depth)
+    _, ranked_texts = ann.search(text_index, image_vectors, depth)
+    t2 = time.perf_counter()
     timings.index_build_s += t1 - t0
     timings.search_s += t2 - t1
     return ranked_images, ranked_texts
@@ -341,7 +324,7 @@ def _folds(n_images: int, fold_size: int | None) -> list[np.ndarray]:
 
 
 def time_cross_encoder(reranker: Reranker, store: FeatureStore, rset: RetrievalSet, sample: int,
-                       timings: Timings, seed: int = 0, progress: ProgressFn | None = None) -> None:
+                       timings: EvalTimings, seed: int = 0, progress: ProgressFn | None = None) -> None:
     """Time the cross-encoder on ``sample`` random pairs; extrapolate to ``timings.full_matrix_pairs``."""
     n_txt, n_img = len(rset.captions), len(rset.images)
     count = int(min(sample, n_txt * n_img))
@@ -373,11 +356,11 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
     if rerank_ks and reranker is None:
         raise ModelError("re-ranking needs a cross-encoder (reranker=)")
     if any(m < 1 for m in rerank_ks):
-        raise LdotError(f"--rerank-k must be positive (got {', '.join(map(str, rerank_ks))})")
+        raise LdotError(f"{option('rerank_k')} must be positive (got {', '.join(map(str, rerank_ks))})")
     if rset.image_db is None:
         raise DatasetError("the benchmark's image features are not extracted yet (call ensure_features first)")
     ms = sorted(set(rerank_ks))
-    timings = Timings()
+    timings = EvalTimings()
     store = FeatureStore(rset.image_db)
     try:
         image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress, timings)
@@ -407,7 +390,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
 
 def _evaluate_fold(rset: RetrievalSet, img_idx: np.ndarray, caption_image: np.ndarray, text_vectors: np.ndarray,
                    image_vectors: np.ndarray, ms: Sequence[int], reranker: Reranker | None, store: FeatureStore,
-                   timings: Timings, progress: ProgressFn | None, label: str) -> tuple[Recalls, dict[int, Recalls]]:
+                   timings: EvalTimings, progress: ProgressFn | None, label: str) -> tuple[Recalls, dict[int, Recalls]]:
     position = np.full(len(rset.images), -1)
     position[img_idx] = np.arange(len(img_idx))
     txt_idx = np.nonzero(position[caption_image] >= 0)[0]

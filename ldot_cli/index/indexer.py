@@ -24,11 +24,11 @@ from feature_extraction.detector.weights import open_detector
 from ldot_cli.index.store import (
     REGIONS_DIR,
     FileRow,
-    IndexError_,
     IndexStore,
+    IndexStoreError,
     index_path,
 )
-from models.core.errors import LdotError
+from models.core.errors import LdotError, option
 from models.core.fileio import sha256_file
 from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
@@ -105,12 +105,13 @@ class Indexer:
         model = self.model_arg or recorded or DEFAULT_BI_ENCODER
         want = fingerprint(model)
         if recorded is not None and store.get_meta("model_fingerprint") != want:
-            raise IndexError_(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another model: "
-                              f"add --reindex to rebuild it with {model!r} (or use another --name)")
+            raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another "
+                                  "model: "
+                              f"add {option('reindex')} to rebuild it with {model!r} (or use another {option('name')})")
         detector = store.get_meta("detector")
         if detector is not None and (detector, store.get_meta("preset")) != (self.detector_name, self.preset):
-            raise IndexError_(f"index {self.name!r} was built with detector {detector!r} preset "
-                              f"{store.get_meta('preset')!r}: add --reindex to change them")
+            raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
+                              f"{store.get_meta('preset')!r}: add {option('reindex')} to change them")
         store.set_meta({"model": model, "model_fingerprint": want, "detector": self.detector_name,
                         "preset": self.preset, "regions": "kept" if self.keep_regions else "none"})
         if self.ann:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ldot_cli.index.store import IndexError_, IndexStore, display_path, index_path
-from models.core.errors import LdotError, LdotWarning
+from ldot_cli.index.store import IndexStore, IndexStoreError, display_path, index_path
+from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
 
@@ -41,7 +41,7 @@ class Hit:
 
 
 @dataclass
-class Timings:
+class QueryTimings:
     encode_ms: float = 0.0
     search_ms: float = 0.0
     rerank_ms: float = 0.0
@@ -54,14 +54,14 @@ def check_model(store: IndexStore, model: str | None) -> str:
 
     recorded = store.get_meta("model")
     if recorded is None:
-        raise IndexError_(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
+        raise IndexStoreError(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
     if model is None or model == recorded:
         return recorded
     want = store.get_meta("model_fingerprint")
     got = fingerprint(model)
     if got != want:
-        raise IndexError_(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
-                          f"{model!r} is another model ({got}): search without --model, or rebuild the index "
+        raise IndexStoreError(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
+                          f"{model!r} is another model ({got}): search without {option('model')}, or rebuild the index "
                           f"with `ldot index FOLDER --name {store.name} --model {model} --reindex`")
     return model
 
@@ -78,7 +78,7 @@ class Searcher:
         self._faiss_sha: str | None = None
         self._rerankers: dict[str, Any] = {}
         self._regions: Any = None  # the index's region store, opened on the first --rerank
-        self.timings = Timings()
+        self.timings = QueryTimings()
 
     def close(self) -> None:
         if self._regions is not None:
@@ -100,7 +100,7 @@ class Searcher:
         if sha != self._faiss_sha:
             try:
                 self._faiss = self.store.read_faiss()
-            except IndexError_:
+            except IndexStoreError:
                 self._faiss = self._repair()
             self._faiss_sha = self.store.get_meta("faiss_sha256")
         return self._faiss
@@ -147,7 +147,7 @@ class Searcher:
         return vector[None]
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
-        from ldot_cli.index import ann
+        from models.core import ann
 
         start = time.perf_counter()
         loaded = self._vector_index()
@@ -213,8 +213,9 @@ class Searcher:
 
         regions_dir = self.store.dir / REGIONS_DIR
         if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
-            raise IndexError_(f"index {self.store.name!r} keeps no region features (built with --no-regions): "
-                              f"re-index without it to use --rerank")
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}): "
+                              f"re-index without it to use {option('rerank')}")
         model = self.reranker(reranker)
         start = time.perf_counter()
         hashes = self.store.content_hashes([h.vector_id for h in hits])

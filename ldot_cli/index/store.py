@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from models.core.errors import LdotError
-from models.core.fileio import fsync_path, sha256_file
+from models.core.fileio import replace_file, sha256_file
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
@@ -70,7 +70,7 @@ CREATE INDEX IF NOT EXISTS files_by_root ON files(root);
 """
 
 
-class IndexError_(LdotError):
+class IndexStoreError(LdotError):
     """An index is missing, damaged, from another model or from a newer ldot."""
 
 
@@ -113,7 +113,7 @@ class IndexStore:
         self.name = directory.name
         if not (directory / DB_FILE).is_file():
             if not create:
-                raise IndexError_(f"no index named {self.name!r} (looked in {directory}): "
+                raise IndexStoreError(f"no index named {self.name!r} (looked in {directory}): "
                                   "create it with `ldot index FOLDER" + (f" --name {self.name}`" if self.name != "default"
                                                                        else "`"))
             directory.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ class IndexStore:
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise IndexError_(f"index {self.name!r} is damaged ({exc}): rebuild it with "
+            raise IndexStoreError(f"index {self.name!r} is damaged ({exc}): rebuild it with "
                               f"`ldot index FOLDER --name {self.name} --reindex`") from None
         return db
 
@@ -137,10 +137,10 @@ class IndexStore:
         version = self.get_meta("format_version")
         if version is None:
             if not create:
-                raise IndexError_(f"index {self.name!r} was never completed: run `ldot index FOLDER --name {self.name}`")
+                raise IndexStoreError(f"index {self.name!r} was never completed: run `ldot index FOLDER --name {self.name}`")
             self.set_meta({"format_version": str(FORMAT_VERSION), "created": str(time.time())})
         elif int(version) > FORMAT_VERSION:
-            raise IndexError_(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
+            raise IndexStoreError(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
                               f"{FORMAT_VERSION}): upgrade ldot, or rebuild with `--reindex`")
 
     def close(self) -> None:
@@ -272,7 +272,7 @@ class IndexStore:
         changes (``kind`` None: exact up to `ANN_THRESHOLD` vectors, approximate past it). Only the
         process holding the index lock may call this. Returns what was done.
         """
-        from ldot_cli.index import ann
+        from models.core import ann
 
         total = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
         current = self.get_meta("faiss_kind")
@@ -283,7 +283,7 @@ class IndexStore:
         if not rebuild and current == want:
             try:
                 loaded = self.read_faiss(mmap=False)
-            except IndexError_:
+            except IndexStoreError:
                 loaded = None
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
         if loaded is not None and not ann.remove(loaded[0], np.asarray(removed, dtype=np.int64)):
@@ -315,11 +315,8 @@ class IndexStore:
         tmp = self.dir / f".{FAISS_FILE}.{os.getpid()}.tmp"
         try:
             faiss.write_index(index, str(tmp))
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
             digest = sha256_file(tmp)
-            os.replace(tmp, self.faiss_path)
-            fsync_path(self.dir)
+            replace_file(tmp, self.faiss_path)
         finally:
             tmp.unlink(missing_ok=True)
         self.set_meta({"faiss_sha256": digest, "faiss_rows": str(index.ntotal), "faiss_max_id": str(max_id),
@@ -328,7 +325,7 @@ class IndexStore:
     def read_faiss(self, attempts: int = 3, mmap: bool = True) -> tuple[Any, int] | None:
         """The verified FAISS index and the newest vector id it holds; None when there is none yet.
 
-        Raises `IndexError_` when the file does not match its recorded checksum (damaged: the caller
+        Raises `IndexStoreError` when the file does not match its recorded checksum (damaged: the caller
         rebuilds it from SQLite). A concurrent writer replacing the file is told apart by re-reading.
         """
         import faiss
@@ -351,4 +348,4 @@ class IndexStore:
             if self.get_meta("faiss_sha256") == want:  # nobody rewrote it meanwhile: damaged
                 break
             time.sleep(0.05 * (attempt + 1))
-        raise IndexError_(f"the vector file of index {self.name!r} is damaged or truncated")
+        raise IndexStoreError(f"the vector file of index {self.name!r} is damaged or truncated")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ldot_cli.data.train_sources import DataSpec, open_training_data
-from models.core.errors import LdotError
+from models.core.errors import LdotError, option
 
 
 @dataclass
@@ -64,12 +64,13 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
 
     check_name(req.out)
     if find_entry(req.out) is not None:
-        raise LdotError(f"{req.out!r} is a registry name (`ldot models list`): choose another --out")
+        raise LdotError(f"{req.out!r} is a registry name (`ldot models list`): choose another {option('out')}")
     run_dir = runs_dir() / req.out
     target = models_dir() / req.out
     same_run = read_manifest(target).get("trained_from") == str(run_dir)
     if target.exists() and not (req.force or same_run):
-        raise LdotError(f"a model named {req.out!r} already exists: pass --force to replace it, or choose another "
+        raise LdotError(f"a model named {req.out!r} already exists: pass {option('force')} to replace it, or choose "
+                        "another "
                         "--out")
     if req.resume:
         if not (run_dir / "run.json").is_file():
@@ -85,7 +86,8 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     else:
         if run_dir.exists():
             if not req.force:
-                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass --resume to continue it, or "
+                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "
+                                "it, or "
                                 "--force to start over")
             shutil.rmtree(run_dir)
         source = read_source(req.init or default_init(req.mode))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.core.errors import DownloadError
-from models.core.fileio import atomic_write_text, fsync_path, sha256_file
+from models.core.fileio import atomic_write_text, replace_file, sha256_file
 from models.core.home import ldot_home
 from models.core.progress import ProgressFn, report
 
@@ -214,9 +214,7 @@ def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, si
             bad.append(f"{url} served sha256 {digest[:12]}…, expected {expected[:12]}…")
             failures.append(f"{url} (sha256 {digest[:12]}…, expected {expected[:12]}…: corrupt or changed; deleted)")
             continue
-        fsync_path(part)
-        os.replace(part, dest)
-        fsync_path(dest.parent)
+        replace_file(part, dest)
         if hash_key and not expected and record:
             record_hash(hash_key, digest)
         return digest

@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Callable
+
+_OPTION = re.compile("\ue000([A-Za-z_][A-Za-z0-9_]*)\ue001")
+
+
+def option(name: str) -> str:
+    """A setting named inside a message by its Python name (``batch_size``): ``str(error)`` shows `name`, the
+    command line shows its flag (``--batch-size``). The library never spells a flag itself."""
+    return f"\ue000{name}\ue001"
+
+
+def render(message: str, flag: Callable[[str], str] | None = None) -> str:
+    """A message with each `option` shown as ``flag(name)`` (the command line), or as the Python name."""
+    return _OPTION.sub(lambda m: flag(m.group(1)) if flag else f"`{m.group(1)}`", message)
 
 
 class LdotError(Exception):
     """Base of every error ldot expects and explains. ``str(err)`` is the one-line message for users."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return render(super().__str__())
+
+    def for_cli(self, flag: Callable[[str], str]) -> str:
+        """The message with settings shown as the command line's flags."""
+        return render(super().__str__(), flag)
 
 
 class ModelError(LdotError):

@@ -7,11 +7,13 @@ until the new one is in place the old one is still there (as the backup), so a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,22 @@ def replace_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
     os.replace(tmp, target)
     fsync_path(target.parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def new_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build the next version of the directory ``target``: yields an empty temp dir beside it, which replaces
+    ``target`` (`replace_dir`) when the block succeeds and is removed when it fails."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def recover_dir(target: str | os.PathLike[str]) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from models.core.errors import CheckpointError, ModelError
-from models.core.fileio import sha256_file
+from models.core.errors import CheckpointError, ModelError, option
+from models.core.fileio import new_dir, sha256_file
 from models.core.home import models_dir
 from models.hub.cache import MANIFEST, LocalModel, check_name, dir_size, half_downloaded, record_model
 from models.hub.catalogue import find_entry
@@ -88,7 +87,8 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
     target = models_dir() / name
     entry = find_entry(name)
     if target.exists() and not force and not (target.is_dir() and half_downloaded(target)):
-        raise ModelError(f"a model named {name!r} already exists: pass --force to replace it, or choose another --as")
+        raise ModelError(f"a model named {name!r} already exists: pass {option('force')} to replace it, or choose "
+                         f"another {option('name')}")
     if src.is_dir():
         kind = _dir_kind(src)
         _copy_dir(src, target)
@@ -107,7 +107,7 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
     if entry is not None and entry.kind != kind:
         shutil.rmtree(target, ignore_errors=True)
         raise ModelError(f"{src} holds a {kind} model but {name!r} is the registry's {entry.kind}: "
-                         "choose another --as name")
+                         f"choose another {option('name')}")
     record_model(target, name, kind, "import", imported_from=str(src.absolute()))
     return LocalModel(name, target, kind, True, "import", dir_size(target))
 
@@ -133,33 +133,12 @@ def _dir_kind(src: Path) -> str:
 
 
 def _copy_dir(src: Path, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_ensure(target.parent)))
-    try:
+    with new_dir(target) as tmp:
         for path in src.iterdir():
             if path.is_file() and path.name != MANIFEST:
                 shutil.copy2(path, tmp / path.name)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _copy_file(src: Path, target: Path, filename: str) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_ensure(target.parent)))
-    try:
+    with new_dir(target) as tmp:
         shutil.copy2(src, tmp / filename)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)

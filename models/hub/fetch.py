@@ -18,7 +18,7 @@ from models.core.download import (  # noqa: F401  (re-exported: the one download
     record_hash,
 )
 from models.core.errors import DownloadError
-from models.core.fileio import replace_dir
+from models.core.fileio import new_dir, recover_dir, replace_dir
 from models.core.home import models_dir
 from models.core.progress import ProgressFn
 from models.hub.cache import model_path, read_manifest, record_model, write_manifest
@@ -52,6 +52,7 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
     target = models_dir() / entry.name
     models_dir().mkdir(parents=True, exist_ok=True)
     with FileLock(str(models_dir() / f".{entry.name}.lock")):
+        recover_dir(target)
         wanted = [f for f in entry.files if only is None or f.filename in set(only)]
         staging = target if only is not None else staging_dir(entry.name)
         manifest = read_manifest(target)
@@ -143,19 +144,12 @@ def _reuse_verified(target: Path, staging: Path, files: dict) -> None:
 
 
 def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dict, keep_source: bool) -> Path:
-    import tempfile
-
     from models.hub.convert import convert_checkpoint
 
     raw = staging / entry.files[0].filename
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=models_dir()))
-    try:
+    with new_dir(target) as tmp:  # the model appears whole, with its manifest, or not at all
         convert_checkpoint(raw, tmp, tokenizer=entry.tokenizer)
         record_model(tmp, entry.name, entry.kind, "download", source_files=files)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not keep_source:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -14,11 +14,8 @@ A converted model directory holds::
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -28,7 +25,7 @@ import torch
 from torch import nn
 
 from models.core.errors import CheckpointError, UnsafeCheckpointError
-from models.core.fileio import fsync_path
+from models.core.fileio import new_dir
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, TransformerConfig
 from models.nn.cross_encoder import CrossEncoder
@@ -304,9 +301,7 @@ def save_model_dir(directory: str | Path, kind: str, config: dict[str, Any], sta
     from models.core.version import __version__
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with new_dir(directory) as tmp:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(contiguous, str(tmp / WEIGHTS_FILE), metadata={"format": MODEL_FORMAT, "kind": kind})
         if tokenizer is not None:
@@ -314,19 +309,6 @@ def save_model_dir(directory: str | Path, kind: str, config: dict[str, Any], sta
         meta = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "config": config,
                 "source": source or {}, "ldot_version": __version__}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        for path in tmp.iterdir():
-            fsync_path(path)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

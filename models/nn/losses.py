@@ -1,6 +1,6 @@
 """LightningDOT training objectives and the masking that feeds them, as pure functions.
 
-Objectives (lightningdot.md §5; reductions as the official ``pretrain.py`` / ``train_itm.py``):
+Objectives (the LightningDOT paper, §3; reductions as the official ``pretrain.py`` / ``train_itm.py``):
 
 - CMR, `cmr_loss`: symmetric in-batch softmax over raw dot products, ``0.5 * (text -> image) +
   0.5 * (image -> text)``, no temperature, the other pairs of the batch are the negatives. Used by the

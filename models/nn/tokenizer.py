@@ -1,7 +1,7 @@
 """WordPiece tokenization through the `tokenizers` library (Rust; imports in milliseconds).
 
 We do not go through `transformers.BertTokenizer`: with transformers 5 it was seen to map every token
-to [UNK] when built from a bare vocab file (environment.md). Tests check that real words get real ids.
+to [UNK] when built from a bare vocab file (seen with transformers 5.x). Tests check that real words get real ids.
 """
 
 from __future__ import annotations

@@ -27,10 +27,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.core.errors import ConfigError, LdotError, option
+from models.core.fileio import atomic_write_json, new_dir, replace_file
 from models.core.progress import Progress, ProgressFn
-from models.core.errors import LdotError
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
 from models.nn.pretraining import (
+    NUM_REGION_LABELS,
     TASKS,
     BiEncoderForPretraining,
     PairBatch,
@@ -148,6 +149,21 @@ def finetune_config(dataset: str = "flickr30k", **overrides: Any) -> TrainConfig
     base = TrainConfig(tasks=(("itm", 1.0),), batch_size=96, lr=2e-5, betas=(0.9, 0.999), weight_decay=0.0,
                        warmup=0.1, epochs=FINETUNE_EPOCHS.get(dataset, 15), grad_clip=2.0)
     return replace(base, **overrides)
+
+
+def mix_ratios(mix: str, tasks: Sequence[str]) -> list[float]:
+    """Ratios for ``tasks`` from a preset name (``coco``, ``other``: the official mixes, a task outside them gets
+    1) or from comma-separated numbers, one per task."""
+    if mix in PRETRAIN_MIX:
+        preset = dict(zip(TASKS, PRETRAIN_MIX[mix]))
+        return [float(preset.get(task, 1.0)) for task in tasks]
+    try:
+        ratios = [float(x) for x in mix.split(",")]
+    except ValueError:
+        raise ConfigError(f"mix {mix!r} is neither numbers nor a preset ({', '.join(PRETRAIN_MIX)})") from None
+    if len(ratios) != len(tasks):
+        raise ConfigError(f"mix {mix!r} gives {len(ratios)} ratios for {len(tasks)} tasks")
+    return ratios
 
 
 def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
@@ -316,40 +332,6 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": groups}
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a directory beside ``target`` and swap it in; a crash leaves the old or the new one."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def checkpoint_dir(run_dir: Path) -> Path | None:
     """The resume checkpoint of a run (or its previous copy, if a swap was interrupted)."""
     for name in (CHECKPOINT, f".{CHECKPOINT}.old"):
@@ -497,7 +479,8 @@ class _Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             value = float(loss.detach())
             if not math.isfinite(value) and self.scaler is None:
-                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower --lr, or use "
+                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower {option('lr')}, "
+                                    "or use "
                                     "--precision fp32")
             total_loss += value / cfg.grad_accum
             self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
@@ -533,8 +516,8 @@ class _Trainer:
 
             tmp = self.run_dir / f".best.tmp-{os.getpid()}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
-            os.replace(tmp, self.run_dir / "best.safetensors")
-            _write_json(self.run_dir / "best.json", record)
+            replace_file(tmp, self.run_dir / "best.safetensors")
+            atomic_write_json(self.run_dir / "best.json", record, indent=2)
         return record
 
     @property
@@ -560,7 +543,8 @@ class _Trainer:
             _save_tensors(tmp / "rng.safetensors", rng)
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
-        _atomic_dir(self.run_dir / CHECKPOINT, write)
+        with new_dir(self.run_dir / CHECKPOINT) as tmp:
+            write(tmp)
         _report(self.progress, "checkpoint", self.step, self.total, self.epoch, message=str(self.run_dir / CHECKPOINT))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -617,7 +601,7 @@ class _Trainer:
                 self._restore(snapshot)
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
-                                          f"{self.run_dir}: continue it with --resume") from None
+                                          f"{self.run_dir}: continue it with {option('resume')}") from None
             _report(self.progress, "step", self.step, self.total, self.epoch, loss=loss, task_losses=dict(self.running),
                     lr=lr)
             if self.step % self.eval_every == 0 or self.step == self.total:
@@ -648,11 +632,13 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
     ckpt = checkpoint_dir(run_dir)
     if resume:
         if ckpt is None:
-            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without --resume)")
+            raise TrainingError(f"nothing to resume: {run_dir} holds no checkpoint (start the run without "
+                                f"{option('resume')})")
         model, tokenizer = _rebuild(run_dir)
     else:
         if ckpt is not None or (run_dir / "run.json").exists():
-            raise TrainingError(f"a run already exists in {run_dir}: pass --resume to continue it, or --force to "
+            raise TrainingError(f"a run already exists in {run_dir}: pass {option('resume')} to continue it, or "
+                                f"{option('force')} to "
                                 "start it over")
         if model is None or tokenizer is None:
             raise TrainingError("a new run needs a model and a tokenizer")
@@ -676,7 +662,7 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
             "train_config": config.to_dict(), "init": init or {}, "data": data.description,
             "train_pairs": len(data.train), "val_pairs": len(data.val) if data.val is not None else 0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(run_dir / "run.json", info)
+    atomic_write_json(run_dir / "run.json", info, indent=2)
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
@@ -697,7 +683,7 @@ def _rebuild(run_dir: Path) -> tuple[BiEncoderForPretraining, Any]:
 
     info = read_run(run_dir)
     config = BiEncoderConfig.from_dict(info["model_config"])
-    model = BiEncoderForPretraining(config, info.get("num_region_labels", 1601))
+    model = BiEncoderForPretraining(config, info.get("num_region_labels", NUM_REGION_LABELS))
     return model, Tokenizer.from_path(run_dir / "tokenizer.json")
 
 
@@ -719,11 +705,12 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     run_dir = Path(run_dir)
     check_name(name)
     if find_entry(name) is not None:
-        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another --out")
+        raise TrainingError(f"{name!r} is a registry name (`ldot models list`): choose another {option('out')}")
     target = models_dir() / name
     if target.exists() and not force:
-        raise TrainingError(f"a model named {name!r} already exists: pass --force to replace it, or choose another "
-                            "--out")
+        raise TrainingError(f"a model named {name!r} already exists: pass {option('force')} to replace it, or choose "
+                            "another "
+                            f"{option('out')}")
     info = read_run(run_dir)
     ckpt = checkpoint_dir(run_dir)
     if ckpt is None:

@@ -1,10 +1,10 @@
-"""FAISS inner-product indexes over vector ids: exact and approximate (IVF), and their search.
+"""FAISS inner-product indexes over vector ids (the one way into FAISS): exact and approximate (IVF), and search.
 
 Exact search scores every image by one dot product with the query. A scan is bound by memory bandwidth
 (307 MB of float32 vectors per query at 100k images took 17 ms here), so the scan reads half-precision
 copies and the best ``REFINE_FACTOR * k`` candidates are re-scored from the float32 vectors: 12 ms, and
 the same top 10 as a float32 scan on every one of 200 clustered test queries. Past
-`index_store.ANN_THRESHOLD` vectors (or with ``--ann``) an inverted-file index (IVF, k-means cells
+`ldot_cli.index.store.ANN_THRESHOLD` vectors (or when asked) an inverted-file index (IVF, k-means cells
 over the vectors) scans only the ``nprobe`` cells nearest the query; ``benchmarks/search.py`` shows
 its recall@10 against exact search on clustered data (>= 0.99 at the default nprobe).
 """
@@ -22,7 +22,7 @@ APPROX = "ivf"
 REFINE_FACTOR = 4
 
 
-BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster here (environment.md) ...
+BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster (measured on a 2-core machine) ...
 BLAS_THRESHOLD_SINGLE = 128_000  # ... but doubled the latency of one query (43 vs 20 ms at 100k, measured)
 
 
@@ -71,6 +71,16 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any
         raise ValueError(f"unknown index kind {kind!r}")
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
+    return index
+
+
+def flat(vectors: np.ndarray) -> Any:
+    """An exact float32 inner-product index over ``vectors`` (n, d), whose ids are the row positions: the exact
+    scan evaluation and hard-negative mining need (no half-precision candidates, no re-scoring)."""
+    faiss = _faiss()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
     return index
 
 
