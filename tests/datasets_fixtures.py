@@ -93,6 +93,33 @@ def coco_parquet(ids: list[int], captions_per_image: tuple[int, ...] = (5, 5, 6,
     return buf.getvalue()
 
 
+def wds_shard(samples: list[tuple[str, bytes, list[str]]], extra: dict[str, bytes] | None = None) -> bytes:
+    """A webdataset tar: ``<key>.jpg`` + ``<key>.txt`` (captions one a line) per sample, as CLIP_benchmark's."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, image, captions in samples:
+            for name, data in ((f"{key}.jpg", image), (f"{key}.txt", "\n".join(captions).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def wds_flickr(n_images: int = 4) -> dict[str, ServedFile]:
+    """CLIP_benchmark's wds_flickr30k test split: nshards.txt and two shards."""
+    base = f"/datasets/{catalogue.WDS_FLICKR_REPO}/resolve/{catalogue.WDS_FLICKR_REV}/test"
+    samples = [(f"s{i:07d}", jpeg(40 + i), flickr_captions(i)) for i in range(n_images)]
+    half = n_images // 2
+    return {f"{base}/nshards.txt": ServedFile(b"2\n"), f"{base}/0.tar": ServedFile(wds_shard(samples[:half])),
+            f"{base}/1.tar": ServedFile(wds_shard(samples[half:]))}
+
+
 def gz_lines(lines: list[str]) -> bytes:
     return gzip.compress(("\n".join(lines) + "\n").encode())
 

@@ -196,6 +196,42 @@ def test_offline_says_the_url_the_mirror_and_the_manual_steps(monkeypatch, ldot_
     assert f"put it at {dest}" in line and "ldot data get flickr30k --split test" in line
 
 
+def test_the_webdataset_copy_is_the_fallback_for_the_flickr_test(monkeypatch, ldot_home):
+    from datasets_fixtures import wds_flickr
+
+    with http_server(wds_flickr()) as srv:  # the nlphuji files are gone (404): only the CLIP_benchmark shards
+        point_catalogue_at(monkeypatch, srv.url)
+        with pytest.warns(LdotWarning, match="images_flickr_1k_test.zip .*HTTP 404.* trying the fallback"):
+            sources.fetch("flickr30k", "test", **FAST)
+    marker = json.loads((ldot_home / "datasets" / "flickr30k" / "ldot-data-test.json").read_text())
+    assert marker["source"] == "wds" and marker["images"] == 4 and marker["captions"] == 20
+    rset = locate("flickr30k", sources.eval_paths("flickr30k"))
+    assert [im.file for im in rset.images] == [f"s{i:07d}.jpg" for i in range(4)]
+    assert rset.captions[5].text == "two people sitting on a bench 0"  # image 1's first caption
+    assert sources.verify() == {"flickr30k/test": []}
+
+
+def test_a_webdataset_shard_with_a_link_is_refused(tmp_path):
+    import tarfile
+
+    from datasets_fixtures import wds_shard
+
+    from ldot_cli.data.sources import read_wds
+
+    path = tmp_path / "0.tar"
+    path.write_bytes(wds_shard([("s1", b"\xff\xd8\xff", ["a"])]))
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo("s2.jpg")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(DatasetError, match="link or device"):
+        read_wds(path, tmp_path / "out")
+    path.write_bytes(wds_shard([], extra={"../evil.jpg": b"x"}))
+    with pytest.raises(DatasetError, match="outside the folder"):
+        read_wds(path, tmp_path / "out2")
+    assert not (tmp_path / "evil.jpg").exists()
+
+
 def test_files_put_in_place_by_hand_are_used_offline(monkeypatch, ldot_home):
     m = miniature()
     folder = ldot_home / "datasets" / "flickr30k" / "downloads"

@@ -18,6 +18,9 @@ FLICKR_FULL_REV = "2b239befc81b6e3f035ce6bd52f5f4d60f5625f7"
 COCO_KARPATHY_REPO = "yerevann/coco-karpathy"
 COCO_KARPATHY_REV = "main"  # no commit in the facts sheet: the first verified fetch records each file's sha256
 MULTI30K_COMMIT = "a3d2e0d26b56f3846f66a952536ffed4e401d05a"
+# CLIP_benchmark's webdataset copy of the Flickr30k 1K test (jpg + txt per sample, no file names): the fallback
+WDS_FLICKR_REPO = "clip-benchmark/wds_flickr30k"
+WDS_FLICKR_REV = "f8af3ceee1b944bf761340682621dfafd23974d2"
 # Per-image COCO hosts, tried in order (the official JSON's coco_url, then the same bucket over HTTPS).
 COCO_IMAGE_HOSTS = ("http://images.cocodataset.org/", "https://s3.amazonaws.com/images.cocodataset.org/")
 COCO_ZIP_HOSTS = ("http://images.cocodataset.org/zips/", "https://s3.amazonaws.com/images.cocodataset.org/zips/")
@@ -114,6 +117,14 @@ SPLITS: tuple[DataSplit, ...] = (
               requires=(("flickr30k", "test"),)),
 )
 DATASETS = ("flickr30k", "coco", "multi30k")
+
+
+def wds_flickr_url(path: str) -> str:
+    """A file of the CLIP_benchmark webdataset copy of the Flickr30k test (``test/nshards.txt``, ``test/<n>.tar``)."""
+    return _hub(WDS_FLICKR_REPO, WDS_FLICKR_REV, path)
+
+
+WDS_FLICKR_BYTES = 145_600_000  # test/0..4.tar
 
 
 def find_split(dataset: str, split: str = "test", lang: str = "de") -> DataSplit:

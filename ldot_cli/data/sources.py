@@ -33,9 +33,11 @@ from ldot_cli.data.benchmarks import DataPaths
 from ldot_cli.data.catalogue import (
     COCO_IMAGE_HOSTS,
     SPLITS,
+    WDS_FLICKR_BYTES,
     DataFile,
     DataSplit,
     find_split,
+    wds_flickr_url,
 )
 from ldot_cli.data.errors import DatasetError
 from models.core.download import Job, UnreachableError, download_file, download_many, known_hash, record_hash
@@ -47,6 +49,10 @@ from models.hub.catalogue import expand_url
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 KARPATHY_SPLITS = {"test": ("test",), "train": ("train", "restval", "val")}  # what a fetched split must hold
+
+
+class SourceUnreachable(DatasetError):
+    """No mirror of a file answered (the message says which URLs and what to do by hand)."""
 
 
 def datasets_dir() -> Path:
@@ -162,9 +168,18 @@ def _fetch_split(entry: DataSplit, lang: str, meter: _Bytes, progress: ProgressF
     downloads.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".fetch.lock")):
         digests: dict[str, dict[str, Any]] = {}
-        for f in entry.files:
-            dest = downloads / f.name
-            digests[f"downloads/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
+        try:
+            for f in entry.files:
+                dest = downloads / f.name
+                digests[f"downloads/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
+        except SourceUnreachable as exc:
+            if entry.key != "flickr30k/test":
+                raise
+            counts = _fetch_wds_flickr(entry, folder, meter, str(exc), retries, backoff, timeout)
+            atomic_write_json(_marker(entry, lang), {"dataset": entry.dataset, "split": entry.split, "complete": True,
+                                                     "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                     **counts})
+            return
         for f in entry.files:
             if f.extract_to:
                 safe_extract(downloads / f.name, folder / f.extract_to, progress=progress)
@@ -203,7 +218,7 @@ def _download(entry: DataSplit, f: DataFile, dest: Path, meter: _Bytes, retries:
         digest = download_file(urls, dest, f.sha256, f.size, meter.file(), hash_key=key, retries=retries,
                                backoff=backoff, timeout=timeout, record=False, stage=meter.stage)
     except UnreachableError as exc:
-        raise DatasetError(_offline(entry, f.name, urls, exc.failures, dest)) from None
+        raise SourceUnreachable(_offline(entry, f.name, urls, exc.failures, dest)) from None
     size = dest.stat().st_size
     meter.add(size)
     return {"sha256": digest, "size": size}
@@ -411,6 +426,93 @@ def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes,
             f"only in Multi30K (e.g. {sorted(ours - theirs)[:1]}), {len(theirs - ours):,} only in Karpathy"), stacklevel=2)
     _check_images(entry, flickr / "flickr30k-images", files)
     return {"images": len(files), "captions": len(rows), "same_images_as_karpathy_test": ours == theirs}
+
+
+def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: str, retries: int, backoff: float,
+                      timeout: float) -> dict[str, Any]:
+    """The fallback of the Flickr30k 1K test: CLIP_benchmark's webdataset shards (``test/nshards.txt``, then
+    ``test/<n>.tar`` holding ``<key>.jpg`` + ``<key>.txt``, one caption a line). The images have no Flickr file
+    names there, so they are saved as ``<key>.jpg`` (and Multi30K cannot be aligned with them)."""
+    warnings.warn(LdotWarning(f"{primary.split('. Without a network')[0]}; trying the fallback "
+                              f"{wds_flickr_url('test/')}"), stacklevel=2)
+    downloads = folder / "downloads" / "wds"
+    digests: dict[str, dict[str, Any]] = {}
+
+    def get(path: str, approx: int) -> Path:
+        f = DataFile(path.replace("/", "-"), (wds_flickr_url(path),), approx=approx)
+        dest = downloads / f.name
+        try:
+            digests[f"downloads/wds/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
+        except SourceUnreachable as exc:
+            raise SourceUnreachable(f"{primary}; the fallback failed too: {exc}") from None
+        return dest
+
+    try:
+        shards = int(get("test/nshards.txt", 2).read_text().strip())
+    except ValueError:
+        raise DatasetError(f"{downloads / 'test-nshards.txt'} is not a number of shards: delete it and fetch again") \
+            from None
+    if not 0 < shards <= 1000:
+        raise DatasetError(f"{downloads / 'test-nshards.txt'} says {shards} shards: not a webdataset count")
+    images_dir = folder / "flickr30k-images"
+    images: list[dict[str, Any]] = []
+    for n in range(shards):
+        tar = get(f"test/{n}.tar", WDS_FLICKR_BYTES // 5)
+        for key, captions in read_wds(tar, images_dir):
+            images.append({"filename": f"{key}.jpg", "split": "test", "imgid": len(images),
+                           "sentences": [{"raw": c, "sentid": 5 * len(images) + i} for i, c in enumerate(captions)]})
+    karpathy = _write_karpathy(folder, "flickr30k", images)
+    chosen, n_captions = _split_counts(images, ("test",))
+    _check_counts(entry, len(chosen), n_captions, karpathy)
+    _check_images(entry, images_dir, [im["filename"] for im in chosen])
+    for key in digests:  # trust on first use, once the data checked out
+        name = key.rsplit("/", 1)[1]
+        hkey = f"datasets/{entry.dataset}/{name}"
+        if known_hash(hkey) is None:
+            record_hash(hkey, digests[key]["sha256"])
+    return {"images": len(chosen), "captions": n_captions, "karpathy": karpathy.name, "source": "wds",
+            "files": digests}
+
+
+def read_wds(tar_path: Path, images_dir: Path, max_member: int = 200 << 20) -> list[tuple[str, list[str]]]:
+    """The samples of one webdataset shard: each ``<key>.jpg`` saved as ``images_dir/<key>.jpg`` (whole files only),
+    with the captions of ``<key>.txt``. Links, devices, paths outside the folder and huge members refuse the shard."""
+    import os
+    import tarfile
+    from pathlib import PurePosixPath
+
+    images_dir.mkdir(parents=True, exist_ok=True)
+    captions: dict[str, list[str]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                name = member.name
+                if name.startswith("/") or ".." in PurePosixPath(name).parts:
+                    raise DatasetError(f"{tar_path}: member {name!r} is a path outside the folder: refused")
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    raise DatasetError(f"{tar_path}: member {name!r} is a link or device: refused")
+                if member.size > max_member:
+                    raise DatasetError(f"{tar_path}: member {name!r} is {member.size:,} bytes: refused")
+                key, _, ext = PurePosixPath(name).name.partition(".")
+                handle = tar.extractfile(member)
+                if handle is None or not key:
+                    continue
+                if ext == "txt":
+                    lines = handle.read().decode("utf-8", errors="replace").splitlines()
+                    captions[key] = [line.strip() for line in lines if line.strip()]
+                elif ext in ("jpg", "jpeg"):
+                    target = images_dir / f"{key}.jpg"
+                    if not (target.is_file() and target.stat().st_size == member.size):
+                        tmp = images_dir / f".{key}.jpg.extracting"
+                        tmp.write_bytes(handle.read())
+                        os.replace(tmp, target)
+                    order.append(key)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DatasetError(f"{tar_path} is not a readable tar ({exc}): delete it and fetch again") from None
+    return [(key, captions[key]) for key in dict.fromkeys(order) if captions.get(key)]
 
 
 # ------------------------------------------------------------------------------------------ use
