@@ -54,6 +54,8 @@ KARPATHY_SPLITS = {"test": ("test",), "train": ("train", "restval", "val")}  # w
 class SourceUnreachable(DatasetError):
     """No mirror of a file answered (the message says which URLs and what to do by hand)."""
 
+    resumable = False  # bytes of it are kept: the next run resumes (no reason to switch sources)
+
 
 def datasets_dir() -> Path:
     return ldot_home() / "datasets"
@@ -173,7 +175,7 @@ def _fetch_split(entry: DataSplit, lang: str, meter: _Bytes, progress: ProgressF
                 dest = downloads / f.name
                 digests[f"downloads/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
         except SourceUnreachable as exc:
-            if entry.key != "flickr30k/test":
+            if entry.key != "flickr30k/test" or exc.resumable:  # a transfer that stopped half-way resumes instead
                 raise
             counts = _fetch_wds_flickr(entry, folder, meter, str(exc), retries, backoff, timeout)
             atomic_write_json(_marker(entry, lang), {"dataset": entry.dataset, "split": entry.split, "complete": True,
@@ -218,7 +220,10 @@ def _download(entry: DataSplit, f: DataFile, dest: Path, meter: _Bytes, retries:
         digest = download_file(urls, dest, f.sha256, f.size, meter.file(), hash_key=key, retries=retries,
                                backoff=backoff, timeout=timeout, record=False, stage=meter.stage)
     except UnreachableError as exc:
-        raise SourceUnreachable(_offline(entry, f.name, urls, exc.failures, dest)) from None
+        error = SourceUnreachable(_offline(entry, f.name, urls, exc.failures, dest))
+        part = dest.with_name(dest.name + ".part")
+        error.resumable = part.is_file() and part.stat().st_size > 0
+        raise error from None
     size = dest.stat().st_size
     meter.add(size)
     return {"sha256": digest, "size": size}
@@ -434,7 +439,7 @@ def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: st
     ``test/<n>.tar`` holding ``<key>.jpg`` + ``<key>.txt``, one caption a line). The images have no Flickr file
     names there, so they are saved as ``<key>.jpg`` (and Multi30K cannot be aligned with them)."""
     warnings.warn(LdotWarning(f"{primary.split('. Without a network')[0]}; trying the fallback "
-                              f"{wds_flickr_url('test/')}"), stacklevel=2)
+                              f"{expand_url(wds_flickr_url('test/'))}"), stacklevel=2)
     downloads = folder / "downloads" / "wds"
     digests: dict[str, dict[str, Any]] = {}
 
