@@ -193,7 +193,9 @@ def test_offline_says_the_url_the_mirror_and_the_manual_steps(monkeypatch, ldot_
     assert f"tried {zip_url}" in line and "connection refused" in line
     assert f"then the mirror {down}/mirror/x.zip (connection refused)" in line
     dest = ldot_home / "datasets" / "flickr30k" / "downloads" / "images_flickr_1k_test.zip"
-    assert f"put it at {dest}" in line and "ldot data get flickr30k --split test" in line
+    assert f"download {zip_url}" in line and f" as {dest};" in line  # which file goes where
+    assert f"test_1k_flickr.csv as {dest.parent / 'test_1k_flickr.csv'}" in line
+    assert "then the fallback " in line and "wds_flickr30k" in line and "ldot data get flickr30k --split test" in line
 
 
 def test_the_webdataset_copy_is_the_fallback_for_the_flickr_test(monkeypatch, ldot_home):

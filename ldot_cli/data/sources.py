@@ -177,7 +177,7 @@ def _fetch_split(entry: DataSplit, lang: str, meter: _Bytes, progress: ProgressF
         except SourceUnreachable as exc:
             if entry.key != "flickr30k/test" or exc.resumable:  # a transfer that stopped half-way resumes instead
                 raise
-            counts = _fetch_wds_flickr(entry, folder, meter, str(exc), retries, backoff, timeout)
+            counts = _fetch_wds_flickr(entry, folder, meter, exc, retries, backoff, timeout)
             atomic_write_json(_marker(entry, lang), {"dataset": entry.dataset, "split": entry.split, "complete": True,
                                                      "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                      **counts})
@@ -223,21 +223,29 @@ def _download(entry: DataSplit, f: DataFile, dest: Path, meter: _Bytes, retries:
         error = SourceUnreachable(_offline(entry, f.name, urls, exc.failures, dest))
         part = dest.with_name(dest.name + ".part")
         error.resumable = part.is_file() and part.stat().st_size > 0
+        error.args = (str(error),)
+        error.detail = (f.name, urls, exc.failures, dest)  # type: ignore[attr-defined]
         raise error from None
     size = dest.stat().st_size
     meter.add(size)
     return {"sha256": digest, "size": size}
 
 
-def _offline(entry: DataSplit, name: str, urls: list[str], failures: list[str], dest: Path) -> str:
+def _offline(entry: DataSplit, name: str, urls: list[str], failures: list[str], dest: Path,
+             fallback: str = "") -> str:
+    """One line: the URL tried, the mirror (or fallback) tried next, and which files to put where by hand."""
     tried = failures[0] if failures else urls[0]
-    mirror = f", then the mirror {failures[1]}" if len(failures) > 1 else " (no mirror known)"
+    mirror = f", then the mirror {failures[1]}" if len(failures) > 1 else ""
+    mirror += f", then the fallback {fallback}" if fallback else ("" if mirror else " (no mirror known)")
     part = dest.with_name(dest.name + ".part")
     kept = f"; {part.stat().st_size:,} bytes kept: run the same command again to resume" \
         if part.is_file() and part.stat().st_size else ""
+    downloads = dest.parent
+    by_hand = "; ".join(f"{expand_url(f.urls[0])} as {downloads / f.name}" for f in entry.files
+                        if not (downloads / f.name).is_file())
     return (f"could not fetch {name} for {entry.dataset} {entry.split}: tried {tried}{mirror}{kept}. Without a "
-            f"network: download {urls[0]} elsewhere, put it at {dest}, and run `ldot data get {entry.dataset} --split "
-            f"{entry.split}` again (or pass --data with your own copy)")
+            f"network: download {by_hand}, then run `ldot data get {entry.dataset} --split {entry.split}` again "
+            "(or pass --data with your own copy)")
 
 
 # ------------------------------------------------------------------------------------------ caption files
@@ -433,12 +441,12 @@ def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes,
     return {"images": len(files), "captions": len(rows), "same_images_as_karpathy_test": ours == theirs}
 
 
-def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: str, retries: int, backoff: float,
-                      timeout: float) -> dict[str, Any]:
+def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: SourceUnreachable, retries: int,
+                      backoff: float, timeout: float) -> dict[str, Any]:
     """The fallback of the Flickr30k 1K test: CLIP_benchmark's webdataset shards (``test/nshards.txt``, then
     ``test/<n>.tar`` holding ``<key>.jpg`` + ``<key>.txt``, one caption a line). The images have no Flickr file
     names there, so they are saved as ``<key>.jpg`` (and Multi30K cannot be aligned with them)."""
-    warnings.warn(LdotWarning(f"{primary.split('. Without a network')[0]}; trying the fallback "
+    warnings.warn(LdotWarning(f"{str(primary).split('. Without a network')[0]}; trying the fallback "
                               f"{expand_url(wds_flickr_url('test/'))}"), stacklevel=2)
     downloads = folder / "downloads" / "wds"
     digests: dict[str, dict[str, Any]] = {}
@@ -449,7 +457,9 @@ def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: st
         try:
             digests[f"downloads/wds/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
         except SourceUnreachable as exc:
-            raise SourceUnreachable(f"{primary}; the fallback failed too: {exc}") from None
+            name, urls, failures, dest = primary.detail  # type: ignore[attr-defined]
+            why = "; ".join(exc.detail[2]) if hasattr(exc, "detail") else str(exc)  # type: ignore[attr-defined]
+            raise SourceUnreachable(_offline(entry, name, urls, failures, dest, fallback=why)) from None
         return dest
 
     try:
