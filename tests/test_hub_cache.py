@@ -124,3 +124,19 @@ def test_hf_token_goes_to_the_hub(hub, ldot_home, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     download_entry("test-bert")
     assert {a for p, a in hub.auth if p.startswith("/org/bert/resolve/")} == {"Bearer hf_secret"}
+
+
+def test_the_first_downloads_commit_pins_later_downloads(hub, ldot_home):
+    from models.core.download import known_hash
+    from models.hub.cache import remove_model
+
+    download_entry("test-bert")
+    assert known_hash("test-bert@commit") == HUB_COMMIT
+    remove_model("test-bert")
+    import shutil
+
+    shutil.rmtree(hub_cache_dir())  # a fresh machine with the same ldot home
+    n = len(hub.requests)
+    download_entry("test-bert")
+    asked = [p for p, _ in hub.requests[n:] if "/resolve/" in p]
+    assert asked and all(f"/resolve/{HUB_COMMIT}/" in p for p in asked)  # never `main` again

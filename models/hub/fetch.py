@@ -60,6 +60,9 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
         files = dict(manifest.get("files", {})) if isinstance(manifest.get("files"), dict) else {}
         hub = _hub_files(entry)
         pin: dict[str, str] = {}
+        pinned = known_hash(f"{entry.name}@commit") if hub else None  # the commit of the first download
+        if pinned:
+            pin["commit"] = pinned
         if only is None and not entry.convert and hub is None:
             _reuse_verified(target, staging, files)
         for remote in wanted:
@@ -87,6 +90,8 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
         files = {k: v for k, v in files.items() if (staging / k).is_file()}
         extra = {"hub": {"repo": hub[next(iter(hub))].repo, "commit": pin.get("commit"),
                          "cache": str(hub_cache_dir())}} if hub else {}
+        if hub and complete and pin.get("commit") and not pinned:
+            record_hash(f"{entry.name}@commit", pin["commit"])  # later downloads take the same revision
         write_manifest(staging, {"name": entry.name, "kind": entry.kind, "files": files, "complete": complete,
                                  "origin": "download", **extra})
         replace_dir(staging, target)
