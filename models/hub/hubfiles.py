@@ -191,6 +191,12 @@ def _metadata(repo: str, filename: str, revision: str, endpoint: str, url: str, 
         cause = exc.__cause__ or exc.__context__ or exc
         text = reason(cause) if isinstance(cause, OSError) else (str(exc).splitlines()[0] if str(exc) else
                                                                   type(exc).__name__)
-        if "connect" in text.lower() and "refused" in text.lower():
+        lowered = text.lower()
+        if "refused" in lowered:
             text = "connection refused"
+        elif "name or service not known" in lowered or "name resolution" in lowered or "nodename nor servname" \
+                in lowered or "getaddrinfo" in lowered:
+            text = "no network (host name not resolved)"
+        elif "timed out" in lowered or "timeout" in lowered:
+            text = "timed out"
         raise UnreachableError(filename, [f"{url} ({text})"]) from None
