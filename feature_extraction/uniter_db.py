@@ -60,7 +60,9 @@ KEYS_KEY = b"__keys__"  # official: JSON list of every file name
 SOURCES_DB = b"__ldot_sources__"  # ours: key -> {path, size, mtime_ns}
 FAILED_DB = b"__ldot_failed__"  # ours: source path -> {size, mtime_ns, reason, permanent}
 RESERVED_KEYS = frozenset({KEYS_KEY, SOURCES_DB, FAILED_DB})
-DEFAULT_MAP_SIZE = 1 << 40  # 1 TiB of address space, as the official converter (grown if needed)
+DEFAULT_MAP_SIZE: int | None = None  # None: sized from the data (`map_size_for`), grown when full
+MIN_MAP_SIZE = 64 << 20  # the smallest map a writer asks for: address space, not memory or disk
+_LMDB_MAGIC = 0xBEEFC0DE
 _NUMERIC_KINDS = frozenset("fiub")
 
 
@@ -311,6 +313,81 @@ def _iter_keys(txn: lmdb.Transaction) -> Iterator[str]:
             yield bytes(key).decode("utf-8")
 
 
+# ------------------------------------------------------------------------------ LMDB files
+
+
+def lmdb_problem(db_path: Path) -> str | None:
+    """What is wrong with the ``data.mdb`` of an LMDB directory, read from its two meta pages without mapping
+    it (mapping a truncated file kills the process with SIGBUS on the first read past its end); None when it
+    looks sound or does not exist yet.
+
+    A meta page (64-bit LMDB) is a 16-byte page header then ``mm_magic``, ``mm_version`` (u32 each),
+    ``mm_address``, ``mm_mapsize`` (u64 each), two 48-byte DB records (the first one's first u32 is the page
+    size), then ``mm_last_pg`` (offset 136) and ``mm_txnid`` (u64 each); the newer meta (higher txnid) is the current one, and the
+    file must hold pages ``0..mm_last_pg``.
+    """
+    import struct
+
+    data = db_path / "data.mdb"
+    try:
+        size = data.stat().st_size
+        with open(data, "rb") as handle:
+            head = handle.read(152)
+            page = struct.unpack_from("<I", head, 40)[0] if len(head) >= 44 else 0
+            if 512 <= page <= 65536 and len(head) >= 152:
+                handle.seek(page)
+                second = handle.read(152)
+            else:
+                second = b""
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if size == 0:
+        return "empty (0 bytes)"
+    metas = []
+    for raw in (head, second):
+        if len(raw) < 152:
+            continue
+        magic, version = struct.unpack_from("<II", raw, 16)
+        psize = struct.unpack_from("<I", raw, 40)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", raw, 136)
+        if magic == _LMDB_MAGIC and psize == page and version == 1:
+            metas.append((txnid, last_pg))
+    if not metas:
+        return "not an LMDB file (bad meta pages)"
+    _, last_pg = max(metas)
+    needed = (last_pg + 1) * page
+    if size < needed:
+        return f"truncated ({size} bytes; its pages need {needed})"
+    return None
+
+
+def check_lmdb(db_path: Path) -> None:
+    """Raise `ImageDBError` naming the file when an LMDB's data file is damaged (before anything maps it)."""
+    problem = lmdb_problem(db_path)
+    if problem:
+        raise ImageDBError(f"{db_path / 'data.mdb'} is damaged: {problem}")
+
+
+def map_size_for(db_path: Path) -> int:
+    """An LMDB map for a writer: twice the data so far, at least `MIN_MAP_SIZE` (grown on demand after)."""
+    try:
+        size = (db_path / "data.mdb").stat().st_size
+    except OSError:
+        size = 0
+    return max(MIN_MAP_SIZE, 2 * size)
+
+
+def damaged(db_path: Path, exc: BaseException) -> ImageDBError:
+    """The error for an LMDB failure: damage, or (for a failed map) too little address space."""
+    detail = str(exc).splitlines()[0] if str(exc) else "-"
+    if isinstance(exc, lmdb.MemoryError):
+        return ImageDBError(f"cannot map {db_path / 'data.mdb'}: not enough memory or address space ({detail}); "
+                            "raise the limit (ulimit -v) or free memory")
+    return ImageDBError(f"{db_path / 'data.mdb'} is damaged ({type(exc).__name__}: {detail})")
+
+
 # ------------------------------------------------------------------------------ writer
 
 
@@ -334,7 +411,7 @@ class UniterImageDBWriter:
     """
 
     def __init__(self, img_dir: str | os.PathLike[str], cut: BoxCut | str = "uniter", *,
-                 compress: bool = False, map_size: int = DEFAULT_MAP_SIZE,
+                 compress: bool = False, map_size: int | None = DEFAULT_MAP_SIZE,
                  lock_timeout_s: float = 0.0, sidecar_interval_s: float = 30.0) -> None:
         self.img_dir = Path(img_dir)
         self.cut = resolve_cut(cut)
@@ -344,10 +421,15 @@ class UniterImageDBWriter:
         self.img_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _acquire_lock(self.img_dir / f"{self.cut.db_name(compress)}.lock", lock_timeout_s)
         try:
-            self._env = lmdb.open(str(self.db_path), map_size=map_size, max_dbs=2, subdir=True)
-            self._sources = self._env.open_db(SOURCES_DB)
-            self._failed = self._env.open_db(FAILED_DB)
-            self._name2nbb = self._reconcile_nbb()
+            check_lmdb(self.db_path)
+            try:
+                self._env = lmdb.open(str(self.db_path), map_size=map_size or map_size_for(self.db_path),
+                                      max_dbs=2, subdir=True)
+                self._sources = self._env.open_db(SOURCES_DB)
+                self._failed = self._env.open_db(FAILED_DB)
+                self._name2nbb = self._reconcile_nbb()
+            except lmdb.Error as exc:
+                raise damaged(self.db_path, exc) from None
         except BaseException:
             self._lock.release()
             raise
@@ -410,17 +492,22 @@ class UniterImageDBWriter:
         """Write every staged record and failure in one durable transaction."""
         if not self._staged and not self._staged_failures:
             return
-        while True:
-            try:
-                self._write_staged()
-                break
-            except lmdb.MapFullError:
-                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+        self._growing(self._write_staged)
         for key, (_, nbb, _) in self._staged.items():
             self._name2nbb[key] = nbb
         self.discard()
         if time.monotonic() - self._last_sidecar >= self.sidecar_interval_s:
             self.write_sidecars()
+
+    def _growing(self, write: Any) -> Any:
+        """Run a write transaction, doubling the map whenever it is full (it starts sized from the data)."""
+        while True:
+            try:
+                return write()
+            except lmdb.MapFullError:
+                self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as exc:
+                raise damaged(self.db_path, exc) from None
 
     def _write_staged(self) -> None:
         with self._env.begin(write=True) as txn:
@@ -442,14 +529,21 @@ class UniterImageDBWriter:
 
     def delete(self, keys: Iterable[str]) -> int:
         """Remove the records of ``keys`` (and their source stamps) in one transaction; returns how many."""
-        removed = 0
-        with self._env.begin(write=True) as txn:
-            for key in keys:
-                kb = _check_key(key)
-                removed += bool(txn.delete(kb))
-                txn.delete(kb, db=self._sources)
-                self._name2nbb.pop(key, None)
-                self._staged.pop(key, None)
+        keys = list(keys)
+
+        def write() -> int:
+            removed = 0
+            with self._env.begin(write=True) as txn:
+                for key in keys:
+                    kb = _check_key(key)
+                    removed += bool(txn.delete(kb))
+                    txn.delete(kb, db=self._sources)
+            return removed
+
+        removed = self._growing(write)
+        for key in keys:
+            self._name2nbb.pop(key, None)
+            self._staged.pop(key, None)
         return removed
 
     def write_sidecars(self) -> None:
@@ -457,8 +551,13 @@ class UniterImageDBWriter:
         nbb_name = self.cut.nbb_name
         if nbb_name is not None:
             atomic_write_json(self.img_dir / nbb_name, self._name2nbb)
-        with self._env.begin(write=True) as txn:
-            txn.put(KEYS_KEY, json.dumps(list(self._name2nbb)).encode("utf-8"))
+        keys = json.dumps(list(self._name2nbb)).encode("utf-8")
+
+        def write() -> None:
+            with self._env.begin(write=True) as txn:
+                txn.put(KEYS_KEY, keys)
+
+        self._growing(write)
         failures = {_display_path(p): {"reason": f.reason, "size": f.size, "mtime_ns": f.mtime_ns,
                                     "permanent": f.permanent} for p, f in self.failures().items()}
         atomic_write_json(self.img_dir / f"{self.cut.db_name(self.compress)}.failed.json", failures)
@@ -599,12 +698,16 @@ class UniterImageDB:
         """
         if self._env is not None and self._pid == os.getpid():
             return self._env
+        check_lmdb(self.db_path)
         try:
+            # the map is the data's size (LMDB takes the larger of this and the used pages), not the writer's
             self._env = lmdb.open(str(self.db_path), readonly=True, create=False, lock=True,
-                                  max_dbs=2, readahead=False, subdir=True)
+                                  max_dbs=2, readahead=False, subdir=True, map_size=1 << 20)
         except lmdb.Error as exc:
             if self._env is None:  # open elsewhere in this very process, e.g. by a writer
-                raise ImageDBError(f"cannot open {self.db_path}: {exc} (close the writer first)") from None
+                if "already open" in str(exc):
+                    raise ImageDBError(f"cannot open {self.db_path}: {exc} (close the writer first)") from None
+                raise damaged(self.db_path, exc) from None
         self._pid = os.getpid()
         return self._env
 
@@ -612,6 +715,19 @@ class UniterImageDB:
         if self._env is not None and self._pid == os.getpid():
             self._env.close()
         self._env = None
+
+    def _read(self, fn: Any) -> Any:
+        """Run ``fn(txn)`` in a read transaction; follows a writer that grew the map; damage -> `ImageDBError`."""
+        for _ in range(3):
+            env = self.env
+            try:
+                with env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                env.set_mapsize(0)  # adopt the size the writer set
+            except lmdb.Error as exc:
+                raise damaged(self.db_path, exc) from None
+        raise ImageDBError(f"{self.db_path} keeps growing under this reader: try again")
 
     def __enter__(self) -> UniterImageDB:
         return self
@@ -621,8 +737,7 @@ class UniterImageDB:
 
     def keys(self) -> list[str]:
         """Every file name in the LMDB (the special ``__keys__`` entry excluded)."""
-        with self.env.begin() as txn:
-            return list(_iter_keys(txn))
+        return self._read(lambda txn: list(_iter_keys(txn)))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -633,18 +748,16 @@ class UniterImageDB:
     def __contains__(self, fname: object) -> bool:
         if not isinstance(fname, str) or fname.encode("utf-8", "surrogateescape") in RESERVED_KEYS:
             return False
-        with self.env.begin() as txn:
-            return txn.get(fname.encode("utf-8", "surrogateescape")) is not None
+        return self._read(lambda txn: txn.get(fname.encode("utf-8", "surrogateescape")) is not None)
 
     def raw(self, fname: str) -> dict[str, np.ndarray]:
         """The stored arrays of ``fname`` as they are (float16, not cut)."""
         if fname.encode("utf-8", "surrogateescape") in RESERVED_KEYS:
             raise KeyError(fname)
-        with self.env.begin() as txn:
-            value = txn.get(fname.encode("utf-8", "surrogateescape"))
-            if value is None:
-                raise KeyError(fname)
-            return decode_value(bytes(value), self.compressed)
+        value = self._read(lambda txn: txn.get(fname.encode("utf-8", "surrogateescape")))
+        if value is None:
+            raise KeyError(fname)
+        return decode_value(bytes(value), self.compressed)
 
     def nbb(self, fname: str) -> int:
         """Number of boxes kept for ``fname`` (json, else computed from its ``conf`` like UNITER)."""

@@ -31,9 +31,56 @@ def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
 _TYPER_FLOW = _typer_flow_exceptions()
 
 
+def _usage_error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(usage errors, other click errors), as both click and typer's vendored click spell them."""
+    usage: list[type[BaseException]] = [click.exceptions.UsageError]
+    other: list[type[BaseException]] = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # pragma: no cover - older typer raises click's
+        pass
+    else:
+        usage.append(vendored.UsageError)
+        other.append(vendored.ClickException)
+    return tuple(usage), tuple(other)
+
+
+_USAGE_ERRORS, _CLICK_ERRORS = _usage_error_classes()
+
+
 class _ErrorBoundary(TyperGroup):
-    """The one error boundary: an expected error prints one line on stderr and exits 2 (its own code);
-    an unexpected one prints one line too, with a traceback only when LDOT_DEBUG=1."""
+    """The one error boundary. Exit codes: 0 success; 1 an unexpected error (a bug: one line, a traceback only
+    with LDOT_DEBUG=1), or `ldot models verify` finding damage, or a declined confirmation; 2 a usage error or an
+    expected error (bad input, missing file or model, damaged data: one line saying what to do); 130 interrupted.
+    Every error is one line on stderr starting with ``error:``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _clean_help(self)
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        """click's own handling, except that a usage error is one ``error:`` line (no usage box) with exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `ldot` or `ldot models` alone: the help
+                exc.show()  # type: ignore[attr-defined]
+                sys.exit(0)
+            fail(_usage_line(exc), exc.exit_code)  # type: ignore[attr-defined]
+        except _CLICK_ERRORS as exc:
+            fail(exc.format_message(), exc.exit_code)  # type: ignore[attr-defined]
+        except (click.exceptions.Abort, *(c for c in _TYPER_FLOW if c.__name__ == "Abort")):
+            fail("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def get_params(self, ctx: click.Context) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:  # typer adds --install-completion / --show-completion after __init__
+            _clean_param(param)
+        return params
 
     def invoke(self, ctx: click.Context) -> Any:
         from models.core.errors import LdotError
@@ -108,20 +155,78 @@ def _library_warnings_as_lines() -> Iterator[None]:
 
 def warn(message: str) -> None:
     """Print ``warning: message`` as one line on stderr."""
-    from rich.text import Text
+    from ldot_cli.commands.console import err, line
 
-    from ldot_cli.commands.console import err
+    err.print(line(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
 
-    err.print(Text.assemble(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
+
+def _usage_line(exc: Any) -> str:
+    """A usage error as one line: click's message and where to find the command's help."""
+    message = exc.format_message()
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" (see `{ctx.command_path} --help`)"
+    return message
+
+
+def _type_word(param: Any) -> str:
+    """A click-style metavar for an option's value: TEXT, INTEGER, FLOAT, PATH or the choices (a|b)."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None:  # pragma: no cover - typer before 0.2x: click types
+        choices = getattr(param.type, "choices", None)
+        return "|".join(map(str, choices)) if choices else str(getattr(param.type, "name", "text")).upper()
+    if getattr(desc, "is_choice", False) and desc.choices:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+    if getattr(desc, "is_path", False):
+        return "PATH"
+    annotation = desc.annotation
+    if getattr(desc, "is_list", False):
+        from typing import get_args
+
+        annotation = (get_args(annotation) or (str,))[0]
+    from pathlib import PurePath
+
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "PATH"
+    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
+
+
+def _clean_help(command: Any) -> None:
+    """Help shows click-style metavars (PATHS..., TEXT, INTEGER; nothing after a flag) instead of Python types
+    (``<list[Path]>``, ``<bool>``, ``{paths}...``), for every command and sub-command."""
+    for param in getattr(command, "params", []):
+        _clean_param(param)
+    plain_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = plain_help_option(ctx)
+        if option is not None:
+            _clean_param(option)
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _clean_help(sub)
+
+
+def _clean_param(param: Any) -> None:
+    if param.param_type_name == "argument":
+        name = (param.name or "arg").upper() + ("..." if param.nargs != 1 else "")
+        param.metavar = name
+        param.display_type_rich = lambda ctx: None
+        param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
+        param._rich_display_name = lambda name=name: name
+    elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+        param.display_type_rich = lambda ctx: None
+    elif param.metavar is None:
+        param.metavar = _type_word(param)
 
 
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
-    from rich.text import Text
+    from ldot_cli.commands.console import err, line
 
-    from ldot_cli.commands.console import err
-
-    err.print(Text.assemble(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
+    err.print(line(("error: ", "bold red"), " ".join(str(message).split())), soft_wrap=True)
     sys.exit(code)
 
 
@@ -130,7 +235,7 @@ app = typer.Typer(
     cls=_ErrorBoundary,
     help="Real-time image-text retrieval with LightningDOT: index photos offline, search them with one dot product.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -120,6 +120,34 @@ def test_runtime_options_do_not_change_results(tiny_state, options):
         torch.testing.assert_close(a.cls_logits, b.cls_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_memory_per_call_does_not_grow_with_the_batch(model):
+    """Issue 14 item 23: RoI pooling, res5 and the box head see one image's proposals at a time, and the backbone
+    at most ``backbone_pixels`` pixels per call, whatever the batch size (8 images pooled together took 5.8 GB)."""
+    images = [preprocess(im, CFG) for im in _images() * 2]  # 8 images, two of each size
+    one_by_one = [model.detect([im])[0] for im in images]
+    seen: dict[str, list[int]] = {"res5": [], "backbone": []}
+    plain_res5, plain_backbone = model.res5_features, model.backbone_features
+
+    def res5(pooled):
+        seen["res5"].append(len(pooled))
+        return plain_res5(pooled)
+
+    def backbone(tensors):
+        seen["backbone"].append(sum(int(t.shape[-1]) * int(t.shape[-2]) for t in tensors))
+        return plain_backbone(tensors)
+
+    model.res5_features, model.backbone_features = res5, backbone
+    largest = max(int(im.tensor.shape[-1]) * int(im.tensor.shape[-2]) for im in images)
+    model.options = RuntimeOptions(backbone_pixels=2 * largest)
+    batched = model.detect(images)
+    assert max(seen["res5"]) == max(len(r.proposals) for r in one_by_one) <= CFG.rpn_post_nms_topk
+    assert len(seen["res5"]) == len(images)
+    assert len(seen["backbone"]) >= len(images) // 2 and max(seen["backbone"]) <= 2 * largest
+    for a, b in zip(one_by_one, batched):  # same results as one image per call, in input order
+        assert a.scale == b.scale
+        torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-4)
+
+
 def test_polyphase_res5_equals_dilated_res5(model):
     pooled = torch.randn(5, CFG.res4_channels, 14, 14).relu()
     pooled[1] = pooled[0]  # a duplicate RoI

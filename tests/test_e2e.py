@@ -114,7 +114,9 @@ def test_file_system_oddities(setup):
         os.symlink(path, home / "models" / path.name)
     make_photos(home / "indexes-junk", 1, start=30, size=(64, 48))
     result = ldot("index", str(photos), *ARGS, env=env, check=True)
-    assert "4 images found" in " ".join(result.stderr.split())  # 2 + NFD/emoji + non-UTF-8, each once
+    summary = " ".join(result.stderr.split())
+    # 2 + NFD/emoji + non-UTF-8, each once, and the FIFO (skipped): the counts add up
+    assert "5 images found; 4 encoded" in summary and "1 skipped; 4 images in the index" in summary
     out = subprocess.run([sys.executable, "-c", "from ldot_cli.main import run; run()", "search", "a dog", "-0",
                           "-k", "10"], capture_output=True, env=env, timeout=300)
     paths = out.stdout.split(b"\0")[:-1]
@@ -136,20 +138,25 @@ def test_kill_9_then_resume_at_the_command_line(setup):
         except sqlite3.Error:
             return 0
 
-    proc = spawn("index", str(photos), *ARGS)
+    # driven by progress, not time: the run stops itself once 2 images are committed, and is killed there
+    marker = setup / "paused"
+    proc = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "index", str(photos), *ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LDOT_TEST_PAUSE_AFTER": "2", "LDOT_TEST_PAUSE_FILE": str(marker)})
     deadline = time.monotonic() + 240
-    while proc.poll() is None and vectors() < 2 and time.monotonic() < deadline:
+    while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no progress in 240 s"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 0 < vectors() < 12
+    assert vectors() == 2
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert len(json.loads(ldot("search", "a dog", "--json", "-k", "12", check=True).stdout)) == vectors()
     done_before = vectors()
     result = ldot("index", str(photos), *ARGS, check=True)
     summary = " ".join(result.stderr.split())
-    assert f"{12 - done_before} encoded" in summary and "12 in the index" in summary
+    assert f"{12 - done_before} encoded" in summary and "12 images in the index" in summary
     assert len(json.loads(ldot("search", "a dog", "--json", "-k", "20", check=True).stdout)) == 12
 
 

@@ -31,9 +31,22 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def start_indexer(folder: Path, delay: float = 0.05) -> subprocess.Popen:
+def start_indexer(folder: Path, delay: float = 0.05, pause_after: int | None = None,
+                  marker: Path | None = None) -> subprocess.Popen:
+    """An indexing run in a subprocess; with ``pause_after`` it stops itself (writing ``marker``) once it has
+    committed that many images, to be killed at a known point of progress."""
     code = SCRIPT.format(tests=str(TESTS), delay=delay, folder=str(folder))
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(os.environ)
+    if pause_after is not None:
+        env.update(LDOT_TEST_PAUSE_AFTER=str(pause_after), LDOT_TEST_PAUSE_FILE=str(marker))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def wait_for(proc: subprocess.Popen, marker: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no progress"
 
 
 def vector_count() -> int:
@@ -95,20 +108,28 @@ def test_kill_9_at_random_points_then_resume_completes(tmp_path, vocab_dir):
     make_photos(folder, 24)
     rng = random.Random(1234)
     kills = 0
-    for _ in range(6):
+    # 4 kills at chosen points of progress (after 1-3 committed images of the run, between batches), driven
+    # by the run's own progress so they happen on any machine; then 2 at random moments (mid-detector,
+    # mid-encode or mid-commit), which a fast machine may outrun
+    for trial in range(6):
         done = vector_count()
-        proc = start_indexer(folder, delay=0.1)
-        # kill at a random point of real progress: before the first batch lands, or 0-3 batches later,
-        # plus a random fraction of a batch (mid-detector, mid-encode or mid-commit)
-        target = done + rng.choice([0, 1, 2, 2, 4, 6])
-        while proc.poll() is None and vector_count() < target:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.3))
+        if trial < 4:
+            marker = tmp_path / f"paused-{trial}"
+            proc = start_indexer(folder, delay=0.1, pause_after=rng.choice([1, 2, 3]), marker=marker)
+            wait_for(proc, marker)
+            assert proc.poll() is None
+        else:
+            proc = start_indexer(folder, delay=0.1)
+            target = done + rng.choice([0, 1, 2])
+            while proc.poll() is None and vector_count() < target:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         check_consistent()
+        assert vector_count() >= done  # nothing committed is lost
     assert kills >= 4  # the runs really were interrupted
     proc = start_indexer(folder, delay=0.0)
     _, stderr = proc.communicate(timeout=300)

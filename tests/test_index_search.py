@@ -81,7 +81,8 @@ def test_broken_files_are_skipped_with_reasons(tmp_path, tiny):
     with IndexStore(index_path("default")) as store:
         assert store.counts() == {"indexed": 3, "skipped": 2, "vectors": 3}
     again, _ = run_index(folder)
-    assert again.skipped == [] and again.unchanged == 5  # known-bad unchanged files are not retried
+    # known-bad unchanged files are not retried, and count as skipped (not as unchanged)
+    assert again.skipped == [] and (again.unchanged, again.skipped_before, again.found) == (3, 2, 5)
 
 
 def test_another_model_is_refused_and_reindex_rebuilds(tmp_path, tiny, vocab_dir):

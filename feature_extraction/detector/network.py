@@ -396,31 +396,52 @@ class BUTDDetector(nn.Module):
     # ----------------------------------------------------------------- full passes
     @torch.inference_mode()
     def detect(self, images: Sequence[DetectorInput], timings: StageTimes | None = None) -> list[RawDetections]:
-        """Run the network on preprocessed images; no selection. Batch results equal one-by-one runs."""
+        """Run the network on preprocessed images; no selection. Batch results equal one-by-one runs.
+
+        Memory does not grow with the batch: the backbone sees at most ``options.backbone_pixels`` pixels per
+        call, and the RPN, RoI pooling, res5 and the box head run one image at a time (300 pooled RoIs are
+        ~240 MB in float32; a batch of 8 pooled together, and copied twice by the polyphase res5, took ~5.8 GB).
+        """
+        prepared = [as_preprocessed(im) for im in images]
+        out: list[RawDetections] = []
+        for group in self._backbone_groups(prepared):
+            t = time.perf_counter()
+            res4 = self.backbone_features([im.tensor for im in group])
+            if timings:
+                timings.add("backbone", t)
+            for i, im in enumerate(group):
+                out.append(self._detect_one(res4[i], im, timings))
+                res4[i] = None  # type: ignore[call-overload]  # free each map once its image is done
+        return out
+
+    def _backbone_groups(self, images: list[Preprocessed]) -> list[list[Preprocessed]]:
+        """Consecutive runs of images whose pixels sum to at most ``options.backbone_pixels`` (one image at least)."""
+        budget = self.options.backbone_pixels
+        groups: list[list[Preprocessed]] = []
+        pixels = 0
+        for im in images:
+            size = int(im.tensor.shape[-1]) * int(im.tensor.shape[-2])
+            if not groups or (budget is not None and pixels + size > budget):
+                groups.append([])
+                pixels = 0
+            groups[-1].append(im)
+            pixels += size
+        return groups
+
+    def _detect_one(self, res4: torch.Tensor, im: Preprocessed, timings: StageTimes | None) -> RawDetections:
+        """RPN, RoI pooling, res5 and the box head of one image's res4 map."""
         t = time.perf_counter()
-        images = [as_preprocessed(im) for im in images]
-        tensors = [im.tensor for im in images]
-        res4 = self.backbone_features(tensors)
-        t = timings.add("backbone", t) if timings else t
-        props, logits = [], []
-        for feat, im in zip(res4, images):
-            b, s = self.propose(feat, im.scale.resized_size)
-            props.append(b)
-            logits.append(s)
+        boxes, scores = self.propose(res4, im.scale.resized_size)
         t = timings.add("rpn", t) if timings else t
-        pooled = self.pool(res4, props)
+        pooled = self.pool([res4], [boxes])
         t = timings.add("roi_pool", t) if timings else t
         feats = self.res5_features(pooled).float()
+        del pooled
         t = timings.add("res5", t) if timings else t
         cls_logits, attr_logits, deltas = self.roi_heads.box_predictor(feats.to(self.dtype))
-        cls_logits, attr_logits, deltas = cls_logits.float(), attr_logits.float(), deltas.float()
-        t = timings.add("box_predictor", t) if timings else t
-        out, start = [], 0
-        for im, b, s in zip(images, props, logits):
-            sl = slice(start, start + len(b))
-            out.append(RawDetections(b, s, feats[sl], cls_logits[sl], attr_logits[sl], deltas[sl], im.scale))
-            start += len(b)
-        return out
+        if timings:
+            timings.add("box_predictor", t)
+        return RawDetections(boxes, scores, feats, cls_logits.float(), attr_logits.float(), deltas.float(), im.scale)
 
     def extract(
         self,

@@ -250,15 +250,23 @@ def _read_file(path: Path, config_dir: Path | None = None) -> tuple[Mapping[str,
 
 def read_config(directory: str | Path) -> DetectorConfig:
     """The ``DetectorConfig`` of an ldot detector directory (refuses other formats / newer versions)."""
-    meta = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT_NAME:
-        raise DetectorWeightsError(f"{directory} is not an {FORMAT_NAME} directory (format={meta.get('format')!r})")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DetectorWeightsError(f"cannot read {path} ({exc}): re-download or re-import the detector") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DetectorWeightsError(f"{directory} is not an {FORMAT_NAME} directory (format={found!r})")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DetectorWeightsError(f"{path}: format_version {version!r} is not a number: re-download the detector")
+    if version > FORMAT_VERSION:
         raise DetectorWeightsError(
-            f"{directory} was written by a newer ldot (format version {meta['format_version']} > {FORMAT_VERSION}); "
+            f"{directory} was written by a newer ldot (format version {version} > {FORMAT_VERSION}); "
             "upgrade ldot to read it"
         )
-    return DetectorConfig.from_dict(meta["config"])
+    return DetectorConfig.from_dict(meta.get("config"), str(path))
 
 
 def load_detector(

@@ -1,8 +1,16 @@
-"""Rendering helpers: results to stdout, diagnostics and progress to stderr."""
+"""Rendering helpers: results to stdout, diagnostics and progress to stderr.
+
+User data (file names, captions, queries, model names, error messages that quote them) is never interpreted as
+rich markup and never reaches the terminal raw: both consoles have markup and highlighting off, styled lines are
+built with :func:`line` (a `rich.text.Text`), and every piece of text goes through :func:`safe`, which writes
+control characters (C0, DEL, C1), bidirectional overrides and undecodable bytes as visible escapes. Machine
+outputs (``--json``, ``--paths``, ``-0``) do not come through here: they stay byte-exact.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,20 +20,50 @@ from rich.text import Text
 
 from models.core.progress import Progress
 
-out = Console(soft_wrap=True)  # results
-err = Console(stderr=True)  # diagnostics, progress, errors
+out = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)  # results
+err = Console(stderr=True, markup=False, highlight=False, emoji=False)  # diagnostics, progress, errors
 
-# C0 and C1 control characters and the bidirectional overrides/isolates: never sent to a terminal raw
-_UNSAFE = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09,)}
-_UNSAFE.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F]})
+# C0 controls (newline and tab included: a name is one line), DEL, C1 controls (0x9b is a one-byte CSI on some
+# terminals), the Unicode line/paragraph separators, bidirectional marks, embeddings, overrides and isolates
+# (U+202E makes "gpj.exe" read "exe.jpg"), and lone surrogates (undecodable bytes of a file name).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
-def safe(text: str) -> str:
-    """User data (a file name, a caption) made safe for a terminal: control characters escaped as ``\\xNN``.
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
-    Print the result as plain text (``Text(...)``, or ``markup=False``), never as rich markup.
-    """
-    return text.translate(_UNSAFE)
+
+def safe(value: object) -> str:
+    """``value`` as text that is safe to show on a terminal: control and bidi characters as ``\\xNN`` /
+    ``\\uNNNN`` escapes, undecodable bytes as ``\\xNN``; everything else unchanged."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "backslashreplace")
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+    return _UNSAFE.sub(_escape, str(value))
+
+
+def line(*parts: object) -> Text:
+    """One line of output as a `Text`: each part is a value (shown literally, through :func:`safe`) or a
+    ``(value, style)`` pair. Nothing in it is read as markup."""
+    text = Text(no_wrap=False)
+    for part in parts:
+        if isinstance(part, tuple):
+            value, style = part
+            text.append(safe(value), style=style)
+        else:
+            text.append(safe(part))
+    return text
+
+
+def cell(value: object, style: str = "") -> Text:
+    """A table cell holding ``value`` literally (see :func:`safe`); ``None`` shows as ``-``."""
+    return Text(safe("-" if value is None else value), style=style)
 
 
 def cli_message(exc: BaseException, flags: dict[str, str] | None = None) -> str:
@@ -71,8 +109,9 @@ def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]
         columns = [TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), TimeRemainingColumn()]
     else:
-        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TaskProgressColumn(), TextColumn("{task.fields[rate]}", markup=False), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=err, transient=transient, disable=not progress_enabled()) as progress:
         yield progress
 
@@ -94,7 +133,7 @@ class ProgressView:
             self._eval_line(p)
             return
         if p.event == "checkpoint":
-            self.progress.console.print(Text(f"step {p.done}: checkpoint saved", style="dim"))
+            self.progress.console.print(line((f"step {p.done}: checkpoint saved", "dim")))
             return
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
@@ -106,7 +145,7 @@ class ProgressView:
         description = safe(p.stage)
         if "task_losses" in p.info:  # training: where it is and how the losses go
             losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.info["task_losses"].items()))
-            description = f"epoch {p.info.get('epoch', 0.0):.2f} {losses}"
+            description = safe(f"epoch {p.info.get('epoch', 0.0):.2f} {losses}")
         if "files" in p.info and "of" in p.info:  # a batch of downloads: files done of all
             description += f" ({p.info['files']:,}/{p.info['of']:,} files)"
         if "lr" in p.info and rate:
@@ -118,5 +157,5 @@ class ProgressView:
         m = p.info["metrics"]
         t2i = "/".join(f"{v:.1f}" for v in m["text_to_image"].values())
         i2t = "/".join(f"{v:.1f}" for v in m["image_to_text"].values())
-        self.progress.console.print(f"step {p.done}: mean recall {m['mean_recall']:.2f} "
-                                    f"(text->image R@1/5/10 {t2i}; image->text {i2t})", highlight=False)
+        self.progress.console.print(line(f"step {p.done}: mean recall {m['mean_recall']:.2f} "
+                                         f"(text->image R@1/5/10 {t2i}; image->text {i2t})"))

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import ProgressView, err, human_bytes, out, progress_bar
+from ldot_cli.commands.console import ProgressView, cell, err, human_bytes, line, out, progress_bar, safe
 
 app = typer.Typer(help="Public benchmarks and training sets in the cache: list, get, verify, rm.",
                   no_args_is_help=True)
@@ -17,17 +17,15 @@ ASK_ABOVE = 50_000_000  # bytes: a larger download is confirmed first (unless --
 
 def confirm_fetch(plan: Any, yes: bool) -> None:
     """Say what a fetch downloads, where it goes and its terms of use; ask before a large one unless ``yes``."""
-    from rich.text import Text
-
     from models.core.errors import LdotError
 
     if plan.done:
         return
     what = " + ".join(f"{e.dataset} {e.split}" for e in plan.splits)
     where = ", ".join(str(f) for f in plan.folders)
-    err.print(Text(f"{what}: about {human_bytes(plan.missing_bytes)} to download into {where}"), soft_wrap=True)
+    err.print(line(f"{what}: about {human_bytes(plan.missing_bytes)} to download into {where}"), soft_wrap=True)
     for terms in plan.terms:
-        err.print(Text(f"terms of use: {terms}"), soft_wrap=True)
+        err.print(line(("terms of use: ", "bold"), terms), soft_wrap=True)
     if yes or plan.missing_bytes <= ASK_ABOVE:
         return
     if not sys.stdin.isatty():
@@ -59,7 +57,6 @@ def _bytes_only(callback: Any) -> Any:
 def list_data() -> None:
     """Every dataset split ldot can fetch: size, terms of use, and whether it is here."""
     from rich.table import Table
-    from rich.text import Text
 
     from ldot_cli.data import sources
 
@@ -67,11 +64,11 @@ def list_data() -> None:
     for column in ("dataset", "split", "download", "present", "terms of use", "folder"):
         table.add_column(column, overflow="fold")
     for s in sources.status():
-        present = Text("yes", "green") if s.present else (
-            Text(f"partial ({human_bytes(s.partial_bytes)}: `ldot data get` resumes)") if s.partial_bytes
-            else Text("no", "dim"))
-        table.add_row(s.entry.dataset, s.entry.split, f"~{human_bytes(s.entry.approx_bytes)}", present,
-                      Text(s.entry.terms), Text(str(s.folder)))
+        present = cell("yes", "green") if s.present else (
+            cell(f"partial ({human_bytes(s.partial_bytes)}: `ldot data get` resumes)", "yellow") if s.partial_bytes
+            else cell("no", "dim"))
+        table.add_row(cell(s.entry.dataset), cell(s.entry.split), cell(f"~{human_bytes(s.entry.approx_bytes)}"),
+                      present, cell(s.entry.terms), cell(s.folder))
     out.print(table)
 
 
@@ -84,19 +81,15 @@ def get(
     workers: int = typer.Option(8, "--workers", min=1, max=64, help="Per-image requests at once (COCO test)."),
 ) -> None:
     """Fetch a dataset split (resumable, verified) into $LDOT_HOME/datasets/NAME."""
-    from rich.text import Text
-
     from ldot_cli.data import sources
 
     fetch_with_progress(name, split, lang, yes, workers)
-    err.print(Text.assemble(("ok ", "green"), f"{name} {split} -> {sources.dataset_dir(name)}"), soft_wrap=True)
+    err.print(line(("ok ", "green"), f"{name} {split} -> ", sources.dataset_dir(name)), soft_wrap=True)
 
 
 @app.command()
 def verify(names: list[str] = typer.Argument(None, help="Datasets to check (default: every one fetched).")) -> None:
     """Re-check the size and sha256 of every fetched file; exit 1 if any is damaged."""
-    from rich.text import Text
-
     from ldot_cli.data import sources
 
     results = sources.verify(names or None)
@@ -104,14 +97,14 @@ def verify(names: list[str] = typer.Argument(None, help="Datasets to check (defa
     for key, problems in results.items():
         if problems:
             bad += 1
-            out.print(Text.assemble(("FAILED ", "red"), f"{key}: " + "; ".join(problems[:5])
-                                    + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")))
+            out.print(line(("FAILED ", "red"), f"{key}: " + "; ".join(problems[:5])
+                           + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")))
         else:
-            out.print(Text.assemble(("ok ", "green"), key))
+            out.print(line(("ok ", "green"), key))
     if not results:
         err.print("no datasets fetched (see `ldot data list`)")
     if bad:
-        err.print(f"{bad} split(s) damaged: `ldot data rm NAME` then `ldot data get NAME`", highlight=False)
+        err.print(line(f"{bad} split(s) damaged: `ldot data rm NAME` then `ldot data get NAME`"))
         raise typer.Exit(1)
 
 
@@ -124,9 +117,9 @@ def rm(
     from ldot_cli.data import sources
 
     if not yes:
-        typer.confirm(f"delete {sources.dataset_dir(name)}?", abort=True, err=True)
+        typer.confirm(f"delete {safe(sources.dataset_dir(name))}?", abort=True, err=True)
     path = sources.remove(name)
-    err.print(f"removed {path}", highlight=False)
+    err.print(line("removed ", path))
 
 
 def register(app_: typer.Typer) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import ProgressView, out, progress_bar
+from ldot_cli.commands.console import ProgressView, cell, line, out, progress_bar
 
 
 class Dataset(str, Enum):
@@ -135,14 +135,14 @@ def render(rep: dict[str, Any]) -> None:
     lang = f" [{rep['lang']}]" if rep["lang"] else ""
     title = (f"{rep['dataset']}{lang} {split}: {rep['num_images']:,} images, {rep['num_captions']:,} captions "
              f"- model {rep['model']}")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=line(title), title_justify="left")
     table.add_column("")
     for head in ("T->I R@1", "R@5", "R@10", "I->T R@1", "R@5", "R@10", "RSUM"):
         table.add_column(head, justify="right")
 
     def row(label: str, rec: dict[str, Any], style: str = "") -> None:
         cells = [*rec["text_to_image"].values(), *rec["image_to_text"].values(), rec["rsum"]]
-        table.add_row(label, *(_pct(c) for c in cells), style=style)
+        table.add_row(cell(label), *(cell(_pct(c)) for c in cells), style=style)
 
     row("bi-encoder (ours)", rep["recall"], "bold")
     for m, rec in rep["rerank"].items():
@@ -150,8 +150,8 @@ def render(rep: dict[str, Any]) -> None:
     if rep["published"]:
         row(f"published: {rep['published']['setting']}", rep["published"], "dim")
     out.print(table)
-    out.print(f"captions: {rep['sources'].get('captions', '?')} ({rep['text_input']}); "
-              f"images: {rep['sources'].get('images', '?')}", highlight=False)
+    out.print(line("captions: ", rep['sources'].get('captions', '?'), f" ({rep['text_input']}); images: ",
+                   rep['sources'].get('images', '?')))
     render_timings(rep)
 
 
@@ -168,11 +168,11 @@ def render_timings(rep: dict[str, Any]) -> None:
               ("bi-encoder total", t["bi_encoder_s"])]
     stages += [(f"re-rank top {m} ({t['rerank_pairs'][m]:,} pairs)", s) for m, s in t["rerank_s"].items()]
     for name, seconds in stages:
-        table.add_row(name, _seconds(seconds))
+        table.add_row(cell(name), cell(_seconds(seconds)))
     out.print(table)
     if t["cross_full_matrix_s"] is not None:
-        line = (f"cross-encoder alone on all {t['full_matrix_pairs']:,} pairs: ~{_seconds(t['cross_full_matrix_s'])} "
+        text = (f"cross-encoder alone on all {t['full_matrix_pairs']:,} pairs: ~{_seconds(t['cross_full_matrix_s'])} "
                 f"(measured on {t['cross_sample_pairs']} pairs, {1000 * t['cross_per_pair_s']:.2f} ms/pair); "
                 f"speed-up of the bi-encoder: {_times(t['speedup'])}")
-        line += "".join(f", with re-rank top {m}: {_times(s)}" for m, s in t["rerank_speedup"].items())
-        out.print(line, highlight=False)
+        text += "".join(f", with re-rank top {m}: {_times(s)}" for m, s in t["rerank_speedup"].items())
+        out.print(line(text))

@@ -9,6 +9,7 @@ import typer
 from ldot_cli.commands.console import (
     ProgressView,
     err,
+    line,
     progress_bar,
 )
 
@@ -44,9 +45,10 @@ def extract(
         report = extract_to_db([str(p) for p in paths], out, model, preset, batch_size=batch_size,
                                num_workers=workers, with_soft_labels=soft_labels, retry_failed=retry_failed,
                                progress=ProgressView(bar))
-    err.print(f"{report.written} images written to {report.db_path}, {report.skipped_existing} already there, "
-              f"{report.failed} failed, {report.skipped_known_bad} known-bad skipped ({report.elapsed_s:.1f} s)")
+    err.print(line(f"{report.written} images written to ", report.db_path, f", {report.skipped_existing} already "
+                   f"there, {report.failed} failed, {report.skipped_known_bad} known-bad skipped "
+                   f"({report.elapsed_s:.1f} s)"))
     for failure in report.failures[:20]:
-        err.print(f"[yellow]failed[/] {failure.path}: {failure.reason}", highlight=False)
+        err.print(line(("failed", "yellow"), " ", failure.path, ": ", failure.reason))
     if report.failed > 20:
-        err.print(f"… and {report.failed - 20} more: see {report.db_path}.failed.json")
+        err.print(line(f"… and {report.failed - 20} more: see ", f"{report.db_path}.failed.json"))

@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from ldot_cli.commands.console import (
     ProgressView,
+    cell,
     err,
     human_bytes,
+    line,
     out,
     progress_bar,
 )
 
 
+class _IndexCommand(TyperCommand):
+    """`ldot index PATHS...`, and `ldot index rm NAME [--folder DIR]` (a folder literally named rm: `./rm`)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        if args[:1] == ["rm"]:
+            rm = typer.main.get_command(_rm_app)
+            return rm.make_context(f"{info_name} rm", args[1:], parent=parent, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        if ctx.command is not self:
+            return ctx.command.invoke(ctx)
+        return super().invoke(ctx)
+
+
 def register(app: typer.Typer) -> None:
-    app.command("index")(index)
+    app.command("index", cls=_IndexCommand,
+                epilog="Remove an index: `ldot index rm NAME`; drop one folder from it: "
+                       "`ldot index rm NAME --folder DIR`.")(index)
     app.command("status")(status)
+
+
+_rm_app = typer.Typer()
+
+
+@_rm_app.command()
+def index_rm(
+    name: str = typer.Argument(..., help="Name of the index (see `ldot status`)."),
+    folder: list[Path] = typer.Option([], "--folder", "-f", help="Only drop the files under this folder from the "
+                                                                 "index (repeatable); the index stays."),
+) -> None:
+    """Remove an index, or drop folders from it (their vectors and region features go with them)."""
+    from ldot_cli.index.indexer import remove_folder, remove_index
+    from ldot_cli.index.store import display_path
+
+    if not folder:
+        path = remove_index(name)
+        err.print(line(f"removed index {name!r} (", display_path(os.fsencode(path)), ")"))
+        return
+    for one in folder:
+        dropped = remove_folder(name, one)
+        err.print(line(name, f": dropped {dropped} files under ", one, " from the index"))
 
 
 def index(
@@ -25,36 +69,46 @@ def index(
     name: str = typer.Option("default", "--name", "-n", help="Name of the index."),
     model: str = typer.Option(None, help="Bi-encoder (registry name, model dir or .pt); default: the index's, "
                                          "else flickr-ft."),
-    detector: str = typer.Option("butd-r101-vg", help="Region detector weights (registry name or path)."),
-    preset: str = typer.Option("uniter", help="Box selection: uniter (10-100 boxes) or lxmert36 (36 boxes)."),
+    detector: str = typer.Option(None, help="Region detector weights (registry name or path); default: the "
+                                            "index's, else butd-r101-vg."),
+    preset: str = typer.Option(None, help="Box selection: uniter (10-100 boxes) or lxmert36 (36 boxes); default: "
+                                          "the index's, else uniter."),
     exclude: list[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to leave out (repeatable)."),
     no_regions: bool = typer.Option(False, "--no-regions", help="Do not keep region features (no --rerank later)."),
     reindex: bool = typer.Option(False, "--reindex", help="Start the index over (e.g. with another --model)."),
     ann: bool = typer.Option(None, "--ann/--exact", help="Force approximate (IVF) or exact search; default: "
                                                            "exact up to 250,000 images."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try unchanged files that failed before again."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try files skipped by earlier runs again, "
+                                                                    "even unchanged ones."),
     batch_size: int = typer.Option(8, help="Images per detector batch."),
     workers: int = typer.Option(2, help="Image-decoding processes."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
+
     from ldot_cli.index.indexer import Indexer
-    from models.hub.catalogue import DEFAULT_BI_ENCODER
     from models.hub.fetch import ensure_model
 
-    with progress_bar("bytes", transient=True) as bar:
-        for needed in (detector, model or DEFAULT_BI_ENCODER):
-            ensure_model(needed, ProgressView(bar))
     with progress_bar() as bar:
         indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
                           device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
                           ann=None if ann is None else ("ivf" if ann else "exact"))
-        report = indexer.run([str(p) for p in paths], excludes=exclude, reindex=reindex)
-    err.print(f"[bold]{report.name}[/]: {report.found} images found; {report.encoded} encoded, {report.reused} "
-              f"reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
-              f"{len(report.skipped)} skipped; {report.vectors} in the index ({report.elapsed_s:.1f} s)")
-    if report.skipped:
-        err.print(f"see why with `ldot status --name {name} --errors`")
+        scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
+        needed = indexer.needed_models(reindex)
+    with progress_bar("bytes", transient=True) as bar:
+        for model_name in needed:
+            ensure_model(model_name, ProgressView(bar))
+    with progress_bar() as bar:
+        indexer.progress = ProgressView(bar)
+        report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
+    new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
+    err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
+                   f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
+                   f"{report.skipped_total} skipped{new_skips}; {report.images} images in the index "
+                   f"({report.elapsed_s:.1f} s)"))
+    if report.skipped_total:
+        err.print(line(f"see why with `ldot status --name {name} --errors`"
+                       + ("; try them again with --retry-failed" if report.skipped_before else "")))
 
 
 def status(
@@ -81,19 +135,24 @@ def status(
         for column in ("name", "images", "skipped", "model", "size"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["name"], str(row["indexed"]), str(row["skipped"]), row["model"] or "-",
-                          human_bytes(row["bytes"]))
+            table.add_row(cell(row["name"]), cell(row["indexed"]), cell(row["skipped"]), cell(row["model"]),
+                          cell(human_bytes(row["bytes"])))
         out.print(table)
         return
     info = describe_index(name or "default", with_errors=errors)
     if json_:
         out.print_json(json.dumps(info))
         return
+
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
                 "vectors", "search", "bytes", "region_bytes_per_image", "updated"):
         value = info.get(key)
         if key in ("bytes", "region_bytes_per_image") and value is not None:
             value = human_bytes(value)
-        out.print(f"[bold]{key:>22}[/]  {value if value is not None else '-'}", highlight=False)
+        out.print(line((f"{key:>22}", "bold"), "  ", "-" if value is None else value))
+    for i, folder in enumerate(info["folders"]):
+        label = "folders" if i == 0 else ""
+        counts = f"{folder['indexed']} indexed" + (f", {folder['skipped']} skipped" if folder["skipped"] else "")
+        out.print(line((f"{label:>22}", "bold"), "  ", folder["path"], f" ({counts})"))
     for path, reason in info.get("errors", []):
-        out.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)
+        out.print(line(("skipped", "yellow"), " ", path, ": ", reason))

@@ -3,52 +3,99 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from ldot_cli.commands.console import (
     ProgressView,
+    cell,
     err,
     human_bytes,
+    line,
     out,
     progress_bar,
+    safe,
 )
 
 app = typer.Typer(help="Named checkpoints in the cache: list, download, import, verify, rm.", no_args_is_help=True)
 
 
 @app.command("list")
-def list_models() -> None:
+def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON list of the models instead.")) -> None:
     """Every named checkpoint: kind, source, size, licence, and whether it is present."""
+    import json
+
+    from rich import box
     from rich.table import Table
 
+    rows = _model_rows()
+    if json_:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    # names, kinds and licences never wrap; sizes wrap between words; the source column (long host names) only
+    # when the terminal has room for it
+    with_source = out.size.width >= 100 + max((len(str(r["name"])) - 28 for r in rows), default=0)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("name", "kind", "present", "licence"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("size", min_width=7)
+    if with_source:
+        table.add_column("source", overflow="fold")
+        table.add_column("where", no_wrap=True)
+    styles = {"yes": "green", "no": "dim", "partial": "yellow", "damaged": "red"}
+    for row in rows:
+        cells = [cell(row["name"]), cell(row["kind"]), cell(row["present"], styles[str(row["present"])]),
+                 cell(row["licence"] or "-"), cell(row["size"])]
+        table.add_row(*cells, *([cell(row["source"]), cell(row["where"] or "-")] if with_source else []))
+    out.print(table)
+    if not with_source:
+        err.print(line(("sources and where the files are: `ldot models list --json` (or a terminal of 100+ columns)",
+                        "dim")))
+    elif any(row["where"] == "hub cache" for row in rows):
+        from models.core.home import models_dir
+        from models.hub.hubfiles import hub_cache_dir
+
+        err.print(line(("where: ldot = ", "dim"), models_dir(), ("; hub cache = the shared Hugging Face cache ", "dim"),
+                       hub_cache_dir(), (" (linked from the ldot folder)", "dim")))
+    for row in rows:
+        if row["pending_bytes"] and row["present"] != "yes":
+            err.print(line(row["name"], f": {human_bytes(row['pending_bytes'])} downloaded: `ldot models download "
+                           f"{row['name']}` resumes"))
+    for row in rows:
+        if row["problem"]:
+            err.print(line(row["name"], ": ", row["problem"], ": re-download it (`ldot models download NAME`) or "
+                           "re-import it (`ldot models import FILE --as NAME`)"))
+
+
+def _model_rows() -> list[dict[str, object]]:
+    """One dict per registry entry and per local model: name, kind, present (yes/partial/no), size (text),
+    bytes (when present), licence, source, path (when present), where (ldot / hub cache: the shared Hugging Face
+    cache, linked from the ldot folder), pending_bytes (what an interrupted download left to resume from)."""
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
     local = {m.name: m for m in local_models()}
-    table = Table(title=None, show_lines=False)
-    for column in ("name", "kind", "present", "size", "licence", "source", "where"):
-        table.add_column(column, overflow="fold")
+    rows: list[dict[str, object]] = []
+
+    def present(model: Any) -> str:
+        if model is None:
+            return "no"
+        return "damaged" if model.problem else "yes" if model.complete else "partial"
+
     for entry in list_pretrained():
         model = local.pop(entry.name, None)
-        present = "[green]yes[/]" if model and model.complete else ("partial" if model else "[dim]no[/]")
-        size = human_bytes(model.size) if model else entry.approx_size
-        pending = _pending_bytes(entry)
-        if pending and not (model and model.complete):
-            present = f"no ({human_bytes(pending)} downloaded: `ldot models download {entry.name}` resumes)"
-        source = _source(entry)
-        table.add_row(entry.name, entry.kind, present, size, entry.licence, source, _where(model))
+        rows.append({"name": entry.name, "kind": entry.kind, "present": present(model),
+                     "size": human_bytes(model.size) if model else entry.approx_size,
+                     "bytes": model.size if model else None, "licence": entry.licence, "source": _source(entry),
+                     "path": str(model.path) if model else None, "problem": model.problem if model else None,
+                     "where": _where(model), "pending_bytes": _pending_bytes(entry)})
     for model in local.values():
-        table.add_row(model.name, model.kind, "[green]yes[/]", human_bytes(model.size), "-", f"local ({model.origin})",
-                      _where(model))
-    out.print(table)
-    from rich.text import Text
-
-    from models.core.home import models_dir
-    from models.hub.hubfiles import hub_cache_dir
-
-    out.print(Text(f"where: ldot = {models_dir()}; hub cache = the shared Hugging Face cache {hub_cache_dir()} "
-                   "(linked from the ldot folder)"), soft_wrap=True)
+        rows.append({"name": model.name, "kind": model.kind, "present": present(model),
+                     "size": human_bytes(model.size), "bytes": model.size, "licence": None,
+                     "source": f"local ({model.origin})", "path": str(model.path), "problem": model.problem,
+                     "where": _where(model), "pending_bytes": 0})
+    return rows
 
 
 def _pending_bytes(entry: object) -> int:
@@ -57,8 +104,7 @@ def _pending_bytes(entry: object) -> int:
     from models.hub.fetch import staging_dir
     from models.hub.hubfiles import hub_cache_dir, parse_hub_url
 
-    name = entry.name  # type: ignore[attr-defined]
-    folder = staging_dir(name)
+    folder = staging_dir(entry.name)  # type: ignore[attr-defined]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
     hub = parse_hub_url(entry.files[0].urls[0])  # type: ignore[attr-defined]
     if hub is not None:
@@ -67,11 +113,11 @@ def _pending_bytes(entry: object) -> int:
     return total
 
 
-def _where(model: object) -> str:
+def _where(model: Any) -> str | None:
     """Where a present model's files are: the ldot cache, or (linked from it) the shared Hugging Face cache."""
     if model is None:
-        return "-"
-    path = model.path  # type: ignore[attr-defined]
+        return None
+    path = model.path
     linked = path.is_dir() and any(p.is_symlink() for p in path.iterdir())
     return "hub cache" if linked else "ldot"
 
@@ -97,7 +143,7 @@ def download(
 
     with progress_bar("bytes") as progress:
         path = download_entry(name, progress=ProgressView(progress), keep_source=keep_source)
-    err.print(f"[green]ok[/] {name} -> {path}")
+    err.print(line(("ok", "green"), " ", name, " -> ", path))
 
 
 @app.command("import")
@@ -110,7 +156,8 @@ def import_(
     from models.hub.convert import import_model
 
     model = import_model(file, name, force=force)
-    err.print(f"[green]ok[/] imported {file} as {model.name} ({model.kind}, {human_bytes(model.size)}) -> {model.path}")
+    err.print(line(("ok", "green"), " imported ", file, " as ", model.name, f" ({model.kind}, {human_bytes(model.size)}) -> ",
+                   model.path))
 
 
 @app.command()
@@ -123,13 +170,13 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
     for name, problems in results.items():
         if problems:
             bad += 1
-            out.print(f"[red]FAILED[/] {name}: " + "; ".join(problems), highlight=False)
+            out.print(line(("FAILED", "red"), " ", name, ": ", "; ".join(problems)))
         else:
-            out.print(f"[green]ok[/] {name}", highlight=False)
+            out.print(line(("ok", "green"), " ", name))
     if not results:
         err.print("no models in the cache")
     if bad:
-        err.print(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)")
+        err.print(line(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)"))
         raise typer.Exit(1)
 
 
@@ -142,6 +189,6 @@ def rm(
     from models.hub.cache import remove_model
 
     if not yes:
-        typer.confirm(f"delete model {name!r} from the cache?", abort=True, err=True)
+        typer.confirm(safe(f"delete model {name!r} from the cache?"), abort=True, err=True)
     path = remove_model(name)
-    err.print(f"removed {path}")
+    err.print(line("removed ", path))

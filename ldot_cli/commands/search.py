@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.text import Text
 
-from ldot_cli.commands.console import cli_message, err, out
+from ldot_cli.commands.console import cell, cli_message, err, line, out
 
 
 def register(app: typer.Typer) -> None:
@@ -67,8 +66,8 @@ def _rerank_note(m: int, device: str) -> None:
 
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         # measured on 2 cores, base UNITER: 45 ms per pair with 36 regions, 123 ms with 100
-        err.print(f"[dim]re-ranking {m} images on the CPU (no GPU): expect roughly {max(1, round(m * 0.045))}-"
-                  f"{max(2, round(m * 0.13))} s per query with a base-size cross-encoder[/]")
+        err.print(line((f"re-ranking {m} images on the CPU (no GPU): expect roughly {max(1, round(m * 0.045))}-"
+                        f"{max(2, round(m * 0.13))} s per query with a base-size cross-encoder", "dim")))
 
 
 def _preset_note(searcher: Any, reranker: str | None) -> None:
@@ -76,8 +75,9 @@ def _preset_note(searcher: Any, reranker: str | None) -> None:
     from models.nn.cross_encoder import LxmertReranker
 
     if isinstance(searcher.reranker(reranker), LxmertReranker) and searcher.preset != "lxmert36":
-        err.print(f"[dim]note: LXMERT was trained on 36 boxes per image and this index holds `{searcher.preset}` "
-                  "regions; for LXMERT re-ranking as published, re-index with `--preset lxmert36 --reindex`[/]")
+        err.print(line((f"note: LXMERT was trained on 36 boxes per image and this index holds `{searcher.preset}` "
+                        "regions; for LXMERT re-ranking as published, re-index with `--preset lxmert36 --reindex`",
+                        "dim")))
 
 
 def _render(hits: list[Any], mode: str) -> None:
@@ -94,7 +94,6 @@ def _render(hits: list[Any], mode: str) -> None:
         err.print("no results")
         return
     from rich.table import Table
-    from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
     table.add_column("rank", justify="right")
@@ -106,7 +105,7 @@ def _render(hits: list[Any], mode: str) -> None:
         cells = [str(hit.rank), f"{hit.score:.3f}"]
         if hit.rerank_score is not None:
             cells.append(f"{hit.rerank_score:.3f}")
-        cells.append(Text(hit.path.decode("utf-8", "backslashreplace")))
+        cells.append(cell(hit.path))
         table.add_row(*cells)
     out.print(table)
 
@@ -114,8 +113,8 @@ def _render(hits: list[Any], mode: str) -> None:
 def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | None, mode: str) -> None:
     from models.core.errors import LdotError
 
-    err.print(f"[bold]ldot[/] search over index [bold]{searcher.store.name}[/] — type a query, empty line or "
-              "Ctrl-D to quit")
+    err.print(line(("ldot", "bold"), " search over index ", (searcher.store.name, "bold"),
+                   " — type a query, empty line or Ctrl-D to quit"))
     searcher.encoder  # load the text tower before the first prompt
     while True:
         try:
@@ -128,7 +127,7 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
         try:
             _render(searcher.search(text, k, rerank_k=rerank_k, reranker=reranker), mode)
             t = searcher.timings
-            err.print(f"[dim]{t.encode_ms:.0f} ms encode, {t.search_ms:.0f} ms search"
-                      + (f", {t.rerank_ms:.0f} ms re-rank" if rerank_k else "") + "[/]")
+            err.print(line((f"{t.encode_ms:.0f} ms encode, {t.search_ms:.0f} ms search"
+                            + (f", {t.rerank_ms:.0f} ms re-rank" if rerank_k else ""), "dim")))
         except LdotError as exc:
-            err.print(Text.assemble(("error: ", "red"), cli_message(exc)), highlight=False)
+            err.print(line(("error: ", "red"), cli_message(exc)))

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import ProgressView, err, progress_bar
+from ldot_cli.commands.console import ProgressView, err, line, progress_bar
 
 app = typer.Typer(help="Make your own LightningDOT model: fine-tune or pre-train a bi-encoder.", no_args_is_help=True)
 
@@ -23,14 +23,31 @@ Init = typer.Option(None, "--init", help="Start from a bi-encoder (lightningdot,
 ImageInit = typer.Option(None, "--image-init", help="Image tower when --init is a BERT: uniter-base (default when "
                          "present) or a BERT (fresh region embedding).")
 Out = typer.Option(..., "--out", help="Name of the run and of the trained model (`ldot index --model NAME`).")
-BatchSize = typer.Option(None, "--batch-size", help="Pairs per batch: the in-batch negatives. [default: 96]")
-Lr = typer.Option(None, "--lr", help="Peak learning rate.")
-Warmup = typer.Option(None, "--warmup", help="Warmup: a fraction of all steps (< 1) or a number of steps.")
-Clip = typer.Option(None, "--grad-clip", help="Max gradient norm (0: off).")
-Accum = typer.Option(None, "--grad-accum", help="Batches per optimizer step. [default: 1]")
-Precision = typer.Option(None, "--precision", help="auto | fp32 | fp16 | bf16 (auto: bf16 or fp16 on CUDA, fp32 on "
-                         "CPU, where bf16 is far slower).")
-Seed = typer.Option(None, "--seed", help="Seed of data order, masking and dropout. [default: 42]")
+# What `--help` shows as defaults: the official settings (`models.training.loop.finetune_config` /
+# `pretrain_config`; tests/test_cli_help.py checks they agree). Written here so that --help imports no torch.
+FINETUNE_DEFAULTS = {"batch_size": "96", "lr": "2e-5", "warmup": "0.1", "grad_clip": "2.0", "grad_accum": "1",
+                     "precision": "auto", "seed": "42"}
+PRETRAIN_DEFAULTS = {**FINETUNE_DEFAULTS, "lr": "5e-5", "warmup": "10000", "grad_clip": "5.0", "steps": "300000",
+                     "eval_every": "10000"}
+_HELP = {
+    "batch_size": ("--batch-size", "Pairs per batch: the in-batch negatives."),
+    "lr": ("--lr", "Peak learning rate."),
+    "warmup": ("--warmup", "Warmup: a fraction of all steps (< 1) or a number of steps."),
+    "grad_clip": ("--grad-clip", "Max gradient norm (0: off)."),
+    "grad_accum": ("--grad-accum", "Batches per optimizer step."),
+    "precision": ("--precision", "auto | fp32 | fp16 | bf16 (auto: bf16 or fp16 on CUDA, fp32 on CPU, where bf16 is "
+                                 "far slower)."),
+    "seed": ("--seed", "Seed of data order, masking and dropout."),
+    "steps": ("--steps", "Optimizer steps."),
+    "eval_every": ("--eval-every", "Steps between validations."),
+}
+
+
+def _opt(key: str, defaults: dict[str, str]) -> Any:
+    flag, text = _HELP[key]
+    return typer.Option(None, flag, help=f"{text} \\[default: {defaults[key]}]")  # \\[: not rich markup
+
+
 Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 Resume = typer.Option(False, "--resume", help="Continue the run named by --out from its last checkpoint.")
 Force = typer.Option(False, "--force", help="Start the run over and replace a model of that name.")
@@ -43,9 +60,12 @@ def finetune(
     txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
     val_images: int = ValImages, no_val: bool = NoVal, init: str = Init, image_init: str = ImageInit,
     out_name: str = Out,
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs."),
-    batch_size: int = BatchSize, lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
-    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. \\[default: 15 for flickr30k, "
+                               "20 for coco]"),
+    batch_size: int = _opt("batch_size", FINETUNE_DEFAULTS), lr: float = _opt("lr", FINETUNE_DEFAULTS),
+    warmup: float = _opt("warmup", FINETUNE_DEFAULTS), grad_clip: float = _opt("grad_clip", FINETUNE_DEFAULTS),
+    grad_accum: int = _opt("grad_accum", FINETUNE_DEFAULTS), precision: str = _opt("precision", FINETUNE_DEFAULTS),
+    seed: int = _opt("seed", FINETUNE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force,
     yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the training set without asking "
                              "(accepts its terms of use)."),
@@ -74,11 +94,12 @@ def pretrain(
     tasks: str = typer.Option("itm,mlm,mrfr,mrckl", "--tasks", help="Tasks to mix: itm (CMR), mlm, mrfr, mrckl."),
     mix: str = typer.Option("16,8,4,4", "--mix", help="Mix ratios, one per task, or a preset: coco (16,8,4,4), "
                             "other (16,12,6,6: VG, CC, SBU)."),
-    steps: int = typer.Option(None, "--steps", help="Optimizer steps. [default: 300000]"),
-    eval_every: int = typer.Option(None, "--eval-every", help="Steps between validations. [default: 10000]"),
+    steps: int = _opt("steps", PRETRAIN_DEFAULTS), eval_every: int = _opt("eval_every", PRETRAIN_DEFAULTS),
     init: str = Init, image_init: str = ImageInit, out_name: str = Out,
-    batch_size: int = BatchSize, lr: float = Lr, warmup: float = Warmup, grad_clip: float = Clip,
-    grad_accum: int = Accum, precision: str = Precision, seed: int = Seed, device: str = Device,
+    batch_size: int = _opt("batch_size", PRETRAIN_DEFAULTS), lr: float = _opt("lr", PRETRAIN_DEFAULTS),
+    warmup: float = _opt("warmup", PRETRAIN_DEFAULTS), grad_clip: float = _opt("grad_clip", PRETRAIN_DEFAULTS),
+    grad_accum: int = _opt("grad_accum", PRETRAIN_DEFAULTS), precision: str = _opt("precision", PRETRAIN_DEFAULTS),
+    seed: int = _opt("seed", PRETRAIN_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force,
 ) -> None:
     """Pre-train with a mix of CMR, VMLM, MRFR and MRC-kl (one task sampled per batch)."""
@@ -119,11 +140,11 @@ def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | No
     result = outcome.result
     best = result.best
     summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"
-    err.print(f"[green]ok[/] {mode}: {result.step} steps on {outcome.train_pairs} pairs in {result.seconds:.0f} s; "
-              f"{summary}", highlight=False)
+    err.print(line(("ok", "green"), f" {mode}: {result.step} steps on {outcome.train_pairs} pairs in "
+                   f"{result.seconds:.0f} s; {summary}"))
     if outcome.model_dir is not None:
         typer.echo(f"{name}\t{outcome.model_dir}")  # plain: for scripts
-        err.print(f"use it: ldot index PHOTOS --model {name}", highlight=False)
+        err.print(line(f"use it: ldot index PHOTOS --model {name}"))
 
 
 def register(app_: typer.Typer) -> None:

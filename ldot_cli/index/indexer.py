@@ -13,6 +13,7 @@ import fnmatch
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,19 @@ from typing import Any
 import numpy as np
 
 from feature_extraction.detector.weights import open_detector
+from feature_extraction.errors import ImageDBError
 from ldot_cli.index.store import (
+    DB_FILE,
+    LOCK_FILE,
     REGIONS_DIR,
     FileRow,
     IndexStore,
     IndexStoreError,
+    display_path,
     index_path,
+    writer_lock,
 )
-from models.core.errors import LdotError, option
+from models.core.errors import LdotError, LdotWarning, option
 from models.core.fileio import sha256_file
 from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
@@ -44,18 +50,34 @@ STAGING_DIR = ".staging-regions"
 
 @dataclass
 class IndexReport:
-    """What one `index_folders` run did."""
+    """What one `Indexer.run` did. Every file found is counted exactly once:
+    ``found == encoded + reused + unchanged + skipped_total``."""
 
     name: str
-    found: int = 0  # image files under the roots
-    unchanged: int = 0  # same size and mtime as last time: no work
-    reused: int = 0  # new or touched path, known content (moved, copied, or only its mtime changed): vector reused
-    encoded: int = 0  # images put through the models in this run
+    found: int = 0  # image files under the roots (including those the walk could not read)
+    unchanged: int = 0  # indexed before, same size and mtime: no work
+    reused: int = 0  # new or touched path, known content (moved, copied, a duplicate): vector reused
+    encoded: int = 0  # files whose content was put through the models in this run
     removed: int = 0  # files gone since last time
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) newly skipped in this run
-    vectors: int = 0  # vectors in the index after the run
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) skipped (again) in this run
+    skipped_before: int = 0  # skipped by an earlier run and unchanged since: not tried again
+    images: int = 0  # indexed files under every root of the index after the run
+    vectors: int = 0  # distinct contents (vectors) in the index after the run
     faiss: str = ""
     elapsed_s: float = 0.0
+
+    @property
+    def skipped_total(self) -> int:
+        return len(self.skipped) + self.skipped_before
+
+
+@dataclass
+class Scan:
+    """The walk of the roots, done before anything is created or downloaded."""
+
+    roots: list[str]
+    sources: list[Any]
+    issues: list[Any]
 
 
 def _excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
@@ -65,22 +87,31 @@ def _excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
 
 
 class Indexer:
-    """One indexing run over some roots into one named index (holds the index lock throughout)."""
+    """One indexing run over some roots into one named index (holds the index lock throughout).
+
+    ``model``, ``detector`` and ``preset`` default to the ones the index was built with (recorded in
+    it), and for a new index to the defaults (`DEFAULT_BI_ENCODER`, `DEFAULT_DETECTOR`, `DEFAULT_PRESET`).
+    """
 
     def stage(self, stage: str, done: int, total: int | None) -> None:
         """Report how far a stage has come (see `models.core.progress`)."""
         report_progress(self.progress, stage, done, total, "files" if stage == "scanning" else "images")
 
-    def __init__(self, name: str = "default", model: str | None = None, detector: Any = DEFAULT_DETECTOR,
-                 preset: str = DEFAULT_PRESET, keep_regions: bool = True, device: str = "auto",
+    def __init__(self, name: str = "default", model: str | None = None, detector: Any = None,
+                 preset: str | None = None, keep_regions: bool = True, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
                  ann: str | None = None) -> None:
         self.name = name
         self.dir = index_path(name)
-        self.model_arg, self.preset = model, preset
+        self.model_arg, self.preset_arg = model, preset
         # a registry name or path, or a ready detector object (anything with the pipeline's extract())
-        self.detector_name = detector if isinstance(detector, str) else getattr(detector, "name", type(detector).__name__)
-        self._detector: Any = None if isinstance(detector, str) else detector
+        self.detector_arg: str | None = None
+        self._detector: Any = None
+        if isinstance(detector, str) or detector is None:
+            self.detector_arg = detector
+        else:
+            self._detector = detector
+            self.detector_arg = getattr(detector, "name", type(detector).__name__)
         self.keep_regions, self.device = keep_regions, device
         self.batch_size, self.num_workers = batch_size, num_workers
         self.progress = progress
@@ -88,26 +119,87 @@ class Indexer:
         self._encoder: Any = None
         self.last_flush = time.monotonic()
 
+    # -- what the run will use -------------------------------------------------------------------
+    def recorded(self, reindex: bool = False) -> dict[str, str]:
+        """The index's own meta (model, detector, preset…); empty for a new index (or one being rebuilt
+        whose database cannot be read)."""
+        if not (self.dir / DB_FILE).is_file():
+            return {}
+        try:
+            with IndexStore(self.dir) as store:
+                return store.meta()
+        except IndexStoreError:
+            if reindex:
+                return {}
+            raise
+
+    def choices(self, reindex: bool = False) -> tuple[str, str, str]:
+        """(model, detector, preset) this run uses: as given, else the index's own, else the defaults."""
+        meta = self.recorded(reindex)
+        model = self.model_arg or meta.get("model") or DEFAULT_BI_ENCODER
+        detector = self.detector_arg or meta.get("detector") or DEFAULT_DETECTOR
+        preset = self.preset_arg or meta.get("preset") or DEFAULT_PRESET
+        return model, detector, preset
+
+    def needed_models(self, reindex: bool = False) -> list[str]:
+        """Model names this run loads (for the caller to download first); a ready detector object needs none."""
+        model, detector, _ = self.choices(reindex)
+        return [model] if self._detector is not None else [detector, model]
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def scan(self, roots: Iterable[str | os.PathLike[str]], excludes: Sequence[str] = ()) -> Scan:
+        """Walk the roots (before anything is created or downloaded).
+
+        Raises `LdotError` for a missing root, and when nothing at all is found for an index that does not
+        exist yet (an empty folder would only leave an empty index behind). Warns about an empty root.
+        """
+        from feature_extraction.images.walk import collect_images
+        from models.core.home import ldot_home
+
+        absolute = [os.path.abspath(os.fspath(r)) for r in roots]
+        for root in absolute:
+            if not os.path.exists(root):
+                raise LdotError(f"{display_path(os.fsencode(root))} does not exist: give a folder of images to index")
+        self.stage("scanning", 0, None)
+        issues: list[Any] = []
+        sources = []
+        counts = dict.fromkeys(absolute, 0)
+        for root in absolute:
+            for src in collect_images([root], exclude=[ldot_home()], on_issue=issues.append):
+                if not _excluded(src.path, src.root, excludes):
+                    sources.append(src)
+                    counts[root] += 1
+        self.stage("scanning", len(sources), len(sources))
+        if not sources and not issues and not (self.dir / DB_FILE).is_file():
+            raise LdotError(f"no images found under {', '.join(display_path(os.fsencode(r)) for r in absolute)} "
+                            "(looked for .jpg, .jpeg, .png, .webp, .bmp, .gif, .tif and similar files): "
+                            "nothing to index")
+        for root, count in counts.items():
+            if count == 0 and not any(_under(i.path, root) for i in issues):
+                warnings.warn(LdotWarning(f"no images found under {display_path(os.fsencode(root))}"), stacklevel=2)
+        return Scan(absolute, sources, issues)
+
     # -- setup -------------------------------------------------------------------------------------
     def open(self, reindex: bool) -> IndexStore:
+        model, detector, preset = self.choices(reindex)
         if reindex and self.dir.exists():
             for child in self.dir.iterdir():
-                if child.name != ".lock":
+                if not child.name.startswith(LOCK_FILE):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         store = IndexStore(self.dir, create=True)
-        self.model = self._resolve_model(store)
+        self.detector_name, self.preset = detector, preset
+        self.model = self._resolve_model(store, model)
         return store
 
-    def _resolve_model(self, store: IndexStore) -> str:
+    def _resolve_model(self, store: IndexStore, model: str) -> str:
         from models.hub.load import fingerprint
 
         recorded = store.get_meta("model")
-        model = self.model_arg or recorded or DEFAULT_BI_ENCODER
         want = fingerprint(model)
         if recorded is not None and store.get_meta("model_fingerprint") != want:
             raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another "
-                                  "model: "
-                              f"add {option('reindex')} to rebuild it with {model!r} (or use another {option('name')})")
+                                  f"model: add {option('reindex')} to rebuild it with {model!r} (or use another "
+                                  f"{option('name')})")
         detector = store.get_meta("detector")
         if detector is not None and (detector, store.get_meta("preset")) != (self.detector_name, self.preset):
             raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
@@ -134,38 +226,28 @@ class Indexer:
 
     # -- the run -------------------------------------------------------------------------------------
     def run(self, roots: Iterable[str | os.PathLike[str]], excludes: Sequence[str] = (), reindex: bool = False,
-            retry_failed: bool = False) -> IndexReport:
-        from filelock import FileLock
-
+            retry_failed: bool = False, scan: Scan | None = None) -> IndexReport:
+        """Bring the index in step with the roots. ``retry_failed``: try files skipped by earlier runs
+        again even though they did not change. ``scan``: the result of `scan` when the caller walked first."""
         started = time.monotonic()
         report = IndexReport(self.name)
+        scan = scan or self.scan(roots, excludes)
         self.dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.dir / ".lock")):
+        with writer_lock(self.dir):
             with self.open(reindex) as store:
-                self._run(store, [os.path.abspath(os.fspath(r)) for r in roots], excludes, retry_failed, report)
-                report.vectors = store.counts()["vectors"]
+                try:
+                    self._run(store, scan, retry_failed, report)
+                except ImageDBError as exc:
+                    raise damaged_regions(self.name, exc) from None
+                counts = store.counts()
+                report.images, report.vectors = counts.get("indexed", 0), counts["vectors"]
         report.elapsed_s = time.monotonic() - started
         return report
 
-    def _run(self, store: IndexStore, roots: list[str], excludes: Sequence[str], retry_failed: bool,
-             report: IndexReport) -> None:
-        from feature_extraction.images.walk import collect_images
-        from models.core.home import ldot_home
-
-        for root in roots:
-            if not os.path.exists(root):
-                raise LdotError(f"{root} does not exist: give a folder of images to index")
-        self.stage("scanning", 0, None)
-        issues: list[Any] = []
-        sources = []
-        for root in roots:
-            for src in collect_images([root], exclude=[ldot_home()], on_issue=issues.append):
-                if not _excluded(src.path, src.root, excludes):
-                    sources.append(src)
-        report.found = len(sources)
-        self.stage("scanning", len(sources), len(sources))
-        todo = self._plan(store, roots, sources, retry_failed, report)
-        self._record_walk_issues(store, roots, issues, report)
+    def _run(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> None:
+        report.found = len(scan.sources) + len(scan.issues)
+        todo = self._plan(store, scan, retry_failed, report)
+        self._record_walk_issues(store, scan, report)
         hashes = self._hash(todo)
         need = self._link_known(store, todo, hashes, report)
         self._encode_new(store, need, hashes, report)
@@ -174,20 +256,22 @@ class Indexer:
         report.faiss = store.sync_faiss(kind=None)
         self.stage("saving", 1, 1)
 
-    def _plan(self, store: IndexStore, roots: list[str], sources: list[Any], retry_failed: bool,
-              report: IndexReport) -> list[Any]:
+    def _plan(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> list[Any]:
         """Sources that need work; forgets files that are gone."""
-        todo, seen = [], set()
+        todo, seen = [], {os.fsencode(i.path) for i in scan.issues}
         known: dict[bytes, Any] = {}
-        for root in roots:
+        for root in scan.roots:
             known.update(store.files_under(os.fsencode(root)))
-        for src in sources:
+        for src in scan.sources:
             path = os.fsencode(src.path)
             seen.add(path)
             row = known.get(path)
             if row is not None and (row.size, row.mtime_ns) == (src.size, src.mtime_ns):
-                if row.status == "indexed" or (row.status == "skipped" and not retry_failed and not row.retry):
+                if row.status == "indexed":
                     report.unchanged += 1
+                    continue
+                if row.status == "skipped" and not retry_failed and not row.retry:
+                    report.skipped_before += 1
                     continue
             todo.append(src)
         gone = [p for p in known if p not in seen]
@@ -197,13 +281,12 @@ class Indexer:
             report.removed = len(gone)
         return todo
 
-    def _record_walk_issues(self, store: IndexStore, roots: list[str], issues: list[Any], report: IndexReport) -> None:
-        if not issues:
+    def _record_walk_issues(self, store: IndexStore, scan: Scan, report: IndexReport) -> None:
+        if not scan.issues:
             return
         rows = []
-        for issue in issues:
-            root = next((r for r in roots if issue.path == r or issue.path.startswith(r.rstrip(os.sep) + os.sep)),
-                        roots[0])
+        for issue in scan.issues:
+            root = next((r for r in scan.roots if _under(issue.path, r)), scan.roots[0])
             rows.append(FileRow(os.fsencode(issue.path), os.fsencode(root), 0, 0, None, "skipped", issue.reason, 0,
                                 None))
             report.skipped.append((issue.path, issue.reason))
@@ -243,7 +326,11 @@ class Indexer:
         return need
 
     def _encode_new(self, store: IndexStore, need: list[Any], hashes: dict[str, str], report: IndexReport) -> None:
-        """Extract and encode one file per unknown content; commit vectors + file rows per batch."""
+        """Extract and encode one file per unknown content; commit vectors + file rows per batch.
+
+        Files with the same bytes share the outcome of the one that is extracted: one vector, or one
+        skip reason each (every file keeps its own row, so an unchanged bad file is not hashed again).
+        """
         if not need:
             return
         by_hash: dict[str, list[Any]] = {}
@@ -280,7 +367,7 @@ class Indexer:
             self._extract(fresh, hashes, regions_dir, pending, report)
         pending.flush()
         self.stage("extracting", len(fresh), len(fresh))
-        self.stage("encoding", report.encoded, report.encoded)  # files that failed extraction drop out
+        self.stage("encoding", pending.done, pending.done)  # files that failed extraction drop out
         if unreadable:
             self._skip(store, [(src, None, "unreadable file", True) for src in unreadable], report)
         if not self.keep_regions:
@@ -291,7 +378,6 @@ class Indexer:
         from feature_extraction.pipeline import extract_to_db
 
         total = len(sources)
-        state = {"done": 0}
 
         def on_batch(items: list[tuple[Any, Any]]) -> None:
             for src, regions in items:
@@ -299,7 +385,6 @@ class Indexer:
             pending.flush()
 
         def on_progress(p: Any) -> None:
-            state["done"] = p.done
             self.stage("extracting", p.done, total)
 
         result = extract_to_db([s.path for s in sources], regions_dir, self.detector, self.preset,
@@ -307,8 +392,11 @@ class Indexer:
                                num_workers=self.num_workers, progress=on_progress, on_batch=on_batch,
                                retry_failed=True)
         by_path = {s.path: s for s in sources}
-        failed = [(by_path[f.path], hashes[f.path], f.reason, not f.permanent)
-                  for f in result.failures if f.path in by_path]
+        failed = []
+        for f in result.failures:
+            if f.path in by_path:
+                digest = hashes[f.path]
+                failed += [(member, digest, f.reason, not f.permanent) for member in pending.by_hash[digest]]
         self._skip(pending.store, failed, report)
 
     def _skip(self, store: IndexStore, failed: list[tuple[Any, str | None, str, bool]], report: IndexReport) -> None:
@@ -321,21 +409,52 @@ class Indexer:
                 store.put_files(db, rows)
 
     def _collect_garbage(self, store: IndexStore) -> None:
+        """Drop vectors no file points to, then every region record no vector points to.
+
+        SQLite is the source of truth: the region store is swept against it on every run, so records left
+        behind by a run killed between the two steps are collected by the next one.
+        """
         orphans = store.orphan_vectors()
         if orphans:
             with store.transaction() as db:
                 store.delete_vectors(db, [vid for vid, _ in orphans])
-            if self.keep_regions and (self.dir / REGIONS_DIR).is_dir():
-                from feature_extraction.uniter_db import UniterImageDBWriter
-
-                with UniterImageDBWriter(self.dir / REGIONS_DIR, self.preset) as writer:
-                    writer.delete([digest for _, digest in orphans])
-                    writer.commit()
+        if self.keep_regions:
+            collect_regions(self.dir / REGIONS_DIR, self.preset, store.content_hash_set())
 
     def maybe_flush(self, store: IndexStore) -> None:
         if time.monotonic() - self.last_flush > FAISS_FLUSH_S:
             store.sync_faiss()
             self.last_flush = time.monotonic()
+
+
+def damaged_regions(name: str, exc: ImageDBError) -> IndexStoreError:
+    """A damaged region store: its file, what is wrong, and the way out."""
+    return IndexStoreError(f"the region store of index {name!r} is damaged ({exc}): rebuild the index with "
+                       f"`ldot index FOLDER --name {name} --reindex`")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
+    """Delete the region records of ``regions_dir`` whose key is not in ``live``; returns how many."""
+    from feature_extraction.uniter_db import (
+        UniterImageDB,
+        UniterImageDBWriter,
+        resolve_cut,
+    )
+
+    if not (regions_dir / resolve_cut(preset).db_name() / "data.mdb").is_file():
+        return 0  # no region records yet
+    with UniterImageDB(regions_dir, preset) as reader:
+        dead = [key for key in reader.keys() if key not in live]
+    if not dead:
+        return 0
+    with UniterImageDBWriter(regions_dir, preset) as writer:
+        removed = writer.delete(dead)
+        writer.commit()
+    return removed
 
 
 class Batcher:
@@ -345,6 +464,7 @@ class Batcher:
                  total: int | None = None) -> None:
         self.indexer, self.store, self.by_hash, self.report = indexer, store, by_hash, report
         self.total = total
+        self.done = 0  # contents encoded
         self.items: list[tuple[str, Any]] = []
 
     def add(self, digest: str, regions: Any) -> None:
@@ -363,10 +483,27 @@ class Batcher:
                 store.set_meta({"dim": str(vectors.shape[1])}, db)
             for (digest, regions), vector in zip(items, vectors):
                 vid = store.add_vector(db, digest, vector, len(regions.features))
-                store.put_files(db, [file_row(src, digest, vid) for src in self.by_hash[digest]])
-                self.report.encoded += 1
-        self.indexer.stage("encoding", self.report.encoded, self.total)
+                group = self.by_hash[digest]
+                store.put_files(db, [file_row(src, digest, vid) for src in group])
+                self.report.encoded += 1  # the file put through the models ...
+                self.report.reused += len(group) - 1  # ... and its copies found in the same run
+                self.done += 1
+        self.indexer.stage("encoding", self.done, self.total)
+        _pause_for_tests(self.done)
         self.indexer.maybe_flush(store)
+
+
+def _pause_for_tests(done: int) -> None:
+    """For the kill -9 tests: ``LDOT_TEST_PAUSE_AFTER=N`` makes a run that has committed at least N contents
+    write ``$LDOT_TEST_PAUSE_FILE`` and wait there (to be killed at a known point of progress)."""
+    after = os.environ.get("LDOT_TEST_PAUSE_AFTER")
+    if not after or done < int(after):
+        return
+    marker = os.environ.get("LDOT_TEST_PAUSE_FILE")
+    if marker:
+        Path(marker).write_text(str(done))
+    while True:
+        time.sleep(3600)
 
 
 def file_row(src: Any, digest: str | None, vector_id: int | None, reason: str | None = None,
@@ -391,3 +528,54 @@ def encode_image_file(path: Path, store: IndexStore, device: str = "auto") -> np
     record = record_view(regions_to_record(regions, resolve_cut(meta["preset"])))
     encoder = load_bi_encoder(meta["model"], device=device, towers=("image",))
     return encoder.encode_images([record]).numpy()[0]
+
+
+def remove_index(name: str) -> Path:
+    """Delete a named index (refused while another process is updating it). Returns where it was."""
+    from models.core.fileio import fsync_path
+
+    directory = index_path(name)
+    if not directory.is_dir():
+        raise IndexStoreError(f"no index named {name!r} (looked in {directory}): see `ldot status`")
+    with writer_lock(directory, wait=False) as held:
+        if not held:
+            from ldot_cli.index.store import lock_holder
+
+            raise IndexStoreError(f"index {name!r} is being updated by {lock_holder(directory)}: "
+                              "wait for it to finish (or stop it), then remove it")
+        doomed = directory.with_name(f".{directory.name}.removing-{os.getpid()}")
+        os.replace(directory, doomed)  # gone at once for everyone; deleted below
+        fsync_path(directory.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return directory
+
+
+def remove_folder(name: str, folder: str | os.PathLike[str], progress: ProgressFn | None = None) -> int:
+    """Drop every file under ``folder`` (a folder the index covers, or one inside it) from an index, with its
+    vectors and region records when no other file shares them. Returns how many files were dropped.
+    The folder itself need not exist any more."""
+    directory = index_path(name)
+    target = os.fsencode(os.path.abspath(os.fspath(folder))).rstrip(b"/") or b"/"
+    prefix = target + b"/" if target != b"/" else target
+    with IndexStore(directory) as probe:  # a clear error when there is no such index
+        preset = probe.get_meta("preset") or DEFAULT_PRESET
+        keep = probe.get_meta("regions") != "none"
+    with writer_lock(directory), IndexStore(directory) as store:
+        paths = [p for (p,) in store.db.execute("SELECT path FROM files WHERE root = ? OR path = ? OR "
+                                                "substr(path, 1, ?) = ?", (target, target, len(prefix), prefix))]
+        if not paths:
+            roots = ", ".join(display_path(r) for r, _ in store.roots()) or "none"
+            raise IndexStoreError(f"index {name!r} holds no files under {display_path(target)} (its folders: {roots})")
+        with store.transaction() as db:
+            store.delete_files(db, paths)
+            orphans = store.orphan_vectors()
+            store.delete_vectors(db, [vid for vid, _ in orphans])
+        if keep:
+            try:
+                collect_regions(directory / REGIONS_DIR, preset, store.content_hash_set())
+            except ImageDBError as exc:
+                raise damaged_regions(name, exc) from None
+        report_progress(progress, "saving", 0, 1, "images")
+        store.sync_faiss(kind=None)
+        report_progress(progress, "saving", 1, 1, "images")
+    return len(paths)

@@ -107,18 +107,15 @@ class Searcher:
 
     def _repair(self) -> tuple[Any, int] | None:
         """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only."""
-        from filelock import FileLock, Timeout
+        from ldot_cli.index.store import writer_lock
 
-        from ldot_cli.index.store import LOCK_FILE
-
-        try:
-            with FileLock(str(self.store.dir / LOCK_FILE), timeout=0):
-                warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
-                                          "rebuilt it from the index database"), stacklevel=2)
-                self.store.sync_faiss(rebuild=True)
-                return self.store.read_faiss()
-        except Timeout:
-            return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
+        with writer_lock(self.store.dir, wait=False) as held:
+            if not held:
+                return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
+            warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
+                                      "rebuilt it from the index database"), stacklevel=2)
+            self.store.sync_faiss(rebuild=True)
+            return self.store.read_faiss()
 
     # -- queries -------------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
@@ -219,9 +216,17 @@ class Searcher:
         model = self.reranker(reranker)
         start = time.perf_counter()
         hashes = self.store.content_hashes([h.vector_id for h in hits])
-        if self._regions is None:
-            self._regions = FeatureStore(regions_dir, self.preset)
-        feat, bb, mask, _ = stack_regions([self._regions.get(hashes[h.vector_id]) for h in hits])
+        from feature_extraction.errors import ImageDBError
+
+        try:
+            if self._regions is None:
+                self._regions = FeatureStore(regions_dir, self.preset)
+            records = [self._regions.get(hashes[h.vector_id]) for h in hits]
+        except ImageDBError as exc:
+            from ldot_cli.index.indexer import damaged_regions
+
+            raise damaged_regions(self.store.name, exc) from None
+        feat, bb, mask, _ = stack_regions(records)
         scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
         order = np.argsort(-scores, kind="stable")

@@ -50,6 +50,8 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
             "bytes": _dir_bytes(store.dir),
             "region_bytes_per_image": regions // counts["vectors"] if counts["vectors"] and regions else None,
             "updated": datetime.datetime.fromtimestamp(float(updated)).isoformat(timespec="seconds") if updated else None,
+            "folders": [{"path": display_path(root), "indexed": c.get("indexed", 0), "skipped": c.get("skipped", 0)}
+                        for root, c in store.roots()],
         }
         if with_errors:
             info["errors"] = [(row.display, row.reason) for row in store.file_rows("skipped")]

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from models.core.errors import LdotError
-from models.core.fileio import replace_file, sha256_file
+from models.core.errors import LdotError, LdotWarning, as_storage_error, option
+from models.core.fileio import atomic_write_json, replace_file, sha256_file
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ DB_FILE = "index.sqlite"
 FAISS_FILE = "vectors.faiss"
 REGIONS_DIR = "regions"
 LOCK_FILE = ".lock"
+LOCK_INFO_FILE = ".lock.info"  # who holds the lock: pid, host, command, since (JSON)
 # Past this many vectors an index switches to approximate search (IVF), unless told otherwise.
 ANN_THRESHOLD = 250_000
 
@@ -99,10 +100,116 @@ def display_path(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
+def lock_holder(directory: Path) -> str:
+    """Who holds an index's lock, in words (from the info file its holder wrote)."""
+    import datetime
+
+    try:
+        info = json.loads((directory / LOCK_INFO_FILE).read_text("utf-8"))
+        since = datetime.datetime.fromtimestamp(float(info["since"])).strftime("%H:%M:%S")
+        command = " ".join(str(info.get("command", "")).split())[:120]
+        return f"pid {int(info['pid'])} on {info.get('host', '?')} ({command}, since {since})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def writer_lock(directory: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the index's writer lock; while another process holds it, say who (an `LdotWarning`) and wait.
+
+    With ``wait=False`` yields False at once when the lock is taken. The holder's pid, host and command
+    are written beside the lock (released by the OS when a process dies; the info file is then stale but
+    harmless: the next holder rewrites it).
+    """
+    import socket
+    import sys
+    import warnings
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(directory / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            yield False
+            return
+        warnings.warn(LdotWarning(f"index {directory.name!r} is being updated by {lock_holder(directory)}: "
+                                  "waiting for it to finish (Ctrl-C to stop waiting)"), stacklevel=3)
+        lock.acquire()
+    try:
+        try:
+            atomic_write_json(directory / LOCK_INFO_FILE, {
+                "pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                "command": " ".join([os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]])})
+        except OSError:
+            pass  # only informative
+        yield True
+    finally:
+        (directory / LOCK_INFO_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
 def index_path(name: str) -> Path:
     from models.hub.cache import check_name
 
     return indexes_dir() / check_name(name)
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """A damaged database file (not a busy, full or read-only one, which are reported as they are)."""
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return False
+    text = str(exc).lower()
+    return any(w in text for w in ("malformed", "not a database", "file is encrypted", "corrupt",
+                                   "unsupported file format"))
+
+
+def header_problem(path: Path) -> str | None:
+    """What is wrong with an SQLite file's 100-byte header (fields whose valid values the file format fixes)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(100)
+    except OSError:
+        return None
+    if len(head) < 100:
+        return "shorter than an SQLite header" if head else None
+    if head[:16] != b"SQLite format 3\0":
+        return "not an SQLite file"
+    page = int.from_bytes(head[16:18], "big")
+    if not (page == 1 or (512 <= page <= 32768 and page & (page - 1) == 0)):
+        return "bad page size in the header"
+    if head[18] not in (1, 2) or head[19] not in (1, 2) or head[21:24] != b"\x40\x20\x20":
+        return "bad file-format fields in the header"
+    return None
+
+
+def damaged_index(directory: Path, exc: BaseException) -> IndexStoreError:
+    name = directory.name
+    return IndexStoreError(f"index {name!r} is damaged ({directory / DB_FILE}: {exc}): rebuild it with "
+                       f"`ldot index FOLDER --name {name} --reindex` (or remove it: `ldot index rm {name}`)")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose "database is damaged" errors name the file and the way to rebuild it."""
+
+    index_dir: Path
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise damaged_index(self.index_dir, exc) from None
+            raise
+
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        try:
+            return super().executemany(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            if _is_damage(exc):
+                raise damaged_index(self.index_dir, exc) from None
+            raise
 
 
 class IndexStore:
@@ -122,15 +229,27 @@ class IndexStore:
 
     # -- connection ------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
+        problem = header_problem(self.dir / DB_FILE)  # what SQLite may only notice at the first write
+        if problem:
+            raise damaged_index(self.dir, problem)
         try:
-            db = sqlite3.connect(self.dir / DB_FILE, timeout=60, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self.dir / DB_FILE, timeout=60, isolation_level=None, check_same_thread=False,
+                                 factory=_Connection)
+            db.index_dir = self.dir
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             db.executescript(SCHEMA)
+        except IndexStoreError:
+            raise
         except sqlite3.DatabaseError as exc:
-            raise IndexStoreError(f"index {self.name!r} is damaged ({exc}): rebuild it with "
-                              f"`ldot index FOLDER --name {self.name} --reindex`") from None
+            problem = header_problem(self.dir / DB_FILE)
+            if problem:
+                raise damaged_index(self.dir, problem) from None
+            busy = "locked" in str(exc).lower() or as_storage_error(exc) is not None
+            if isinstance(exc, sqlite3.OperationalError) and busy and not _is_damage(exc):
+                raise  # busy, full or read-only: the caller's error boundary says so
+            raise damaged_index(self.dir, exc) from None
         return db
 
     def _check_version(self, create: bool) -> None:
@@ -139,9 +258,14 @@ class IndexStore:
             if not create:
                 raise IndexStoreError(f"index {self.name!r} was never completed: run `ldot index FOLDER --name {self.name}`")
             self.set_meta({"format_version": str(FORMAT_VERSION), "created": str(time.time())})
-        elif int(version) > FORMAT_VERSION:
+            return
+        if not version.isdigit():
+            raise IndexStoreError(f"index {self.name!r} is damaged ({self.dir / DB_FILE}: format_version "
+                              f"{version[:40]!r} is not a number): rebuild it with "
+                              f"`ldot index FOLDER --name {self.name} --reindex`")
+        if int(version) > FORMAT_VERSION:
             raise IndexStoreError(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
-                              f"{FORMAT_VERSION}): upgrade ldot, or rebuild with `--reindex`")
+                              f"{FORMAT_VERSION}): upgrade ldot, or rebuild it ({option('reindex')})")
 
     def close(self) -> None:
         self.db.close()
@@ -254,6 +378,18 @@ class IndexStore:
         for i, (_, blob) in enumerate(rows):
             out[i] = np.frombuffer(blob, dtype="<f4")
         return out_ids, out
+
+    def content_hash_set(self) -> set[str]:
+        """The content hash of every vector (the keys its region store may hold)."""
+        return {row[0] for row in self.db.execute("SELECT content_hash FROM vectors")}
+
+    def roots(self) -> list[tuple[bytes, dict[str, int]]]:
+        """Every folder the index covers, with its file counts by status."""
+        out: dict[bytes, dict[str, int]] = {}
+        for root, status, count in self.db.execute("SELECT root, status, COUNT(*) FROM files GROUP BY root, status "
+                                                   "ORDER BY root"):
+            out.setdefault(root, {})[status] = count
+        return list(out.items())
 
     def orphan_vectors(self) -> list[tuple[int, str]]:
         """Vectors no indexed file points to any more (removed or changed files)."""

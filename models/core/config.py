@@ -8,6 +8,8 @@ silently dropped), a value of the wrong shape is an error naming the field, and 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -35,6 +37,66 @@ def config_from_dict(cls: type[T], data: Any, what: str = "", nested: Mapping[st
         if key in values and not dataclasses.is_dataclass(values[key]):
             values[key] = config_from_dict(sub, values[key], f"{what}:{key}" if what else key)
     try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved here: leave the checking to the class
+        hints = {}
+    for key, value in list(values.items()):
+        hint = hints.get(key)
+        if hint is None or key in (nested or {}):
+            continue
+        ok, converted = _conform(value, hint)
+        if not ok:
+            raise ConfigError(f"bad {name}{source}: {key!r} is {_describe(value)}, expected {_hint_name(hint)}")
+        values[key] = converted
+    try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad {name}{source}: {exc}") from None
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits the annotation ``hint``, the value with JSON lists made tuples where a tuple is
+    expected). Annotations other than plain scalars, tuples, optionals and unions are accepted as they are."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True, value
+    if hint is type(None):
+        return value is None, value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, converted = _conform(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(hint)
+        if not args:
+            return True, tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [_conform(v, args[0]) for v in value]
+        elif len(args) == len(value):
+            items = [_conform(v, a) for v, a in zip(value, args)]
+        else:
+            return False, value
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    return True, value
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:40]}…" if len(text) > 40 else text
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None and hasattr(hint, "__name__") \
+        else str(hint).replace("typing.", "")

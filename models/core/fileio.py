@@ -58,6 +58,22 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json_object(path: str | os.PathLike[str], error: type[Exception], missing: str, hint: str = "") -> dict:
+    """A JSON object read from ``path``; ``error`` names the file when it is absent (``missing`` says what that
+    means), not JSON, or JSON of another shape. ``hint`` (what to do) ends each message."""
+    path = Path(path)
+    tail = f": {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}){tail}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} holds a JSON {type(data).__name__}, not an object{tail}")
+    return data
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=indent is not None) + "\n")
 

@@ -26,6 +26,7 @@ class LocalModel:
     complete: bool
     origin: str  # download | import | train
     size: int  # bytes on disk
+    problem: str | None = None  # a damaged manifest: what is wrong with it (the model is not usable)
 
     @property
     def registered(self) -> bool:
@@ -45,7 +46,10 @@ def local_models() -> list[LocalModel]:
     for path in sorted(root.iterdir()):
         if not path.is_dir() or path.name.startswith("."):
             continue
-        manifest = read_manifest(path)
+        manifest, problem = load_manifest(path)
+        if problem is not None:  # listed as damaged; the others still list
+            out.append(LocalModel(path.name, path, "?", False, "?", dir_size(path), problem))
+            continue
         if not manifest:
             continue
         out.append(LocalModel(path.name, path, manifest.get("kind", "?"), bool(manifest.get("complete")),
@@ -84,10 +88,42 @@ def model_path(name: str) -> Path:
 
 
 def read_manifest(directory: Path) -> dict:
+    """A model dir's manifest; empty when it is missing or damaged (see `load_manifest` for why)."""
+    manifest, problem = load_manifest(directory)
+    return {} if problem else manifest
+
+
+def load_manifest(directory: Path) -> tuple[dict, str | None]:
+    """(manifest, None), ({}, None) when there is none, or ({}, what is wrong) when it is unreadable or of the
+    wrong shape (valid JSON is not enough: every field is checked before anything uses it)."""
+    path = directory / MANIFEST
     try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as exc:
+        return {}, f"{path} is unreadable ({type(exc).__name__})"
+    problem = manifest_problem(manifest)
+    return ({}, f"{path}: {problem}") if problem else (manifest, None)
+
+
+def manifest_problem(manifest: object) -> str | None:
+    """What is wrong with a parsed manifest's shape (None when it is sound)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for key in ("name", "kind", "origin"):
+        if key in manifest and not isinstance(manifest[key], str):
+            return f"{key!r} is not a string"
+    if "complete" in manifest and not isinstance(manifest["complete"], bool):
+        return "'complete' is not true/false"
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return "'files' is not an object"
+    for name, info in files.items():
+        if (not isinstance(info, dict) or not isinstance(info.get("sha256"), str)
+                or not isinstance(info.get("size"), int) or isinstance(info.get("size"), bool)):
+            return f"the entry of {name!r} in 'files' is not {{sha256, size}}"
+    return None
 
 
 def is_present(name: str) -> bool:
@@ -136,7 +172,9 @@ def record_model(directory: Path, name: str, kind: str, origin: str, **extra: ob
 
 def verify_dir(directory: Path) -> list[str]:
     """Re-hash a model directory against its manifest; returns the problems found (empty when intact)."""
-    manifest = read_manifest(directory)
+    manifest, problem = load_manifest(directory)
+    if problem:
+        return [f"{problem}: re-download or re-import it"]
     if not manifest:
         return [f"{directory.name}: no {MANIFEST}: re-download or re-import it"]
     problems = []

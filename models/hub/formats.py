@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from models.core.errors import CheckpointError, UnsafeCheckpointError
-from models.core.fileio import new_dir
+from models.core.fileio import new_dir, read_json_object
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, TransformerConfig
 from models.nn.cross_encoder import CrossEncoder
@@ -278,16 +278,18 @@ def cast_state(state: Tensors, dtype: torch.dtype | None) -> Tensors:
 def read_model_config(directory: str | Path) -> dict[str, Any]:
     """The parsed `config.json` of a model directory, checked for our format and version."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory} is not an ldot model directory (no {CONFIG_FILE})") from None
-    except ValueError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-import or re-download the model") from None
+    meta = read_json_object(path, CheckpointError, f"{directory} is not an ldot model directory (no {CONFIG_FILE})",
+                            "re-import or re-download the model")
     if meta.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path} is not an ldot model config (format {meta.get('format')!r})")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: format_version {version!r} is not a number: re-import or re-download the "
+                              "model")
+    if not isinstance(meta.get("kind"), str) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} lacks its model kind or config (or they are of the wrong type): re-import or "
+                              "re-download the model")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{directory} was written by a newer ldot (model format {version}, this ldot "
                               f"reads {FORMAT_VERSION}): upgrade ldot, or re-import the original checkpoint")
     return meta

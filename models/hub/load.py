@@ -65,7 +65,7 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
         meta, state = load_model_state(path)
         if meta["kind"] != "bi-encoder":
             raise CheckpointError(f"{path} holds a {meta['kind']} model, not a bi-encoder")
-        config = BiEncoderConfig.from_dict(meta["config"])
+        config = BiEncoderConfig.from_dict(meta["config"], str(path / "config.json"))
         model_dir = str(path)
     else:
         state, _ = bi_encoder_state(load_tensors(path))
@@ -111,13 +111,17 @@ def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if path.is_dir() and (path / "config.json").is_file():
-        raw = json.loads((path / "config.json").read_text())
-        if raw.get("model_type") == "lxmert":
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path / 'config.json'} ({exc}): re-import or re-download the "
+                                  "model") from None
+        if isinstance(raw, dict) and raw.get("model_type") == "lxmert":
             return _load_lxmert(path, tokenizer, dev, dtype)
         meta, state = load_model_state(path)
         if meta["kind"] != "uniter-itm":
             raise CheckpointError(f"{path} holds a {meta['kind']} model, not a re-ranker")
-        config = CrossEncoderConfig.from_dict(meta["config"])
+        config = CrossEncoderConfig.from_dict(meta["config"], str(path / "config.json"))
         model = cross_encoder_from_state(state, config, dtype=dtype).to(dev)
         return UniterReranker(model, resolve_tokenizer(tokenizer, config, str(path)))
     if path.is_dir():

@@ -6,8 +6,10 @@ carries no config: `models.hub.formats.infer_bi_encoder_config` derives one from
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from models.core.config import config_from_dict
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,9 @@ class BiEncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BiEncoderConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown bi-encoder config fields: {sorted(unknown)}")
-        data = dict(data)
-        for key in ("text", "image"):
-            if key in data and isinstance(data[key], dict):
-                data[key] = TransformerConfig(**data[key])
-        return cls(**data)
+    def from_dict(cls, data: Any, what: str = "") -> BiEncoderConfig:
+        """From JSON (a model dir's config.json, a run file); unknown keys and wrong shapes are a `ConfigError`."""
+        return config_from_dict(cls, data, what, nested={"text": TransformerConfig, "image": TransformerConfig})
 
 
 @dataclass(frozen=True)
@@ -72,11 +67,9 @@ class CrossEncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CrossEncoderConfig:
-        data = dict(data)
-        if isinstance(data.get("body"), dict):
-            data["body"] = TransformerConfig(**data["body"])
-        return cls(**data)
+    def from_dict(cls, data: Any, what: str = "") -> CrossEncoderConfig:
+        """From JSON; unknown keys and wrong shapes are a `ConfigError`."""
+        return config_from_dict(cls, data, what, nested={"body": TransformerConfig})
 
 
 BASE = TransformerConfig()

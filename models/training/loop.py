@@ -37,8 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.core.config import config_from_dict
 from models.core.errors import ConfigError, LdotError, option
-from models.core.fileio import atomic_write_json, new_dir, replace_file
+from models.core.fileio import (
+    atomic_write_json,
+    new_dir,
+    read_json_object,
+    replace_file,
+)
 from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
@@ -132,11 +138,10 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
-        data["tasks"] = tuple((str(t), float(r)) for t, r in data.get("tasks", [("itm", 1.0)]))
-        data["betas"] = tuple(data.get("betas", (0.9, 0.999)))
-        return cls(**data)
+    def from_dict(cls, data: Any, what: str = "") -> TrainConfig:
+        """From JSON (a run's saved settings): the one config policy (unknown keys and wrong shapes are a
+        `ConfigError`; JSON lists become the tuples of ``tasks`` and ``betas``)."""
+        return config_from_dict(cls, data, what)
 
 
 FINETUNE_EPOCHS = {"flickr30k": 15, "coco": 20}
@@ -667,14 +672,10 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / "run.json"
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainingError(f"{run_dir} is not a training run (no run.json)") from None
-    except ValueError as exc:
-        raise TrainingError(f"{path} is not valid JSON ({exc})") from None
-    if info.get("format") != RUN_FORMAT or info.get("format_version", 99) > RUN_VERSION:
-        raise TrainingError(f"{path} was written by another ldot (run format {info.get('format_version')})")
+    info = read_json_object(path, TrainingError, f"{run_dir} is not a training run (no run.json)")
+    version = info.get("format_version")
+    if info.get("format") != RUN_FORMAT or not isinstance(version, int) or version > RUN_VERSION:
+        raise TrainingError(f"{path} was written by another ldot (run format {version!r})")
     return info
 
 
