@@ -120,6 +120,26 @@ def wds_flickr(n_images: int = 4) -> dict[str, ServedFile]:
             f"{base}/1.tar": ServedFile(wds_shard(samples[half:]))}
 
 
+def coco_5k_files() -> dict[str, ServedFile]:
+    """nlphuji's COCO 5K test copy: images_mscoco_2014_5k_test.zip + test_5k_mscoco_2014.csv (28 captions here)."""
+    base = f"/datasets/{catalogue.COCO_5K_REPO}/resolve/{catalogue.COCO_5K_REV}"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for n, cid in enumerate(COCO_IDS):
+            z.writestr(f"images_mscoco_2014_5k_test/COCO_val2014_{cid:012d}.jpg", jpeg(10 + n))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["raw", "sentids", "split", "filename", "img_id"])
+    sent = 0
+    for n, cid in enumerate(COCO_IDS):
+        k = (5, 5, 6, 5, 7)[n]
+        writer.writerow([json.dumps([f"{WORDS[(n + j) % len(WORDS)]} {j}" for j in range(k)]),
+                         json.dumps(list(range(sent, sent + k))), "test", f"COCO_val2014_{cid:012d}.jpg", str(n)])
+        sent += k
+    return {f"{base}/images_mscoco_2014_5k_test.zip": ServedFile(buf.getvalue()),
+            f"{base}/test_5k_mscoco_2014.csv": ServedFile(text.getvalue().encode())}
+
+
 def gz_lines(lines: list[str]) -> bytes:
     return gzip.compress(("\n".join(lines) + "\n").encode())
 

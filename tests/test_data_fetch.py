@@ -213,6 +213,21 @@ def test_the_webdataset_copy_is_the_fallback_for_the_flickr_test(monkeypatch, ld
     assert sources.verify() == {"flickr30k/test": []}
 
 
+def test_nlphujis_zip_is_the_fallback_for_the_coco_test(monkeypatch, ldot_home):
+    from datasets_fixtures import coco_5k_files
+
+    with http_server(coco_5k_files()) as srv:  # the parquet is gone (404), and so are the per-image requests
+        point_catalogue_at(monkeypatch, srv.url)
+        with pytest.warns(LdotWarning, match="test-00000-of-00001.parquet .*HTTP 404.* trying the fallback"):
+            sources.fetch("coco", "test", **FAST)
+        assert not [p for p, _ in srv.requests if p.startswith("/coco/")]
+    marker = json.loads((ldot_home / "datasets" / "coco" / "ldot-data-test.json").read_text())
+    assert marker["source"] == "nlphuji-5k" and marker["images"] == 5 and marker["captions"] == 28
+    rset = locate("coco", sources.eval_paths("coco"))
+    assert [im.file for im in rset.images] == [f"val2014/COCO_val2014_{c:012d}.jpg" for c in COCO_IDS]
+    assert sources.verify(["coco"]) == {"coco/test": []}
+
+
 def test_a_webdataset_shard_with_a_link_is_refused(tmp_path):
     import tarfile
 

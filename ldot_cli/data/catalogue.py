@@ -118,6 +118,19 @@ SPLITS: tuple[DataSplit, ...] = (
 )
 DATASETS = ("flickr30k", "coco", "multi30k")
 
+# Another copy of a split, tried when its primary source is unreachable (not when a transfer can resume).
+COCO_5K_REPO = "nlphuji/mscoco_2014_5k_test_image_text_retrieval"
+COCO_5K_REV = "main"  # no commit in the facts sheet: the first verified fetch records each file's sha256
+FALLBACKS: dict[str, DataSplit] = {
+    "coco/test": DataSplit("coco", "test", "COCO 5K test as one zip + captions CSV (nlphuji; DataComp uses it)",
+                           (DataFile("images_mscoco_2014_5k_test.zip",
+                                     (_hub(COCO_5K_REPO, COCO_5K_REV, "images_mscoco_2014_5k_test.zip"),),
+                                     approx=818_000_000, extract_to="val2014"),
+                            DataFile("test_5k_mscoco_2014.csv", (_hub(COCO_5K_REPO, COCO_5K_REV,
+                                                                      "test_5k_mscoco_2014.csv"),), approx=5_010_000)),
+                           COCO_TERMS, images=5000, captions=25010),
+}
+
 
 def wds_flickr_url(path: str) -> str:
     """A file of the CLIP_benchmark webdataset copy of the Flickr30k test (``test/nshards.txt``, ``test/<n>.tar``)."""

@@ -175,9 +175,12 @@ def _fetch_split(entry: DataSplit, lang: str, meter: _Bytes, progress: ProgressF
                 dest = downloads / f.name
                 digests[f"downloads/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
         except SourceUnreachable as exc:
-            if entry.key != "flickr30k/test" or exc.resumable:  # a transfer that stopped half-way resumes instead
-                raise
-            counts = _fetch_wds_flickr(entry, folder, meter, exc, retries, backoff, timeout)
+            if exc.resumable or entry.key not in ("flickr30k/test", "coco/test"):
+                raise  # a transfer that stopped half-way resumes instead of switching sources
+            if entry.key == "coco/test":
+                counts = _fetch_coco_zip(entry, folder, meter, exc, progress, retries, backoff, timeout)
+            else:
+                counts = _fetch_wds_flickr(entry, folder, meter, exc, retries, backoff, timeout)
             atomic_write_json(_marker(entry, lang), {"dataset": entry.dataset, "split": entry.split, "complete": True,
                                                      "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                                      **counts})
@@ -439,6 +442,45 @@ def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes,
             f"only in Multi30K (e.g. {sorted(ours - theirs)[:1]}), {len(theirs - ours):,} only in Karpathy"), stacklevel=2)
     _check_images(entry, flickr / "flickr30k-images", files)
     return {"images": len(files), "captions": len(rows), "same_images_as_karpathy_test": ours == theirs}
+
+
+def _fetch_coco_zip(entry: DataSplit, folder: Path, meter: _Bytes, primary: SourceUnreachable,
+                    progress: ProgressFn | None, retries: int, backoff: float, timeout: float) -> dict[str, Any]:
+    """The fallback of the COCO 5K test: nlphuji's images zip + captions CSV (instead of the Karpathy parquet and
+    5,000 per-image requests)."""
+    from dataclasses import replace
+
+    from ldot_cli.data.catalogue import FALLBACKS
+
+    alt = replace(FALLBACKS[entry.key], images=entry.images, captions=entry.captions)
+    warnings.warn(LdotWarning(f"{str(primary).split('. Without a network')[0]}; trying the fallback "
+                              f"{expand_url(alt.files[0].urls[0]).rsplit('/', 1)[0]}/"), stacklevel=2)
+    downloads = folder / "downloads"
+    digests: dict[str, dict[str, Any]] = {}
+    for f in alt.files:
+        try:
+            digests[f"downloads/{f.name}"] = _download(alt, f, downloads / f.name, meter, retries, backoff, timeout)
+        except SourceUnreachable as exc:
+            name, urls, failures, dest = primary.detail  # type: ignore[attr-defined]
+            why = "; ".join(exc.detail[2]) if hasattr(exc, "detail") else str(exc)  # type: ignore[attr-defined]
+            raise SourceUnreachable(_offline(entry, name, urls, failures, dest, fallback=why)) from None
+    safe_extract(downloads / alt.files[0].name, folder / "val2014", progress=progress)
+    csv_path = downloads / alt.files[1].name
+    images = karpathy_from_rows(_read_csv(csv_path), csv_path, "test", filepath="val2014")
+    for name in ("train", "restval", "validation"):  # keep what the training split's parquets hold
+        path = downloads / f"{name}-00000-of-00001.parquet"
+        if path.is_file():
+            images += karpathy_from_rows(_read_parquet(path), path, name)
+    karpathy = _write_karpathy(folder, "coco", images)
+    chosen, n_captions = _split_counts(images, ("test",))
+    _check_counts(alt, len(chosen), n_captions, karpathy)
+    _check_images(alt, folder / "val2014", [im["filename"] for im in chosen])
+    for key, info in digests.items():  # trust on first use, once the data checked out
+        hkey = f"datasets/{entry.dataset}/{key.rsplit('/', 1)[1]}"
+        if known_hash(hkey) is None:
+            record_hash(hkey, info["sha256"])
+    return {"images": len(chosen), "captions": n_captions, "karpathy": karpathy.name, "source": "nlphuji-5k",
+            "files": digests}
 
 
 def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: SourceUnreachable, retries: int,
