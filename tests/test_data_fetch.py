@@ -291,8 +291,11 @@ def test_cli_asks_before_a_large_download_and_says_size_terms_and_place(mini, ld
     result = runner.invoke(app, ["data", "get", "flickr30k", "--yes"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert str(ldot_home / "datasets" / "flickr30k") in " ".join(result.output.split())
-    listed = runner.invoke(app, ["data", "list"], env={"COLUMNS": "300"})
-    assert "yes" in listed.output
+    listed = runner.invoke(app, ["data", "list", "--json"])
+    rows = {(r["dataset"], r["split"]): r for r in json.loads(listed.stdout)}
+    assert rows[("flickr30k", "test")]["present"] == "yes" and rows[("coco", "test")]["present"] == "no"
+    assert rows[("flickr30k", "test")]["folder"] == str(ldot_home / "datasets" / "flickr30k")
+    assert "non-commercial research" in runner.invoke(app, ["data", "list"], env={"COLUMNS": "80"}).output
     assert runner.invoke(app, ["data", "verify"]).exit_code == 0
     (ldot_home / "datasets" / "flickr30k" / "downloads" / "test_1k_flickr.csv").write_bytes(b"x")
     bad = runner.invoke(app, ["data", "verify", "flickr30k"])

@@ -54,22 +54,36 @@ def _bytes_only(callback: Any) -> Any:
 
 
 @app.command("list")
-def list_data() -> None:
+def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON list instead.")) -> None:
     """Every dataset split ldot can fetch: size, terms of use, and whether it is here."""
+    import json
+
+    from rich import box
     from rich.table import Table
 
     from ldot_cli.data import sources
 
-    table = Table()
-    for column in ("dataset", "split", "download", "present", "terms of use", "folder"):
-        table.add_column(column, overflow="fold")
-    for s in sources.status():
-        present = cell("yes", "green") if s.present else (
-            cell(f"partial ({human_bytes(s.partial_bytes)}: `ldot data get` resumes)", "yellow") if s.partial_bytes
-            else cell("no", "dim"))
-        table.add_row(cell(s.entry.dataset), cell(s.entry.split), cell(f"~{human_bytes(s.entry.approx_bytes)}"),
-                      present, cell(s.entry.terms), cell(s.folder))
+    rows = [{"dataset": s.entry.dataset, "split": s.entry.split, "download_bytes": s.entry.approx_bytes,
+             "present": "yes" if s.present else ("partial" if s.partial_bytes else "no"),
+             "partial_bytes": s.partial_bytes, "licence": s.entry.licence, "terms": s.entry.terms,
+             "folder": str(s.folder)} for s in sources.status()]
+    if json_:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("dataset", "split", "download", "present", "licence"):
+        table.add_column(column, no_wrap=True)
+    styles = {"yes": "green", "no": "dim", "partial": "yellow"}
+    for row in rows:
+        present = row["present"] + (f" ({human_bytes(row['partial_bytes'])} kept)" if row["partial_bytes"] else "")
+        table.add_row(cell(row["dataset"]), cell(row["split"]), cell(f"~{human_bytes(row['download_bytes'])}"),
+                      cell(present, styles[str(row["present"])]), cell(row["licence"]))
     out.print(table)
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        row = next(r for r in rows if r["dataset"] == dataset)
+        out.print(line((f"{dataset}: ", "bold"), row["terms"], ("; in ", "dim"), row["folder"]))
+    if any(r["partial_bytes"] for r in rows):
+        err.print(line("a partial split resumes with `ldot data get NAME [--split SPLIT]`"))
 
 
 @app.command()

@@ -60,6 +60,12 @@ class DataSplit:
     requires: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (dataset, split) fetched first
 
     @property
+    def licence(self) -> str:
+        """The terms in a few words (the full text is `terms`)."""
+        return {"flickr30k": "non-commercial research", "coco": "CC BY 4.0 + Flickr",
+                "multi30k": "unstated + Flickr"}[self.dataset]
+
+    @property
     def key(self) -> str:
         return f"{self.dataset}/{self.split}"
 
