@@ -281,6 +281,14 @@ def test_multi30k_checks_its_images_against_the_karpathy_test(monkeypatch, ldot_
                 sources.fetch("multi30k", "test", lang="de", **FAST)
 
 
+def test_eval_refuses_a_missing_model_before_fetching_anything(mini, ldot_home):
+    result = runner.invoke(app, ["eval", "coco", "--yes"])
+    assert result.exit_code == 2 and "ldot models download coco-ft" in result.output
+    result = runner.invoke(app, ["eval", "multi30k", "--yes"])
+    assert result.exit_code == 2 and "pass --model" in result.output
+    assert mini.requests == [] and not (ldot_home / "datasets").exists()
+
+
 def test_cli_asks_before_a_large_download_and_says_size_terms_and_place(mini, ldot_home):
     result = runner.invoke(app, ["data", "get", "flickr30k"])
     assert result.exit_code == 2 and "add --yes" in result.output

@@ -95,6 +95,6 @@ def test_resume_of_an_unknown_run_says_so(planted):
     assert result.exit_code == 2 and "no run named 'nope' to resume" in result.output
 
 
-def test_missing_bert_says_how_to_get_it(tmp_path):
-    result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased", "--data", str(tmp_path)])
+def test_missing_bert_says_how_to_get_it():  # before fetching any training data
+    result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
     assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output

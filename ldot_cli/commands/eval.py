@@ -99,6 +99,10 @@ def eval_command(
         if split == Split.val:
             raise typer.BadParameter("only the test split is fetched automatically: pass --data for val",
                                      param_hint="--split")
+        from ldot_cli.eval.evaluation import check_request
+        from models.hub.load import resolve_source
+
+        resolve_source(check_request(dataset.value, split.value, model))  # the model is here before any download
         fetch_with_progress(dataset.value, "test", lang.value, yes)
         paths = sources.eval_paths(dataset.value, lang.value)
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,

@@ -77,7 +77,11 @@ def finetune(
         from ldot_cli.commands.data import fetch_with_progress
         from ldot_cli.data import sources
 
-        if not resume:  # the public training set, fetched once into the cache
+        if not resume:  # the public training set, fetched once into the cache, once the model is known to be here
+            from ldot_cli.train.driver import default_init
+            from models.hub.load import resolve_source
+
+            resolve_source(init or default_init("finetune"))
             fetch_with_progress(dataset, "train", "de", yes)
         if sources.is_fetched(dataset, "train"):
             data = sources.dataset_dir(dataset)
