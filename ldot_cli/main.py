@@ -262,10 +262,12 @@ def _register() -> None:
     from ldot_cli.commands import index as cmd_index
     from ldot_cli.commands import models as cmd_models
     from ldot_cli.commands import search as cmd_search
+    from ldot_cli.commands import serve as cmd_serve
     from ldot_cli.commands import train as cmd_train
 
     cmd_index.register(app)
     cmd_search.register(app)
+    cmd_serve.register(app)
     app.add_typer(cmd_models.app, name="models")
     cmd_eval.register(app)
     cmd_train.register(app)

@@ -99,6 +99,7 @@ def test_cli_tables(tmp_path, planted):
     for stage in ("image encoding", "text encoding", "index build", "search", "re-rank top 5"):
         assert stage in text
     assert "cross-encoder alone on all" in text and "speed-up" in text
+    assert "score calibration" in text and "not saved" in " ".join(text.split())  # "mine" is no model dir
 
 
 class NoisyEncoder:
@@ -223,7 +224,7 @@ def test_tiny_models_end_to_end_as_a_subprocess(tmp_path, tiny_model, vocab_dir)
     cmd = [sys.executable, "-c", "from ldot_cli.main import run; run()", "eval", "flickr30k",
            "--data", str(tmp_path / "data"), "--model", str(model_dir), "--reranker", str(cross_dir),
            "--rerank-k", "5", "--rerank-k", "12", "--json", "--save-embeddings", str(tmp_path / "emb"),
-           "--device", "cpu", "--cross-sample", "16", "--batch-size", "7"]
+           "--device", "cpu", "--cross-sample", "16", "--batch-size", "7", "--plot", str(tmp_path / "plot.png")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout)
@@ -258,6 +259,23 @@ def test_tiny_models_end_to_end_as_a_subprocess(tmp_path, tiny_model, vocab_dir)
     assert rep["rerank"]["12"]["text_to_image"] == pytest.approx(t2i_cross)
     assert rep["timing"]["rerank_pairs"]["12"] == len(rows) * 12 + 12 * 12
     assert rep["timing"]["cross_full_matrix_s"] > 0 and rep["timing"]["speedup"] > 0
+    # the score calibration: stored in the model dir, from the evaluated pairs' scores
+    from models.training.calibration import AUTO_QUANTILE, load_calibration
+
+    stored = load_calibration(model_dir)
+    scores = text_vectors @ image_vectors.T
+    match = np.zeros_like(scores, dtype=bool)
+    match[np.arange(len(rows)), meta["text_image"]] = True
+    level = float(np.quantile(scores[~match], AUTO_QUANTILE))
+    assert stored["auto"]["threshold"] == pytest.approx(level, rel=1e-4, abs=1e-4)
+    assert rep["calibration"]["auto_threshold"] == pytest.approx(level, rel=1e-4, abs=1e-4)
+    assert rep["calibration"]["match_pass_rate"] == pytest.approx(float(np.mean(scores[match] > level)), abs=1e-6)
+    assert rep["calibration"]["saved_to"] == str(model_dir / "calibration.json")
+    assert "calibration.json" not in models.hub.cache.hash_dir(model_dir)  # not in the weights' manifest
+    from PIL import Image
+
+    plot = Image.open(tmp_path / "plot.png")
+    assert plot.size[0] > 1000 and len(plot.convert("RGB").getcolors(1 << 20) or []) > 50
 
 
 def test_missing_model_as_a_subprocess(tmp_path):

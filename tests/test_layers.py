@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("feature_extraction",),
     ("ldot_cli.data",),
     ("ldot_cli.index", "ldot_cli.eval", "ldot_cli.train"),
+    ("ldot_cli.serve",),
     ("ldot_cli.commands",),
     ("ldot_cli.main", "ldot_cli"),
 )

@@ -38,7 +38,7 @@ def test_help_is_fast_and_lists_every_command():
                             capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"})
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
-    for command in ("index", "search", "eval", "train", "models", "status", "extract"):
+    for command in ("index", "search", "eval", "train", "models", "status", "extract", "serve"):
         assert f" {command} " in result.stdout, command
     heavy = subprocess.run([sys.executable, "-X", "importtime", "-c", "from ldot_cli.main import app"],
                            capture_output=True, text=True, timeout=60).stderr

@@ -98,3 +98,36 @@ def test_resume_of_an_unknown_run_says_so(planted):
 def test_missing_bert_says_how_to_get_it():  # before fetching any training data
     result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
     assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output
+
+
+def test_warmup_longer_than_the_run_warns_and_save_every_checkpoints(planted, ldot_home):
+    result = runner.invoke(app, ["train", "pretrain", "--out", "w", "--steps", "4", "--warmup", "100", "--batch-size",
+                                 "8", "--tasks", "itm", "--mix", "1", "--no-val", "--save-every", "1", "--device",
+                                 "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the warm-up (100 steps) is longer than the run (4 steps)" in " ".join(result.output.split())
+    run = ldot_home / "runs" / "w"
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["config"]["checkpoint_every"] == 1
+    steps = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and steps[-1]["lr"] == pytest.approx(5e-5 * 4 / 100)
+
+
+def test_show_draws_the_curves_and_names_a_missing_run(planted, ldot_home, tmp_path):
+    assert runner.invoke(app, ["train", "finetune", "--data", str(ldot_home), "--out", "c", "--epochs", "2",
+                               "--batch-size", "8", "--device", "cpu"]).exit_code == 0
+    shown = runner.invoke(app, ["train", "show", "c", "--out", str(tmp_path / "c.png")])
+    assert shown.exit_code == 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    missing = runner.invoke(app, ["train", "show", "nope"])
+    assert missing.exit_code == 2 and "no run named 'nope'" in missing.output
+
+
+def test_decompose_without_the_object_vocabulary_says_how_to_get_it(planted, ldot_home, vocab_dir):
+    from ldot_testing import install_tiny_reranker
+
+    install_tiny_reranker("cross", vocab_dir, img_dim=32)
+    args = ["train", "decompose", "--init", "cross", "--out", "d", "--epochs", "1", "--batch-size", "8", "--device",
+            "cpu"]
+    result = runner.invoke(app, args)  # the planted records hold soft labels: tags are on by default
+    assert result.exit_code == 2 and "ldot models download butd-r101-vg" in result.output and "--no-tags" in result.output
+    assert runner.invoke(app, [*args, "--no-tags"]).exit_code == 0
+    assert models.load_bi_encoder("d").config.tags == ()

@@ -21,6 +21,7 @@ from models.training.loop import (
     TrainConfig,
     TrainingError,
     build_optimizer,
+    encode_pairs,
     evaluate,
     export_model,
     finetune_config,
@@ -82,8 +83,11 @@ def test_schedule_optimizer_groups_and_presets():
     assert (ft.batch_size, ft.lr, ft.warmup, ft.grad_clip, ft.epochs, ft.betas, ft.weight_decay) == (
         96, 2e-5, 0.1, 2.0, 20, (0.9, 0.999), 0.0)
     assert dict(pt.tasks) == {"itm": 16, "mlm": 8, "mrfr": 4, "mrckl": 4}
-    assert (pt.betas, pt.weight_decay, pt.lr, pt.warmup, pt.steps, pt.grad_clip) == ((0.9, 0.98), 0.01, 5e-5, 10_000,
+    assert (pt.betas, pt.weight_decay, pt.lr, pt.warmup, pt.steps, pt.grad_clip) == ((0.9, 0.98), 0.01, 5e-5, 0.1,
                                                                                       300_000, 5.0)
+    cosine = [lr_at(s, 1.0, 2, 10, "cosine") for s in range(10)]
+    assert cosine[0] == 0.5 and cosine[1] == 1.0 and cosine[-1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(cosine[1:], cosine[2:]))
     with pytest.raises(TrainingError, match="unknown task"):
         TrainConfig(tasks=(("itm", 1.0), ("vqa", 1.0)))
 
@@ -124,8 +128,12 @@ def test_finetuning_lowers_cmr_and_raises_in_batch_accuracy(tmp_path, tokenizer)
     loss1, acc1 = _fixed_batch_metrics(model, pairs, lookup, tokenizer)
     assert result.finished and result.step == 100
     assert loss1 < 0.6 * loss0 and acc1 > acc0 + 0.4, (loss0, loss1, acc0, acc1)  # measured: 2.77 -> 1.17, .06 -> .66
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = [r for r in lines if r["event"] == "eval"]
     assert [r["step"] for r in log] == [25, 50, 75, 100]
+    steps = [r for r in lines if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 101)) and set(steps[0]["tasks"]) == {"itm"}
+    assert steps[0]["lr"] < steps[9]["lr"] and steps[-1]["lr"] < steps[50]["lr"]
     assert result.best["mean_recall"] == max(r["mean_recall"] for r in log) > log[0]["mean_recall"] - 1e-9
 
 
@@ -156,6 +164,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tokenizer):
     ref = full.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in resumed.state_dict().items())
     assert (tmp_path / "a" / "best.json").read_text() == (tmp_path / "b" / "best.json").read_text()
+    assert (tmp_path / "a" / "log.jsonl").read_text() == (tmp_path / "b" / "log.jsonl").read_text()  # per-step log
 
 
 def _head_losses(model, pairs, lookup, tokenizer):
@@ -221,6 +230,17 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
                                        tokenizer=tokenizer)
     text = ["a dog on the beach"]
     assert torch.allclose(loaded.encode_text(text), ref.encode_text(text), atol=1e-6)
+    # the best weights' score calibration on the validation pairs comes along (`--min-score auto`)
+    from models.training.calibration import AUTO_QUANTILE, load_calibration
+
+    calibration = load_calibration(target)
+    text, image = encode_pairs(best, pairs, lookup, ids, torch.device("cpu"), None)
+    scores = text @ image.T
+    match = np.zeros_like(scores, dtype=bool)
+    match[np.arange(len(text)), pairs.caption_image] = True
+    assert calibration["auto"]["threshold"] == pytest.approx(np.quantile(scores[~match], AUTO_QUANTILE), abs=1e-3)
+    assert calibration["pairs"] == {"match": len(text), "non_match": int((~match).sum())}
+    assert f"step {result.best['step']}" in calibration["source"]
     with pytest.raises(TrainingError, match="`force`"):
         export_model(tmp_path / "run", "mine")
     with pytest.raises(TrainingError, match="registry name"):

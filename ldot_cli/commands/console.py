@@ -138,6 +138,9 @@ class ProgressView:
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
             self.starts[p.stage] = (self._time(), p.done)
+        elif p.done < self.progress.tasks[self.tasks[p.stage]].completed:  # the stage runs again (mining per epoch)
+            self.progress.reset(self.tasks[p.stage], total=p.total, completed=p.done)
+            self.starts[p.stage] = (self._time(), p.done)
         started, first = self.starts[p.stage]
         elapsed = self._time() - started
         # a stage's clock starts at its first report; no rate until it has run a moment

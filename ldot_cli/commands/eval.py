@@ -9,7 +9,9 @@ from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import ProgressView, cell, line, out, progress_bar
+from rich.text import Text
+
+from ldot_cli.commands.console import ProgressView, cell, err, line, out, progress_bar
 
 
 class Dataset(str, Enum):
@@ -85,6 +87,8 @@ def eval_command(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer file/dir overriding the model's own."),
     cross_sample: int = typer.Option(256, "--cross-sample", min=0, help="Pairs timed to extrapolate the "
                                      "cross-encoder's full score matrix (0: skip)."),
+    plot: Path = typer.Option(None, "--plot", help="Also draw recall@K both ways and the speed-ups into this "
+                              "PNG (needs matplotlib: the [plot] extra)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the test split without asking "
                              "(accepts its terms of use)."),
 ) -> None:
@@ -113,6 +117,11 @@ def eval_command(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         render(report.to_dict())
+    if plot is not None:
+        from ldot_cli.eval.plot import plot_report
+
+        plot_report(report.to_dict(), plot)
+        err.print(Text(f"plot: {plot}"))
 
 
 def _pct(value: float) -> str:
@@ -157,6 +166,18 @@ def render(rep: dict[str, Any]) -> None:
     out.print(line("captions: ", rep['sources'].get('captions', '?'), f" ({rep['text_input']}); images: ",
                    rep['sources'].get('images', '?')))
     render_timings(rep)
+    render_calibration(rep)
+
+
+def render_calibration(rep: dict[str, Any]) -> None:
+    cal = rep.get("calibration")
+    if not cal:
+        return
+    line = (f"score calibration: a matching pair outscores a non-matching one {100 * cal['auc']:.1f}% of the time; "
+            f"--min-score auto = {cal['auto_threshold']:.3f} (the {100 * cal['auto_quantile']:g}% quantile of "
+            f"non-matching pairs) keeps {100 * cal['match_pass_rate']:.1f}% of matching pairs")
+    line += f"; saved to {cal['saved_to']}" if cal.get("saved_to") else " (not saved: the model is not a model dir)"
+    out.print(Text(line))
 
 
 def render_timings(rep: dict[str, Any]) -> None:

@@ -29,9 +29,17 @@ def search(
     image: Path = typer.Option(None, "--image", help="Find images similar to this image file."),
     model: str = typer.Option(None, help="Bi-encoder to encode the query (must be the index's model)."),
     device: str = typer.Option("auto", help="Device for re-ranking and --image: auto, cpu or cuda."),
+    min_score: str = typer.Option(None, "--min-score", help="Drop results scoring below this: a number, or "
+                                  "'auto' (the model's calibrated level; 'no good match' when none passes)."),
+    regions: bool = typer.Option(False, "--regions", help="Find the boxes that drive each score (--json: "
+                                 "regions: [[x1,y1,x2,y2,weight],...] in pixels)."),
+    html: Path = typer.Option(None, "--html", help="Also write a self-contained HTML contact sheet of the "
+                              "results, with their regions, to this file."),
+    preview: bool = typer.Option(False, "--preview", help="Show thumbnails in the terminal (kitty, iTerm, "
+                                 "sixel; text-only elsewhere)."),
 ) -> None:
-    """Search an index by text (or by --image); with no QUERY in a terminal, an interactive prompt."""
-    from ldot_cli.index.search import Searcher
+    """Search an index by text (or by --image); with no QUERY in a terminal, an interactive prompt.
+    Uses a running `ldot serve` of the same index when there is one (LDOT_NO_SERVER=1: never)."""
     from models.core.errors import LdotError
 
     if sum((json_, paths, null)) > 1:
@@ -41,24 +49,88 @@ def search(
     if query is None and image is None and not sys.stdin.isatty():
         raise LdotError("no query: give one, e.g. `ldot search \"a dog on a beach\"` (or run it in a terminal "
                         "for a prompt)")
-    searcher = Searcher(name, model=model, device=device)
+    if preview and (json_ or paths or null):
+        raise LdotError("--preview shows the table with thumbnails: leave out --json, --paths and -0")
     mode = "json" if json_ else "paths" if paths else "null" if null else "table"
     m = rerank_k if rerank else None
+    want_regions = regions or html is not None
+    if query is not None or image is not None:
+        answer = _through_server(name, query, image, k, m, reranker, min_score, want_regions, model)
+        if answer is not None:
+            _show(answer, mode, html, preview, query)
+            return
+    from ldot_cli.index.search import Request, Searcher
+
+    searcher = Searcher(name, model=model, device=device)
     try:
         if rerank and image is None:
             _rerank_note(m or 0, device)
             _preset_note(searcher, reranker)
-        if image is not None:
-            hits = searcher.search_vector(searcher.image_vector(image), k)
-            if m:
-                raise LdotError("--rerank needs a text query (the cross-encoder scores text-image pairs)")
-            _render(hits, mode)
-        elif query is not None:
-            _render(searcher.search(query, k, rerank_k=m, reranker=reranker), mode)
-        else:
+        if query is None and image is None:
             _interactive(searcher, k, m, reranker, mode)
+            return
+        request = Request(text=query, image_path=str(image) if image is not None else None, k=k,
+                          rerank_k=m, reranker=reranker, min_score=min_score, regions=want_regions)
+        _show(searcher.answer(request), mode, html, preview, query)
     finally:
         searcher.close()
+
+
+def _through_server(name: str, query: str | None, image: Path | None, k: int, rerank_k: int | None,
+                    reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Any:
+    """The answer of a running `ldot serve` for this index, or None (none runs, or it cannot answer this)."""
+    from ldot_cli.serve.client import ServerRefused, ServerUnavailable, find_server, post
+    from models.core.errors import LdotError
+
+    server = find_server(name)
+    if server is None or model is not None:
+        return None
+    body: dict[str, Any] = {"k": k, "rerank": bool(rerank_k), "rerank_k": rerank_k or 50, "reranker": reranker,
+                            "min_score": min_score, "regions": regions}
+    if image is not None:
+        from models.core.fileio import sha256_file
+
+        if not image.is_file():
+            return None  # the local path gives the error
+        body["sha256"] = sha256_file(image)  # only indexed images: others need the detector, run here
+    else:
+        body["q"] = query
+    try:
+        data = post(server, "/api/search", body)
+    except ServerUnavailable:
+        return None
+    except ServerRefused as exc:
+        if exc.status in (404, 413, 422, 503):
+            return None  # not indexed / too large for the server / index busy: answer it here
+        raise LdotError(exc.message) from None
+    return _answer_from_json(data)
+
+
+def _answer_from_json(data: dict[str, Any]) -> Any:
+    from types import SimpleNamespace
+
+    from ldot_cli.index.hits import hit_from_json
+
+    timings = SimpleNamespace(**data.get("timings", {}))
+    return SimpleNamespace(hits=[hit_from_json(h) for h in data["hits"]], min_score=data.get("min_score"),
+                           no_match=bool(data.get("no_match")), below=int(data.get("below", 0)), timings=timings)
+
+
+def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str | None) -> None:
+    if html is not None:
+        from ldot_cli.commands.sheet import write_sheet
+
+        write_sheet(html, answer.hits, query)
+    if answer.no_match and mode in ("table",):
+        out.print(f"no good match (none of the top results scores {answer.min_score:.3f} or more)",
+                  highlight=False)
+        return
+    if preview:
+        from ldot_cli.commands.sheet import preview_table
+
+        if preview_table(answer.hits):
+            return
+    _render(answer.hits, mode)
 
 
 def _rerank_note(m: int, device: str) -> None:

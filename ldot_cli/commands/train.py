@@ -9,7 +9,8 @@ import typer
 
 from ldot_cli.commands.console import ProgressView, err, line, progress_bar
 
-app = typer.Typer(help="Make your own LightningDOT model: fine-tune or pre-train a bi-encoder.", no_args_is_help=True)
+app = typer.Typer(help="Make your own model: fine-tune or pre-train a bi-encoder, or decompose a cross-encoder.",
+                  no_args_is_help=True)
 
 Data = typer.Option(None, "--data", help="Folder holding the UNITER text/image DBs or the Karpathy split file "
                     "(finetune with none: the public training set is fetched, see `ldot data get NAME --split train`).")
@@ -27,8 +28,9 @@ Out = typer.Option(..., "--out", help="Name of the run and of the trained model 
 # `pretrain_config`; tests/test_cli_help.py checks they agree). Written here so that --help imports no torch.
 FINETUNE_DEFAULTS = {"batch_size": "96", "lr": "2e-5", "warmup": "0.1", "grad_clip": "2.0", "grad_accum": "1",
                      "precision": "auto", "seed": "42"}
-PRETRAIN_DEFAULTS = {**FINETUNE_DEFAULTS, "lr": "5e-5", "warmup": "10000", "grad_clip": "5.0", "steps": "300000",
+PRETRAIN_DEFAULTS = {**FINETUNE_DEFAULTS, "lr": "5e-5", "warmup": "0.1", "grad_clip": "5.0", "steps": "300000",
                      "eval_every": "10000"}
+DECOMPOSE_DEFAULTS = {**FINETUNE_DEFAULTS, "batch_size": "300", "lr": "7.5e-6", "warmup": "200", "grad_clip": "1.0"}
 _HELP = {
     "batch_size": ("--batch-size", "Pairs per batch: the in-batch negatives."),
     "lr": ("--lr", "Peak learning rate."),
@@ -51,6 +53,16 @@ def _opt(key: str, defaults: dict[str, str]) -> Any:
 Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 Resume = typer.Option(False, "--resume", help="Continue the run named by --out from its last checkpoint.")
 Force = typer.Option(False, "--force", help="Start the run over and replace a model of that name.")
+SaveEvery = typer.Option(None, "--save-every", help="Steps between resume checkpoints. \\[default: at each validation]")
+Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall curves to <run>/curves.png at the end "
+                    "(needs matplotlib: pip install 'ldot[plot]').")
+HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
+                             "the current model before training and after each epoch. \\[default: 0, in-batch only]")
+DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "
+                           "lxmert-base-uncased, a uniter-itm model): KL over captions for the batch's first 10 "
+                           "images.")
+DistillWeight = typer.Option(None, "--distill-weight", help="Weight of the distillation loss. \\[default: 1.0]")
+DistillTemperature = typer.Option(None, "--distill-temperature", help="Distillation temperature T. \\[default: 1.0]")
 
 
 @app.command()
@@ -66,7 +78,9 @@ def finetune(
     warmup: float = _opt("warmup", FINETUNE_DEFAULTS), grad_clip: float = _opt("grad_clip", FINETUNE_DEFAULTS),
     grad_accum: int = _opt("grad_accum", FINETUNE_DEFAULTS), precision: str = _opt("precision", FINETUNE_DEFAULTS),
     seed: int = _opt("seed", FINETUNE_DEFAULTS), device: str = Device,
-    resume: bool = Resume, force: bool = Force,
+    resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
+    hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
+    distill_temperature: float = DistillTemperature,
     yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the training set without asking "
                              "(accepts its terms of use)."),
 ) -> None:
@@ -88,7 +102,8 @@ def finetune(
     spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
     _run("finetune", out_name, spec, init, image_init, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
-        precision=precision, seed=seed))
+        precision=precision, seed=seed, checkpoint_every=save_every, hard_negatives=hard_negatives,
+        distill_from=distill_from, distill_weight=distill_weight, distill_temperature=distill_temperature), plot=plot)
 
 
 @app.command()
@@ -104,7 +119,7 @@ def pretrain(
     warmup: float = _opt("warmup", PRETRAIN_DEFAULTS), grad_clip: float = _opt("grad_clip", PRETRAIN_DEFAULTS),
     grad_accum: int = _opt("grad_accum", PRETRAIN_DEFAULTS), precision: str = _opt("precision", PRETRAIN_DEFAULTS),
     seed: int = _opt("seed", PRETRAIN_DEFAULTS), device: str = Device,
-    resume: bool = Resume, force: bool = Force,
+    resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
 ) -> None:
     """Pre-train with a mix of CMR, VMLM, MRFR and MRC-kl (one task sampled per batch)."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -113,7 +128,64 @@ def pretrain(
     _run("pretrain", out_name, spec, init or "bert-base-cased", image_init, device, resume, force, dict(
         tasks=None if resume and tasks == "itm,mlm,mrfr,mrckl" and mix == "16,8,4,4" else tuple(zip(names, ratios)),
         steps=steps, eval_every=eval_every, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip,
-        grad_accum=grad_accum, precision=precision, seed=seed))
+        grad_accum=grad_accum, precision=precision, seed=seed, checkpoint_every=save_every), plot=plot)
+
+
+@app.command()
+def decompose(
+    dataset: str = typer.Option("flickr30k", "--dataset", help="flickr30k | coco (where to find the data)."),
+    data: Path = Data, karpathy: Path = typer.Option(None, "--karpathy", help="dataset_<set>.json (Karpathy split)."),
+    txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
+    val_images: int = ValImages, no_val: bool = NoVal,
+    init: str = typer.Option(None, "--init", help="Single-stream cross-encoder to decompose: uniter-base, "
+                             "visualbert-vqa-coco-pre, a uniter-itm model dir, or a decomposed model to continue. "
+                             "Default: uniter-base when present, else visualbert-vqa-coco-pre."),
+    out_name: str = Out,
+    tags: bool = typer.Option(None, "--tags/--no-tags", help="Prefix each image with its regions' object names "
+                              "([CLS] tags [SEP]). Default: on when the features hold class ids or soft labels."),
+    tag_vocab: str = typer.Option(None, "--tag-vocab", help="Detector (name or dir) or objects_vocab.txt naming the "
+                                  "classes. \\[default: butd-r101-vg]"),
+    text_len: int = typer.Option(None, "--text-len", help="Text (and tag) input length. \\[default: 35]"),
+    max_regions: int = typer.Option(None, "--max-regions", help="Regions per image. \\[default: 100]"),
+    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. \\[default: 0.005]"),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. \\[default: 200]"),
+    batch_size: int = _opt("batch_size", DECOMPOSE_DEFAULTS), lr: float = _opt("lr", DECOMPOSE_DEFAULTS),
+    warmup: float = _opt("warmup", DECOMPOSE_DEFAULTS), grad_clip: float = _opt("grad_clip", DECOMPOSE_DEFAULTS),
+    grad_accum: int = _opt("grad_accum", DECOMPOSE_DEFAULTS), precision: str = _opt("precision", DECOMPOSE_DEFAULTS),
+    seed: int = _opt("seed", DECOMPOSE_DEFAULTS), device: str = Device,
+    resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
+    hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
+    distill_temperature: float = DistillTemperature,
+) -> None:
+    """Decompose a single-stream cross-encoder into ONE encoder for texts and images (VLDeformer): cosine score,
+    cross-modal InfoNCE; the result indexes and searches like any bi-encoder."""
+    spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
+    model_options = {k: v for k, v in dict(text_len=text_len, max_regions=max_regions,
+                                           temperature=temperature).items() if v is not None}
+    _run("decompose", out_name, spec, init, None, device, resume, force, dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
+        precision=precision, seed=seed, checkpoint_every=save_every, hard_negatives=hard_negatives,
+        distill_from=distill_from, distill_weight=distill_weight, distill_temperature=distill_temperature),
+        plot=plot, tags=tags, tag_vocab=tag_vocab, model_options=model_options)
+
+
+@app.command()
+def show(
+    run: str = typer.Argument(..., help="A run name (<home>/runs/NAME) or a run folder."),
+    out: Path = typer.Option(None, "--out", help="PNG to write. \\[default: <run>/curves.png]"),
+) -> None:
+    """Draw a run's loss and validation-recall curves (from its log.jsonl) to a PNG."""
+    from ldot_cli.train.plot import plot_run
+    from models.core.home import runs_dir
+
+    path = Path(run).expanduser()
+    if not path.is_dir():
+        path = runs_dir() / run
+    if not path.is_dir():
+        raise typer.BadParameter(f"no run named {run!r} (runs live in {runs_dir()})", param_hint="RUN")
+    written = plot_run(path, out)
+    typer.echo(str(written))
+    err.print(line(f"curves of {path.name}: {written}"))
 
 
 def _mix(mix: str, names: list[str]) -> list[float]:
@@ -134,11 +206,12 @@ def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[P
 
 
 def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | None, device: str, resume: bool,
-         force: bool, options: dict[str, Any]) -> None:
+         force: bool, options: dict[str, Any], plot: bool = False, **extra: Any) -> None:
     from ldot_cli.train.driver import TrainRequest, run_training
 
     overrides = {k: v for k, v in options.items() if v is not None}
-    request = TrainRequest(mode, name, spec, init, image_init, overrides, device=device, resume=resume, force=force)
+    request = TrainRequest(mode, name, spec, init, image_init, overrides, device=device, resume=resume, force=force,
+                           plot=plot, **extra)
     with progress_bar("steps") as progress:
         outcome = run_training(request, ProgressView(progress))
     result = outcome.result
@@ -146,6 +219,8 @@ def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | No
     summary = f"best mean recall {best['mean_recall']:.2f} at step {best['step']}" if best else "no validation"
     err.print(line(("ok", "green"), f" {mode}: {result.step} steps on {outcome.train_pairs} pairs in "
                    f"{result.seconds:.0f} s; {summary}"))
+    if outcome.plot is not None:
+        err.print(line(f"curves: {outcome.plot}"))
     if outcome.model_dir is not None:
         typer.echo(f"{name}\t{outcome.model_dir}")  # plain: for scripts
         err.print(line(f"use it: ldot index PHOTOS --model {name}"))

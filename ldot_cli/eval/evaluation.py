@@ -129,6 +129,7 @@ class EvalReport:
     model: str | None = None
     reranker: str | None = None
     published: dict[str, Any] | None = None  # the official README row, for official checkpoints
+    calibration: dict[str, Any] | None = None  # score distributions of matching / non-matching pairs (summary)
     text_vectors: np.ndarray | None = field(default=None, repr=False)  # (n_txt, D)
     image_vectors: np.ndarray | None = field(default=None, repr=False)  # (n_img, D)
 
@@ -138,7 +139,7 @@ class EvalReport:
                "folds": len(self.fold_recalls), "fold_size": self.fold_size, "text_input": self.text_input,
                "sources": self.sources, "recall": self.recalls.to_dict(),
                "rerank": {str(m): r.to_dict() for m, r in self.reranked.items()},
-               "timing": self.timings.to_dict(), "published": None}
+               "timing": self.timings.to_dict(), "published": None, "calibration": self.calibration}
         if len(self.fold_recalls) > 1:
             out["fold_recall"] = [r.to_dict() for r in self.fold_recalls]
             out["fold_rerank"] = [{str(m): r.to_dict() for m, r in f.items()} for f in self.fold_reranked]
@@ -505,9 +506,35 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     report.timings.feature_extraction_s = extraction_s
     report.model, report.reranker = str(model_name), reranker_name
     report.published = published_row(opts.dataset, opts.split, official_checkpoint(model_name))
+    report.calibration = record_calibration(report, rset, model_name)
     if opts.save_embeddings is not None:
         save_embeddings(report, rset, opts.save_embeddings)
     return report
+
+
+def record_calibration(report: EvalReport, rset: RetrievalSet, model_name: str | Path) -> dict[str, Any] | None:
+    """Score distributions of the evaluated pairs; stored in the model dir (``--min-score auto`` reads them)."""
+    from models.hub.load import resolve_source
+    from models.training.calibration import CalibrationError, calibrate, save_calibration
+
+    if report.text_vectors is None or report.image_vectors is None:
+        return None
+    source = f"ldot eval {rset.dataset} {report.split}" + (f" [{rset.lang}]" if rset.lang else "")
+    try:
+        data = calibrate(report.text_vectors, report.image_vectors, rset.caption_images, source)
+    except CalibrationError:
+        return None
+    saved = None
+    try:
+        directory = resolve_source(model_name)
+    except LdotError:
+        directory = None
+    if directory is not None and directory.is_dir():
+        saved = str(save_calibration(directory, data))
+    auto = data["auto"]
+    return {"auc": data["auc"], "auto_quantile": auto["quantile"], "auto_threshold": auto["threshold"],
+            "match_pass_rate": auto["match_pass_rate"], "non_match_pass_rate": auto["non_match_pass_rate"],
+            "pairs": data["pairs"], "saved_to": saved}
 
 
 def save_embeddings(report: EvalReport, rset: RetrievalSet, directory: Path) -> Path:

@@ -25,6 +25,7 @@ from feature_extraction.detector.weights import open_detector
 from feature_extraction.errors import ImageDBError
 from ldot_cli.index.store import (
     DB_FILE,
+    DEFAULT_PRESET,
     LOCK_FILE,
     REGIONS_DIR,
     FileRow,
@@ -40,7 +41,6 @@ from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
 from models.hub.catalogue import DEFAULT_BI_ENCODER, DEFAULT_DETECTOR
 
-DEFAULT_PRESET = "uniter"
 FAISS_FLUSH_S = 300.0  # rewrite the vector file at least this often during long runs
 STAGING_DIR = ".staging-regions"
 
@@ -418,8 +418,12 @@ class Indexer:
         if orphans:
             with store.transaction() as db:
                 store.delete_vectors(db, [vid for vid, _ in orphans])
+        from ldot_cli.index.thumbs import collect_thumbnails
+
+        live = store.content_hash_set()
         if self.keep_regions:
-            collect_regions(self.dir / REGIONS_DIR, self.preset, store.content_hash_set())
+            collect_regions(self.dir / REGIONS_DIR, self.preset, live)
+        collect_thumbnails(self.dir, live)
 
     def maybe_flush(self, store: IndexStore) -> None:
         if time.monotonic() - self.last_flush > FAISS_FLUSH_S:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ldot_cli.index.store import IndexStore, IndexStoreError, display_path, index_path
+from ldot_cli.index.hits import Hit
+from ldot_cli.index.store import IndexStore, IndexStoreError, index_path
 from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
@@ -26,26 +27,39 @@ class QueryError(LdotError):
 
 
 @dataclass
-class Hit:
-    rank: int
-    path: bytes
-    score: float
-    vector_id: int
-    rerank_score: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"rank": self.rank, "path": display_path(self.path), "score": round(self.score, 6)}
-        if self.rerank_score is not None:
-            out["rerank_score"] = round(self.rerank_score, 6)
-        return out
-
-
-@dataclass
 class QueryTimings:
     encode_ms: float = 0.0
     search_ms: float = 0.0
     rerank_ms: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Request:
+    """One query, as `ldot search` and `ldot serve` take it: text, or an image (a file, an indexed image's id
+    or content hash), with its options."""
+
+    text: str | None = None
+    image_path: str | None = None
+    vector_id: int | None = None
+    image_sha256: str | None = None
+    k: int = 10
+    rerank_k: int | None = None  # re-rank the top M (text queries only)
+    reranker: str | None = None
+    min_score: str | float | None = None  # a number or "auto"
+    regions: bool = False
+
+
+@dataclass
+class Answer:
+    hits: list[Hit]
+    min_score: float | None  # the level applied (auto resolved), None when none
+    timings: QueryTimings
+    below: int = 0  # results dropped by min_score
+
+    @property
+    def no_match(self) -> bool:
+        return self.min_score is not None and not self.hits
 
 
 def check_model(store: IndexStore, model: str | None) -> str:
@@ -77,12 +91,15 @@ class Searcher:
         self._faiss: tuple[Any, int] | None = None
         self._faiss_sha: str | None = None
         self._rerankers: dict[str, Any] = {}
-        self._regions: Any = None  # the index's region store, opened on the first --rerank
+        self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
+        self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
+        self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
         self.timings = QueryTimings()
 
     def close(self) -> None:
         if self._regions is not None:
             self._regions.close()
+            self._regions = None
         self.store.close()
 
     # -- loading -------------------------------------------------------------------------------
@@ -124,7 +141,20 @@ class Searcher:
         start = time.perf_counter()
         vector = self.encoder.encode_text([query]).numpy()
         self.timings.encode_ms = 1000 * (time.perf_counter() - start)
+        self.last_vector = vector
         return vector
+
+    def indexed_vector(self, vector_id: int) -> np.ndarray:
+        """The stored vector of an indexed image (``similar images`` of a result)."""
+        ids, vectors = self.store.vectors(ids=[int(vector_id)])
+        if not len(ids):
+            raise QueryError(f"no indexed image has id {vector_id} (removed from the index?)")
+        self.timings.encode_ms = 0.0
+        self.last_vector = vectors
+        return vectors
+
+    def vector_for_hash(self, content_hash: str) -> int | None:
+        return self.store.vector_for_hash(content_hash)
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         """The vector of an image: its stored one when its content is indexed, else detector + image tower."""
@@ -137,10 +167,11 @@ class Searcher:
         digest = sha256_file(path)
         vid = self.store.vector_for_hash(digest)
         if vid is not None:
-            return self.store.vectors(ids=[vid])[1]
+            return self.indexed_vector(vid)
         start = time.perf_counter()
         vector = encode_image_file(path, self.store, device=self.device)
         self.timings.encode_ms = 1000 * (time.perf_counter() - start)
+        self.last_vector = vector[None]
         return vector[None]
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
@@ -182,11 +213,146 @@ class Searcher:
         hits = self.search_vector(vector, max(k, rerank_k))
         return self.rerank(query, hits[:rerank_k], reranker)[:k]
 
+    def answer(self, request: Request) -> Answer:
+        """Answer one `Request`: the results `ldot search` prints and `ldot serve` returns."""
+        if request.k < 1:
+            raise QueryError(f"-k must be at least 1 (got {request.k})")
+        if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
+            raise QueryError(f"{option('min_score')} auto is calibrated on text-image pairs: give a number for "
+                             "image queries")
+        level = self.min_score(request.min_score)
+        self.timings = QueryTimings()
+        sources = sum(x is not None for x in (request.text, request.image_path, request.vector_id,
+                                              request.image_sha256))
+        if sources != 1:
+            raise QueryError("give either a text query or an image")
+        if request.text is not None:
+            hits = self.search(request.text, request.k, rerank_k=request.rerank_k, reranker=request.reranker)
+        else:
+            if request.rerank_k:
+                raise QueryError(f"{option('rerank')} needs a text query (the cross-encoder scores text-image pairs)")
+            if request.image_path is not None:
+                vector = self.image_vector(request.image_path)
+            elif request.vector_id is not None:
+                vector = self.indexed_vector(request.vector_id)
+            else:
+                vid = self.store.vector_for_hash(str(request.image_sha256))
+                if vid is None:
+                    raise QueryError("that image is not in the index")
+                vector = self.indexed_vector(vid)
+            hits = self.search_vector(vector, request.k)
+        kept = hits if level is None else [h for h in hits if h.score >= level]
+        for rank, hit in enumerate(kept, 1):
+            hit.rank = rank
+        if request.regions and kept:
+            self.explain(kept)
+        return Answer(kept, level, self.timings, len(hits) - len(kept))
+
+    # -- thresholds ------------------------------------------------------------------------------
+    def model_dir(self) -> Path | None:
+        from models.hub.load import resolve_source
+
+        try:
+            path = resolve_source(self.model_source)
+        except LdotError:
+            return None
+        return path if path.is_dir() else None
+
+    def auto_min_score(self) -> float:
+        """The model's calibrated ``--min-score auto`` level (see `models.training.calibration`)."""
+        from models.training.calibration import CalibrationError, auto_threshold
+
+        directory = self.model_dir()
+        if directory is None:
+            raise CalibrationError(f"model {self.model_source!r} is not a model dir: it has no score calibration")
+        return auto_threshold(directory, self.model_source)
+
+    def min_score(self, value: str | float | None) -> float | None:
+        """``--min-score``: None, a number, or ``auto``."""
+        if value is None or value == "":
+            return None
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return self.auto_min_score()
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise QueryError(f"{option('min_score')} must be a number or 'auto' (got {value!r})") from None
+        if not np.isfinite(number):
+            raise QueryError(f"{option('min_score')} must be a finite number (got {value!r})")
+        return number
+
+    # -- regions ---------------------------------------------------------------------------------
+    def region_store(self) -> Any:
+        from feature_extraction.uniter_db import FeatureStore
+        from ldot_cli.index.store import REGIONS_DIR
+
+        regions_dir = self.store.dir / REGIONS_DIR
+        if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}): re-index without it to use {option('rerank')} or "
+                                  f"{option('regions')}")
+        if self._regions is None:
+            self._regions = FeatureStore(regions_dir, self.preset)
+        return self._regions
+
+    def region_records(self, vector_ids: list[int]) -> list[Any]:
+        """The stored region features of indexed images (the store is reopened once when a concurrent
+        `ldot index` added records since it was opened)."""
+        from feature_extraction.errors import ImageDBError
+
+        hashes = self.store.content_hashes(vector_ids)
+        missing = [v for v in vector_ids if v not in hashes]
+        if missing:
+            raise QueryError(f"image {missing[0]} left the index meanwhile: search again")
+        try:
+            return [self.region_store().get(hashes[v]) for v in vector_ids]
+        except ImageDBError:
+            if self._regions is not None:
+                self._regions.close()
+                self._regions = None
+        try:
+            return [self.region_store().get(hashes[v]) for v in vector_ids]
+        except ImageDBError as exc:
+            from ldot_cli.index.indexer import damaged_regions
+
+            raise damaged_regions(self.store.name, exc) from None
+
+    @property
+    def image_tower(self) -> Any:
+        if self._image_tower is None:
+            from models.hub.load import load_bi_encoder
+
+            self._image_tower = load_bi_encoder(self.model_source, device="cpu", towers=("image",))
+        return self._image_tower
+
+    def explain(self, hits: list[Hit], vector: np.ndarray | None = None, max_boxes: int = 3) -> list[Hit]:
+        """Add to each hit the boxes that most drive its bi-encoder score (`models.nn.attribution`)."""
+        from ldot_cli.index.thumbs import oriented_size
+        from models.nn.attribution import region_weights
+
+        if not hits:
+            return hits
+        vector = self.last_vector if vector is None else vector
+        if vector is None:
+            raise QueryError("no query to explain the results of")
+        start = time.perf_counter()
+        records = self.region_records([h.vector_id for h in hits])
+        queries = np.repeat(np.asarray(vector, np.float32).reshape(1, -1), len(hits), axis=0)
+        _, boxes = region_weights(self.image_tower, queries, records, max_boxes=max_boxes)
+        for hit, found in zip(hits, boxes):
+            hit.regions = [(*b.box, b.weight) for b in found]
+            try:
+                hit.size = oriented_size(hit.path)
+            except OSError:
+                hit.size = None  # the file went away: fractions only
+        self.timings.extra["regions_ms"] = 1000 * (time.perf_counter() - start)
+        return hits
+
     # -- re-ranking ------------------------------------------------------------------------------
     @property
     def preset(self) -> str:
         """The box preset the index's region features were extracted with."""
-        from ldot_cli.index.indexer import DEFAULT_PRESET
+        from ldot_cli.index.store import DEFAULT_PRESET
 
         return self.store.get_meta("preset") or DEFAULT_PRESET
 
@@ -204,29 +370,12 @@ class Searcher:
         """Re-score (query, image) pairs with the cross-encoder and sort by its score."""
         if not hits:
             return hits
-        from feature_extraction.uniter_db import FeatureStore
-        from ldot_cli.index.store import REGIONS_DIR
         from models.nn.regions import stack_regions
 
-        regions_dir = self.store.dir / REGIONS_DIR
-        if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
-            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
-                                  f"{option('no_regions')}): "
-                              f"re-index without it to use {option('rerank')}")
+        self.region_store()  # a clear error when the index keeps none
         model = self.reranker(reranker)
         start = time.perf_counter()
-        hashes = self.store.content_hashes([h.vector_id for h in hits])
-        from feature_extraction.errors import ImageDBError
-
-        try:
-            if self._regions is None:
-                self._regions = FeatureStore(regions_dir, self.preset)
-            records = [self._regions.get(hashes[h.vector_id]) for h in hits]
-        except ImageDBError as exc:
-            from ldot_cli.index.indexer import damaged_regions
-
-            raise damaged_regions(self.store.name, exc) from None
-        feat, bb, mask, _ = stack_regions(records)
+        feat, bb, mask, _ = stack_regions(self.region_records([h.vector_id for h in hits]))
         scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
         order = np.argsort(-scores, kind="stable")

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ldot_cli.index.hits import display_path  # noqa: F401 - re-exported
 from models.core.errors import LdotError, LdotWarning, as_storage_error, option
 from models.core.fileio import atomic_write_json, replace_file, sha256_file
 from models.core.home import indexes_dir
@@ -38,6 +39,7 @@ FORMAT_VERSION = 1
 DB_FILE = "index.sqlite"
 FAISS_FILE = "vectors.faiss"
 REGIONS_DIR = "regions"
+DEFAULT_PRESET = "uniter"  # the box preset of an index's region features unless `ldot index --preset` says
 LOCK_FILE = ".lock"
 LOCK_INFO_FILE = ".lock.info"  # who holds the lock: pid, host, command, since (JSON)
 # Past this many vectors an index switches to approximate search (IVF), unless told otherwise.
@@ -93,11 +95,6 @@ class FileRow:
     @property
     def display(self) -> str:
         return display_path(self.path)
-
-
-def display_path(path: bytes) -> str:
-    """A printable form of any path (undecodable bytes as \\xNN)."""
-    return path.decode("utf-8", "backslashreplace")
 
 
 def lock_holder(directory: Path) -> str:

@@ -18,7 +18,7 @@ from models.core.errors import LdotError, option
 class TrainRequest:
     """One `ldot train finetune|pretrain` invocation."""
 
-    mode: str  # finetune | pretrain
+    mode: str  # finetune | pretrain | decompose
     out: str  # name of the run and of the model installed in the cache
     data: DataSpec
     init: str | None = None  # bi-encoder or BERT to start from; None: lightningdot if present, else bert-base-cased
@@ -29,6 +29,10 @@ class TrainRequest:
     resume: bool = False
     force: bool = False  # start the run over / replace the installed model
     stop_at_step: int | None = None
+    tags: bool | None = None  # decompose: object tags (None: when the records hold class ids or soft labels)
+    tag_vocab: str | None = None  # decompose: detector name / dir / objects_vocab.txt naming the classes
+    model_options: dict[str, Any] = field(default_factory=dict)  # decompose: text_len, max_regions, temperature
+    plot: bool = False  # draw the loss and recall curves to <run>/curves.png at the end
 
 
 @dataclass
@@ -39,14 +43,42 @@ class TrainOutcome:
     config: Any  # models.training.loop.TrainConfig
     train_pairs: int
     val_pairs: int
+    plot: Path | None = None  # the curves' PNG, when asked for
+    tags: int = 0  # decompose: size of the object vocabulary used for tags (0: no tags)
 
 
 def default_init(mode: str) -> str:
     from models.hub.cache import is_present
 
+    if mode == "decompose":
+        return "uniter-base" if is_present("uniter-base") else "visualbert-vqa-coco-pre"
     if mode == "finetune" and is_present("lightningdot"):
         return "lightningdot"
     return "bert-base-cased"
+
+
+def _tag_vocab(req: TrainRequest, data: Any) -> tuple[str, ...]:
+    """The object names for the tags of a decomposed model: () when tags are off or the records hold no classes."""
+    from models.nn.regions import region_object_ids
+
+    has_classes = region_object_ids(data.features[data.train.image_keys[0]]) is not None
+    if req.tags is False or (req.tags is None and not has_classes):
+        return ()
+    if not has_classes:
+        raise LdotError("--tags needs region class ids or soft labels in the image features, and these have none: "
+                        "extract them with soft labels, or pass --no-tags")
+    from feature_extraction.detector.vocab import object_vocab
+    from models.hub.catalogue import DEFAULT_DETECTOR
+
+    return object_vocab(req.tag_vocab or DEFAULT_DETECTOR)
+
+
+def _teacher(config: Any, device: str) -> Any:
+    if config.distill_from is None:
+        return None
+    from models.hub.load import load_reranker
+
+    return load_reranker(config.distill_from, device=device, dtype=None)
 
 
 def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
@@ -83,6 +115,26 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         init: dict[str, Any] = saved.get("init", {})
         data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         model = None
+        tags = len(saved["model_config"].get("tags", ()))
+    elif req.mode == "decompose":
+        from models.hub.decompose import decomposed_model, read_decompose_source
+        from models.hub.decompose import source_tokenizer as decompose_tokenizer
+
+        if run_dir.exists():
+            if not req.force:
+                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass --resume to continue it, or "
+                                "--force to start over")
+            shutil.rmtree(run_dir)
+        name = req.init or default_init(req.mode)
+        source = read_decompose_source(name)
+        tokenizer = decompose_tokenizer(source)
+        data = open_training_data(req.data, tokenizer)
+        vocab = _tag_vocab(req, data)
+        model = decomposed_model(source, tokenizer, tags=vocab, **req.model_options)
+        init = {"text": name, "image": name, "heads": "none", "source_kind": source.kind,
+                "tags": len(vocab)}
+        config = training.decompose_config(**req.overrides)
+        tags = len(vocab)
     else:
         if run_dir.exists():
             if not req.force:
@@ -103,7 +155,15 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
             config = training.finetune_config(req.data.dataset, **req.overrides)
         else:
             config = training.pretrain_config(req.mix, **req.overrides)
+        tags = 0
+    teacher = _teacher(config, req.device)
     result = training.train(run_dir, data, config, model, tokenizer, resume=req.resume, device=req.device,
-                            init=init, progress=progress, stop_at_step=req.stop_at_step)
+                            init=init, progress=progress, stop_at_step=req.stop_at_step, teacher=teacher)
     model_dir = training.export_model(run_dir, req.out, force=True) if result.finished else None
-    return TrainOutcome(result, model_dir, init, config, len(data.train), len(data.val) if data.val else 0)
+    plot = None
+    if req.plot:
+        from ldot_cli.train.plot import plot_run
+
+        plot = plot_run(run_dir)
+    return TrainOutcome(result, model_dir, init, config, len(data.train), len(data.val) if data.val else 0, plot,
+                        tags)

@@ -150,11 +150,15 @@ def half_downloaded(directory: Path) -> bool:
     return not entries or any(p.name.endswith(".part") for p in entries)
 
 
+# written into a model dir after it is complete (each evaluation rewrites it): not part of the weights' manifest
+MUTABLE_FILES = ("calibration.json",)
+
+
 def hash_dir(directory: Path) -> dict[str, dict[str, object]]:
     """sha256 and size of every regular file in a model directory (the manifest excepted)."""
     out = {}
     for path in sorted(directory.iterdir()):
-        if path.is_file() and path.name != MANIFEST and not path.name.endswith((".part", ".lock")):
+        if path.is_file() and path.name not in (MANIFEST, *MUTABLE_FILES) and not path.name.endswith((".part", ".lock")):
             out[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return out
 

@@ -19,6 +19,11 @@ HUB_PREFIX = "hf://"  # expanded to $HF_ENDPOINT (default https://huggingface.co
 LDOT_HOSTS = ("https://acvrpublicycchen.blob.core.windows.net/lightningdot/",
               "https://convaisharables.blob.core.windows.net/lightningdot/")
 MANIFEST = "ldot-manifest.json"
+# The detector's 1,600 Visual Genome object names (one class a line, synonyms after commas), beside its weights:
+# the tags of a decomposed model. The file the BUTD demo (and the LXMERT demo) read.
+OBJECT_VOCAB_FILE = "objects_vocab.txt"
+OBJECT_VOCAB_URL = ("https://raw.githubusercontent.com/airsplay/py-bottom-up-attention/master/demo/data/genome/"
+                    "1600-400-20/objects_vocab.txt")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 
 
@@ -38,7 +43,7 @@ class ModelEntry:
     """A named checkpoint: `ldot models download NAME` fetches its files into ``<home>/models/NAME``."""
 
     name: str
-    kind: str  # bi-encoder | uniter-itm | lxmert | detector | text-encoder
+    kind: str  # bi-encoder | uniter-itm | lxmert | visualbert | detector | text-encoder
     description: str
     licence: str
     files: tuple[RemoteFile, ...]
@@ -89,7 +94,8 @@ REGISTRY: tuple[ModelEntry, ...] = (
     ModelEntry("butd-r101-vg", "detector",
                "Bottom-Up-Attention Faster R-CNN R101-C4, Visual Genome 1600 objects / 400 attributes "
                "(unc-nlp/frcnn-vg-finetuned, live on the hub)",
-               "unstated", _hub("unc-nlp/frcnn-vg-finetuned", "pytorch_model.bin", "config.yaml"),
+               "unstated", _hub("unc-nlp/frcnn-vg-finetuned", "pytorch_model.bin", "config.yaml")
+               + (RemoteFile(OBJECT_VOCAB_FILE, (OBJECT_VOCAB_URL,), optional=True),),
                approx_size="~262 MB", aliases=("unc-nlp/frcnn-vg-finetuned", "frcnn-vg-finetuned")),
     ModelEntry("lxmert-base-uncased", "lxmert",
                "LXMERT with its image-text matching head: a live cross-encoder for re-ranking 36-box features "
@@ -98,6 +104,17 @@ REGISTRY: tuple[ModelEntry, ...] = (
                                                   "pytorch_model.bin", "vocab.txt",
                                                   optional=("tokenizer.json", "tokenizer_config.json")),
                approx_size="~0.9 GB", aliases=("unc-nlp/lxmert-base-uncased", "lxmert")),
+    ModelEntry("bert-base-uncased", "text-encoder",
+               "BERT-base uncased: the tokenizer of VisualBERT (live on the hub)",
+               "Apache-2.0", _hub("bert-base-uncased", "config.json", "vocab.txt", "tokenizer_config.json",
+                                  optional=("tokenizer.json",)), approx_size="~1 MB"),
+    # hub revision 884aaef is the repository's main (VisualBertForPreTraining, visual_embedding_dim 2048)
+    ModelEntry("visualbert-vqa-coco-pre", "visualbert",
+               "VisualBERT pre-trained on COCO (masked language modelling + image-sentence matching): a live "
+               "single-stream BERT-base over 2048-d regions to decompose (`ldot train decompose`)",
+               "unstated", _hub("uclanlp/visualbert-vqa-coco-pre", "config.json", "pytorch_model.bin"),
+               approx_size="~448 MB", tokenizer="bert-base-uncased",
+               aliases=("uclanlp/visualbert-vqa-coco-pre", "visualbert")),
 )
 
 

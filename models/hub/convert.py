@@ -123,6 +123,8 @@ def _dir_kind(src: Path) -> str:
             return read_model_config(src)["kind"]
         if meta.get("model_type") == "lxmert":
             return "lxmert"
+        if meta.get("model_type") == "visual_bert":
+            return "visualbert"
         if meta.get("model_type") == "bert":
             return "text-encoder"
     if any(src.glob("*.pkl")) or (src / "pytorch_model.bin").is_file():

@@ -16,13 +16,17 @@ from models.core.home import models_dir
 from models.hub.formats import (
     bi_encoder_from_state,
     bi_encoder_state,
+    build_on_meta,
+    cast_state,
     cross_encoder_from_state,
+    load_strict,
     load_model_state,
     load_tensors,
     pick_device,
 )
 from models.nn.bi_encoder import BiEncoder
-from models.nn.config import BiEncoderConfig, CrossEncoderConfig
+from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConfig
+from models.nn.decomposed import DecomposedEncoder
 from models.nn.cross_encoder import LxmertReranker, UniterReranker
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
 
@@ -52,9 +56,10 @@ def resolve_source(source: str | Path) -> Path:
 
 def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = torch.float32,
-                    towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
+                    towers: tuple[str, ...] = ("text", "image")) -> BiEncoder | DecomposedEncoder:
     """Load a LightningDOT bi-encoder from an official ``.pt`` (fine-tuned or pre-trained), a converted
-    model directory, a ``.safetensors`` file, or a registry name present in the cache.
+    model directory, a ``.safetensors`` file, or a registry name present in the cache; or a decomposed
+    (VLDeformer) model dir, which has the same encoding methods (``towers`` does not apply: one body serves both).
 
     Never touches the network: the tokenizer (``tokenizer=`` a path, else the model's own, else the
     configured name) is resolved on the first `encode_text`.
@@ -63,6 +68,8 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     model_dir = None
     if path.is_dir():
         meta, state = load_model_state(path)
+        if meta["kind"] == "decomposed":
+            return _load_decomposed(path, meta, state, tokenizer, device, dtype)
         if meta["kind"] != "bi-encoder":
             raise CheckpointError(f"{path} holds a {meta['kind']} model, not a bi-encoder")
         config = BiEncoderConfig.from_dict(meta["config"], str(path / "config.json"))
@@ -73,6 +80,19 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     model = bi_encoder_from_state(state, config, device=device, dtype=dtype, towers=towers)
     if not isinstance(tokenizer, Tokenizer):  # found (or fetched) on the first encode_text
         tokenizer = functools.partial(resolve_tokenizer, tokenizer, model.config, model_dir)
+    model._tokenizer = tokenizer
+    return model
+
+
+def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
+                     device: str | torch.device, dtype: torch.dtype | None) -> DecomposedEncoder:
+    """A decomposed (VLDeformer) encoder from its model dir: one body for texts and images."""
+    config = DecomposedConfig.from_dict(meta["config"])
+    model = build_on_meta(DecomposedEncoder, config)
+    load_strict(model, cast_state(state, dtype), assign=True)
+    model = model.to(pick_device(device)).eval()
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = functools.partial(resolve_tokenizer, tokenizer, config, str(path))
     model._tokenizer = tokenizer
     return model
 
@@ -147,7 +167,7 @@ def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.
     return LxmertReranker(model, tok)
 
 
-def resolve_tokenizer(spec: Tokenizer | str | Path | None, config: BiEncoderConfig, model_dir: str | None) -> Tokenizer:
+def resolve_tokenizer(spec: Tokenizer | str | Path | None, config: Any, model_dir: str | None) -> Tokenizer:
     """Find the tokenizer for a model.
 
     Order: an explicit ``spec`` (a Tokenizer, or a path to a file/dir); the model's own directory;

@@ -98,3 +98,50 @@ def preset(name: str) -> BiEncoderConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class DecomposedConfig:
+    """A decomposed single-stream encoder (VLDeformer): ONE body that encodes a text alone and an image's regions
+    alone; vectors are the tanh of the mean of every last-layer state, L2-normalised (cosine score).
+
+    ``region_embedding`` says how regions enter the body: ``uniter`` (UNITER's LN(LN(W f) + LN(W_pos box7) +
+    type 1)) or ``visualbert`` (VisualBERT's W f + visual type 1 + visual position 0, through the text
+    embeddings' LayerNorm). Inputs are padded to fixed lengths, as VLDeformer's, so every position counts.
+    """
+
+    body: TransformerConfig = field(default_factory=TransformerConfig)  # the shared transformer
+    img_dim: int = 2048  # region feature size
+    pos_dim: int = 7  # box feature size (uniter region embedding)
+    region_embedding: str = "uniter"  # uniter | visualbert
+    text_len: int = 35  # text input length: [CLS] word-pieces [SEP], cut and padded to this (also the tag part)
+    max_regions: int = 100  # regions per image: extras cut, fewer zero-padded
+    temperature: float = 0.005  # InfoNCE temperature of training (scores are cosine / temperature)
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    pad_token_id: int = 0
+    tags: tuple[str, ...] = ()  # object vocabulary (class id -> words) for the [CLS] tags [SEP] image prefix
+    tokenizer: str = "bert-base-cased"  # registry name or path of the tokenizer
+    lowercase: bool = False
+
+    def __post_init__(self) -> None:
+        if self.region_embedding not in ("uniter", "visualbert"):
+            raise ValueError(f"unknown region embedding {self.region_embedding!r}: uniter or visualbert")
+        if self.text_len < 3 or self.max_regions < 1:
+            raise ValueError("text_len must be at least 3 and max_regions at least 1")
+
+    @property
+    def project_dim(self) -> int:
+        return self.body.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tags"] = list(self.tags)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "") -> DecomposedConfig:
+        """From JSON; unknown keys and wrong shapes are a `ConfigError` (the tag list becomes a tuple)."""
+        if isinstance(data, dict) and isinstance(data.get("tags"), list):
+            data = {**data, "tags": tuple(data["tags"])}
+        return config_from_dict(cls, data, what, nested={"body": TransformerConfig})

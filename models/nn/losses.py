@@ -22,6 +22,8 @@ reproducible and resumable.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,62 @@ def nt_xent_loss(text: torch.Tensor, image: torch.Tensor, temperature: float = 0
     b = len(text)
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(sim.device)
     return F.cross_entropy(sim, target)
+
+
+def _query_key_scores(queries: torch.Tensor, keys: torch.Tensor, query_ids: torch.Tensor | None,
+                      key_ids: torch.Tensor | None, temperature: float | None) -> torch.Tensor:
+    """(B, M) scores of B queries against M keys whose first B are the queries' own matches; a key of the
+    query's image other than its own match is masked out (the rule of `retrieval_scores`)."""
+    scores = queries.float() @ keys.float().T
+    if temperature is not None:
+        scores = scores / temperature
+    if query_ids is not None and key_ids is not None:
+        same = query_ids[:, None].to(scores.device) == key_ids[None, :].to(scores.device)
+        own = torch.zeros_like(same)
+        own[:, : len(queries)] = torch.eye(len(queries), dtype=torch.bool, device=scores.device)
+        same &= ~own
+        if bool(same.any()):
+            scores = scores.masked_fill(same, float("-inf"))
+    return scores
+
+
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, batch: Any = None,
+                     neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None,
+                     temperature: float | None = None, weight: float = 0.5) -> torch.Tensor:
+    """``weight * (CE(text -> image) + CE(image -> text))`` with optional appended hard negatives.
+
+    text, image (B, D): the batch's pairs. ``neg_image`` (B*K, D) are appended after the B images and shared by
+    every caption query; ``neg_text`` (B*K, D) likewise for the image queries (the official collate,
+    ``vldeformer-and-training-extras.md`` §2). ``batch`` (a `PairBatch`) gives the image id of each row
+    (``image_ids``; its ``negatives`` hold ``image_ids`` of the negative images and ``text_image_ids`` of
+    the negative captions) so that another caption/copy of a query's own image is never its negative.
+    Without negatives, ``weight=0.5`` and no temperature this IS `cmr_loss`; ``weight=1`` and a temperature
+    make VLDeformer's InfoNCE.
+    """
+    ids = getattr(batch, "image_ids", None)
+    negs = getattr(batch, "negatives", None)
+    keys_i, key_ids_i = image, ids
+    keys_t, key_ids_t = text, ids
+    if neg_image is not None:
+        keys_i = torch.cat([image, neg_image.to(image.dtype)])
+        key_ids_i = None if ids is None or negs is None else torch.cat([ids, negs.image_ids.to(ids.device)])
+    if neg_text is not None:
+        keys_t = torch.cat([text, neg_text.to(text.dtype)])
+        key_ids_t = None if ids is None or negs is None else torch.cat([ids, negs.text_image_ids.to(ids.device)])
+    target = torch.arange(len(text), device=text.device)
+    t2i = _query_key_scores(text, keys_i, ids, key_ids_i, temperature)
+    i2t = _query_key_scores(image, keys_t, ids, key_ids_t, temperature)
+    return weight * (F.cross_entropy(t2i, target) + F.cross_entropy(i2t, target))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """LightningDOT's score distillation: ``KL(teacher || student) * T^2`` with softmax over the last axis
+    (captions), reduction 'mean' over every entry (``KLDivLoss(log_softmax(s/T), softmax(t/T))``).
+
+    student, teacher: (M, B) scores of M images against B captions."""
+    log_p = F.log_softmax(student.float() / temperature, dim=-1)
+    q = F.softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_p, q, reduction="sum") / log_p.numel() * temperature ** 2  # the official "mean"
 
 
 # -- pre-training heads' losses ------------------------------------------------------------------------

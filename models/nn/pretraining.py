@@ -19,6 +19,7 @@ MRFR and MRC read region states + the text tower's [CLS] state (last-layer state
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,10 +110,15 @@ class PairBatch:
     region_mask: torch.Tensor  # (B, N) bool: real regions
     image_ids: torch.Tensor  # (B,) long: image index of each pair (same image twice = not a negative)
     soft_labels: torch.Tensor | None = None  # (B, N, C) float, background FIRST (MRC-kl only)
+    object_ids: torch.Tensor | None = None  # (B, N) long: detector class of each region, -1 padding (tags)
+    text_image_ids: torch.Tensor | None = None  # (B,) long: image of each caption row, when rows do not pair
+    negatives: PairBatch | None = None  # hard negatives: B*K captions and B*K images (not pairs of each other)
 
     def to(self, device: torch.device | str) -> PairBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+        def move(t: Any) -> Any:
+            if t is None:
+                return None
+            return t.to(device) if isinstance(t, PairBatch) else t.to(device, non_blocking=True)
 
         return PairBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))  # type: ignore[arg-type]
 
@@ -156,12 +162,43 @@ class BiEncoderForPretraining(nn.Module):
         box7 = box7_from_norm_bb(batch.norm_bb.to(feat.dtype))
         return self.bert.img_model.sequence(feat, box7, batch.region_mask, region_masks)
 
+    # -- retrieval vectors (CMR, hard-negative mining, distillation, validation) ---------------------
+    kind = "bi-encoder"
+    logit_scale = 1.0  # CMR scores are raw dot products
+
+    def pair_vectors(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected [CLS] vectors of the batch's captions and images: (B, D), (B, D)."""
+        text = self.bert.txt_model.encode_proj(self.text_states(batch)[:, 0])
+        image = self.bert.img_model.encode_proj(self.image_states(batch)[:, 0])
+        return text, image
+
+    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: PairBatch,
+                       neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None) -> torch.Tensor:
+        """CMR (`losses.cmr_loss`), with hard negatives appended when given (`losses.contrastive_loss`)."""
+        if neg_text is None and neg_image is None:
+            return losses.cmr_loss(text, image, batch.image_ids)
+        return losses.contrastive_loss(text, image, batch, neg_text, neg_image)
+
+    def text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bert.txt_model(input_ids, attention_mask)
+
+    def record_vectors(self, records: Any) -> torch.Tensor:
+        """Per-image region records -> image vectors (B, D)."""
+        from models.nn.regions import stack_regions
+
+        feat, bb, valid, _ = stack_regions(records)
+        device = self.itm_output.weight.device
+        return self.bert.img_model(feat.to(device), box7_from_norm_bb(bb).to(device), valid.to(device))
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The bi-encoder's weights (what a model directory holds)."""
+        return self.bert.state_dict()
+
     # -- tasks -----------------------------------------------------------------------------------------
     def itm(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         """CMR on the projected [CLS] vectors (the ``itm`` task and fine-tuning)."""
-        text = self.bert.txt_model.encode_proj(self.text_states(batch)[:, 0])  # (B, D)
-        image = self.bert.img_model.encode_proj(self.image_states(batch)[:, 0])  # (B, D)
-        loss = losses.cmr_loss(text, image, batch.image_ids)
+        text, image = self.pair_vectors(batch)  # (B, D)
+        loss = self.retrieval_loss(text, image, batch)
         return loss, {"acc": losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)}
 
     def mlm(self, batch: PairBatch, masked_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:

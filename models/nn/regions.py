@@ -40,3 +40,30 @@ def stack_regions(records: Sequence[RegionRecord], soft_labels: bool = False
         if soft is not None:
             soft[r, :n] = torch.from_numpy(np.asarray(rec.soft_labels, dtype=np.float32))
     return feat, bb, valid, soft
+
+
+def region_object_ids(record: Any) -> np.ndarray | None:
+    """The detector class of each region (0..C-1, no background), or None when the record has none.
+
+    From ``object_ids`` (our detector's records), else the argmax of ``soft_labels`` with the background FIRST
+    (the training contract: UNITER image DBs and `models.training.data.region_lookup`)."""
+    ids = getattr(record, "object_ids", None)
+    if ids is not None:
+        return np.asarray(ids, dtype=np.int64).reshape(-1)
+    soft = getattr(record, "soft_labels", None)
+    if soft is not None:
+        soft = np.asarray(soft, dtype=np.float32)
+        return soft[:, 1:].argmax(axis=-1).astype(np.int64)
+    return None
+
+
+def stack_object_ids(records: Sequence[Any], width: int) -> torch.Tensor | None:
+    """(B, width) detector class per region (-1: padding or unknown), or None when no record has any."""
+    rows = [region_object_ids(r) for r in records]
+    if all(r is None for r in rows):
+        return None
+    out = torch.full((len(records), width), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row is not None:
+            out[b, : min(len(row), width)] = torch.as_tensor(row[:width])
+    return out

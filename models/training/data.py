@@ -19,7 +19,7 @@ import torch
 
 from models.nn.losses import soft_labels_background_first
 from models.nn.pretraining import PairBatch
-from models.nn.regions import RegionRecord, stack_regions
+from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 from models.nn.tokenizer import pad_ids
 
 
@@ -132,13 +132,30 @@ class SpecialIds:
 
 
 def collate(pairs: PairSet, indices: Iterable[int], features: FeatureLookup, ids: SpecialIds,
-            max_positions: int = 512, soft_labels: bool = False) -> PairBatch:
-    """A padded `PairBatch` of the given captions and their images (float32 features)."""
+            max_positions: int = 512, soft_labels: bool = False, object_ids: bool = False) -> PairBatch:
+    """A padded `PairBatch` of the given captions and their images (float32 features).
+
+    ``object_ids``: also each region's detector class (the tags of a decomposed model), when records hold them."""
     indices = list(indices)
-    rows = [[ids.cls, *pairs.token_ids[i][: max_positions - 2], ids.sep] for i in indices]
-    input_ids, text_mask = pad_ids(rows, ids.pad)
-    text_mask = text_mask.bool()
     image_ids = [pairs.caption_image[i] for i in indices]
-    records = [features[pairs.image_keys[j]] for j in image_ids]
+    return _batch(pairs, indices, image_ids, features, ids, max_positions, soft_labels, object_ids)
+
+
+def _batch(pairs: PairSet, captions: list[int], images: list[int], features: FeatureLookup, ids: SpecialIds,
+           max_positions: int, soft_labels: bool, object_ids: bool) -> PairBatch:
+    rows = [[ids.cls, *pairs.token_ids[i][: max_positions - 2], ids.sep] for i in captions]
+    input_ids, text_mask = pad_ids(rows, ids.pad)
+    records = [features[pairs.image_keys[j]] for j in images]
     feat, bb, valid, soft = stack_regions(records, soft_labels)
-    return PairBatch(input_ids, text_mask, feat, bb, valid, torch.tensor(image_ids, dtype=torch.long), soft)
+    classes = stack_object_ids(records, feat.shape[1]) if object_ids else None
+    text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
+    return PairBatch(input_ids, text_mask.bool(), feat, bb, valid, torch.tensor(images, dtype=torch.long), soft,
+                     classes, text_images)
+
+
+def collate_negatives(pairs: PairSet, captions: Sequence[int], images: Sequence[int], features: FeatureLookup,
+                      ids: SpecialIds, max_positions: int = 512, object_ids: bool = False) -> PairBatch:
+    """The hard negatives of a batch as one `PairBatch`: ``captions`` (B*K caption indices) in the text part,
+    ``images`` (B*K image indices) in the image part; rows do NOT pair (``text_image_ids`` says whose captions
+    they are, ``image_ids`` which images)."""
+    return _batch(pairs, list(captions), list(images), features, ids, max_positions, False, object_ids)

@@ -12,7 +12,8 @@ No typer/rich here: progress goes through a callback. One run lives in one direc
         state.json               step, stream positions, best score, GradScaler, optimizer groups
       best.safetensors         the bi-encoder with the best mean recall on the validation pairs
       best.json                its step and recalls
-      log.jsonl                one line per validation
+      log.jsonl                one line per optimizer step (losses per task, learning rate) and per validation
+      checkpoint/negatives.safetensors  the mined hard negatives in use (with --hard-negatives)
 
 No pickle anywhere: tensors in safetensors, everything else JSON.
 
@@ -40,7 +41,9 @@ from torch import nn
 from models.core.config import config_from_dict
 from models.core.errors import ConfigError, LdotError, option
 from models.core.fileio import (
+    atomic_write_bytes,
     atomic_write_json,
+    atomic_write_text,
     new_dir,
     read_json_object,
     replace_file,
@@ -106,6 +109,12 @@ class TrainConfig:
     seed: int = 42  # data order, masking, task draws, dropout
     eval_every: int | None = None  # optimizer steps between validations (None: every epoch)
     checkpoint_every: int | None = None  # optimizer steps between resume checkpoints (None: at each validation)
+    schedule: str = "linear"  # decay after warm-up: linear (LightningDOT) | cosine (VLDeformer)
+    hard_negatives: int = 0  # K mined hard negatives per caption and per image (0: in-batch negatives only)
+    distill_from: str | None = None  # cross-encoder teacher (registry name / model dir) whose scores are distilled
+    distill_weight: float = 1.0  # weight of the distillation loss added to the contrastive loss
+    distill_temperature: float = 1.0  # softmax temperature T of the distillation (loss scaled by T^2)
+    distill_images: int = 10  # the batch's first M images are scored against all its captions by the teacher
 
     def __post_init__(self) -> None:
         unknown = [t for t, _ in self.tasks if t not in TASKS]
@@ -126,6 +135,20 @@ class TrainConfig:
             raise TrainingError("the number of epochs/steps must be positive")
         if self.lr <= 0:
             raise TrainingError("the learning rate must be positive")
+        if self.warmup < 0:
+            raise TrainingError("--warmup cannot be negative")
+        if self.schedule not in ("linear", "cosine"):
+            raise TrainingError(f"unknown schedule {self.schedule!r}: linear or cosine")
+        if self.hard_negatives < 0:
+            raise TrainingError("--hard-negatives must be 0 or more")
+        if self.hard_negatives and self.task_names != ("itm",):
+            raise TrainingError("--hard-negatives needs the itm task alone (fine-tuning or decomposition)")
+        if self.distill_from is not None and self.task_names != ("itm",):
+            raise TrainingError("--distill-from needs the itm task alone (fine-tuning or decomposition)")
+        if self.distill_temperature <= 0 or self.distill_weight < 0 or self.distill_images < 1:
+            raise TrainingError("--distill-temperature must be positive, --distill-weight 0 or more")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise TrainingError("--save-every must be at least 1 step")
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -173,11 +196,22 @@ def mix_ratios(mix: str, tasks: Sequence[str]) -> list[float]:
 
 def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
     """LightningDOT pre-training: itm:mlm:mrfr:mrckl 16:8:4:4 (COCO) or 16:12:6:6 (VG, CC, SBU), AdamW
-    (0.9, 0.98), lr 5e-5, weight decay 0.01, 10k warmup steps, 300k steps, clip 5.0, validation every 10k."""
+    (0.9, 0.98), lr 5e-5, weight decay 0.01, 300k steps, clip 5.0, validation every 10k.
+
+    Warm-up: 10% of the steps, so it scales with the run (the official 10k steps were written for 300k steps;
+    a 300-step run with a 10k warm-up never passes 3% of its peak learning rate)."""
     ratios = PRETRAIN_MIX.get(mix, PRETRAIN_MIX["coco"])
     base = TrainConfig(tasks=tuple(zip(TASKS, map(float, ratios))), batch_size=96, lr=5e-5, betas=(0.9, 0.98),
-                       weight_decay=0.01, warmup=10_000, epochs=None, steps=300_000, grad_clip=5.0,
+                       weight_decay=0.01, warmup=0.1, epochs=None, steps=300_000, grad_clip=5.0,
                        eval_every=10_000)
+    return replace(base, **overrides)
+
+
+def decompose_config(**overrides: Any) -> TrainConfig:
+    """VLDeformer's decomposition: cross-modal InfoNCE (temperature in the model config), batch 300, AdamW
+    lr 7.5e-6, weight decay 0.05, eps 1e-8, 200 warm-up steps then cosine to 0, grad clip 1.0, 200 epochs."""
+    base = TrainConfig(tasks=(("itm", 1.0),), batch_size=300, lr=7.5e-6, betas=(0.9, 0.999), adam_eps=1e-8,
+                       weight_decay=0.05, warmup=200, epochs=200, grad_clip=1.0, schedule="cosine")
     return replace(base, **overrides)
 
 
@@ -186,12 +220,16 @@ def warmup_steps(config: TrainConfig, total: int) -> int:
     return int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
 
 
-def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str = "linear") -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``base_lr``, then linear decay to 0
-    at ``total`` (the official ``warmup_linear`` evaluated at step + 1)."""
+    at ``total`` (the official ``warmup_linear`` evaluated at step + 1), or cosine decay to 0 (VLDeformer's
+    ``get_cosine_schedule_with_warmup``)."""
     s = step + 1
     if s < warmup:
         return base_lr * s / warmup
+    progress = (s - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
     return base_lr * max(0.0, (total - s) / max(1, total - warmup))
 
 
@@ -255,14 +293,17 @@ class TrainResult:
 
 # -- evaluation ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_pairs(model: BiEncoderForPretraining, pairs: PairSet, features: Any, ids: SpecialIds,
+def encode_pairs(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
                  device: torch.device, autocast: torch.dtype | None,
-                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(caption vectors (n_txt, D), image vectors (n_img, D)) of a pair set, in eval mode."""
+                 batch_size: int = 64, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(caption vectors (n_txt, D), image vectors (n_img, D)) of a pair set, in eval mode.
+
+    ``model``: a `BiEncoderForPretraining` or a `DecomposedEncoder` (``text_vectors`` / ``record_vectors``)."""
+    from models.core.progress import report
+
     was_training = model.training
     model.eval()
-    bert = model.bert
-    max_pos = bert.config.text.max_position_embeddings
+    max_pos = _max_text_positions(model)
     text_out, image_out = [], []
     try:
         with _autocast(device, autocast):
@@ -270,22 +311,32 @@ def encode_pairs(model: BiEncoderForPretraining, pairs: PairSet, features: Any, 
                 rows = [[ids.cls, *pairs.token_ids[i][: max_pos - 2], ids.sep]
                         for i in range(start, min(start + batch_size, len(pairs)))]
                 input_ids, mask = pad_ids(rows, ids.pad)
-                vec = bert.txt_model(input_ids.to(device), mask.to(device))
+                vec = model.text_vectors(input_ids.to(device), mask.to(device))
                 text_out.append(vec.float().cpu().numpy())
-            for start in range(0, len(pairs.image_keys), batch_size):
+                report(progress, "encoding captions", start + len(rows), len(pairs), "captions")
+            n_img = len(pairs.image_keys)
+            for start in range(0, n_img, batch_size):
                 records = [features[k] for k in pairs.image_keys[start:start + batch_size]]
-                feat, bb, valid, _ = stack_regions(records)
-                vec = bert.img_model(feat.to(device), box7_from_norm_bb(bb).to(device), valid.to(device))
-                image_out.append(vec.float().cpu().numpy())
+                image_out.append(model.record_vectors(records).float().cpu().numpy())
+                report(progress, "encoding images", start + len(records), n_img, "images")
     finally:
         model.train(was_training)
     return np.concatenate(text_out), np.concatenate(image_out)
 
 
-def evaluate(model: BiEncoderForPretraining, pairs: PairSet, features: Any, ids: SpecialIds,
-             device: torch.device, autocast: torch.dtype | None = None) -> dict[str, Any]:
-    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score)."""
+def _max_text_positions(model: Any) -> int:
+    config = model.config
+    return config.text.max_position_embeddings if hasattr(config, "text") else config.body.max_position_embeddings
+
+
+def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
+             device: torch.device, autocast: torch.dtype | None = None,
+             vectors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score).
+    ``vectors``, when given, receives the ``text`` and ``image`` vectors (for the score calibration)."""
     text, image = encode_pairs(model, pairs, features, ids, device, autocast)
+    if vectors is not None:
+        vectors.update(text=text, image=image)
     recalls = recalls_from_vectors(text, image, np.asarray(pairs.caption_image))
     return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
 
@@ -298,6 +349,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 CHECKPOINT = "checkpoint"
+LOG_FILE = "log.jsonl"  # one JSON line per optimizer step (event "step") and per validation (event "eval")
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -363,8 +415,9 @@ def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool
 
 # -- the loop --------------------------------------------------------------------------------------------
 class _Trainer:
-    def __init__(self, run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, data: TrainData,
-                 config: TrainConfig, device: torch.device, progress: ProgressFn | None) -> None:
+    def __init__(self, run_dir: Path, model: Any, tokenizer: Any, data: TrainData,
+                 config: TrainConfig, device: torch.device, progress: ProgressFn | None,
+                 teacher: Any = None) -> None:
         self.run_dir = run_dir
         self.config = config
         self.device = device
@@ -372,6 +425,13 @@ class _Trainer:
         self.model = model.to(device)
         self.model.train()
         self.tokenizer = tokenizer
+        if getattr(model, "kind", "bi-encoder") == "decomposed":
+            model._tokenizer = tokenizer  # the tags are word-pieces of this tokenizer
+        self.tags = bool(getattr(model.config, "tags", ()))
+        if config.distill_from is not None and teacher is None:
+            raise TrainingError(f"distillation from {config.distill_from!r} needs its teacher model loaded")
+        self.teacher = teacher
+        self.negatives: Any = None  # models.training.negatives.HardNegatives, when mining
         self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
         self.train_pairs = data.train.drop_long(config.max_text_len)
@@ -389,6 +449,14 @@ class _Trainer:
         self.total = config.steps if config.steps is not None else steps_per_epoch * int(config.epochs or 1)
         self.steps_per_epoch = steps_per_epoch
         self.warmup = warmup_steps(config, self.total)
+        if self.warmup > self.total:
+            import warnings
+
+            from models.core.errors import LdotWarning
+
+            warnings.warn(LdotWarning(f"the warm-up ({self.warmup} steps) is longer than the run ({self.total} "
+                                      f"steps): the learning rate never reaches its peak; pass a smaller --warmup "
+                                      "(a fraction such as 0.1 scales with the run)"), stacklevel=3)
         self.eval_every = config.eval_every or steps_per_epoch
         self.checkpoint_every = config.checkpoint_every or self.eval_every
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -396,6 +464,7 @@ class _Trainer:
         self.positions = {t: 0 for t in config.task_names}  # micro-batches drawn per task stream
         self.best: dict[str, Any] | None = None
         self.running: dict[str, float] = {}
+        self.step_tasks: dict[str, list[float]] = {}
         self.ratios = torch.tensor([r for _, r in config.tasks], dtype=torch.float64)
         self.updating = False
         self.prefetch = True  # read the next batch of each task in a background thread
@@ -412,8 +481,15 @@ class _Trainer:
         """The ``position``-th batch of a task's stream (a pure function: safe to compute ahead)."""
         stream = self.config.task_names.index(task)
         idx = batch_indices(len(self.train_pairs), self.config.batch_size, self.config.seed, position, stream)
-        batch = collate(self.train_pairs, idx, self.features, self.ids,
-                        self.model.config.text.max_position_embeddings, soft_labels=task == "mrckl")
+        max_pos = _max_text_positions(self.model)
+        batch = collate(self.train_pairs, idx, self.features, self.ids, max_pos, soft_labels=task == "mrckl",
+                        object_ids=self.tags)
+        if self.negatives is not None and task == "itm":
+            from models.training.data import collate_negatives
+
+            captions, images = self.negatives.for_batch(idx, self.train_pairs.caption_image)
+            batch.negatives = collate_negatives(self.train_pairs, captions, images, self.features, self.ids, max_pos,
+                                                object_ids=self.tags)
         return batch.pin_memory() if self.device.type == "cuda" else batch
 
     def _next_batch(self, task: str) -> PairBatch:
@@ -440,7 +516,7 @@ class _Trainer:
     def _task_loss(self, task: str, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         if task == "itm":
-            return self.model.itm(batch.to(self.device))
+            return self._retrieval_loss(batch.to(self.device))
         if task == "mlm":
             maskable = batch.text_mask.clone()
             maskable[:, 0] = False
@@ -453,6 +529,53 @@ class _Trainer:
         if task == "mrfr":
             return self.model.mrfr(batch.to(self.device), masked.to(self.device))
         return self.model.mrc(batch.to(self.device), masked.to(self.device))
+
+    def _retrieval_loss(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The contrastive loss (CMR or InfoNCE, with hard negatives when mined) + the distillation loss."""
+        if batch.negatives is None and self.teacher is None:
+            return self.model.itm(batch)
+        text, image = self.model.pair_vectors(batch)
+        neg_text = neg_image = None
+        if batch.negatives is not None:
+            neg_text, neg_image = self.model.pair_vectors(batch.negatives)
+        loss = self.model.retrieval_loss(text, image, batch, neg_text, neg_image)
+        info: dict[str, float] = {}
+        if self.teacher is not None and self.config.distill_weight > 0:
+            kd = self._distill(batch, text, image)
+            info["distill"] = float(kd.detach())
+            loss = loss + self.config.distill_weight * kd
+        return loss, info
+
+    def _distill(self, batch: PairBatch, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) over captions for the batch's first M images (the official form)."""
+        m, b = min(self.config.distill_images, len(batch)), len(batch)
+        student = (image[:m].float() @ text.float().T) * self.model.logit_scale  # (M, B)
+        texts = self._caption_texts(batch)
+        rows = [j for _ in range(m) for j in range(b)]
+        owners = [i for i in range(m) for _ in range(b)]
+        with torch.no_grad():
+            scores = self.teacher.score([texts[j] for j in rows], batch.features[owners].cpu(),
+                                        batch.norm_bb[owners].cpu(), batch.region_mask[owners].cpu())
+        teacher = scores.clone().float().reshape(m, b).to(student.device)  # out of inference mode
+        return losses.distill_loss(student, teacher, self.config.distill_temperature)
+
+    def _caption_texts(self, batch: PairBatch) -> list[str]:
+        """The batch's captions as text, for a teacher that tokenizes with its own tokenizer."""
+        rows = [ids[mask].tolist() for ids, mask in zip(batch.input_ids.cpu(), batch.text_mask.cpu())]
+        return self.tokenizer.backend.decode_batch(rows, skip_special_tokens=True)
+
+    # -- hard negatives -------------------------------------------------------------------------------------
+    def mine(self) -> None:
+        from models.training.negatives import mine
+
+        self._stop_prefetch()  # batches read ahead hold the old negatives
+        text, image = encode_pairs(self.model, self.train_pairs, self.features, self.ids, self.device,
+                                   self.autocast, progress=self.stage_progress)
+        self.negatives = mine(text, image, self.train_pairs.caption_image, self.config.hard_negatives,
+                              self.config.seed, self.step, self.device.type == "cuda", self.stage_progress)
+
+    def stage_progress(self, p: Any) -> None:
+        self.progress(p)
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, Any]:
@@ -479,7 +602,7 @@ class _Trainer:
             task = self._next_task()
             batch = self._next_batch(task)
             with _autocast(self.device, self.autocast):
-                loss, _ = self._task_loss(task, batch)
+                loss, info = self._task_loss(task, batch)
             scaled = loss / cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             value = float(loss.detach())
@@ -489,7 +612,11 @@ class _Trainer:
                                     "--precision fp32")
             total_loss += value / cfg.grad_accum
             self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
-        lr = lr_at(self.step, cfg.lr, self.warmup, self.total)
+            self.step_tasks.setdefault(task, []).append(value)
+            for name, extra in info.items():
+                if name == "distill":
+                    self.step_tasks.setdefault(name, []).append(extra)
+        lr = lr_at(self.step, cfg.lr, self.warmup, self.total, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.updating = True  # from here on the weights change: an interrupt cannot be undone
@@ -511,19 +638,48 @@ class _Trainer:
     def validate(self) -> dict[str, Any] | None:
         if self.val is None or len(self.val) == 0:
             return None
-        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast)
+        vectors: dict[str, np.ndarray] = {}
+        metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast, vectors)
         record = {"step": self.step, "epoch": round(self.epoch, 3), **metrics}
-        with open(self.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        self._log({"event": "eval", **record})
         if self.best is None or metrics["mean_recall"] > self.best["mean_recall"]:
             self.best = record
             from safetensors.torch import save_file
 
             tmp = self.run_dir / f".best.tmp-{os.getpid()}.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.bert.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.model.export_state().items()}, str(tmp))
             replace_file(tmp, self.run_dir / "best.safetensors")
             atomic_write_json(self.run_dir / "best.json", record, indent=2)
+            self._calibrate(vectors, f"validation pairs of training run {self.run_dir.name}, step {self.step}")
         return record
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / LOG_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _log_step(self, loss: float, lr: float) -> None:
+        tasks = {t: sum(v) / len(v) for t, v in self.step_tasks.items()}
+        self.step_tasks = {}
+        self._log({"event": "step", "step": self.step, "epoch": round(self.epoch, 4), "loss": loss, "lr": lr,
+                   "tasks": tasks})
+
+    def _truncate_log(self) -> None:
+        """Drop log lines past the checkpoint's step (a resumed run writes them again)."""
+        path = self.run_dir / LOG_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    def _calibrate(self, vectors: dict[str, np.ndarray], source: str) -> None:
+        """The best model's score distributions on the validation pairs (`--min-score auto` reads them)."""
+        from models.training.calibration import CalibrationError, calibrate, save_calibration
+
+        try:
+            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], self.val.caption_image,
+                                                     source))
+        except CalibrationError:
+            pass  # one validation image: no non-matching pairs to learn a level from
 
     @property
     def epoch(self) -> float:
@@ -544,6 +700,8 @@ class _Trainer:
 
         def write(tmp: Path) -> None:
             _save_tensors(tmp / "model.safetensors", state_for_saving(self.model))
+            if self.negatives is not None:
+                _save_tensors(tmp / "negatives.safetensors", self.negatives.tensors())
             _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
             _save_tensors(tmp / "rng.safetensors", rng)
             (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -582,6 +740,11 @@ class _Trainer:
         self.positions = {k: int(v) for k, v in state["positions"].items()}
         self.best = state["best"]
         self.running = state.get("running", {})
+        if (path / "negatives.safetensors").is_file():
+            from models.training.negatives import HardNegatives
+
+            self.negatives = HardNegatives.from_tensors(_load_tensors(path / "negatives.safetensors"))
+        self._truncate_log()
 
     # -- run -----------------------------------------------------------------------------------------
     def run(self, stop_at_step: int | None) -> TrainResult:
@@ -594,7 +757,9 @@ class _Trainer:
         started = time.monotonic()
         if self.step == 0:
             torch.manual_seed(self.config.seed)  # dropout; a resumed run restores the RNG state instead
-        lr = lr_at(self.step, self.config.lr, self.warmup, self.total)
+            if self.config.hard_negatives:
+                self.mine()  # before epoch 0, with the initial model
+        lr = lr_at(self.step, self.config.lr, self.warmup, self.total, self.config.schedule)
         _report(self.progress, "start", self.step, self.total, self.epoch, lr=lr)
         while self.step < self.total:
             snapshot = self._snapshot()
@@ -607,12 +772,15 @@ class _Trainer:
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"interrupted at step {self.step} of {self.total}; the run is saved in "
                                           f"{self.run_dir}: continue it with {option('resume')}") from None
+            self._log_step(loss, lr)
             _report(self.progress, "step", self.step, self.total, self.epoch, loss=loss, task_losses=dict(self.running),
                     lr=lr)
             if self.step % self.eval_every == 0 or self.step == self.total:
                 record = self.validate()
                 if record is not None:
                     _report(self.progress, "eval", self.step, self.total, self.epoch, metrics=record)
+            if self.config.hard_negatives and self.step % self.steps_per_epoch == 0 and self.step < self.total:
+                self.mine()  # after each epoch's validation, with the current model
             stopping = stop_at_step is not None and self.step >= stop_at_step and self.step < self.total
             if self.step % self.checkpoint_every == 0 or self.step == self.total or stopping:
                 self.save_checkpoint()
@@ -625,12 +793,15 @@ class _Trainer:
 def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEncoderForPretraining | None = None,
           tokenizer: Any = None, *, resume: bool = False, device: str | torch.device | None = "auto",
           init: dict[str, Any] | None = None, progress: ProgressFn | None = None,
-          stop_at_step: int | None = None) -> TrainResult:
+          stop_at_step: int | None = None, teacher: Any = None) -> TrainResult:
     """Train in ``run_dir``: a new run (``model`` and ``tokenizer`` given) or, with ``resume``, continue the
     run's checkpoint (the model and tokenizer are rebuilt from the run directory).
 
     ``stop_at_step``: stop (after writing a checkpoint) once that many optimizer steps are done, e.g. to
     train in time-boxed pieces; `train(..., resume=True)` continues. Returns where the run stands.
+
+    ``model``: a `BiEncoderForPretraining` or a `DecomposedEncoder` (``ldot train decompose``). ``teacher``: a
+    cross-encoder scorer (`models.hub.load.load_reranker`) when ``config.distill_from`` is set.
     """
     run_dir = Path(run_dir)
     device = resolve_device(device)
@@ -647,7 +818,7 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
                                 "start it over")
         if model is None or tokenizer is None:
             raise TrainingError("a new run needs a model and a tokenizer")
-    trainer = _Trainer(run_dir, model, tokenizer, data, config, device, progress)  # validates before writing
+    trainer = _Trainer(run_dir, model, tokenizer, data, config, device, progress, teacher)  # validates first
     if resume:
         assert ckpt is not None
         trainer.load_checkpoint(ckpt)
@@ -663,6 +834,7 @@ def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, co
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(run_dir)
     info = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "ldot_version": __version__,
+            "model_kind": getattr(model, "kind", "bi-encoder"),
             "model_config": model.config.to_dict(), "num_region_labels": model.num_region_labels,
             "train_config": config.to_dict(), "init": init or {}, "data": data.description,
             "train_pairs": len(data.train), "val_pairs": len(data.val) if data.val is not None else 0,
@@ -679,10 +851,16 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def _rebuild(run_dir: Path) -> tuple[BiEncoderForPretraining, Any]:
+def _rebuild(run_dir: Path) -> tuple[Any, Any]:
     from models.nn.tokenizer import Tokenizer
 
     info = read_run(run_dir)
+    if info.get("model_kind") == "decomposed":
+        from models.nn.config import DecomposedConfig
+        from models.nn.decomposed import DecomposedEncoder
+
+        tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
+        return DecomposedEncoder(DecomposedConfig.from_dict(info["model_config"]), tokenizer), tokenizer
     config = BiEncoderConfig.from_dict(info["model_config"])
     model = BiEncoderForPretraining(config, info.get("num_region_labels", NUM_REGION_LABELS))
     return model, Tokenizer.from_path(run_dir / "tokenizer.json")
@@ -719,18 +897,26 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     full = _load_tensors(ckpt / "model.safetensors")
     step = json.loads((ckpt / "state.json").read_text())["step"]
     best = json.loads((run_dir / "best.json").read_text()) if (run_dir / "best.json").is_file() else None
+    kind = info.get("model_kind", "bi-encoder")
     if best is not None and best["step"] != step:
         state = _load_tensors(run_dir / "best.safetensors")
+    elif kind == "decomposed":
+        state = full
     else:
         state = {k[len("bert."):]: v for k, v in full.items() if k.startswith("bert.")}
     source = {"origin": "train", "run": str(run_dir), "init": info.get("init", {}), "data": info.get("data", ""),
               "train_config": info["train_config"], "steps": step, "best": best}
     tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
     config = info["model_config"]
-    save_model_dir(target, "bi-encoder", config, state, source=source, tokenizer=tokenizer)
+    save_model_dir(target, kind, config, state, source=source, tokenizer=tokenizer)
     tasks = [t for t, _ in info["train_config"]["tasks"]]
-    if tasks != ["itm"] and (best is None or best["step"] == step):  # heads of these very weights
+    if kind == "bi-encoder" and tasks != ["itm"] and (best is None or best["step"] == step):  # these weights' heads
         heads = {k: v for k, v in full.items() if not k.startswith("bert.")}
         _save_tensors(target / HEADS_FILE, heads)
-    record_model(target, name, "bi-encoder", "train", trained_from=str(run_dir), best=best)
+    from models.training.calibration import CALIBRATION_FILE
+
+    calibration = run_dir / CALIBRATION_FILE
+    if best is not None and calibration.is_file():  # it describes the best weights, the ones exported
+        atomic_write_bytes(target / CALIBRATION_FILE, calibration.read_bytes())
+    record_model(target, name, kind, "train", trained_from=str(run_dir), best=best)
     return target

@@ -1,0 +1,181 @@
+"""Sources of a decomposed (VLDeformer) encoder: single-stream cross-encoders converted to `DecomposedEncoder`.
+
+- UNITER (the official ``uniter-base.pt``, the registry's ``uniter-base``, or a ``uniter-itm`` model dir of ours):
+  the body's keys ARE `DecomposedBody`'s (region embedding ``uniter``); ``rank_output`` / ``itm_output`` and the
+  pre-training heads are dropped.
+- VisualBERT (hub ``uclanlp/visualbert-vqa-coco-pre``: a Hugging Face dir with ``config.json`` of model_type
+  ``visual_bert`` and ``pytorch_model.bin``; `VisualBertForPreTraining` keys under ``visual_bert.`` or
+  `VisualBertModel` keys without a prefix): region embedding ``visualbert``; ``cls.*`` heads dropped.
+- A decomposed model dir of ours (continue decomposition).
+
+Converters are pure functions on state dicts; each is checked against the source's own forward in the tests
+(`transformers.VisualBertModel`, our `UniterBody`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.core.errors import CheckpointError, ModelError
+from models.hub.formats import (
+    CONFIG_FILE,
+    MODEL_FORMAT,
+    PRETRAIN_HEADS,
+    WEIGHTS_FILE,
+    Tensors,
+    detect_format,
+    infer_transformer_config,
+    load_strict,
+    load_tensors,
+    normalize_keys,
+    read_model_config,
+)
+from models.nn.config import CrossEncoderConfig, DecomposedConfig, TransformerConfig
+from models.nn.decomposed import DecomposedEncoder
+
+VISUALBERT_REGION_KEYS = ("visual_projection.", "visual_token_type_embeddings.", "visual_position_embeddings.")
+
+
+def uniter_to_decomposed(state: Tensors) -> Tensors:
+    """A UNITER state dict (body under ``uniter.`` or ``bert.``) -> `DecomposedEncoder` keys (``bert.*``)."""
+    out: Tensors = {}
+    for key, value in normalize_keys(state).items():
+        for prefix in ("uniter.", "bert."):
+            if key.startswith(prefix):
+                out["bert." + key[len(prefix):]] = value
+                break
+        else:
+            if not key.startswith(("rank_output.", *PRETRAIN_HEADS)):
+                raise CheckpointError(f"unexpected key {key!r} in a UNITER checkpoint")
+    if not any(k.startswith("bert.img_embeddings.") for k in out):
+        raise CheckpointError("not a UNITER checkpoint: no img_embeddings")
+    return out
+
+
+def visualbert_to_decomposed(state: Tensors) -> Tensors:
+    """A VisualBERT state dict (`VisualBertForPreTraining`: ``visual_bert.*`` + ``cls.*``; or `VisualBertModel`)
+    -> `DecomposedEncoder` keys: ``embeddings.visual_*`` become ``img_embeddings.visual_*``."""
+    out: Tensors = {}
+    for key, value in normalize_keys(state).items():
+        if key.startswith("cls."):
+            continue
+        name = key[len("visual_bert."):] if key.startswith("visual_bert.") else key
+        if name.startswith("embeddings.") and name[len("embeddings."):].startswith(VISUALBERT_REGION_KEYS):
+            name = "img_embeddings." + name[len("embeddings."):]
+        elif not name.startswith(("embeddings.", "encoder.", "pooler.")):
+            raise CheckpointError(f"unexpected key {key!r} in a VisualBERT checkpoint")
+        out["bert." + name] = value
+    if "bert.img_embeddings.visual_projection.weight" not in out:
+        raise CheckpointError("not a VisualBERT checkpoint: no embeddings.visual_projection")
+    return out
+
+
+def visualbert_config(hf: dict[str, Any]) -> tuple[TransformerConfig, int]:
+    """(body shape, region feature size) from a VisualBERT ``config.json``."""
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"VisualBERT hidden_act {act!r} is not supported (expected 'gelu')")
+    body = TransformerConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                             intermediate_size=hf["intermediate_size"],
+                             max_position_embeddings=hf["max_position_embeddings"],
+                             type_vocab_size=hf.get("type_vocab_size", 2),
+                             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                             dropout=hf.get("hidden_dropout_prob", 0.1))
+    return body, int(hf["visual_embedding_dim"])
+
+
+@dataclass
+class DecomposeSource:
+    """A resolved source: its converted weights, shape and tokenizer."""
+
+    name: str
+    kind: str  # uniter | visualbert | decomposed
+    state: Tensors  # `DecomposedEncoder` keys
+    config: DecomposedConfig  # shape, region embedding, tokenizer (tags and lengths are set by the caller)
+    directory: Path | None  # folder holding tokenizer files, when there is one
+
+
+def read_decompose_source(name: str | Path) -> DecomposeSource:
+    """Resolve a registry name / cache name / path to a single-stream source (never touches the network)."""
+    from models.hub.catalogue import find_entry
+    from models.hub.load import resolve_source
+
+    path = resolve_source(name)
+    entry = find_entry(str(name))
+    if path.is_dir():
+        config_path = path / CONFIG_FILE
+        raw = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if raw.get("format") == MODEL_FORMAT:
+            meta = read_model_config(path)
+            state = load_tensors(path / WEIGHTS_FILE)
+            if meta["kind"] == "decomposed":
+                return DecomposeSource(str(name), "decomposed", dict(state),
+                                       DecomposedConfig.from_dict(meta["config"]), path)
+            if meta["kind"] == "uniter-itm":
+                cross = CrossEncoderConfig.from_dict(meta["config"])
+                config = DecomposedConfig(body=cross.body, img_dim=cross.img_dim, pos_dim=cross.pos_dim,
+                                          tokenizer=cross.tokenizer, lowercase=cross.lowercase)
+                return DecomposeSource(str(name), "uniter", uniter_to_decomposed(state), config, path)
+            raise ModelError(f"{path} holds a {meta['kind']} model: decompose a single-stream cross-encoder "
+                             "(uniter-base, visualbert-vqa-coco-pre, a uniter-itm model) instead")
+        if raw.get("model_type") == "visual_bert":
+            weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
+            if weights is None:
+                raise ModelError(f"{path} holds no model.safetensors or pytorch_model.bin: download the weights "
+                                 f"(`ldot models download {name}`)")
+            body, img_dim = visualbert_config(raw)
+            tokenizer = entry.tokenizer if entry is not None and entry.tokenizer else "bert-base-uncased"
+            config = DecomposedConfig(body=body, img_dim=img_dim, region_embedding="visualbert", tokenizer=tokenizer,
+                                      lowercase=True)
+            return DecomposeSource(str(name), "visualbert", visualbert_to_decomposed(load_tensors(weights)), config,
+                                   path)
+        raise ModelError(f"{path} is neither an ldot cross-encoder nor a VisualBERT directory: decompose "
+                         "uniter-base, visualbert-vqa-coco-pre or a uniter-itm model")
+    obj = load_tensors(path)
+    if detect_format(obj) != "uniter":
+        raise ModelError(f"{path} is a {detect_format(obj)} checkpoint: decompose a single-stream cross-encoder "
+                         "(a UNITER .pt, uniter-base, visualbert-vqa-coco-pre)")
+    state = uniter_to_decomposed(obj)
+    body = infer_transformer_config({k[len("bert."):]: v for k, v in state.items()}, "")
+    img_dim, pos_dim = (state[f"bert.img_embeddings.{n}.weight"].shape[1] for n in ("img_linear", "pos_linear"))
+    tokenizer = entry.tokenizer if entry is not None and entry.tokenizer else "bert-base-cased"
+    return DecomposeSource(str(name), "uniter", state, DecomposedConfig(body=body, img_dim=img_dim, pos_dim=pos_dim,
+                                                                        tokenizer=tokenizer), None)
+
+
+def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str, ...] = (),
+                     text_len: int | None = None, max_regions: int | None = None,
+                     temperature: float | None = None) -> DecomposedEncoder:
+    """The model decomposition starts from: the source's weights in a `DecomposedEncoder` (strictly loaded),
+    with the tokenizer's special ids, the tag vocabulary and the input lengths."""
+    overrides: dict[str, Any] = {"cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id,
+                                 "pad_token_id": tokenizer.pad_id}
+    if source.kind != "decomposed" or tags:
+        overrides["tags"] = tuple(tags)
+    for key, value in (("text_len", text_len), ("max_regions", max_regions), ("temperature", temperature)):
+        if value is not None:
+            overrides[key] = value
+    config = replace(source.config, **overrides)
+    if config.body.vocab_size != tokenizer.vocab_size:
+        raise ModelError(f"{source.name} has a {config.body.vocab_size}-word vocabulary but its tokenizer has "
+                         f"{tokenizer.vocab_size}: pass the source's own tokenizer")
+    model = DecomposedEncoder(config, tokenizer)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in source.state.items()}
+    try:
+        load_strict(model, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source.name}: {exc}") from None
+    return model
+
+
+def source_tokenizer(source: DecomposeSource) -> Any:
+    """The tokenizer of a source: its own files, else its configured one (fetched when missing)."""
+    from models.hub.load import resolve_tokenizer
+
+    return resolve_tokenizer(None, source.config, str(source.directory) if source.directory else None)
