@@ -140,3 +140,20 @@ def test_the_first_downloads_commit_pins_later_downloads(hub, ldot_home):
     download_entry("test-bert")
     asked = [p for p, _ in hub.requests[n:] if "/resolve/" in p]
     assert asked and all(f"/resolve/{HUB_COMMIT}/" in p for p in asked)  # never `main` again
+
+
+def test_an_entry_mixing_hub_files_and_another_host(hub, ldot_home, monkeypatch):
+    """The detector's way: weights from the hub (shared cache), its object names from GitHub (ldot's folder)."""
+    from models.hub.catalogue import RemoteFile
+
+    hub.files["/gh/objects_vocab.txt"] = ServedFile(b"person\ndog\n")
+    entry = ModelEntry("test-det", "detector", "t", "MIT", registry._hub("org/bert", "model.safetensors")
+                       + (RemoteFile("objects_vocab.txt", (hub.url + "/gh/objects_vocab.txt",), optional=True),))
+    monkeypatch.setattr(registry, "REGISTRY", (*registry.REGISTRY, entry))
+    path = download_entry("test-det")
+    assert (path / "model.safetensors").is_symlink() and (path / "model.safetensors").read_bytes() == WEIGHTS
+    assert not (path / "objects_vocab.txt").is_symlink() and (path / "objects_vocab.txt").read_bytes() == b"person\ndog\n"
+    assert is_present("test-det") and verify_dir(path) == []
+    n = len(hub.requests)
+    download_entry("test-det")  # again: nothing fetched, nothing copied out of the shared cache
+    assert _gets(hub, n) == [] and (ldot_home / "models" / "test-det" / "model.safetensors").is_symlink()

@@ -63,11 +63,11 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
         pinned = known_hash(f"{entry.name}@commit") if hub else None  # the commit of the first download
         if pinned:
             pin["commit"] = pinned
-        if only is None and not entry.convert and hub is None:
-            _reuse_verified(target, staging, files)
+        if only is None and not entry.convert:
+            _reuse_verified(target, staging, {k: v for k, v in files.items() if k not in hub}, files)
         for remote in wanted:
             dest = staging / remote.filename
-            if hub is not None:
+            if remote.filename in hub:
                 _link_hub_file(entry, remote, hub[remote.filename], staging, files, pin, progress)
                 continue
             if not entry.convert and remote.filename in files and dest.is_file():
@@ -88,7 +88,7 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
                                     "complete": complete or complete_before, "origin": "download"})
             return target
         files = {k: v for k, v in files.items() if (staging / k).is_file()}
-        extra = {"hub": {"repo": hub[next(iter(hub))].repo, "commit": pin.get("commit"),
+        extra = {"hub": {"repo": next(iter(hub.values())).repo, "commit": pin.get("commit"),
                          "cache": str(hub_cache_dir())}} if hub else {}
         if hub and complete and pin.get("commit") and not pinned:
             record_hash(f"{entry.name}@commit", pin["commit"])  # later downloads take the same revision
@@ -98,12 +98,13 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
     return target
 
 
-def _hub_files(entry: ModelEntry) -> dict[str, HubFile] | None:
-    """The hub location of each file when every file of ``entry`` lives on the hub (else None)."""
+def _hub_files(entry: ModelEntry) -> dict[str, HubFile]:
+    """The hub location of each of ``entry``'s files that lives on the hub (kept in the shared hub cache); the
+    others (another host, or an official pickle to convert) go through the staging folder."""
+    if entry.convert:
+        return {}
     parsed = {f.filename: parse_hub_url(f.urls[0]) for f in entry.files}
-    if entry.convert or not parsed or any(p is None for p in parsed.values()):
-        return None
-    return parsed  # type: ignore[return-value]
+    return {name: where for name, where in parsed.items() if where is not None}
 
 
 def _link_hub_file(entry: ModelEntry, remote: RemoteFile, where: HubFile, staging: Path, files: dict,
@@ -135,17 +136,18 @@ def _link_hub_file(entry: ModelEntry, remote: RemoteFile, where: HubFile, stagin
 
 
 
-def _reuse_verified(target: Path, staging: Path, files: dict) -> None:
-    """Carry files already verified in a (partial) model directory into the staging folder."""
+def _reuse_verified(target: Path, staging: Path, candidates: dict, files: dict) -> None:
+    """Carry files already verified in a (partial) model directory into the staging folder (``candidates``: the
+    manifest entries of files ldot keeps itself; one that is no longer intact is dropped from ``files``)."""
     staging.mkdir(parents=True, exist_ok=True)
-    for filename in list(files):
+    for filename, info in candidates.items():
         src, dest = target / filename, staging / filename
         if dest.is_file():
             continue
-        if src.is_file() and src.stat().st_size == files[filename].get("size"):
+        if src.is_file() and not src.is_symlink() and src.stat().st_size == info.get("size"):
             shutil.copy2(src, dest)
         else:
-            files.pop(filename)
+            files.pop(filename, None)
 
 
 def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dict, keep_source: bool) -> Path:
