@@ -146,6 +146,8 @@ def test_coco_test_images_come_one_by_one_from_a_mirror_when_the_first_host_is_d
     assert len(rset.images) == 5 and len(rset.captions) == 28
     marker = json.loads((folder / "ldot-data-test.json").read_text())
     assert len([k for k in marker["files"] if k.startswith("val2014/")]) == 5
+    status = {s.entry.key: s for s in sources.status()}  # the test parquet is the train split's too: not "partial"
+    assert status["coco/test"].present and not status["coco/train"].present and status["coco/train"].partial_bytes == 0
 
 
 def test_coco_counts_are_checked_on_the_data(mini, monkeypatch):

@@ -62,7 +62,7 @@ class DataSplit:
     @property
     def licence(self) -> str:
         """The terms in a few words (the full text is `terms`)."""
-        return {"flickr30k": "non-commercial research", "coco": "CC BY 4.0 + Flickr",
+        return {"flickr30k": "non-commercial", "coco": "CC BY 4.0 + Flickr",
                 "multi30k": "unstated + Flickr"}[self.dataset]
 
     @property

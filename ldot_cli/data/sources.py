@@ -591,16 +591,21 @@ class SplitStatus:
 
 def status() -> list[SplitStatus]:
     """Every fetchable split: present or not, and how much an interrupted fetch left."""
+    def present(entry: DataSplit) -> bool:
+        folder = dataset_dir(entry.dataset)
+        return folder.is_dir() and any(read_marker(p) for p in folder.glob(f"ldot-data-{entry.split}*.json"))
+
+    here = {entry.key: present(entry) for entry in SPLITS}
     out = []
     for entry in SPLITS:
         folder = dataset_dir(entry.dataset)
-        present = any(read_marker(p) for p in folder.glob(f"ldot-data-{entry.split}*.json")) if folder.is_dir() \
-            else False
         partial = 0
-        if not present and (folder / "downloads").is_dir():
+        if not here[entry.key] and (folder / "downloads").is_dir():
+            shared = {f.name for e in SPLITS if e.dataset == entry.dataset and here[e.key] for f in e.files}
             partial = sum((folder / "downloads" / (f.name + s)).stat().st_size for f in entry.files
+                          if f.name not in shared  # a file of a present split (COCO's test parquet) is not partial
                           for s in ("", ".part") if (folder / "downloads" / (f.name + s)).is_file())
-        out.append(SplitStatus(entry, present, partial, folder))
+        out.append(SplitStatus(entry, here[entry.key], partial, folder))
     return out
 
 
