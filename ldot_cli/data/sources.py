@@ -158,6 +158,7 @@ def fetch(dataset: str, split: str = "test", lang: str = "de", progress: Progres
     for entry in p.splits:
         if not read_marker(_marker(entry, lang)):
             _fetch_split(entry, lang, meter, progress, workers, retries, backoff, timeout)
+    report(progress, meter.stage, meter.offset, meter.offset, "bytes", event="done")  # the estimate -> what it was
     return dataset_dir(dataset)
 
 
