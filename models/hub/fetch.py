@@ -1,8 +1,10 @@
-"""Downloads that resume, verify and never leave a bad file at the final path.
+"""Registry models into the cache: fetched, verified, and present only when whole.
 
-Each file streams into ``<name>.part`` beside its destination; an interrupted download resumes with an
-HTTP Range request; the size and sha256 are checked (the published ones, or the ones recorded at the
-first verified download); only then is the file fsynced and renamed into place atomically.
+Bytes come through the one downloader (`models.core.download`: ``.part`` files resumed with HTTP Range, sizes and
+sha256 checked, mirrors in order). Hub files are kept in the shared Hugging Face cache (`models.hub.hubfiles`) and
+linked from ``<home>/models/NAME``; other files gather in ``<home>/models/.downloads/NAME`` (where an interrupted
+download resumes) and the model folder is put in place, with its manifest, only when every file is verified: a
+half download is never a model.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from models.core.download import (  # noqa: F401  (re-exported: the one downloader lives in models.core)
+from models.core.download import (
     UnreachableError,
     download_file,
     known_hash,
@@ -22,13 +24,19 @@ from models.core.fileio import new_dir, recover_dir, replace_dir
 from models.core.home import models_dir
 from models.core.progress import ProgressFn
 from models.hub.cache import model_path, read_manifest, record_model, write_manifest
-from models.hub.hubfiles import HubFile, HubOfflineError, fetch_hub_file, hub_cache_dir, parse_hub_url
 from models.hub.catalogue import (
     TOKENIZER_FILES,
     ModelEntry,
     RemoteFile,
     expand_url,
     get_entry,
+)
+from models.hub.hubfiles import (
+    HubFile,
+    HubOfflineError,
+    fetch_hub_file,
+    hub_cache_dir,
+    parse_hub_url,
 )
 
 

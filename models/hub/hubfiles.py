@@ -172,7 +172,7 @@ def fetch_hub_file(repo: str, filename: str, revision: str = "main", progress: P
                    downloaded)
 
 
-def _metadata(repo: str, filename: str, revision: str, endpoint: str, url: str, timeout: float):  # noqa: ANN202
+def _metadata(repo: str, filename: str, revision: str, endpoint: str, url: str, timeout: float):
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
