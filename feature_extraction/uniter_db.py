@@ -379,8 +379,14 @@ def map_size_for(db_path: Path) -> int:
     return max(MIN_MAP_SIZE, 2 * size)
 
 
-def damaged(db_path: Path, exc: BaseException) -> ImageDBError:
-    """The error for an LMDB failure: damage, or (for a failed map) too little address space."""
+def damaged(db_path: Path, exc: BaseException) -> LdotError:
+    """The error for an LMDB failure: a full or failing disk (`StorageError`), too little address space for the
+    map, or damage."""
+    from models.core.errors import as_storage_error
+
+    storage = as_storage_error(exc)
+    if storage is not None:
+        return storage
     detail = str(exc).splitlines()[0] if str(exc) else "-"
     if isinstance(exc, lmdb.MemoryError):
         return ImageDBError(f"cannot map {db_path / 'data.mdb'}: not enough memory or address space ({detail}); "

@@ -20,7 +20,14 @@ from ldot_testing import install_tiny_model, make_photos
 from ldot_cli.index import indexer as indexer_mod
 from ldot_cli.index.indexer import Indexer, remove_folder, remove_index
 from ldot_cli.index.status import describe_index
-from ldot_cli.index.store import LOCK_INFO_FILE, REGIONS_DIR, IndexStoreError, IndexStore, index_path, writer_lock
+from ldot_cli.index.store import (
+    LOCK_INFO_FILE,
+    REGIONS_DIR,
+    IndexStore,
+    IndexStoreError,
+    index_path,
+    writer_lock,
+)
 from models.core.errors import LdotError, LdotWarning
 
 
@@ -175,13 +182,27 @@ def test_damaged_database_header_names_the_file_and_the_rebuild(tmp_path, tiny, 
     assert report.encoded == 2
 
 
-def test_non_numeric_format_version_is_a_clear_error(tmp_path, tiny):
+@pytest.mark.parametrize("key", ["format_version", "dim"])
+def test_non_numeric_meta_values_are_a_clear_error(tmp_path, tiny, key):
+    from ldot_cli.index.search import Searcher
+
     make_photos(tmp_path / "photos", 1)
     run_index(tmp_path / "photos")
     with sqlite3.connect(index_path("default") / "index.sqlite") as db:
-        db.execute("UPDATE meta SET value = 'one' WHERE key = 'format_version'")
-    with pytest.raises(IndexStoreError, match="format_version 'one' is not a number.*--reindex"):
-        IndexStore(index_path("default"))
+        db.execute("UPDATE meta SET value = 'one' WHERE key = ?", (key,))
+    with pytest.raises(IndexStoreError, match=f"{key} 'one' is not a number.*--reindex"):
+        Searcher("default").search("a dog", k=1)
+
+
+def test_non_numeric_vector_file_meta_is_repaired(tmp_path, tiny):
+    from ldot_cli.index.search import Searcher
+
+    make_photos(tmp_path / "photos", 2)
+    run_index(tmp_path / "photos")
+    with sqlite3.connect(index_path("default") / "index.sqlite") as db:
+        db.execute("UPDATE meta SET value = 'one' WHERE key = 'faiss_rows'")
+    with pytest.warns(LdotWarning, match="rebuilt"):
+        assert len(Searcher("default").search("a dog", k=2)) == 2
 
 
 # -- item 17: who holds the lock ----------------------------------------------------------------------
@@ -363,14 +384,13 @@ def test_a_bad_manifest_is_listed_as_damaged_and_the_others_still_list(tiny, man
     assert "damaged" in result.output and "tiny" in result.output
 
 
-@pytest.mark.parametrize("config", ["[]", '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder"}',
+HEAD = '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder"'
+
+
+@pytest.mark.parametrize("config", ["[]", HEAD + "}",
                                     '{"format": "ldot-model", "format_version": "1", "kind": "bi-encoder", "config": {}}',
-                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
-                                    '"config": {"text": [1]}}',
-                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
-                                    '"config": {"img_dim": "big"}}',
-                                    '{"format": "ldot-model", "format_version": 1, "kind": "bi-encoder", '
-                                    '"config": {"hidden": 3}}'])
+                                    HEAD + ', "config": {"text": [1]}}', HEAD + ', "config": {"img_dim": "big"}}',
+                                    HEAD + ', "config": {"hidden": 3}}'])
 def test_a_model_config_of_the_wrong_shape_is_a_clear_error(tiny, config):
     from models.core.errors import LdotError
     from models.core.home import models_dir
@@ -405,3 +425,53 @@ def test_detector_and_training_configs_follow_the_one_policy(tmp_path):
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(LdotError, match="not an"):
         read_config(tmp_path)
+
+
+# -- item 1: damaged weights are refused before use ----------------------------------------------------
+def test_bit_flipped_weights_are_detected_before_use(tiny, monkeypatch):
+    from models.core.home import models_dir
+    from models.hub import cache
+    from models.hub.cache import DamagedModelError
+    from models.hub.load import load_bi_encoder
+
+    hashed = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    load_bi_encoder("tiny")
+    assert hashed == []  # hashed when installed, unchanged since: no re-hash
+    weights = models_dir() / "tiny" / "model.safetensors"
+    os.utime(weights)  # touched, not changed: hashed once, then remembered
+    load_bi_encoder("tiny")
+    load_bi_encoder("tiny")
+    assert hashed == ["model.safetensors"]
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one bit of one weight
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(DamagedModelError, match=r"model.safetensors is damaged.*ldot models verify tiny"):
+        load_bi_encoder("tiny")
+    weights.write_bytes(bytes(raw[:-10]))  # truncated: caught by the size alone
+    hashed.clear()
+    with pytest.raises(DamagedModelError, match="bytes, .* recorded"):
+        load_bi_encoder("tiny")
+    assert hashed == []
+
+
+def test_a_full_disk_in_the_region_store_is_a_storage_error_not_damage(tmp_path, monkeypatch):
+    import lmdb
+    import numpy as np
+
+    from feature_extraction import uniter_db
+    from models.core.errors import StorageError
+
+    record = {"features": np.ones((10, 8), np.float16), "norm_bb": np.ones((10, 6), np.float16),
+              "conf": np.ones((10, 1), np.float16)}
+    with uniter_db.UniterImageDBWriter(tmp_path, "uniter") as writer:
+        writer.put("a", record)
+
+        def full() -> None:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+        monkeypatch.setattr(writer, "_write_staged", full)
+        with pytest.raises(StorageError, match="run the same command again"):
+            writer.commit()
+        monkeypatch.undo()

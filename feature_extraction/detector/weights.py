@@ -322,10 +322,14 @@ def open_detector(name: str, device: str = "auto", half: bool = False) -> Any:
     import torch
 
     from feature_extraction.detector.weights import load_detector
+    from models.hub.cache import check_model_files
     from models.hub.formats import pick_device
     from models.hub.load import resolve_source
 
     dev = pick_device(device)
     if half and dev.type != "cuda":
         raise FeatureExtractionError("half precision runs on a GPU only (on the CPU the detector runs in float32)")
-    return load_detector(resolve_source(name), device=dev, dtype=torch.float16 if half else torch.float32)
+    source = resolve_source(name)
+    if source.is_dir():
+        check_model_files(source)  # damaged weights are refused before they are used
+    return load_detector(source, device=dev, dtype=torch.float16 if half else torch.float32)

@@ -23,10 +23,18 @@ from ldot_cli.commands.console import (
 class _IndexCommand(TyperCommand):
     """`ldot index PATHS...`, and `ldot index rm NAME [--folder DIR]` (a folder literally named rm: `./rm`)."""
 
+    _rm: Any = None
+
+    @property
+    def commands(self) -> dict[str, Any]:
+        """The `rm` sub-command (so help clean-ups that walk sub-commands reach it too)."""
+        if self._rm is None:
+            self._rm = typer.main.get_command(_rm_app)
+        return {"rm": self._rm}
+
     def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
         if args[:1] == ["rm"]:
-            rm = typer.main.get_command(_rm_app)
-            return rm.make_context(f"{info_name} rm", args[1:], parent=parent, **extra)
+            return self.commands["rm"].make_context(f"{info_name} rm", args[1:], parent=parent, **extra)
         return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: Any) -> Any:
@@ -42,7 +50,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
 
 
-_rm_app = typer.Typer()
+_rm_app = typer.Typer(add_completion=False)
 
 
 @_rm_app.command()

@@ -257,12 +257,19 @@ class IndexStore:
             self.set_meta({"format_version": str(FORMAT_VERSION), "created": str(time.time())})
             return
         if not version.isdigit():
-            raise IndexStoreError(f"index {self.name!r} is damaged ({self.dir / DB_FILE}: format_version "
-                              f"{version[:40]!r} is not a number): rebuild it with "
-                              f"`ldot index FOLDER --name {self.name} --reindex`")
+            self._number("format_version", version)  # raises: a damaged index, named
         if int(version) > FORMAT_VERSION:
             raise IndexStoreError(f"index {self.name!r} was written by a newer ldot (format {version}; this ldot reads "
                               f"{FORMAT_VERSION}): upgrade ldot, or rebuild it ({option('reindex')})")
+
+    def _number(self, key: str, value: str) -> int:
+        """A numeric meta value; a damaged one is named with the way to rebuild."""
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise IndexStoreError(f"index {self.name!r} is damaged ({self.dir / DB_FILE}: {key} {str(value)[:40]!r} "
+                                  f"is not a number): rebuild it with `ldot index FOLDER --name {self.name} "
+                                  "--reindex`") from None
 
     def close(self) -> None:
         self.db.close()
@@ -300,7 +307,7 @@ class IndexStore:
     @property
     def dim(self) -> int | None:
         value = self.get_meta("dim")
-        return int(value) if value else None
+        return self._number("dim", value) if value else None
 
     # -- files -----------------------------------------------------------------------------------
     def files_under(self, root: bytes) -> dict[bytes, FileRow]:
@@ -475,9 +482,9 @@ class IndexStore:
             if got == want:
                 flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
                 index = faiss.read_index(str(self.faiss_path), flags)
-                if index.ntotal != int(meta.get("faiss_rows", -1)):
+                if index.ntotal != self._number("faiss_rows", meta.get("faiss_rows", "-1")):
                     break
-                return index, int(meta.get("faiss_max_id", 0))
+                return index, self._number("faiss_max_id", meta.get("faiss_max_id", "0"))
             if self.get_meta("faiss_sha256") == want:  # nobody rewrote it meanwhile: damaged
                 break
             time.sleep(0.05 * (attempt + 1))

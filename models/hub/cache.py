@@ -8,7 +8,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.core.errors import LdotError, ModelError, ModelNotFoundError
+from models.core.errors import (
+    CheckpointError,
+    LdotError,
+    ModelError,
+    ModelNotFoundError,
+)
 from models.core.fileio import atomic_write_text, sha256_file
 from models.core.home import models_dir
 from models.hub.catalogue import MANIFEST, RERANKERS, find_entry
@@ -170,8 +175,82 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 def record_model(directory: Path, name: str, kind: str, origin: str, **extra: object) -> None:
     """Write the manifest of a complete model directory: who it is, where it came from, every file's hash."""
+    files = hash_dir(directory)
     write_manifest(directory, {"name": name, "kind": kind, "complete": True, "origin": origin, **extra,
-                               "files": hash_dir(directory)})
+                               "files": files})
+    _remember_verified(directory, files)  # just hashed: the first load need not hash again
+
+
+class DamagedModelError(CheckpointError):
+    """A model file no longer matches the hash recorded when it was downloaded, imported or trained."""
+
+
+VERIFIED_FILE = ".verified.json"  # in <home>/models: file -> (size, mtime, inode) when its hash last matched
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _verified() -> dict:
+    try:
+        data = json.loads((models_dir() / VERIFIED_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember_verified(directory: Path, files: dict[str, dict[str, object]]) -> None:
+    seen = _verified()
+    for filename, info in files.items():
+        path = (directory / filename).resolve()
+        try:
+            seen[str(path)] = {"stamp": _stamp(path), "sha256": info["sha256"]}
+        except OSError:
+            continue
+    try:
+        models_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_text(models_dir() / VERIFIED_FILE, json.dumps(seen, sort_keys=True))
+    except OSError:
+        pass  # only saves hashing next time
+
+
+def check_model_files(directory: Path) -> None:
+    """Before a model directory is used: every file its manifest lists has its recorded size (always), and its
+    recorded sha256 whenever its size, mtime or inode changed since the hash last matched (then remembered).
+
+    A directory without a manifest (a folder given as a path) is not checked. Raises `DamagedModelError`.
+    """
+    manifest, problem = load_manifest(directory)
+    name = directory.name
+    if problem:
+        raise DamagedModelError(f"{problem}: re-download the model (`ldot models download {name}`) or re-import it")
+    files = manifest.get("files") or {}
+    if not files:
+        return
+    seen = _verified()
+    rehashed: dict[str, dict[str, object]] = {}
+    for filename, info in files.items():
+        path = directory / filename
+        try:
+            stamp = _stamp(path)
+        except OSError:
+            raise DamagedModelError(f"{path} is missing: run `ldot models verify {name}`, then re-download "
+                                    f"(`ldot models download {name}`) or re-import the model") from None
+        if stamp[0] != info["size"]:
+            raise DamagedModelError(f"{path} is damaged ({stamp[0]} bytes, {info['size']} recorded): run `ldot "
+                                    f"models verify {name}`, then re-download or re-import the model")
+        known = seen.get(str(path.resolve()))
+        if isinstance(known, dict) and known.get("stamp") == stamp and known.get("sha256") == info["sha256"]:
+            continue
+        if sha256_file(path) != info["sha256"]:
+            raise DamagedModelError(f"{path} is damaged (its sha256 differs from the one recorded when it was "
+                                    f"stored): run `ldot models verify {name}`, then re-download (`ldot models "
+                                    f"download {name}`) or re-import the model")
+        rehashed[filename] = info
+    if rehashed:
+        _remember_verified(directory, rehashed)
 
 
 def verify_dir(directory: Path) -> list[str]:

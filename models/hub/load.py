@@ -13,6 +13,7 @@ import torch
 from models.core.errors import CheckpointError, ModelError, ModelNotFoundError
 from models.core.fileio import sha256_file
 from models.core.home import models_dir
+from models.hub.cache import check_model_files
 from models.hub.formats import (
     bi_encoder_from_state,
     bi_encoder_state,
@@ -67,6 +68,7 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     path = resolve_source(source)
     model_dir = None
     if path.is_dir():
+        check_model_files(path)
         meta, state = load_model_state(path)
         if meta["kind"] == "decomposed":
             return _load_decomposed(path, meta, state, tokenizer, device, dtype)
@@ -87,7 +89,7 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
 def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
                      device: str | torch.device, dtype: torch.dtype | None) -> DecomposedEncoder:
     """A decomposed (VLDeformer) encoder from its model dir: one body for texts and images."""
-    config = DecomposedConfig.from_dict(meta["config"])
+    config = DecomposedConfig.from_dict(meta["config"], str(path / "config.json"))
     model = build_on_meta(DecomposedEncoder, config)
     load_strict(model, cast_state(state, dtype), assign=True)
     model = model.to(pick_device(device)).eval()
@@ -130,6 +132,8 @@ def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch
     dev = pick_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if path.is_dir():
+        check_model_files(path)
     if path.is_dir() and (path / "config.json").is_file():
         try:
             raw = json.loads((path / "config.json").read_text())

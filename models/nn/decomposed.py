@@ -2,7 +2,7 @@
 
 A single-stream cross-encoder (UNITER, VisualBERT: text tokens and regions in one sequence) is turned into ONE
 individual encoder that runs on a text alone and on an image's regions alone, with the same weights
-(``vldeformer-and-training-extras.md`` §1):
+(as VLDeformer's official code, ``oscar/modeling/modeling_bert.py``):
 
 - text: ``[CLS] caption [SEP]`` cut and padded to ``text_len``, token type 0;
 - image: ``[CLS] tags [SEP]`` (the object names of the kept regions) padded to ``text_len``, token type 1 on the

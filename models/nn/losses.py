@@ -117,7 +117,7 @@ def contrastive_loss(text: torch.Tensor, image: torch.Tensor, batch: Any = None,
 
     text, image (B, D): the batch's pairs. ``neg_image`` (B*K, D) are appended after the B images and shared by
     every caption query; ``neg_text`` (B*K, D) likewise for the image queries (the official collate,
-    ``vldeformer-and-training-extras.md`` §2). ``batch`` (a `PairBatch`) gives the image id of each row
+    LightningDOT's ``dvl/data/itm.py``). ``batch`` (a `PairBatch`) gives the image id of each row
     (``image_ids``; its ``negatives`` hold ``image_ids`` of the negative images and ``text_image_ids`` of
     the negative captions) so that another caption/copy of a query's own image is never its negative.
     Without negatives, ``weight=0.5`` and no temperature this IS `cmr_loss`; ``weight=1`` and a temperature

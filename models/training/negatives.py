@@ -1,5 +1,5 @@
 """Hard negatives mined with the current model, as LightningDOT's ``--num_hard_negatives``
-(``vldeformer-and-training-extras.md`` §2).
+(official ``dvl/hn.py``).
 
 Before epoch 0 and after each epoch's validation: encode every training caption and image with the model in eval
 mode, exact inner-product search (faiss ``IndexFlatIP``; on a GPU through faiss-gpu when it is installed) for the
