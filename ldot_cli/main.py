@@ -134,9 +134,9 @@ def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
         pass
     flags = {}
     for param in command.params:
-        long = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-        if param.name and long:
-            flags[param.name] = long[0]
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
+        if param.name and opts:  # the long spelling when there is one (-k has none)
+            flags[param.name] = next((o for o in opts if o.startswith("--")), opts[0])
     return flags
 
 
@@ -211,6 +211,7 @@ def main(
 
 
 def _register() -> None:
+    from ldot_cli.commands import data as cmd_data
     from ldot_cli.commands import eval as cmd_eval
     from ldot_cli.commands import extract as cmd_extract
     from ldot_cli.commands import index as cmd_index
@@ -226,6 +227,7 @@ def _register() -> None:
     cmd_eval.register(app)
     cmd_train.register(app)
     cmd_extract.register(app)
+    cmd_data.register(app)
 
 
 _register()

@@ -15,7 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 from fakes import FakeDetector
-from ldot_testing import install_tiny_model, install_tiny_reranker, make_photos, write_vocab
+from ldot_testing import (
+    install_tiny_model,
+    install_tiny_reranker,
+    make_photos,
+    write_vocab,
+)
 from typer.testing import CliRunner
 
 from ldot_cli.main import app

@@ -203,6 +203,8 @@ class ProgressView:
         if "task_losses" in p.info:  # training: where it is and how the losses go
             losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.info["task_losses"].items()))
             description = safe(f"epoch {p.info.get('epoch', 0.0):.2f} {losses}")
+        if "files" in p.info and "of" in p.info:  # a batch of downloads: files done of all
+            description += f" ({p.info['files']:,}/{p.info['of']:,} files)"
         if "lr" in p.info and rate:
             rate += f" lr {p.info['lr']:.2e}"
         self.progress.update(self.tasks[p.stage], completed=p.done, total=p.total, rate=rate,

@@ -221,9 +221,9 @@ class Searcher:
     def search(self, query: str, k: int = 10, rerank_k: int | None = None, reranker: str | None = None) -> list[Hit]:
         """Top-k images for a text query; with ``rerank_k`` the top M are re-scored by a cross-encoder."""
         if k < 1:
-            raise QueryError(f"-k must be at least 1 (got {k})")
+            raise QueryError(f"{option('k')} must be at least 1 (got {k})")
         if rerank_k is not None and rerank_k < 1:
-            raise QueryError(f"--rerank-k must be at least 1 (got {rerank_k}): it is how many top results are "
+            raise QueryError(f"{option('rerank_k')} must be at least 1 (got {rerank_k}): it is how many top results are "
                              "re-scored")
         vector = self.text_vector(query)
         if not rerank_k:
@@ -234,7 +234,7 @@ class Searcher:
     def answer(self, request: Request) -> Answer:
         """Answer one `Request`: the results `ldot search` prints and `ldot serve` returns."""
         if request.k < 1:
-            raise QueryError(f"-k must be at least 1 (got {request.k})")
+            raise QueryError(f"{option('k')} must be at least 1 (got {request.k})")
         if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
             raise QueryError(f"{option('min_score')} auto is calibrated on text-image pairs: give a number for "
                              "image queries")
