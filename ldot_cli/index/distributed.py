@@ -34,7 +34,7 @@ from ldot_cli.index import shards as shard_io
 from ldot_cli.index.indexer import Indexer, IndexReport, Scan, damaged_regions, file_row
 from ldot_cli.index.sources import Item, Unit, file_units, plan_sources, read_unit
 from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore, writer_lock
-from models.core.errors import LdotError
+from models.core.errors import LdotError, option
 
 LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
 
@@ -76,7 +76,7 @@ def plan_layout(resources: dict[str, float], options: RayOptions, device: str = 
         actors = options.actors or max(1, int(gpus // per))
         return Layout(actors, 1.0, per, options.shard_size or 256, "cuda")
     if device == "cuda":
-        raise RayError("--device cuda, but the Ray cluster reports no GPU: use --device auto or cpu")
+        raise RayError(f"{option('device')} is cuda, but the Ray cluster reports no GPU: use auto or cpu")
     per_cpu = options.cpus_per_actor or max(1, min(4, cpus // 4))
     decoders = max(1, cpus // 4)
     actors = options.actors or max(1, (cpus - decoders) // per_cpu)
@@ -88,7 +88,7 @@ def connect(options: RayOptions) -> Any:
     try:
         import ray
     except ImportError:
-        raise RayError("--ray needs Ray: pip install 'ldot[ray]'") from None
+        raise RayError(f"{option('ray')} needs Ray: pip install 'ldot[ray]'") from None
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "logging_level": "ERROR",
                                   "configure_logging": True}
@@ -101,7 +101,7 @@ def connect(options: RayOptions) -> Any:
             ray.init(**kwargs)
         except ConnectionError as exc:
             raise RayError(f"cannot reach the Ray cluster at {options.address!r} ({exc}): start it with "
-                           "`ray start --head`, or pass its address (e.g. --ray 10.0.0.1:6379)") from None
+                           f"`ray start --head`, or give its address to {option('ray')} (e.g. 10.0.0.1:6379)") from None
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
