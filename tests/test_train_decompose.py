@@ -227,8 +227,9 @@ def test_decompose_with_distillation_and_hard_negatives_then_index_search_eval(t
     vocab = tmp_path / "objects_vocab.txt"
     vocab.write_text("\n".join(f"{w},{w}s" for w in [w for w in WORDS if w.islower()][:20]) + "\n")
     pairs, lookup = planted_pairs(n_images=16, img_dim=dim, labels=21)
+    monkeypatch.setattr("ldot_cli.train.driver.check_training_data", lambda spec: None)  # planted data below
     monkeypatch.setattr("ldot_cli.train.driver.open_training_data",
-                        lambda spec, tok: TrainData(pairs, lookup, val=pairs, description="planted"))
+                        lambda spec, tok, **_: TrainData(pairs, lookup, val=pairs, description="planted"))
     args = ["train", "decompose", "--init", "tiny-cross", "--out", "dec", "--epochs", "2", "--batch-size", "8",
             "--lr", "1e-3", "--warmup", "0.1", "--hard-negatives", "2", "--distill-from", "tiny-cross",
             "--tag-vocab", str(vocab), "--text-len", "12", "--max-regions", "6", "--save-every", "1", "--plot",
@@ -248,7 +249,9 @@ def test_decompose_with_distillation_and_hard_negatives_then_index_search_eval(t
     indexed = runner.invoke(app, ["index", str(tmp_path / "photos"), "--model", "dec", "--detector", "tiny-det",
                                   "--batch-size", "2", "--workers", "1"])
     assert indexed.exit_code == 0, indexed.output
-    hits = json.loads(runner.invoke(app, ["search", "a dog on the beach", "--json", "-k", "3"]).stdout)
+    searched = runner.invoke(app, ["search", "a dog on the beach", "--json", "-k", "3"])
+    assert searched.exit_code == 0, searched.output
+    hits = json.loads(searched.stdout)
     assert len(hits) == 3 and {h["path"] for h in hits} <= {str(p) for p in photos}
     assert all(-1.0 <= h["score"] <= 1.0 + 1e-6 for h in hits)  # cosine
     # evaluate on a UNITER-layout benchmark

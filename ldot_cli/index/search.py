@@ -140,7 +140,7 @@ class Searcher:
             raise QueryError("empty query: give some words to search for, e.g. `ldot search \"a dog on a beach\"`")
         start = time.perf_counter()
         encoder = self.encoder
-        limit = encoder.config.text.max_position_embeddings
+        limit = encoder.max_text_tokens
         pieces = len(encoder.tokenizer.encode(query)) - 2  # without [CLS] and [SEP]
         if pieces > limit - 2:
             warnings.warn(LdotWarning(f"the query is {pieces} word-pieces long and the model reads at most "

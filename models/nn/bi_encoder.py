@@ -95,6 +95,11 @@ class BiEncoder(nn.Module):
         return tower.encode_proj[0].weight
 
     @property
+    def max_text_tokens(self) -> int:
+        """Word-pieces a text can have, [CLS] and [SEP] included (longer texts are cut)."""
+        return self.config.text.max_position_embeddings
+
+    @property
     def device(self) -> torch.device:
         return self._anchor().device
 
@@ -111,7 +116,7 @@ class BiEncoder(nn.Module):
         out = []
         for start in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer.batch(texts[start:start + batch_size],
-                                             max_length=self.config.text.max_position_embeddings)
+                                             max_length=self.max_text_tokens)
             out.append(self.encode_token_ids(ids, mask))
         if not out:
             return torch.empty(0, self.config.project_dim)

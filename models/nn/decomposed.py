@@ -144,6 +144,11 @@ class DecomposedEncoder(nn.Module):
         self._tag_pieces: dict[int, list[int]] = {}
 
     @property
+    def max_text_tokens(self) -> int:
+        """Word-pieces a text can have, [CLS] and [SEP] included (longer texts are cut)."""
+        return self.config.text_len
+
+    @property
     def device(self) -> torch.device:
         return self.bert.embeddings.word_embeddings.weight.device
 
