@@ -8,6 +8,7 @@ VmHWM, reset between stages through /proc/self/clear_refs), plus the decode work
 the seconds per image. The goal: a peak under 3 GB on a CPU for any folder size.
 
     PYTHONPATH=. python benchmarks/memory.py [--images 2 8] [--batch-size 8] [--workers 2] [--threads 2]
+    PYTHONPATH=. python benchmarks/memory.py --speed --images 2 [--rounds 3]   # speed now vs whole-batch stages
 
 On a shared machine the seconds are noisy; the memory figures are not.
 """
@@ -153,6 +154,49 @@ def measure(folder: str, batch_size: int, workers: int, threads: int) -> dict:
             "encoded": report.encoded, "elapsed_s": elapsed, "hwm_reset": meter.can_reset}
 
 
+def speed(images: int, rounds: int, threads: int) -> None:
+    """Seconds per image of the detector as it runs now (head one image at a time, backbone capped in pixels)
+    against the whole batch through every stage (how it ran before), interleaved round by round in one process."""
+    import statistics
+
+    import torch
+
+    from feature_extraction.detector.config import DetectorConfig
+    from feature_extraction.detector.preprocess import preprocess
+    from feature_extraction.detector.weights import load_detector
+    from tests.detector_fixtures import random_hub_state_dict, synthetic_image
+
+    torch.set_num_threads(threads)
+    cfg = DetectorConfig()
+    model = load_detector(random_hub_state_dict(cfg, seed=0), cfg)
+    batch = [preprocess(synthetic_image(600, 800, 300 + i), cfg) for i in range(images)]
+
+    @torch.inference_mode()
+    def whole_batch() -> None:  # every stage on the whole batch at once (the code before issue 14 item 23)
+        res4 = model.backbone_features([im.tensor for im in batch])
+        props = [model.propose(f, im.scale.resized_size)[0] for f, im in zip(res4, batch)]
+        feats = model.res5_features(model.pool(res4, props)).float()
+        model.roi_heads.box_predictor(feats)
+
+    def now() -> None:
+        model.detect(batch)
+
+    now()  # warm-up: oneDNN primitive creation
+    times: dict[str, list[float]] = {"whole batch per stage (before)": [], "one image per head call (now)": []}
+    for r in range(rounds):
+        order = list(times.items()) if r % 2 == 0 else list(times.items())[::-1]
+        for name, record in order:
+            fn = whole_batch if name.endswith("(before)") else now
+            start = time.perf_counter()
+            fn()
+            record.append((time.perf_counter() - start) / images)
+    print(f"detector seconds per image, {images} images 600x800 per call, median of {rounds} interleaved rounds "
+          f"({threads} threads):")
+    for name, record in times.items():
+        print(f"  {name:34s} {statistics.median(record):7.2f} s/image  (rounds: "
+              + ", ".join(f"{t:.1f}" for t in record) + ")")
+
+
 # -------------------------------------------------------------------------------------------- setting up
 def setup(home: Path, photos: Path, count: int, size: tuple[int, int]) -> None:
     """Full-size random detector + base bi-encoder in ``home``; ``count`` synthetic JPEGs in ``photos``."""
@@ -182,12 +226,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="`ldot index --workers` (default 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", default="600x800", help="HxW of the synthetic photos")
+    parser.add_argument("--speed", action="store_true", help="instead: detector seconds per image, now against "
+                        "the whole batch per stage (before), interleaved (uses --images' first value, --rounds)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--setup", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     if args.setup:
         setup(Path(args.setup[0]), Path(args.setup[1]), max(args.images), (h, w))
+        return
+    if args.speed:
+        speed(args.images[0], args.rounds, args.threads)
         return
     if args.measure:
         print(json.dumps(measure(args.measure, args.batch_size, args.workers, args.threads)))

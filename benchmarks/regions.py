@@ -138,11 +138,10 @@ def faithfulness(label: str, bi_encoder, queries: np.ndarray, records_per_query:
 
 
 def planted_faithfulness(model, pairs, lookup, tokenizer) -> None:
-    from models.nn.bi_encoder import BiEncoder
     from models.training.data import SpecialIds
     from models.training.loop import encode_pairs
 
-    bi = model.bert if isinstance(model.bert, BiEncoder) else model.bert
+    bi = model.bert  # the BiEncoder inside the pre-training wrapper
     text, image = encode_pairs(model, pairs, lookup, SpecialIds.of(tokenizer), torch.device("cpu"), None)
     records = [lookup[k] for k in pairs.image_keys]
     queries = text[::2][:16]

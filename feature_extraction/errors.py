@@ -46,3 +46,7 @@ class DBLockedError(ImageDBError):
 
 class DetectorError(FeatureExtractionError):
     """The detector failed or returned output that breaks its contract."""
+
+
+class PresetError(FeatureExtractionError, ValueError):
+    """An unknown box-selection preset (a ValueError too, for callers that catch those)."""

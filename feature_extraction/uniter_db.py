@@ -123,7 +123,9 @@ def resolve_cut(cut: BoxCut | str) -> BoxCut:
     try:
         return PRESET_CUTS[cut]
     except KeyError:
-        raise ValueError(f"unknown preset {cut!r}; known: {', '.join(PRESET_CUTS)}") from None
+        from feature_extraction.errors import PresetError
+
+        raise PresetError(f"unknown preset {cut!r}: choose {' or '.join(PRESET_CUTS)}") from None
 
 
 # ------------------------------------------------------------------------------ records

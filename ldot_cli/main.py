@@ -56,7 +56,9 @@ class _ErrorBoundary(TyperGroup):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _clean_help(self)
+        from ldot_cli.commands.console import clean_help
+
+        clean_help(self)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -77,9 +79,11 @@ class _ErrorBoundary(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def get_params(self, ctx: click.Context) -> list[Any]:
+        from ldot_cli.commands.console import clean_param
+
         params = super().get_params(ctx)
         for param in params:  # typer adds --install-completion / --show-completion after __init__
-            _clean_param(param)
+            clean_param(param)
         return params
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -102,9 +106,13 @@ class _ErrorBoundary(TyperGroup):
             fail("interrupted", 130)
         except Exception as exc:
             from models.core.errors import as_storage_error
+            from models.core.home import as_home_error
 
             if debug:
                 raise
+            home = as_home_error(exc)  # LDOT_HOME a file, read-only or not creatable: say so, name it
+            if home is not None:
+                fail(str(home), home.exit_code)
             storage = as_storage_error(exc)  # a full or failing disk is the user's to fix, not a bug
             if storage is not None:
                 fail(str(storage), storage.exit_code)
@@ -126,9 +134,9 @@ def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
         pass
     flags = {}
     for param in command.params:
-        long = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-        if param.name and long:
-            flags[param.name] = long[0]
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
+        if param.name and opts:  # the long spelling when there is one (-k has none)
+            flags[param.name] = next((o for o in opts if o.startswith("--")), opts[0])
     return flags
 
 
@@ -169,59 +177,6 @@ def _usage_line(exc: Any) -> str:
     return message
 
 
-def _type_word(param: Any) -> str:
-    """A click-style metavar for an option's value: TEXT, INTEGER, FLOAT, PATH or the choices (a|b)."""
-    desc = getattr(param, "type_descriptor", None)
-    if desc is None:  # pragma: no cover - typer before 0.2x: click types
-        choices = getattr(param.type, "choices", None)
-        return "|".join(map(str, choices)) if choices else str(getattr(param.type, "name", "text")).upper()
-    if getattr(desc, "is_choice", False) and desc.choices:
-        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
-    if getattr(desc, "is_path", False):
-        return "PATH"
-    annotation = desc.annotation
-    if getattr(desc, "is_list", False):
-        from typing import get_args
-
-        annotation = (get_args(annotation) or (str,))[0]
-    from pathlib import PurePath
-
-    if isinstance(annotation, type) and issubclass(annotation, PurePath):
-        return "PATH"
-    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
-
-
-def _clean_help(command: Any) -> None:
-    """Help shows click-style metavars (PATHS..., TEXT, INTEGER; nothing after a flag) instead of Python types
-    (``<list[Path]>``, ``<bool>``, ``{paths}...``), for every command and sub-command."""
-    for param in getattr(command, "params", []):
-        _clean_param(param)
-    plain_help_option = command.get_help_option
-
-    def help_option(ctx: Any) -> Any:
-        option = plain_help_option(ctx)
-        if option is not None:
-            _clean_param(option)
-        return option
-
-    command.get_help_option = help_option
-    for sub in getattr(command, "commands", {}).values():
-        _clean_help(sub)
-
-
-def _clean_param(param: Any) -> None:
-    if param.param_type_name == "argument":
-        name = (param.name or "arg").upper() + ("..." if param.nargs != 1 else "")
-        param.metavar = name
-        param.display_type_rich = lambda ctx: None
-        param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
-        param._rich_display_name = lambda name=name: name
-    elif getattr(param, "is_flag", False) or getattr(param, "count", False):
-        param.display_type_rich = lambda ctx: None
-    elif param.metavar is None:
-        param.metavar = _type_word(param)
-
-
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` as one line on stderr and exit with ``code``."""
     from ldot_cli.commands.console import err, line
@@ -256,6 +211,7 @@ def main(
 
 
 def _register() -> None:
+    from ldot_cli.commands import data as cmd_data
     from ldot_cli.commands import eval as cmd_eval
     from ldot_cli.commands import extract as cmd_extract
     from ldot_cli.commands import index as cmd_index
@@ -271,6 +227,7 @@ def _register() -> None:
     cmd_eval.register(app)
     cmd_train.register(app)
     cmd_extract.register(app)
+    cmd_data.register(app)
 
 
 _register()

@@ -17,6 +17,7 @@ def ldot_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LDOT_HOME", str(home))
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_hub_cache")))  # never the user's
     monkeypatch.setenv("LDOT_NO_PROGRESS", "1")
     return home
 

@@ -91,6 +91,10 @@ class ServedFile:
     data: bytes
     cut_after: int | None = None  # close the connection after this many body bytes (a truncated transfer)
     ignore_range: bool = False
+    delay: float = 0.0  # seconds to wait before sending the body (a slow server)
+    fail_first: int = 0  # answer HTTP 503 to this many requests first (a flaky server)
+    headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. the hub's X-Repo-Commit)
+    redirect: str | None = None  # answer 302 to this URL ("{url}": this server; "{cdn}": it as another origin)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Server:
     url: str
     files: dict[str, ServedFile]
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    auth: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization header)
 
 
 @contextmanager
@@ -109,12 +114,34 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
         def log_message(self, *args):  # quiet
             pass
 
+        def do_HEAD(self):  # noqa: N802
+            self._serve(head=True)
+
         def do_GET(self):  # noqa: N802
+            self._serve(head=False)
+
+        def _serve(self, head: bool):
+            import time
+
             rng = self.headers.get("Range")
-            server_state.requests.append((self.path, rng))
-            served = server_state.files.get(self.path)
+            server_state.requests.append((self.path, rng) if not head else ("HEAD " + self.path, rng))
+            server_state.auth.append((self.path, self.headers.get("Authorization")))
+            served = server_state.files.get(self.path.split("?")[0])
             if served is None:
                 self.send_error(404)
+                return
+            if served.fail_first > 0:
+                served.fail_first -= 1
+                self.send_error(503)
+                return
+            if served.redirect is not None:
+                self.send_response(302)
+                cdn = server_state.url.replace("127.0.0.1", "localhost")  # another origin, as a CDN is
+                self.send_header("Location", served.redirect.replace("{url}", server_state.url).replace("{cdn}", cdn))
+                for key, value in served.headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             data, start = served.data, 0
             match = re.match(r"bytes=(\d+)-", rng or "")
@@ -131,11 +158,20 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
                 self.send_response(200)
             body = data[start:]
             self.send_header("Content-Length", str(len(body)))
+            for key, value in served.headers.items():
+                self.send_header(key, value)
             self.end_headers()
+            if head:
+                return
+            if served.delay:
+                time.sleep(served.delay)
             if served.cut_after is not None:
                 body = body[: served.cut_after]
-            self.wfile.write(body)
-            self.wfile.flush()
+            try:
+                self.wfile.write(body)
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return
             if served.cut_after is not None:
                 self.close_connection = True
 
@@ -148,6 +184,43 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_repo_files(repo: str, files: dict[str, bytes], lfs: tuple[str, ...] = (), commit: str = HUB_COMMIT,
+                   revision: str = "main", **served: object) -> dict[str, ServedFile]:
+    """A repo laid out as the Hugging Face hub serves it: ``/<repo>/resolve/<revision or commit>/<file>`` with
+    X-Repo-Commit and ETag (a small file: its git blob sha1); an LFS file answers 302 to ``/cdn/<sha256>`` (on
+    ``localhost``: another origin, as the hub's CDN is) with
+    X-Linked-Etag (its sha256) and X-Linked-Size, as the hub redirects to its CDN. ``served`` goes to the bytes."""
+    import hashlib
+
+    out: dict[str, ServedFile] = {}
+    for name, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        for rev in (revision, commit):
+            path = f"/{repo}/resolve/{rev}/{name}"
+            if name in lfs:
+                out[path] = ServedFile(b"", redirect="{cdn}/cdn/" + sha, headers={
+                    "X-Repo-Commit": commit, "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
+                    "ETag": f'"{sha}"'})
+            else:
+                git = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+                out[path] = ServedFile(data, headers={"X-Repo-Commit": commit, "ETag": f'"{git}"'}, **served)
+        if name in lfs:
+            out[f"/cdn/{sha}"] = ServedFile(data, **served)
+    return out
+
+
+def hub_online(monkeypatch, url: str) -> None:
+    """Let huggingface_hub reach ``url`` (the tests' conftest sets HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 def closed_port_url() -> str:

@@ -27,6 +27,7 @@ def test_the_library_names_settings_and_the_cli_shows_the_running_commands_flags
     assert str(err) == "pass `force` to replace it, or choose another `name`"  # the Python API's words
     (tmp_path / "x.pt").write_bytes(b"not read: the name is taken")
     (ldot_home / "models" / "mine").mkdir(parents=True)
+    (ldot_home / "models" / "mine" / "config.json").write_text("{}")  # a model (an empty folder is a half download)
     result = runner.invoke(app, ["models", "import", str(tmp_path / "x.pt"), "--as", "mine"])
     assert result.exit_code == 2
     assert "pass --force to replace it, or choose another --as" in " ".join(result.output.split())

@@ -46,7 +46,11 @@ def test_arguments_and_options_read_as_in_other_tools():
 
 
 def test_train_help_shows_the_official_defaults():
-    from ldot_cli.commands.train import DECOMPOSE_DEFAULTS, FINETUNE_DEFAULTS, PRETRAIN_DEFAULTS
+    from ldot_cli.commands.train import (
+        DECOMPOSE_DEFAULTS,
+        FINETUNE_DEFAULTS,
+        PRETRAIN_DEFAULTS,
+    )
     from models.training.loop import decompose_config, finetune_config, pretrain_config
 
     for shown, config in ((FINETUNE_DEFAULTS, finetune_config("flickr30k")), (PRETRAIN_DEFAULTS, pretrain_config()),

@@ -173,3 +173,58 @@ def test_lxmert_rerank_on_uniter_regions_names_the_preset_it_learnt_from(indexed
     uniter = runner.invoke(app, [*args, "--reranker", "uniter-base"])
     assert uniter.exit_code == 0, uniter.output
     assert "lxmert36" not in uniter.stderr
+
+
+def _prompt_session(leader_timeout: float = 120):
+    """Start `ldot search --paths -k 2` on a pseudo-terminal; returns (process, leader fd, read_until, seen)."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "search", "--paths",
+                             "-k", "2"], stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                            env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(follower)
+    state = {"seen": b""}
+
+    def read_until(marker: bytes, count: int = 1, timeout: float = leader_timeout) -> bytes:
+        deadline = time.monotonic() + timeout
+        while state["seen"].count(marker) < count and time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    state["seen"] += os.read(leader, 4096)
+                except OSError:
+                    break
+        assert state["seen"].count(marker) >= count, state["seen"][-500:]
+        return state["seen"]
+
+    return proc, leader, read_until
+
+
+def test_prompt_has_line_editing_and_history_across_sessions(indexed, ldot_home):
+    """Issue 14 item 16: Up recalls the previous query (in the session and in the next one), arrows edit the line
+    instead of printing ^[[A, and the history lives in $LDOT_HOME."""
+    proc, leader, read_until = _prompt_session()
+    read_until(b"ldot> ")
+    os.write(leader, b"a dog on the beach\n")
+    read_until(b"ms search", 1)
+    read_until(b"ldot> ", 2)
+    os.write(leader, b"\x1b[A")  # Up: the previous query comes back on the line
+    seen = read_until(b"a dog on the beach", 2)
+    os.write(leader, b"\x1b[D\x1b[Dxx\n")  # Left twice, insert: edited in place, then searched
+    read_until(b"ms search", 2)
+    read_until(b"ldot> ", 3)
+    os.write(leader, b"\n")
+    assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    assert b"^[[A" not in seen and b"^[[D" not in seen
+    history = (ldot_home / "search_history").read_text().splitlines()
+    assert history[-2:] == ["a dog on the beach", "a dog on the beaxxch"]
+    proc, leader, read_until = _prompt_session()  # a new session remembers
+    read_until(b"ldot> ")
+    os.write(leader, b"\x1b[A")
+    read_until(b"a dog on the beaxxch")
+    os.write(leader, b"\x15\n")  # Ctrl-U clears the line; an empty line quits
+    assert proc.wait(timeout=60) == 0
+    os.close(leader)

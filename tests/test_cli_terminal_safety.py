@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from fakes import FakeDetector
-from ldot_testing import install_tiny_detector, install_tiny_model, make_photos, official_finetuned
+from ldot_testing import (
+    install_tiny_detector,
+    install_tiny_model,
+    make_photos,
+    official_finetuned,
+)
 from typer.testing import CliRunner
 
 from ldot_cli.commands.console import cell, line, safe

@@ -143,3 +143,32 @@ def test_library_never_prints_nor_uses_the_terminal():
                     if mod.split(".")[0] in ("rich", "typer", "click"):
                         offenders.append(f"{name}:{node.lineno} imports {mod}")
     assert not offenders, "the library talks to the terminal:\n  " + "\n  ".join(offenders)
+
+
+def test_library_messages_name_settings_not_flags():
+    """The library names a setting with `models.core.errors.option(...)`; only the CLI spells flags. A flag may
+    appear inside a whole suggested command in backquotes (`ldot models import FILE --as NAME`)."""
+    import re
+
+    flag = re.compile(r"(?<![\w`-])--[a-z][a-z0-9-]*")
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith(("ldot_cli.commands", "ldot_cli.main")):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        in_fstrings = {id(part) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for part in node.values}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):  # the whole f-string, each {...} standing for a value
+                text = "".join(part.value if isinstance(part, ast.Constant) else "{}" for part in node.values)
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                  and id(node) not in in_fstrings):
+                text = node.value
+            else:
+                continue
+            if flag.search(re.sub(r"`[^`]*`", "", text)):
+                offenders.append(f"{name}:{node.lineno} {text[:70]!r}")
+    assert not offenders, "flags spelled in library messages:\n  " + "\n  ".join(offenders)

@@ -4,11 +4,10 @@ chance by a wide margin on held-out images, and the mined hard negatives are har
 
 from __future__ import annotations
 
+import learnset as L
 import numpy as np
 import pytest
 import torch
-
-import learnset as L
 
 
 @pytest.fixture(autouse=True)

@@ -53,3 +53,35 @@ def test_docs_exist():
         pytest.skip("running from an installed package without the source tree")
     readme = (root / "README.md").read_text()
     assert readme.count("```") >= 2 and "pytest" in readme.split("```")[1]
+
+
+def test_extras_never_mix_cuda_majors_with_the_pinned_torch():
+    """Issue 14 item 21: `pip install ".[gpu]"` pulled faiss-gpu's CUDA 12 libraries beside torch's CUDA 13 ones.
+    Every CUDA-specific requirement of an extra (faiss-gpu*, nvidia-*) must name torch's CUDA major."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        pytest.skip("running from an installed package without the source tree")
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    pinned = next(r for r in project["dependencies"] if r.startswith("torch=="))
+    assert importlib.metadata.version("torch").split("+")[0] == pinned.split("==")[1]
+    majors = {int(m) for r in importlib.metadata.requires("torch") or [] for m in re.findall(r"-cu(\d+)\b", r)}
+    if not majors:
+        import torch
+
+        if torch.version.cuda is None:
+            pytest.skip("a CPU-only torch build: no CUDA major to compare with")
+        majors = {int(torch.version.cuda.split(".")[0])}
+    extras = project["optional-dependencies"]
+    assert "gpu" in extras  # `pip install ".[gpu]"` keeps working
+    for extra, requirements in extras.items():
+        for requirement in requirements:
+            name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+            if name.startswith(("faiss-gpu", "nvidia-", "cupy")):
+                found = re.search(r"cu(\d+)$", name)
+                assert found and {int(found.group(1))} == majors, (
+                    f"[{extra}] {requirement}: CUDA {found.group(1) if found else '12 (unsuffixed faiss-gpu)'} "
+                    f"beside torch's CUDA {sorted(majors)}")

@@ -6,18 +6,21 @@ token; the tests reach it through 127.0.0.1 only)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fakes import FakeDetector
-from ldot_testing import install_tiny_model, make_photos, write_vocab
+from ldot_testing import (
+    install_tiny_model,
+    install_tiny_reranker,
+    make_photos,
+    write_vocab,
+)
 from typer.testing import CliRunner
 
 from ldot_cli.main import app
@@ -71,6 +74,7 @@ def served(tmp_path_factory):
         mp.setenv("LDOT_HOME", str(home))
         vocab = write_vocab(home / "vocab").parent
         install_tiny_model("tiny", vocab)
+        install_tiny_reranker("uniter-base", vocab)  # the page's re-rank toggle
         folder = home / "photos"
         make_photos(folder, 8, size=(96, 64))
         from ldot_cli.index.indexer import Indexer
@@ -126,6 +130,11 @@ def test_api_answers_as_the_library_does(served, env):
     assert [h["score"] for h in data["hits"]] == pytest.approx([h["score"] for h in want], abs=1e-4)
     assert all(h["boxes"] and len(h["regions"][0]) == 5 for h in data["hits"])
     assert data["timings"]["total_ms"] > 0
+    assert info["reranker"] == "uniter-base"
+    reranked = api(local.base, {"q": QUERY, "k": 4, "rerank": True, "rerank_k": 6}).json()
+    scores = [h["rerank_score"] for h in reranked["hits"]]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True) and reranked["timings"]["rerank_ms"] > 0
+    assert {h["path"] for h in reranked["hits"]} <= {h["path"] for h in local_hits({"q": QUERY, "k": 6})}
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -137,7 +146,7 @@ def test_api_answers_as_the_library_does(served, env):
     ({"q": "dog", "k": "many"}, 422, "k"),
     ({"q": "dog", "min_score": "lots"}, 400, "`min_score` must be a number"),
     ({"q": "dog", "min_score": "auto"}, 400, "no score calibration"),
-    ({"q": "x" * 20_000}, 422, "q"),
+    ({"q": "x" * 20_000}, 422, "q"),  # under the body limit, over the query limit
     ({"q": ["dog"]}, 422, "q"),
     ({"id": 99999}, 400, "no indexed image has id 99999"),
     ({"sha256": "../../etc/passwd"}, 422, "sha256"),
@@ -150,9 +159,12 @@ def test_bad_queries_get_a_clear_error(served, body, status, message):
 
 def test_huge_and_malformed_requests_are_refused(served):
     base = served[1].base
-    huge = httpx.post(f"{base}/api/search", content=b'{"q": "' + b"a" * 5_000_000 + b'"}',
+    huge = httpx.post(f"{base}/api/search", content=b'{"q": "' + b"a" * 200_000 + b'"}',
                       headers={"Content-Type": "application/json"}, timeout=60)
     assert huge.status_code == 413
+    chunked = httpx.post(f"{base}/api/search", content=iter([b'{"q": "', b"a" * 1000, b'"}']),
+                         headers={"Content-Type": "application/json"}, timeout=60)
+    assert chunked.status_code == 411  # no length announced: refused before reading
     bad = httpx.post(f"{base}/api/search", content=b"{not json", headers={"Content-Type": "application/json"},
                      timeout=60)
     assert bad.status_code == 422
@@ -259,6 +271,7 @@ def test_the_page_in_a_real_browser(served, env, tmp_path):
         driver.get(local.url)
         wait.until(lambda d: "8 images" in d.find_element(By.ID, "status").text)
         assert "index default" in driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.ID, "rerank").is_enabled()  # a cross-encoder is installed
         box = driver.find_element(By.ID, "q")
         box.send_keys(QUERY, Keys.ENTER)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card")) == len(want))

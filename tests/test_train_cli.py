@@ -31,11 +31,12 @@ def planted(monkeypatch, ldot_home):
     pairs, lookup = planted_pairs(n_images=16)
     seen = []
 
-    def fake_open(spec, tokenizer):
+    def fake_open(spec, tokenizer, **kw):
         seen.append(spec)
         return TrainData(pairs, lookup, val=None if spec.no_val else pairs, description="planted")
 
     monkeypatch.setattr("ldot_cli.train.driver.open_training_data", fake_open)
+    monkeypatch.setattr("ldot_cli.train.driver.check_training_data", lambda spec: None)  # the files are planted
     return seen
 
 
@@ -95,7 +96,7 @@ def test_resume_of_an_unknown_run_says_so(planted):
     assert result.exit_code == 2 and "no run named 'nope' to resume" in result.output
 
 
-def test_missing_bert_says_how_to_get_it():
+def test_missing_bert_says_how_to_get_it():  # before fetching any training data
     result = runner.invoke(app, ["train", "finetune", "--out", "x", "--init", "bert-base-cased"])
     assert result.exit_code == 2 and "ldot models download bert-base-cased" in result.output
 
@@ -113,8 +114,8 @@ def test_warmup_longer_than_the_run_warns_and_save_every_checkpoints(planted, ld
 
 
 def test_show_draws_the_curves_and_names_a_missing_run(planted, ldot_home, tmp_path):
-    assert runner.invoke(app, ["train", "finetune", "--out", "c", "--epochs", "2", "--batch-size", "8", "--device",
-                               "cpu"]).exit_code == 0
+    assert runner.invoke(app, ["train", "finetune", "--data", str(ldot_home), "--out", "c", "--epochs", "2",
+                               "--batch-size", "8", "--device", "cpu"]).exit_code == 0
     shown = runner.invoke(app, ["train", "show", "c", "--out", str(tmp_path / "c.png")])
     assert shown.exit_code == 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     missing = runner.invoke(app, ["train", "show", "nope"])

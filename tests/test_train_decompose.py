@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ldot_testing import WORDS, install_tiny_detector, install_tiny_reranker, make_photos, planted_pairs, write_vocab
+from ldot_testing import (
+    WORDS,
+    install_tiny_detector,
+    install_tiny_reranker,
+    make_photos,
+    planted_pairs,
+    write_vocab,
+)
 from typer.testing import CliRunner
 
 import models

@@ -159,4 +159,6 @@ def get_preset(preset: str | UniterSelection | LxmertSelection) -> UniterSelecti
     try:
         return PRESETS[preset]
     except KeyError:
-        raise ValueError(f"unknown selection preset {preset!r}; choose from {sorted(PRESETS)}") from None
+        from feature_extraction.errors import PresetError
+
+        raise PresetError(f"unknown preset {preset!r}: choose {' or '.join(sorted(PRESETS, reverse=True))}") from None

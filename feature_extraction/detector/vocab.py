@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from feature_extraction.errors import DetectorError
+from models.core.errors import option
 from models.hub.catalogue import DEFAULT_DETECTOR, OBJECT_VOCAB_FILE
 
 NUM_OBJECTS = 1600
@@ -39,5 +40,5 @@ def object_vocab(detector: str | Path = DEFAULT_DETECTOR) -> tuple[str, ...]:
         path = path / OBJECT_VOCAB_FILE
     if not path.is_file():
         raise DetectorError(f"no object vocabulary at {path}: run `ldot models download {detector}` (it fetches "
-                            f"{OBJECT_VOCAB_FILE} beside the weights), or train with --no-tags")
+                            f"{OBJECT_VOCAB_FILE} beside the weights), or train with {option('no_tags')}")
     return read_object_vocab(path)

@@ -76,6 +76,60 @@ def cli_message(exc: BaseException, flags: dict[str, str] | None = None) -> str:
     return " ".join(for_cli(lambda name: flags.get(name, "--" + name.replace("_", "-"))).split())
 
 
+# -- help ------------------------------------------------------------------------------------------------
+def _type_word(param: Any) -> str:
+    """A click-style metavar for an option's value: TEXT, INTEGER, FLOAT, PATH or the choices (a|b)."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None:  # pragma: no cover - typer before 0.2x: click types
+        choices = getattr(param.type, "choices", None)
+        return "|".join(map(str, choices)) if choices else str(getattr(param.type, "name", "text")).upper()
+    if getattr(desc, "is_choice", False) and desc.choices:
+        return "|".join(str(getattr(c, "value", c)) for c in desc.choices)
+    if getattr(desc, "is_path", False):
+        return "PATH"
+    annotation = desc.annotation
+    if getattr(desc, "is_list", False):
+        from typing import get_args
+
+        annotation = (get_args(annotation) or (str,))[0]
+    from pathlib import PurePath
+
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "PATH"
+    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
+
+
+def clean_help(command: Any) -> None:
+    """Help shows click-style metavars (PATHS..., TEXT, INTEGER; nothing after a flag) instead of Python types
+    (``<list[Path]>``, ``<bool>``, ``{paths}...``), for every command and sub-command."""
+    for param in getattr(command, "params", []):
+        clean_param(param)
+    plain_help_option = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = plain_help_option(ctx)
+        if option is not None:
+            clean_param(option)
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        clean_help(sub)
+
+
+def clean_param(param: Any) -> None:
+    if param.param_type_name == "argument":
+        name = (param.name or "arg").upper() + ("..." if param.nargs != 1 else "")
+        param.metavar = name
+        param.display_type_rich = lambda ctx: None
+        param._usage_display_name = lambda name=name, p=param: name if p.required else f"[{name}]"
+        param._rich_display_name = lambda name=name: name
+    elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+        param.display_type_rich = lambda ctx: None
+    elif param.metavar is None:
+        param.metavar = _type_word(param)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "?"
@@ -149,6 +203,8 @@ class ProgressView:
         if "task_losses" in p.info:  # training: where it is and how the losses go
             losses = " ".join(f"{k} {v:.3f}" for k, v in sorted(p.info["task_losses"].items()))
             description = safe(f"epoch {p.info.get('epoch', 0.0):.2f} {losses}")
+        if "files" in p.info and "of" in p.info:  # a batch of downloads: files done of all
+            description += f" ({p.info['files']:,}/{p.info['of']:,} files)"
         if "lr" in p.info and rate:
             rate += f" lr {p.info['lr']:.2e}"
         self.progress.update(self.tasks[p.stage], completed=p.done, total=p.total, rate=rate,

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
 from rich.text import Text
 
 from ldot_cli.commands.console import ProgressView, cell, err, line, out, progress_bar
@@ -49,6 +48,9 @@ Images found in --data: a UNITER image DB folder (holding feat_th0.2_max100_min1
 coco_val2014), or the image files (flickr30k-images/, images/, val2014/ ...): their region features are
 extracted once with the detector and cached in $LDOT_HOME/features, so later runs only re-encode.
 
+With no --data (nor any input below), the public test split is fetched once into $LDOT_HOME/datasets/ (see
+`ldot data list`: size and terms of use are shown first, and a large download is confirmed unless --yes).
+
 A text DB and an image DB are preferred over a Karpathy file and image files. --karpathy, --txt-db, --images,
 --img-db, --captions and --image-list name the inputs explicitly.
 """
@@ -86,11 +88,26 @@ def eval_command(
                                      "cross-encoder's full score matrix (0: skip)."),
     plot: Path = typer.Option(None, "--plot", help="Also draw recall@K both ways and the speed-ups into this "
                               "PNG (needs matplotlib: the [plot] extra)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the test split without asking "
+                             "(accepts its terms of use)."),
 ) -> None:
     from ldot_cli.data.benchmarks import DataPaths
     from ldot_cli.eval.evaluation import EvalOptions, run
 
     paths = DataPaths(data, karpathy, txt_db, images, img_db, captions, image_list)
+    if paths == DataPaths():  # nothing given: the public test split, fetched once into the cache
+        from ldot_cli.commands.data import fetch_with_progress
+        from ldot_cli.data import sources
+
+        if split == Split.val:
+            raise typer.BadParameter("only the test split is fetched automatically: pass --data for val",
+                                     param_hint="--split")
+        from ldot_cli.eval.evaluation import check_request
+        from models.hub.load import resolve_source
+
+        resolve_source(check_request(dataset.value, split.value, model))  # the model is here before any download
+        fetch_with_progress(dataset.value, "test", lang.value, yes)
+        paths = sources.eval_paths(dataset.value, lang.value)
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,
                        batch_size, device.value, cross_sample, save_embeddings)
     with progress_bar(transient=True) as progress:

@@ -36,8 +36,10 @@ def extract(
     """Extract Bottom-Up-Attention region features into OUT (readable by UNITER/LightningDOT tooling)."""
     from feature_extraction.detector.weights import open_detector
     from feature_extraction.pipeline import extract_to_db
+    from feature_extraction.uniter_db import resolve_cut
     from models.hub.fetch import ensure_model
 
+    resolve_cut(preset)  # before any download
     with progress_bar("bytes", transient=True) as bar:
         ensure_model(detector, ProgressView(bar))
     model = open_detector(detector, device, half)

@@ -93,10 +93,12 @@ def index(
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
-
+    from feature_extraction.uniter_db import resolve_cut
     from ldot_cli.index.indexer import Indexer
     from models.hub.fetch import ensure_model
 
+    if preset is not None:
+        resolve_cut(preset)  # cheap checks before anything is created or downloaded
     with progress_bar() as bar:
         indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
                           device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
@@ -151,7 +153,6 @@ def status(
     if json_:
         out.print_json(json.dumps(info))
         return
-
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
                 "vectors", "search", "bytes", "region_bytes_per_image", "updated"):
         value = info.get(key)

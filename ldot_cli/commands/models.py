@@ -42,14 +42,26 @@ def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON l
     table.add_column("size", min_width=7)
     if with_source:
         table.add_column("source", overflow="fold")
+        table.add_column("where", no_wrap=True)
     styles = {"yes": "green", "no": "dim", "partial": "yellow", "damaged": "red"}
     for row in rows:
         cells = [cell(row["name"]), cell(row["kind"]), cell(row["present"], styles[str(row["present"])]),
                  cell(row["licence"] or "-"), cell(row["size"])]
-        table.add_row(*cells, *([cell(row["source"])] if with_source else []))
+        table.add_row(*cells, *([cell(row["source"]), cell(row["where"] or "-")] if with_source else []))
     out.print(table)
     if not with_source:
-        err.print(line(("sources: `ldot models list --json` (or a terminal of 100+ columns)", "dim")))
+        err.print(line(("sources and where the files are: `ldot models list --json` (or a terminal of 100+ columns)",
+                        "dim")))
+    elif any(row["where"] == "hub cache" for row in rows):
+        from models.core.home import models_dir
+        from models.hub.hubfiles import hub_cache_dir
+
+        err.print(line(("where: ldot = ", "dim"), models_dir(), ("; hub cache = the shared Hugging Face cache ", "dim"),
+                       hub_cache_dir(), (" (linked from the ldot folder)", "dim")))
+    for row in rows:
+        if row["pending_bytes"] and row["present"] != "yes":
+            err.print(line(row["name"], f": {human_bytes(row['pending_bytes'])} downloaded: `ldot models download "
+                           f"{row['name']}` resumes"))
     for row in rows:
         if row["problem"]:
             err.print(line(row["name"], ": ", row["problem"], ": re-download it (`ldot models download NAME`) or "
@@ -58,7 +70,8 @@ def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON l
 
 def _model_rows() -> list[dict[str, object]]:
     """One dict per registry entry and per local model: name, kind, present (yes/partial/no), size (text),
-    bytes (when present), licence, source, path (when present)."""
+    bytes (when present), licence, source, path (when present), where (ldot / hub cache: the shared Hugging Face
+    cache, linked from the ldot folder), pending_bytes (what an interrupted download left to resume from)."""
     from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
 
@@ -75,12 +88,38 @@ def _model_rows() -> list[dict[str, object]]:
         rows.append({"name": entry.name, "kind": entry.kind, "present": present(model),
                      "size": human_bytes(model.size) if model else entry.approx_size,
                      "bytes": model.size if model else None, "licence": entry.licence, "source": _source(entry),
-                     "path": str(model.path) if model else None, "problem": model.problem if model else None})
+                     "path": str(model.path) if model else None, "problem": model.problem if model else None,
+                     "where": _where(model), "pending_bytes": _pending_bytes(entry)})
     for model in local.values():
         rows.append({"name": model.name, "kind": model.kind, "present": present(model),
                      "size": human_bytes(model.size), "bytes": model.size, "licence": None,
-                     "source": f"local ({model.origin})", "path": str(model.path), "problem": model.problem})
+                     "source": f"local ({model.origin})", "path": str(model.path), "problem": model.problem,
+                     "where": _where(model), "pending_bytes": 0})
     return rows
+
+
+def _pending_bytes(entry: object) -> int:
+    """Bytes an interrupted download left (in the staging folder, or the shared hub cache's ``.part`` blobs):
+    the next download resumes from them."""
+    from models.hub.fetch import staging_dir
+    from models.hub.hubfiles import hub_cache_dir, parse_hub_url
+
+    folder = staging_dir(entry.name)  # type: ignore[attr-defined]
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+    hub = parse_hub_url(entry.files[0].urls[0])  # type: ignore[attr-defined]
+    if hub is not None:
+        blobs = hub_cache_dir() / ("models--" + hub.repo.replace("/", "--")) / "blobs"
+        total += sum(p.stat().st_size for p in blobs.glob("*.part")) if blobs.is_dir() else 0
+    return total
+
+
+def _where(model: Any) -> str | None:
+    """Where a present model's files are: the ldot cache, or (linked from it) the shared Hugging Face cache."""
+    if model is None:
+        return None
+    path = model.path
+    linked = path.is_dir() and any(p.is_symlink() for p in path.iterdir())
+    return "hub cache" if linked else "ldot"
 
 
 def _source(entry: object) -> str:
@@ -145,10 +184,21 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
 def rm(
     name: str = typer.Argument(..., help="Model to delete from the cache."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    force: bool = typer.Option(False, "--force", help="Delete it even if an index was built with it."),
 ) -> None:
-    """Delete a model from the cache."""
+    """Delete a model from the cache (refused while an index uses it, unless --force)."""
+    from ldot_cli.index.status import indexes_using
+    from models.core.errors import LdotError
     from models.hub.cache import remove_model
 
+    users = indexes_using(name)
+    if users and not force:
+        raise LdotError(f"model {name!r} is used by index {', '.join(map(repr, users))}: searching or updating it "
+                        f"would need the model again (a download, or `ldot models import`); pass --force to delete "
+                        "it anyway")
+    if users:
+        err.print(line(("warning: ", "bold yellow"), f"index {', '.join(map(repr, users))} will need model {name!r} "
+                       "again"))
     if not yes:
         typer.confirm(safe(f"delete model {name!r} from the cache?"), abort=True, err=True)
     path = remove_model(name)

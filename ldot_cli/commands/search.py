@@ -51,6 +51,8 @@ def search(
                         "for a prompt)")
     if preview and (json_ or paths or null):
         raise LdotError("--preview shows the table with thumbnails: leave out --json, --paths and -0")
+    if rerank and rerank_k < 1:
+        raise LdotError(f"--rerank-k must be at least 1 (got {rerank_k}): it is how many top results are re-scored")
     mode = "json" if json_ else "paths" if paths else "null" if null else "table"
     m = rerank_k if rerank else None
     want_regions = regions or html is not None
@@ -79,7 +81,12 @@ def search(
 def _through_server(name: str, query: str | None, image: Path | None, k: int, rerank_k: int | None,
                     reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Any:
     """The answer of a running `ldot serve` for this index, or None (none runs, or it cannot answer this)."""
-    from ldot_cli.serve.client import ServerRefused, ServerUnavailable, find_server, post
+    from ldot_cli.serve.client import (
+        ServerRefused,
+        ServerUnavailable,
+        find_server,
+        post,
+    )
     from models.core.errors import LdotError
 
     server = find_server(name)
@@ -122,8 +129,7 @@ def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str |
 
         write_sheet(html, answer.hits, query)
     if answer.no_match and mode in ("table",):
-        out.print(f"no good match (none of the top results scores {answer.min_score:.3f} or more)",
-                  highlight=False)
+        out.print(line(f"no good match (none of the top results scores {answer.min_score:.3f} or more)"))
         return
     if preview:
         from ldot_cli.commands.sheet import preview_table
@@ -186,7 +192,8 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
     from models.core.errors import LdotError
 
     err.print(line(("ldot", "bold"), " search over index ", (searcher.store.name, "bold"),
-                   " — type a query, empty line or Ctrl-D to quit"))
+                   " — type a query (Up/Down: earlier ones), empty line or Ctrl-D to quit"))
+    remember = _line_editor()
     searcher.encoder  # load the text tower before the first prompt
     while True:
         try:
@@ -196,6 +203,7 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
             return
         if not text.strip():
             return
+        remember()
         try:
             _render(searcher.search(text, k, rerank_k=rerank_k, reranker=reranker), mode)
             t = searcher.timings
@@ -203,3 +211,39 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
                             + (f", {t.rerank_ms:.0f} ms re-rank" if rerank_k else ""), "dim")))
         except LdotError as exc:
             err.print(line(("error: ", "red"), cli_message(exc)))
+
+
+HISTORY_FILE = "search_history"  # in $LDOT_HOME: the prompt's earlier queries, newest last
+HISTORY_LENGTH = 1000
+
+
+def _line_editor() -> Any:
+    """Line editing for the prompt (GNU readline, through Python's `readline`: arrows, Ctrl-A/E/R, Up/Down through
+    earlier queries), with the history kept in ``$LDOT_HOME/search_history`` across sessions. Returns a function
+    that saves the history (called after each query, so a killed session keeps it). Without readline (e.g. on
+    Windows) the prompt stays a plain line."""
+    try:
+        import readline
+    except ImportError:  # pragma: no cover - Python built without readline
+        return lambda: None
+    from models.core.home import ldot_home
+
+    path = ldot_home() / HISTORY_FILE
+    readline.set_history_length(HISTORY_LENGTH)
+    readline.clear_history()
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass  # no history yet (or unreadable: start a new one)
+
+    def save() -> None:
+        import os
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+            os.chmod(path, 0o600)  # queries are the user's business
+        except OSError:
+            pass  # a read-only cache: the session still has its history
+
+    return save

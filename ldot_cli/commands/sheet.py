@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ldot_cli.commands.console import err, out, safe
+from ldot_cli.commands.console import err, line, out, safe
 
 SHEET_THUMB = 320
 PREVIEW_CELLS = 24  # preview width in terminal columns
@@ -62,8 +62,8 @@ def sheet_html(hits: list[Any], query: str | None) -> str:
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 20px; background: #f7f7f5; color: #1d1f23; }}
 .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 14px; }}
 .card {{ margin: 0; background: #fff; border: 1px solid #d9dce1; border-radius: 10px; overflow: hidden; }}
-.pic {{ position: relative; display: block; width: fit-content; margin: 0 auto; }}
-.pic img {{ display: block; max-width: 100%; }}
+.pic {{ position: relative; display: block; width: 100%; }}
+.pic img {{ display: block; width: 100%; height: auto; }}
 .box {{ position: absolute; border: 2px solid #e8590c; box-shadow: 0 0 0 1px rgba(255,255,255,.8); }}
 .box.second {{ border-style: dashed; opacity: .8; }}
 figcaption {{ padding: 6px 9px; }}
@@ -80,7 +80,7 @@ def write_sheet(target: Path, hits: list[Any], query: str | None) -> None:
     from models.core.fileio import atomic_write_text
 
     atomic_write_text(target, sheet_html(hits, query))
-    err.print(f"contact sheet: {safe(str(target))}", highlight=False, markup=False)
+    err.print(line("contact sheet: ", target))
 
 
 def preview_table(hits: list[Any]) -> bool:

@@ -12,7 +12,8 @@ from ldot_cli.commands.console import ProgressView, err, line, progress_bar
 app = typer.Typer(help="Make your own model: fine-tune or pre-train a bi-encoder, or decompose a cross-encoder.",
                   no_args_is_help=True)
 
-Data = typer.Option(None, "--data", help="Folder holding the UNITER text/image DBs or the Karpathy split file.")
+Data = typer.Option(None, "--data", help="Folder holding the UNITER text/image DBs or the Karpathy split file "
+                    "(finetune with none: the public training set is fetched, see `ldot data get NAME --split train`).")
 TxtDb = typer.Option(None, "--txt-db", help="Training UNITER text DB (repeatable).")
 ValTxtDb = typer.Option(None, "--val-txt-db", help="Validation UNITER text DB (model selection by mean recall).")
 ImgDb = typer.Option(None, "--img-db", help="UNITER image DB folder (repeatable; default: every one under --data).")
@@ -80,10 +81,24 @@ def finetune(
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
     hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
+    yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the training set without asking "
+                             "(accepts its terms of use)."),
 ) -> None:
     """Fine-tune with CMR (in-batch contrastive loss over dot products); keep the epoch with the best mean recall."""
     if dataset not in ("flickr30k", "coco"):
         raise typer.BadParameter("choose flickr30k or coco", param_hint="--dataset")
+    if data is None and karpathy is None and not txt_db and val_txt_db is None and not img_db:
+        from ldot_cli.commands.data import fetch_with_progress
+        from ldot_cli.data import sources
+
+        if not resume:  # the public training set, fetched once into the cache, once the model is known to be here
+            from ldot_cli.train.driver import default_init
+            from models.hub.load import resolve_source
+
+            resolve_source(init or default_init("finetune"))
+            fetch_with_progress(dataset, "train", "de", yes)
+        if sources.is_fetched(dataset, "train"):
+            data = sources.dataset_dir(dataset)
     spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
     _run("finetune", out_name, spec, init, image_init, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,

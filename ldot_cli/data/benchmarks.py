@@ -115,7 +115,7 @@ def uniter_image_key(dataset: str, file: str) -> str:
     except ValueError:
         pass
     raise DatasetError(f"image file name {file!r} does not follow the {dataset} naming, so its UNITER feature "
-                       "key is unknown (pass --images to extract features from the files instead)")
+                       f"key is unknown (pass {option('images')} to extract features from the files instead)")
 
 
 def image_file_from_uniter_key(key: str) -> str:
@@ -128,7 +128,7 @@ def image_file_from_uniter_key(key: str) -> str:
         split = match.group(1)
         return f"{split}/COCO_{split}_{int(match.group(2)):012d}.jpg"
     raise DatasetError(f"UNITER image name {key!r} is neither flickr30k_<id>.npz nor coco_<split>_<id>.npz, "
-                       "so its image file is unknown (pass --img-db with the matching image DB)")
+                       f"so its image file is unknown (pass {option('img_db')} with the matching image DB)")
 
 
 def _file_or_key(key: str) -> str:
@@ -248,7 +248,7 @@ def find_image_db(data: Path, dataset: str) -> Path | None:
     if len(candidates) == 1:
         return candidates[0]
     raise DatasetError(f"several UNITER image DBs under {data} ({', '.join(str(c) for c in candidates)}): "
-                       "choose one with --img-db")
+                       f"choose one with {option('img_db')}")
 
 
 def find_text_db(data: Path, dataset: str, split: str) -> Path | None:
@@ -324,7 +324,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
     uniter_names: list[str] | None = None  # UNITER keys, when the captions come from a text DB
     if dataset == "multi30k":
         if split != "test":
-            raise DatasetError("Multi30K is evaluated on its 2016 test set only (--split test)")
+            raise DatasetError(f"Multi30K is evaluated on its 2016 test set only ({option('split')} test)")
         if lang not in MULTI30K_LANGS:
             raise DatasetError(f"unknown Multi30K language {lang!r}; choose one of {', '.join(MULTI30K_LANGS)}")
         cap = paths.captions or (_find_multi30k_file(data, f"test_2016_flickr.{lang}") if data else None)
@@ -332,7 +332,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
         if cap is None or lst is None:
             missing = f"test_2016_flickr.{lang}[.gz]" if cap is None else "test_2016_flickr.txt"
             raise DatasetError(f"no Multi30K {missing} under {data} (the multi30k/dataset layout: data/task1/raw/, "
-                               "data/task1/image_splits/); pass --captions / --image-list")
+                               f"data/task1/image_splits/); pass {option('captions')} / {option('image_list')}")
         file_names, rows = read_multi30k(cap, lst, lang)
         sources["captions"], sources["image_list"] = str(cap), str(lst)
     else:
@@ -354,7 +354,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
     img_db, images = paths.img_db, paths.images
     if img_db is None and images is None:
         if data is None:
-            raise DatasetError("no images: pass --data, --images (image files) or --img-db (UNITER image DB)")
+            raise DatasetError(f"no images: pass {option('data')}, {option('images')} (image files) or {option('img_db')} (UNITER image DB)")
         img_db = find_image_db(data, dataset)
         if img_db is None:
             first = file_names[0] if file_names else image_file_from_uniter_key(uniter_names[0])  # type: ignore[index]
@@ -362,7 +362,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
             if images is None:
                 raise DatasetError(f"no images for {dataset} under {data}: expected a UNITER image DB "
                                    f"({UNITER_FEATURE_DB}/) or the image files (e.g. {first}); "
-                                   "pass --img-db or --images")
+                                   f"pass {option('img_db')} or {option('images')}")
     if img_db is not None:
         if not is_image_db(img_db):
             raise DatasetError(f"{img_db} is not a UNITER image DB (expected {img_db / UNITER_FEATURE_DB}/data.mdb)")

@@ -80,13 +80,17 @@ def _image_dbs(spec: DataSpec) -> list[Path]:
             raise TrainDataError(f"{bad[0]} is not a UNITER image DB (expected {bad[0] / UNITER_FEATURE_DB}/data.mdb)")
         return list(spec.img_dbs)
     if spec.data is None:
-        raise TrainDataError("no image features: pass --data or --img-db (a UNITER image DB folder)")
+        raise TrainDataError(f"no image features: pass {option('data')} or {option('img_db')} (a UNITER image DB folder)")
     found = [p for p in [spec.data, *subdirs(spec.data), *(q for p in subdirs(spec.data) for q in subdirs(p))]
              if is_image_db(p)]
     if not found:
         raise TrainDataError(f"no UNITER image DB under {spec.data} (a folder holding {UNITER_FEATURE_DB}/): "
-                             "extract features first, or pass --img-db")
+                             f"extract features first, or pass {option('img_db')}")
     return found
+
+
+def _has_image_db(data: Path) -> bool:
+    return any(is_image_db(p) for p in [data, *subdirs(data), *(q for p in subdirs(data) for q in subdirs(p))])
 
 
 def _pairs_from_text_dbs(dbs: Sequence[Path]) -> Any:
@@ -132,12 +136,47 @@ def _first_images(pairs: Any, n: int | None) -> Any:
     return PairSet([pairs.token_ids[i] for i in keep], [pairs.caption_image[i] for i in keep], pairs.image_keys[:n])
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
-    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`."""
-    from models.training.data import TrainData
+def check_training_data(spec: DataSpec) -> None:
+    """The file-level checks of :func:`open_training_data` (folders, caption source, image DBs), without reading
+    any caption: run before anything is loaded or downloaded, so that a wrong --data fails at once."""
+    train_dbs, _, karpathy = _locate_captions(spec)
+    if not _extracts_features(spec, train_dbs, karpathy):
+        _image_dbs(spec)
 
+
+def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str, progress: Any) -> list[Path]:
+    """Region features of the Karpathy train/restval/val images found as files under ``spec.data`` (e.g. a split
+    fetched by `ldot data get`), extracted once into the feature cache like `ldot eval` does."""
+    from ldot_cli.data.benchmarks import EvalImage, RetrievalSet, find_image_folder
+    from ldot_cli.data.features import ensure_features
+
+    datasets = benchmarks
+    files: list[str] = []
+    for split in ("train", "restval", "val"):
+        try:
+            files += datasets.read_karpathy(karpathy, split)[0]
+        except LdotError:
+            if split != "restval":
+                raise
+    assert spec.data is not None
+    root = find_image_folder(spec.data, spec.dataset, files[0])
+    if root is None:
+        raise TrainDataError(f"no UNITER image DB and no image files under {spec.data} (e.g. {files[0]}): fetch them "
+                             f"with `ldot data get {spec.dataset} --split train`, or pass {option('img_db')}")
+    images = [EvalImage(f, datasets.uniter_image_key(spec.dataset, f)) for f in dict.fromkeys(files)]
+    rset = RetrievalSet(spec.dataset, "train", images, [], image_root=root)
+    return [ensure_features(rset, device=device, progress=progress)]
+
+
+
+
+def _locate_captions(spec: DataSpec) -> tuple[list[Path], Path | None, Path | None]:
+    """(training text DBs, validation text DB, Karpathy file): where the captions come from, or a one-line error."""
     if spec.data is not None and not spec.data.is_dir():
         raise TrainDataError(f"{option('data')} {spec.data} is not a folder")
+    missing = [p for p in (*spec.txt_dbs, spec.val_txt_db, spec.karpathy) if p is not None and not p.exists()]
+    if missing:
+        raise TrainDataError(f"{missing[0]} does not exist")
     train_dbs = list(spec.txt_dbs)
     val_db = spec.val_txt_db
     karpathy = spec.karpathy
@@ -147,28 +186,49 @@ def open_training_data(spec: DataSpec, tokenizer: Any) -> Any:
             train_dbs = [found]
         else:
             karpathy = benchmarks.find_karpathy(spec.data, spec.dataset)
+    if not train_dbs and karpathy is None:
+        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
+                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
+                             f"or pass {option('txt_db')} / {option('karpathy')}")
+    if not train_dbs and spec.dataset not in ("flickr30k", "coco"):
+        raise TrainDataError(f"a Karpathy split file needs {option('dataset')} flickr30k or coco (its images' feature keys "
+                             "follow the dataset's naming)")
+    return train_dbs, val_db, karpathy
+
+
+def _extracts_features(spec: DataSpec, train_dbs: Sequence[Path], karpathy: Path | None) -> bool:
+    """A Karpathy file with image files but no UNITER image DB (a split fetched by `ldot data get`): the images'
+    region features are extracted into the feature cache."""
+    return (not spec.img_dbs and karpathy is not None and not train_dbs and spec.data is not None
+            and not _has_image_db(spec.data))
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None) -> Any:
+    """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`.
+
+    With a Karpathy file and image files but no UNITER image DB (a split fetched by `ldot data get`), the images'
+    region features are extracted once into the feature cache (``device``, ``progress``) and read from there."""
+    from models.training.data import TrainData
+
+    train_dbs, val_db, karpathy = _locate_captions(spec)
     if train_dbs:
         train = _pairs_from_text_dbs(train_dbs)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
             val_db = benchmarks.find_text_db(spec.data, spec.dataset, "val")
         val = _pairs_from_text_dbs([val_db]) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
-    elif karpathy is not None:
-        if spec.dataset not in ("flickr30k", "coco"):
-            raise TrainDataError("a Karpathy split file needs --dataset flickr30k or coco (its images' feature keys "
-                                 "follow the dataset's naming)")
+    else:
         splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
         train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
         val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)
         described = str(karpathy)
-    else:
-        raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
-                             f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
-                             "or pass "
-                             "--txt-db / --karpathy")
     if val is not None:
         val = _first_images(val, spec.val_images)
-    img_dirs = _image_dbs(spec)
+    if _extracts_features(spec, train_dbs, karpathy):
+        assert karpathy is not None
+        img_dirs = _features_from_image_files(spec, karpathy, device, progress)
+    else:
+        img_dirs = _image_dbs(spec)
     try:
         lookup = MultiImageDB([UniterImageDB(d, "uniter") for d in img_dirs])
     except Exception as exc:  # the reader's ImageDBError, lmdb errors
@@ -186,4 +246,4 @@ def _check_features(train: Any, val: Any, lookup: MultiImageDB, img_dirs: Sequen
         if missing:
             raise TrainDataError(f"{len(missing)} of the {len(pairs.image_keys)} {name} images have no features in "
                                  f"{', '.join(map(str, img_dirs))} (first: {missing[0]}): extract them, or pass the "
-                                 "right --img-db")
+                                 f"right {option('img_db')}")

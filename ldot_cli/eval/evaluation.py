@@ -475,20 +475,23 @@ class EvalOptions:
     save_embeddings: Path | None = None  # write the vectors and their ids here
 
 
+def check_request(dataset: str, split: str, model: str | None) -> str:
+    """What can be refused before reading (or fetching) anything; returns the bi-encoder's name."""
+    if split == "1k" and dataset != "coco":
+        raise DatasetError(f"{option('split')} 1k is COCO's five 1K folds; Flickr30k and Multi30K test sets have 1,000 "
+                           f"images already (use {option('split')} test)")
+    if dataset == "multi30k" and model is None:
+        raise ModelError(f"Multi30K needs a bi-encoder with a text tower for its language: pass {option('model')} "
+                         "(e.g. one trained with `ldot train` on the base-multilingual preset)")
+    return model or DEFAULT_EVAL_MODELS[dataset]
+
+
 def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     """Locate the benchmark, load the models, extract missing features, evaluate, save embeddings."""
     import models
 
-    fold_size = None
-    split = opts.split
-    if split == "1k":
-        if opts.dataset != "coco":
-            raise DatasetError("--split 1k is COCO's five 1K folds; Flickr30k and Multi30K test sets have 1,000 "
-                               "images already (use --split test)")
-        fold_size, split = 1000, "test"
-    if opts.dataset == "multi30k" and opts.model is None:
-        raise ModelError("Multi30K needs a bi-encoder with a text tower for its language: pass --model "
-                         "(e.g. one trained with `ldot train` on the base-multilingual preset)")
+    check_request(opts.dataset, opts.split, opts.model)
+    fold_size, split = (1000, "test") if opts.split == "1k" else (None, opts.split)
     rset = locate(opts.dataset, opts.paths, split, opts.lang)
     model_name = opts.model or DEFAULT_EVAL_MODELS[opts.dataset]
     encoder = models.load_bi_encoder(model_name, tokenizer=opts.tokenizer, device=opts.device)
@@ -512,7 +515,11 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
 def record_calibration(report: EvalReport, rset: RetrievalSet, model_name: str | Path) -> dict[str, Any] | None:
     """Score distributions of the evaluated pairs; stored in the model dir (``--min-score auto`` reads them)."""
     from models.hub.load import resolve_source
-    from models.training.calibration import CalibrationError, calibrate, save_calibration
+    from models.training.calibration import (
+        CalibrationError,
+        calibrate,
+        save_calibration,
+    )
 
     if report.text_vectors is None or report.image_vectors is None:
         return None

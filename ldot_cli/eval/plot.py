@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.core.errors import LdotError
+from models.core.errors import LdotError, option
 
 
 def plot_report(report: dict[str, Any], target: Path) -> Path:
@@ -16,7 +16,7 @@ def plot_report(report: dict[str, Any], target: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LdotError("--plot needs matplotlib: pip install 'ldot[plot]'") from None
+        raise LdotError(f"{option('plot')} needs matplotlib: pip install 'ldot[plot]'") from None
 
     series = [("bi-encoder (ours)", report["recall"], "-", "o")]
     series += [(f"re-rank top {m}", rec, "-", "s") for m, rec in report["rerank"].items()]
@@ -54,7 +54,7 @@ def plot_report(report: dict[str, Any], target: Path) -> Path:
         ax.tick_params(axis="x", labelrotation=15)
     else:
         ax.axis("off")
-        ax.text(0.5, 0.5, "no speed-up measured\n(give --reranker to time the cross-encoder)", ha="center",
+        ax.text(0.5, 0.5, f"no speed-up measured\n(give {option('reranker')} to time the cross-encoder)", ha="center",
                 va="center", transform=ax.transAxes)
     split = {"1k": "1K (5 folds)", "test": "test", "val": "val"}.get(report["split"], report["split"])
     fig.suptitle(f"{report['dataset']} {split}: {report['num_images']:,} images, {report['num_captions']:,} "

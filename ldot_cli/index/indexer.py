@@ -101,8 +101,12 @@ class Indexer:
                  preset: str | None = None, keep_regions: bool = True, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
                  ann: str | None = None) -> None:
+        from feature_extraction.uniter_db import resolve_cut
+
         self.name = name
         self.dir = index_path(name)
+        if preset is not None:
+            resolve_cut(preset)  # an unknown preset fails here, before any folder or download
         self.model_arg, self.preset_arg = model, preset
         # a registry name or path, or a ready detector object (anything with the pipeline's extract())
         self.detector_arg: str | None = None

@@ -139,7 +139,13 @@ class Searcher:
         if not query or not query.strip():
             raise QueryError("empty query: give some words to search for, e.g. `ldot search \"a dog on a beach\"`")
         start = time.perf_counter()
-        vector = self.encoder.encode_text([query]).numpy()
+        encoder = self.encoder
+        limit = encoder.config.text.max_position_embeddings
+        pieces = len(encoder.tokenizer.encode(query)) - 2  # without [CLS] and [SEP]
+        if pieces > limit - 2:
+            warnings.warn(LdotWarning(f"the query is {pieces} word-pieces long and the model reads at most "
+                                      f"{limit - 2}: only its first {limit - 2} are searched for"), stacklevel=2)
+        vector = encoder.encode_text([query]).numpy()
         self.timings.encode_ms = 1000 * (time.perf_counter() - start)
         self.last_vector = vector
         return vector
@@ -158,13 +164,22 @@ class Searcher:
 
     def image_vector(self, path: str | Path) -> np.ndarray:
         """The vector of an image: its stored one when its content is indexed, else detector + image tower."""
+        import stat
+
         from ldot_cli.index.indexer import encode_image_file
         from models.core.fileio import sha256_file
 
         path = Path(path)
-        if not path.is_file():
-            raise QueryError(f"{path} is not a readable file")
-        digest = sha256_file(path)
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise QueryError(f"{path} is not a readable file ({exc.strerror or exc})") from None
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0 or str(path.resolve()).startswith(("/proc/", "/sys/")):
+            raise QueryError(f"{path} is not a regular image file: give a photo (JPEG, PNG, ...)")
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            raise QueryError(f"{path} could not be read as an image file ({exc.strerror or exc})") from None
         vid = self.store.vector_for_hash(digest)
         if vid is not None:
             return self.indexed_vector(vid)
@@ -206,7 +221,10 @@ class Searcher:
     def search(self, query: str, k: int = 10, rerank_k: int | None = None, reranker: str | None = None) -> list[Hit]:
         """Top-k images for a text query; with ``rerank_k`` the top M are re-scored by a cross-encoder."""
         if k < 1:
-            raise QueryError(f"-k must be at least 1 (got {k})")
+            raise QueryError(f"{option('k')} must be at least 1 (got {k})")
+        if rerank_k is not None and rerank_k < 1:
+            raise QueryError(f"{option('rerank_k')} must be at least 1 (got {rerank_k}): it is how many top results are "
+                             "re-scored")
         vector = self.text_vector(query)
         if not rerank_k:
             return self.search_vector(vector, k)
@@ -216,7 +234,7 @@ class Searcher:
     def answer(self, request: Request) -> Answer:
         """Answer one `Request`: the results `ldot search` prints and `ldot serve` returns."""
         if request.k < 1:
-            raise QueryError(f"-k must be at least 1 (got {request.k})")
+            raise QueryError(f"{option('k')} must be at least 1 (got {request.k})")
         if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
             raise QueryError(f"{option('min_score')} auto is calibrated on text-image pairs: give a number for "
                              "image queries")

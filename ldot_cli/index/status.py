@@ -12,6 +12,7 @@ from ldot_cli.index.store import (
     display_path,
     index_path,
 )
+from models.core.errors import LdotError
 from models.core.home import indexes_dir
 
 
@@ -31,6 +32,22 @@ def list_indexes() -> list[dict[str, Any]]:
             out.append({"name": path.name, "indexed": counts.get("indexed", 0), "skipped": counts.get("skipped", 0),
                         "model": store.get_meta("model"), "bytes": _dir_bytes(path)})
     return out
+
+
+def indexes_using(model: str) -> list[str]:
+    """Names of the indexes built with ``model`` as their bi-encoder or detector (`ldot models rm` asks first)."""
+    root = indexes_dir()
+    users = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not (path / DB_FILE).is_file():
+            continue
+        try:
+            with IndexStore(path) as store:
+                if model in (store.get_meta("model"), store.get_meta("detector")):
+                    users.append(path.name)
+        except LdotError:
+            continue  # a damaged index is reported by the commands that use it
+    return users
 
 
 def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
@@ -58,4 +75,4 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
     return info
 
 
-__all__ = ["describe_index", "list_indexes", "display_path"]
+__all__ = ["describe_index", "indexes_using", "list_indexes", "display_path"]

@@ -150,7 +150,7 @@ def writer_lock(directory: Path, wait: bool = True) -> Iterator[bool]:
 def index_path(name: str) -> Path:
     from models.hub.cache import check_name
 
-    return indexes_dir() / check_name(name)
+    return indexes_dir() / check_name(name, "index")
 
 
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
@@ -217,9 +217,8 @@ class IndexStore:
         self.name = directory.name
         if not (directory / DB_FILE).is_file():
             if not create:
-                raise IndexStoreError(f"no index named {self.name!r} (looked in {directory}): "
-                                  "create it with `ldot index FOLDER" + (f" --name {self.name}`" if self.name != "default"
-                                                                       else "`"))
+                command = f"`ldot index FOLDER --name {self.name}`" if self.name != "default" else "`ldot index FOLDER`"
+                raise IndexStoreError(f"no index named {self.name!r} (looked in {directory}): create it with {command}")
             directory.mkdir(parents=True, exist_ok=True)
         self.db = self._connect()
         self._check_version(create)

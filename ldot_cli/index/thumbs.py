@@ -26,8 +26,9 @@ def thumb_path(index_dir: Path, content_hash: str) -> Path:
 
 
 def _oriented(path: str | os.PathLike[str]) -> object:
-    from feature_extraction.images.decode import load_image
     from PIL import Image
+
+    from feature_extraction.images.decode import load_image
 
     return Image.fromarray(load_image(path))
 

@@ -172,6 +172,8 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
             if hostname not in LOOPBACK:
                 return JSONResponse({"error": f"unexpected Host {hostname!r}"}, status_code=403)
         length = request.headers.get("content-length")
+        if length is None and request.method not in ("GET", "HEAD"):  # a chunked body of any size: no
+            return JSONResponse({"error": "Content-Length required"}, status_code=411)
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return JSONResponse({"error": f"request too large (at most {MAX_BODY_BYTES} bytes)"}, status_code=413)
         return await call_next(request)

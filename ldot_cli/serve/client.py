@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +99,7 @@ def post(server: dict[str, Any], route: str, body: dict[str, Any], timeout: floa
         conn.request("POST", route, payload, headers)
         response = conn.getresponse()
         raw = response.read()
-    except (OSError, http.client.HTTPException, socket.timeout) as exc:
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
         raise ServerUnavailable(str(exc)) from None
     finally:
         conn.close()

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ldot_cli.data.train_sources import DataSpec, open_training_data
+from ldot_cli.data.train_sources import (
+    DataSpec,
+    check_training_data,
+    open_training_data,
+)
 from models.core.errors import LdotError, option
 
 
@@ -65,8 +69,8 @@ def _tag_vocab(req: TrainRequest, data: Any) -> tuple[str, ...]:
     if req.tags is False or (req.tags is None and not has_classes):
         return ()
     if not has_classes:
-        raise LdotError("--tags needs region class ids or soft labels in the image features, and these have none: "
-                        "extract them with soft labels, or pass --no-tags")
+        raise LdotError(f"{option('tags')} needs region class ids or soft labels in the image features, and these have none: "
+                        f"extract them with soft labels, or pass {option('no_tags')}")
     from feature_extraction.detector.vocab import object_vocab
     from models.hub.catalogue import DEFAULT_DETECTOR
 
@@ -95,6 +99,7 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     )
 
     check_name(req.out)
+    check_training_data(req.data)  # a wrong --data fails before any model is read or asked for
     if find_entry(req.out) is not None:
         raise LdotError(f"{req.out!r} is a registry name (`ldot models list`): choose another {option('out')}")
     run_dir = runs_dir() / req.out
@@ -103,17 +108,17 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     if target.exists() and not (req.force or same_run):
         raise LdotError(f"a model named {req.out!r} already exists: pass {option('force')} to replace it, or choose "
                         "another "
-                        "--out")
+                        f"{option('out')}")
     if req.resume:
         if not (run_dir / "run.json").is_file():
             raise LdotError(f"no run named {req.out!r} to resume (runs live in {runs_dir()}): start it without "
-                            "--resume")
+                            f"{option('resume')}")
         saved = training.read_run(run_dir)
         config = training.TrainConfig.from_dict(saved["train_config"])
         config = replace(config, **req.overrides)
         tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
         init: dict[str, Any] = saved.get("init", {})
-        data = open_training_data(req.data, tokenizer)
+        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         model = None
         tags = len(saved["model_config"].get("tags", ()))
     elif req.mode == "decompose":
@@ -122,8 +127,8 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
 
         if run_dir.exists():
             if not req.force:
-                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass --resume to continue it, or "
-                                "--force to start over")
+                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue it, or "
+                                f"{option('force')} to start over")
             shutil.rmtree(run_dir)
         name = req.init or default_init(req.mode)
         source = read_decompose_source(name)
@@ -140,11 +145,11 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
             if not req.force:
                 raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "
                                 "it, or "
-                                "--force to start over")
+                                f"{option('force')} to start over")
             shutil.rmtree(run_dir)
         source = read_source(req.init or default_init(req.mode))
         tokenizer = source_tokenizer(source)
-        data = open_training_data(req.data, tokenizer)
+        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         first = data.features[data.train.image_keys[0]]
         soft = getattr(first, "soft_labels", None)
         model, report = initial_model(source, req.image_init, img_dim=first.features.shape[-1],

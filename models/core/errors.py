@@ -88,9 +88,17 @@ def as_storage_error(exc: BaseException) -> StorageError | None:
         text = str(current).lower()
         words = next((w for w in _STORAGE_WORDS if w in text), None)
         if words is not None:  # no file name in these: name the cache, where ldot writes unless told otherwise
-            from models.core.home import ldot_home
-
-            return StorageError(f"{' '.join(str(current).split())} (cache: {ldot_home()}): free space (or fix the "
+            return StorageError(f"{' '.join(str(current).split())} (cache: {_cache_dir()}): free space (or fix the "
                                 "disk) and run the same command again; work committed before this is kept")
         current = current.__cause__ or current.__context__
     return None
+
+
+def _cache_dir() -> str:
+    """Where ldot writes (models.core.home.ldot_home's answer, without importing it: home imports this module)."""
+    env = os.environ.get("LDOT_HOME")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    from platformdirs import user_cache_dir
+
+    return user_cache_dir("ldot", appauthor=False)

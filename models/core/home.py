@@ -18,17 +18,56 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from models.core.errors import LdotError
+
 ENV_HOME = "LDOT_HOME"
 
 
+class HomeError(LdotError):
+    """$LDOT_HOME (or the cache folder) cannot be used: a file, or not writable."""
+
+
 def ldot_home() -> Path:
-    """The root directory for all of ldot's files (not created here)."""
+    """The root directory for all of ldot's files (not created here). Raises :class:`HomeError` when
+    ``$LDOT_HOME`` (or one of its parents) is a file, not a folder."""
     env = os.environ.get(ENV_HOME)
     if env:
-        return Path(env).expanduser().absolute()
+        home = Path(env).expanduser().absolute()
+        existing = next((p for p in (home, *home.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is" if existing == home else f"is under {existing}, which is"
+            raise HomeError(f"{ENV_HOME}={env} {where} not a folder: point {ENV_HOME} at a folder (created when "
+                            "missing), or unset it to use the user cache dir")
+        return home
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("ldot", appauthor=False))
+
+
+def as_home_error(exc: BaseException) -> HomeError | None:
+    """A one-line :class:`HomeError` when ``exc`` (or its cause) is the home folder refusing to be created or written
+    (permission denied, not creatable, under a path that cannot hold folders), else None."""
+    import errno
+
+    codes = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR}  # EROFS: a storage error
+    try:
+        home = ldot_home()
+    except HomeError as err:
+        return err
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in codes and current.filename:
+            target = Path(os.fsdecode(current.filename)).absolute()
+            inside = target == home or home in target.parents
+            unusable = not home.is_dir() or not os.access(home, os.W_OK | os.X_OK)
+            if inside and unusable:
+                name = f"{ENV_HOME} ({home})" if os.environ.get(ENV_HOME) else f"the cache folder {home}"
+                return HomeError(f"cannot write in {name}: {current.strerror or current} ({target}); set "
+                                 f"{ENV_HOME} to a folder you can write to")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def models_dir() -> Path:

@@ -62,9 +62,10 @@ def local_models() -> list[LocalModel]:
     return out
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "model") -> str:
+    """``name`` when it is a safe folder name (a model's, or ``what``'s: "index", "run"), else a one-line error."""
     if not NAME_RE.match(name):
-        raise ModelError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
+        raise ModelError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' (no slashes)")
     return name
 
 
@@ -135,7 +136,24 @@ def is_present(name: str) -> bool:
     """Downloaded (or imported) and complete: every non-optional file, or a converted model."""
     directory = model_path(name)
     manifest = read_manifest(directory)
-    return bool(manifest.get("complete")) and directory.is_dir()
+    if not (manifest.get("complete") and directory.is_dir()):
+        return False
+    files = manifest.get("files")  # a file linked from the shared hub cache may have been deleted there
+    return not isinstance(files, dict) or all((directory / f).is_file() for f in files)
+
+
+def half_downloaded(directory: Path) -> bool:
+    """A folder an interrupted download left rather than a model: its manifest says incomplete, or it has no
+    manifest and is empty or holds ``.part`` files (what older versions left). A hand-made folder of model files
+    without a manifest is not one."""
+    manifest = read_manifest(directory)
+    if manifest:
+        return not manifest.get("complete")
+    try:
+        entries = [p for p in directory.iterdir() if not p.name.endswith(".lock")]
+    except OSError:
+        return False
+    return not entries or any(p.name.endswith(".part") for p in entries)
 
 
 # written into a model dir after it is complete (each evaluation rewrites it): not part of the weights' manifest

@@ -13,7 +13,14 @@ import torch
 from models.core.errors import CheckpointError, ModelError, option
 from models.core.fileio import new_dir, sha256_file
 from models.core.home import models_dir
-from models.hub.cache import MANIFEST, LocalModel, check_name, dir_size, record_model
+from models.hub.cache import (
+    MANIFEST,
+    LocalModel,
+    check_name,
+    dir_size,
+    half_downloaded,
+    record_model,
+)
 from models.hub.catalogue import find_entry
 from models.hub.formats import (
     bi_encoder_from_state,
@@ -85,10 +92,10 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
     if not src.exists():
         raise ModelError(f"{src} does not exist")
     target = models_dir() / name
-    if target.exists() and not force:
+    entry = find_entry(name)
+    if target.exists() and not force and not (target.is_dir() and half_downloaded(target)):
         raise ModelError(f"a model named {name!r} already exists: pass {option('force')} to replace it, or choose "
                          f"another {option('name')}")
-    entry = find_entry(name)
     if src.is_dir():
         kind = _dir_kind(src)
         _copy_dir(src, target)

@@ -1,25 +1,28 @@
-"""Downloads that resume, verify and never leave a bad file at the final path.
+"""Registry models into the cache: fetched, verified, and present only when whole.
 
-Each file streams into ``<name>.part`` beside its destination; an interrupted download resumes with an
-HTTP Range request; the size and sha256 are checked (the published ones, or the ones recorded at the
-first verified download); only then is the file fsynced and renamed into place atomically.
+Bytes come through the one downloader (`models.core.download`: ``.part`` files resumed with HTTP Range, sizes and
+sha256 checked, mirrors in order). Hub files are kept in the shared Hugging Face cache (`models.hub.hubfiles`) and
+linked from ``<home>/models/NAME``; other files gather in ``<home>/models/.downloads/NAME`` (where an interrupted
+download resumes) and the model folder is put in place, with its manifest, only when every file is verified: a
+half download is never a model.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
+from models.core.download import (
+    UnreachableError,
+    download_file,
+    known_hash,
+    record_hash,
+)
 from models.core.errors import DownloadError
-from models.core.fileio import atomic_write_text, replace_file, sha256_file
-from models.core.home import ldot_home, models_dir
-from models.core.progress import ProgressFn, report
+from models.core.fileio import new_dir, recover_dir, replace_dir
+from models.core.home import models_dir
+from models.core.progress import ProgressFn
 from models.hub.cache import model_path, read_manifest, record_model, write_manifest
 from models.hub.catalogue import (
     TOKENIZER_FILES,
@@ -28,148 +31,28 @@ from models.hub.catalogue import (
     expand_url,
     get_entry,
 )
-
-CHUNK = 1 << 20
-USER_AGENT = "ldot (+https://github.com/ldot)"
-
-
-class _NotFound(Exception):
-    pass
-
-
-class UnreachableError(DownloadError):
-    """No mirror served the file; ``failures`` says what each URL answered."""
-
-    def __init__(self, filename: str, failures: list[str]) -> None:
-        super().__init__(f"could not download {filename}: tried " + "; ".join(failures))
-        self.failures = failures
-        self.not_found = bool(failures) and all(f.endswith("(HTTP 404 Not Found)") for f in failures)
+from models.hub.hubfiles import (
+    HubFile,
+    HubOfflineError,
+    fetch_hub_file,
+    hub_cache_dir,
+    parse_hub_url,
+)
 
 
-def _known_hashes_path() -> Path:
-    return ldot_home() / "known_hashes.json"
-
-
-def known_hash(key: str) -> str | None:
-    try:
-        return json.loads(_known_hashes_path().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
-
-
-def record_hash(key: str, sha256: str) -> None:
-    """Remember the sha256 of a first verified download (trust on first use)."""
-    from filelock import FileLock
-
-    path = _known_hashes_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[key] = sha256
-        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
-    if isinstance(exc, socket.gaierror):
-        return "no network (host name not resolved)"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return "timed out"
-    return str(exc) or type(exc).__name__
-
-
-def _fetch(url: str, part: Path, progress: ProgressFn | None, label: str, timeout: float) -> int | None:
-    """Stream ``url`` into ``part``, resuming what is there. Returns the total size the server announced."""
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    if have:
-        request.add_header("Range", f"bytes={have}-")
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # nothing left to fetch: the part file is already whole
-            return have
-        if exc.code == 404:
-            raise _NotFound(url) from None
-        raise
-    with response:
-        status = response.status
-        length = response.headers.get("Content-Length")
-        if status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            total = int(content_range.rsplit("/", 1)[-1]) if "/" in content_range and not content_range.endswith("*") \
-                else (have + int(length) if length else None)
-            mode = "ab"
-        else:  # 200: the server ignored the range, start over
-            have = 0
-            total = int(length) if length else None
-            mode = "wb"
-        with open(part, mode) as handle:
-            done = have
-            report(progress, label, done, total, "bytes")
-            while block := response.read(CHUNK):
-                handle.write(block)
-                done += len(block)
-                report(progress, label, done, total, "bytes")
-            handle.flush()
-            os.fsync(handle.fileno())
-    return total
-
-
-def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, size: int | None = None,
-                  progress: ProgressFn | None = None, hash_key: str | None = None, timeout: float = 30.0) -> str:
-    """Download to ``dest`` via ``dest.part``; resume, verify, rename. Returns the sha256.
-
-    ``hash_key`` names the file in the known-hashes record: with no published ``sha256``, a recorded one
-    is checked, or the first verified download records it.
-    """
-    urls = [expand_url(u) for u in urls]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    expected = sha256 or (known_hash(hash_key) if hash_key else None)
-    failures = []
-    for url in urls:
-        try:
-            total = _fetch(url, part, progress, dest.name, timeout)
-        except _NotFound:
-            failures.append(f"{url} (HTTP 404 Not Found)")
-            continue
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            failures.append(f"{url} ({_reason(exc)})")
-            continue
-        got = part.stat().st_size
-        want = size or total
-        if want is not None and got < want:
-            raise DownloadError(f"download of {dest.name} from {url} stopped at {got} of {want} bytes; "
-                                "run the same command again to resume")
-        if want is not None and got > want:
-            part.unlink()
-            raise DownloadError(f"{dest.name} from {url} is {got} bytes, expected {want}: deleted; try again")
-        digest = sha256_file(part)
-        if expected and digest != expected:
-            part.unlink()
-            raise DownloadError(f"{dest.name} from {url} has sha256 {digest[:12]}…, expected {expected[:12]}…: "
-                                "the file is corrupt or was changed; deleted, nothing installed")
-        replace_file(part, dest)
-        if hash_key and not expected:
-            record_hash(hash_key, digest)
-        return digest
-    raise UnreachableError(dest.name, failures)
+def staging_dir(name: str) -> Path:
+    """Where a registry model's files gather while they download (``.part`` files resume from here); the model
+    directory itself appears only once every file is verified, so a half download never looks like a model."""
+    return models_dir() / ".downloads" / name
 
 
 def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable[str] | None = None,
                    keep_source: bool = False) -> Path:
     """Fetch a registry entry into ``<home>/models/NAME`` (converting official pickles once).
 
-    ``only`` limits the download to some of the entry's files (e.g. just the tokenizer).
+    Files gather in `staging_dir` (an interrupted run resumes there) and the model directory is put in place
+    only when every file is verified. ``only`` limits the download to some of the entry's files (e.g. just the
+    tokenizer): those go straight into the model directory, whose manifest then says it is incomplete.
     """
     from filelock import FileLock
 
@@ -177,48 +60,132 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
     target = models_dir() / entry.name
     models_dir().mkdir(parents=True, exist_ok=True)
     with FileLock(str(models_dir() / f".{entry.name}.lock")):
+        recover_dir(target)
         wanted = [f for f in entry.files if only is None or f.filename in set(only)]
-        staging = models_dir() / ".downloads" / entry.name if entry.convert else target
+        staging = target if only is not None else staging_dir(entry.name)
         manifest = read_manifest(target)
-        files = dict(manifest.get("files", {}))
+        complete_before = bool(manifest.get("complete"))
+        files = dict(manifest.get("files", {})) if isinstance(manifest.get("files"), dict) else {}
+        hub = _hub_files(entry)
+        pin: dict[str, str] = {}
+        pinned = known_hash(f"{entry.name}@commit") if hub else None  # the commit of the first download
+        if pinned:
+            pin["commit"] = pinned
+        if only is None and not entry.convert:
+            _reuse_verified(target, staging, {k: v for k, v in files.items() if k not in hub}, files)
         for remote in wanted:
             dest = staging / remote.filename
+            if remote.filename in hub:
+                _link_hub_file(entry, remote, hub[remote.filename], staging, files, pin, progress)
+                continue
             if not entry.convert and remote.filename in files and dest.is_file():
                 continue
             try:
-                digest = download_file(remote.urls, dest, remote.sha256, remote.size, progress,
-                                       hash_key=f"{entry.name}/{remote.filename}")
+                digest = download_file([expand_url(u) for u in remote.urls], dest, remote.sha256, remote.size,
+                                       progress, hash_key=f"{entry.name}/{remote.filename}")
             except UnreachableError as exc:
                 if exc.not_found and remote.optional:
                     continue
-                raise DownloadError(_offline_message(entry, remote, "; ".join(exc.failures))) from None
+                raise DownloadError(_offline_message(entry, remote, "; ".join(exc.failures), staging)) from None
             files[remote.filename] = {"sha256": digest, "size": dest.stat().st_size}
         if entry.convert:
             return _convert_download(entry, staging, target, files, keep_source)
         complete = all(f.filename in files for f in entry.files if not f.optional)
-        write_manifest(target, {"name": entry.name, "kind": entry.kind, "files": files, "complete": complete,
-                                "origin": "download"})
+        if only is not None:
+            write_manifest(target, {"name": entry.name, "kind": entry.kind, "files": files,
+                                    "complete": complete or complete_before, "origin": "download"})
+            return target
+        files = {k: v for k, v in files.items() if (staging / k).is_file()}
+        extra = {"hub": {"repo": next(iter(hub.values())).repo, "commit": pin.get("commit"),
+                         "cache": str(hub_cache_dir())}} if hub else {}
+        if hub and complete and pin.get("commit") and not pinned:
+            record_hash(f"{entry.name}@commit", pin["commit"])  # later downloads take the same revision
+        write_manifest(staging, {"name": entry.name, "kind": entry.kind, "files": files, "complete": complete,
+                                 "origin": "download", **extra})
+        replace_dir(staging, target)
     return target
+
+
+def _hub_files(entry: ModelEntry) -> dict[str, HubFile]:
+    """The hub location of each of ``entry``'s files that lives on the hub (kept in the shared hub cache); the
+    others (another host, or an official pickle to convert) go through the staging folder."""
+    if entry.convert:
+        return {}
+    parsed = {f.filename: parse_hub_url(f.urls[0]) for f in entry.files}
+    return {name: where for name, where in parsed.items() if where is not None}
+
+
+def _link_hub_file(entry: ModelEntry, remote: RemoteFile, where: HubFile, staging: Path, files: dict,
+                   pin: dict[str, str], progress: ProgressFn | None) -> bool:
+    """Put ``remote`` in the shared hub cache (downloading it only when missing) and link it from ``staging``.
+
+    Returns False for an optional file the hub does not have."""
+    try:  # every file at the commit the first one resolved to
+        got = fetch_hub_file(where.repo, where.filename, pin.get("commit") or where.revision, progress)
+    except UnreachableError as exc:
+        if exc.not_found and remote.optional:
+            return False
+        raise DownloadError(_offline_message(entry, remote, "; ".join(exc.failures) + exc.kept, None)) from None
+    except HubOfflineError as exc:
+        if remote.optional:
+            return False
+        raise DownloadError(_offline_message(entry, remote, str(exc), None)) from None
+    if got.commit:
+        pin.setdefault("commit", got.commit)
+    link = staging / remote.filename
+    staging.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(got.path.absolute())
+    files[remote.filename] = {"sha256": got.sha256, "size": got.size, "hub": str(got.path.absolute()),
+                              **({"commit": got.commit} if got.commit else {})}
+    return True
+
+
+
+
+def _reuse_verified(target: Path, staging: Path, candidates: dict, files: dict) -> None:
+    """Carry files already verified in a (partial) model directory into the staging folder (``candidates``: the
+    manifest entries of files ldot keeps itself; one that is no longer intact is dropped from ``files``)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    for filename, info in candidates.items():
+        src, dest = target / filename, staging / filename
+        if dest.is_file():
+            continue
+        if src.is_file() and not src.is_symlink() and src.stat().st_size == info.get("size"):
+            shutil.copy2(src, dest)
+        else:
+            files.pop(filename, None)
 
 
 def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dict, keep_source: bool) -> Path:
     from models.hub.convert import convert_checkpoint
 
     raw = staging / entry.files[0].filename
-    convert_checkpoint(raw, target, tokenizer=entry.tokenizer)
-    record_model(target, entry.name, entry.kind, "download", source_files=files)
+    with new_dir(target) as tmp:  # the model appears whole, with its manifest, or not at all
+        convert_checkpoint(raw, tmp, tokenizer=entry.tokenizer)
+        record_model(tmp, entry.name, entry.kind, "download", source_files=files)
     if not keep_source:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str) -> str:
+def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str, staging: Path | None) -> str:
     if len(entry.files) == 1:
         have = f"If you have the file, run `ldot models import {remote.filename} --as {entry.name}`"
     else:
         have = (f"If you have its files ({', '.join(f.filename for f in entry.files if not f.optional)}), put them "
                 f"in one folder and run `ldot models import FOLDER --as {entry.name}`")
-    return f"could not download {entry.name} ({remote.filename}): {why}. {have}"
+    if entry.kind == "bi-encoder":  # the official LightningDOT hosts have been seen dead: say how to do without
+        have += ("; or make a bi-encoder from live weights with `ldot train finetune --dataset flickr30k --out NAME` "
+                 "and use it with `ldot index FOLDER --model NAME` (README: Training a model)")
+    elif entry.kind == "uniter-itm":
+        have += ("; or re-rank with the live LXMERT: `ldot models download lxmert-base-uncased`, then "
+                 "`--reranker lxmert-base-uncased`")
+    part = (staging or Path(".")) / (remote.filename + ".part")
+    kept = (f"; {part.stat().st_size} bytes are kept in {part}: run the same command again to resume"
+            if staging is not None and part.is_file() and part.stat().st_size else "")
+    return f"could not download {entry.name} ({remote.filename}): {why}{kept}. {have}"
 
 
 def ensure_tokenizer(name: str) -> Path:
@@ -236,14 +203,12 @@ def ensure_tokenizer(name: str) -> Path:
 
 
 def ensure_model(name: str, progress: ProgressFn | None = None) -> None:
-    """Download a registry model that is missing (only registry names; paths and local names pass)."""
-    from models.core.home import models_dir
-    from models.hub.cache import is_present
+    """Download a registry model that is missing or half downloaded (resuming it); paths and local names pass."""
+    from models.hub.cache import half_downloaded, is_present
     from models.hub.catalogue import find_entry
-    from models.hub.fetch import download_entry
 
-    if Path(name).expanduser().exists() or (models_dir() / name).exists():
-        return
     entry = find_entry(name)
-    if entry is not None and not is_present(entry.name):
-        download_entry(entry.name, progress=progress)
+    if entry is not None and not Path(name).expanduser().exists():
+        folder = models_dir() / entry.name
+        if not is_present(entry.name) and (not folder.is_dir() or half_downloaded(folder)):
+            download_entry(entry.name, progress=progress)  # resumes what an interrupted run left

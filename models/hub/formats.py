@@ -49,6 +49,11 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): download or copy it again")
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip archive, or a pickle (legacy)
+        raise CheckpointError(f"{path} is not a model checkpoint (neither a torch file nor a pickle): give the "
+                              ".pt/.bin/.pkl weights file or the model folder")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -65,7 +70,7 @@ def safe_torch_load(path: str | Path) -> Any:
                 f"refused to load {path}: the pickle needs more than tensors and plain containers{what}; "
                 "only load checkpoints from sources you trust, and convert them to safetensors") from None
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({reason})") from None
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(f"{path} is truncated or not a torch checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); download it again") from None
 

@@ -20,15 +20,15 @@ from models.hub.formats import (
     build_on_meta,
     cast_state,
     cross_encoder_from_state,
-    load_strict,
     load_model_state,
+    load_strict,
     load_tensors,
     pick_device,
 )
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConfig
-from models.nn.decomposed import DecomposedEncoder
 from models.nn.cross_encoder import LxmertReranker, UniterReranker
+from models.nn.decomposed import DecomposedEncoder
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
 
 
@@ -39,14 +39,19 @@ def resolve_source(source: str | Path) -> Path:
         return path
     name = str(source)
     candidate = models_dir() / name
-    if candidate.exists():
-        return candidate
+    from models.hub.cache import half_downloaded
     from models.hub.catalogue import find_entry
 
     entry = find_entry(name)
+    if candidate.exists() and not (candidate.is_dir() and half_downloaded(candidate)):
+        return candidate
     if entry is not None:
-        raise ModelNotFoundError(f"model {name!r} is not downloaded: run `ldot models download {name}` "
-                                 f"(or `ldot models import FILE --as {name}`)")
+        from models.hub.cache import is_present
+
+        if is_present(entry.name):
+            return models_dir() / entry.name
+        raise ModelNotFoundError(f"model {name!r} is not downloaded (or only partly): run `ldot models download "
+                                 f"{entry.name}` (it resumes), or `ldot models import FILE --as {entry.name}`")
     raise ModelNotFoundError(f"no model or file named {name!r}: see `ldot models list`, or pass a path")
 
 

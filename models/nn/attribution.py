@@ -22,7 +22,6 @@ import torch
 from models.nn.layers import box7_from_norm_bb
 from models.nn.regions import stack_regions
 
-
 REMOVAL_BUDGET = 96  # image-tower passes with one box removed, shared by the results of one query
 MIN_CANDIDATES = 4
 

@@ -64,7 +64,7 @@ def summarize(positives: np.ndarray, negatives: np.ndarray, source: str) -> dict
         "version": 1,
         "source": source,
         "created": time.time(),
-        "pairs": {"match": int(len(positives)), "non_match": int(len(negatives))},
+        "pairs": {"match": len(positives), "non_match": len(negatives)},
         "match_quantiles": {str(q): float(np.quantile(positives, q)) for q in QUANTILES},
         "non_match_quantiles": {str(q): float(np.quantile(negatives, q)) for q in QUANTILES},
         "histogram": {"edges": edges.tolist(), "match": np.histogram(positives, edges)[0].tolist(),

@@ -51,7 +51,6 @@ from models.core.fileio import (
 from models.core.progress import Progress, ProgressFn
 from models.nn import losses
 from models.nn.config import BiEncoderConfig
-from models.nn.layers import box7_from_norm_bb
 from models.nn.pretraining import (
     NUM_REGION_LABELS,
     TASKS,
@@ -68,7 +67,6 @@ from models.training.data import (
     batch_indices,
     batches_per_epoch,
     collate,
-    stack_regions,
 )
 from models.training.metrics import recalls_from_vectors
 
@@ -123,7 +121,7 @@ class TrainConfig:
         if any(r <= 0 for _, r in self.tasks):
             raise TrainingError("every task's mix ratio must be positive")
         if self.batch_size < 2:
-            raise TrainingError("--batch-size must be at least 2 (CMR needs in-batch negatives)")
+            raise TrainingError(f"{option('batch_size')} must be at least 2 (CMR needs in-batch negatives)")
         if self.grad_accum < 1:
             raise TrainingError("gradient accumulation must be at least 1")
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
@@ -136,19 +134,19 @@ class TrainConfig:
         if self.lr <= 0:
             raise TrainingError("the learning rate must be positive")
         if self.warmup < 0:
-            raise TrainingError("--warmup cannot be negative")
+            raise TrainingError(f"{option('warmup')} cannot be negative")
         if self.schedule not in ("linear", "cosine"):
             raise TrainingError(f"unknown schedule {self.schedule!r}: linear or cosine")
         if self.hard_negatives < 0:
-            raise TrainingError("--hard-negatives must be 0 or more")
+            raise TrainingError(f"{option('hard_negatives')} must be 0 or more")
         if self.hard_negatives and self.task_names != ("itm",):
-            raise TrainingError("--hard-negatives needs the itm task alone (fine-tuning or decomposition)")
+            raise TrainingError(f"{option('hard_negatives')} needs the itm task alone (fine-tuning or decomposition)")
         if self.distill_from is not None and self.task_names != ("itm",):
-            raise TrainingError("--distill-from needs the itm task alone (fine-tuning or decomposition)")
+            raise TrainingError(f"{option('distill_from')} needs the itm task alone (fine-tuning or decomposition)")
         if self.distill_temperature <= 0 or self.distill_weight < 0 or self.distill_images < 1:
-            raise TrainingError("--distill-temperature must be positive, --distill-weight 0 or more")
+            raise TrainingError(f"{option('distill_temperature')} must be positive, {option('distill_weight')} 0 or more")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise TrainingError("--save-every must be at least 1 step")
+            raise TrainingError(f"{option('save_every')} must be at least 1 step")
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -253,7 +251,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
+        raise TrainingError(f"{option('device')} cuda was asked for, but no CUDA device is available")
     return device
 
 
@@ -267,7 +265,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
         return None, False
     if precision == "fp16":
         if device.type != "cuda":
-            raise TrainingError("fp16 training needs a CUDA device (use --precision fp32 or bf16 on CPU)")
+            raise TrainingError(f"fp16 training needs a CUDA device (use {option('precision')} fp32 or bf16 on CPU)")
         return torch.float16, True
     return torch.bfloat16, False
 
@@ -455,7 +453,7 @@ class _Trainer:
             from models.core.errors import LdotWarning
 
             warnings.warn(LdotWarning(f"the warm-up ({self.warmup} steps) is longer than the run ({self.total} "
-                                      f"steps): the learning rate never reaches its peak; pass a smaller --warmup "
+                                      f"steps): the learning rate never reaches its peak; pass a smaller {option('warmup')} "
                                       "(a fraction such as 0.1 scales with the run)"), stacklevel=3)
         self.eval_every = config.eval_every or steps_per_epoch
         self.checkpoint_every = config.checkpoint_every or self.eval_every
@@ -609,7 +607,7 @@ class _Trainer:
             if not math.isfinite(value) and self.scaler is None:
                 raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower {option('lr')}, "
                                     "or use "
-                                    "--precision fp32")
+                                    f"{option('precision')} fp32")
             total_loss += value / cfg.grad_accum
             self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
             self.step_tasks.setdefault(task, []).append(value)
@@ -673,7 +671,11 @@ class _Trainer:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
     def _calibrate(self, vectors: dict[str, np.ndarray], source: str) -> None:
         """The best model's score distributions on the validation pairs (`--min-score auto` reads them)."""
-        from models.training.calibration import CalibrationError, calibrate, save_calibration
+        from models.training.calibration import (
+            CalibrationError,
+            calibrate,
+            save_calibration,
+        )
 
         try:
             save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], self.val.caption_image,

@@ -1,0 +1,149 @@
+"""`ldot data`: public benchmarks and training sets fetched into the cache: list, get, verify, rm."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from ldot_cli.commands.console import (
+    ProgressView,
+    cell,
+    err,
+    human_bytes,
+    line,
+    out,
+    progress_bar,
+    safe,
+)
+
+app = typer.Typer(help="Public benchmarks and training sets in the cache: list, get, verify, rm.",
+                  no_args_is_help=True)
+
+ASK_ABOVE = 50_000_000  # bytes: a larger download is confirmed first (unless --yes)
+
+
+def confirm_fetch(plan: Any, yes: bool) -> None:
+    """Say what a fetch downloads, where it goes and its terms of use; ask before a large one unless ``yes``."""
+    from models.core.errors import LdotError
+
+    if plan.done:
+        return
+    what = " + ".join(f"{e.dataset} {e.split}" for e in plan.splits)
+    where = ", ".join(str(f) for f in plan.folders)
+    err.print(line(f"{what}: about {human_bytes(plan.missing_bytes)} to download into {where}"), soft_wrap=True)
+    for terms in plan.terms:
+        err.print(line(("terms of use: ", "bold"), terms), soft_wrap=True)
+    if yes or plan.missing_bytes <= ASK_ABOVE:
+        return
+    if not sys.stdin.isatty():
+        raise LdotError(f"{what} is a download of about {human_bytes(plan.missing_bytes)}: add --yes to accept it "
+                        "and its terms of use (or pass --data with your own copy)")
+    typer.confirm("download it and accept these terms?", abort=True, err=True)
+
+
+def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers: int = 8) -> None:
+    """`confirm_fetch`, then fetch with one byte bar (bytes/s, ETA) on stderr."""
+    from ldot_cli.data import sources
+
+    plan = sources.plan(dataset, split, lang)
+    confirm_fetch(plan, yes)
+    if plan.done:
+        return
+    with progress_bar("bytes", transient=False) as bar:
+        sources.fetch(dataset, split, lang, progress=_bytes_only(ProgressView(bar)), workers=workers)
+
+
+def _bytes_only(callback: Any) -> Any:
+    def on(p: Any) -> None:
+        if p.unit == "bytes":
+            callback(p)
+    return on
+
+
+@app.command("list")
+def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON list instead.")) -> None:
+    """Every dataset split ldot can fetch: size, terms of use, and whether it is here."""
+    import json
+
+    from rich import box
+    from rich.table import Table
+
+    from ldot_cli.data import sources
+
+    rows = [{"dataset": s.entry.dataset, "split": s.entry.split, "download_bytes": s.entry.approx_bytes,
+             "present": "yes" if s.present else ("partial" if s.partial_bytes else "no"),
+             "partial_bytes": s.partial_bytes, "licence": s.entry.licence, "terms": s.entry.terms,
+             "folder": str(s.folder)} for s in sources.status()]
+    if json_:
+        typer.echo(json.dumps(rows, ensure_ascii=False))
+        return
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("dataset", "split", "download", "present", "licence"):
+        table.add_column(column, no_wrap=True)
+    styles = {"yes": "green", "no": "dim", "partial": "yellow"}
+    for row in rows:
+        present = row["present"] + (f" ({human_bytes(row['partial_bytes'])} kept)" if row["partial_bytes"] else "")
+        table.add_row(cell(row["dataset"]), cell(row["split"]), cell(f"~{human_bytes(row['download_bytes'])}"),
+                      cell(present, styles[str(row["present"])]), cell(row["licence"]))
+    out.print(table)
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        row = next(r for r in rows if r["dataset"] == dataset)
+        out.print(line((f"{dataset}: ", "bold"), row["terms"], ("; in ", "dim"), row["folder"]))
+    if any(r["partial_bytes"] for r in rows):
+        err.print(line("a partial split resumes with `ldot data get NAME [--split SPLIT]`"))
+
+
+@app.command()
+def get(
+    name: str = typer.Argument(..., help="flickr30k | coco | multi30k"),
+    split: str = typer.Option("test", "--split", help="test (the benchmark) or train (images + Karpathy captions)."),
+    lang: str = typer.Option("de", "--lang", help="Multi30K caption language: de, fr, cs, en."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a large download (accepts its terms)."),
+    workers: int = typer.Option(8, "--workers", min=1, max=64, help="Per-image requests at once (COCO test)."),
+) -> None:
+    """Fetch a dataset split (resumable, verified) into $LDOT_HOME/datasets/NAME."""
+    from ldot_cli.data import sources
+
+    fetch_with_progress(name, split, lang, yes, workers)
+    err.print(line(("ok ", "green"), f"{name} {split} -> ", sources.dataset_dir(name)), soft_wrap=True)
+
+
+@app.command()
+def verify(names: list[str] = typer.Argument(None, help="Datasets to check (default: every one fetched).")) -> None:
+    """Re-check the size and sha256 of every fetched file; exit 1 if any is damaged."""
+    from ldot_cli.data import sources
+
+    results = sources.verify(names or None)
+    bad = 0
+    for key, problems in results.items():
+        if problems:
+            bad += 1
+            out.print(line(("FAILED ", "red"), f"{key}: " + "; ".join(problems[:5])
+                           + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")))
+        else:
+            out.print(line(("ok ", "green"), key))
+    if not results:
+        err.print("no datasets fetched (see `ldot data list`)")
+    if bad:
+        err.print(line(f"{bad} split(s) damaged: `ldot data rm NAME` then `ldot data get NAME`"))
+        raise typer.Exit(1)
+
+
+@app.command()
+def rm(
+    name: str = typer.Argument(..., help="Dataset to delete from the cache."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a fetched dataset (its downloads, images and captions; extracted features are kept)."""
+    from ldot_cli.data import sources
+
+    if not yes:
+        typer.confirm(f"delete {safe(sources.dataset_dir(name))}?", abort=True, err=True)
+    path = sources.remove(name)
+    err.print(line("removed ", path))
+
+
+def register(app_: typer.Typer) -> None:
+    app_.add_typer(app, name="data")

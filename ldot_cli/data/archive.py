@@ -1,0 +1,91 @@
+"""Safe extraction of downloaded zips: no path traversal, no links, bounded sizes, nothing half-written.
+
+Every entry is checked before anything is written: an absolute path, a ``..`` component, a symbolic link, an
+entry larger than ``max_entry_bytes``, a compression ratio over ``max_ratio`` (a zip bomb) or a total over
+``max_total_bytes`` refuses the whole archive. The wanted files go FLAT (by base name) into one folder, each
+streamed to a temp name and renamed, so a file at its final name is always whole and a re-run after a crash
+only extracts what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from ldot_cli.data.errors import DatasetError
+from models.core.progress import ProgressFn, report
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _unsafe(info: zipfile.ZipInfo, max_entry: int, max_ratio: float) -> str | None:
+    name = info.filename.replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in parts:
+        return "a path outside the folder"
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if info.file_size > max_entry:
+        return f"{info.file_size:,} bytes (over the {max_entry:,}-byte limit)"
+    if info.compress_size and info.file_size / info.compress_size > max_ratio and info.file_size > (1 << 20):
+        return f"a compression ratio of {info.file_size / info.compress_size:.0f} (a zip bomb?)"
+    return None
+
+
+def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] = lambda n: n.lower().endswith(IMAGE_SUFFIXES),
+                 max_total_bytes: int = 40 << 30, max_entry_bytes: int = 200 << 20, max_ratio: float = 100.0,
+                 progress: ProgressFn | None = None) -> int:
+    """Extract the entries of ``archive`` whose base name ``keep`` accepts, flat into ``dest``.
+
+    Returns how many files are in place. Raises `DatasetError` naming the archive and the entry when it is
+    not a zip or holds anything unsafe (nothing is written then).
+    """
+    try:
+        handle = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"{archive} is not a readable zip ({exc}): delete it and run the same command again") \
+            from None
+    with handle:
+        infos = handle.infolist()
+        total = 0
+        for info in infos:
+            why = _unsafe(info, max_entry_bytes, max_ratio)
+            if why is not None:
+                raise DatasetError(f"{archive}: entry {info.filename!r} is {why}: refused, nothing extracted (this "
+                                   "is not the published file: delete it and fetch again)")
+            total += info.file_size
+        if total > max_total_bytes:
+            raise DatasetError(f"{archive} would unpack to {total:,} bytes (over the {max_total_bytes:,}-byte limit): "
+                               "refused, nothing extracted")
+        wanted = [i for i in infos if not i.is_dir() and keep(PurePosixPath(i.filename).name)]
+        names = [PurePosixPath(i.filename.replace("\\", "/")).name for i in wanted]
+        if len(set(names)) != len(names):
+            raise DatasetError(f"{archive} holds several files of the same name in different folders: refused")
+        dest.mkdir(parents=True, exist_ok=True)
+        for n, (info, name) in enumerate(zip(wanted, names), start=1):
+            target = dest / name
+            if not (target.is_file() and target.stat().st_size == info.file_size):
+                tmp = dest / f".{name}.extracting"
+                try:
+                    with handle.open(info) as src, open(tmp, "wb") as out:
+                        written = 0
+                        while block := src.read(1 << 20):
+                            written += len(block)
+                            if written > info.file_size:
+                                raise DatasetError(f"{archive}: entry {info.filename!r} is longer than it says: "
+                                                   "refused")
+                            out.write(block)
+                    os.replace(tmp, target)
+                except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                    tmp.unlink(missing_ok=True)
+                    raise DatasetError(f"{archive} is damaged at {info.filename!r} ({exc}): delete it and fetch "
+                                       "again") from None
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            report(progress, "extracting", n, len(wanted), "files")
+    return len(wanted)
