@@ -74,3 +74,60 @@ def test_store_switches_tier_and_searches_through_it(mode):
         queries = near(vectors, 100, seed=3)
         _, ids = ann.search(index, queries, 10)
         assert recall(brute(vectors, queries, 10), ids) >= (0.99 if mode == "ivf" else 1.0)
+
+
+@pytest.mark.slow
+def test_ivfpq_with_exact_rescoring_recall_on_clustered_data():
+    """OPQ + IVF-PQ codes in RAM, the top candidates re-scored exactly from fp16 copies: recall@10 >= 0.95."""
+    vectors = clustered(6000, d=32)
+    queries = near(vectors, 200)
+    index = ann.build(np.arange(1, 6001), vectors, ann.PQ)
+    assert ann.kind_of(index) == ann.PQ and index.ntotal == 6000
+    _, ids = ann.search(index, queries, 10)
+    assert recall(brute(vectors, queries, 10), ids) >= 0.95
+    index.factor = 1  # the PQ codes alone, without re-scoring: clearly worse (the re-scoring does the work)
+    _, ids = ann.search(index, queries, 10)
+    assert recall(brute(vectors, queries, 10), ids) < 0.9
+    assert ann.remove(index, np.array([1, 2])) and index.ntotal == 5998
+
+
+def test_automatic_choice_from_count_and_memory_budget():
+    gb = 1 << 30
+    assert ann.choose_kind(1000, 768, 250_000, 8 * gb) == ann.EXACT
+    assert ann.choose_kind(1_000_000, 768, 250_000, 8 * gb) == ann.APPROX  # 3.1 GB of float32
+    assert ann.choose_kind(10_000_000, 768, 250_000, 8 * gb) == ann.PQ  # 31 GB would not fit
+    assert ann.choose_kind(100_000, 768, 250_000, 64 << 20) == ann.PQ  # a tiny budget
+    assert ann.ram_bytes(ann.PQ, 100_000_000, 768) < 8 * gb
+    assert ann.factory_string(ann.PQ, 10_000_000, 768).startswith("OPQ64_256,IVF4096_HNSW32,PQ64x8")
+    assert ann.parse_bytes("8GB") == 8 * gb and ann.parse_bytes("512m") == 512 << 20
+    with pytest.raises(ValueError):
+        ann.parse_bytes("lots")
+
+
+@pytest.mark.slow
+def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
+    vectors = clustered(5000, d=32)
+    with IndexStore(index_path("pq"), create=True) as store:
+        store.set_meta({"dim": "32", "memory_budget": str(256 << 10)})  # 256 kB: only PQ codes fit
+        with store.transaction() as db:
+            for i, vec in enumerate(vectors):
+                store.add_vector(db, f"{i:064x}", vec, 10)
+        store.sync_faiss()
+        meta = store.meta()
+        assert meta["faiss_kind"] == ann.PQ and meta["faiss_factory"].startswith("OPQ8_32,IVF")
+        assert float(meta["recall_at_10"]) >= 0.95
+        index, _ = store.read_faiss()
+        assert isinstance(index.vectors, np.memmap) and len(index.ids) == 5000
+        queries = near(vectors, 100, seed=3)
+        _, ids = ann.search(index, queries, 10)
+        assert recall(brute(vectors, queries, 10), ids) >= 0.95
+        with store.transaction() as db:  # incremental: new rows appended to the fp16 file
+            store.add_vector(db, "f" * 64, vectors[0] * 3, 10)
+        store.sync_faiss()
+        index, _ = store.read_faiss()
+        assert index.ntotal == 5001 and ann.search(index, vectors[:1] * 3, 1)[1][0, 0] == 5001
+    from ldot_cli.index.status import describe_index
+
+    info = describe_index("pq")
+    assert info["index_type"] == ann.PQ and info["recall_at_10"] >= 0.95 and info["shards"] == 0
+    assert info["factory"].startswith("OPQ8_32,IVF") and 0 < info["bytes_per_image"] < 32 * 4 + 64

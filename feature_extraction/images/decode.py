@@ -112,6 +112,23 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MA
         raise ImageLoadError(path, f"could not read file: {exc.strerror or exc}", permanent=False) from None
 
 
+def load_image_bytes(data: bytes, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`load_image` for bytes already in memory (a tar member, an object-store download);
+    ``name`` is what error messages call it."""
+    import io
+
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _decode(io.BytesIO(data), name, max_pixels)
+    except ImageLoadError:
+        raise
+    except OSError as exc:
+        raise ImageLoadError(name, f"could not read image: {exc.strerror or exc}", permanent=False) from None
+
+
 def _check_regular_file(path: str) -> None:
     """Reject what is not a non-empty regular file before opening (a FIFO would block open())."""
     try:

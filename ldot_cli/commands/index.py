@@ -73,7 +73,9 @@ def index_rm(
 
 
 def index(
-    paths: list[Path] = typer.Argument(..., help="Folders (or files) of images to index."),
+    paths: list[str] = typer.Argument(..., help="Folders (or files) of images to index; with --ray also file "
+                                                "lists (.txt) and webdataset shards (shards/{00000..00099}.tar), "
+                                                "local or fsspec URLs."),
     name: str = typer.Option("default", "--name", "-n", help="Name of the index."),
     model: str = typer.Option(None, help="Bi-encoder (registry name, model dir or .pt); default: the index's, "
                                          "else flickr-ft."),
@@ -91,6 +93,22 @@ def index(
     batch_size: int = typer.Option(8, help="Images per detector batch."),
     workers: int = typer.Option(2, help="Image-decoding processes."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
+    index_type: str = typer.Option(None, "--index-type", help="exact, ivf or ivfpq (OPQ + IVF-PQ, re-scored "
+                                                               "exactly from fp16 on disk); default: chosen from the "
+                                                               "image count and --memory-budget."),
+    memory_budget: str = typer.Option(None, "--memory-budget", help="RAM the vector index may take (e.g. 8GB); "
+                                                                     "default: half of this machine's."),
+    ray: str = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                            help="Run the models on a Ray cluster: --ray (a local Ray instance), --ray auto (the "
+                                 "cluster this machine belongs to) or --ray HOST:PORT. Put it after PATHS."),
+    ray_actors: int = typer.Option(None, "--ray-actors", help="Model copies on the cluster (default: one per GPU, "
+                                                              "or per --ray-cpus-per-actor cores)."),
+    ray_cpus_per_actor: int = typer.Option(None, "--ray-cpus-per-actor", help="Cores per model copy on CPU-only "
+                                                                              "clusters."),
+    ray_shard_size: int = typer.Option(None, "--ray-shard-size", help="Images per model call and output shard "
+                                                                      "(default: 256 on GPUs, 32 on CPUs)."),
+    shards_dir: str = typer.Option(None, "--shards-dir", help="Where workers write output shards (a shared folder "
+                                                              "or fsspec URL; default: the index's shards/)."),
 ) -> None:
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
     from feature_extraction.uniter_db import resolve_cut
@@ -99,18 +117,52 @@ def index(
 
     if preset is not None:
         resolve_cut(preset)  # cheap checks before anything is created or downloaded
-    with progress_bar() as bar:
-        indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                          device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
-                          ann=None if ann is None else ("ivf" if ann else "exact"))
-        scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
-        needed = indexer.needed_models(reindex)
-    with progress_bar("bytes", transient=True) as bar:
-        for model_name in needed:
-            ensure_model(model_name, ProgressView(bar))
-    with progress_bar() as bar:
-        indexer.progress = ProgressView(bar)
-        report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
+    mode = None if ann is None else ("ivf" if ann else "exact")
+    if index_type is not None:
+        from models.core.ann import KINDS
+
+        if index_type not in (*KINDS, "auto"):
+            raise typer.BadParameter(f"{index_type!r}: use one of auto, {', '.join(KINDS)}", param_hint="--index-type")
+        mode = index_type
+    budget = None
+    if memory_budget is not None:
+        from models.core.ann import parse_bytes
+
+        try:
+            budget = parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
+    if ray is not None:
+        from ldot_cli.index.distributed import RayIndexer, RayOptions
+
+        options = RayOptions(address=ray, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                             shard_size=ray_shard_size, shards_dir=shards_dir)
+        with progress_bar() as bar:
+            indexer = RayIndexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
+                                 device=device, batch_size=batch_size, num_workers=workers,
+                                 progress=ProgressView(bar), ann=mode, ray_options=options)
+            indexer.memory_budget = budget
+            needed = indexer.needed_models(reindex)
+        with progress_bar("bytes", transient=True) as bar:
+            for model_name in needed:
+                ensure_model(model_name, ProgressView(bar))
+        with progress_bar() as bar:
+            indexer.progress = ProgressView(bar)
+            report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex, retry_failed=retry_failed)
+    else:
+        with progress_bar() as bar:
+            indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
+                              device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
+                              ann=mode)
+            indexer.memory_budget = budget
+            scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
+            needed = indexer.needed_models(reindex)
+        with progress_bar("bytes", transient=True) as bar:
+            for model_name in needed:
+                ensure_model(model_name, ProgressView(bar))
+        with progress_bar() as bar:
+            indexer.progress = ProgressView(bar)
+            report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
                    f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "
@@ -154,10 +206,14 @@ def status(
         out.print_json(json.dumps(info))
         return
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
-                "vectors", "search", "bytes", "region_bytes_per_image", "updated"):
+                "vectors", "search", "index_type", "factory", "recall_at_10", "bytes_per_image", "shards", "bytes",
+                "region_bytes_per_image", "updated"):
         value = info.get(key)
-        if key in ("bytes", "region_bytes_per_image") and value is not None:
+        if key in ("bytes", "region_bytes_per_image", "bytes_per_image") and value is not None:
             value = human_bytes(value)
+        if key == "recall_at_10" and value is not None:
+            value = f"{value:.3f}" + (" (exact search)" if info.get("index_type") == "exact" else
+                                      " (vs exact, on a sample, at build time)")
         out.print(line((f"{key:>22}", "bold"), "  ", "-" if value is None else value))
     for i, folder in enumerate(info["folders"]):
         label = "folders" if i == 0 else ""

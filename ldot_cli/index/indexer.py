@@ -120,6 +120,7 @@ class Indexer:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.progress = progress
         self.ann = ann
+        self.memory_budget: int | None = None  # bytes the vector index may take (None: half the RAM)
         self._encoder: Any = None
         self.last_flush = time.monotonic()
 
@@ -212,6 +213,8 @@ class Indexer:
                         "preset": self.preset, "regions": "kept" if self.keep_regions else "none"})
         if self.ann:
             store.set_meta({"ann_mode": self.ann})
+        if self.memory_budget:
+            store.set_meta({"memory_budget": str(self.memory_budget)})
         return model
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import sqlite3
 from typing import Any
 
 from ldot_cli.index.store import (
@@ -62,7 +63,8 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
             "model_fingerprint": meta.get("model_fingerprint"), "detector": meta.get("detector"),
             "preset": meta.get("preset"), "indexed": counts.get("indexed", 0), "skipped": counts.get("skipped", 0),
             "vectors": counts["vectors"],
-            "search": {"exact": "exact (every image scored)", "ivf": "approximate (IVF)"}.get(meta.get("faiss_kind", ""),
+            "search": {"exact": "exact (every image scored)", "ivf": "approximate (IVF)",
+                       "ivfpq": "approximate (IVF-PQ, top candidates re-scored exactly)"}.get(meta.get("faiss_kind", ""),
                                                                                               "-"),
             "bytes": _dir_bytes(store.dir),
             "region_bytes_per_image": regions // counts["vectors"] if counts["vectors"] and regions else None,
@@ -70,9 +72,28 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
             "folders": [{"path": display_path(root), "indexed": c.get("indexed", 0), "skipped": c.get("skipped", 0)}
                         for root, c in store.roots()],
         }
+        info.update(_vector_index_info(store, meta, counts["vectors"]))
         if with_errors:
             info["errors"] = [(row.display, row.reason) for row in store.file_rows("skipped")]
     return info
+
+
+def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) -> dict[str, Any]:
+    """Index type and FAISS factory string, bytes per image of the vector index (FAISS file + fp16
+    re-scoring file), recall@10 against exact search measured at build time, output shards merged."""
+    from models.core import ann
+
+    files = [store.faiss_path, store.dir / ann.RESCORE_FILE, store.dir / ann.RESCORE_IDS]
+    size = sum(p.stat().st_size for p in files if p.is_file())
+    recall = meta.get("recall_at_10")
+    try:
+        shards = store.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+    except sqlite3.OperationalError:  # never indexed with --ray
+        shards = 0
+    kind = meta.get("faiss_kind")
+    return {"index_type": kind, "factory": meta.get("faiss_factory"),
+            "bytes_per_image": size // vectors if vectors and size else None,
+            "recall_at_10": float(recall) if recall else (1.0 if kind == "exact" else None), "shards": shards}
 
 
 __all__ = ["describe_index", "indexes_using", "list_indexes", "display_path"]

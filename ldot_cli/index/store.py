@@ -408,16 +408,18 @@ class IndexStore:
         """Bring the FAISS file up to date with SQLite: add newer vectors, drop removed ones.
 
         Rebuilds from SQLite when asked, when the file is missing or damaged, or when the index kind
-        changes (``kind`` None: exact up to `ANN_THRESHOLD` vectors, approximate past it). Only the
-        process holding the index lock may call this. Returns what was done.
+        changes (``kind`` None: `ann.choose_kind`: exact up to `ANN_THRESHOLD` vectors, approximate
+        past it, IVF-PQ past the memory budget). Only the process holding the index lock may call this.
+        Returns what was done.
         """
         from models.core import ann
 
         total = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
         current = self.get_meta("faiss_kind")
-        want = kind or self.get_meta("ann_mode") or (ann.APPROX if total > ANN_THRESHOLD else ann.EXACT)
+        want = kind or self.get_meta("ann_mode") or "auto"
         if want == "auto":
-            want = ann.APPROX if total > ANN_THRESHOLD else ann.EXACT
+            budget = self.get_meta("memory_budget")
+            want = ann.choose_kind(total, self.dim or 0, ANN_THRESHOLD, int(budget) if budget else None)
         loaded = None
         if not rebuild and current == want:
             try:
@@ -427,20 +429,89 @@ class IndexStore:
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
         if loaded is not None and not ann.remove(loaded[0], np.asarray(removed, dtype=np.int64)):
             loaded = None  # this kind cannot drop vectors: rebuild from SQLite
-        if loaded is None:
+        recall = None
+        if loaded is None and want == ann.PQ:
+            index, recall = self._build_pq(total)
+            action = f"built {want} index of {index.ntotal} vectors"
+        elif loaded is None:
             ids, vectors = self.vectors()
             index = ann.build(ids, vectors, want)
+            if want != ann.EXACT and len(ids):
+                recall = ann.sample_recall(index, lambda: iter([(ids, vectors)]), self._recall_queries())
             action = f"built {want} index of {len(ids)} vectors"
         else:
             index, max_id = loaded
             ids, vectors = self.vectors(min_id=max_id)
+            if want == ann.PQ and len(ids):
+                rows = ann.write_rescore_vectors(self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS,
+                                                 [(ids, vectors)], int(self.get_meta("rescore_rows", "0")))
+                self.set_meta({"rescore_rows": str(rows)})
             ann.add(index, ids, vectors)
             action = f"added {len(ids)}, removed {len(removed)}"
         max_id = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'vectors'").fetchone()
         self.write_faiss(index, int(max_id[0]) if max_id else 0, want)
+        if loaded is None:
+            self.set_meta({"faiss_factory": ann.factory_string(want, total, self.dim or 0),
+                           "recall_at_10": "" if recall is None else f"{recall:.4f}"})
         if removed:
             self.db.executemany("DELETE FROM removed WHERE id = ?", [(i,) for i in removed])
         return action
+
+    # -- large indexes: streamed from SQLite, never all in RAM -----------------------------------
+    def iter_vectors(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All vectors in id order, ``chunk`` rows at a time."""
+        last = 0
+        while True:
+            ids, vectors = self._vector_rows("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
+                                             (last, chunk))
+            if not len(ids):
+                return
+            yield ids, vectors
+            last = int(ids[-1])
+
+    def sample_vectors(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """About ``count`` vectors spread evenly over the ids (k-means training, recall queries)."""
+        total = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+        step = max(1, total // max(1, count))
+        return self._vector_rows("SELECT id, vector FROM vectors WHERE id % ? = 0 ORDER BY id LIMIT ?", (step, count))
+
+    def _vector_rows(self, sql: str, args: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.db.execute(sql, args).fetchall()
+        dim = self.dim or 0
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        for i, (_, blob) in enumerate(rows):
+            out[i] = np.frombuffer(blob, dtype="<f4")
+        return ids, out
+
+    def _recall_queries(self) -> np.ndarray:
+        from models.core import ann
+
+        return self.sample_vectors(ann.RECALL_QUERIES)[1]
+
+    def _build_pq(self, total: int) -> tuple[Any, float | None]:
+        """Train OPQ + IVF-PQ on a spread sample, add every vector in chunks, write the fp16 re-scoring
+        file beside it (new files renamed over the old: readers keep their mapping)."""
+        from models.core import ann
+
+        dim = self.dim or 0
+        index = ann.build_pq(dim, total, self.sample_vectors(ann.pq_training_size(total))[1])
+        data, ids_path = self.dir / f".{ann.RESCORE_FILE}.tmp", self.dir / f".{ann.RESCORE_IDS}.tmp"
+        data.unlink(missing_ok=True)
+        ids_path.unlink(missing_ok=True)
+
+        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for ids, vectors in self.iter_vectors():
+                ann.add(index, ids, vectors)
+                yield ids, vectors
+
+        rows = ann.write_rescore_vectors(data, ids_path, chunks(), 0)
+        replace_file(data, self.dir / ann.RESCORE_FILE)
+        replace_file(ids_path, self.dir / ann.RESCORE_IDS)
+        self.set_meta({"rescore_rows": str(rows)})
+        wrapped = ann.open_rescored(index, self.dir, rows, dim)
+        recall = ann.sample_recall(wrapped, self.iter_vectors, self._recall_queries()) if rows else None
+        return wrapped, recall
 
     # -- the FAISS file --------------------------------------------------------------------------
     @property
@@ -451,9 +522,11 @@ class IndexStore:
         """Atomically replace the FAISS file and record its checksum, rows and newest id in SQLite."""
         import faiss
 
+        from models.core import ann
+
         tmp = self.dir / f".{FAISS_FILE}.{os.getpid()}.tmp"
         try:
-            faiss.write_index(index, str(tmp))
+            faiss.write_index(index.index if isinstance(index, ann.Rescored) else index, str(tmp))
             digest = sha256_file(tmp)
             replace_file(tmp, self.faiss_path)
         finally:
@@ -483,6 +556,11 @@ class IndexStore:
                 index = faiss.read_index(str(self.faiss_path), flags)
                 if index.ntotal != self._number("faiss_rows", meta.get("faiss_rows", "-1")):
                     break
+                if meta.get("faiss_kind") == "ivfpq":
+                    from models.core import ann
+
+                    index = ann.open_rescored(index, self.dir, self._number("rescore_rows", meta.get("rescore_rows", "0")),
+                                              self._number("dim", meta.get("dim", "0")))
                 return index, self._number("faiss_max_id", meta.get("faiss_max_id", "0"))
             if self.get_meta("faiss_sha256") == want:  # nobody rewrote it meanwhile: damaged
                 break

@@ -19,7 +19,13 @@ import numpy as np
 
 EXACT = "exact"
 APPROX = "ivf"
+PQ = "ivfpq"  # OPQ + IVF-PQ codes in RAM, the top candidates re-scored exactly from fp16 vectors on disk
+KINDS = (EXACT, APPROX, PQ)
 REFINE_FACTOR = 4
+RESCORE_FACTOR = 64  # IVF-PQ: candidates re-scored exactly per result wanted (640 fp16 rows for a top 10)
+RESCORE_FILE = "vectors.f16"  # (n, dim) float16 rows in id order, memory-mapped for re-scoring
+RESCORE_IDS = "vectors.f16.ids"  # (n,) int64, ascending: the id of each row
+DEFAULT_BUDGET_FRACTION = 0.5  # without --memory-budget: half the machine's RAM for the vector index
 
 
 BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster (measured on a 2-core machine) ...
@@ -47,6 +53,200 @@ def default_nprobe(nlist: int) -> int:
     return max(16, nlist // 8)
 
 
+def pq_shape(dim: int) -> tuple[int, int]:
+    """(bytes per code M, dimension after OPQ): 4 dimensions per byte, at most 64 bytes (768-d: 64, 256)."""
+    m = max(4, min(64, dim // 4) // 4 * 4)
+    return m, min(dim, 4 * m)
+
+
+def pq_nlist(n: int) -> int:
+    """IVF cells of an IVF-PQ index: as `ivf_cells`, at most 4096 (k-means training cost on big sets)."""
+    return max(1, min(4096, ivf_cells(n)))
+
+
+def factory_string(kind: str, n: int, dim: int) -> str:
+    """The FAISS factory string of the index ``build`` makes (what `ldot status` shows)."""
+    if kind == EXACT:
+        return f"IDMap2,SQfp16,RFlat (k_factor {REFINE_FACTOR})"
+    if kind == APPROX:
+        return f"IVF{ivf_cells(n)},Flat"
+    if kind == PQ:
+        m, dout = pq_shape(dim)
+        return f"OPQ{m}_{dout},IVF{pq_nlist(n)}_HNSW32,PQ{m}x{_pq_bits(n)} + exact re-scoring of {RESCORE_FACTOR}k from fp16"
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+def _pq_bits(n: int) -> int:
+    """8-bit codebooks (256 centroids per byte) from 50k vectors on; smaller sets (PQ only when forced
+    or on a tiny budget) get 4-bit ones, 16x cheaper to train and needing ~620 training points."""
+    return 8 if n >= 50_000 else 4
+
+
+def ram_bytes(kind: str, n: int, dim: int) -> int:
+    """Memory the index of ``kind`` takes for ``n`` vectors (what the automatic choice compares)."""
+    if kind == EXACT:
+        return n * (2 * dim + 4 * dim + 8)  # fp16 scan + float32 refine + id map
+    if kind == APPROX:
+        return n * (4 * dim + 8) + ivf_cells(n) * dim * 4
+    m, dout = pq_shape(dim)
+    return n * (m + 8) + pq_nlist(n) * dout * 4 * 2 + dim * dout * 4
+
+
+def default_memory_budget() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 << 30
+    return int(total * DEFAULT_BUDGET_FRACTION)
+
+
+def choose_kind(n: int, dim: int, threshold: int, memory_budget: int | None = None) -> str:
+    """exact up to ``threshold`` vectors, IVF past it, IVF-PQ past what fits ``memory_budget`` bytes
+    (default: half the machine's RAM)."""
+    budget = memory_budget or default_memory_budget()
+    if n <= threshold and ram_bytes(EXACT, n, dim) <= budget:
+        return EXACT
+    if ram_bytes(APPROX, n, dim) <= budget or n < 624:
+        return APPROX
+    return PQ
+
+
+def parse_bytes(text: str) -> int:
+    """``8GB``, ``512M``, ``1.5 GiB``, ``2000000000`` -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"{text!r} is not a size: write e.g. 8GB, 512MB or 2000000000")
+    unit = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match.group(2)]
+    return int(float(match.group(1)) * unit)
+
+
+def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
+    """An empty, trained OPQ + IVF-PQ index (train on ``sample``, a spread subset of the vectors)."""
+    faiss = _faiss()
+    m, dout = pq_shape(dim)
+    nlist = min(pq_nlist(n), max(1, len(sample) // 39))
+    index = faiss.index_factory(dim, f"OPQ{m}_{dout},IVF{nlist}_HNSW32,PQ{m}x{_pq_bits(n)}",
+                                faiss.METRIC_INNER_PRODUCT)
+    # training cost: OPQ alternates PQ k-means and a rotation; a few rounds on a 16k sample get most of
+    # its gain (the exact re-scoring makes up the rest); k-means with 10 iterations everywhere
+    opq = faiss.downcast_VectorTransform(index.chain.at(0))
+    opq.niter, opq.niter_pq_0, opq.max_train_points = 8, 10, 16_384
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.seed = seed
+    ivf.cp.niter = 10
+    ivf.pq.cp.niter = 10
+    bits = _pq_bits(n)
+    trainer = faiss.ProductQuantizer(dout, m, bits) if bits != 8 else None
+    if trainer is not None:
+        opq.pq = trainer  # OPQ's own quantizer would be 8-bit, and warn about a small sample on stderr
+    try:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    finally:
+        if trainer is not None:
+            opq.pq = None  # only borrowed for training
+    ivf.nprobe = default_nprobe(ivf.nlist)
+    return index
+
+
+class Rescored:
+    """An IVF-PQ index whose top ``RESCORE_FACTOR * k`` candidates are re-scored exactly (inner products
+    with float16 copies of the vectors, memory-mapped from disk: RAM holds only the PQ codes)."""
+
+    def __init__(self, index: Any, ids: np.ndarray, vectors: np.ndarray, factor: int = RESCORE_FACTOR) -> None:
+        self.index, self.ids, self.vectors, self.factor = index, ids, vectors, factor
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def nprobe(self) -> int:
+        return int(_faiss().extract_index_ivf(self.index).nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        _faiss().extract_index_ivf(self.index).nprobe = int(value)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        wanted = min(self.ntotal, k * self.factor)
+        _, cand = self.index.search(queries, wanted)
+        out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(queries), k), -1, dtype=np.int64)
+        for q, row in enumerate(cand):
+            row = row[row >= 0]
+            pos = np.searchsorted(self.ids, row)
+            ok = (pos < len(self.ids)) & (self.ids[np.minimum(pos, len(self.ids) - 1)] == row)
+            row, pos = row[ok], pos[ok]
+            order = np.argsort(pos)  # read the memory-mapped rows in file order
+            exact = self.vectors[pos[order]].astype(np.float32) @ queries[q]
+            top = np.argsort(-exact, kind="stable")[:k]
+            out_s[q, : len(top)] = exact[top]
+            out_i[q, : len(top)] = row[order][top]
+        return out_s, out_i
+
+
+def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> int:
+    """Append (ids, vectors) chunks to the fp16 re-scoring files after their first ``rows`` committed rows
+    (a crash's partial tail is cut off first); returns the rows now in them (the caller records that)."""
+    for path in (data, ids_file):
+        open(path, "ab").close()
+    with open(data, "r+b") as fd, open(ids_file, "r+b") as fi:
+        started = False
+        for ids, vectors in chunks:
+            if not started:
+                fd.truncate(rows * vectors.shape[1] * 2)
+                fi.truncate(rows * 8)
+                fd.seek(0, 2)
+                fi.seek(0, 2)
+                started = True
+            fd.write(np.ascontiguousarray(vectors, dtype="<f2").tobytes())
+            fi.write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+            rows += len(ids)
+        fd.flush()
+        fi.flush()
+        os.fsync(fd.fileno())
+        os.fsync(fi.fileno())
+    return rows
+
+
+def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
+    """Wrap a read IVF-PQ index with its memory-mapped fp16 vectors (the first ``rows`` committed rows)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    ids = np.fromfile(directory / RESCORE_IDS, dtype="<i8", count=rows) if rows else np.zeros(0, np.int64)
+    vectors = (np.memmap(directory / RESCORE_FILE, dtype="<f2", mode="r", shape=(rows, dim)) if rows
+               else np.zeros((0, dim), dtype=np.float16))
+    return Rescored(index, ids, vectors)
+
+
+def pq_training_size(n: int) -> int:
+    """Training points for OPQ + IVF-PQ: 64 per IVF cell, at least the 8-bit codebooks' ~10k, at most 256k."""
+    return int(min(n, max(10_000, min(256_000, 64 * pq_nlist(n)))))
+
+
+RECALL_QUERIES = 100
+
+
+def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> float:
+    """recall@k of ``index`` against exact search, for ``queries`` (stored vectors: image-to-image),
+    the exact top k found by streaming every vector once from ``chunks()``."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for ids, vectors in chunks():
+        scores = queries @ np.ascontiguousarray(vectors, dtype=np.float32).T
+        all_s = np.concatenate([best_s, scores], 1)
+        all_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], 1)
+        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    _, got = search(index, queries, k)
+    hits = [len(set(t[t >= 0].tolist()) & set(g.tolist())) / max(1, int((t >= 0).sum())) for t, g in zip(best_i, got)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
 def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any:
     """A new index of ``kind`` holding ``vectors`` (n, d) under ``ids`` (n,)."""
     faiss = _faiss()
@@ -67,6 +267,15 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any
             sample = vectors[rng.choice(len(vectors), 64 * nlist, replace=False)]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = default_nprobe(nlist)
+    elif kind == PQ:
+        sample = vectors
+        if len(vectors) > pq_training_size(len(vectors)):
+            rng = np.random.default_rng(seed)
+            sample = vectors[rng.choice(len(vectors), pq_training_size(len(vectors)), replace=False)]
+        index = build_pq(d, len(vectors), sample, seed)
+        order = np.argsort(ids)
+        add(index, ids, vectors)
+        return Rescored(index, ids[order].astype(np.int64), vectors[order].astype(np.float16))
     else:
         raise ValueError(f"unknown index kind {kind!r}")
     if len(ids):
@@ -85,6 +294,9 @@ def flat(vectors: np.ndarray) -> Any:
 
 
 def add(index: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add vectors (to a `Rescored` index: its codes; the caller appends the fp16 rows on disk)."""
+    if isinstance(index, Rescored):
+        index = index.index
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
 
@@ -96,11 +308,15 @@ def remove(index: Any, ids: np.ndarray) -> bool:
     if kind_of(index) == EXACT:
         return False
     faiss = _faiss()
+    if isinstance(index, Rescored):
+        index = index.index  # its fp16 rows stay on disk, never a candidate again
     index.remove_ids(faiss.IDSelectorBatch(ids.astype(np.int64)))
     return True
 
 
 def kind_of(index: Any) -> str:
+    if isinstance(index, Rescored):
+        return PQ
     faiss = _faiss()
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
     return APPROX if isinstance(inner, faiss.IndexIVF) else EXACT

@@ -1,0 +1,443 @@
+"""`ldot index SOURCE --ray [ADDRESS]`: the same index, built on a Ray cluster (Ray Data batch inference).
+
+The pipeline, streamed by Ray Data::
+
+    work units (tar shards, groups of files)
+      -> flat_map(decode_unit)            CPU tasks: read bytes (local or fsspec), sha256, decode, preprocess
+      -> map_batches(Extractor)           an actor pool, one model copy per GPU (or per N CPUs): detector +
+                                          image tower; each batch is written as one committed output shard
+      -> the driver                       merges each committed shard into the index (SQLite + regions)
+
+Ray retries tasks and restarts actors that die (a killed worker process, a lost node); a retried batch
+rewrites the same shard. A killed driver leaves committed shards behind: the next run merges them first,
+then plans only what is still missing (loose files by path, size and mtime as plain `ldot index` does;
+tar shards by their recorded image count), so nothing is indexed twice or lost.
+
+The driver needs the index folder; the workers need the shards folder (``--shards-dir``: by default the
+index's own ``shards/``, fine on one machine or a shared file system; any fsspec URL otherwise) and the
+models (the driver's model paths when they exist on the worker, else the worker's own ldot cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ldot_cli.index import shards as shard_io
+from ldot_cli.index.indexer import Indexer, IndexReport, Scan, damaged_regions, file_row
+from ldot_cli.index.sources import Item, Unit, file_units, plan_sources, read_unit
+from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore, writer_lock
+from models.core.errors import LdotError, option
+
+LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
+
+
+class RayError(LdotError):
+    """Ray is missing, or the cluster cannot be reached or used."""
+
+
+@dataclass
+class RayOptions:
+    """How to run on the cluster; None: chosen from the resources Ray reports."""
+
+    address: str = LOCAL  # "local", "auto" (the cluster this machine belongs to) or an address
+    actors: int | None = None  # model copies (actor pool size)
+    cpus_per_actor: int | None = None  # CPU-only clusters: cores per model copy
+    gpus_per_actor: float | None = None  # GPU clusters: GPUs per model copy (1: one copy per GPU)
+    shard_size: int | None = None  # images per model call and per output shard
+    shards_dir: str | None = None  # where workers write shards (default: the index's shards/)
+    num_cpus: int | None = None  # a local instance's cores (default: all)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The pool the run uses, from the cluster's resources and the overrides."""
+
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    shard_size: int
+    device: str
+
+
+def plan_layout(resources: dict[str, float], options: RayOptions, device: str = "auto") -> Layout:
+    """One model copy per GPU (or per ``cpus_per_actor`` cores), leaving cores for the decoding tasks."""
+    gpus = float(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if gpus >= 1 and device != "cpu":
+        per = options.gpus_per_actor or 1.0
+        actors = options.actors or max(1, int(gpus // per))
+        return Layout(actors, 1.0, per, options.shard_size or 256, "cuda")
+    if device == "cuda":
+        raise RayError(f"{option('device')} is cuda, but the Ray cluster reports no GPU: use auto or cpu")
+    per_cpu = options.cpus_per_actor or max(1, min(4, cpus // 4))
+    decoders = max(1, cpus // 4)
+    actors = options.actors or max(1, (cpus - decoders) // per_cpu)
+    return Layout(actors, float(per_cpu), 0.0, options.shard_size or 32, "cpu")
+
+
+def connect(options: RayOptions) -> Any:
+    """Join the cluster (or start a local instance); quiet, no progress bars of Ray's own."""
+    try:
+        import ray
+    except ImportError:
+        raise RayError(f"{option('ray')} needs Ray: pip install 'ldot[ray]'") from None
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "logging_level": "ERROR",
+                                  "configure_logging": True}
+        if options.address == LOCAL:
+            if options.num_cpus:
+                kwargs["num_cpus"] = options.num_cpus
+        else:
+            kwargs["address"] = options.address
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as exc:
+            raise RayError(f"cannot reach the Ray cluster at {options.address!r} ({exc}): start it with "
+                           f"`ray start --head`, or give its address to {option('ray')} (e.g. 10.0.0.1:6379)") from None
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    return ray
+
+
+# -- worker side: decoding tasks -------------------------------------------------------------------
+def decode_unit(row: dict[str, Any], preprocess: Any, max_pixels: int | None) -> Iterator[dict[str, Any]]:
+    """One work unit -> one row per image (decoded + preprocessed, or why not), then an end row."""
+    import hashlib
+
+    from feature_extraction.errors import ImageLoadError
+    from feature_extraction.images.decode import load_image_bytes
+    from feature_extraction.images.pool import _as_chw_float32
+    from ldot_cli.index.sources import SourceError
+
+    unit: Unit = pickle.loads(row["unit"])
+    count = 0
+    try:
+        for item, data, problem in read_unit(unit):
+            count += 1
+            out: dict[str, Any] = {"item": item, "unit": unit.id}
+            if data is None:
+                out.update(reason=problem, retry=True)
+            else:
+                out["hash"] = hashlib.sha256(data).hexdigest()
+                try:
+                    rgb = load_image_bytes(data, item.path, max_pixels)
+                    tensor, scale = preprocess(rgb)
+                    out.update(pixels=_as_chw_float32(tensor), scale=float(scale),
+                               size=(int(rgb.shape[0]), int(rgb.shape[1])))
+                except ImageLoadError as exc:
+                    out.update(reason=exc.reason, retry=not exc.permanent)
+                except MemoryError:
+                    out.update(reason="not enough memory to decode", retry=True)
+                except Exception as exc:  # a bug or an exotic failure: still only this image's
+                    out.update(reason=f"could not load image ({type(exc).__name__}: {exc})", retry=False)
+            yield {"unit": unit.id, "blob": pickle.dumps(out)}
+    except SourceError as exc:  # a damaged tar shard: recorded as one skipped entry, the run goes on
+        count += 1
+        item = Item(unit.tar or unit.root, unit.root, unit.size, unit.mtime_ns)
+        yield {"unit": unit.id, "blob": pickle.dumps({"item": item, "unit": unit.id, "reason": str(exc),
+                                                     "retry": True})}
+    yield {"unit": unit.id, "blob": pickle.dumps({"end": unit.id, "total": count})}
+
+
+# -- worker side: the model actors -------------------------------------------------------------------
+class Extractor:
+    """Detector + image tower, loaded once per actor; each call extracts, encodes and commits one shard."""
+
+    def __init__(self, detector: str, model: str, preset: str, device: str, detector_batch: int,
+                 shards_dir: str, keep_regions: bool, threads: int) -> None:
+        import torch
+
+        from feature_extraction.detector.weights import open_detector
+        from feature_extraction.uniter_db import resolve_cut
+        from models.hub.load import load_bi_encoder
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.detector = open_detector(_local_or_name(detector), device)
+        self.encoder = load_bi_encoder(_local_or_name(model), device=device, towers=("image",))
+        self.preset, self.cut = preset, resolve_cut(preset)
+        self.detector_batch = max(1, detector_batch)
+        self.shards_dir, self.keep_regions = shards_dir, keep_regions
+        if os.environ.get("LDOT_RAY_PID_DIR"):  # tests: lets them find (and kill) this worker process
+            with open(os.path.join(os.environ["LDOT_RAY_PID_DIR"], f"actor-{os.getpid()}"), "w") as handle:
+                handle.write(str(os.getpid()))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        if os.environ.get("LDOT_RAY_BATCH_DELAY_S"):  # tests: keeps work in flight long enough to kill a worker
+            time.sleep(float(os.environ["LDOT_RAY_BATCH_DELAY_S"]))
+        entries = [pickle.loads(blob) for blob in batch["blob"]]
+        images = [e for e in entries if "pixels" in e]
+        regions = self._detect(images)
+        shard = shard_io.ShardRows()
+        ok = [(e, r) for e, r in zip(images, regions) if not isinstance(r, str)]
+        if ok:
+            from feature_extraction.uniter_db import record_view, regions_to_record
+
+            records = [regions_to_record(r, self.cut) for _, r in ok]
+            vectors = self.encoder.encode_images([record_view(r) for r in records]).numpy()
+            for (entry, _), record, vector in zip(ok, records, vectors):
+                shard.rows.append(_row(entry, vec=len(shard.vectors), boxes=len(record["features"])))
+                shard.vectors.append(vector)
+                shard.records.append(record if self.keep_regions else None)
+        for entry, result in zip(images, regions):
+            if isinstance(result, str):
+                shard.rows.append(_row(entry, reason=result, retry=True))
+        for entry in entries:
+            if "end" in entry:
+                shard.rows.append({"end": entry["end"], "total": entry["total"]})
+            elif "pixels" not in entry:
+                shard.rows.append(_row(entry, reason=entry["reason"], retry=entry["retry"]))
+        name = shard_io.shard_id([r.get("path") or f"end:{r['end']}" for r in shard.rows])
+        info = shard_io.write(self.shards_dir, name, shard)
+        return {"name": [info["name"]], "rows": [info["rows"]], "images": [len(ok)]}
+
+    def _detect(self, images: list[dict[str, Any]]) -> list[Any]:
+        """Detector output per image (an error text where it failed, alone, after a failed batch)."""
+        import torch
+
+        from feature_extraction.types import RegionFeatures
+
+        out: list[Any] = []
+        for start in range(0, len(images), self.detector_batch):
+            chunk = images[start:start + self.detector_batch]
+            inputs = [(torch.from_numpy(e["pixels"]), e["scale"], e["size"]) for e in chunk]
+            try:
+                results = list(self.detector.extract(inputs, self.preset))
+                if len(results) != len(chunk):
+                    raise ValueError("wrong number of results")
+            except Exception:
+                results = []
+                for one in inputs:
+                    try:
+                        results.append(self.detector.extract([one], self.preset)[0])
+                    except Exception as exc:
+                        results.append(f"detector failed ({type(exc).__name__}: {exc})")
+            for result in results:
+                if not isinstance(result, (RegionFeatures, str)):
+                    result = f"detector returned {type(result).__name__}, not RegionFeatures"
+                out.append(result)
+        return out
+
+
+def _row(entry: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    item: Item = entry["item"]
+    return {"path": item.path, "root": item.root, "size": item.size, "mtime_ns": item.mtime_ns,
+            "hash": entry.get("hash"), "unit": entry["unit"], **extra}
+
+
+def _local_or_name(source: str) -> str:
+    """The driver's resolved model path where this worker sees it; else the name, from this worker's cache."""
+    path, _, name = source.partition("\0")
+    return path if path and os.path.exists(path) else (name or path)
+
+
+# -- the driver ----------------------------------------------------------------------------------------
+class RayIndexer(Indexer):
+    """`Indexer` whose model work runs on a Ray cluster; planning and merging run here, under the index lock."""
+
+    def __init__(self, *args: Any, ray_options: RayOptions | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options = ray_options or RayOptions()
+        self.layout: Layout | None = None
+        self._tar_units: set[str] = set()
+
+    def run_sources(self, sources: Sequence[str], excludes: Sequence[str] = (), reindex: bool = False,
+                    retry_failed: bool = False) -> IndexReport:
+        from feature_extraction.errors import ImageDBError
+
+        started = time.monotonic()
+        report = IndexReport(self.name)
+        plan = plan_sources(list(sources))  # inputs first: a typo fails before anything is created
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with writer_lock(self.dir):
+            with self.open(reindex) as store:
+                store.db.executescript(shard_io.TABLES)
+                if reindex:
+                    shard_io.clean_temporary(self.shards_dir)
+                    for name in shard_io.committed(self.shards_dir):
+                        shard_io.remove(self.shards_dir, name)
+                try:
+                    self._run_sources(store, plan, excludes, retry_failed, report)
+                except ImageDBError as exc:
+                    raise damaged_regions(self.name, exc) from None
+                counts = store.counts()
+                report.images, report.vectors = counts.get("indexed", 0), counts["vectors"]
+        report.elapsed_s = time.monotonic() - started
+        return report
+
+    @property
+    def shards_dir(self) -> str:
+        return self.options.shards_dir or str(self.dir / shard_io.SHARDS_DIR)
+
+    def _run_sources(self, store: IndexStore, plan: Any, excludes: Sequence[str], retry_failed: bool,
+                     report: IndexReport) -> None:
+        from feature_extraction.images.walk import collect_images
+        from ldot_cli.index.indexer import _excluded
+        from models.core.home import ldot_home
+
+        with self._regions() as regions:
+            # what a killed run committed but did not merge: merged first, so planning sees it
+            shard_io.clean_temporary(self.shards_dir)
+            for name in shard_io.committed(self.shards_dir):
+                self._merge(store, regions, name, report, resumed=True)
+            self.stage("scanning", 0, None)
+            walked: list[Any] = []
+            for root in plan.roots:
+                for src in collect_images([root], exclude=[ldot_home()], on_issue=plan.issues.append):
+                    if not _excluded(src.path, src.root, excludes):
+                        walked.append(src)
+            files = walked + plan.files
+            roots = plan.roots + sorted({i.root for i in plan.files})
+            report.found = len(files) + len(plan.issues)
+            self.stage("scanning", len(files), len(files))
+            scan = Scan(roots, files, plan.issues)
+            todo = self._plan(store, scan, retry_failed, report) if roots else []
+            self._record_walk_issues(store, scan, report)
+            items = [Item(s.path, s.root, s.size, s.mtime_ns) for s in todo]
+            tars = self._plan_tars(store, plan.tars, report)
+            units = tars + file_units(items)
+            if units:
+                self._extract_on_ray(store, regions, units, len(items), report)
+        self._collect_garbage(store)
+        self.stage("saving", 0, 1)
+        report.faiss = store.sync_faiss(kind=None)
+        self.stage("saving", 1, 1)
+
+    def _regions(self) -> Any:
+        from contextlib import nullcontext
+
+        if not self.keep_regions:
+            return nullcontext(None)
+        from feature_extraction.uniter_db import UniterImageDBWriter
+
+        return UniterImageDBWriter(self.dir / REGIONS_DIR, self.preset)
+
+    def _plan_tars(self, store: IndexStore, tars: list[Unit], report: IndexReport) -> list[Unit]:
+        """Tar shards still to read: new, changed, or not every image of theirs merged yet."""
+        todo = []
+        for unit in tars:
+            row = store.db.execute("SELECT size, mtime_ns, total FROM units WHERE id = ?", (unit.id,)).fetchone()
+            if row is not None and (row[0], row[1]) == (unit.size, unit.mtime_ns) and row[2] is not None:
+                if _count_members(store, unit.tar or "") >= row[2]:
+                    report.found += row[2]
+                    report.unchanged += row[2]
+                    continue
+            with store.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO units (id, source, size, mtime_ns, total, merged) "
+                           "VALUES (?, ?, ?, ?, NULL, 0)", (unit.id, unit.tar, unit.size, unit.mtime_ns))
+            todo.append(unit)
+            self._tar_units.add(unit.id)
+        return todo
+
+    def _model_sources(self) -> tuple[str, str, Any]:
+        """(detector, bi-encoder, preprocess) as the workers get them: the driver's resolved paths + names."""
+        from pathlib import Path
+
+        from feature_extraction.detector.preprocess import preprocess
+        from feature_extraction.detector.weights import CONFIG_FILE, read_config
+        from models.hub.load import resolve_source
+
+        detector_path = Path(resolve_source(self.detector_name))
+        config_dir = detector_path if detector_path.is_dir() else detector_path.parent
+        config = read_config(config_dir) if (config_dir / CONFIG_FILE).is_file() else None
+        model_path = resolve_source(self.model)
+        return (f"{detector_path}\0{self.detector_name}", f"{model_path}\0{self.model}",
+                functools.partial(preprocess, config=config))
+
+    def _extract_on_ray(self, store: IndexStore, regions: Any, units: list[Unit], known_images: int,
+                        report: IndexReport) -> None:
+        ray = connect(self.options)  # ray, with ray.data imported
+        self.layout = layout = plan_layout(ray.cluster_resources(), self.options, self.device)
+        detector, model, preprocess = self._model_sources()
+        total = known_images if all(u.tar is None for u in units) else None
+        self.stage("extracting", 0, total)
+        ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
+        ds = ds.flat_map(decode_unit, fn_kwargs={"preprocess": preprocess, "max_pixels": _max_pixels()},
+                         num_cpus=1)
+        ds = ds.map_batches(
+            Extractor, batch_size=layout.shard_size, batch_format="numpy", concurrency=layout.actors,
+            num_cpus=layout.num_cpus, num_gpus=layout.num_gpus or None,
+            fn_constructor_kwargs={"detector": detector, "model": model, "preset": self.preset,
+                                   "device": layout.device, "detector_batch": self.batch_size,
+                                   "shards_dir": self.shards_dir, "keep_regions": self.keep_regions,
+                                   "threads": int(layout.num_cpus)})
+        done = 0
+        for row in ds.iter_rows():
+            done += self._merge(store, regions, str(row["name"]), report)
+            self.stage("extracting", done, total)
+        self.stage("extracting", done, done)
+
+    def _merge(self, store: IndexStore, regions: Any, name: str, report: IndexReport, resumed: bool = False) -> int:
+        """Merge one committed shard (idempotent); returns the file rows it held."""
+        from feature_extraction.uniter_db import SourceStamp
+
+        got = shard_io.read(self.shards_dir, name)
+        if got is None:
+            return 0  # not committed (or damaged): its images are planned again
+        shard, info = got
+        seen = store.db.execute("SELECT sha256 FROM shards WHERE id = ?", (name,)).fetchone()
+        if seen is None:
+            if regions is not None:
+                for row in shard.rows:
+                    record = shard.records[row["vec"]] if "vec" in row else None
+                    if record is not None:
+                        regions.put(row["hash"], record, SourceStamp(row["path"], row["size"], row["mtime_ns"]))
+                regions.commit()
+            with store.transaction() as db:
+                if shard.vectors and store.get_meta("dim") is None:
+                    store.set_meta({"dim": str(len(shard.vectors[0]))}, db)
+                files = []
+                for row in shard.rows:
+                    if "end" in row:
+                        db.execute("UPDATE units SET total = ? WHERE id = ?", (row["total"], row["end"]))
+                        continue
+                    vid = None
+                    if "vec" in row:
+                        vid = store.vector_for_hash(row["hash"])
+                        if vid is None:
+                            vector = np.asarray(shard.vectors[row["vec"]], dtype=np.float32)
+                            vid = store.add_vector(db, row["hash"], vector, int(row["boxes"]))
+                            report.encoded += 1
+                        else:
+                            report.reused += 1
+                    files.append(_file_row(row, vid))
+                    if vid is None:
+                        report.skipped.append((row["path"], row["reason"]))
+                store.put_files(db, files)
+                db.execute("INSERT OR REPLACE INTO shards (id, sha256, bytes, rows, merged) VALUES (?, ?, ?, ?, ?)",
+                           (name, info["sha256"], info["bytes"], info["rows"], time.time()))
+            if not resumed:  # loose files were counted by the scan; tar members are counted as they arrive
+                report.found += sum(1 for r in shard.rows if "end" not in r and r.get("unit") in self._tar_units)
+        shard_io.remove(self.shards_dir, name)
+        return sum(1 for r in shard.rows if "end" not in r)
+
+
+def _file_row(row: dict[str, Any], vector_id: int | None) -> FileRow:
+    class _Src:  # the walked-file shape `file_row` reads
+        path, root, size, mtime_ns = row["path"], row["root"], row["size"], row["mtime_ns"]
+
+    return file_row(_Src, row.get("hash"), vector_id, row.get("reason"), bool(row.get("retry")))
+
+
+def _count_members(store: IndexStore, tar: str) -> int:
+    prefix = os.fsencode(tar + "#")
+    upper = prefix[:-1] + bytes([prefix[-1] + 1])
+    return store.db.execute("SELECT COUNT(*) FROM files WHERE path >= ? AND path < ?", (prefix, upper)).fetchone()[0]
+
+
+def _max_pixels() -> int:
+    from feature_extraction.images.decode import DEFAULT_MAX_PIXELS
+
+    return DEFAULT_MAX_PIXELS

@@ -1,0 +1,170 @@
+"""`ldot index --ray` on a local Ray cluster this session starts (2 CPUs, 127.0.0.1): the same vectors and
+file rows as plain `ldot index`, over a folder and over webdataset tar shards; a worker process killed
+mid-run (Ray restarts it and retries its batch: counts exact); a driver killed mid-run (a re-run completes).
+Drivers are real `ldot` subprocesses joining the cluster; models are tiny and random."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from ldot_testing import install_tiny_detector, install_tiny_model, make_photos
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+ARGS = ["--model", "tiny", "--detector", "tiny-det", "--batch-size", "2", "--workers", "1"]
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """One local Ray instance for the session; yields (its address, the folder actors write their pids to)."""
+    pids = tmp_path_factory.mktemp("ray-pids")
+    os.environ["LDOT_RAY_PID_DIR"] = str(pids)  # inherited by the worker processes Ray starts
+    os.environ["LDOT_RAY_BATCH_DELAY_S"] = "0.5"  # work stays in flight long enough to kill a worker mid-run
+    context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20,
+                       log_to_driver=False, logging_level="ERROR")
+    try:
+        yield context.address_info["gcs_address"], pids
+    finally:
+        ray.shutdown()
+        os.environ.pop("LDOT_RAY_PID_DIR", None)
+        os.environ.pop("LDOT_RAY_BATCH_DELAY_S", None)
+
+
+@pytest.fixture
+def models(vocab_dir):
+    _, dim = install_tiny_detector()
+    install_tiny_model("tiny", vocab_dir, img_dim=dim)
+
+
+def ldot(*args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-c", "from ldot_cli.main import run; run()", *args],
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def rows_and_vectors(name: str) -> tuple[dict, dict]:
+    """{path: (root, size, mtime, hash, status)} and {content hash: vector} of an index."""
+    from ldot_cli.index.store import IndexStore, index_path
+
+    with IndexStore(index_path(name)) as store:
+        rows = {r.path: (r.root, r.size, r.mtime_ns, r.content_hash, r.status) for r in store.file_rows()}
+        ids, vectors = store.vectors()
+        hashes = store.content_hashes(ids.tolist())
+        return rows, {hashes[i]: v for i, v in zip(ids.tolist(), vectors)}
+
+
+def same_vectors(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:  # shards carry fp16 vectors: equal to fp16 rounding
+        assert np.allclose(a[key], b[key], rtol=2e-3, atol=2e-3), key
+
+
+def merged_shards(name: str) -> int:
+    from ldot_cli.index.store import DB_FILE, index_path
+
+    path = index_path(name) / DB_FILE
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, models, tmp_path):
+    from ldot_cli.index.sources import tar_bytes
+
+    address, _ = cluster
+    photos = tmp_path / "photos"
+    files = make_photos(photos, 6, size=(64, 48))
+    ldot("index", str(photos), "--name", "single", *ARGS)
+    first = ldot("index", str(photos), "--name", "dist", *ARGS, "--ray", address, "--ray-shard-size", "4")
+    assert "6 encoded" in " ".join(first.stderr.split())
+    single_rows, single_vectors = rows_and_vectors("single")
+    dist_rows, dist_vectors = rows_and_vectors("dist")
+    assert dist_rows == single_rows and len(dist_rows) == 6
+    same_vectors(single_vectors, dist_vectors)
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number, group in enumerate((files[:4], files[4:])):
+        (shards / f"{number:05d}.tar").write_bytes(tar_bytes({f"{number:05d}{i:03d}.png": p.read_bytes()
+                                                              for i, p in enumerate(group)}))
+    source = str(shards / "{00000..00001}.tar")
+    ldot("index", source, "--name", "web", *ARGS, "--ray", address)
+    web_rows, web_vectors = rows_and_vectors("web")
+    assert sorted(os.path.basename(p.decode()) for p in web_rows) == \
+        ["00000.tar#00000000.png", "00000.tar#00000001.png", "00000.tar#00000002.png", "00000.tar#00000003.png",
+         "00001.tar#00001000.png", "00001.tar#00001001.png"]
+    assert all(row[4] == "indexed" for row in web_rows.values())
+    same_vectors(single_vectors, web_vectors)
+    again = ldot("index", source, "--name", "web", *ARGS, "--ray", address)  # committed shards: not read again
+    assert "0 encoded" in again.stderr and "6 unchanged" in " ".join(again.stderr.split())
+    status = json.loads(ldot("status", "--name", "web", "--json").stdout)
+    assert status["shards"] >= 1 and status["index_type"] == "exact" and status["bytes_per_image"] > 0
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_counts_stay_exact(cluster, models, tmp_path):
+    address, pids = cluster
+    photos = tmp_path / "photos"
+    make_photos(photos, 16, size=(64, 48))
+    for old in pids.iterdir():
+        old.unlink()
+    driver = spawn("index", str(photos), "--name", "kw", *ARGS, "--ray", address, "--ray-shard-size", "2")
+    deadline = time.monotonic() + 300
+    killed = None
+    from ldot_cli.index.store import index_path
+
+    committed_at_kill = 0
+    while time.monotonic() < deadline and driver.poll() is None:
+        actors = [p for p in pids.iterdir() if p.name.startswith("actor-")]
+        committed = list((index_path("kw") / "shards").glob("*.sha256")) if actors else []
+        if actors and (committed or merged_shards("kw")):
+            killed = int(actors[0].read_text())
+            os.kill(killed, signal.SIGKILL)
+            committed_at_kill = len(committed) + merged_shards("kw")
+            break
+        time.sleep(0.05)
+    assert killed is not None and driver.poll() is None, "the run ended before a worker could be killed"
+    assert committed_at_kill < 8, "every batch was done before the kill: nothing was in flight"
+    _, err = driver.communicate(timeout=400)
+    assert driver.returncode == 0, err[-3000:]
+    assert len([p for p in pids.iterdir() if p.name.startswith("actor-")]) >= 2  # Ray started a new one
+    rows, vectors = rows_and_vectors("kw")
+    assert len(rows) == 16 and all(r[4] == "indexed" for r in rows.values()) and len(vectors) == 16
+
+
+def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, models, tmp_path):
+    address, _ = cluster
+    photos = tmp_path / "photos"
+    make_photos(photos, 12, size=(64, 48))
+    args = ["index", str(photos), "--name", "kd", *ARGS, "--ray", address, "--ray-shard-size", "2"]
+    driver = spawn(*args)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and merged_shards("kd") < 1:
+        time.sleep(0.1)
+    assert driver.poll() is None, "the run ended before the driver could be killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert 1 <= merged_shards("kd") < 6
+    rerun = ldot(*args)
+    assert "12 images found" in " ".join(rerun.stderr.split())
+    rows, vectors = rows_and_vectors("kd")
+    assert len(rows) == 12 and all(r[4] == "indexed" for r in rows.values()) and len(vectors) == 12
