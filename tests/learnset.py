@@ -57,8 +57,9 @@ def learnable_set(n_images: int, seed: int = 0, confusable: int = 0, img_dim: in
     twin: dict[str, Any] = {}
     for i in range(n_images):
         if i < confusable and i % group:  # a group shares all but the first object's colour and size
-            variant = (i % group) % (2 * len(COLOURS))
-            spec = dict(twin, c1=(twin["c1"] + variant // 2) % len(COLOURS), z=(twin["z"] + variant) % 2)
+            variant = (i % group) % (2 * len(COLOURS) ** 2)  # groups of up to 32: the second colour varies too
+            spec = dict(twin, c1=(twin["c1"] + variant // 2) % len(COLOURS), z=(twin["z"] + variant) % 2,
+                        c2=(twin["c2"] + variant // (2 * len(COLOURS))) % len(COLOURS))
         else:
             o1, o2 = rng.choice(len(OBJECTS), size=2, replace=False)
             c1, c2 = rng.integers(len(COLOURS), size=2)
@@ -211,3 +212,34 @@ def run_mode(mode: str, model: Any, train_pairs: Any, val_pairs: Any, lookup: di
     seconds = time.monotonic() - started
     after = evaluate(model, eval_pairs, lookup, tokenizer)
     return ModeResult(mode, before, after, chance(len(eval_pairs.image_keys)), seconds)
+
+
+def within_group_recall(model: Any, pairs: Any, lookup: dict, tokenizer: Any, group: int = 8) -> float:
+    """R@1 (%) among each item's own confusable group only (both directions averaged): does the model tell a pair
+    from its partners, which differ only in the detail? Chance = 100 / ``group``. ``pairs``: an all-confusable set."""
+    from models.training.data import SpecialIds
+    from models.training.loop import encode_pairs
+
+    ids = SpecialIds(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (5, 128))
+    text, image = encode_pairs(model, pairs, lookup, ids, torch.device("cpu"), None)
+    scores = text @ image.T
+    owner = np.asarray(pairs.caption_image)
+    grp = np.arange(len(image)) // group
+    t2i = np.mean([scores[c, owner[c]] >= scores[c, grp == grp[owner[c]]].max() for c in range(len(text))])
+    i2t = np.mean([scores[owner == j, j].max() >= scores[grp[owner] == grp[j], j].max() for j in range(len(image))])
+    return float(100 * (t2i + i2t) / 2)
+
+
+def partner_share(model: Any, pairs: Any, lookup: dict, tokenizer: Any, k: int, group: int = 8) -> tuple[float, float]:
+    """(share of the mined negative images that are the caption's group partners, share a random negative would
+    have): how much harder than random the official mining's K draws from its top-P pool are for this model."""
+    from models.training.data import SpecialIds
+    from models.training.loop import encode_pairs
+    from models.training.negatives import mine
+
+    ids = SpecialIds(tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (5, 128))
+    text, image = encode_pairs(model, pairs, lookup, ids, torch.device("cpu"), None)
+    owner = np.asarray(pairs.caption_image)
+    grp = np.arange(len(image)) // group
+    hn = mine(text, image, list(owner), k, seed=0, step=0)
+    return float(np.mean(grp[hn.images] == grp[owner][:, None])), (group - 1) / (len(image) - 1)
