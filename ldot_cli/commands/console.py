@@ -130,6 +130,24 @@ def clean_param(param: Any) -> None:
         param.metavar = _type_word(param)
 
 
+def verify_report(results: dict[str, list[str]], none: str, damaged: str) -> int:
+    """Print ``ok NAME`` / ``FAILED NAME: problems`` per checked item; ``none`` when nothing was checked, and
+    ``damaged`` (what to do, with ``{n}`` for the count) when something failed. Returns the number that failed."""
+    bad = 0
+    for name, problems in results.items():
+        if problems:
+            bad += 1
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            out.print(line(("FAILED", "red"), " ", name, ": ", shown))
+        else:
+            out.print(line(("ok", "green"), " ", name))
+    if not results:
+        err.print(line(none))
+    if bad:
+        err.print(line(damaged.format(n=bad)))
+    return bad
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "?"

@@ -16,6 +16,7 @@ from ldot_cli.commands.console import (
     out,
     progress_bar,
     safe,
+    verify_report,
 )
 
 app = typer.Typer(help="Public benchmarks and training sets in the cache: list, get, verify, rm.",
@@ -116,18 +117,8 @@ def verify(names: list[str] = typer.Argument(None, help="Datasets to check (defa
     from ldot_cli.data import sources
 
     results = sources.verify(names or None)
-    bad = 0
-    for key, problems in results.items():
-        if problems:
-            bad += 1
-            out.print(line(("FAILED ", "red"), f"{key}: " + "; ".join(problems[:5])
-                           + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")))
-        else:
-            out.print(line(("ok ", "green"), key))
-    if not results:
-        err.print("no datasets fetched (see `ldot data list`)")
-    if bad:
-        err.print(line(f"{bad} split(s) damaged: `ldot data rm NAME` then `ldot data get NAME`"))
+    if verify_report(results, "no datasets fetched (see `ldot data list`)",
+                     "{n} split(s) damaged: `ldot data rm NAME` then `ldot data get NAME`"):
         raise typer.Exit(1)
 
 

@@ -16,6 +16,7 @@ from ldot_cli.commands.console import (
     out,
     progress_bar,
     safe,
+    verify_report,
 )
 
 app = typer.Typer(help="Named checkpoints in the cache: list, download, import, verify, rm.", no_args_is_help=True)
@@ -166,17 +167,8 @@ def verify(names: list[str] = typer.Argument(None, help="Models to check (defaul
     from models.hub.cache import verify_models
 
     results = verify_models(names or None)
-    bad = 0
-    for name, problems in results.items():
-        if problems:
-            bad += 1
-            out.print(line(("FAILED", "red"), " ", name, ": ", "; ".join(problems)))
-        else:
-            out.print(line(("ok", "green"), " ", name))
-    if not results:
-        err.print("no models in the cache")
-    if bad:
-        err.print(line(f"{bad} model(s) failed: re-download them (`ldot models rm NAME` then `ldot models download NAME`)"))
+    if verify_report(results, "no models in the cache", "{n} model(s) failed: re-download them "
+                     "(`ldot models rm NAME` then `ldot models download NAME`)"):
         raise typer.Exit(1)
 
 
