@@ -53,9 +53,9 @@ def ldot(*args: str, check: bool = True, timeout: float = 400) -> subprocess.Com
     return result
 
 
-def spawn(*args: str) -> subprocess.Popen:
+def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def rows_and_vectors(name: str) -> tuple[dict, dict]:
@@ -156,11 +156,12 @@ def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, mode
     photos = tmp_path / "photos"
     make_photos(photos, 12, size=(64, 48))
     args = ["index", str(photos), "--name", "kd", *ARGS, "--ray", address, "--ray-shard-size", "2"]
-    driver = spawn(*args)
+    paused = tmp_path / "paused"  # the driver stops itself once 2 images are merged: killed at a known point
+    driver = spawn(*args, env={**os.environ, "LDOT_TEST_PAUSE_AFTER": "2", "LDOT_TEST_PAUSE_FILE": str(paused)})
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None and merged_shards("kd") < 1:
+    while time.monotonic() < deadline and driver.poll() is None and not paused.exists():
         time.sleep(0.1)
-    assert driver.poll() is None, "the run ended before the driver could be killed"
+    assert driver.poll() is None and paused.exists(), "the driver did not reach its pause point"
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert 1 <= merged_shards("kd") < 6

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index import shards as shard_io
-from ldot_cli.index.indexer import Indexer, IndexReport, Scan, damaged_regions, file_row
+from ldot_cli.index.indexer import Indexer, IndexReport, Scan, damaged_regions, file_row, pause_for_tests
 from ldot_cli.index.sources import Item, Unit, file_units, plan_sources, read_unit
 from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore, writer_lock
 from models.core.errors import LdotError, option
@@ -377,6 +377,7 @@ class RayIndexer(Indexer):
         for row in ds.iter_rows():
             done += self._merge(store, regions, str(row["name"]), report)
             self.stage("extracting", done, total)
+            pause_for_tests(done)  # the kill tests stop the driver here, after a known number of merged images
         self.stage("extracting", done, done)
 
     def _merge(self, store: IndexStore, regions: Any, name: str, report: IndexReport, resumed: bool = False) -> int:

@@ -500,11 +500,11 @@ class Batcher:
                 self.report.reused += len(group) - 1  # ... and its copies found in the same run
                 self.done += 1
         self.indexer.stage("encoding", self.done, self.total)
-        _pause_for_tests(self.done)
+        pause_for_tests(self.done)
         self.indexer.maybe_flush(store)
 
 
-def _pause_for_tests(done: int) -> None:
+def pause_for_tests(done: int) -> None:
     """For the kill -9 tests: ``LDOT_TEST_PAUSE_AFTER=N`` makes a run that has committed at least N contents
     write ``$LDOT_TEST_PAUSE_FILE`` and wait there (to be killed at a known point of progress)."""
     after = os.environ.get("LDOT_TEST_PAUSE_AFTER")
