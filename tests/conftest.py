@@ -40,3 +40,22 @@ def tiny_model(_tiny_model):
     import copy
 
     return copy.deepcopy(_tiny_model)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread avoids OpenMP contention (10x faster here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_dir):
+    """The tiny WordPiece tokenizer of `vocab_dir`."""
+    from models.nn.tokenizer import Tokenizer
+
+    return Tokenizer.from_path(vocab_dir / "vocab.txt")

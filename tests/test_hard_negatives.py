@@ -7,15 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from ldot_testing import planted_pairs, write_vocab
+from ldot_testing import planted_pairs
 
-from models.nn.tokenizer import Tokenizer
 from models.training.data import TrainData
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return Tokenizer.from_path(write_vocab(tmp_path_factory.mktemp("tok")))
 
 
 def _trainer(tmp_path, tokenizer, k=2, batch_size=4):

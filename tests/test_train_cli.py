@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from ldot_testing import planted_pairs, write_tiny_hf_bert
 from typer.testing import CliRunner
 
@@ -13,15 +12,9 @@ import models
 from ldot_cli.main import app
 from models.training.data import TrainData
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no OpenMP contention
+
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from ldot_testing import (
     install_tiny_reranker,
     make_photos,
     planted_pairs,
-    write_vocab,
 )
 from typer.testing import CliRunner
 
@@ -26,20 +25,9 @@ from models.nn import losses
 from models.nn.tokenizer import Tokenizer
 from models.training.data import TrainData
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no OpenMP contention
+
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return Tokenizer.from_path(write_vocab(tmp_path_factory.mktemp("tok")))
 
 
 def _spread(model: torch.nn.Module) -> None:

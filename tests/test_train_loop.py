@@ -8,14 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from ldot_testing import planted_pairs, write_vocab
+from ldot_testing import planted_pairs
 
 import models
 import models.hub.load
 from models.nn import losses
 from models.nn.config import preset
 from models.nn.pretraining import BiEncoderForPretraining
-from models.nn.tokenizer import Tokenizer
 from models.training.data import PairSet, SpecialIds, TrainData, batch_indices, collate
 from models.training.loop import (
     TrainConfig,
@@ -30,19 +29,7 @@ from models.training.loop import (
     train,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP contention (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return Tokenizer.from_path(write_vocab(tmp_path_factory.mktemp("tok")))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread, no OpenMP contention
 
 
 def _model(seed: int = 0) -> BiEncoderForPretraining:
