@@ -9,11 +9,12 @@ of groups that differ only in one object's colour and size. Modes:
 - decompose: a small cross-encoder trained first on the set (the "teacher") decomposed into one encoder
   (VLDeformer: tags, mean pooling, cosine, InfoNCE);
 - decompose+distill: the same with ``--distill-from`` the teacher;
-- in-batch / hard negatives: the fine-tuned model, trained on in-batch on an all-confusable set (many groups of 8,
-  so a random batch rarely holds two partners), then the same steps with and without ``--hard-negatives``; recall
-  on held-out confusable groups, overall and within each group, and the share of mined negatives that are partners.
-  One seed, one length: measured over seeds 0-2 only R@1 gained consistently with 200 steps per arm, and with
-  ``--conf-steps 600`` in-batch negatives won; hard negatives do not beat in-batch ones on this set.
+- in-batch / hard negatives (`learnset.hard_negative_comparison`, per seed): one shared start (a fresh tiny model
+  trained with in-batch negatives on ordinary images: it knows objects and scenes, and some colour/size), then the
+  SAME steps, learning rate, batch and order on an all-confusable set (300 groups of 8 that differ only in the
+  first object's colour and size, so a random batch rarely holds two partners) with and without
+  ``--hard-negatives``; recall on held-out confusable groups, overall and within each group (does the model tell
+  an item from its 7 partners?), the share of mined negatives that are partners, and the mean over seeds.
 
     PYTHONPATH=.:tests python benchmarks/learn.py                 # ~5 min on 2 shared cores
     PYTHONPATH=.:tests python benchmarks/learn.py --steps 100 --images 120   # quicker
@@ -22,7 +23,6 @@ of groups that differ only in one object's colour and size. Modes:
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import tempfile
 import time
@@ -54,11 +54,14 @@ def main() -> None:
     parser.add_argument("--hard-negatives", type=int, default=4)
     parser.add_argument("--no-tags", action="store_true", help="decompose without object tags (harder: the tags "
                         "name the objects and the scene)")
-    parser.add_argument("--conf-images", type=int, default=400, help="confusable training images (groups of 8)")
+    parser.add_argument("--conf-images", type=int, default=2400, help="confusable training images (groups of 8)")
     parser.add_argument("--conf-val-images", type=int, default=160)
-    parser.add_argument("--conf-base-steps", type=int, default=400, help="in-batch steps on the confusable set "
-                        "before the comparison (the coarse structure)")
-    parser.add_argument("--conf-steps", type=int, default=200, help="steps of each arm of the comparison")
+    parser.add_argument("--start-images", type=int, default=800, help="ordinary images the shared start of the "
+                        "hard-negative comparison is trained on")
+    parser.add_argument("--start-steps", type=int, default=1000, help="in-batch steps of the shared start")
+    parser.add_argument("--conf-steps", type=int, default=300, help="steps of each arm of the comparison")
+    parser.add_argument("--conf-lr", type=float, default=5e-4, help="peak learning rate of both arms")
+    parser.add_argument("--hn-seeds", default="0,1,2", help="seeds of the hard-negative comparison")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default="finetune,pretrain,decompose,distill,hard-negatives")
     args = parser.parse_args()
@@ -79,10 +82,8 @@ def main() -> None:
     print(f"synthetic set: {args.images} training images x 2 captions, {args.val_images} held-out images; "
           f"tiny models (2 layers, 128 wide); {args.steps} steps of batch {args.batch}; CPU, "
           f"{torch.get_num_threads()} thread(s)")
-    base = None
-    if "finetune" in modes or "hard-negatives" in modes:
-        base = L.bi_encoder()
-        r = L.run_mode("finetune (CMR)", base, train, val, lookup, tok,
+    if "finetune" in modes:
+        r = L.run_mode("finetune (CMR)", L.bi_encoder(), train, val, lookup, tok,
                        TrainConfig(batch_size=args.batch, lr=args.lr, epochs=None, steps=args.steps, warmup=0.1))
         print(_row(r), flush=True)
     if "pretrain" in modes:
@@ -110,36 +111,53 @@ def main() -> None:
             r = L.run_mode(mode + (" (no tags)" if args.no_tags else ""), model, train, val, lookup, tok,
                            replace(config, **extra), teacher=scorer)
             print(_row(r), flush=True)
-    if "hard-negatives" in modes and base is not None:
-        # The confusable set: every image is in a group of 8 that differ only in the first object's colour and
-        # size; many groups, so a random batch rarely holds two partners. Start from a model that knows the coarse
-        # structure (the fine-tuned one, then in-batch on the confusable set), then the SAME number of steps with
-        # and without mined hard negatives; recall on held-out confusable groups, overall and within each group.
-        n_conf = args.conf_images
-        conf_train, conf_lookup, _ = L.learnable_set(n_conf, seed=2, confusable=n_conf, tokenizer=tok)
-        conf_val, more, _ = L.learnable_set(args.conf_val_images, seed=3, confusable=args.conf_val_images,
-                                            tokenizer=tok)
-        conf_lookup.update(more)
-        conf_lookup.update(lookup)
-        coarse = copy.deepcopy(base)
-        r = L.run_mode("coarse (in-batch)", coarse, conf_train, conf_val, conf_lookup, tok,
-                       TrainConfig(batch_size=16, lr=args.lr, epochs=None, steps=args.conf_base_steps, warmup=0.1))
-        print(f"confusable set: {n_conf} training images in groups of 8, {args.conf_val_images} held-out; the "
-              f"fine-tuned model + {args.conf_base_steps} in-batch steps on it:")
-        print(_row(r), flush=True)
-        share, random_share = L.partner_share(coarse, conf_train, conf_lookup, tok, args.hard_negatives)
-        print(f"mined negatives that are the caption's group partners: {100 * share:.1f}% "
-              f"(a random negative: {100 * random_share:.1f}%)")
-        within_before = L.within_group_recall(coarse, conf_val, conf_lookup, tok)
-        for k in (0, args.hard_negatives):
-            model = copy.deepcopy(coarse)
-            r = L.run_mode("confusable " + (f"HN K={k}" if k else "in-batch"), model, conf_train, conf_val,
-                           conf_lookup, tok, TrainConfig(batch_size=16, lr=args.lr, epochs=None,
-                                                         steps=args.conf_steps, warmup=0.1, hard_negatives=k))
-            print(f"+{args.conf_steps} steps, " + (f"hard negatives K={k}" if k else "in-batch negatives"))
-            print(_row(r))
-            print(f"{'':<20} within-group R@1 {within_before:5.1f} -> {L.within_group_recall(model, conf_val, conf_lookup, tok):5.1f}"
-                  f" (chance 12.5)", flush=True)
+    if "hard-negatives" in modes:
+        _hard_negatives(args, tok)
+
+
+def _hard_negatives(args: argparse.Namespace, tok: object) -> None:
+    import learnset as L
+
+    k = args.hard_negatives
+    print(f"\nhard negatives: {args.conf_images} confusable training images in groups of 8, "
+          f"{args.conf_val_images} held-out (other groups); shared start = {args.start_steps} in-batch steps on "
+          f"{args.start_images} ordinary images; then {args.conf_steps} steps per arm (batch {args.batch}, lr "
+          f"{args.conf_lr:g}), in-batch vs --hard-negatives {k}; within-group R@1: among the item's own group only "
+          f"(chance 12.5)", flush=True)
+    rows = []
+    for seed in [int(x) for x in args.hn_seeds.split(",")]:
+        c = L.hard_negative_comparison(tok, seed=seed, k=k, conf_images=args.conf_images,
+                                       val_images=args.conf_val_images, start_images=args.start_images,
+                                       start_steps=args.start_steps, steps=args.conf_steps, lr=args.conf_lr,
+                                       batch=args.batch)
+        print(f"seed {seed}: mined negatives that are the caption's group partners {100 * c.partner_share:.1f}% "
+              f"(a random negative {100 * c.random_share:.2f}%): partners per caption query and step "
+              f"{k * c.partner_share:.2f} appended vs {(args.batch - 1) * c.random_share:.3f} in a random batch")
+        print(_row(c.start))
+        for arm in c.arms:
+            print(_row(arm.result))
+            print(f"{'':<20} within-group R@1 {c.within_before:5.1f} -> {arm.within_after:5.1f} (chance 12.5)",
+                  flush=True)
+        rows.append(c)
+    print(f"\n{'seed':>4} | {'start mean / within':>19} | {'in-batch mean / R@1 / within':>28} | "
+          f"{'HN K=' + str(k) + ' mean / R@1 / within':>27} | {'partners':>8} | seconds IB / HN")
+
+    def r1(m: dict) -> float:
+        return (m["text_to_image"]["r1"] + m["image_to_text"]["r1"]) / 2
+
+    sums = [0.0] * 8
+    for c in rows:
+        ib, hn = c.arms
+        figs = [c.start.after["mean_recall"], c.within_before, ib.result.after["mean_recall"], r1(ib.result.after),
+                ib.within_after, hn.result.after["mean_recall"], r1(hn.result.after), hn.within_after]
+        sums = [a + b for a, b in zip(sums, figs)]
+        print(f"{c.seed:>4} | {figs[0]:8.1f} / {figs[1]:8.1f} | {figs[2]:8.1f} / {figs[3]:6.1f} / {figs[4]:8.1f} | "
+              f"{figs[5]:8.1f} / {figs[6]:6.1f} / {figs[7]:7.1f} | {100 * c.partner_share:7.1f}% | "
+              f"{ib.result.seconds:.0f} / {hn.result.seconds:.0f}")
+    m = [x / len(rows) for x in sums]
+    print(f"{'mean':>4} | {m[0]:8.1f} / {m[1]:8.1f} | {m[2]:8.1f} / {m[3]:6.1f} / {m[4]:8.1f} | "
+          f"{m[5]:8.1f} / {m[6]:6.1f} / {m[7]:7.1f} |   (R@1 = mean of t2i and i2t R@1)", flush=True)
+
 
 if __name__ == "__main__":
     main()
