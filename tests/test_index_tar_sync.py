@@ -199,3 +199,38 @@ def test_tar_sources_are_kept_in_step_like_folders(tmp_path):
     assert remove_folder("tars", str(shards / "{00007..00008}.tar")) == 1  # ... or a whole tar SOURCE's
     with IndexStore(index.indexer.dir) as store:
         assert store.file_rows() == [] and store.counts()["vectors"] == 0
+
+
+def test_a_listed_file_that_cannot_be_looked_at_keeps_its_row(tmp_path, monkeypatch):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from ldot_cli.index.indexer import Scan
+    from models.core.errors import LdotWarning
+
+    fs = MemoryFileSystem()
+    fs.pipe("/listed/a.png", b"a")
+    fs.pipe("/listed/b.png", b"b")
+    real = MemoryFileSystem.info
+
+    def info(self, path, **kwargs):
+        if path.endswith("b.png"):
+            raise TimeoutError("read timed out")
+        return real(self, path, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "info", info)
+    listed = tmp_path / "list.txt"
+    listed.write_text("memory://listed/a.png\nmemory://listed/b.png\n")
+    plan = plan_sources([str(listed)])
+    assert list(plan.unknown) == ["memory://listed/b.png"]
+    index = Index(tmp_path)
+    with index.store.transaction() as db:
+        for name, size, mtime in (("a", 1, 0), ("b", 1, 5)):
+            vid = index.store.add_vector(db, name, np.ones(4), 1)
+            index.store.put_files(db, [FileRow(f"memory://listed/{name}.png".encode(), os.fsencode(listed), size,
+                                               mtime, name, "indexed", None, 0, vid)])
+    with pytest.warns(LdotWarning, match="cannot look at memory://listed/b.png .*TimeoutError.* is kept"):
+        files = index.indexer._keep_unknown(index.store, plan)
+    report = IndexReport("tars")
+    assert index.indexer._plan(index.store, Scan([str(listed)], files, []), False, report) == []
+    assert (report.unchanged, report.removed) == (2, 0)  # not read again, not replaced by a skipped row
+    index.store.close()

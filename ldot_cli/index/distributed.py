@@ -11,7 +11,11 @@ The pipeline, streamed by Ray Data::
 Ray retries tasks and restarts actors that die (a killed worker process, a lost node); a retried batch
 rewrites the same shard. A killed driver leaves committed shards behind: the next run merges them first,
 then plans only what is still missing (loose files by path, size and mtime as plain `ldot index` does;
-tar shards by their recorded image count), so nothing is indexed twice or lost.
+tar shards by their size, mtime and recorded image count), so nothing is indexed twice or lost.
+
+Each SOURCE is kept in step as plain `ldot index` keeps a folder: files taken off a list, tar shards that are
+gone (or that a brace range no longer names) and members a changed shard no longer holds are removed; the
+last only once the shard was read to its end, so a shard that cannot be read keeps its rows.
 
 The driver needs the index folder; the workers need the shards folder (``--shards-dir``: by default the
 index's own ``shards/``, fine on one machine or a shared file system; any fsspec URL otherwise) and the
@@ -337,7 +341,7 @@ class RayIndexer(Indexer):
                 for src in collect_images([root], exclude=[ldot_home()], on_issue=plan.issues.append):
                     if not _excluded(src.path, src.root, excludes):
                         walked.append(src)
-            files = walked + plan.files
+            files = walked + self._keep_unknown(store, plan)
             # folders, lists and URL folders are roots as in plain `ldot index`: what left them is removed
             roots = list(dict.fromkeys(plan.roots + plan.file_roots + [i.root for i in plan.files]))
             report.found = len(files) + len(plan.issues)
@@ -354,6 +358,21 @@ class RayIndexer(Indexer):
         self.stage("saving", 0, 1)
         report.faiss = store.sync_faiss(kind=None)
         self.stage("saving", 1, 1)
+
+    def _keep_unknown(self, store: IndexStore, plan: Any) -> list[Item]:
+        """Listed files that could not be looked at (a network error) are not known to have changed: those the
+        index has keep their rows as they are (a warning says so); the others are read as usual."""
+        files = []
+        for item in plan.files:
+            reason = plan.unknown.get(item.path)
+            if reason is not None:
+                row = store.db.execute("SELECT size, mtime_ns FROM files WHERE path = ?",
+                                       (os.fsencode(item.path),)).fetchone()
+                if row is not None:
+                    warnings.warn(LdotWarning(f"{reason}: what the index has of it is kept"), stacklevel=2)
+                    item = Item(item.path, item.root, row[0], row[1])
+            files.append(item)
+        return files
 
     def _regions(self) -> Any:
         from contextlib import nullcontext

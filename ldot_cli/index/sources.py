@@ -91,6 +91,7 @@ class Plan:
     files: list[Item] = field(default_factory=list)  # loose files from URLs and lists
     file_roots: list[str] = field(default_factory=list)  # the lists and URL folders (roots of those files)
     tar_sources: list[TarSource] = field(default_factory=list)
+    unknown: dict[str, str] = field(default_factory=dict)  # listed files that could not be looked at: why
     issues: list[Any] = field(default_factory=list)  # walk issues of local folders
 
 
@@ -237,7 +238,10 @@ def _add_list(plan: Plan, source: str, data: bytes) -> None:
             fs, path = _fs(line)
             try:
                 info = fs.info(path)
-            except Exception:
+            except FileNotFoundError:
+                info = {}
+            except Exception as exc:  # not known to be gone: the driver keeps what the index has of it
+                plan.unknown[line] = f"cannot look at {line} ({type(exc).__name__}: {exc})"
                 info = {}
             plan.files.append(Item(line, source, int(info.get("size") or 0), _mtime_ns(info)))
             continue
@@ -248,7 +252,10 @@ def _add_list(plan: Plan, source: str, data: bytes) -> None:
             continue
         try:
             st = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            plan.unknown[os.path.abspath(path)] = f"cannot look at {path} ({type(exc).__name__}: {exc})"
             st = None
         plan.files.append(Item(os.path.abspath(path), source, st.st_size if st else 0, st.st_mtime_ns if st else 0))
 
