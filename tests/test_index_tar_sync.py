@@ -14,7 +14,14 @@ from ldot_testing import make_photos
 from ldot_cli.index import shards as shard_io
 from ldot_cli.index.distributed import RayIndexer, RayOptions, decode_unit
 from ldot_cli.index.indexer import IndexReport
-from ldot_cli.index.sources import SourceError, TarSource, Unit, plan_sources, read_unit, tar_bytes
+from ldot_cli.index.sources import (
+    SourceError,
+    TarSource,
+    Unit,
+    plan_sources,
+    read_unit,
+    tar_bytes,
+)
 from ldot_cli.index.store import FileRow, IndexStore
 
 
@@ -57,8 +64,8 @@ def test_a_shard_that_cannot_be_looked_at_is_failed_not_missing(monkeypatch):
     [source] = plan_sources(["memory://web/{00000..00002}.tar"]).tar_sources
     assert [u.tar for u in source.units] == ["memory://web/00000.tar"]
     assert source.missing == ["memory://web/00002.tar"]
-    assert source.failed == [("memory://web/00001.tar", "cannot look at tar shard memory://web/00001.tar "
-                                                        "(ConnectionError: connection reset by peer)")]
+    why = "cannot look at tar shard memory://web/00001.tar (ConnectionError: connection reset by peer)"
+    assert source.failed == [("memory://web/00001.tar", why)]
 
 
 def test_a_tar_cut_short_or_damaged_is_a_failed_read_not_a_shorter_shard(tmp_path):

@@ -1,5 +1,6 @@
 """`ldot index --ray` on a local Ray cluster this session starts (2 CPUs, 127.0.0.1): the same vectors and
-file rows as plain `ldot index`, over a folder and over webdataset tar shards; a worker process killed
+file rows as plain `ldot index`, over a folder and over webdataset tar shards (and the index kept in step
+when shards are changed, damaged or gone and a file list shrinks); a worker process killed
 mid-run (Ray restarts it and retries its batch: counts exact); a driver killed mid-run (a re-run completes).
 Drivers are real `ldot` subprocesses joining the cluster; models are tiny and random."""
 

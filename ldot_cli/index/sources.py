@@ -159,7 +159,7 @@ def tar_root(raw: str) -> str:
     """The root a tar SOURCE's rows carry: the SOURCE as given, absolute when local."""
     if is_url(raw):
         return raw
-    return os.path.abspath(raw[len("file://"):] if raw.startswith("file://") else raw)
+    return os.path.abspath(raw.removeprefix("file://"))
 
 
 def tar_family(root: str) -> str:
