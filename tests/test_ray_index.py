@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -194,6 +195,9 @@ def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, mode
     driver.wait()
     assert 1 <= merged_shards("kd") < 6
     rerun = ldot(*args)
-    assert "12 images found" in " ".join(rerun.stderr.split())
+    summary = " ".join(rerun.stderr.split())
+    assert "12 images found" in summary
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (encoded|reused|unchanged)", summary)}
+    assert sum(counts.values()) == 12, summary  # the killed run's merged files are counted once (as unchanged)
     rows, vectors = rows_and_vectors("kd")
     assert len(rows) == 12 and all(r[4] == "indexed" for r in rows.values()) and len(vectors) == 12

@@ -478,6 +478,9 @@ class RayIndexer(Indexer):
         if got is None:
             return 0  # not committed (or damaged): its images are planned again
         shard, info = got
+        # a killed run's shard: its files are counted by this run's planning (as unchanged), not here as well;
+        # what it removed is counted (the planning cannot see it any more)
+        tally, report = (report, IndexReport(report.name)) if resumed else (report, report)
         seen = store.db.execute("SELECT sha256 FROM shards WHERE id = ?", (name,)).fetchone()
         if seen is None:
             if regions is not None:
@@ -495,7 +498,7 @@ class RayIndexer(Indexer):
                         if row.get("complete", True):  # a read that stopped part-way leaves the shard to read again
                             db.execute("UPDATE units SET total = ? WHERE id = ?", (row["total"], row["end"]))
                         if row.get("complete") and row.get("members") is not None and row.get("tar"):
-                            report.removed += _prune(db, row["tar"], row["members"])
+                            tally.removed += _prune(db, row["tar"], row["members"])
                         continue
                     if "failed" in row:  # a shard that could not be read to its end: its rows stay
                         _shard_failed(db, row["tar"], row["root"], row["reason"], None if resumed else report)
