@@ -95,10 +95,13 @@ def measure(n: int, workdir: Path, budget: int) -> dict:
         disk = ram
         del vectors
     build_s = time.perf_counter() - started
-    recall = ann.sample_recall(index, chunks(data), queries)
+    started = time.perf_counter()
+    nprobe, recall = ann.tune_nprobe(index, chunks(data), queries)  # as the store does after a build
+    tune_s = time.perf_counter() - started
     single = p50_ms(lambda: ann.search(index, queries[:1], 10))
     factory = ann.factory_string(kind, n, DIM)
     return {"n": n, "kind": kind, "factory": factory, "generate_s": gen_s, "train_s": train_s, "build_s": build_s,
+            "tune_s": tune_s, "nprobe": nprobe, "nlist": ann.nlist_of(index),
             "ram_bytes_per_image": ram / n, "disk_bytes_per_image": disk / n, "query_p50_ms": single,
             "recall_at_10": recall}
 
@@ -121,10 +124,24 @@ def project(rows: list[dict], budget: int) -> None:
     print(f"  RAM (vector index)    {ram / 1e9:.1f} GB ({ram / n:.0f} B/image)")
     print(f"  disk                  SQLite {sqlite / 1e9:.0f} GB + fp16 re-scoring {rescore / 1e9:.0f} GB "
           f"+ index {ram / 1e9:.1f} GB (+ regions for --rerank {regions / 1e12:.1f} TB, or --no-regions)")
-    print(f"  index build           ~{(base['build_s'] - base['train_s']) * scale / 3600 + base['train_s'] / 3600:.1f} h "
-          f"on this 2-core machine (adding is linear in n; training is not)")
-    print(f"  query latency         ~{base['query_p50_ms'] * scale:.0f} ms p50 if the scan grows linearly with n "
-          f"(cells capped at 4096, nprobe 1/8); more cells or a lower nprobe trade recall for it")
+    # adding is linear in n; k-means training grows with (training points x cells), both set by the cells
+    if kind == ann.PQ and base["kind"] == ann.PQ:
+        train_growth = (ann.pq_training_size(n) * ann.pq_nlist(n)) / (ann.pq_training_size(base["n"]) * ann.pq_nlist(base["n"]))
+    else:
+        train_growth = 1.0
+    build_h = ((base["build_s"] - base["train_s"]) * scale + base["train_s"] * train_growth) / 3600
+    print(f"  index build           ~{build_h:.1f} h on this 2-core machine (adding x{scale:.0f}, training "
+          f"x{train_growth:.1f}), not counting reading the vectors back from SQLite")
+    if base.get("nlist") and base.get("nprobe"):
+        # codes scanned per query = nprobe * n / nlist; the cells grow as 4 sqrt(n), so the scan grows as sqrt(n)
+        # at the same nprobe: an upper bound on the latency (the quantizer and the re-scoring do not grow)
+        nlist = ann.pq_nlist(n) if kind == ann.PQ else ann.ivf_cells(n)
+        growth = (n / nlist) / (base["n"] / base["nlist"])
+        print(f"  query latency         <= ~{base['query_p50_ms'] * growth:.0f} ms p50 single query, 1 thread: the "
+              f"{base['n']:,} p50 x {growth:.1f} (codes scanned at nprobe {base['nprobe']} of {nlist} cells: "
+              f"{base['nprobe'] * n / nlist / 1e6:.2f}M per query)")
+    else:
+        print(f"  query latency         ~{base['query_p50_ms'] * scale:.0f} ms p50 if the scan grows linearly with n")
     print(f"  extraction            {gpu_hours:,.0f} GPU-hours at {TARGET_IMAGES_PER_S:.0f} images/s per GPU "
           f"(= {gpu_hours / 64:.0f} h on 64 GPUs); not measured: no GPU here")
 
@@ -146,7 +163,8 @@ def main() -> None:
             rows.append(row)
             print(f"{n:>11,} {row['kind']:>6}  build {row['build_s']:7.1f} s (train {row['train_s']:.1f} s)  "
                   f"RAM {row['ram_bytes_per_image']:6.0f} B/image  disk {row['disk_bytes_per_image']:6.0f} B/image  "
-                  f"query p50 {row['query_p50_ms']:6.1f} ms  recall@10 {row['recall_at_10']:.3f}  [{row['factory']}]",
+                  f"query p50 {row['query_p50_ms']:6.1f} ms  recall@10 {row['recall_at_10']:.3f} at nprobe {row['nprobe']} "
+                  f"of {row['nlist']} (tuned in {row['tune_s']:.0f} s)  [{row['factory']}]",
                   flush=True)
             (Path(tmp) / f"v{n}.f16").unlink()
     project(rows, budget)

@@ -57,6 +57,24 @@ def test_small_forced_ann_index_still_trains():
     assert ids.shape == (3, 5) and (ids > 0).all()
 
 
+def test_nprobe_is_tuned_to_the_fewest_cells_that_reach_the_recall_target():
+    # unclustered vectors need a wide probe; clustered ones a narrow one: one fixed fraction fits neither
+    rng = np.random.default_rng(0)
+    for vectors, wide in ((rng.standard_normal((20_000, 32)).astype(np.float32), True), (clustered(20_000), False)):
+        ids = np.arange(1, len(vectors) + 1)
+        index = ann.build(ids, vectors, ann.APPROX)
+        queries = vectors[rng.integers(0, len(vectors), 100)]
+        nprobe, got = ann.tune_nprobe(index, lambda: iter([(ids, vectors)]), queries)
+        assert index.nprobe == nprobe and got >= ann.RECALL_TARGET
+        assert got == ann.sample_recall(index, lambda: iter([(ids, vectors)]), queries)
+        assert (nprobe > ann.MIN_NPROBE) == wide and nprobe < index.nlist
+        if wide:  # the next narrower width misses the target
+            ann.set_nprobe(index, nprobe // 2)
+            assert ann.sample_recall(index, lambda: iter([(ids, vectors)]), queries) < ann.RECALL_TARGET
+    exact = ann.build(np.arange(1, 101), clustered(100), ann.EXACT)
+    assert ann.tune_nprobe(exact, lambda: iter([]), clustered(5)) == (None, 1.0)
+
+
 @pytest.mark.parametrize("mode", ["ivf", "exact"])
 def test_store_switches_tier_and_searches_through_it(mode):
     vectors = clustered(2000)
@@ -98,7 +116,7 @@ def test_automatic_choice_from_count_and_memory_budget():
     assert ann.choose_kind(10_000_000, 768, 250_000, 8 * gb) == ann.PQ  # 31 GB would not fit
     assert ann.choose_kind(100_000, 768, 250_000, 64 << 20) == ann.PQ  # a tiny budget
     assert ann.ram_bytes(ann.PQ, 100_000_000, 768) < 8 * gb
-    assert ann.factory_string(ann.PQ, 10_000_000, 768).startswith("OPQ64_256,IVF4096_HNSW32,PQ64x8")
+    assert ann.factory_string(ann.PQ, 10_000_000, 768).startswith("OPQ64_256,IVF16384_HNSW32,PQ64x8")
     assert ann.parse_bytes("8GB") == 8 * gb and ann.parse_bytes("512m") == 512 << 20
     with pytest.raises(ValueError):
         ann.parse_bytes("lots")
@@ -117,6 +135,7 @@ def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
         assert meta["faiss_kind"] == ann.PQ and meta["faiss_factory"].startswith("OPQ8_32,IVF")
         assert float(meta["recall_at_10"]) >= 0.95
         index, _ = store.read_faiss()
+        assert index.nprobe == int(meta["nprobe"]) >= ann.MIN_NPROBE  # the tuned width is in the file
         assert isinstance(index.vectors, np.memmap) and len(index.ids) == 5000
         queries = near(vectors, 100, seed=3)
         _, ids = ann.search(index, queries, 10)
@@ -130,4 +149,5 @@ def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
 
     info = describe_index("pq")
     assert info["index_type"] == ann.PQ and info["recall_at_10"] >= 0.95 and info["shards"] == 0
+    assert info["nprobe"] >= ann.MIN_NPROBE
     assert info["factory"].startswith("OPQ8_32,IVF") and 0 < info["bytes_per_image"] < 32 * 4 + 64

@@ -80,7 +80,8 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
 
 def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) -> dict[str, Any]:
     """Index type and FAISS factory string, bytes per image of the vector index (FAISS file + fp16
-    re-scoring file), recall@10 against exact search measured at build time, output shards merged."""
+    re-scoring file), recall@10 against exact search measured at build time with the cells a query scans
+    (nprobe, tuned then), output shards merged."""
     from models.core import ann
 
     files = [store.faiss_path, store.dir / ann.RESCORE_FILE, store.dir / ann.RESCORE_IDS]
@@ -93,7 +94,8 @@ def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) ->
     kind = meta.get("faiss_kind")
     return {"index_type": kind, "factory": meta.get("faiss_factory"),
             "bytes_per_image": size // vectors if vectors and size else None,
-            "recall_at_10": float(recall) if recall else (1.0 if kind == "exact" else None), "shards": shards}
+            "recall_at_10": float(recall) if recall else (1.0 if kind == "exact" else None),
+            "nprobe": int(meta["nprobe"]) if meta.get("nprobe") else None, "shards": shards}
 
 
 __all__ = ["describe_index", "indexes_using", "list_indexes", "display_path"]

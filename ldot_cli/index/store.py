@@ -429,15 +429,15 @@ class IndexStore:
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
         if loaded is not None and not ann.remove(loaded[0], np.asarray(removed, dtype=np.int64)):
             loaded = None  # this kind cannot drop vectors: rebuild from SQLite
-        recall = None
+        recall = nprobe = None
         if loaded is None and want == ann.PQ:
-            index, recall = self._build_pq(total)
+            index, nprobe, recall = self._build_pq(total)
             action = f"built {want} index of {index.ntotal} vectors"
         elif loaded is None:
             ids, vectors = self.vectors()
             index = ann.build(ids, vectors, want)
             if want != ann.EXACT and len(ids):
-                recall = ann.sample_recall(index, lambda: iter([(ids, vectors)]), self._recall_queries())
+                nprobe, recall = ann.tune_nprobe(index, lambda: iter([(ids, vectors)]), self._recall_queries())
             action = f"built {want} index of {len(ids)} vectors"
         else:
             index, max_id = loaded
@@ -452,7 +452,8 @@ class IndexStore:
         self.write_faiss(index, int(max_id[0]) if max_id else 0, want)
         if loaded is None:
             self.set_meta({"faiss_factory": ann.factory_string(want, total, self.dim or 0),
-                           "recall_at_10": "" if recall is None else f"{recall:.4f}"})
+                           "recall_at_10": "" if recall is None else f"{recall:.4f}",
+                           "nprobe": "" if nprobe is None else str(nprobe)})
         if removed:
             self.db.executemany("DELETE FROM removed WHERE id = ?", [(i,) for i in removed])
         return action
@@ -489,7 +490,7 @@ class IndexStore:
 
         return self.sample_vectors(ann.RECALL_QUERIES)[1]
 
-    def _build_pq(self, total: int) -> tuple[Any, float | None]:
+    def _build_pq(self, total: int) -> tuple[Any, int | None, float | None]:
         """Train OPQ + IVF-PQ on a spread sample, add every vector in chunks, write the fp16 re-scoring
         file beside it (new files renamed over the old: readers keep their mapping)."""
         from models.core import ann
@@ -510,8 +511,10 @@ class IndexStore:
         replace_file(ids_path, self.dir / ann.RESCORE_IDS)
         self.set_meta({"rescore_rows": str(rows)})
         wrapped = ann.open_rescored(index, self.dir, rows, dim)
-        recall = ann.sample_recall(wrapped, self.iter_vectors, self._recall_queries()) if rows else None
-        return wrapped, recall
+        if not rows:
+            return wrapped, None, None
+        nprobe, recall = ann.tune_nprobe(wrapped, self.iter_vectors, self._recall_queries())
+        return wrapped, nprobe, recall
 
     # -- the FAISS file --------------------------------------------------------------------------
     @property

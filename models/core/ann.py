@@ -6,7 +6,11 @@ copies and the best ``REFINE_FACTOR * k`` candidates are re-scored from the floa
 the same top 10 as a float32 scan on every one of 200 clustered test queries. Past
 `ldot_cli.index.store.ANN_THRESHOLD` vectors (or when asked) an inverted-file index (IVF, k-means cells
 over the vectors) scans only the ``nprobe`` cells nearest the query; ``benchmarks/search.py`` shows
-its recall@10 against exact search on clustered data (>= 0.99 at the default nprobe).
+its recall@10 against exact search on clustered data. How many cells a query scans is tuned when the
+index is built: the fewest (a power of two, at least ``MIN_NPROBE``) whose recall@10 against exact search
+reaches ``RECALL_TARGET`` on a sample of stored vectors; that width is saved in the index file, so a
+search costs what the recall needs and not a fixed fraction of the collection (at 100M images a fixed
+eighth of the cells would scan 12.5M codes per query).
 """
 
 from __future__ import annotations
@@ -49,8 +53,13 @@ def ivf_cells(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Cells scanned per query: an eighth (inner-product IVF over unnormalised vectors needs a wide probe)."""
-    return max(16, nlist // 8)
+    """Cells scanned per query before `tune_nprobe` has measured the index: an eighth (inner-product IVF over
+    unnormalised vectors needs a wide probe)."""
+    return max(MIN_NPROBE, nlist // 8)
+
+
+RECALL_TARGET = 0.95  # recall@10 against exact search that the tuned nprobe must reach on the sample
+MIN_NPROBE = 16  # never fewer cells: the sample queries are stored images, text queries lie farther away
 
 
 def pq_shape(dim: int) -> tuple[int, int]:
@@ -60,8 +69,9 @@ def pq_shape(dim: int) -> tuple[int, int]:
 
 
 def pq_nlist(n: int) -> int:
-    """IVF cells of an IVF-PQ index: as `ivf_cells`, at most 4096 (k-means training cost on big sets)."""
-    return max(1, min(4096, ivf_cells(n)))
+    """IVF cells of an IVF-PQ index: as `ivf_cells` (4 sqrt(n): 16,384 at 10M, 32,768 at 100M), so that the
+    codes a query scans grow with sqrt(n), not n. The cells are k-means centroids in OPQ's 256-d output."""
+    return max(1, ivf_cells(n))
 
 
 def factory_string(kind: str, n: int, dim: int) -> str:
@@ -137,6 +147,7 @@ def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
     ivf.cp.seed = seed
     ivf.cp.niter = 10
     ivf.pq.cp.niter = 10
+    ivf.do_polysemous_training = False  # the factory turns it on; only Hamming pre-filtering uses it (5x the PQ training)
     bits = _pq_bits(n)
     trainer = faiss.ProductQuantizer(dout, m, bits) if bits != 8 else None
     if trainer is not None:
@@ -223,16 +234,17 @@ def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
 
 
 def pq_training_size(n: int) -> int:
-    """Training points for OPQ + IVF-PQ: 64 per IVF cell, at least the 8-bit codebooks' ~10k, at most 256k."""
-    return int(min(n, max(10_000, min(256_000, 64 * pq_nlist(n)))))
+    """Training points for OPQ + IVF-PQ: 40 per IVF cell (k-means wants at least 39), at least the 8-bit
+    codebooks' ~10k, at most 1.5M (about 6 GB of float32 768-d vectors)."""
+    return int(min(n, max(10_000, min(1_500_000, 40 * pq_nlist(n)))))
 
 
 RECALL_QUERIES = 100
 
 
-def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> float:
-    """recall@k of ``index`` against exact search, for ``queries`` (stored vectors: image-to-image),
-    the exact top k found by streaming every vector once from ``chunks()``."""
+def exact_top(chunks: Any, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """The ids of the exact top ``k`` of each query (rows of -1 past the end), streaming every vector once
+    from ``chunks()`` (an iterable of (ids, vectors))."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
@@ -240,11 +252,56 @@ def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> 
         scores = queries @ np.ascontiguousarray(vectors, dtype=np.float32).T
         all_s = np.concatenate([best_s, scores], 1)
         all_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], 1)
-        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+        top = np.argpartition(-all_s, k - 1, axis=1)[:, :k] if all_s.shape[1] > k else np.argsort(-all_s, axis=1)
         best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
-    _, got = search(index, queries, k)
-    hits = [len(set(t[t >= 0].tolist()) & set(g.tolist())) / max(1, int((t >= 0).sum())) for t, g in zip(best_i, got)]
+    return best_i
+
+
+def recall_against(index: Any, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+    """Mean share of each query's exact top ``k`` (``truth``) that ``index`` returns in its top ``k``."""
+    _, got = search(index, np.ascontiguousarray(queries, dtype=np.float32), k)
+    hits = [len(set(t[t >= 0].tolist()) & set(g.tolist())) / max(1, int((t >= 0).sum())) for t, g in zip(truth, got)]
     return float(np.mean(hits)) if hits else 1.0
+
+
+def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> float:
+    """recall@k of ``index`` against exact search, for ``queries`` (stored vectors: image-to-image),
+    the exact top k found by streaming every vector once from ``chunks()``."""
+    return recall_against(index, queries, exact_top(chunks, queries, k), k)
+
+
+def nlist_of(index: Any) -> int | None:
+    """Cells of an IVF index (or of a `Rescored` one); None for an exact index."""
+    if isinstance(index, Rescored):
+        index = index.index
+    faiss = _faiss()
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:  # not an IVF index
+        return None
+
+
+def set_nprobe(index: Any, nprobe: int) -> None:
+    faiss = _faiss()
+    faiss.extract_index_ivf(index.index if isinstance(index, Rescored) else index).nprobe = int(nprobe)
+
+
+def tune_nprobe(index: Any, chunks: Any, queries: np.ndarray, k: int = 10,
+                target: float = RECALL_TARGET) -> tuple[int | None, float]:
+    """Set an approximate index's nprobe to the fewest cells (a power of two from `MIN_NPROBE`, or all of
+    them) whose recall@k against exact search reaches ``target`` for ``queries``; returns (nprobe, recall).
+    An exact index is left as it is: (None, 1.0)."""
+    nlist = nlist_of(index)
+    if nlist is None:
+        return None, 1.0
+    truth = exact_top(chunks, queries, k)
+    nprobe = min(nlist, MIN_NPROBE)
+    while True:
+        set_nprobe(index, nprobe)
+        recall = recall_against(index, queries, truth, k)
+        if recall >= target or nprobe >= nlist:
+            return nprobe, recall
+        nprobe = min(nlist, nprobe * 2)
 
 
 def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any:
