@@ -16,7 +16,8 @@ of groups that differ only in one object's colour and size. Modes:
   ``--hard-negatives``; recall on held-out confusable groups, overall and within each group (does the model tell
   an item from its 7 partners?), the share of mined negatives that are partners, and the mean over seeds.
 
-    PYTHONPATH=.:tests python benchmarks/learn.py                 # ~5 min on 2 shared cores
+    PYTHONPATH=.:tests python benchmarks/learn.py                 # ~10 min on 2 shared cores
+    PYTHONPATH=.:tests python benchmarks/learn.py --modes hard-negatives --hn-seeds 0,1,2,3,4   # ~1.5 min a seed
     PYTHONPATH=.:tests python benchmarks/learn.py --steps 100 --images 120   # quicker
 """
 
