@@ -15,9 +15,13 @@ of groups that differ only in one object's colour and size. Modes:
   first object's colour and size, so a random batch rarely holds two partners) with and without
   ``--hard-negatives``; recall on held-out confusable groups, overall and within each group (does the model tell
   an item from its 7 partners?), the share of mined negatives that are partners, and the mean over seeds.
+  Measured (seeds 0-7): hard negatives win clearly on 6 seeds (within-group R@1 +4.8 to +24.4 points, mean recall
+  +2.9 to +13.3) and tie on 2 (seeds 5 and 7: within +0.0 / +0.8, mean +0.3 / +1.1), whose start has not begun to
+  tell colours and sizes apart; so no unit test asserts a margin. At equal wall time (in-batch given 4x the steps)
+  the result is mixed.
 
-    PYTHONPATH=.:tests python benchmarks/learn.py                 # ~10 min on 2 shared cores
-    PYTHONPATH=.:tests python benchmarks/learn.py --modes hard-negatives --hn-seeds 0,1,2,3,4   # ~1.5 min a seed
+    PYTHONPATH=.:tests python benchmarks/learn.py                 # ~17 min on 2 shared cores
+    PYTHONPATH=.:tests python benchmarks/learn.py --modes hard-negatives --hn-seeds 0,5   # ~1.5 min a seed
     PYTHONPATH=.:tests python benchmarks/learn.py --steps 100 --images 120   # quicker
 """
 
@@ -62,7 +66,7 @@ def main() -> None:
     parser.add_argument("--start-steps", type=int, default=1000, help="in-batch steps of the shared start")
     parser.add_argument("--conf-steps", type=int, default=300, help="steps of each arm of the comparison")
     parser.add_argument("--conf-lr", type=float, default=5e-4, help="peak learning rate of both arms")
-    parser.add_argument("--hn-seeds", default="0,1,2", help="seeds of the hard-negative comparison")
+    parser.add_argument("--hn-seeds", default="0,1,2,3,4,5,6,7", help="seeds of the hard-negative comparison")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", default="finetune,pretrain,decompose,distill,hard-negatives")
     args = parser.parse_args()

@@ -1,7 +1,6 @@
 """Hard negatives end to end inside the trainer (the glue between mining, batching and the loss): the batch carries
 the mined negatives of exactly its own items, the mining vectors are the training vectors, and the trainer's loss
-equals one computed by hand from the model's vectors (LightningDOT's collate and loss); and on the confusable
-synthetic set, ``--hard-negatives`` beats in-batch negatives from the same start at the same steps."""
+equals one computed by hand from the model's vectors (LightningDOT's collate and loss)."""
 
 from __future__ import annotations
 
@@ -81,23 +80,3 @@ def test_the_trainer_loss_with_hard_negatives_equals_the_hand_computed_one(tmp_p
             logits = torch.stack([query @ keys[j] for j in allowed])  # raw dot products
             want += 0.5 * float(-torch.log_softmax(logits, 0)[allowed.index(q)]) / b
     assert abs(float(got) - want) < 1e-4, (float(got), want)
-
-
-@pytest.mark.slow  # ~80 s on the shared 2-core CPU: a 1,000-step start and two 300-step arms of a tiny model
-def test_hard_negatives_beat_in_batch_negatives_on_the_confusable_set(tokenizer, one_thread):
-    """Seed 0 of `benchmarks/learn.py --modes hard-negatives`: one shared start (in-batch on ordinary images), then
-    300 steps on 300 confusable groups of 8, with and without the official mining (K=4, pool 50, uniform draw).
-    Measured over seeds 0-4 (hard - in-batch): within-group R@1 on held-out groups +18.3 / +6.8 / +24.4 / +12.2 /
-    +20.9 points, mean recall +13.3 / +2.9 / +11.7 / +4.6 / +9.1; the margins asserted hold on every one."""
-    import learnset as L
-
-    c = L.hard_negative_comparison(tokenizer, seed=0, k=4)
-    in_batch, hard = c.arms
-    assert (in_batch.hard_negatives, hard.hard_negatives) == (0, 4)
-    # the regime: the mined pool puts the caption's group partners in the loss far more often than a random batch
-    assert c.partner_share > 10 * c.random_share, (c.partner_share, c.random_share)  # measured 4.5-10.8% vs 0.29%
-    figures = (c.within_before, in_batch.within_after, hard.within_after, in_batch.result.after["mean_recall"],
-               hard.result.after["mean_recall"])
-    assert hard.within_after > c.within_before + 5, figures  # hard negatives learn the detail (measured >= +10.9)
-    assert hard.within_after > in_batch.within_after + 5, figures  # ... better than in-batch (measured >= +6.8)
-    assert hard.result.after["mean_recall"] > in_batch.result.after["mean_recall"] + 2, figures  # (>= +2.9)
