@@ -30,6 +30,11 @@ RESCORE_FACTOR = 64  # IVF-PQ: candidates re-scored exactly per result wanted (6
 RESCORE_FILE = "vectors.f16"  # (n, dim) float16 rows in id order, memory-mapped for re-scoring
 RESCORE_IDS = "vectors.f16.ids"  # (n,) int64, ascending: the id of each row
 DEFAULT_BUDGET_FRACTION = 0.5  # without --memory-budget: half the machine's RAM for the vector index
+# The approximate tiers are stored as parts (contiguous id ranges), all cloned from one trained empty index and
+# searched together by `shards`: adding images rewrites only the last part, and FAISS searches the parts on one
+# thread each. A part holds at most PART_ROWS vectors and about PART_BYTES of codes (`part_rows`).
+PART_ROWS = 4_000_000
+PART_BYTES = 1 << 30
 
 
 BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster (measured on a 2-core machine) ...
@@ -174,11 +179,11 @@ class Rescored:
 
     @property
     def nprobe(self) -> int:
-        return int(_faiss().extract_index_ivf(self.index).nprobe)
+        return int(ivf_indexes(self.index)[0].nprobe)
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        _faiss().extract_index_ivf(self.index).nprobe = int(value)
+        set_nprobe(self.index, value)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         wanted = min(self.ntotal, k * self.factor)
@@ -270,20 +275,85 @@ def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> 
     return recall_against(index, queries, exact_top(chunks, queries, k), k)
 
 
-def nlist_of(index: Any) -> int | None:
-    """Cells of an IVF index (or of a `Rescored` one); None for an exact index."""
+def parts_of(index: Any) -> list[Any]:
+    """The part indexes of ``index``: those of a `shards` index (or of a `Rescored` one around it), else itself."""
     if isinstance(index, Rescored):
         index = index.index
     faiss = _faiss()
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except RuntimeError:  # not an IVF index
-        return None
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
+def ivf_indexes(index: Any) -> list[Any]:
+    """The IVF index inside each part of ``index`` (empty for an exact index)."""
+    faiss = _faiss()
+    out = []
+    for part in parts_of(index):
+        try:
+            out.append(faiss.extract_index_ivf(part))
+        except RuntimeError:  # not an IVF index
+            return []
+    return out
+
+
+def nlist_of(index: Any) -> int | None:
+    """Cells of an IVF index (or of a `Rescored` or `shards` one); None for an exact index."""
+    ivfs = ivf_indexes(index)
+    return int(ivfs[0].nlist) if ivfs else None
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
+    """Cells scanned per query, in every part."""
+    for ivf in ivf_indexes(index):
+        ivf.nprobe = int(nprobe)
+
+
+def shards(parts: list[Any]) -> Any:
+    """One index searching ``parts`` (indexes over disjoint ids, cloned from one trained index): FAISS's
+    `IndexShards`, one thread a part, keeping each part's own ids and merging the parts' top k by score. The
+    results equal those of one index holding every vector (same quantizer, same nprobe: the same cells are
+    scanned and every vector is scored the same way). One part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
     faiss = _faiss()
-    faiss.extract_index_ivf(index.index if isinstance(index, Rescored) else index).nprobe = int(nprobe)
+    index = faiss.IndexShards(parts[0].d, True, False)  # threaded, ids as stored (not successive)
+    index.metric_type = parts[0].metric_type
+    for part in parts:
+        index.add_shard(part)  # the Python wrapper keeps a reference to each part
+    return index
+
+
+def part_rows(kind: str, dim: int) -> int:
+    """Most vectors a part of an approximate index holds: `PART_ROWS`, fewer when they would take more than
+    `PART_BYTES` (768-d: IVF-PQ 4M vectors = 288 MB of codes; IVF 348k float32 rows = 1 GB). Each part also
+    holds its own copy of the coarse quantizer (IVF-PQ at 100M images: 32,768 cells, ~43 MB a part)."""
+    per_vector = (pq_shape(dim)[0] + 8) if kind == PQ else (4 * dim + 8)
+    return int(max(1, min(PART_ROWS, PART_BYTES // max(1, per_vector))))
+
+
+def train_empty(kind: str, dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
+    """An empty approximate index of ``kind`` (IVF or IVF-PQ) for ``n`` vectors, trained on ``sample``
+    (a spread subset: at most 64 points a cell for IVF, `pq_training_size` for IVF-PQ). Every part of a
+    stored index is a clone of it."""
+    faiss = _faiss()
+    if kind == PQ:
+        return build_pq(dim, n, sample, seed)
+    if kind != APPROX:
+        raise ValueError(f"no trained empty index for kind {kind!r}")
+    nlist = ivf_cells(n)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    if len(sample) > 64 * nlist:
+        sample = sample[np.random.default_rng(seed).choice(len(sample), 64 * nlist, replace=False)]
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.nprobe = default_nprobe(nlist)
+    return index
+
+
+def clone(index: Any) -> Any:
+    """A copy of a (trained, usually empty) FAISS index."""
+    return _faiss().clone_index(index)
 
 
 def tune_nprobe(index: Any, chunks: Any, queries: np.ndarray, k: int = 10,
@@ -314,16 +384,7 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any
         refine.k_factor = REFINE_FACTOR
         index = faiss.IndexIDMap2(refine)
     elif kind == APPROX:
-        nlist = ivf_cells(len(vectors))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = vectors
-        if len(vectors) > 64 * nlist:
-            rng = np.random.default_rng(seed)
-            sample = vectors[rng.choice(len(vectors), 64 * nlist, replace=False)]
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        index.nprobe = default_nprobe(nlist)
+        index = train_empty(APPROX, d, len(vectors), vectors, seed)
     elif kind == PQ:
         sample = vectors
         if len(vectors) > pq_training_size(len(vectors)):
@@ -375,6 +436,7 @@ def kind_of(index: Any) -> str:
     if isinstance(index, Rescored):
         return PQ
     faiss = _faiss()
+    index = parts_of(index)[0]
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
     return APPROX if isinstance(inner, faiss.IndexIVF) else EXACT
 
@@ -388,8 +450,8 @@ def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray
     parts_s, parts_i = [], []
     if index is not None and index.ntotal:
         faiss = _faiss()
-        if nprobe is not None and hasattr(index, "nprobe"):
-            index.nprobe = nprobe
+        if nprobe is not None:
+            set_nprobe(index, nprobe)
         # FAISS splits work across queries: one query gains nothing from more threads, and OpenMP's
         # spinning made it 6x slower on a loaded 2-core machine. Batches keep every thread.
         threads = faiss.omp_get_max_threads()
