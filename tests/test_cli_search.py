@@ -114,14 +114,17 @@ def test_query_fuzzing_never_raises_anything_but_a_clean_error(indexed, query):
         searcher.close()
 
 
-def test_interactive_prompt_in_a_terminal(indexed):
-    """No QUERY in a terminal: a prompt that answers several queries with the models loaded once."""
+def test_interactive_prompt_in_a_terminal(indexed, tmp_path):
+    """No QUERY in a terminal: a prompt that answers several queries with the models loaded once, with the same
+    options as a one-shot query (--html: the sheet of the latest query)."""
     import pty
     import select
 
+    sheet = tmp_path / "sheet.html"
     leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "search", "--paths",
-                             "-k", "2"], stdin=follower, stdout=follower, stderr=follower, close_fds=True,
+                             "-k", "2", "--html", str(sheet)], stdin=follower, stdout=follower, stderr=follower,
+                            close_fds=True,
                             env={**os.environ, "COLUMNS": "120"})
     os.close(follower)
     seen = b""
@@ -151,6 +154,7 @@ def test_interactive_prompt_in_a_terminal(indexed):
     assert proc.wait(timeout=60) == 0
     os.close(leader)
     assert first >= 2 and seen.count(b"/photos/") >= 4
+    assert "a red car" in sheet.read_text(encoding="utf-8")
 
 
 def test_lxmert_rerank_on_uniter_regions_names_the_preset_it_learnt_from(indexed, tmp_path, vocab_dir):

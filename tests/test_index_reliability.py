@@ -147,10 +147,11 @@ def test_concurrent_indexers_and_searches(tmp_path, vocab_dir):
     make_photos(folder, 6)
     first = start_indexer(folder, delay=0.0)
     assert first.wait(timeout=300) == 0
+    searcher = Searcher("default")
+    searcher.search("a dog on the beach", k=5)  # models loaded before the runs start: every search is concurrent
     make_photos(folder, 14, start=6)  # more photos arrive; two runs start at once
     procs = [start_indexer(folder, delay=0.05) for _ in range(2)]
     searches = 0
-    searcher = Searcher("default")
     while any(p.poll() is None for p in procs):
         hits = searcher.search("a dog on the beach", k=5)
         assert len(hits) == 5 and all(Path(os.fsdecode(h.path)).exists() for h in hits)

@@ -1,5 +1,6 @@
 """`ldot index --ray` on a local Ray cluster this session starts (2 CPUs, 127.0.0.1): the same vectors and
-file rows as plain `ldot index`, over a folder and over webdataset tar shards; a worker process killed
+file rows as plain `ldot index`, over a folder and over webdataset tar shards (and the index kept in step
+when shards are changed, damaged or gone and a file list shrinks); a worker process killed
 mid-run (Ray restarts it and retries its batch: counts exact); a driver killed mid-run (a re-run completes).
 Drivers are real `ldot` subprocesses joining the cluster; models are tiny and random."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -104,20 +106,47 @@ def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, mod
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    for number, group in enumerate((files[:4], files[4:])):
-        (shards / f"{number:05d}.tar").write_bytes(tar_bytes({f"{number:05d}{i:03d}.png": p.read_bytes()
-                                                              for i, p in enumerate(group)}))
-    source = str(shards / "{00000..00001}.tar")
-    ldot("index", source, "--name", "web", *ARGS, "--ray", address)
+    members = {}  # shard -> {member: bytes}
+    for number, group in enumerate((files[:3], files[3:5], files[5:])):
+        members[number] = {f"{number:05d}{i:03d}.png": p.read_bytes() for i, p in enumerate(group)}
+        (shards / f"{number:05d}.tar").write_bytes(tar_bytes(members[number]))
+    listed = tmp_path / "list.txt"  # a file list over the same photos: same contents, so no new vectors
+    listed.write_text("".join(f"{p}\n" for p in files[:3]))
+    source = str(shards / "{00000..00002}.tar")
+    ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray", address)
     web_rows, web_vectors = rows_and_vectors("web")
-    assert sorted(os.path.basename(p.decode()) for p in web_rows) == \
-        ["00000.tar#00000000.png", "00000.tar#00000001.png", "00000.tar#00000002.png", "00000.tar#00000003.png",
-         "00001.tar#00001000.png", "00001.tar#00001001.png"]
+    assert sorted(os.path.basename(p.decode()) for p in web_rows if b"#" in p) == \
+        ["00000.tar#00000000.png", "00000.tar#00000001.png", "00000.tar#00000002.png", "00001.tar#00001000.png",
+         "00001.tar#00001001.png", "00002.tar#00002000.png"]
+    assert sorted(p for p in web_rows if b"#" not in p) == sorted(os.fsencode(p) for p in files[:3])
     assert all(row[4] == "indexed" for row in web_rows.values())
     same_vectors(single_vectors, web_vectors)
-    again = ldot("index", source, "--name", "web", *ARGS, "--ray", address)  # committed shards: not read again
-    assert "0 encoded" in again.stderr and "6 unchanged" in " ".join(again.stderr.split())
+    again = ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray", address)  # not read again
+    assert "0 encoded" in again.stderr and "9 unchanged" in " ".join(again.stderr.split())
+
+    # the source changes: shard 0 loses a member and gains a new photo, shard 1 is damaged, shard 2 is gone,
+    # the list loses two entries
+    new_photo = make_photos(tmp_path / "new", 1, start=50, size=(64, 48))[0]
+    del members[0]["00000002.png"]
+    members[0]["00000009.png"] = new_photo.read_bytes()
+    (shards / "00000.tar").write_bytes(tar_bytes(members[0]))
+    (shards / "00001.tar").write_bytes(b"not a tar file " * 100)
+    (shards / "00002.tar").unlink()
+    listed.write_text(f"{files[0]}\n")
+    third = ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray", address)
+    text = " ".join(third.stderr.split())
+    # found: shard 0's 3 members (2 unchanged by hash, 1 new), shard 1 (failed), the list's 1 entry (unchanged)
+    assert "5 images found; 1 encoded, 0 reused (same content), 3 unchanged, 4 removed, 1 skipped;" in text, text
+    assert "warning:" in text and "00001.tar could not be read" in text, text  # one line naming the shard
+    rows, vectors = rows_and_vectors("web")
+    names = sorted(os.path.basename(p.decode()) for p in rows)
+    assert names == ["00000.tar#00000000.png", "00000.tar#00000001.png", "00000.tar#00000009.png", "00001.tar",
+                     "00001.tar#00001000.png", "00001.tar#00001001.png", os.path.basename(str(files[0]))]
+    assert [r[4] for p, r in rows.items() if p.endswith(b"00001.tar")] == ["skipped"]  # its members' rows stay
+    assert len(vectors) == 5  # photos 0, 1, 3, 4 and the new one; 2 and 5 were dropped with their last rows
     status = json.loads(ldot("status", "--name", "web", "--json").stdout)
+    assert status["indexed"] == 6 and status["skipped"] == 1, status
+    assert sorted(f["path"] for f in status["folders"]) == sorted([source, str(listed)])
     assert status["shards"] >= 1 and status["index_type"] == "exact" and status["bytes_per_image"] > 0
 
 
@@ -166,6 +195,9 @@ def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, mode
     driver.wait()
     assert 1 <= merged_shards("kd") < 6
     rerun = ldot(*args)
-    assert "12 images found" in " ".join(rerun.stderr.split())
+    summary = " ".join(rerun.stderr.split())
+    assert "12 images found" in summary
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (encoded|reused|unchanged)", summary)}
+    assert sum(counts.values()) == 12, summary  # the killed run's merged files are counted once (as unchanged)
     rows, vectors = rows_and_vectors("kd")
     assert len(rows) == 12 and all(r[4] == "indexed" for r in rows.values()) and len(vectors) == 12

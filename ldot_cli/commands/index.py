@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -56,8 +55,9 @@ _rm_app = typer.Typer(add_completion=False)
 @_rm_app.command()
 def index_rm(
     name: str = typer.Argument(..., help="Name of the index (see `ldot status`)."),
-    folder: list[Path] = typer.Option([], "--folder", "-f", help="Only drop the files under this folder from the "
-                                                                 "index (repeatable); the index stays."),
+    folder: list[str] = typer.Option([], "--folder", "-f", help="Only drop the files under this folder from the "
+                                                                "index (repeatable; also a file list, a tar shard or "
+                                                                "a tar SOURCE indexed with --ray); the index stays."),
 ) -> None:
     """Remove an index, or drop folders from it (their vectors and region features go with them)."""
     from ldot_cli.index.indexer import remove_folder, remove_index

@@ -69,7 +69,8 @@ def search(
             _rerank_note(m or 0, device)
             _preset_note(searcher, reranker)
         if query is None and image is None:
-            _interactive(searcher, k, m, reranker, mode)
+            _interactive(searcher, mode, html, preview, Request(text="", k=k, rerank_k=m, reranker=reranker,
+                                                                min_score=min_score, regions=want_regions))
             return
         request = Request(text=query, image_path=str(image) if image is not None else None, k=k,
                           rerank_k=m, reranker=reranker, min_score=min_score, regions=want_regions)
@@ -188,7 +189,11 @@ def _render(hits: list[Any], mode: str) -> None:
     out.print(table)
 
 
-def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | None, mode: str) -> None:
+def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, template: Any) -> None:
+    """The prompt: each line is answered like a one-shot query with the same options (``template``: -k,
+    --rerank, --min-score, --regions; --html rewrites the sheet for the latest query, --preview shows it)."""
+    import dataclasses
+
     from models.core.errors import LdotError
 
     err.print(line(("ldot", "bold"), " search over index ", (searcher.store.name, "bold"),
@@ -205,10 +210,11 @@ def _interactive(searcher: Any, k: int, rerank_k: int | None, reranker: str | No
             return
         remember()
         try:
-            _render(searcher.search(text, k, rerank_k=rerank_k, reranker=reranker), mode)
-            t = searcher.timings
+            answer = searcher.answer(dataclasses.replace(template, text=text))
+            _show(answer, mode, html, preview, text)
+            t = answer.timings
             err.print(line((f"{t.encode_ms:.0f} ms encode, {t.search_ms:.0f} ms search"
-                            + (f", {t.rerank_ms:.0f} ms re-rank" if rerank_k else ""), "dim")))
+                            + (f", {t.rerank_ms:.0f} ms re-rank" if template.rerank_k else ""), "dim")))
         except LdotError as exc:
             err.print(line(("error: ", "red"), cli_message(exc)))
 

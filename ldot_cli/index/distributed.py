@@ -11,7 +11,11 @@ The pipeline, streamed by Ray Data::
 Ray retries tasks and restarts actors that die (a killed worker process, a lost node); a retried batch
 rewrites the same shard. A killed driver leaves committed shards behind: the next run merges them first,
 then plans only what is still missing (loose files by path, size and mtime as plain `ldot index` does;
-tar shards by their recorded image count), so nothing is indexed twice or lost.
+tar shards by their size, mtime and recorded image count), so nothing is indexed twice or lost.
+
+Each SOURCE is kept in step as plain `ldot index` keeps a folder: files taken off a list, tar shards that are
+gone (or that a brace range no longer names) and members a changed shard no longer holds are removed; the
+last only once the shard was read to its end, so a shard that cannot be read keeps its rows.
 
 The driver needs the index folder; the workers need the shards folder (``--shards-dir``: by default the
 index's own ``shards/``, fine on one machine or a shared file system; any fsspec URL otherwise) and the
@@ -20,10 +24,12 @@ models (the driver's model paths when they exist on the worker, else the worker'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +37,28 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index import shards as shard_io
-from ldot_cli.index.indexer import Indexer, IndexReport, Scan, damaged_regions, file_row, pause_for_tests
-from ldot_cli.index.sources import Item, Unit, file_units, plan_sources, read_unit
+from ldot_cli.index.indexer import (
+    Indexer,
+    IndexReport,
+    Scan,
+    damaged_regions,
+    file_row,
+    pause_for_tests,
+)
+from ldot_cli.index.sources import (
+    TAR_SUFFIXES,
+    Item,
+    SourceError,
+    TarSource,
+    Unit,
+    expand_braces,
+    file_units,
+    plan_sources,
+    read_unit,
+    tar_family,
+)
 from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore, writer_lock
-from models.core.errors import LdotError, option
+from models.core.errors import LdotError, LdotWarning, option
 
 LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
 
@@ -119,18 +143,24 @@ def decode_unit(row: dict[str, Any], preprocess: Any, max_pixels: int | None) ->
     from feature_extraction.errors import ImageLoadError
     from feature_extraction.images.decode import load_image_bytes
     from feature_extraction.images.pool import _as_chw_float32
-    from ldot_cli.index.sources import SourceError
 
     unit: Unit = pickle.loads(row["unit"])
+    known = set(unit.known)
     count = 0
+    members: list[str] = []
     try:
         for item, data, problem in read_unit(unit):
             count += 1
+            members.append(item.path)
             out: dict[str, Any] = {"item": item, "unit": unit.id}
             if data is None:
                 out.update(reason=problem, retry=True)
             else:
                 out["hash"] = hashlib.sha256(data).hexdigest()
+                if out["hash"] in known:  # an indexed member, unchanged: no decoding, no model work
+                    out["known"] = True
+                    yield {"unit": unit.id, "blob": pickle.dumps(out)}
+                    continue
                 try:
                     rgb = load_image_bytes(data, item.path, max_pixels)
                     tensor, scale = preprocess(rgb)
@@ -143,12 +173,15 @@ def decode_unit(row: dict[str, Any], preprocess: Any, max_pixels: int | None) ->
                 except Exception as exc:  # a bug or an exotic failure: still only this image's
                     out.update(reason=f"could not load image ({type(exc).__name__}: {exc})", retry=False)
             yield {"unit": unit.id, "blob": pickle.dumps(out)}
-    except SourceError as exc:  # a damaged tar shard: recorded as one skipped entry, the run goes on
-        count += 1
-        item = Item(unit.tar or unit.root, unit.root, unit.size, unit.mtime_ns)
-        yield {"unit": unit.id, "blob": pickle.dumps({"item": item, "unit": unit.id, "reason": str(exc),
-                                                     "retry": True})}
-    yield {"unit": unit.id, "blob": pickle.dumps({"end": unit.id, "total": count})}
+    except SourceError as exc:  # a damaged or unreachable tar shard: the run goes on, its rows stay
+        failed = {"failed": unit.id, "tar": unit.tar, "root": unit.root, "reason": str(exc)}
+        yield {"unit": unit.id, "blob": pickle.dumps(failed)}
+        yield {"unit": unit.id, "blob": pickle.dumps({"end": unit.id, "tar": unit.tar, "complete": False})}
+        return
+    end: dict[str, Any] = {"end": unit.id, "tar": unit.tar, "complete": True, "total": count}
+    if unit.tar is not None:  # the driver drops the indexed members a changed shard no longer holds
+        end["members"] = members
+    yield {"unit": unit.id, "blob": pickle.dumps(end)}
 
 
 # -- worker side: the model actors -------------------------------------------------------------------
@@ -195,11 +228,13 @@ class Extractor:
             if isinstance(result, str):
                 shard.rows.append(_row(entry, reason=result, retry=True))
         for entry in entries:
-            if "end" in entry:
-                shard.rows.append({"end": entry["end"], "total": entry["total"]})
+            if "end" in entry or "failed" in entry:
+                shard.rows.append(entry)
+            elif "known" in entry:
+                shard.rows.append(_row(entry, known=True))
             elif "pixels" not in entry:
                 shard.rows.append(_row(entry, reason=entry["reason"], retry=entry["retry"]))
-        name = shard_io.shard_id([r.get("path") or f"end:{r['end']}" for r in shard.rows])
+        name = shard_io.shard_id([_row_key(r) for r in shard.rows])
         info = shard_io.write(self.shards_dir, name, shard)
         return {"name": [info["name"]], "rows": [info["rows"]], "images": [len(ok)]}
 
@@ -235,6 +270,14 @@ def _row(entry: dict[str, Any], **extra: Any) -> dict[str, Any]:
     item: Item = entry["item"]
     return {"path": item.path, "root": item.root, "size": item.size, "mtime_ns": item.mtime_ns,
             "hash": entry.get("hash"), "unit": entry["unit"], **extra}
+
+
+def _row_key(row: dict[str, Any]) -> str:
+    if "end" in row:
+        return f"end:{row['end']}"
+    if "failed" in row:
+        return f"failed:{row['failed']}"
+    return str(row["path"])
 
 
 def _local_or_name(source: str) -> str:
@@ -298,15 +341,16 @@ class RayIndexer(Indexer):
                 for src in collect_images([root], exclude=[ldot_home()], on_issue=plan.issues.append):
                     if not _excluded(src.path, src.root, excludes):
                         walked.append(src)
-            files = walked + plan.files
-            roots = plan.roots + sorted({i.root for i in plan.files})
+            files = walked + self._keep_unknown(store, plan)
+            # folders, lists and URL folders are roots as in plain `ldot index`: what left them is removed
+            roots = list(dict.fromkeys(plan.roots + plan.file_roots + [i.root for i in plan.files]))
             report.found = len(files) + len(plan.issues)
             self.stage("scanning", len(files), len(files))
             scan = Scan(roots, files, plan.issues)
             todo = self._plan(store, scan, retry_failed, report) if roots else []
             self._record_walk_issues(store, scan, report)
             items = [Item(s.path, s.root, s.size, s.mtime_ns) for s in todo]
-            tars = self._plan_tars(store, plan.tars, report)
+            tars = self._plan_tars(store, plan.tar_sources, retry_failed, report)
             units = tars + file_units(items)
             if units:
                 self._extract_on_ray(store, regions, units, len(items), report)
@@ -314,6 +358,21 @@ class RayIndexer(Indexer):
         self.stage("saving", 0, 1)
         report.faiss = store.sync_faiss(kind=None)
         self.stage("saving", 1, 1)
+
+    def _keep_unknown(self, store: IndexStore, plan: Any) -> list[Item]:
+        """Listed files that could not be looked at (a network error) are not known to have changed: those the
+        index has keep their rows as they are (a warning says so); the others are read as usual."""
+        files = []
+        for item in plan.files:
+            reason = plan.unknown.get(item.path)
+            if reason is not None:
+                row = store.db.execute("SELECT size, mtime_ns FROM files WHERE path = ?",
+                                       (os.fsencode(item.path),)).fetchone()
+                if row is not None:
+                    warnings.warn(LdotWarning(f"{reason}: what the index has of it is kept"), stacklevel=2)
+                    item = Item(item.path, item.root, row[0], row[1])
+            files.append(item)
+        return files
 
     def _regions(self) -> Any:
         from contextlib import nullcontext
@@ -324,21 +383,52 @@ class RayIndexer(Indexer):
 
         return UniterImageDBWriter(self.dir / REGIONS_DIR, self.preset)
 
-    def _plan_tars(self, store: IndexStore, tars: list[Unit], report: IndexReport) -> list[Unit]:
-        """Tar shards still to read: new, changed, or not every image of theirs merged yet."""
+    def _plan_tars(self, store: IndexStore, sources: list[TarSource], retry_failed: bool,
+                   report: IndexReport) -> list[Unit]:
+        """Keep each tar SOURCE in step, as plain `ldot index` keeps a folder; return the shards to read.
+
+        Shards gone from the SOURCE (no longer named by it, or no longer there) lose their rows; a shard
+        that could not be looked at keeps them (reported as skipped). New and changed shards are read (a
+        changed shard's unchanged members by hash only); an unchanged shard whose members are all in the
+        index is not read at all.
+        """
         todo = []
-        for unit in tars:
-            row = store.db.execute("SELECT size, mtime_ns, total FROM units WHERE id = ?", (unit.id,)).fetchone()
-            if row is not None and (row[0], row[1]) == (unit.size, unit.mtime_ns) and row[2] is not None:
-                if _count_members(store, unit.tar or "") >= row[2]:
-                    report.found += row[2]
-                    report.unchanged += row[2]
-                    continue
+        for source in sources:
+            alive = {u.tar for u in source.units if u.tar} | {shard for shard, _ in source.failed}
+            gone = set(source.missing) | (_covered_shards(store, source) - alive)
+            root = os.fsencode(source.root)
             with store.transaction() as db:
-                db.execute("INSERT OR REPLACE INTO units (id, source, size, mtime_ns, total, merged) "
-                           "VALUES (?, ?, ?, ?, NULL, 0)", (unit.id, unit.tar, unit.size, unit.mtime_ns))
-            todo.append(unit)
-            self._tar_units.add(unit.id)
+                for shard in sorted(gone):
+                    report.removed += _delete_shard(db, shard)
+                for shard in sorted(alive):  # rows indexed under an earlier SOURCE naming this shard move here
+                    lo, hi = _member_range(shard)
+                    db.execute("UPDATE files SET root = ? WHERE path >= ? AND path < ? AND root != ?",
+                               (root, lo, hi, root))
+                # an earlier run's "could not be read" row of a shard that is there now: read, or unchanged
+                db.executemany("DELETE FROM files WHERE path = ?", [(os.fsencode(u.tar),) for u in source.units if u.tar])
+                for shard, reason in source.failed:
+                    _shard_failed(db, shard, source.root, reason, report)
+            for unit in source.units:
+                lo, hi = _member_range(unit.tar or "")
+                row = store.db.execute("SELECT size, mtime_ns, total FROM units WHERE id = ?", (unit.id,)).fetchone()
+                indexed, skipped, again = store.db.execute(
+                    "SELECT COALESCE(SUM(status = 'indexed'), 0), COALESCE(SUM(status = 'skipped'), 0), "
+                    "COALESCE(SUM(status = 'skipped' AND (retry = 1 OR ?)), 0) FROM files WHERE path >= ? AND path < ?",
+                    (int(retry_failed), lo, hi)).fetchone()
+                if (row is not None and (row[0], row[1]) == (unit.size, unit.mtime_ns) and row[2] is not None
+                        and indexed + skipped >= row[2] and not again):
+                    report.found += indexed + skipped
+                    report.unchanged += indexed
+                    report.skipped_before += skipped
+                    continue
+                known = [h for (h,) in store.db.execute(
+                    "SELECT DISTINCT content_hash FROM files WHERE path >= ? AND path < ? AND status = 'indexed' "
+                    "AND content_hash IS NOT NULL", (lo, hi))]
+                with store.transaction() as db:
+                    db.execute("INSERT OR REPLACE INTO units (id, source, size, mtime_ns, total, merged) "
+                               "VALUES (?, ?, ?, ?, NULL, 0)", (unit.id, unit.tar, unit.size, unit.mtime_ns))
+                todo.append(dataclasses.replace(unit, known=tuple(known)))
+                self._tar_units.add(unit.id)
         return todo
 
     def _model_sources(self) -> tuple[str, str, Any]:
@@ -388,6 +478,9 @@ class RayIndexer(Indexer):
         if got is None:
             return 0  # not committed (or damaged): its images are planned again
         shard, info = got
+        # a killed run's shard: its files are counted by this run's planning (as unchanged), not here as well;
+        # what it removed is counted (the planning cannot see it any more)
+        tally, report = (report, IndexReport(report.name)) if resumed else (report, report)
         seen = store.db.execute("SELECT sha256 FROM shards WHERE id = ?", (name,)).fetchone()
         if seen is None:
             if regions is not None:
@@ -402,10 +495,28 @@ class RayIndexer(Indexer):
                 files = []
                 for row in shard.rows:
                     if "end" in row:
-                        db.execute("UPDATE units SET total = ? WHERE id = ?", (row["total"], row["end"]))
+                        if row.get("complete", True):  # a read that stopped part-way leaves the shard to read again
+                            db.execute("UPDATE units SET total = ? WHERE id = ?", (row["total"], row["end"]))
+                        if row.get("complete") and row.get("members") is not None and row.get("tar"):
+                            tally.removed += _prune(db, row["tar"], row["members"])
+                        continue
+                    if "failed" in row:  # a shard that could not be read to its end: its rows stay
+                        _shard_failed(db, row["tar"], row["root"], row["reason"], None if resumed else report)
                         continue
                     vid = None
-                    if "vec" in row:
+                    if row.get("known"):  # unchanged content of a re-read shard: its vector is already here
+                        vid = store.vector_for_hash(row["hash"])
+                        if vid is None:
+                            row = {**row, "reason": "its content left the index while the shard was read: "
+                                                    "it is read again next run", "retry": True}
+                        else:
+                            before = db.execute("SELECT content_hash, status FROM files WHERE path = ?",
+                                                (os.fsencode(row["path"]),)).fetchone()
+                            if before is not None and tuple(before) == (row["hash"], "indexed"):
+                                report.unchanged += 1
+                            else:
+                                report.reused += 1
+                    elif "vec" in row:
                         vid = store.vector_for_hash(row["hash"])
                         if vid is None:
                             vector = np.asarray(shard.vectors[row["vec"]], dtype=np.float32)
@@ -422,7 +533,7 @@ class RayIndexer(Indexer):
             if not resumed:  # loose files were counted by the scan; tar members are counted as they arrive
                 report.found += sum(1 for r in shard.rows if "end" not in r and r.get("unit") in self._tar_units)
         shard_io.remove(self.shards_dir, name)
-        return sum(1 for r in shard.rows if "end" not in r)
+        return sum(1 for r in shard.rows if "path" in r)
 
 
 def _file_row(row: dict[str, Any], vector_id: int | None) -> FileRow:
@@ -432,10 +543,67 @@ def _file_row(row: dict[str, Any], vector_id: int | None) -> FileRow:
     return file_row(_Src, row.get("hash"), vector_id, row.get("reason"), bool(row.get("retry")))
 
 
-def _count_members(store: IndexStore, tar: str) -> int:
+def _member_range(tar: str) -> tuple[bytes, bytes]:
+    """[lo, hi): the paths of a tar shard's members (``SHARD#MEMBER``), for an indexed range query."""
     prefix = os.fsencode(tar + "#")
-    upper = prefix[:-1] + bytes([prefix[-1] + 1])
-    return store.db.execute("SELECT COUNT(*) FROM files WHERE path >= ? AND path < ?", (prefix, upper)).fetchone()[0]
+    return prefix, prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _shard_of(path: bytes) -> str:
+    """The tar shard a member's path names (a row of the shard itself, from an older ldot: the path)."""
+    at = path.lower().find(b".tar#")
+    return os.fsdecode(path[:at + 4] if at >= 0 else path)
+
+
+def _covered_shards(store: IndexStore, source: TarSource) -> set[str]:
+    """Shards with rows under this SOURCE, or under an earlier one of the same folder and name pattern that
+    this one takes over (it names at least one of that one's shards: ``{0..9}`` then ``{0..7}``; a SOURCE
+    naming none of them, ``{10..19}``, is another root, as another folder would be)."""
+    named = set(source.named)
+    roots = [source.root]
+    for (raw,) in store.db.execute("SELECT DISTINCT root FROM files"):
+        other = os.fsdecode(raw)
+        if other == source.root or not other.lower().endswith(TAR_SUFFIXES) or tar_family(other) != tar_family(source.root):
+            continue
+        try:
+            if not named.isdisjoint(expand_braces(other)):
+                roots.append(other)
+        except SourceError:
+            continue
+    shards: set[str] = set()
+    for root in roots:
+        for (path,) in store.db.execute("SELECT path FROM files WHERE root = ?", (os.fsencode(root),)):
+            shards.add(_shard_of(path))
+    return shards
+
+
+def _delete_shard(db: Any, shard: str) -> int:
+    """Drop every row of a shard that is gone (inside the caller's transaction); returns how many."""
+    lo, hi = _member_range(shard)
+    count = db.execute("DELETE FROM files WHERE path >= ? AND path < ?", (lo, hi)).rowcount
+    count += db.execute("DELETE FROM files WHERE path = ?", (os.fsencode(shard),)).rowcount
+    db.execute("DELETE FROM units WHERE source = ?", (shard,))
+    return max(0, count)
+
+
+def _shard_failed(db: Any, shard: str, root: str, reason: str, report: IndexReport | None) -> None:
+    """A shard that could not be read: one skipped row of its own (`ldot status --errors` shows why; tried
+    again next run) and a warning line; the rows of its members are left as they are."""
+    IndexStore.put_files(db, [FileRow(os.fsencode(shard), os.fsencode(root), 0, 0, None, "skipped", reason, 1, None)])
+    if report is not None:
+        report.found += 1
+        report.skipped.append((shard, reason))
+        warnings.warn(LdotWarning(reason), stacklevel=2)
+
+
+def _prune(db: Any, tar: str, members: list[str]) -> int:
+    """After a complete read of a shard: drop the rows of members it no longer holds; returns how many."""
+    lo, hi = _member_range(tar)
+    keep = {os.fsencode(m) for m in members}
+    stale = [p for (p,) in db.execute("SELECT path FROM files WHERE path >= ? AND path < ?", (lo, hi)) if p not in keep]
+    stale += [p for (p,) in db.execute("SELECT path FROM files WHERE path = ?", (os.fsencode(tar),))]
+    db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in stale])
+    return len(stale)
 
 
 def _max_pixels() -> int:

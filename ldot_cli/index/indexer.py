@@ -285,7 +285,7 @@ class Indexer:
         if gone:
             with store.transaction() as db:
                 store.delete_files(db, gone)
-            report.removed = len(gone)
+            report.removed += len(gone)
         return todo
 
     def _record_walk_issues(self, store: IndexStore, scan: Scan, report: IndexReport) -> None:
@@ -562,18 +562,25 @@ def remove_index(name: str) -> Path:
 
 
 def remove_folder(name: str, folder: str | os.PathLike[str], progress: ProgressFn | None = None) -> int:
-    """Drop every file under ``folder`` (a folder the index covers, or one inside it) from an index, with its
+    """Drop every file under ``folder`` (a folder the index covers, or one inside it; with `ldot index --ray`
+    also a file list, a tar shard or a tar SOURCE such as ``shards/{00000..00099}.tar``) from an index, with its
     vectors and region records when no other file shares them. Returns how many files were dropped.
     The folder itself need not exist any more."""
     directory = index_path(name)
-    target = os.fsencode(os.path.abspath(os.fspath(folder))).rstrip(b"/") or b"/"
+    text = os.fspath(folder)
+    if "://" in text and not text.startswith("file://"):  # a URL SOURCE of `ldot index --ray`: as given
+        target = os.fsencode(text).rstrip(b"/")
+    else:
+        target = os.fsencode(os.path.abspath(text)).rstrip(b"/") or b"/"
     prefix = target + b"/" if target != b"/" else target
+    member = target + b"#"  # the members of a tar shard (`ldot index --ray` names them SHARD#MEMBER)
     with IndexStore(directory) as probe:  # a clear error when there is no such index
         preset = probe.get_meta("preset") or DEFAULT_PRESET
         keep = probe.get_meta("regions") != "none"
     with writer_lock(directory), IndexStore(directory) as store:
         paths = [p for (p,) in store.db.execute("SELECT path FROM files WHERE root = ? OR path = ? OR "
-                                                "substr(path, 1, ?) = ?", (target, target, len(prefix), prefix))]
+                                                "substr(path, 1, ?) = ? OR substr(path, 1, ?) = ?",
+                                                (target, target, len(prefix), prefix, len(member), member))]
         if not paths:
             roots = ", ".join(display_path(r) for r, _ in store.roots()) or "none"
             raise IndexStoreError(f"index {name!r} holds no files under {display_path(target)} (its folders: {roots})")

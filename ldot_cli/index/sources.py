@@ -9,7 +9,9 @@ A SOURCE is one of
 * a file list (``*.txt`` / ``*.lst``, local or a URL): one image path or URL per line (``#`` comments and
   blank lines ignored; relative paths are relative to the list's folder);
 * webdataset tar shards (``*.tar``; a brace range ``shards/{00000..09999}.tar`` names many, the layout
-  img2dataset writes): every member with an image extension is one image, named ``<shard>#<member>``.
+  img2dataset writes): every member with an image extension is one image, named ``<shard>#<member>``. The
+  SOURCE as given (brace range kept) is the root of its shards' file rows: the index is kept in step with
+  it as with a folder (see `TarSource`).
 
 Loose files are grouped into work units of `FILES_PER_UNIT`; a tar shard is one unit. Everything here
 runs on the driver except `read_unit`, which a Ray task runs wherever the cluster puts it.
@@ -59,6 +61,26 @@ class Unit:
     tar: str | None = None  # a tar shard's path or URL
     size: int = 0  # the tar shard's size and mtime: a changed shard is read again
     mtime_ns: int = 0
+    known: tuple[str, ...] = ()  # content hashes of the shard's indexed members: read, hashed, not decoded
+
+
+@dataclass
+class TarSource:
+    """One tar SOURCE (a shard, or a brace range of them) as this run sees it.
+
+    ``root`` is the SOURCE as given (absolute for local paths, brace range kept): the root of its members'
+    file rows. Shards it names that do not exist (any more) are `missing`; shards that could not even be
+    looked at (a network error) are `failed`: their rows stay as they are.
+    """
+
+    root: str
+    units: list[Unit] = field(default_factory=list)  # shards that exist
+    missing: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (shard, why)
+
+    @property
+    def named(self) -> list[str]:
+        return expand_braces(self.root)
 
 
 @dataclass
@@ -67,7 +89,9 @@ class Plan:
 
     roots: list[str] = field(default_factory=list)  # local folders/files, walked like plain `ldot index`
     files: list[Item] = field(default_factory=list)  # loose files from URLs and lists
-    tars: list[Unit] = field(default_factory=list)
+    file_roots: list[str] = field(default_factory=list)  # the lists and URL folders (roots of those files)
+    tar_sources: list[TarSource] = field(default_factory=list)
+    unknown: dict[str, str] = field(default_factory=dict)  # listed files that could not be looked at: why
     issues: list[Any] = field(default_factory=list)  # walk issues of local folders
 
 
@@ -122,9 +146,53 @@ def plan_sources(sources: list[str]) -> Plan:
     """Expand the SOURCEs (listing folders and URLs; tar shards are not opened here)."""
     plan = Plan()
     for raw in sources:
-        for source in expand_braces(raw):
+        named = expand_braces(raw)
+        if all(n.lower().endswith(TAR_SUFFIXES) for n in named):
+            plan.tar_sources.append(_tar_source(raw, named))
+            continue
+        for source in named:
             _add(plan, source)
     return plan
+
+
+def tar_root(raw: str) -> str:
+    """The root a tar SOURCE's rows carry: the SOURCE as given, absolute when local."""
+    if is_url(raw):
+        return raw
+    return os.path.abspath(raw.removeprefix("file://"))
+
+
+def tar_family(root: str) -> str:
+    """A tar SOURCE's shards folder and name pattern, ranges left out: ``/data/shards/{}.tar``."""
+    return _BRACE.sub("{}", root)
+
+
+def _tar_source(raw: str, named: list[str]) -> TarSource:
+    """Look at every shard the SOURCE names (size and mtime; the shards are not opened here)."""
+    root = tar_root(raw)
+    source = TarSource(root)
+    for shard in expand_braces(root):
+        try:
+            if is_url(shard):
+                fs, path = _fs(shard)
+                info = fs.info(path)
+                size, mtime_ns = int(info.get("size") or 0), _mtime_ns(info)
+            else:
+                st = os.stat(shard)
+                size, mtime_ns = st.st_size, st.st_mtime_ns
+        except FileNotFoundError:
+            source.missing.append(shard)
+            continue
+        except Exception as exc:  # network/auth/permission errors: this shard is not known to be gone
+            source.failed.append((shard, f"cannot look at tar shard {shard} ({type(exc).__name__}: {exc})"))
+            continue
+        source.units.append(Unit(_unit_id("tar", shard), root, tar=shard, size=size, mtime_ns=mtime_ns))
+    if not source.units and not source.failed:
+        if len(named) == 1:
+            raise SourceError(f"{source.missing[0]} does not exist: give a folder, a file list or tar shards to index")
+        raise SourceError(f"none of the {len(named)} tar shards {root} names exists (e.g. {source.missing[0]}): "
+                          "check the path and the range")
+    return source
 
 
 def _add(plan: Plan, source: str) -> None:
@@ -138,14 +206,12 @@ def _add(plan: Plan, source: str) -> None:
         except Exception as exc:  # network/auth errors of any fsspec backend
             raise SourceError(f"cannot read {source}: {type(exc).__name__}: {exc}") from None
         if info.get("type") == "directory":
+            plan.file_roots.append(source)
             protocol = source.split("://", 1)[0]
             for name, meta in sorted(fs.find(path, detail=True).items()):
                 if _is_image_name(name):
                     url = name if "://" in name else f"{protocol}://{name}"
                     plan.files.append(Item(url, source, int(meta.get("size") or 0), _mtime_ns(meta)))
-        elif lower.endswith(TAR_SUFFIXES):
-            plan.tars.append(Unit(_unit_id("tar", source), source, tar=source, size=int(info.get("size") or 0),
-                                  mtime_ns=_mtime_ns(info)))
         elif lower.endswith(LIST_SUFFIXES):
             _add_list(plan, source, fs.cat_file(path))
         else:
@@ -154,10 +220,7 @@ def _add(plan: Plan, source: str) -> None:
     local = os.path.abspath(source[len("file://"):] if source.startswith("file://") else source)
     if not os.path.exists(local):
         raise SourceError(f"{local} does not exist: give a folder, a file list or tar shards to index")
-    if os.path.isfile(local) and lower.endswith(TAR_SUFFIXES):
-        st = os.stat(local)
-        plan.tars.append(Unit(_unit_id("tar", local), local, tar=local, size=st.st_size, mtime_ns=st.st_mtime_ns))
-    elif os.path.isfile(local) and lower.endswith(LIST_SUFFIXES):
+    if os.path.isfile(local) and lower.endswith(LIST_SUFFIXES):
         with open(local, "rb") as handle:
             _add_list(plan, local, handle.read())
     else:
@@ -165,6 +228,7 @@ def _add(plan: Plan, source: str) -> None:
 
 
 def _add_list(plan: Plan, source: str, data: bytes) -> None:
+    plan.file_roots.append(source)  # an entry taken off the list is removed from the index, even the last one
     base = source.rsplit("/", 1)[0] if is_url(source) else os.path.dirname(source)
     for number, raw in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
         line = raw.strip()
@@ -174,7 +238,10 @@ def _add_list(plan: Plan, source: str, data: bytes) -> None:
             fs, path = _fs(line)
             try:
                 info = fs.info(path)
-            except Exception:
+            except FileNotFoundError:
+                info = {}
+            except Exception as exc:  # not known to be gone: the driver keeps what the index has of it
+                plan.unknown[line] = f"cannot look at {line} ({type(exc).__name__}: {exc})"
                 info = {}
             plan.files.append(Item(line, source, int(info.get("size") or 0), _mtime_ns(info)))
             continue
@@ -185,7 +252,10 @@ def _add_list(plan: Plan, source: str, data: bytes) -> None:
             continue
         try:
             st = os.stat(path)
-        except OSError:
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            plan.unknown[os.path.abspath(path)] = f"cannot look at {path} ({type(exc).__name__}: {exc})"
             st = None
         plan.files.append(Item(os.path.abspath(path), source, st.st_size if st else 0, st.st_mtime_ns if st else 0))
 
@@ -225,6 +295,10 @@ def _read_tar(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
         raise SourceError(f"cannot open tar shard {unit.tar}: {type(exc).__name__}: {exc}") from None
     with handle:
         try:
+            size = os.fstat(handle.fileno()).st_size
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            size = unit.size
+        try:
             with tarfile.open(fileobj=handle, mode="r|*") as tar:  # streamed: one pass, no seeks
                 for member in tar:
                     if not member.isfile() or not _is_image_name(member.name):
@@ -233,8 +307,14 @@ def _read_tar(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
                                 int(member.mtime) * 1_000_000_000)
                     extracted = tar.extractfile(member)
                     yield item, extracted.read() if extracted is not None else b"", None
-        except tarfile.TarError as exc:
-            raise SourceError(f"tar shard {unit.tar} is damaged ({exc}): fix or remove it") from None
+                # cut at a member boundary, a tar reads as a shorter valid one: only its end-of-archive
+                # blocks tell (an uncompressed shard's size leaves room for them after the last member)
+                if getattr(tar.fileobj, "comptype", "tar") == "tar" and size and size - tar.offset < tarfile.BLOCKSIZE:
+                    raise tarfile.ReadError(f"it ends after {tar.offset} bytes without the end-of-archive blocks: "
+                                            "cut short?")
+        except Exception as exc:  # a damaged tar, a network error of any fsspec backend: this shard's
+            raise SourceError(f"tar shard {unit.tar} could not be read to its end ({type(exc).__name__}: {exc}); "
+                              "its rows are kept: fix or remove it") from None
 
 
 def tar_bytes(members: dict[str, bytes]) -> bytes:
