@@ -217,3 +217,35 @@ def test_an_index_written_before_parts_is_read_and_converted_on_the_next_update(
         assert [p["rows"] for p in store.faiss_parts()] == [500, 50]
         assert not (store.dir / "vectors.faiss").exists() and store.get_meta("faiss_trained")
         assert_same_results(store, queries)
+
+
+def test_searcher_uses_the_parts_and_repairs_a_damaged_one_alone():
+    from ldot_cli.index.search import Searcher
+    from models.core.errors import LdotWarning
+
+    vectors = clustered(900)
+    queries = clustered(5, seed=9)
+    with make("p", ann.APPROX, vectors, part_rows=400) as store:
+        store.set_meta({"model": "tiny"})
+        single = one_index(store)
+        names = part_files(store)
+    searcher = Searcher("p")
+    try:
+        for q in queries:
+            hits = searcher.search_vector(q[None], k=5)
+            scores, ids = ann.search(single, q[None], 5)
+            assert [h.vector_id for h in hits] == ids[0].tolist()
+            assert np.allclose([h.score for h in hits], scores[0], atol=1e-5)
+        path = index_path("p") / names[2]
+        data = bytearray(path.read_bytes())
+        data[-64] ^= 0x01
+        path.write_bytes(bytes(data))
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        searcher.store.set_meta({"faiss_sha256": "x"})  # as after a concurrent write: the searcher reloads
+        with pytest.warns(LdotWarning, match="rebuilt"):
+            hits = searcher.search_vector(queries[0][None], k=5)
+        assert [h.vector_id for h in hits] == ann.search(single, queries[0][None], 5)[1][0].tolist()
+        assert part_files(searcher.store)[:2] == names[:2]  # the intact parts were kept
+    finally:
+        searcher.close()
