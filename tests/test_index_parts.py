@@ -54,15 +54,19 @@ def one_index(store: IndexStore) -> object:
     return single
 
 
-def assert_same_results(store: IndexStore, queries: np.ndarray) -> None:
+def assert_same_results(store: IndexStore, queries: np.ndarray, nprobes: tuple[int | None, ...] = (None,)) -> None:
     index, _ = store.read_faiss()
     single = one_index(store)
     assert index.ntotal == single.ntotal
-    for batch in (queries, queries[:1]):  # a batch, and one query (one thread per part)
-        got_s, got_i = ann.search(index, batch, 10)
-        want_s, want_i = ann.search(single, batch, 10)
-        assert np.array_equal(got_i, want_i)
-        assert np.allclose(got_s, want_s, rtol=0, atol=1e-5)
+    for nprobe in nprobes:  # None: the tuned width
+        if nprobe:
+            ann.set_nprobe(index, nprobe)
+            ann.set_nprobe(single, nprobe)
+        for batch in (queries, queries[:1]):  # a batch, and one query (one thread per part)
+            got_s, got_i = ann.search(index, batch, 10)
+            want_s, want_i = ann.search(single, batch, 10)
+            assert np.array_equal(got_i, want_i)
+            assert np.allclose(got_s, want_s, rtol=0, atol=1e-5)
 
 
 def part_files(store: IndexStore) -> list[str]:
@@ -82,10 +86,14 @@ def test_parts_search_equals_one_index_holding_every_vector(kind):
         assert max_id == 2000 and len(ann.parts_of(index)) == 4
         import faiss
 
-        assert isinstance(index.index if kind == ann.PQ else index, faiss.IndexShards)
+        inner = faiss.downcast_index(index.index.index) if kind == ann.PQ else index  # PQ: behind the OPQ rotation
+        assert isinstance(inner, faiss.IndexShardsIVF)  # the quantizer is searched once, each part scans its cells
         assert {ivf.nprobe for ivf in ann.ivf_indexes(index)} == {int(store.get_meta("nprobe"))}  # tuned once
         assert ann.kind_of(index) == kind and ann.nlist_of(index) == ann.nlist_of(one_index(store))
-        assert_same_results(store, queries)
+        assert_same_results(store, queries, nprobes=(None, 1, 3))  # the width set applies to every part
+        narrow = ann.search(index, queries, 10)[1]
+        ann.set_nprobe(index, 1)
+        assert not np.array_equal(ann.search(index, queries, 10)[1], narrow)  # ... and it is the one used
         if kind == ann.PQ:  # new rows go to the fp16 re-scoring file and the last part
             add(store, vectors[:50] * 2, 5000)
             store.sync_faiss()

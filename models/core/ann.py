@@ -276,10 +276,15 @@ def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> 
 
 
 def parts_of(index: Any) -> list[Any]:
-    """The part indexes of ``index``: those of a `shards` index (or of a `Rescored` one around it), else itself."""
+    """The part indexes of ``index``: those of a `shards` index (or of a `Rescored` one around it), else itself
+    (IVF parts searched by `IndexShardsIVF` are given as their IVF indexes, without the OPQ rotation)."""
     if isinstance(index, Rescored):
         index = index.index
     faiss = _faiss()
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexShards):
+            index = inner
     if isinstance(index, faiss.IndexShards):
         return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
     return [index]
@@ -310,17 +315,36 @@ def set_nprobe(index: Any, nprobe: int) -> None:
 
 
 def shards(parts: list[Any]) -> Any:
-    """One index searching ``parts`` (indexes over disjoint ids, cloned from one trained index): FAISS's
-    `IndexShards`, one thread a part, keeping each part's own ids and merging the parts' top k by score. The
-    results equal those of one index holding every vector (same quantizer, same nprobe: the same cells are
-    scanned and every vector is scored the same way). One part is returned as it is."""
+    """One index searching ``parts`` (indexes over disjoint ids, cloned from one trained index) with FAISS's own
+    sharding, one thread a part, keeping each part's own ids and merging the parts' top k by score. IVF parts
+    (behind the same OPQ rotation, if any) go to `IndexShardsIVF`: the coarse quantizer (the same in every
+    part) is searched once per query and each part scans the chosen cells (`search_preassigned`); anything
+    else to `IndexShards`. The results equal those of one index holding every vector (same quantizer, same
+    nprobe, which FAISS takes from the first part: the same cells are scanned and every vector is scored the
+    same way). One part is returned as it is. The parts must outlive the index: it keeps references to them."""
     if len(parts) == 1:
         return parts[0]
     faiss = _faiss()
-    index = faiss.IndexShards(parts[0].d, True, False)  # threaded, ids as stored (not successive)
-    index.metric_type = parts[0].metric_type
-    for part in parts:
-        index.add_shard(part)  # the Python wrapper keeps a reference to each part
+    try:
+        ivfs = [faiss.extract_index_ivf(p) for p in parts]
+    except RuntimeError:  # not IVF
+        ivfs = []
+    if ivfs:
+        index = faiss.IndexShardsIVF(ivfs[0].quantizer, ivfs[0].nlist, True, False)  # threaded, ids as stored
+        index.metric_type = ivfs[0].metric_type
+        for ivf in ivfs:
+            index.add_shard(ivf)
+        outer = faiss.downcast_index(parts[0])
+        if isinstance(outer, faiss.IndexPreTransform):  # OPQ: rotate the query once, then search the shards
+            index = faiss.IndexPreTransform(index)
+            for i in reversed(range(outer.chain.size())):
+                index.prepend_transform(outer.chain.at(i))
+    else:
+        index = faiss.IndexShards(parts[0].d, True, False)
+        index.metric_type = parts[0].metric_type
+        for part in parts:
+            index.add_shard(part)
+    index.referenced_objects = [*getattr(index, "referenced_objects", []), *parts]  # they own what it uses
     return index
 
 
