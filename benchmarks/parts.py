@@ -83,17 +83,21 @@ def main() -> None:
         part = ann.clone(trained)
         ann.add(part, ids[first:first + rows], vectors[first:first + rows])
         parts.append(part)
-    sharded = ann.shards(parts)
+    sharded = ann.shards(parts, threaded=True)
+    sequential = ann.shards(parts, threaded=False)
     if args.kind == "ivfpq":
         f16 = vectors.astype(np.float16)
-        single, sharded = ann.Rescored(single, ids, f16), ann.Rescored(sharded, ids, f16)
-    for index in (single, sharded):
+        single, sharded, sequential = (ann.Rescored(i, ids, f16) for i in (single, sharded, sequential))
+    for index in (single, sharded, sequential):
         ann.set_nprobe(index, args.nprobe)
 
     s1, i1 = ann.search(single, queries, 10)
-    sn, i_n = ann.search(sharded, queries, 10)
-    same = bool(np.array_equal(i1, i_n) and np.allclose(s1, sn, rtol=0, atol=1e-5))
-    print(f"same top 10 (ids and scores) for all {args.queries} queries: {'yes' if same else 'NO'}")
+    for index in (sharded, sequential):
+        sn, i_n = ann.search(index, queries, 10)
+        same = bool(np.array_equal(i1, i_n) and np.allclose(s1, sn, rtol=0, atol=1e-5))
+        print(f"same top 10 (ids and scores) for all {args.queries} queries: {'yes' if same else 'NO'}")
+    print(f"ldot's choice on this machine ({os.cpu_count()} cores): "
+          f"{'threaded' if (os.cpu_count() or 1) >= ann.THREADED_SHARDS_MIN_CPUS else 'one thread'}")
 
     one = [queries[i:i + 1] for i in range(args.queries)]
     state = {"q": 0}
@@ -106,10 +110,14 @@ def main() -> None:
 
     t1 = p50_ms(one_query(single), args.queries)
     tn = p50_ms(one_query(sharded), args.queries)
-    print(f"one query, p50: 1 part {t1:.2f} ms, {len(parts)} parts {tn:.2f} ms (ratio {t1 / tn:.2f}x)")
+    ts = p50_ms(one_query(sequential), args.queries)
+    print(f"one query, p50: 1 part {t1:.2f} ms; {len(parts)} parts threaded {tn:.2f} ms (1 part / N = {t1 / tn:.2f}x), "
+          f"in one thread {ts:.2f} ms ({t1 / ts:.2f}x)")
     b1 = p50_ms(lambda: ann.search(single, queries[:100], 10), 5)
     bn = p50_ms(lambda: ann.search(sharded, queries[:100], 10), 5)
-    print(f"100-query batch, p50: 1 part {b1:.1f} ms, {len(parts)} parts {bn:.1f} ms (ratio {b1 / bn:.2f}x)")
+    bs = p50_ms(lambda: ann.search(sequential, queries[:100], 10), 5)
+    print(f"100-query batch, p50: 1 part {b1:.1f} ms; {len(parts)} parts threaded {bn:.1f} ms ({b1 / bn:.2f}x), "
+          f"in one thread {bs:.1f} ms ({b1 / bs:.2f}x)")
 
     with tempfile.TemporaryDirectory(prefix="ldot-parts-") as tmp:
         def write_and_hash(index, path: Path) -> float:

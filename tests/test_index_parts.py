@@ -73,8 +73,10 @@ def part_files(store: IndexStore) -> list[str]:
     return [p["file"] for p in store.faiss_parts()]
 
 
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "thread-a-part"])
 @pytest.mark.parametrize("kind", [ann.APPROX, pytest.param(ann.PQ, marks=pytest.mark.slow)])
-def test_parts_search_equals_one_index_holding_every_vector(kind):
+def test_parts_search_equals_one_index_holding_every_vector(kind, threaded, monkeypatch):
+    monkeypatch.setattr(ann, "THREADED_SHARDS_MIN_CPUS", 1 if threaded else 10**6)
     vectors = clustered(2000)
     rng = np.random.default_rng(5)
     queries = vectors[rng.integers(0, 2000, 40)] + 0.1 * rng.standard_normal((40, 32)).astype(np.float32)

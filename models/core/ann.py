@@ -35,6 +35,11 @@ DEFAULT_BUDGET_FRACTION = 0.5  # without --memory-budget: half the machine's RAM
 # thread each. A part holds at most PART_ROWS vectors and about PART_BYTES of codes (`part_rows`).
 PART_ROWS = 4_000_000
 PART_BYTES = 1 << 30
+# One thread a part only from this many cores. On 2 shared cores (1M x 128 in 8 parts, benchmarks/parts.py) one
+# query took 0.83 ms with a thread a part, 0.71 ms with the parts one after another, 0.35 ms in one index (each
+# part adds ~45 us of set-up and merging, small next to a scan of millions of codes); a 100-query batch 156, 104
+# and 48 ms.
+THREADED_SHARDS_MIN_CPUS = 4
 
 
 BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster (measured on a 2-core machine) ...
@@ -314,9 +319,11 @@ def set_nprobe(index: Any, nprobe: int) -> None:
         ivf.nprobe = int(nprobe)
 
 
-def shards(parts: list[Any]) -> Any:
+def shards(parts: list[Any], threaded: bool | None = None) -> Any:
     """One index searching ``parts`` (indexes over disjoint ids, cloned from one trained index) with FAISS's own
-    sharding, one thread a part, keeping each part's own ids and merging the parts' top k by score. IVF parts
+    sharding, one thread a part (``threaded`` None: when the machine has at least `THREADED_SHARDS_MIN_CPUS`
+    cores; on fewer the parts are searched one after another, each query batch still spread over the cores by
+    OpenMP), keeping each part's own ids and merging the parts' top k by score. IVF parts
     (behind the same OPQ rotation, if any) go to `IndexShardsIVF`: the coarse quantizer (the same in every
     part) is searched once per query and each part scans the chosen cells (`search_preassigned`); anything
     else to `IndexShards`. The results equal those of one index holding every vector (same quantizer, same
@@ -325,12 +332,14 @@ def shards(parts: list[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
     faiss = _faiss()
+    if threaded is None:
+        threaded = (os.cpu_count() or 1) >= THREADED_SHARDS_MIN_CPUS
     try:
         ivfs = [faiss.extract_index_ivf(p) for p in parts]
     except RuntimeError:  # not IVF
         ivfs = []
     if ivfs:
-        index = faiss.IndexShardsIVF(ivfs[0].quantizer, ivfs[0].nlist, True, False)  # threaded, ids as stored
+        index = faiss.IndexShardsIVF(ivfs[0].quantizer, ivfs[0].nlist, threaded, False)  # ids as stored
         index.metric_type = ivfs[0].metric_type
         for ivf in ivfs:
             index.add_shard(ivf)
@@ -340,7 +349,7 @@ def shards(parts: list[Any]) -> Any:
             for i in reversed(range(outer.chain.size())):
                 index.prepend_transform(outer.chain.at(i))
     else:
-        index = faiss.IndexShards(parts[0].d, True, False)
+        index = faiss.IndexShards(parts[0].d, threaded, False)  # ids as stored
         index.metric_type = parts[0].metric_type
         for part in parts:
             index.add_shard(part)
