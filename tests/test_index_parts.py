@@ -91,6 +91,10 @@ def test_parts_search_equals_one_index_holding_every_vector(kind, threaded, monk
         inner = faiss.downcast_index(index.index.index) if kind == ann.PQ else index  # PQ: behind the OPQ rotation
         assert isinstance(inner, faiss.IndexShardsIVF)  # the quantizer is searched once, each part scans its cells
         assert {ivf.nprobe for ivf in ann.ivf_indexes(index)} == {int(store.get_meta("nprobe"))}  # tuned once
+        # one coarse quantizer in RAM, the trained index's: the part files are written without theirs
+        assert len({int(ivf.quantizer.this) for ivf in ann.ivf_indexes(index)}) == 1
+        assert all(faiss.extract_index_ivf(faiss.read_index(str(store.dir / p["file"]))).quantizer.ntotal == 0
+                   for p in parts)
         assert ann.kind_of(index) == kind and ann.nlist_of(index) == ann.nlist_of(one_index(store))
         assert_same_results(store, queries, nprobes=(None, 1, 3))  # the width set applies to every part
         narrow = ann.search(index, queries, 10)[1]
@@ -203,7 +207,8 @@ def test_parts_are_rehashed_only_when_their_stamp_changes_and_damage_is_rebuilt(
 
 def test_an_index_written_before_parts_is_read_and_converted_on_the_next_update():
     import json
-    import shutil
+
+    import faiss
 
     from models.core.fileio import sha256_file
 
@@ -213,7 +218,8 @@ def test_an_index_written_before_parts_is_read_and_converted_on_the_next_update(
         want = ann.search(store.read_faiss()[0], queries, 10)
         (only,) = part_files(store)
         trained = json.loads(store.get_meta("faiss_trained"))["file"]
-        shutil.copyfile(store.dir / only, store.dir / "vectors.faiss")  # the layout of earlier versions
+        faiss.write_index(store.read_faiss()[0], str(store.dir / "vectors.faiss"))  # earlier versions' layout:
+        # one file, with its quantizer
         with store.transaction() as db:
             db.execute("DELETE FROM meta WHERE key IN ('faiss_parts', 'faiss_trained', 'faiss_generation')")
             store.set_meta({"faiss_sha256": sha256_file(store.dir / "vectors.faiss"), "part_rows": "400"}, db)

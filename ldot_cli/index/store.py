@@ -7,8 +7,9 @@ Layout of ``<home>/indexes/<name>/``::
     vectors.faiss       the exact tier: FAISS inner-product index over the vectors, ids = vector ids
     vectors.part-G-N.faiss  the approximate tiers (IVF, IVF-PQ): parts over contiguous id ranges, at most
                         `part_rows` vectors each, all clones of vectors.trained-G.faiss (the trained empty
-                        index), searched together by FAISS's IndexShards. G is the generation that wrote
-                        the file: a new part never overwrites a committed one.
+                        index, whose coarse quantizer they share: it is not stored in them), searched
+                        together by FAISS's IndexShardsIVF. G is the generation that wrote the file: a new
+                        part never overwrites a committed one.
     vectors.f16(.ids)   IVF-PQ: fp16 copies of the vectors for exact re-scoring, memory-mapped
     .verified.json      (size, mtime, inode, device) of each file when its sha256 last matched
                         Every FAISS file is written to a temp file, fsynced, renamed into place; the set of
@@ -479,13 +480,20 @@ class IndexStore:
             return None
         max_id = self._number("faiss_max_id", meta.get("faiss_max_id", "0"))
         generation = self._number("faiss_generation", meta.get("faiss_generation", "0")) + 1
-        trained_record = json.loads(meta["faiss_trained"]) if meta.get("faiss_trained") else None
+        trained_record = self._trained_record(meta)
         changed: dict[int, Any] = {}
-        trained, repaired = None, 0
+        loaded: dict[str, Any] = {}
+        repaired = 0
+
+        def trained() -> Any:
+            nonlocal trained_record
+            if "trained" not in loaded:
+                loaded["trained"], trained_record = self._trained(trained_record, parts[0], generation)
+            return loaded["trained"]
 
         def part(j: int) -> Any:
             if j not in changed:
-                changed[j] = self._load_index_file(parts[j], mmap=False)
+                changed[j] = self._load_index_file(parts[j], mmap=False, trained=trained)
             return changed[j]
 
         for j, record in enumerate(parts):  # a stat each; a part re-hashed only when its stamp changed
@@ -498,10 +506,8 @@ class IndexStore:
                 if trained_record is None:
                     return None  # written before parts existed: rebuilt whole
             # damaged or gone: rebuilt alone from its id range in SQLite, into a clone of the trained index
-            if trained is None:
-                trained, trained_record = self._trained(trained_record, parts[0], generation)
             stop = parts[j + 1]["first_id"] if j + 1 < len(parts) else max_id + 1
-            changed[j] = ann.clone(trained)
+            changed[j] = ann.clone(trained())
             for ids, vectors in self.iter_vectors(start=record["first_id"], stop=min(stop, max_id + 1)):
                 ann.add(changed[j], ids, vectors)
             repaired += 1
@@ -525,10 +531,8 @@ class IndexStore:
             last = len(parts) - 1
             rows_now = changed[last].ntotal if last in changed else parts[last]["rows"]
             if rows_now >= limit:
-                if trained is None:
-                    trained, trained_record = self._trained(trained_record, parts[0], generation)
                 parts.append({"file": None, "first_id": int(ids[pos]), "rows": 0})
-                changed[len(parts) - 1] = ann.clone(trained)
+                changed[len(parts) - 1] = ann.clone(trained())
                 continue
             take = min(len(ids) - pos, limit - rows_now)
             ann.add(part(last), ids[pos:pos + take], vectors[pos:pos + take])
@@ -547,7 +551,7 @@ class IndexStore:
         its one part, emptied, and written beside it)."""
         if record is not None:
             return self._load_index_file(record, mmap=False), record
-        trained = self._load_index_file(first_part, mmap=False)
+        trained = self._load_index_file(first_part, mmap=False)  # one file with its own quantizer
         trained.reset()
         return trained, self._write_index_file(trained, f"{TRAINED_PREFIX}{generation:06d}.faiss", 0)
 
@@ -650,7 +654,7 @@ class IndexStore:
             self.set_meta({"rescore_rows": str(rows)})
         if not total:
             return parts, trained_record, None, None
-        index = self._open_parts(kind, parts, mmap=True, meta=self.meta())
+        index = self._open_parts(kind, parts, trained_record, mmap=True, meta=self.meta())
         nprobe, recall = ann.tune_nprobe(index, self.iter_vectors, self._recall_queries())
         return parts, trained_record, nprobe, recall
 
@@ -677,8 +681,8 @@ class IndexStore:
 
         meta = self.meta()
         names = [p["file"] for p in self._parts(meta)]
-        if meta.get("faiss_trained"):
-            names.append(json.loads(meta["faiss_trained"])["file"])
+        if self._trained_record(meta):
+            names.append(self._trained_record(meta)["file"])
         if meta.get("faiss_kind") == ann.PQ:
             names += [ann.RESCORE_FILE, ann.RESCORE_IDS]
         return [self.dir / n for n in names if (self.dir / n).is_file()]
@@ -700,16 +704,23 @@ class IndexStore:
             raise IndexStoreError(f"the vector file list of index {self.name!r} is damaged") from None
         return parts
 
+    def _trained_record(self, meta: dict[str, str]) -> dict[str, Any] | None:
+        try:
+            record = json.loads(meta["faiss_trained"]) if meta.get("faiss_trained") else None
+            if record is not None and Path(record["file"]).name != record["file"]:
+                raise ValueError(record)
+            return record
+        except (ValueError, TypeError, KeyError):
+            raise IndexStoreError(f"the vector file list of index {self.name!r} is damaged") from None
+
     def _write_index_file(self, index: Any, name: str, first_id: int) -> dict[str, Any]:
         """Write one FAISS file atomically (temp, fsync, rename); its record: name, first id, rows, sha256, and
         the (size, mtime_ns, inode, device) stamp its hash holds for."""
-        import faiss
-
         from models.core import ann
 
         tmp = self.dir / f".{name}.{os.getpid()}.tmp"
         try:
-            faiss.write_index(index.index if isinstance(index, ann.Rescored) else index, str(tmp))
+            ann.write(index, str(tmp), without_quantizer=name.startswith(PART_PREFIX))  # parts share the trained one
             digest = sha256_file(tmp)
             replace_file(tmp, self.dir / name)
         finally:
@@ -747,8 +758,8 @@ class IndexStore:
         """Delete vector index files the committed set no longer names (replaced parts, a crash's leftovers)."""
         meta = self.meta()
         keep = {p["file"] for p in self._parts(meta)}
-        if meta.get("faiss_trained"):
-            keep.add(json.loads(meta["faiss_trained"])["file"])
+        if self._trained_record(meta):
+            keep.add(self._trained_record(meta)["file"])
         for path in self.dir.iterdir():
             name = path.name
             if name in keep:
@@ -793,8 +804,11 @@ class IndexStore:
         self._remember({record["file"]: {"stamp": stamp, "sha256": record["sha256"]}})
         return path
 
-    def _load_index_file(self, record: dict[str, Any], mmap: bool) -> Any:
+    def _load_index_file(self, record: dict[str, Any], mmap: bool, trained: Any = None) -> Any:
+        """A verified FAISS file; a part is given the coarse quantizer of ``trained()`` (it is stored without)."""
         import faiss
+
+        from models.core import ann
 
         path = self._check_file(record)
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
@@ -804,13 +818,28 @@ class IndexStore:
             raise _Damaged(path) from None
         if index.ntotal != record["rows"]:
             raise _Damaged(path)
+        if record["file"].startswith(PART_PREFIX):
+            if trained is None:
+                raise _Damaged(path)  # a part needs the trained index's quantizer
+            ann.attach_quantizer(index, trained())
         return index
 
-    def _open_parts(self, kind: str, parts: list[dict[str, Any]], mmap: bool, meta: dict[str, str]) -> Any:
-        """The parts as one index (`ann.shards`), with the tuned nprobe; IVF-PQ wrapped for exact re-scoring."""
+    def _open_parts(self, kind: str, parts: list[dict[str, Any]], trained_record: dict[str, Any] | None, mmap: bool,
+                    meta: dict[str, str]) -> Any:
+        """The parts as one index (`ann.shards`: they share the trained index's coarse quantizer), with the tuned
+        nprobe; IVF-PQ wrapped for exact re-scoring."""
         from models.core import ann
 
-        loaded = [self._load_index_file(p, mmap) for p in parts]
+        cache: list[Any] = []
+
+        def trained() -> Any:
+            if not cache:
+                if trained_record is None:
+                    raise _Damaged(self.dir)
+                cache.append(self._load_index_file(trained_record, mmap=False))
+            return cache[0]
+
+        loaded = [self._load_index_file(p, mmap, trained) for p in parts]
         index = ann.shards([p for p in loaded if p.ntotal] or loaded[:1])
         if meta.get("nprobe"):
             ann.set_nprobe(index, self._number("nprobe", meta["nprobe"]))
@@ -834,7 +863,8 @@ class IndexStore:
             parts = self._parts(meta)
             total = self._number("faiss_rows", meta.get("faiss_rows", "-1"))
             try:
-                index = self._open_parts(meta.get("faiss_kind", ""), parts, mmap, meta)
+                trained = self._trained_record(meta)
+                index = self._open_parts(meta.get("faiss_kind", ""), parts, trained, mmap, meta)
                 if index.ntotal != total:
                     raise _Damaged(self.dir)
                 return index, self._number("faiss_max_id", meta.get("faiss_max_id", "0"))

@@ -357,10 +357,44 @@ def shards(parts: list[Any], threaded: bool | None = None) -> Any:
     return index
 
 
+def write(index: Any, path: str, without_quantizer: bool = False) -> None:
+    """Write a FAISS index (a `Rescored` one: its codes). ``without_quantizer``: an IVF part is written with an
+    empty placeholder instead of its coarse quantizer (the same in every part, kept once in the trained index's
+    file): at 100M IVF-PQ images that is 32,768 cells (~43 MB) not stored, nor held in RAM, once per part.
+    `attach_quantizer` gives it back on reading."""
+    faiss = _faiss()
+    if isinstance(index, Rescored):
+        index = index.index
+    if not without_quantizer:
+        faiss.write_index(index, path)
+        return
+    ivf = faiss.extract_index_ivf(index)
+    own = ivf.quantizer
+    placeholder = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    ivf.quantizer = placeholder
+    try:
+        faiss.write_index(index, path)
+    finally:
+        ivf.quantizer = own
+
+
+def attach_quantizer(part: Any, trained: Any) -> Any:
+    """Give a part read from a file written `without_quantizer` the coarse quantizer of ``trained`` (shared, not
+    copied: the part keeps a reference to ``trained``). A part with its own quantizer is left as it is."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(part)
+    if ivf.quantizer.ntotal == ivf.nlist:
+        return part
+    ivf.quantizer = faiss.extract_index_ivf(trained).quantizer
+    ivf.own_fields = False  # the placeholder read from the file (a few bytes) is left; the shared one is not freed
+    part.referenced_objects = [*getattr(part, "referenced_objects", []), trained]
+    return part
+
+
 def part_rows(kind: str, dim: int) -> int:
     """Most vectors a part of an approximate index holds: `PART_ROWS`, fewer when they would take more than
-    `PART_BYTES` (768-d: IVF-PQ 4M vectors = 288 MB of codes; IVF 348k float32 rows = 1 GB). Each part also
-    holds its own copy of the coarse quantizer (IVF-PQ at 100M images: 32,768 cells, ~43 MB a part)."""
+    `PART_BYTES` (768-d: IVF-PQ 4M vectors = 288 MB of codes; IVF 348k float32 rows = 1 GB). The parts share
+    one coarse quantizer (`write` ``without_quantizer``, `attach_quantizer`)."""
     per_vector = (pq_shape(dim)[0] + 8) if kind == PQ else (4 * dim + 8)
     return int(max(1, min(PART_ROWS, PART_BYTES // max(1, per_vector))))
 
