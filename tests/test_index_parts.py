@@ -141,10 +141,11 @@ def test_adding_rewrites_only_the_last_part_and_removing_only_the_parts_holding_
         assert on_disk == sorted(fourth + [trained])  # replaced parts were deleted
 
 
-def test_a_crash_before_the_commit_keeps_the_old_set_of_parts(monkeypatch):
+@pytest.mark.parametrize("kind", [ann.APPROX, pytest.param(ann.PQ, marks=pytest.mark.slow)])
+def test_a_crash_before_the_commit_keeps_the_old_set_of_parts(monkeypatch, kind):
     vectors = clustered(900)
     queries = clustered(20, seed=9)
-    with make("p", ann.APPROX, vectors, part_rows=400) as store:
+    with make("p", kind, vectors, part_rows=400) as store:
         before_meta = store.meta()
         before = ann.search(store.read_faiss()[0], queries, 10)
         add(store, clustered(300, seed=2), 1000)
@@ -171,6 +172,10 @@ def test_a_crash_before_the_commit_keeps_the_old_set_of_parts(monkeypatch):
         assert [p["rows"] for p in store.faiss_parts()] == [399, 400, 400]
         assert len(list(store.dir.glob("vectors.part-*.faiss"))) == 3  # the leftovers were deleted
         assert_same_results(store, queries)
+        if kind == ann.PQ:  # the fp16 rows the killed run appended are not appended twice
+            rows = int(store.get_meta("rescore_rows"))
+            ids = np.fromfile(store.dir / ann.RESCORE_IDS, dtype="<i8", count=rows)
+            assert rows == 1200 and (np.diff(ids) > 0).all()
 
 
 def test_parts_are_rehashed_only_when_their_stamp_changes_and_damage_is_rebuilt(monkeypatch):

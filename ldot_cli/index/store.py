@@ -496,6 +496,8 @@ class IndexStore:
                 changed[j] = self._load_index_file(parts[j], mmap=False, trained=trained)
             return changed[j]
 
+        if trained_record is not None:
+            self._check_file(trained_record)  # damaged: every part's quantizer is lost, rebuilt whole
         for j, record in enumerate(parts):  # a stat each; a part re-hashed only when its stamp changed
             try:
                 self._check_file(record)
@@ -523,8 +525,10 @@ class IndexStore:
                 dropped += before - index.ntotal
         ids, vectors = self.vectors(min_id=max_id)
         if kind == ann.PQ and len(ids):
+            rows = int(self.get_meta("rescore_rows", "0"))
+            fresh = ids > self._last_rescore_id(rows)  # rows appended by a run that died before its commit stay
             rows = ann.write_rescore_vectors(self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS,
-                                             [(ids, vectors)], int(self.get_meta("rescore_rows", "0")))
+                                             [(ids[fresh], vectors[fresh])], rows)
             self.set_meta({"rescore_rows": str(rows)})
         limit, pos = self.part_rows(kind), 0
         while pos < len(ids):
@@ -544,6 +548,17 @@ class IndexStore:
         self._commit_index(kind, kept, trained_record, removed, generation if changed else None)
         return (f"added {len(ids)}, removed {dropped}" + (f", repaired {repaired} damaged part(s)" if repaired else "")
                 + (f" ({len(changed)} of {len(kept)} parts rewritten)" if len(kept) > 1 else ""))
+
+    def _last_rescore_id(self, rows: int) -> int:
+        """The id of the last committed row of the fp16 re-scoring file (0 when none)."""
+        from models.core import ann
+
+        if rows <= 0:
+            return 0
+        with open(self.dir / ann.RESCORE_IDS, "rb") as handle:
+            handle.seek((rows - 1) * 8)
+            data = handle.read(8)
+        return int(np.frombuffer(data, dtype="<i8")[0]) if len(data) == 8 else 0
 
     def _trained(self, record: dict[str, Any] | None, first_part: dict[str, Any],
                  generation: int) -> tuple[Any, dict[str, Any]]:

@@ -500,12 +500,15 @@ def remove(index: Any, ids: np.ndarray) -> bool:
 
 
 def kind_of(index: Any) -> str:
+    """EXACT, APPROX (IVF) or PQ (IVF-PQ: wrapped in `Rescored`, or one bare part of it behind its OPQ rotation)."""
     if isinstance(index, Rescored):
         return PQ
     faiss = _faiss()
-    index = parts_of(index)[0]
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
-    return APPROX if isinstance(inner, faiss.IndexIVF) else EXACT
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(parts_of(index)[0]))
+    except RuntimeError:  # not IVF
+        return EXACT
+    return PQ if isinstance(ivf, faiss.IndexIVFPQ) else APPROX
 
 
 def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray | None = None,
