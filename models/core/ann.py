@@ -35,10 +35,10 @@ DEFAULT_BUDGET_FRACTION = 0.5  # without --memory-budget: half the machine's RAM
 # thread each. A part holds at most PART_ROWS vectors and about PART_BYTES of codes (`part_rows`).
 PART_ROWS = 4_000_000
 PART_BYTES = 1 << 30
-# One thread a part only from this many cores. On 2 shared cores (1M x 128 in 8 parts, benchmarks/parts.py) one
-# query took 0.83 ms with a thread a part, 0.71 ms with the parts one after another, 0.35 ms in one index (each
-# part adds ~45 us of set-up and merging, small next to a scan of millions of codes); a 100-query batch 156, 104
-# and 48 ms.
+# One thread a part only from this many cores. On 2 shared cores (1M x 128 in 8 parts, benchmarks/parts.py, two
+# runs) one query took 0.83-0.86 ms with a thread a part, 0.69-0.71 ms with the parts one after another and
+# 0.35-0.41 ms in one index (each part adds ~40 us of set-up and merging, small next to a scan of millions of
+# codes); 100-query batches varied from run to run (threaded 82-156 ms, one after another 104-138, one index 38-48).
 THREADED_SHARDS_MIN_CPUS = 4
 
 
