@@ -206,7 +206,8 @@ def status(
         out.print_json(json.dumps(info))
         return
     for key in ("name", "path", "model", "model_fingerprint", "detector", "preset", "indexed", "skipped",
-                "vectors", "search", "index_type", "factory", "nprobe", "recall_at_10", "bytes_per_image", "shards", "bytes",
+                "vectors", "search", "index_type", "factory", "nprobe", "recall_at_10", "bytes_per_image", "parts", "shards",
+                "bytes",
                 "region_bytes_per_image", "updated"):
         value = info.get(key)
         if key in ("bytes", "region_bytes_per_image", "bytes_per_image") and value is not None:

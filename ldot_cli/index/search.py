@@ -131,8 +131,12 @@ class Searcher:
                 return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
             warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
                                       "rebuilt it from the index database"), stacklevel=2)
-            self.store.sync_faiss(rebuild=True)
-            return self.store.read_faiss()
+            self.store.sync_faiss()  # only the damaged parts of an approximate index, all of an exact one
+            try:
+                return self.store.read_faiss()
+            except IndexStoreError:
+                self.store.sync_faiss(rebuild=True)
+                return self.store.read_faiss()
 
     # -- queries -------------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:

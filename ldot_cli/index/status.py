@@ -10,6 +10,7 @@ from ldot_cli.index.store import (
     DB_FILE,
     REGIONS_DIR,
     IndexStore,
+    IndexStoreError,
     display_path,
     index_path,
 )
@@ -79,13 +80,14 @@ def describe_index(name: str, with_errors: bool = False) -> dict[str, Any]:
 
 
 def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) -> dict[str, Any]:
-    """Index type and FAISS factory string, bytes per image of the vector index (FAISS file + fp16
-    re-scoring file), recall@10 against exact search measured at build time with the cells a query scans
-    (nprobe, tuned then), output shards merged."""
-    from models.core import ann
-
-    files = [store.faiss_path, store.dir / ann.RESCORE_FILE, store.dir / ann.RESCORE_IDS]
-    size = sum(p.stat().st_size for p in files if p.is_file())
+    """Index type and FAISS factory string, bytes per image of the vector index (its FAISS files + fp16
+    re-scoring file), how many parts it is stored (and searched) as, recall@10 against exact search measured
+    at build time with the cells a query scans (nprobe, tuned then), output shards merged."""
+    try:
+        files, parts = store.faiss_files(), len(store.faiss_parts())
+    except IndexStoreError:  # a damaged file list: the next `ldot index` or search rebuilds it
+        files, parts = [], 0
+    size = sum(p.stat().st_size for p in files)
     recall = meta.get("recall_at_10")
     try:
         shards = store.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
@@ -95,7 +97,8 @@ def _vector_index_info(store: IndexStore, meta: dict[str, str], vectors: int) ->
     return {"index_type": kind, "factory": meta.get("faiss_factory"),
             "bytes_per_image": size // vectors if vectors and size else None,
             "recall_at_10": float(recall) if recall else (1.0 if kind == "exact" else None),
-            "nprobe": int(meta["nprobe"]) if meta.get("nprobe") else None, "shards": shards}
+            "nprobe": int(meta["nprobe"]) if meta.get("nprobe") else None, "parts": parts or None,
+            "shards": shards}
 
 
 __all__ = ["describe_index", "indexes_using", "list_indexes", "display_path"]

@@ -4,9 +4,18 @@ Layout of ``<home>/indexes/<name>/``::
 
     index.sqlite        WAL-mode SQLite: meta, every file seen (path, size, mtime, content hash, status,
                         skip reason, vector id, time) and every vector (float32 blob, keyed by content hash)
-    vectors.faiss       FAISS inner-product index over the vectors, ids = vector ids. Written to a temp
-                        file, fsynced, renamed into place; its sha256 and row count are recorded in SQLite
-                        and checked before FAISS reads it (a damaged file is rebuilt from SQLite).
+    vectors.faiss       the exact tier: FAISS inner-product index over the vectors, ids = vector ids
+    vectors.part-G-N.faiss  the approximate tiers (IVF, IVF-PQ): parts over contiguous id ranges, at most
+                        `part_rows` vectors each, all clones of vectors.trained-G.faiss (the trained empty
+                        index, whose coarse quantizer they share: it is not stored in them), searched
+                        together by FAISS's IndexShardsIVF. G is the generation that wrote the file: a new
+                        part never overwrites a committed one.
+    vectors.f16(.ids)   IVF-PQ: fp16 copies of the vectors for exact re-scoring, memory-mapped
+    .verified.json      (size, mtime, inode, device) of each file when its sha256 last matched
+                        Every FAISS file is written to a temp file, fsynced, renamed into place; the set of
+                        files with each one's sha256, rows and stamp is recorded in SQLite meta in one
+                        transaction, and each file is checked before FAISS reads it (re-hashed only when its
+                        stamp changed; a damaged one is rebuilt from SQLite).
     regions/            region features for re-ranking (UNITER image-DB layout, keyed by content hash)
     .lock               held by the one process updating the index
 
@@ -18,6 +27,7 @@ complete and correct while an index is being updated or after a crash.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -32,12 +42,15 @@ import numpy as np
 
 from ldot_cli.index.hits import display_path  # noqa: F401 - re-exported
 from models.core.errors import LdotError, LdotWarning, as_storage_error, option
-from models.core.fileio import atomic_write_json, replace_file, sha256_file
+from models.core.fileio import atomic_write_json, file_stamp, replace_file, sha256_file
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
 DB_FILE = "index.sqlite"
-FAISS_FILE = "vectors.faiss"
+FAISS_FILE = "vectors.faiss"  # the exact tier's one file
+PART_PREFIX = "vectors.part-"  # approximate tiers: vectors.part-<generation>-<n>.faiss, one per id range
+TRAINED_PREFIX = "vectors.trained-"  # the trained empty index every part is cloned from
+VERIFIED_FILE = ".verified.json"  # file -> (size, mtime, inode, device) stamp when its sha256 last matched
 REGIONS_DIR = "regions"
 DEFAULT_PRESET = "uniter"  # the box preset of an index's region features unless `ldot index --preset` says
 LOCK_FILE = ".lock"
@@ -405,10 +418,12 @@ class IndexStore:
         db.executemany("INSERT OR IGNORE INTO removed (id) VALUES (?)", [(i,) for i in ids])
 
     def sync_faiss(self, kind: str | None = None, rebuild: bool = False) -> str:
-        """Bring the FAISS file up to date with SQLite: add newer vectors, drop removed ones.
+        """Bring the vector index up to date with SQLite: add newer vectors, drop removed ones.
 
-        Rebuilds from SQLite when asked, when the file is missing or damaged, or when the index kind
-        changes (``kind`` None: `ann.choose_kind`: exact up to `ANN_THRESHOLD` vectors, approximate
+        The exact tier is one file; the approximate tiers are parts of at most `part_rows` vectors (see
+        `ann.PART_ROWS`), so adding vectors rewrites only the last part and removing some only the parts
+        that held them. Rebuilds from SQLite when asked, when a file is missing or damaged, or when the index
+        kind changes (``kind`` None: `ann.choose_kind`: exact up to `ANN_THRESHOLD` vectors, approximate
         past it, IVF-PQ past the memory budget). Only the process holding the index lock may call this.
         Returns what was done.
         """
@@ -420,51 +435,167 @@ class IndexStore:
         if want == "auto":
             budget = self.get_meta("memory_budget")
             want = ann.choose_kind(total, self.dim or 0, ANN_THRESHOLD, int(budget) if budget else None)
-        loaded = None
+        if want != ann.EXACT and total == 0:
+            want = ann.EXACT  # nothing to train an approximate index on yet
+        removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
+        action = None
         if not rebuild and current == want:
             try:
-                loaded = self.read_faiss(mmap=False)
-            except IndexStoreError:
-                loaded = None
-        removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
-        if loaded is not None and not ann.remove(loaded[0], np.asarray(removed, dtype=np.int64)):
-            loaded = None  # this kind cannot drop vectors: rebuild from SQLite
-        recall = nprobe = None
-        if loaded is None and want == ann.PQ:
-            index, nprobe, recall = self._build_pq(total)
-            action = f"built {want} index of {index.ntotal} vectors"
-        elif loaded is None:
-            ids, vectors = self.vectors()
-            index = ann.build(ids, vectors, want)
-            if want != ann.EXACT and len(ids):
-                nprobe, recall = ann.tune_nprobe(index, lambda: iter([(ids, vectors)]), self._recall_queries())
-            action = f"built {want} index of {len(ids)} vectors"
-        else:
-            index, max_id = loaded
-            ids, vectors = self.vectors(min_id=max_id)
-            if want == ann.PQ and len(ids):
-                rows = ann.write_rescore_vectors(self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS,
-                                                 [(ids, vectors)], int(self.get_meta("rescore_rows", "0")))
-                self.set_meta({"rescore_rows": str(rows)})
-            ann.add(index, ids, vectors)
-            action = f"added {len(ids)}, removed {len(removed)}"
-        max_id = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'vectors'").fetchone()
-        self.write_faiss(index, int(max_id[0]) if max_id else 0, want)
-        if loaded is None:
-            self.set_meta({"faiss_factory": ann.factory_string(want, total, self.dim or 0),
-                           "recall_at_10": "" if recall is None else f"{recall:.4f}",
-                           "nprobe": "" if nprobe is None else str(nprobe)})
-        if removed:
-            self.db.executemany("DELETE FROM removed WHERE id = ?", [(i,) for i in removed])
+                action = self._update_exact(removed) if want == ann.EXACT else self._update_parts(want, removed)
+            except (IndexStoreError, FileNotFoundError, _Damaged):
+                action = None  # damaged or missing: rebuilt from SQLite below
+        if action is None:
+            action = self._rebuild(want, total, removed)
+        self._collect_index_files()
         return action
 
+    def _max_vector_id(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'vectors'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _update_exact(self, removed: list[int]) -> str | None:
+        """Add newer vectors to the exact index file; None when it must be rebuilt (it cannot drop vectors)."""
+        from models.core import ann
+
+        if removed:
+            return None
+        loaded = self.read_faiss(mmap=False)
+        if loaded is None:
+            return None
+        index, max_id = loaded
+        ids, vectors = self.vectors(min_id=max_id)
+        ann.add(index, ids, vectors)
+        record = self._write_index_file(index, FAISS_FILE, 0)
+        self._commit_index(ann.EXACT, [record], None, removed)
+        return f"added {len(ids)}, removed 0"
+
+    def _update_parts(self, kind: str, removed: list[int]) -> str | None:
+        """Drop removed vectors from the parts that held them and add newer ones to the last part (new parts,
+        cloned from the trained empty index, past `part_rows`); only those parts are rewritten."""
+        from models.core import ann
+
+        meta = self.meta()
+        parts = self._parts(meta)
+        if not parts:
+            return None
+        max_id = self._number("faiss_max_id", meta.get("faiss_max_id", "0"))
+        generation = self._number("faiss_generation", meta.get("faiss_generation", "0")) + 1
+        trained_record = self._trained_record(meta)
+        changed: dict[int, Any] = {}
+        loaded: dict[str, Any] = {}
+        repaired = 0
+
+        def trained() -> Any:
+            nonlocal trained_record
+            if "trained" not in loaded:
+                loaded["trained"], trained_record = self._trained(trained_record, parts[0], generation)
+            return loaded["trained"]
+
+        def part(j: int) -> Any:
+            if j not in changed:
+                changed[j] = self._load_index_file(parts[j], mmap=False, trained=trained)
+            return changed[j]
+
+        if trained_record is not None:
+            self._check_file(trained_record)  # damaged: every part's quantizer is lost, rebuilt whole
+        for j, record in enumerate(parts):  # a stat each; a part re-hashed only when its stamp changed
+            try:
+                self._check_file(record)
+                if record.get("stamp") is None:
+                    part(j)  # the one file of an index written before parts: rewritten as a part
+                continue
+            except (FileNotFoundError, _Damaged):
+                if trained_record is None:
+                    return None  # written before parts existed: rebuilt whole
+            # damaged or gone: rebuilt alone from its id range in SQLite, into a clone of the trained index
+            stop = parts[j + 1]["first_id"] if j + 1 < len(parts) else max_id + 1
+            changed[j] = ann.clone(trained())
+            for ids, vectors in self.iter_vectors(start=record["first_id"], stop=min(stop, max_id + 1)):
+                ann.add(changed[j], ids, vectors)
+            repaired += 1
+        gone = np.asarray(sorted(i for i in removed if i <= max_id), dtype=np.int64)  # newer ones never got in
+        dropped = 0
+        if len(gone):
+            starts = np.asarray([p["first_id"] for p in parts], dtype=np.int64)
+            slots = np.maximum(np.searchsorted(starts, gone, side="right") - 1, 0)
+            for j in np.unique(slots).tolist():
+                index = part(j)
+                before = index.ntotal
+                ann.remove(index, gone[slots == j])
+                dropped += before - index.ntotal
+        ids, vectors = self.vectors(min_id=max_id)
+        if kind == ann.PQ and len(ids):
+            rows = int(self.get_meta("rescore_rows", "0"))
+            fresh = ids > self._last_rescore_id(rows)  # rows appended by a run that died before its commit stay
+            rows = ann.write_rescore_vectors(self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS,
+                                             [(ids[fresh], vectors[fresh])], rows)
+            self.set_meta({"rescore_rows": str(rows)})
+        limit, pos = self.part_rows(kind), 0
+        while pos < len(ids):
+            last = len(parts) - 1
+            rows_now = changed[last].ntotal if last in changed else parts[last]["rows"]
+            if rows_now >= limit:
+                parts.append({"file": None, "first_id": int(ids[pos]), "rows": 0})
+                changed[len(parts) - 1] = ann.clone(trained())
+                continue
+            take = min(len(ids) - pos, limit - rows_now)
+            ann.add(part(last), ids[pos:pos + take], vectors[pos:pos + take])
+            pos += take
+        for j, index in sorted(changed.items()):
+            parts[j] = self._write_index_file(index, f"{PART_PREFIX}{generation:06d}-{j:05d}.faiss",
+                                              parts[j]["first_id"])
+        kept = [p for j, p in enumerate(parts) if p["rows"] or j == len(parts) - 1]  # empty parts go
+        self._commit_index(kind, kept, trained_record, removed, generation if changed else None)
+        return (f"added {len(ids)}, removed {dropped}" + (f", repaired {repaired} damaged part(s)" if repaired else "")
+                + (f" ({len(changed)} of {len(kept)} parts rewritten)" if len(kept) > 1 else ""))
+
+    def _last_rescore_id(self, rows: int) -> int:
+        """The id of the last committed row of the fp16 re-scoring file (0 when none)."""
+        from models.core import ann
+
+        if rows <= 0:
+            return 0
+        with open(self.dir / ann.RESCORE_IDS, "rb") as handle:
+            handle.seek((rows - 1) * 8)
+            data = handle.read(8)
+        return int(np.frombuffer(data, dtype="<i8")[0]) if len(data) == 8 else 0
+
+    def _trained(self, record: dict[str, Any] | None, first_part: dict[str, Any],
+                 generation: int) -> tuple[Any, dict[str, Any]]:
+        """The trained empty index all parts are cloned from (an index written before parts existed: made from
+        its one part, emptied, and written beside it)."""
+        if record is not None:
+            return self._load_index_file(record, mmap=False), record
+        trained = self._load_index_file(first_part, mmap=False)  # one file with its own quantizer
+        trained.reset()
+        return trained, self._write_index_file(trained, f"{TRAINED_PREFIX}{generation:06d}.faiss", 0)
+
+    def _rebuild(self, kind: str, total: int, removed: list[int]) -> str:
+        from models.core import ann
+
+        if kind == ann.EXACT:
+            ids, vectors = self.vectors()
+            record = self._write_index_file(ann.build(ids, vectors, ann.EXACT), FAISS_FILE, 0)
+            self._commit_index(kind, [record], None, removed, extra={
+                "faiss_factory": ann.factory_string(kind, total, self.dim or 0), "recall_at_10": "", "nprobe": ""})
+            return f"built {kind} index of {len(ids)} vectors"
+        generation = self._number("faiss_generation", self.get_meta("faiss_generation", "0")) + 1
+        parts, trained_record, nprobe, recall = self._build_parts(kind, total, generation)
+        self._commit_index(kind, parts, trained_record, removed, generation, extra={
+            "faiss_factory": ann.factory_string(kind, total, self.dim or 0),
+            "recall_at_10": "" if recall is None else f"{recall:.4f}", "nprobe": "" if nprobe is None else str(nprobe)})
+        return f"built {kind} index of {sum(p['rows'] for p in parts)} vectors" + (
+            f" in {len(parts)} parts" if len(parts) > 1 else "")
+
     # -- large indexes: streamed from SQLite, never all in RAM -----------------------------------
-    def iter_vectors(self, chunk: int = 50_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All vectors in id order, ``chunk`` rows at a time."""
-        last = 0
+    def iter_vectors(self, chunk: int = 50_000, start: int = 0,
+                     stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All vectors (with ``start`` <= id < ``stop``) in id order, ``chunk`` rows at a time."""
+        last = start - 1
+        stop = (1 << 62) if stop is None else stop
         while True:
-            ids, vectors = self._vector_rows("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
-                                             (last, chunk))
+            ids, vectors = self._vector_rows("SELECT id, vector FROM vectors WHERE id > ? AND id < ? ORDER BY id "
+                                             "LIMIT ?", (last, stop, chunk))
             if not len(ids):
                 return
             yield ids, vectors
@@ -490,82 +621,275 @@ class IndexStore:
 
         return self.sample_vectors(ann.RECALL_QUERIES)[1]
 
-    def _build_pq(self, total: int) -> tuple[Any, int | None, float | None]:
-        """Train OPQ + IVF-PQ on a spread sample, add every vector in chunks, write the fp16 re-scoring
-        file beside it (new files renamed over the old: readers keep their mapping)."""
+    def _build_parts(self, kind: str, total: int, generation: int) -> tuple[list[dict[str, Any]], dict[str, Any],
+                                                                            int | None, float | None]:
+        """Train one empty IVF or OPQ + IVF-PQ index on a spread sample, then stream every vector from SQLite
+        into clones of it, `part_rows` a part, each part written when full (one part in RAM at a time). IVF-PQ
+        also writes the fp16 re-scoring file beside them (renamed over the old: readers keep their mapping).
+        nprobe is then tuned once over all the parts together."""
         from models.core import ann
 
         dim = self.dim or 0
-        index = ann.build_pq(dim, total, self.sample_vectors(ann.pq_training_size(total))[1])
-        data, ids_path = self.dir / f".{ann.RESCORE_FILE}.tmp", self.dir / f".{ann.RESCORE_IDS}.tmp"
-        data.unlink(missing_ok=True)
-        ids_path.unlink(missing_ok=True)
+        size = ann.pq_training_size(total) if kind == ann.PQ else 64 * ann.ivf_cells(total)
+        trained = ann.train_empty(kind, dim, total, self.sample_vectors(size)[1])
+        trained_record = self._write_index_file(trained, f"{TRAINED_PREFIX}{generation:06d}.faiss", 0)
+        limit = self.part_rows(kind)
+        parts: list[dict[str, Any]] = []
+        state: dict[str, Any] = {"index": ann.clone(trained), "first": 0}
+
+        def flush() -> None:
+            name = f"{PART_PREFIX}{generation:06d}-{len(parts):05d}.faiss"
+            parts.append(self._write_index_file(state["index"], name, state["first"]))
 
         def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for ids, vectors in self.iter_vectors():
-                ann.add(index, ids, vectors)
+                pos = 0
+                while pos < len(ids):
+                    if state["index"].ntotal >= limit:
+                        flush()
+                        state["index"], state["first"] = ann.clone(trained), int(ids[pos])
+                    take = min(len(ids) - pos, limit - state["index"].ntotal)
+                    ann.add(state["index"], ids[pos:pos + take], vectors[pos:pos + take])
+                    pos += take
                 yield ids, vectors
 
-        rows = ann.write_rescore_vectors(data, ids_path, chunks(), 0)
-        replace_file(data, self.dir / ann.RESCORE_FILE)
-        replace_file(ids_path, self.dir / ann.RESCORE_IDS)
-        self.set_meta({"rescore_rows": str(rows)})
-        wrapped = ann.open_rescored(index, self.dir, rows, dim)
-        if not rows:
-            return wrapped, None, None
-        nprobe, recall = ann.tune_nprobe(wrapped, self.iter_vectors, self._recall_queries())
-        return wrapped, nprobe, recall
+        if kind == ann.PQ:
+            data, ids_path = self.dir / f".{ann.RESCORE_FILE}.tmp", self.dir / f".{ann.RESCORE_IDS}.tmp"
+            data.unlink(missing_ok=True)
+            ids_path.unlink(missing_ok=True)
+            rows = ann.write_rescore_vectors(data, ids_path, chunks(), 0)
+        else:
+            for _ in chunks():
+                pass
+        flush()
+        del state["index"]
+        if kind == ann.PQ:
+            replace_file(data, self.dir / ann.RESCORE_FILE)
+            replace_file(ids_path, self.dir / ann.RESCORE_IDS)
+            self.set_meta({"rescore_rows": str(rows)})
+        if not total:
+            return parts, trained_record, None, None
+        index = self._open_parts(kind, parts, trained_record, mmap=True, meta=self.meta())
+        nprobe, recall = ann.tune_nprobe(index, self.iter_vectors, self._recall_queries())
+        return parts, trained_record, nprobe, recall
 
-    # -- the FAISS file --------------------------------------------------------------------------
+    # -- the vector index files ------------------------------------------------------------------
     @property
     def faiss_path(self) -> Path:
+        """The exact tier's one file (an index written before parts existed also kept every tier here)."""
         return self.dir / FAISS_FILE
 
-    def write_faiss(self, index: Any, max_id: int, kind: str) -> None:
-        """Atomically replace the FAISS file and record its checksum, rows and newest id in SQLite."""
+    def part_rows(self, kind: str) -> int:
+        """Most vectors in one part of an approximate index (meta ``part_rows``, else `ann.part_rows`)."""
+        from models.core import ann
+
+        value = self.get_meta("part_rows")
+        return max(1, self._number("part_rows", value)) if value else ann.part_rows(kind, self.dim or 0)
+
+    def faiss_parts(self) -> list[dict[str, Any]]:
+        """The recorded files of the vector index: (file, first_id, rows, sha256, stamp) each; [] when none."""
+        return self._parts(self.meta())
+
+    def faiss_files(self) -> list[Path]:
+        """Every file of the vector index (parts, the trained empty index, the fp16 re-scoring files)."""
+        from models.core import ann
+
+        meta = self.meta()
+        names = [p["file"] for p in self._parts(meta)]
+        if self._trained_record(meta):
+            names.append(self._trained_record(meta)["file"])
+        if meta.get("faiss_kind") == ann.PQ:
+            names += [ann.RESCORE_FILE, ann.RESCORE_IDS]
+        return [self.dir / n for n in names if (self.dir / n).is_file()]
+
+    def _parts(self, meta: dict[str, str]) -> list[dict[str, Any]]:
+        text = meta.get("faiss_parts")
+        if text is None:
+            if meta.get("faiss_sha256") is None:
+                return []
+            # written before parts existed: one file, hashed whenever it is opened until it is next rewritten
+            return [{"file": FAISS_FILE, "first_id": 0, "sha256": meta["faiss_sha256"], "stamp": None,
+                     "rows": self._number("faiss_rows", meta.get("faiss_rows", "-1"))}]
+        try:
+            parts = json.loads(text)
+            for p in parts:
+                if Path(p["file"]).name != p["file"] or not isinstance(p["rows"], int) or not isinstance(p["first_id"], int):
+                    raise ValueError(p)
+        except (ValueError, TypeError, KeyError):
+            raise IndexStoreError(f"the vector file list of index {self.name!r} is damaged") from None
+        return parts
+
+    def _trained_record(self, meta: dict[str, str]) -> dict[str, Any] | None:
+        try:
+            record = json.loads(meta["faiss_trained"]) if meta.get("faiss_trained") else None
+            if record is not None and Path(record["file"]).name != record["file"]:
+                raise ValueError(record)
+            return record
+        except (ValueError, TypeError, KeyError):
+            raise IndexStoreError(f"the vector file list of index {self.name!r} is damaged") from None
+
+    def _write_index_file(self, index: Any, name: str, first_id: int) -> dict[str, Any]:
+        """Write one FAISS file atomically (temp, fsync, rename); its record: name, first id, rows, sha256, and
+        the (size, mtime_ns, inode, device) stamp its hash holds for."""
+        from models.core import ann
+
+        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
+        try:
+            ann.write(index, str(tmp), without_quantizer=name.startswith(PART_PREFIX))  # parts share the trained one
+            digest = sha256_file(tmp)
+            replace_file(tmp, self.dir / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"file": name, "first_id": int(first_id), "rows": int(index.ntotal), "sha256": digest,
+                "stamp": file_stamp(self.dir / name)}
+
+    def _commit_index(self, kind: str, parts: list[dict[str, Any]], trained: dict[str, Any] | None,
+                      removed: list[int], generation: int | None = None, extra: dict[str, str] | None = None) -> None:
+        """Record the new set of files in one SQLite transaction (until it commits, readers and a crash see the
+        old set, whose files are still there), and forget the removed ids it no longer holds."""
+        listing = json.dumps(parts, sort_keys=True)
+        token = hashlib.sha256((listing + json.dumps(trained, sort_keys=True)).encode()).hexdigest()
+        values: dict[str, Any] = {
+            "faiss_parts": listing, "faiss_trained": json.dumps(trained) if trained else "",
+            "faiss_rows": str(sum(p["rows"] for p in parts)), "faiss_max_id": str(self._max_vector_id()),
+            "faiss_kind": kind, "faiss_written": str(time.time()), **(extra or {})}
+        if generation is not None:
+            values["faiss_generation"] = str(generation)
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN IMMEDIATE")
+        try:
+            values["faiss_sha256"] = token  # what searchers compare to know they must reload
+            self.set_meta(values)
+            self.db.executemany("DELETE FROM removed WHERE id = ?", [(i,) for i in removed])
+        except BaseException:
+            if own and self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        if own:
+            self.db.execute("COMMIT")
+
+    def _collect_index_files(self) -> None:
+        """Delete vector index files the committed set no longer names (replaced parts, a crash's leftovers)."""
+        meta = self.meta()
+        keep = {p["file"] for p in self._parts(meta)}
+        if self._trained_record(meta):
+            keep.add(self._trained_record(meta)["file"])
+        for path in self.dir.iterdir():
+            name = path.name
+            if name in keep:
+                continue
+            if name.startswith((PART_PREFIX, TRAINED_PREFIX)) and name.endswith(".faiss") or name == FAISS_FILE:
+                path.unlink(missing_ok=True)
+        verified = self._verified()
+        if set(verified) - keep:
+            self._remember({k: v for k, v in verified.items() if k in keep}, replace=True)
+
+    # -- verifying without re-hashing ------------------------------------------------------------
+    def _verified(self) -> dict[str, Any]:
+        try:
+            data = json.loads((self.dir / VERIFIED_FILE).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, entries: dict[str, Any], replace: bool = False) -> None:
+        seen = {} if replace else self._verified()
+        seen.update(entries)
+        try:
+            atomic_write_json(self.dir / VERIFIED_FILE, seen)
+        except OSError:
+            pass  # a read-only index: only saves hashing next time
+
+    def _check_file(self, record: dict[str, Any]) -> Path:
+        """A recorded file, verified: its sha256 is re-computed only when its (size, mtime, inode, device)
+        stamp differs from the one recorded when it was written or last matched. Raises FileNotFoundError
+        or `_Damaged`."""
+        path = self.dir / record["file"]
+        stamp = file_stamp(path)
+        if stamp == record.get("stamp"):
+            return path
+        if record.get("stamp") and stamp[0] != record["stamp"][0]:
+            raise _Damaged(path)
+        known = self._verified().get(record["file"])
+        if known == {"stamp": stamp, "sha256": record["sha256"]}:
+            return path
+        if sha256_file(path) != record["sha256"]:
+            raise _Damaged(path)
+        self._remember({record["file"]: {"stamp": stamp, "sha256": record["sha256"]}})
+        return path
+
+    def _load_index_file(self, record: dict[str, Any], mmap: bool, trained: Any = None) -> Any:
+        """A verified FAISS file; a part is given the coarse quantizer of ``trained()`` (it is stored without)."""
         import faiss
 
         from models.core import ann
 
-        tmp = self.dir / f".{FAISS_FILE}.{os.getpid()}.tmp"
+        path = self._check_file(record)
+        flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
         try:
-            faiss.write_index(index.index if isinstance(index, ann.Rescored) else index, str(tmp))
-            digest = sha256_file(tmp)
-            replace_file(tmp, self.faiss_path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.set_meta({"faiss_sha256": digest, "faiss_rows": str(index.ntotal), "faiss_max_id": str(max_id),
-                       "faiss_kind": kind, "faiss_written": str(time.time())})
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError:
+            raise _Damaged(path) from None
+        if index.ntotal != record["rows"]:
+            raise _Damaged(path)
+        if record["file"].startswith(PART_PREFIX):
+            if trained is None:
+                raise _Damaged(path)  # a part needs the trained index's quantizer
+            ann.attach_quantizer(index, trained())
+        return index
+
+    def _open_parts(self, kind: str, parts: list[dict[str, Any]], trained_record: dict[str, Any] | None, mmap: bool,
+                    meta: dict[str, str]) -> Any:
+        """The parts as one index (`ann.shards`: they share the trained index's coarse quantizer), with the tuned
+        nprobe; IVF-PQ wrapped for exact re-scoring."""
+        from models.core import ann
+
+        cache: list[Any] = []
+
+        def trained() -> Any:
+            if not cache:
+                if trained_record is None:
+                    raise _Damaged(self.dir)
+                cache.append(self._load_index_file(trained_record, mmap=False))
+            return cache[0]
+
+        loaded = [self._load_index_file(p, mmap, trained) for p in parts]
+        index = ann.shards([p for p in loaded if p.ntotal] or loaded[:1])
+        if meta.get("nprobe"):
+            ann.set_nprobe(index, self._number("nprobe", meta["nprobe"]))
+        if kind == ann.PQ:
+            index = ann.open_rescored(index, self.dir, self._number("rescore_rows", meta.get("rescore_rows", "0")),
+                                      self._number("dim", meta.get("dim", "0")))
+        return index
 
     def read_faiss(self, attempts: int = 3, mmap: bool = True) -> tuple[Any, int] | None:
-        """The verified FAISS index and the newest vector id it holds; None when there is none yet.
+        """The verified vector index (its parts searched together) and the newest vector id it holds; None
+        when there is none yet.
 
-        Raises `IndexStoreError` when the file does not match its recorded checksum (damaged: the caller
-        rebuilds it from SQLite). A concurrent writer replacing the file is told apart by re-reading.
+        Raises `IndexStoreError` when a file does not match its recorded checksum (damaged: the caller
+        rebuilds it from SQLite). A concurrent writer replacing files is told apart by re-reading.
         """
-        import faiss
-
         for attempt in range(attempts):
             meta = self.meta()
             want = meta.get("faiss_sha256")
             if want is None:
                 return None
+            parts = self._parts(meta)
+            total = self._number("faiss_rows", meta.get("faiss_rows", "-1"))
             try:
-                got = sha256_file(self.faiss_path)
-            except FileNotFoundError:
-                got = None
-            if got == want:
-                flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-                index = faiss.read_index(str(self.faiss_path), flags)
-                if index.ntotal != self._number("faiss_rows", meta.get("faiss_rows", "-1")):
-                    break
-                if meta.get("faiss_kind") == "ivfpq":
-                    from models.core import ann
-
-                    index = ann.open_rescored(index, self.dir, self._number("rescore_rows", meta.get("rescore_rows", "0")),
-                                              self._number("dim", meta.get("dim", "0")))
+                trained = self._trained_record(meta)
+                index = self._open_parts(meta.get("faiss_kind", ""), parts, trained, mmap, meta)
+                if index.ntotal != total:
+                    raise _Damaged(self.dir)
                 return index, self._number("faiss_max_id", meta.get("faiss_max_id", "0"))
+            except (FileNotFoundError, _Damaged):
+                pass
             if self.get_meta("faiss_sha256") == want:  # nobody rewrote it meanwhile: damaged
                 break
             time.sleep(0.05 * (attempt + 1))
         raise IndexStoreError(f"the vector file of index {self.name!r} is damaged or truncated")
+
+
+class _Damaged(Exception):
+    """A vector index file that does not match its record (read_faiss turns it into `IndexStoreError`)."""

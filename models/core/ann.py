@@ -30,6 +30,16 @@ RESCORE_FACTOR = 64  # IVF-PQ: candidates re-scored exactly per result wanted (6
 RESCORE_FILE = "vectors.f16"  # (n, dim) float16 rows in id order, memory-mapped for re-scoring
 RESCORE_IDS = "vectors.f16.ids"  # (n,) int64, ascending: the id of each row
 DEFAULT_BUDGET_FRACTION = 0.5  # without --memory-budget: half the machine's RAM for the vector index
+# The approximate tiers are stored as parts (contiguous id ranges), all cloned from one trained empty index and
+# searched together by `shards`: adding images rewrites only the last part, and FAISS searches the parts on one
+# thread each. A part holds at most PART_ROWS vectors and about PART_BYTES of codes (`part_rows`).
+PART_ROWS = 4_000_000
+PART_BYTES = 1 << 30
+# One thread a part only from this many cores. On 2 shared cores (1M x 128 in 8 parts, benchmarks/parts.py, two
+# runs) one query took 0.83-0.86 ms with a thread a part, 0.69-0.71 ms with the parts one after another and
+# 0.35-0.41 ms in one index (each part adds ~40 us of set-up and merging, small next to a scan of millions of
+# codes); 100-query batches varied from run to run (threaded 82-156 ms, one after another 104-138, one index 38-48).
+THREADED_SHARDS_MIN_CPUS = 4
 
 
 BLAS_THRESHOLD_BATCH = 20  # made 100-query batches 5-6x faster (measured on a 2-core machine) ...
@@ -174,11 +184,11 @@ class Rescored:
 
     @property
     def nprobe(self) -> int:
-        return int(_faiss().extract_index_ivf(self.index).nprobe)
+        return int(ivf_indexes(self.index)[0].nprobe)
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        _faiss().extract_index_ivf(self.index).nprobe = int(value)
+        set_nprobe(self.index, value)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         wanted = min(self.ntotal, k * self.factor)
@@ -270,20 +280,147 @@ def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> 
     return recall_against(index, queries, exact_top(chunks, queries, k), k)
 
 
-def nlist_of(index: Any) -> int | None:
-    """Cells of an IVF index (or of a `Rescored` one); None for an exact index."""
+def parts_of(index: Any) -> list[Any]:
+    """The part indexes of ``index``: those of a `shards` index (or of a `Rescored` one around it), else itself
+    (IVF parts searched by `IndexShardsIVF` are given as their IVF indexes, without the OPQ rotation)."""
     if isinstance(index, Rescored):
         index = index.index
     faiss = _faiss()
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except RuntimeError:  # not an IVF index
-        return None
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(index.index)
+        if isinstance(inner, faiss.IndexShards):
+            index = inner
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
+def ivf_indexes(index: Any) -> list[Any]:
+    """The IVF index inside each part of ``index`` (empty for an exact index)."""
+    faiss = _faiss()
+    out = []
+    for part in parts_of(index):
+        try:
+            out.append(faiss.extract_index_ivf(part))
+        except RuntimeError:  # not an IVF index
+            return []
+    return out
+
+
+def nlist_of(index: Any) -> int | None:
+    """Cells of an IVF index (or of a `Rescored` or `shards` one); None for an exact index."""
+    ivfs = ivf_indexes(index)
+    return int(ivfs[0].nlist) if ivfs else None
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
+    """Cells scanned per query, in every part."""
+    for ivf in ivf_indexes(index):
+        ivf.nprobe = int(nprobe)
+
+
+def shards(parts: list[Any], threaded: bool | None = None) -> Any:
+    """One index searching ``parts`` (indexes over disjoint ids, cloned from one trained index) with FAISS's own
+    sharding, one thread a part (``threaded`` None: when the machine has at least `THREADED_SHARDS_MIN_CPUS`
+    cores; on fewer the parts are searched one after another, each query batch still spread over the cores by
+    OpenMP), keeping each part's own ids and merging the parts' top k by score. IVF parts
+    (behind the same OPQ rotation, if any) go to `IndexShardsIVF`: the coarse quantizer (the same in every
+    part) is searched once per query and each part scans the chosen cells (`search_preassigned`); anything
+    else to `IndexShards`. The results equal those of one index holding every vector (same quantizer, same
+    nprobe, which FAISS takes from the first part: the same cells are scanned and every vector is scored the
+    same way). One part is returned as it is. The parts must outlive the index: it keeps references to them."""
+    if len(parts) == 1:
+        return parts[0]
     faiss = _faiss()
-    faiss.extract_index_ivf(index.index if isinstance(index, Rescored) else index).nprobe = int(nprobe)
+    if threaded is None:
+        threaded = (os.cpu_count() or 1) >= THREADED_SHARDS_MIN_CPUS
+    try:
+        ivfs = [faiss.extract_index_ivf(p) for p in parts]
+    except RuntimeError:  # not IVF
+        ivfs = []
+    if ivfs:
+        index = faiss.IndexShardsIVF(ivfs[0].quantizer, ivfs[0].nlist, threaded, False)  # ids as stored
+        index.metric_type = ivfs[0].metric_type
+        for ivf in ivfs:
+            index.add_shard(ivf)
+        outer = faiss.downcast_index(parts[0])
+        if isinstance(outer, faiss.IndexPreTransform):  # OPQ: rotate the query once, then search the shards
+            index = faiss.IndexPreTransform(index)
+            for i in reversed(range(outer.chain.size())):
+                index.prepend_transform(outer.chain.at(i))
+    else:
+        index = faiss.IndexShards(parts[0].d, threaded, False)  # ids as stored
+        index.metric_type = parts[0].metric_type
+        for part in parts:
+            index.add_shard(part)
+    index.referenced_objects = [*getattr(index, "referenced_objects", []), *parts]  # they own what it uses
+    return index
+
+
+def write(index: Any, path: str, without_quantizer: bool = False) -> None:
+    """Write a FAISS index (a `Rescored` one: its codes). ``without_quantizer``: an IVF part is written with an
+    empty placeholder instead of its coarse quantizer (the same in every part, kept once in the trained index's
+    file): at 100M IVF-PQ images that is 32,768 cells (~43 MB) not stored, nor held in RAM, once per part.
+    `attach_quantizer` gives it back on reading."""
+    faiss = _faiss()
+    if isinstance(index, Rescored):
+        index = index.index
+    if not without_quantizer:
+        faiss.write_index(index, path)
+        return
+    ivf = faiss.extract_index_ivf(index)
+    own = ivf.quantizer
+    placeholder = faiss.IndexFlat(ivf.d, ivf.metric_type)
+    ivf.quantizer = placeholder
+    try:
+        faiss.write_index(index, path)
+    finally:
+        ivf.quantizer = own
+
+
+def attach_quantizer(part: Any, trained: Any) -> Any:
+    """Give a part read from a file written `without_quantizer` the coarse quantizer of ``trained`` (shared, not
+    copied: the part keeps a reference to ``trained``). A part with its own quantizer is left as it is."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(part)
+    if ivf.quantizer.ntotal == ivf.nlist:
+        return part
+    ivf.quantizer = faiss.extract_index_ivf(trained).quantizer
+    ivf.own_fields = False  # the placeholder read from the file (a few bytes) is left; the shared one is not freed
+    part.referenced_objects = [*getattr(part, "referenced_objects", []), trained]
+    return part
+
+
+def part_rows(kind: str, dim: int) -> int:
+    """Most vectors a part of an approximate index holds: `PART_ROWS`, fewer when they would take more than
+    `PART_BYTES` (768-d: IVF-PQ 4M vectors = 288 MB of codes; IVF 348k float32 rows = 1 GB). The parts share
+    one coarse quantizer (`write` ``without_quantizer``, `attach_quantizer`)."""
+    per_vector = (pq_shape(dim)[0] + 8) if kind == PQ else (4 * dim + 8)
+    return int(max(1, min(PART_ROWS, PART_BYTES // max(1, per_vector))))
+
+
+def train_empty(kind: str, dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
+    """An empty approximate index of ``kind`` (IVF or IVF-PQ) for ``n`` vectors, trained on ``sample``
+    (a spread subset: at most 64 points a cell for IVF, `pq_training_size` for IVF-PQ). Every part of a
+    stored index is a clone of it."""
+    faiss = _faiss()
+    if kind == PQ:
+        return build_pq(dim, n, sample, seed)
+    if kind != APPROX:
+        raise ValueError(f"no trained empty index for kind {kind!r}")
+    nlist = ivf_cells(n)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    if len(sample) > 64 * nlist:
+        sample = sample[np.random.default_rng(seed).choice(len(sample), 64 * nlist, replace=False)]
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.nprobe = default_nprobe(nlist)
+    return index
+
+
+def clone(index: Any) -> Any:
+    """A copy of a (trained, usually empty) FAISS index."""
+    return _faiss().clone_index(index)
 
 
 def tune_nprobe(index: Any, chunks: Any, queries: np.ndarray, k: int = 10,
@@ -314,16 +451,7 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any
         refine.k_factor = REFINE_FACTOR
         index = faiss.IndexIDMap2(refine)
     elif kind == APPROX:
-        nlist = ivf_cells(len(vectors))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = vectors
-        if len(vectors) > 64 * nlist:
-            rng = np.random.default_rng(seed)
-            sample = vectors[rng.choice(len(vectors), 64 * nlist, replace=False)]
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-        index.nprobe = default_nprobe(nlist)
+        index = train_empty(APPROX, d, len(vectors), vectors, seed)
     elif kind == PQ:
         sample = vectors
         if len(vectors) > pq_training_size(len(vectors)):
@@ -372,11 +500,15 @@ def remove(index: Any, ids: np.ndarray) -> bool:
 
 
 def kind_of(index: Any) -> str:
+    """EXACT, APPROX (IVF) or PQ (IVF-PQ: wrapped in `Rescored`, or one bare part of it behind its OPQ rotation)."""
     if isinstance(index, Rescored):
         return PQ
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
-    return APPROX if isinstance(inner, faiss.IndexIVF) else EXACT
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(parts_of(index)[0]))
+    except RuntimeError:  # not IVF
+        return EXACT
+    return PQ if isinstance(ivf, faiss.IndexIVFPQ) else APPROX
 
 
 def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray | None = None,
@@ -388,8 +520,8 @@ def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray
     parts_s, parts_i = [], []
     if index is not None and index.ntotal:
         faiss = _faiss()
-        if nprobe is not None and hasattr(index, "nprobe"):
-            index.nprobe = nprobe
+        if nprobe is not None:
+            set_nprobe(index, nprobe)
         # FAISS splits work across queries: one query gains nothing from more threads, and OpenMP's
         # spinning made it 6x slower on a loaded 2-core machine. Batches keep every thread.
         threads = faiss.omp_get_max_threads()

@@ -24,6 +24,13 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()  # Python 3.11+, as pyproject requires
 
 
+def file_stamp(path: str | os.PathLike[str]) -> list[int]:
+    """(size, mtime_ns, inode, device) of a file: when it equals the stamp taken when the file's sha256 last
+    matched, the file is taken as unchanged and not hashed again (model files, index parts)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
 def fsync_path(path: str | os.PathLike[str]) -> None:
     """fsync a file or a directory (after a rename, so the new entry survives a power loss)."""
     try:

@@ -14,7 +14,7 @@ from models.core.errors import (
     ModelError,
     ModelNotFoundError,
 )
-from models.core.fileio import atomic_write_text, sha256_file
+from models.core.fileio import atomic_write_text, file_stamp, sha256_file
 from models.core.home import models_dir
 from models.hub.catalogue import MANIFEST, RERANKERS, find_entry
 
@@ -190,8 +190,7 @@ VERIFIED_FILE = ".verified.json"  # in <home>/models: file -> (size, mtime, inod
 
 
 def _stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+    return file_stamp(path)
 
 
 def _verified() -> dict:
