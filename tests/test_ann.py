@@ -71,6 +71,12 @@ def test_nprobe_is_tuned_to_the_fewest_cells_that_reach_the_recall_target():
         if wide:  # the next narrower width misses the target
             ann.set_nprobe(index, nprobe // 2)
             assert ann.sample_recall(index, lambda: iter([(ids, vectors)]), queries) < ann.RECALL_TARGET
+    # a target the codes cannot reach: doubling the cells stops once it buys nothing (no full scan)
+    vectors = clustered(20_000)
+    ids = np.arange(1, len(vectors) + 1)
+    index = ann.build(ids, vectors, ann.APPROX)
+    nprobe, got = ann.tune_nprobe(index, lambda: iter([(ids, vectors)]), vectors[:50], target=1.01)
+    assert nprobe < index.nlist // 4 and index.nprobe == nprobe and got == 1.0
     exact = ann.build(np.arange(1, 101), clustered(100), ann.EXACT)
     assert ann.tune_nprobe(exact, lambda: iter([]), clustered(5)) == (None, 1.0)
 
