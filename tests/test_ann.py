@@ -142,6 +142,10 @@ def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
         assert float(meta["recall_at_10"]) >= 0.95
         index, _ = store.read_faiss()
         assert index.nprobe == int(meta["nprobe"]) >= ann.MIN_NPROBE  # the tuned width is in the file
+        import faiss
+
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(ann.parts_of(index)[0]).quantizer)
+        assert quantizer.hnsw.efSearch >= 2 * index.nprobe  # the HNSW quantizer looks wider than it returns
         assert isinstance(index.vectors, np.memmap) and len(index.ids) == 5000
         queries = near(vectors, 100, seed=3)
         _, ids = ann.search(index, queries, 10)

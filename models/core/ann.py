@@ -171,7 +171,7 @@ def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
     finally:
         if trainer is not None:
             opq.pq = None  # only borrowed for training
-    ivf.nprobe = default_nprobe(ivf.nlist)
+    ivf.nprobe = default_nprobe(ivf.nlist)  # the quantizer's search width stays small while vectors are added
     return index
 
 
@@ -318,9 +318,15 @@ def nlist_of(index: Any) -> int | None:
 
 
 def set_nprobe(index: Any, nprobe: int) -> None:
-    """Cells scanned per query, in every part."""
+    """Cells scanned per query, in every part; an HNSW coarse quantizer (IVF-PQ) explores twice as many
+    centroids as it returns. At its default of 16, asked for 64 of 4,096 random centroids it found 66% of the
+    nearest 64, and for all 4,096 only ~700 (measured): a wider probe then scanned the wrong cells."""
+    faiss = _faiss()
     for ivf in ivf_indexes(index):
         ivf.nprobe = int(nprobe)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = max(16, 2 * int(nprobe))
 
 
 def shards(parts: list[Any], threaded: bool | None = None) -> Any:
