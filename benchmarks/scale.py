@@ -67,8 +67,8 @@ def p50_ms(fn, repeat: int = 30) -> float:
 def measure(n: int, workdir: Path, budget: int) -> dict:
     import faiss
 
-    from models.core import ann
     from ldot_cli.index.store import ANN_THRESHOLD
+    from models.core import ann
 
     kind = ann.choose_kind(n, DIM, ANN_THRESHOLD, budget)
     started = time.perf_counter()
@@ -107,8 +107,8 @@ def measure(n: int, workdir: Path, budget: int) -> dict:
 
 
 def project(rows: list[dict], budget: int) -> None:
-    from models.core import ann
     from ldot_cli.index.store import ANN_THRESHOLD
+    from models.core import ann
 
     n = 100_000_000
     kind = ann.choose_kind(n, DIM, ANN_THRESHOLD, budget)

@@ -64,13 +64,14 @@ def test_nprobe_is_tuned_to_the_fewest_cells_that_reach_the_recall_target():
         ids = np.arange(1, len(vectors) + 1)
         index = ann.build(ids, vectors, ann.APPROX)
         queries = vectors[rng.integers(0, len(vectors), 100)]
-        nprobe, got = ann.tune_nprobe(index, lambda: iter([(ids, vectors)]), queries)
+        chunks = [(ids, vectors)]
+        nprobe, got = ann.tune_nprobe(index, chunks.__iter__, queries)
         assert index.nprobe == nprobe and got >= ann.RECALL_TARGET
-        assert got == ann.sample_recall(index, lambda: iter([(ids, vectors)]), queries)
+        assert got == ann.sample_recall(index, chunks.__iter__, queries)
         assert (nprobe > ann.MIN_NPROBE) == wide and nprobe < index.nlist
         if wide:  # the next narrower width misses the target
             ann.set_nprobe(index, nprobe // 2)
-            assert ann.sample_recall(index, lambda: iter([(ids, vectors)]), queries) < ann.RECALL_TARGET
+            assert ann.sample_recall(index, chunks.__iter__, queries) < ann.RECALL_TARGET
     # a target the codes cannot reach: doubling the cells stops once it buys nothing (no full scan)
     vectors = clustered(20_000)
     ids = np.arange(1, len(vectors) + 1)
