@@ -18,7 +18,6 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the ldot CLI does
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.search import p50
 
 DIM = 768
 CHUNK = 200_000
@@ -52,16 +53,6 @@ def chunks(vectors: np.ndarray):
             stop = min(len(vectors), start + CHUNK)
             yield np.arange(start + 1, stop + 1, dtype=np.int64), np.asarray(vectors[start:stop], dtype=np.float32)
     return gen
-
-
-def p50_ms(fn, repeat: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def measure(n: int, workdir: Path, budget: int) -> dict:
@@ -98,7 +89,7 @@ def measure(n: int, workdir: Path, budget: int) -> dict:
     started = time.perf_counter()
     nprobe, recall = ann.tune_nprobe(index, chunks(data), queries)  # as the store does after a build
     tune_s = time.perf_counter() - started
-    single = p50_ms(lambda: ann.search(index, queries[:1], 10))
+    single = p50(lambda: ann.search(index, queries[:1], 10))
     factory = ann.factory_string(kind, n, DIM)
     return {"n": n, "kind": kind, "factory": factory, "generate_s": gen_s, "train_s": train_s, "build_s": build_s,
             "tune_s": tune_s, "nprobe": nprobe, "nlist": ann.nlist_of(index),

@@ -132,36 +132,30 @@ def index(
             budget = parse_bytes(memory_budget)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
+    indexer_class: Any = Indexer
+    extra: dict[str, Any] = {}
     if ray is not None:
         from ldot_cli.index.distributed import RayIndexer, RayOptions
 
-        options = RayOptions(address=ray, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
-                             shard_size=ray_shard_size, shards_dir=shards_dir)
-        with progress_bar() as bar:
-            indexer = RayIndexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                                 device=device, batch_size=batch_size, num_workers=workers,
-                                 progress=ProgressView(bar), ann=mode, ray_options=options)
-            indexer.memory_budget = budget
-            needed = indexer.needed_models(reindex)
-        with progress_bar("bytes", transient=True) as bar:
-            for model_name in needed:
-                ensure_model(model_name, ProgressView(bar))
-        with progress_bar() as bar:
-            indexer.progress = ProgressView(bar)
+        indexer_class = RayIndexer
+        extra["ray_options"] = RayOptions(address=ray, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                                          shard_size=ray_shard_size, shards_dir=shards_dir)
+    with progress_bar() as bar:
+        indexer = indexer_class(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
+                                device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
+                                ann=mode, **extra)
+        indexer.memory_budget = budget
+        # inputs first: nothing to fetch for a typo (the Ray path plans its sources when it runs, before creating)
+        scan = indexer.scan([str(p) for p in paths], excludes=exclude) if ray is None else None
+        needed = indexer.needed_models(reindex)
+    with progress_bar("bytes", transient=True) as bar:
+        for model_name in needed:
+            ensure_model(model_name, ProgressView(bar))
+    with progress_bar() as bar:
+        indexer.progress = ProgressView(bar)
+        if scan is None:
             report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex, retry_failed=retry_failed)
-    else:
-        with progress_bar() as bar:
-            indexer = Indexer(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
-                              device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
-                              ann=mode)
-            indexer.memory_budget = budget
-            scan = indexer.scan([str(p) for p in paths], excludes=exclude)  # inputs first: nothing to fetch for a typo
-            needed = indexer.needed_models(reindex)
-        with progress_bar("bytes", transient=True) as bar:
-            for model_name in needed:
-                ensure_model(model_name, ProgressView(bar))
-        with progress_bar() as bar:
-            indexer.progress = ProgressView(bar)
+        else:
             report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "

@@ -41,7 +41,6 @@ from ldot_cli.index.indexer import (
     Indexer,
     IndexReport,
     Scan,
-    damaged_regions,
     file_row,
     pause_for_tests,
 )
@@ -57,7 +56,7 @@ from ldot_cli.index.sources import (
     read_unit,
     tar_family,
 )
-from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore, writer_lock
+from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 
 LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
@@ -298,27 +297,19 @@ class RayIndexer(Indexer):
 
     def run_sources(self, sources: Sequence[str], excludes: Sequence[str] = (), reindex: bool = False,
                     retry_failed: bool = False) -> IndexReport:
-        from feature_extraction.errors import ImageDBError
-
         started = time.monotonic()
         report = IndexReport(self.name)
         plan = plan_sources(list(sources))  # inputs first: a typo fails before anything is created
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with writer_lock(self.dir):
-            with self.open(reindex) as store:
-                store.db.executescript(shard_io.TABLES)
-                if reindex:
-                    shard_io.clean_temporary(self.shards_dir)
-                    for name in shard_io.committed(self.shards_dir):
-                        shard_io.remove(self.shards_dir, name)
-                try:
-                    self._run_sources(store, plan, excludes, retry_failed, report)
-                except ImageDBError as exc:
-                    raise damaged_regions(self.name, exc) from None
-                counts = store.counts()
-                report.images, report.vectors = counts.get("indexed", 0), counts["vectors"]
-        report.elapsed_s = time.monotonic() - started
-        return report
+
+        def work(store: IndexStore) -> None:
+            store.db.executescript(shard_io.TABLES)
+            if reindex:
+                shard_io.clean_temporary(self.shards_dir)
+                for name in shard_io.committed(self.shards_dir):
+                    shard_io.remove(self.shards_dir, name)
+            self._run_sources(store, plan, excludes, retry_failed, report)
+
+        return self._locked_run(reindex, report, started, work)
 
     @property
     def shards_dir(self) -> str:
@@ -478,9 +469,9 @@ class RayIndexer(Indexer):
         if got is None:
             return 0  # not committed (or damaged): its images are planned again
         shard, info = got
-        # a killed run's shard: its files are counted by this run's planning (as unchanged), not here as well;
-        # what it removed is counted (the planning cannot see it any more)
-        tally, report = (report, IndexReport(report.name)) if resumed else (report, report)
+        run_report = report
+        if resumed:  # a killed run's shard: its files are counted by this run's planning (as unchanged), not here
+            report = IndexReport(report.name)  # too; what it removed is counted (the planning cannot see it now)
         seen = store.db.execute("SELECT sha256 FROM shards WHERE id = ?", (name,)).fetchone()
         if seen is None:
             if regions is not None:
@@ -498,7 +489,7 @@ class RayIndexer(Indexer):
                         if row.get("complete", True):  # a read that stopped part-way leaves the shard to read again
                             db.execute("UPDATE units SET total = ? WHERE id = ?", (row["total"], row["end"]))
                         if row.get("complete") and row.get("members") is not None and row.get("tar"):
-                            tally.removed += _prune(db, row["tar"], row["members"])
+                            run_report.removed += _prune(db, row["tar"], row["members"])
                         continue
                     if "failed" in row:  # a shard that could not be read to its end: its rows stay
                         _shard_failed(db, row["tar"], row["root"], row["reason"], None if resumed else report)

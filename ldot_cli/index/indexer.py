@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,11 +239,17 @@ class Indexer:
         started = time.monotonic()
         report = IndexReport(self.name)
         scan = scan or self.scan(roots, excludes)
+        return self._locked_run(reindex, report, started, lambda store: self._run(store, scan, retry_failed, report))
+
+    def _locked_run(self, reindex: bool, report: IndexReport, started: float,
+                    work: Callable[[IndexStore], None]) -> IndexReport:
+        """``work`` on the open store under the writer lock (a damaged region store named with the fix), then the
+        report's totals and time: what every way of running an index (plain, Ray) shares."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with writer_lock(self.dir):
             with self.open(reindex) as store:
                 try:
-                    self._run(store, scan, retry_failed, report)
+                    work(store)
                 except ImageDBError as exc:
                     raise damaged_regions(self.name, exc) from None
                 counts = store.counts()

@@ -28,7 +28,8 @@ KINDS = (EXACT, APPROX, PQ)
 REFINE_FACTOR = 4
 # IVF-PQ: candidates re-scored exactly per result wanted (2,560 fp16 rows for a top 10). The codes' ranking, not
 # nprobe, limits recall: on clustered 768-d vectors (clusters of ~1,000 near-ties) 64 capped recall@10 at 0.980 at
-# 100k and 0.923 at 10M whatever the nprobe; 256 gave 0.999 at 100k, for ~10 ms more per query (benchmarks/scale.py)
+# 100k and 0.923 at 10M whatever the nprobe; 256 gave 0.999 at 100k, for 5-12 ms more per query of a 100-query
+# batch at 100k (a one-off diagnostic on this 2-core machine; benchmarks/scale.py measures the tier as a whole)
 RESCORE_FACTOR = 256
 RESCORE_FILE = "vectors.f16"  # (n, dim) float16 rows in id order, memory-mapped for re-scoring
 RESCORE_IDS = "vectors.f16.ids"  # (n,) int64, ascending: the id of each row
