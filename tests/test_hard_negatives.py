@@ -1,8 +1,10 @@
 """Hard negatives end to end inside the trainer (the glue between mining, batching and the loss): the batch carries
 the mined negatives of exactly its own items, the mining vectors are the training vectors, and the trainer's loss
-equals one computed by hand from the model's vectors (LightningDOT's collate and loss); and on the confusable
-synthetic set, from a start that already sees the detail, ``--hard-negatives`` beats in-batch negatives at the
-same steps."""
+equals one computed by hand from the model's vectors (LightningDOT's collate and loss).
+
+Whether hard negatives then learn the detail faster than in-batch negatives depends on the training run (the start,
+the seed, the machine's arithmetic), so that claim is not asserted here: `benchmarks/learn.py --modes
+hard-negatives` measures it over seeds 0-7 and prints each seed, the mean and the wins/ties/losses."""
 
 from __future__ import annotations
 
@@ -82,28 +84,3 @@ def test_the_trainer_loss_with_hard_negatives_equals_the_hand_computed_one(tmp_p
             logits = torch.stack([query @ keys[j] for j in allowed])  # raw dot products
             want += 0.5 * float(-torch.log_softmax(logits, 0)[allowed.index(q)]) / b
     assert abs(float(got) - want) < 1e-4, (float(got), want)
-
-
-@pytest.mark.slow  # ~80-120 s on a shared 2-core CPU: a 1,000-step start and two 300-step arms of a tiny model
-def test_hard_negatives_beat_in_batch_negatives_on_the_confusable_set(tokenizer, one_thread):
-    """Seed 0 of `benchmarks/learn.py --modes hard-negatives`: one shared start (in-batch on ordinary images), then
-    300 steps on 300 confusable groups of 8 (they differ only in one object's colour and size), with and without
-    the official mining (K=4, pool 50, uniform draw), same steps, lr, batch, seed and data order.
-
-    The regime is asserted, not assumed: the start already sees the detail (within-group R@1 well above chance)
-    and the mined pool holds the caption's group partners far more often than a random batch. Over seeds 0-7 the
-    benchmark measured (hard - in-batch, within-group R@1 on held-out groups) +18.3, +6.8, +24.4, +12.2, +20.9,
-    +0.0, +4.8, +0.8: six wins and two ties, the ties (seeds 5 and 7) from starts near chance within groups
-    (17.8 and 13.3), where neither arm learns the detail in 300 steps; it never lost."""
-    import learnset as L
-
-    c = L.hard_negative_comparison(tokenizer, seed=0, k=4)
-    in_batch, hard = c.arms
-    assert (in_batch.hard_negatives, hard.hard_negatives) == (0, 4)
-    assert c.within_before > 30, c.within_before  # the start separates partners above chance (12.5): measured 39.2
-    assert c.partner_share > 10 * c.random_share, (c.partner_share, c.random_share)  # measured 8.2% vs 0.29%
-    figures = (c.within_before, in_batch.within_after, hard.within_after, in_batch.result.after["mean_recall"],
-               hard.result.after["mean_recall"])
-    assert hard.within_after > c.within_before + 5, figures  # hard negatives sharpen the detail (measured +15.3)
-    assert hard.within_after > in_batch.within_after + 5, figures  # ... more than in-batch does (measured +18.3)
-    assert hard.result.after["mean_recall"] > in_batch.result.after["mean_recall"] + 2, figures  # (+13.3)
