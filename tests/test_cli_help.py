@@ -91,7 +91,7 @@ def test_no_arguments_show_the_help_and_a_declined_confirmation_exits_1():
 
 def test_shell_completion_is_offered_and_answers():
     shown = runner.invoke(app, ["--show-completion", "bash"], prog_name="ldot")
-    assert shown.exit_code == 0 and "_LDOT_COMPLETE=complete_bash" in shown.output
+    assert shown.exit_code == 0 and "_LDOT_COMPLETE=complete_bash" in shown.output, (shown.output, shown.exc_info)
     assert "--install-completion" in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
     answer = runner.invoke(app, [], prog_name="ldot",
                            env={"_LDOT_COMPLETE": "complete_bash", "COMP_WORDS": "ldot sea", "COMP_CWORD": "1"})
