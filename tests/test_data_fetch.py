@@ -363,3 +363,71 @@ def test_finetune_with_no_data_fetches_the_training_set_and_extracts_its_feature
     assert (ldot_home / "models" / "mine" / "model.safetensors").is_file()
     karpathy = json.loads((ldot_home / "datasets" / "flickr30k" / "dataset_flickr30k.json").read_text())
     assert sorted(im["split"] for im in karpathy["images"]) == ["train"] * 4 + ["val"] * 2
+
+
+def _flickr_csv_naming(name: str) -> bytes:
+    """The Flickr test CSV with its second row's ``filename`` replaced by ``name`` (hostile network data)."""
+    import csv
+    import io as _io
+
+    rows = list(csv.reader(_io.StringIO(miniature().files[next(p for p in miniature().files
+                                                                 if p.endswith("test_1k_flickr.csv"))].data.decode())))
+    rows[2][rows[0].index("filename")] = name
+    out = _io.StringIO()
+    csv.writer(out).writerows(rows)
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "nested"])
+def test_a_captions_file_naming_files_outside_the_dataset_is_refused_and_nothing_is_deleted(mini, ldot_home, tmp_path,
+                                                                                           how):
+    victim = tmp_path / "outside" / "thesis.txt"
+    victim.parent.mkdir()
+    victim.write_text("years of work")
+    folder = ldot_home / "datasets" / "flickr30k" / "flickr30k-images"
+    name = {"absolute": str(victim), "dotdot": "../" * len(folder.parts) + str(victim).lstrip("/"),
+            "nested": "sub/1009434119.jpg"}[how]
+    mini.files[_path(mini, ".csv")] = ServedFile(_flickr_csv_naming(name))
+    with pytest.raises(DatasetError, match="not a plain file name") as caught:
+        sources.fetch("flickr30k", "test", **FAST)
+    assert "\n" not in str(caught.value) and "test_1k_flickr.csv" in str(caught.value)
+    assert victim.read_text() == "years of work"
+    assert not sources.is_fetched("flickr30k", "test")
+
+
+def test_a_coco_parquet_naming_files_outside_val2014_writes_nothing_there(mini, ldot_home, tmp_path):
+    from datasets_fixtures import coco_parquet
+
+    from ldot_cli.data import catalogue
+
+    evil = "../../../../planted/.bashrc"
+    good = coco_parquet(COCO_IDS)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(good)).to_pylist()
+    table[1]["filename"] = evil
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(table), buf)
+    path = f"/datasets/{catalogue.COCO_KARPATHY_REPO}/resolve/{catalogue.COCO_KARPATHY_REV}/data/" \
+           "test-00000-of-00001.parquet"
+    mini.files[path] = ServedFile(buf.getvalue())
+    mini.files["/coco/val2014/" + evil] = ServedFile(b"\xff\xd8\xff planted")  # served, were it ever asked for
+    mini.files["/planted/.bashrc"] = ServedFile(b"\xff\xd8\xff planted")
+    with pytest.raises(DatasetError, match="not a plain file name"):
+        sources.fetch("coco", "test", **FAST)
+    assert not list(tmp_path.rglob(".bashrc")) and not list(tmp_path.rglob("planted"))
+    assert not [p for p, _ in mini.requests if p.startswith("/coco/")]  # refused before any image is asked for
+
+
+def test_a_multi30k_image_list_naming_files_outside_is_refused(monkeypatch, ldot_home, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    m = miniature()
+    gh = next(p for p in m.files if p.endswith("test_2016_flickr.txt"))
+    m.files[gh] = ServedFile(("\n".join([f"{i}.jpg" for i in FLICKR_IDS[:3]] + [str(victim)]) + "\n").encode())
+    with http_server(m.files) as srv:
+        point_catalogue_at(monkeypatch, srv.url)
+        with pytest.raises(DatasetError, match="not a plain file name"):
+            sources.fetch("multi30k", "test", lang="de", **FAST)
+    assert victim.read_text() == "keep me"
