@@ -431,3 +431,50 @@ def test_a_multi30k_image_list_naming_files_outside_is_refused(monkeypatch, ldot
         with pytest.raises(DatasetError, match="not a plain file name"):
             sources.fetch("multi30k", "test", lang="de", **FAST)
     assert victim.read_text() == "keep me"
+
+
+def _overlapping_zip(path) -> None:
+    """A zip whose entries share bytes: ``a.jpg`` (stored) holds the local header and data of ``b.jpg``, whose
+    central-directory entry points inside it. Python 3.11's zipfile extracts both: the same bytes counted twice
+    (repeated, the overlapped-entry zip bomb)."""
+    import zlib
+
+    inner = io.BytesIO()
+    payload = bytes(range(256)) * 400
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("b.jpg", payload)
+    chunk = inner.getvalue()[: zipfile.ZipFile(inner).start_dir]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("a.jpg", chunk)
+    with zipfile.ZipFile(path, "a") as z:  # a central-directory entry only: no bytes of its own
+        info = zipfile.ZipInfo("b.jpg")
+        info.compress_type, info.file_size, info.compress_size = zipfile.ZIP_STORED, len(payload), len(payload)
+        info.CRC, info.header_offset = zlib.crc32(payload), z.getinfo("a.jpg").header_offset + 30 + len("a.jpg")
+        z.filelist.append(info)
+        z._didModify = True
+
+
+def test_a_zip_with_overlapping_entries_is_refused(tmp_path):
+    from ldot_cli.data.archive import safe_extract
+
+    path = tmp_path / "overlap.zip"
+    _overlapping_zip(path)
+    with zipfile.ZipFile(path) as z:  # the crafted zip is one Python's zipfile reads without complaint
+        assert [len(z.read(i)) for i in z.infolist()] and len(z.infolist()) == 2
+    with pytest.raises(DatasetError, match="overlap") as caught:
+        safe_extract(path, tmp_path / "out")
+    assert "\n" not in str(caught.value) and "nothing extracted" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_small_highly_compressed_entries_are_refused_by_the_total_ratio(tmp_path):
+    from ldot_cli.data.archive import safe_extract
+
+    path = tmp_path / "small-bombs.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:  # each entry under 1 MiB: no ratio check of its own
+        for n in range(12):
+            z.writestr(f"{n}.jpg", b"\0" * ((1 << 20) - 1))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DatasetError, match="zip bomb"):
+        safe_extract(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
