@@ -213,9 +213,13 @@ class Rescored:
         return out_s, out_i
 
 
-def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> int:
+def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> tuple[int, str, str]:
     """Append (ids, vectors) chunks to the fp16 re-scoring files after their first ``rows`` committed rows
-    (a crash's partial tail is cut off first); returns the rows now in them (the caller records that)."""
+    (a crash's partial tail is cut off first); returns the rows now in them and the sha256 of the bytes appended
+    to each file (the caller records them: `open_rescored` trusts only files that match)."""
+    import hashlib
+
+    hash_data, hash_ids = hashlib.sha256(), hashlib.sha256()
     for path in (data, ids_file):
         open(path, "ab").close()
     with open(data, "r+b") as fd, open(ids_file, "r+b") as fi:
@@ -227,14 +231,18 @@ def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) 
                 fd.seek(0, 2)
                 fi.seek(0, 2)
                 started = True
-            fd.write(np.ascontiguousarray(vectors, dtype="<f2").tobytes())
-            fi.write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+            block, id_block = (np.ascontiguousarray(vectors, dtype="<f2").tobytes(),
+                               np.ascontiguousarray(ids, dtype="<i8").tobytes())
+            fd.write(block)
+            fi.write(id_block)
+            hash_data.update(block)
+            hash_ids.update(id_block)
             rows += len(ids)
         fd.flush()
         fi.flush()
         os.fsync(fd.fileno())
         os.fsync(fi.fileno())
-    return rows
+    return rows, hash_data.hexdigest(), hash_ids.hexdigest()
 
 
 def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
@@ -242,6 +250,9 @@ def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
     from pathlib import Path
 
     directory = Path(directory)
+    for path, need in ((directory / RESCORE_IDS, rows * 8), (directory / RESCORE_FILE, rows * dim * 2)):
+        if rows and path.stat().st_size < need:
+            raise ValueError(f"{path} holds {path.stat().st_size:,} bytes, fewer than its {rows:,} rows need")
     ids = np.fromfile(directory / RESCORE_IDS, dtype="<i8", count=rows) if rows else np.zeros(0, np.int64)
     vectors = (np.memmap(directory / RESCORE_FILE, dtype="<f2", mode="r", shape=(rows, dim)) if rows
                else np.zeros((0, dim), dtype=np.float16))
