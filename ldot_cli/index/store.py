@@ -440,6 +440,14 @@ class IndexStore:
             want = ann.choose_kind(total, self.dim or 0, ANN_THRESHOLD, int(budget) if budget else None)
         if want != ann.EXACT and total == 0:
             want = ann.EXACT  # nothing to train an approximate index on yet
+        elif want == ann.PQ and total < ann.pq_min_training(self.dim or 0, total):
+            import warnings
+
+            warnings.warn(LdotWarning(
+                f"index {self.name!r}: IVF-PQ needs at least {ann.pq_min_training(self.dim or 0, total):,} vectors "
+                f"to train its codebooks and this index has {total:,}: searched exactly until it has (the ivfpq "
+                "choice is kept)"), stacklevel=2)
+            want = ann.EXACT
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
         action = None
         if not rebuild and current == want:
@@ -718,7 +726,10 @@ class IndexStore:
 
         dim = self.dim or 0
         size = ann.pq_training_size(total) if kind == ann.PQ else 64 * ann.ivf_cells(total)
-        trained = ann.train_empty(kind, dim, total, self.sample_vectors(size)[1])
+        sample = self.sample_vectors(size)[1]
+        if kind == ann.PQ and len(sample) < ann.pq_min_training(dim, total):  # ids with gaps: the first ones
+            sample = self._vector_rows("SELECT id, vector FROM vectors ORDER BY id LIMIT ?", (size,))[1]
+        trained = ann.train_empty(kind, dim, total, sample)
         trained_record = self._write_index_file(trained, f"{TRAINED_PREFIX}{generation:06d}.faiss", 0)
         limit = self.part_rows(kind)
         parts: list[dict[str, Any]] = []

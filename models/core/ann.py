@@ -101,6 +101,17 @@ def factory_string(kind: str, n: int, dim: int) -> str:
     raise ValueError(f"unknown index kind {kind!r}")
 
 
+MIN_POINTS_PER_CENTROID = 39  # FAISS's k-means minimum: below it, it warns "please provide at least 39 k points"
+
+
+def pq_min_training(dim: int, n: int) -> int:
+    """The fewest training points OPQ + IVF-PQ for ``n`` vectors of ``dim`` may be given: 39 a centroid of each
+    sub-quantizer's codebook (2^bits centroids: 624 for the 4-bit ones, 9,984 for 8-bit; FAISS's own minimum),
+    and never fewer than OPQ's output dimension: FAISS 1.x aborts natively below it (measured: 768-d with 255
+    points, double free; 32-d with 31 points, invalid cluster assignment; 256 and 32 points train)."""
+    return max(pq_shape(dim)[1], MIN_POINTS_PER_CENTROID * 2 ** _pq_bits(n))
+
+
 def _pq_bits(n: int) -> int:
     """8-bit codebooks (256 centroids per byte) from 50k vectors on; smaller sets (PQ only when forced
     or on a tiny budget) get 4-bit ones, 16x cheaper to train and needing ~620 training points."""
@@ -131,7 +142,7 @@ def choose_kind(n: int, dim: int, threshold: int, memory_budget: int | None = No
     budget = memory_budget or default_memory_budget()
     if n <= threshold and ram_bytes(EXACT, n, dim) <= budget:
         return EXACT
-    if ram_bytes(APPROX, n, dim) <= budget or n < 624:
+    if ram_bytes(APPROX, n, dim) <= budget or n < pq_min_training(dim, n):
         return APPROX
     return PQ
 
@@ -148,7 +159,12 @@ def parse_bytes(text: str) -> int:
 
 
 def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
-    """An empty, trained OPQ + IVF-PQ index (train on ``sample``, a spread subset of the vectors)."""
+    """An empty, trained OPQ + IVF-PQ index (train on ``sample``, a spread subset of the vectors). Raises
+    ValueError when ``sample`` has fewer points than its codebooks need (`pq_min_training`): FAISS is never
+    handed them (it can abort the process)."""
+    need = pq_min_training(dim, n)
+    if len(sample) < need:
+        raise ValueError(f"IVF-PQ needs at least {need:,} training vectors for its codebooks, got {len(sample):,}")
     faiss = _faiss()
     m, dout = pq_shape(dim)
     nlist = min(pq_nlist(n), max(1, len(sample) // 39))
