@@ -11,6 +11,7 @@ only extracts what is missing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import struct
@@ -53,7 +54,7 @@ def _overlap(handle: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> str | Non
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         spans.append((info.header_offset, info.header_offset + 30 + name_len + extra_len + info.compress_size, info))
     spans.sort(key=lambda s: s[0])
-    for (start, end, info), (next_start, _, other) in zip(spans, spans[1:]):
+    for (_, end, info), (next_start, _, other) in itertools.pairwise(spans):
         if end > next_start:
             return f"entries {info.filename!r} and {other.filename!r} overlap (they share bytes: a zip bomb?)"
     if spans and spans[-1][1] > handle.start_dir:

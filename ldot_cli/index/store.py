@@ -45,7 +45,13 @@ import numpy as np
 
 from ldot_cli.index.hits import display_path  # noqa: F401 - re-exported
 from models.core.errors import LdotError, LdotWarning, as_storage_error, option
-from models.core.fileio import atomic_write_json, file_stamp, replace_file, sha256_file, sha256_range
+from models.core.fileio import (
+    atomic_write_json,
+    file_stamp,
+    replace_file,
+    sha256_file,
+    sha256_range,
+)
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
