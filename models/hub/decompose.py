@@ -14,14 +14,15 @@ Converters are pure functions on state dicts; each is checked against the source
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from models.core.config import range_problem
 from models.core.errors import CheckpointError, ModelError
+from models.core.fileio import read_json_object
 from models.hub.formats import (
     CONFIG_FILE,
     MODEL_FORMAT,
@@ -29,6 +30,7 @@ from models.hub.formats import (
     WEIGHTS_FILE,
     Tensors,
     detect_format,
+    hf_transformer_config,
     infer_transformer_config,
     load_strict,
     load_tensors,
@@ -64,7 +66,7 @@ def visualbert_to_decomposed(state: Tensors) -> Tensors:
     for key, value in normalize_keys(state).items():
         if key.startswith("cls."):
             continue
-        name = key[len("visual_bert."):] if key.startswith("visual_bert.") else key
+        name = key.removeprefix("visual_bert.")
         if name.startswith("embeddings.") and name[len("embeddings."):].startswith(VISUALBERT_REGION_KEYS):
             name = "img_embeddings." + name[len("embeddings."):]
         elif not name.startswith(("embeddings.", "encoder.", "pooler.")):
@@ -75,18 +77,19 @@ def visualbert_to_decomposed(state: Tensors) -> Tensors:
     return out
 
 
-def visualbert_config(hf: dict[str, Any]) -> tuple[TransformerConfig, int]:
-    """(body shape, region feature size) from a VisualBERT ``config.json``."""
+def visualbert_config(hf: dict[str, Any], path: str | Path = "config.json") -> tuple[TransformerConfig, int]:
+    """(body shape, region feature size) from a VisualBERT ``config.json`` (``path``), range-checked: a
+    `CheckpointError` naming the file and the key otherwise."""
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
         raise CheckpointError(f"VisualBERT hidden_act {act!r} is not supported (expected 'gelu')")
-    body = TransformerConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                             intermediate_size=hf["intermediate_size"],
-                             max_position_embeddings=hf["max_position_embeddings"],
-                             type_vocab_size=hf.get("type_vocab_size", 2),
-                             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                             dropout=hf.get("hidden_dropout_prob", 0.1))
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "visual_embedding_dim")
+    body = hf_transformer_config(hf, path, "num_hidden_layers", required)
+    problem = range_problem(CrossEncoderConfig, {"img_dim": hf["visual_embedding_dim"]},
+                            {"img_dim": "visual_embedding_dim"})
+    if problem:
+        raise CheckpointError(f"{path}: {problem}: not a model ldot can build")
     return body, int(hf["visual_embedding_dim"])
 
 
@@ -110,7 +113,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
     entry = find_entry(str(name))
     if path.is_dir():
         config_path = path / CONFIG_FILE
-        raw = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        raw = read_json_object(config_path, CheckpointError, "", "re-download or re-import the model") \
+            if config_path.is_file() else {}
         if raw.get("format") == MODEL_FORMAT:
             meta = read_model_config(path)
             state = load_tensors(path / WEIGHTS_FILE)
@@ -129,7 +133,7 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
             if weights is None:
                 raise ModelError(f"{path} holds no model.safetensors or pytorch_model.bin: download the weights "
                                  f"(`ldot models download {name}`)")
-            body, img_dim = visualbert_config(raw)
+            body, img_dim = visualbert_config(raw, config_path)
             tokenizer = entry.tokenizer if entry is not None and entry.tokenizer else "bert-base-uncased"
             config = DecomposedConfig(body=body, img_dim=img_dim, region_embedding="visualbert", tokenizer=tokenizer,
                                       lowercase=True)
