@@ -281,3 +281,13 @@ def test_a_trickling_server_is_given_up_by_the_minimum_rate_and_the_deadline(tmp
         download_file([srv.url + "/slow.bin", srv.url + "/f.bin"], tmp_path / "c.bin", retries=0,  # next mirror
                       limits=Limits(min_bytes_per_s=100, rate_window_s=0.5))
     assert (tmp_path / "c.bin").read_bytes() == small
+
+
+def test_a_416_for_a_part_file_that_is_not_the_whole_file_restarts_it(tmp_path):
+    """A `.part` longer than the file (a changed file, a bad earlier answer) is answered 416; it was installed as
+    whole and its hash recorded."""
+    (tmp_path / "f.bin.part").write_bytes(DATA + b"junk")
+    with http_server({"/f.bin": ServedFile(DATA)}) as srv:
+        download_file([srv.url + "/f.bin"], tmp_path / "f.bin", hash_key="x/g.bin", retries=1, backoff=0.01)
+        assert [r for _, r in srv.requests] == [f"bytes={len(DATA) + 4}-", None]
+    assert (tmp_path / "f.bin").read_bytes() == DATA and known_hash("x/g.bin") == SHA

@@ -176,8 +176,13 @@ def _fetch(url: str, part: Path, on_bytes: Callable[[int, int | None], None], ti
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # nothing left to fetch: the part file is already whole
-            return have
+        if exc.code == 416 and have:  # nothing left to fetch, if the part file is the whole file the server has
+            match = re.fullmatch(r"bytes\s+\*/(\d+)\s*", exc.headers.get("Content-Range", "") if exc.headers else "")
+            if match and int(match.group(1)) == have and size in (None, have):
+                return have
+            part.unlink(missing_ok=True)
+            raise _Restart(f"answered 416 with {exc.headers.get('Content-Range') if exc.headers else None!r} to a "
+                           f"part file of {have:,} bytes") from None
         if exc.code == 404:
             raise _NotFound(url) from None
         raise
