@@ -102,3 +102,19 @@ def test_import_of_a_folder_whose_config_is_not_an_object_is_one_line(tmp_path, 
     assert result.exit_code == 2, result.output
     line = result.output.strip()
     assert "unexpected" not in line and str(folder / "config.json") in " ".join(line.split()) and "object" in line
+
+
+def test_a_bert_config_used_to_initialise_training_is_range_checked_too(tmp_path):
+    from models.training.initialization import bert_config, read_source
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "bert", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 100_000,
+        "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}))
+    with pytest.raises(LdotError, match="'num_hidden_layers' is 100000") as caught:
+        bert_config(folder, {})
+    assert str(folder / "config.json") in str(caught.value)
+    (folder / "config.json").write_text("[]")
+    with pytest.raises(LdotError, match="not an object"):
+        read_source(folder)

@@ -165,7 +165,10 @@ def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str
     for key, value in (("text_len", text_len), ("max_regions", max_regions), ("temperature", temperature)):
         if value is not None:
             overrides[key] = value
-    config = replace(source.config, **overrides)
+    try:
+        config = replace(source.config, **overrides)
+    except ValueError as exc:  # a length or temperature out of range (`models.nn.config.DecomposedConfig`)
+        raise ModelError(f"cannot decompose {source.name}: {exc}") from None
     if config.body.vocab_size != tokenizer.vocab_size:
         raise ModelError(f"{source.name} has a {config.body.vocab_size}-word vocabulary but its tokenizer has "
                          f"{tokenizer.vocab_size}: pass the source's own tokenizer")
