@@ -31,6 +31,7 @@ from models.hub.formats import (
     load_tensors,
     read_model_config,
     save_model_dir,
+    visualbert_config,
 )
 from models.nn.config import BiEncoderConfig
 from models.nn.cross_encoder import CrossEncoder
@@ -129,8 +130,6 @@ def _dir_kind(src: Path) -> str:
             check_lxmert_config(meta, config)
             return "lxmert"
         if meta.get("model_type") == "visual_bert":
-            from models.hub.decompose import visualbert_config
-
             visualbert_config(meta, config)
             return "visualbert"
         if meta.get("model_type") == "bert":

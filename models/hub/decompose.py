@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from models.core.config import range_problem
 from models.core.errors import CheckpointError, ModelError
 from models.core.fileio import read_json_object
 from models.hub.formats import (
@@ -30,14 +29,14 @@ from models.hub.formats import (
     WEIGHTS_FILE,
     Tensors,
     detect_format,
-    hf_transformer_config,
     infer_transformer_config,
     load_strict,
     load_tensors,
     normalize_keys,
     read_model_config,
+    visualbert_config,
 )
-from models.nn.config import CrossEncoderConfig, DecomposedConfig, TransformerConfig
+from models.nn.config import CrossEncoderConfig, DecomposedConfig
 from models.nn.decomposed import DecomposedEncoder
 
 VISUALBERT_REGION_KEYS = ("visual_projection.", "visual_token_type_embeddings.", "visual_position_embeddings.")
@@ -75,22 +74,6 @@ def visualbert_to_decomposed(state: Tensors) -> Tensors:
     if "bert.img_embeddings.visual_projection.weight" not in out:
         raise CheckpointError("not a VisualBERT checkpoint: no embeddings.visual_projection")
     return out
-
-
-def visualbert_config(hf: dict[str, Any], path: str | Path = "config.json") -> tuple[TransformerConfig, int]:
-    """(body shape, region feature size) from a VisualBERT ``config.json`` (``path``), range-checked: a
-    `CheckpointError` naming the file and the key otherwise."""
-    act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"VisualBERT hidden_act {act!r} is not supported (expected 'gelu')")
-    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "visual_embedding_dim")
-    body = hf_transformer_config(hf, path, "num_hidden_layers", required)
-    problem = range_problem(CrossEncoderConfig, {"img_dim": hf["visual_embedding_dim"]},
-                            {"img_dim": "visual_embedding_dim"})
-    if problem:
-        raise CheckpointError(f"{path}: {problem}: not a model ldot can build")
-    return body, int(hf["visual_embedding_dim"])
 
 
 @dataclass

@@ -98,8 +98,7 @@ def normalize_keys(state: Mapping[str, Any]) -> Tensors:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
-        if key.startswith("module."):
-            key = key[len("module."):]
+        key = key.removeprefix("module.")
         if key.endswith("position_ids"):
             continue
         key = re.sub(r"\.gamma$", ".weight", key)
@@ -119,7 +118,7 @@ def detect_format(obj: Any) -> str:
         return "lightningdot-finetuned"
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors)")
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in obj]
+    keys = [k.removeprefix("module.") for k in obj]
     if any(k.startswith("bert.img_model.") or k.startswith("bert.txt_model.") for k in keys):
         return "lightningdot-pretrained"
     if any(k.startswith("img_model.") for k in keys) and any(k.startswith("txt_model.") for k in keys):
@@ -273,6 +272,22 @@ def check_lxmert_config(raw: Mapping[str, Any], path: str | Path) -> None:
     if problem:
         raise CheckpointError(f"{path}: {problem}: not a model ldot can build (the file is damaged or not this "
                               "model's)")
+
+
+def visualbert_config(hf: dict[str, Any], path: str | Path = "config.json") -> tuple[TransformerConfig, int]:
+    """(body shape, region feature size) from a VisualBERT ``config.json`` (``path``), range-checked: a
+    `CheckpointError` naming the file and the key otherwise."""
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"VisualBERT hidden_act {act!r} is not supported (expected 'gelu')")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "visual_embedding_dim")
+    body = hf_transformer_config(hf, path, "num_hidden_layers", required)
+    problem = range_problem(CrossEncoderConfig, {"img_dim": hf["visual_embedding_dim"]},
+                            {"img_dim": "visual_embedding_dim"})
+    if problem:
+        raise CheckpointError(f"{path}: {problem}: not a model ldot can build")
+    return body, int(hf["visual_embedding_dim"])
 
 
 # -- strict loading ------------------------------------------------------------------------------
