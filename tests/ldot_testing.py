@@ -95,6 +95,9 @@ class ServedFile:
     fail_first: int = 0  # answer HTTP 503 to this many requests first (a flaky server)
     headers: dict[str, str] = field(default_factory=dict)  # extra response headers (e.g. the hub's X-Repo-Commit)
     redirect: str | None = None  # answer 302 to this URL ("{url}": this server; "{cdn}": it as another origin)
+    range_from_zero: bool = False  # answer a Range request with a 206 starting at 0 (of the asked length)
+    no_length: bool = False  # send no Content-Length: the body ends when the connection closes
+    trickle: float = 0.0  # seconds between bytes (a server that is slow but never silent)
 
 
 @dataclass
@@ -153,11 +156,16 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
                     self.end_headers()
                     return
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                if served.range_from_zero:  # the asked length, from the wrong offset
+                    data, start = data[: len(data) - start], 0
+                    self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(served.data)}")
+                else:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
             else:
                 self.send_response(200)
             body = data[start:]
-            self.send_header("Content-Length", str(len(body)))
+            if not served.no_length:
+                self.send_header("Content-Length", str(len(body)))
             for key, value in served.headers.items():
                 self.send_header(key, value)
             self.end_headers()
@@ -168,11 +176,17 @@ def http_server(files: dict[str, ServedFile]) -> Iterator[Server]:
             if served.cut_after is not None:
                 body = body[: served.cut_after]
             try:
-                self.wfile.write(body)
-                self.wfile.flush()
+                if served.trickle:
+                    for i in range(len(body)):
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(served.trickle)
+                else:
+                    self.wfile.write(body)
+                    self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
                 return
-            if served.cut_after is not None:
+            if served.cut_after is not None or served.no_length:
                 self.close_connection = True
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)

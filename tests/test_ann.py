@@ -162,3 +162,82 @@ def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
     assert info["index_type"] == ann.PQ and info["recall_at_10"] >= 0.95 and info["shards"] == 0
     assert info["nprobe"] >= ann.MIN_NPROBE
     assert info["factory"].startswith("OPQ8_32,IVF") and 0 < info["bytes_per_image"] < 32 * 4 + 64
+
+
+def _in_subprocess(code: str, home) -> "subprocess.CompletedProcess[str]":  # noqa: F821
+    """Run ``code`` in a fresh interpreter: a native abort inside FAISS fails the test instead of killing pytest."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}", "LDOT_HOME": str(home),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("n, dim", [(28, 768), (200, 768), (20, 32)])
+def test_a_forced_ivfpq_on_a_small_index_falls_back_instead_of_aborting_in_faiss(tmp_path, n, dim):
+    """Issue 19 item 7: `ldot index --index-type ivfpq` on 28 images aborted inside FAISS's training (double free;
+    fewer points than OPQ's output dimension), and the saved mode made every later run abort too."""
+    code = f"""
+import warnings
+import numpy as np
+from ldot_cli.index.store import IndexStore, index_path
+from models.core import ann
+from models.core.errors import LdotWarning
+
+rng = np.random.default_rng(0)
+with IndexStore(index_path("small"), create=True) as store:
+    store.set_meta({{"dim": "{dim}", "ann_mode": "ivfpq"}})
+    with store.transaction() as db:
+        for i in range({n}):
+            store.add_vector(db, f"{{i:064x}}", rng.standard_normal({dim}).astype(np.float32), 10)
+    for run in range(2):  # the saved mode does not brick the next run
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print("ACTION", store.sync_faiss())
+        print("WARN", [str(w.message) for w in caught if issubclass(w.category, LdotWarning)])
+        index, _ = store.read_faiss()
+        print("KIND", store.get_meta("faiss_kind"), store.get_meta("ann_mode"), index.ntotal)
+"""
+    result = _in_subprocess(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert out.count(f"KIND exact ivfpq {n}") == 2  # searched exactly, the ivfpq choice kept
+    warned = [line for line in out.splitlines() if line.startswith("WARN")]
+    need = ann.pq_min_training(dim, n)
+    assert all(f"IVF-PQ needs at least {need:,} vectors" in w and f"has {n:,}" in w for w in warned)
+    assert need >= max(ann.pq_shape(dim)[1], 39 * 16)  # OPQ's output dimension; FAISS's 39 points per centroid
+
+
+def test_ivfpq_is_never_trained_on_fewer_points_than_its_codebooks_need(tmp_path):
+    result = _in_subprocess("""
+import numpy as np
+from models.core import ann
+try:
+    ann.train_empty(ann.PQ, 768, 100, np.random.default_rng(0).standard_normal((100, 768)).astype(np.float32))
+except ValueError as exc:
+    print("REFUSED", exc)
+""", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "REFUSED" in result.stdout and "624" in result.stdout and "\\n" not in result.stdout.strip()
+
+
+@pytest.mark.slow
+def test_a_forced_ivfpq_index_becomes_ivfpq_once_it_has_enough_vectors(tmp_path):
+    with IndexStore(index_path("grows"), create=True) as store:
+        store.set_meta({"dim": "32", "ann_mode": ann.PQ})
+        vectors = clustered(700, d=32)
+        with store.transaction() as db:
+            for i, vec in enumerate(vectors[:100]):
+                store.add_vector(db, f"{i:064x}", vec, 10)
+        with pytest.warns(Warning, match="IVF-PQ needs at least 624 vectors"):
+            store.sync_faiss()
+        assert store.get_meta("faiss_kind") == ann.EXACT
+        with store.transaction() as db:
+            for i, vec in enumerate(vectors[100:], 100):
+                store.add_vector(db, f"{i:064x}", vec, 10)
+        store.sync_faiss()
+        assert store.get_meta("faiss_kind") == ann.PQ and store.read_faiss()[0].ntotal == 700

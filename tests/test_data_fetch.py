@@ -363,3 +363,118 @@ def test_finetune_with_no_data_fetches_the_training_set_and_extracts_its_feature
     assert (ldot_home / "models" / "mine" / "model.safetensors").is_file()
     karpathy = json.loads((ldot_home / "datasets" / "flickr30k" / "dataset_flickr30k.json").read_text())
     assert sorted(im["split"] for im in karpathy["images"]) == ["train"] * 4 + ["val"] * 2
+
+
+def _flickr_csv_naming(name: str) -> bytes:
+    """The Flickr test CSV with its second row's ``filename`` replaced by ``name`` (hostile network data)."""
+    import csv
+    import io as _io
+
+    rows = list(csv.reader(_io.StringIO(miniature().files[next(p for p in miniature().files
+                                                                 if p.endswith("test_1k_flickr.csv"))].data.decode())))
+    rows[2][rows[0].index("filename")] = name
+    out = _io.StringIO()
+    csv.writer(out).writerows(rows)
+    return out.getvalue().encode()
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "nested"])
+def test_a_captions_file_naming_files_outside_the_dataset_is_refused_and_nothing_is_deleted(mini, ldot_home, tmp_path,
+                                                                                           how):
+    victim = tmp_path / "outside" / "thesis.txt"
+    victim.parent.mkdir()
+    victim.write_text("years of work")
+    folder = ldot_home / "datasets" / "flickr30k" / "flickr30k-images"
+    name = {"absolute": str(victim), "dotdot": "../" * len(folder.parts) + str(victim).lstrip("/"),
+            "nested": "sub/1009434119.jpg"}[how]
+    mini.files[_path(mini, ".csv")] = ServedFile(_flickr_csv_naming(name))
+    with pytest.raises(DatasetError, match="not a plain file name") as caught:
+        sources.fetch("flickr30k", "test", **FAST)
+    assert "\n" not in str(caught.value) and "test_1k_flickr.csv" in str(caught.value)
+    assert victim.read_text() == "years of work"
+    assert not sources.is_fetched("flickr30k", "test")
+
+
+def test_a_coco_parquet_naming_files_outside_val2014_writes_nothing_there(mini, ldot_home, tmp_path):
+    from datasets_fixtures import coco_parquet
+
+    from ldot_cli.data import catalogue
+
+    evil = "../../../../planted/.bashrc"
+    good = coco_parquet(COCO_IDS)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(good)).to_pylist()
+    table[1]["filename"] = evil
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(table), buf)
+    path = f"/datasets/{catalogue.COCO_KARPATHY_REPO}/resolve/{catalogue.COCO_KARPATHY_REV}/data/" \
+           "test-00000-of-00001.parquet"
+    mini.files[path] = ServedFile(buf.getvalue())
+    mini.files["/coco/val2014/" + evil] = ServedFile(b"\xff\xd8\xff planted")  # served, were it ever asked for
+    mini.files["/planted/.bashrc"] = ServedFile(b"\xff\xd8\xff planted")
+    with pytest.raises(DatasetError, match="not a plain file name"):
+        sources.fetch("coco", "test", **FAST)
+    assert not list(tmp_path.rglob(".bashrc")) and not list(tmp_path.rglob("planted"))
+    assert not [p for p, _ in mini.requests if p.startswith("/coco/")]  # refused before any image is asked for
+
+
+def test_a_multi30k_image_list_naming_files_outside_is_refused(monkeypatch, ldot_home, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    m = miniature()
+    gh = next(p for p in m.files if p.endswith("test_2016_flickr.txt"))
+    m.files[gh] = ServedFile(("\n".join([f"{i}.jpg" for i in FLICKR_IDS[:3]] + [str(victim)]) + "\n").encode())
+    with http_server(m.files) as srv:
+        point_catalogue_at(monkeypatch, srv.url)
+        with pytest.raises(DatasetError, match="not a plain file name"):
+            sources.fetch("multi30k", "test", lang="de", **FAST)
+    assert victim.read_text() == "keep me"
+
+
+def _overlapping_zip(path) -> None:
+    """A zip whose entries share bytes: ``a.jpg`` (stored) holds the local header and data of ``b.jpg``, whose
+    central-directory entry points inside it. Python 3.11's zipfile extracts both: the same bytes counted twice
+    (repeated, the overlapped-entry zip bomb)."""
+    import zlib
+
+    inner = io.BytesIO()
+    payload = bytes(range(256)) * 400
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("b.jpg", payload)
+    chunk = inner.getvalue()[: zipfile.ZipFile(inner).start_dir]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("a.jpg", chunk)
+    with zipfile.ZipFile(path, "a") as z:  # a central-directory entry only: no bytes of its own
+        info = zipfile.ZipInfo("b.jpg")
+        info.compress_type, info.file_size, info.compress_size = zipfile.ZIP_STORED, len(payload), len(payload)
+        info.CRC, info.header_offset = zlib.crc32(payload), z.getinfo("a.jpg").header_offset + 30 + len("a.jpg")
+        z.filelist.append(info)
+        z._didModify = True
+
+
+def test_a_zip_with_overlapping_entries_is_refused(tmp_path):
+    from ldot_cli.data.archive import safe_extract
+
+    path = tmp_path / "overlap.zip"
+    _overlapping_zip(path)
+    with zipfile.ZipFile(path) as z:  # the crafted zip is one Python's zipfile reads without complaint
+        assert [len(z.read(i)) for i in z.infolist()] and len(z.infolist()) == 2
+    with pytest.raises(DatasetError, match="overlap") as caught:
+        safe_extract(path, tmp_path / "out")
+    assert "\n" not in str(caught.value) and "nothing extracted" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_small_highly_compressed_entries_are_refused_by_the_total_ratio(tmp_path):
+    from ldot_cli.data.archive import safe_extract
+
+    path = tmp_path / "small-bombs.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:  # each entry under 1 MiB: no ratio check of its own
+        for n in range(12):
+            z.writestr(f"{n}.jpg", b"\0" * ((1 << 20) - 1))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DatasetError, match="zip bomb"):
+        safe_extract(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -227,3 +227,67 @@ def test_import_replaces_a_folder_an_old_interrupted_download_left(monkeypatch, 
     (src / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     model = import_model(src, "test-t")
     assert model.complete and is_present("test-t") and not (model.path / "vocab.txt.part").exists()
+
+
+def test_a_206_from_another_offset_is_not_appended_the_file_restarts_from_zero(tmp_path):
+    """Issue 19 item 2: a resume answered from byte 0 (of the asked length: the right total size) was appended,
+    and the wrong file installed with its sha256 recorded as trusted."""
+    (tmp_path / "f.bin.part").write_bytes(DATA[:5000])
+    with http_server({"/f.bin": ServedFile(DATA, range_from_zero=True)}) as srv:
+        digest = download_file([srv.url + "/f.bin"], tmp_path / "f.bin", hash_key="x/f.bin", retries=1,
+                               backoff=0.01)
+        assert [r for _, r in srv.requests] == ["bytes=5000-", None]  # refused, then the whole file from zero
+    assert (tmp_path / "f.bin").read_bytes() == DATA and digest == SHA and known_hash("x/f.bin") == SHA
+
+
+def test_a_206_announcing_another_total_than_the_published_size_is_refused(tmp_path):
+    (tmp_path / "f.bin.part").write_bytes(DATA[:5000])
+    with http_server({"/f.bin": ServedFile(DATA + b"more")}) as srv:
+        with pytest.raises(DownloadError, match=f"{len(DATA) + 4:,} bytes, expected {len(DATA):,}"):
+            download_file([srv.url + "/f.bin"], tmp_path / "f.bin", size=len(DATA), retries=0)
+    assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
+
+
+def test_a_body_without_content_length_is_bounded(tmp_path):
+    from models.core.download import Limits
+
+    with http_server({"/f.bin": ServedFile(DATA, no_length=True)}) as srv:
+        with pytest.raises(DownloadError, match="more than 1,000 bytes"):  # bounded by the published size
+            download_file([srv.url + "/f.bin"], tmp_path / "a.bin", size=1000, retries=0)
+        with pytest.raises(DownloadError, match="more than 4,096 bytes"):  # no size known: the cap
+            download_file([srv.url + "/f.bin"], tmp_path / "b.bin", retries=0, limits=Limits(max_unknown_bytes=4096))
+        assert not list(tmp_path.iterdir())  # nothing installed, no part kept
+        download_file([srv.url + "/f.bin"], tmp_path / "c.bin", sha256=SHA, retries=0)  # within the limits: fine
+    assert (tmp_path / "c.bin").read_bytes() == DATA
+
+
+def test_a_trickling_server_is_given_up_by_the_minimum_rate_and_the_deadline(tmp_path):
+    import time
+
+    from models.core.download import Limits
+
+    small = DATA[:400]
+    with http_server({"/slow.bin": ServedFile(small, trickle=0.05), "/f.bin": ServedFile(small)}) as srv:
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match="too slow"):  # ~20 bytes/s, under 100 bytes/s
+            download_file([srv.url + "/slow.bin"], tmp_path / "a.bin", retries=0,
+                          limits=Limits(min_bytes_per_s=100, rate_window_s=0.5))
+        assert time.monotonic() - start < 5  # not the 20 s the whole file takes
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match="deadline"):  # fast enough for the rate, past the deadline
+            download_file([srv.url + "/slow.bin"], tmp_path / "b.bin", retries=3, backoff=0.01,
+                          limits=Limits(min_bytes_per_s=1, rate_window_s=0.5, deadline_s=1.0))
+        assert time.monotonic() - start < 5
+        download_file([srv.url + "/slow.bin", srv.url + "/f.bin"], tmp_path / "c.bin", retries=0,  # next mirror
+                      limits=Limits(min_bytes_per_s=100, rate_window_s=0.5))
+    assert (tmp_path / "c.bin").read_bytes() == small
+
+
+def test_a_416_for_a_part_file_that_is_not_the_whole_file_restarts_it(tmp_path):
+    """A `.part` longer than the file (a changed file, a bad earlier answer) is answered 416; it was installed as
+    whole and its hash recorded."""
+    (tmp_path / "f.bin.part").write_bytes(DATA + b"junk")
+    with http_server({"/f.bin": ServedFile(DATA)}) as srv:
+        download_file([srv.url + "/f.bin"], tmp_path / "f.bin", hash_key="x/g.bin", retries=1, backoff=0.01)
+        assert [r for _, r in srv.requests] == [f"bytes={len(DATA) + 4}-", None]
+    assert (tmp_path / "f.bin").read_bytes() == DATA and known_hash("x/g.bin") == SHA

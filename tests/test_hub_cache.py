@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 from ldot_testing import HUB_COMMIT, ServedFile, http_server, hub_online, hub_repo_files
@@ -157,3 +158,60 @@ def test_an_entry_mixing_hub_files_and_another_host(hub, ldot_home, monkeypatch)
     n = len(hub.requests)
     download_entry("test-det")  # again: nothing fetched, nothing copied out of the shared cache
     assert _gets(hub, n) == [] and (ldot_home / "models" / "test-det" / "model.safetensors").is_symlink()
+
+
+def _blob(name: bytes) -> Path:
+    storage = hub_cache_dir() / "models--org--bert"
+    return next(p for p in (storage / "blobs").iterdir() if p.read_bytes() == name)
+
+
+def test_a_tampered_small_blob_in_the_shared_cache_is_refused_and_fetched_again(hub, ldot_home):
+    """Issue 19 item 4: a small blob (named by its git sha1) changed in the shared cache was linked, recorded with
+    its new sha256, and `ldot models verify` said ok."""
+    from huggingface_hub import hf_hub_download
+
+    for name in FILES:
+        hf_hub_download("org/bert", name, cache_dir=str(hub_cache_dir()), endpoint=hub.url)
+    vocab = _blob(FILES["vocab.txt"])
+    vocab.chmod(0o644)
+    vocab.write_bytes(b"[PAD]\n[XXX]\n")  # same size, other bytes
+    path = download_entry("test-bert")
+    assert (path / "vocab.txt").read_bytes() == FILES["vocab.txt"] and verify_dir(path) == []
+    assert len([p for p in _gets(hub) if p.endswith("/vocab.txt")]) == 2  # by the hub's tool, then again by ldot
+
+
+def test_verify_checks_a_hub_blob_against_its_name(hub, ldot_home):
+    import json
+
+    from models.hub.catalogue import MANIFEST
+
+    path = download_entry("test-bert")
+    vocab = (path / "vocab.txt").resolve()
+    vocab.chmod(0o644)
+    vocab.write_bytes(b"[PAD]\n[XXX]\n")
+    manifest = json.loads((path / MANIFEST).read_text())  # recorded as the old code did: the tampered bytes' hash
+    manifest["files"]["vocab.txt"]["sha256"] = hashlib.sha256(b"[PAD]\n[XXX]\n").hexdigest()
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert verify_dir(path) == ["vocab.txt: does not match its hub blob name (git sha1): changed in the shared cache"]
+    result = CliRunner().invoke(app, ["models", "verify", "test-bert"])
+    assert result.exit_code != 0 and "blob" in result.output
+
+
+def test_the_advised_repair_of_a_damaged_lfs_blob_repairs_it(hub, ldot_home):
+    """A tampered LFS blob: every use says "damaged ... re-download"; the re-download must fetch it again rather
+    than link the same blob forever."""
+    from models.hub.cache import DamagedModelError, check_model_files
+
+    path = download_entry("test-bert")
+    blob = (path / "model.safetensors").resolve()
+    blob.chmod(0o644)
+    blob.write_bytes(WEIGHTS[:-1] + b"!")
+    with pytest.raises(DamagedModelError, match="re-download"):
+        check_model_files(path)
+    n = len(hub.requests)
+    result = CliRunner().invoke(app, ["models", "download", "test-bert"])
+    assert result.exit_code == 0, result.output
+    assert f"/cdn/{SHA}" in _gets(hub, n)
+    assert (path / "model.safetensors").read_bytes() == WEIGHTS
+    check_model_files(path)
+    assert verify_dir(path) == []

@@ -270,3 +270,57 @@ def test_searcher_uses_the_parts_and_repairs_a_damaged_one_alone():
         assert part_files(searcher.store)[:2] == names[:2]  # the intact parts were kept
     finally:
         searcher.close()
+
+
+@pytest.mark.parametrize("damage", ["flip a row", "change an id", "one row short", "no record"])
+def test_the_rescoring_files_are_verified_and_rebuilt_from_sqlite(damage):
+    """Issue 19 item 5: `vectors.f16` / `vectors.f16.ids` were trusted as they were: a flipped row silently dropped
+    the top hit, a changed id a result, and a file one row short raised `ValueError: mmap length ...`."""
+    import json
+
+    vectors = clustered(900)
+    queries = vectors[:20] + 0.01
+    with make("r", ann.PQ, vectors, part_rows=400) as store:
+        want = ann.search(store.read_faiss()[0], queries, 10)
+        data, ids = store.dir / ann.RESCORE_FILE, store.dir / ann.RESCORE_IDS
+        row = 2 * 32  # bytes of one fp16 row of 32 dimensions
+        if damage == "flip a row":
+            raw = bytearray(data.read_bytes())
+            top = int(np.searchsorted(np.fromfile(ids, dtype="<i8"), want[1][0, 0]))
+            raw[top * row: (top + 1) * row] = np.full(32, -1, dtype="<f2").tobytes()
+            data.write_bytes(bytes(raw))
+        elif damage == "change an id":
+            raw = bytearray(ids.read_bytes())
+            raw[8 * 5: 8 * 6] = np.asarray([10**9], dtype="<i8").tobytes()
+            ids.write_bytes(bytes(raw))
+        elif damage == "one row short":
+            data.write_bytes(data.read_bytes()[:-row])
+        else:  # written by an ldot that recorded no hashes of them: checked once against SQLite by rebuilding
+            store.set_meta({"rescore_record": ""})
+        with pytest.raises(IndexStoreError, match="damaged"):
+            store.read_faiss()
+        assert "re-scoring" in store.sync_faiss()  # rebuilt from SQLite, the parts kept
+        got = ann.search(store.read_faiss()[0], queries, 10)
+        assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5)
+        record = json.loads(store.get_meta("rescore_record"))
+        assert record["rows"] == 900 == int(store.get_meta("rescore_rows"))
+
+
+def test_rescoring_files_appended_to_stay_verified_without_rehashing(monkeypatch):
+    vectors = clustered(1000)
+    with make("r2", ann.PQ, vectors[:900], part_rows=400) as store:
+        add(store, vectors[900:], 900)
+        assert store.sync_faiss().startswith("added 100")
+        hashed = []
+        real = store_module.sha256_range
+        monkeypatch.setattr(store_module, "sha256_range", lambda path, a, b: hashed.append(path) or real(path, a, b))
+        index, _ = store.read_faiss()  # stamps as recorded when written: nothing re-hashed
+        assert hashed == [] and index.ntotal == 1000 and len(index.ids) == 1000
+        data = store.dir / ann.RESCORE_FILE
+        st = data.stat()
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: re-hashed once (both segments) ...
+        assert store.read_faiss()[0].ntotal == 1000
+        assert len(hashed) == 4 and set(hashed) == {data, store.dir / ann.RESCORE_IDS}
+        store.read_faiss()
+        assert len(hashed) == 4  # ... matched and remembered: not again
+        assert ann.search(store.read_faiss()[0], vectors[950:951], 1)[1][0, 0] == 951

@@ -1,16 +1,20 @@
 """Safe extraction of downloaded zips: no path traversal, no links, bounded sizes, nothing half-written.
 
 Every entry is checked before anything is written: an absolute path, a ``..`` component, a symbolic link, an
-entry larger than ``max_entry_bytes``, a compression ratio over ``max_ratio`` (a zip bomb) or a total over
-``max_total_bytes`` refuses the whole archive. The wanted files go FLAT (by base name) into one folder, each
+entry larger than ``max_entry_bytes``, a compression ratio over ``max_ratio`` (a zip bomb), entries whose bytes
+overlap (the overlapped-entry zip bomb, which Python 3.11's zipfile does not detect), a total over
+``max_total_bytes`` or a total over ``max_ratio`` times the archive's own size (many small entries, each
+under the per-entry check) refuses the whole archive. The wanted files go FLAT (by base name) into one folder, each
 streamed to a temp name and renamed, so a file at its final name is always whole and a re-run after a crash
 only extracts what is missing.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
+import struct
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -33,6 +37,28 @@ def _unsafe(info: zipfile.ZipInfo, max_entry: int, max_ratio: float) -> str | No
         return f"{info.file_size:,} bytes (over the {max_entry:,}-byte limit)"
     if info.compress_size and info.file_size / info.compress_size > max_ratio and info.file_size > (1 << 20):
         return f"a compression ratio of {info.file_size / info.compress_size:.0f} (a zip bomb?)"
+    return None
+
+
+def _overlap(handle: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> str | None:
+    """The first two entries whose bytes (local header + compressed data) overlap, or run into the central
+    directory; None when every entry has bytes of its own. Reads each local header (30 bytes + its lengths)."""
+    fp = handle.fp
+    assert fp is not None
+    spans = []
+    for info in infos:
+        fp.seek(info.header_offset)
+        header = fp.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            return f"entry {info.filename!r} has no local header at offset {info.header_offset:,}"
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        spans.append((info.header_offset, info.header_offset + 30 + name_len + extra_len + info.compress_size, info))
+    spans.sort(key=lambda s: s[0])
+    for (_, end, info), (next_start, _, other) in itertools.pairwise(spans):
+        if end > next_start:
+            return f"entries {info.filename!r} and {other.filename!r} overlap (they share bytes: a zip bomb?)"
+    if spans and spans[-1][1] > handle.start_dir:
+        return f"entry {spans[-1][2].filename!r} overlaps the central directory"
     return None
 
 
@@ -61,6 +87,14 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] = lambda
         if total > max_total_bytes:
             raise DatasetError(f"{archive} would unpack to {total:,} bytes (over the {max_total_bytes:,}-byte limit): "
                                "refused, nothing extracted")
+        size = max(archive.stat().st_size, 1)
+        if total > max_ratio * size and total > (1 << 20):
+            raise DatasetError(f"{archive} would unpack to {total:,} bytes, {total / size:.0f} times its own size "
+                               "(a zip bomb?): refused, nothing extracted")
+        why = _overlap(handle, infos)
+        if why is not None:
+            raise DatasetError(f"{archive}: {why}: refused, nothing extracted (this is not the published file: "
+                               "delete it and fetch again)")
         wanted = [i for i in infos if not i.is_dir() and keep(PurePosixPath(i.filename).name)]
         names = [PurePosixPath(i.filename.replace("\\", "/")).name for i in wanted]
         if len(set(names)) != len(names):

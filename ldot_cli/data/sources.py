@@ -286,13 +286,33 @@ def _column(row: dict[str, Any], names: Iterable[str], path: Path) -> Any:
                        f"file changed; pass {option('data')} with your own copy")
 
 
+def checked_name(value: Any, source: Path, where: str, nested: bool = False) -> str:
+    """A file name read from a downloaded file, as is, once it cannot leave the folder it is joined to.
+
+    It must be a plain file name (``nested``: a relative path of plain names, like ``val2014``): no absolute
+    path, drive, ``..``, ``.``, empty part or control character. Raises `DatasetError` (one line) otherwise, so
+    nothing outside the dataset folder is ever read, written or deleted because of a published file.
+    """
+    text = str(value)
+    parts = text.replace("\\", "/").split("/")
+    if (not text or len(text) > 1024 or any(ord(c) < 32 or ord(c) == 127 for c in text) or (len(text) > 1 and text[1] == ":")
+            or any(p in ("", ".", "..") for p in parts) or (len(parts) > 1 and not nested)):
+        kind = "a relative path inside the dataset folder" if nested else "a plain file name"
+        raise DatasetError(f"{source}: {where} names {text[:200]!r}, not {kind}: refused, nothing written or "
+                           "deleted (this is not the published file: delete it and run the same command again)")
+    return text
+
+
 def karpathy_from_rows(rows: Iterable[dict[str, Any]], path: Path, default_split: str, filepath: str | None = None
                        ) -> list[dict[str, Any]]:
-    """Karpathy ``images[]`` entries from CSV / parquet rows (nlphuji and yerevann columns)."""
+    """Karpathy ``images[]`` entries from CSV / parquet rows (nlphuji and yerevann columns).
+
+    The rows are network data: every ``filename`` must be a plain file name and every ``filepath`` a relative
+    path inside the dataset folder (`checked_name`)."""
     images = []
     next_sent = 0
     for n, row in enumerate(rows):
-        filename = str(_column(row, ("filename", "file_name", "image"), path))
+        filename = checked_name(_column(row, ("filename", "file_name", "image"), path), path, f"row {n + 1}")
         raws = [str(r).strip() for r in _listish(_column(row, ("raw", "sentences", "captions", "caption"), path))]
         sentids = _listish(row["sentids"]) if row.get("sentids") not in (None, "") else []
         if len(sentids) != len(raws):
@@ -303,7 +323,7 @@ def karpathy_from_rows(rows: Iterable[dict[str, Any]], path: Path, default_split
                  "sentences": [{"raw": r, "sentid": int(s) if str(s).isdigit() else s} for r, s in zip(raws, sentids)]}
         fp = row.get("filepath") or filepath
         if fp:
-            entry["filepath"] = str(fp)
+            entry["filepath"] = checked_name(fp, path, f"row {n + 1} (filepath)", nested=True)
         if row.get("cocoid") is not None:
             entry["cocoid"] = int(row["cocoid"])
         images.append(entry)
@@ -352,10 +372,11 @@ def _check_counts(entry: DataSplit, n_images: int, n_captions: int, source: Path
 
 
 def _check_images(entry: DataSplit, folder: Path, files: Iterable[str]) -> int:
+    """Every image present and JPEG/PNG; the ones that are not are deleted (only inside ``folder``)."""
     missing, bad = [], []
     count = 0
     for name in files:
-        path = folder / name
+        path = folder / checked_name(name, folder, "the image list", nested=True)
         count += 1
         if not path.is_file():
             missing.append(path)
@@ -440,6 +461,8 @@ def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes,
         shutil.copyfile(src, tmp)
         tmp.replace(dest)
     files, rows = read_multi30k(captions, image_list, lang)
+    for n, name in enumerate(files, start=1):
+        checked_name(name, image_list, f"image {n}")
     _check_counts(entry, len(files), len(rows), image_list)
     flickr = dataset_dir("flickr30k")
     karpathy_files, _ = read_karpathy(flickr / "dataset_flickr30k.json", "test")

@@ -10,7 +10,10 @@ Layout of ``<home>/indexes/<name>/``::
                         index, whose coarse quantizer they share: it is not stored in them), searched
                         together by FAISS's IndexShardsIVF. G is the generation that wrote the file: a new
                         part never overwrites a committed one.
-    vectors.f16(.ids)   IVF-PQ: fp16 copies of the vectors for exact re-scoring, memory-mapped
+    vectors.f16(.ids)   IVF-PQ: fp16 copies of the vectors for exact re-scoring, memory-mapped; append-only,
+                        the sha256 of each appended segment and the files' stamps recorded in SQLite meta
+                        (``rescore_record``), checked like the FAISS files (a damaged one is rewritten from
+                        SQLite)
     .verified.json      (size, mtime, inode, device) of each file when its sha256 last matched
                         Every FAISS file is written to a temp file, fsynced, renamed into place; the set of
                         files with each one's sha256, rows and stamp is recorded in SQLite meta in one
@@ -42,7 +45,13 @@ import numpy as np
 
 from ldot_cli.index.hits import display_path  # noqa: F401 - re-exported
 from models.core.errors import LdotError, LdotWarning, as_storage_error, option
-from models.core.fileio import atomic_write_json, file_stamp, replace_file, sha256_file
+from models.core.fileio import (
+    atomic_write_json,
+    file_stamp,
+    replace_file,
+    sha256_file,
+    sha256_range,
+)
 from models.core.home import indexes_dir
 
 FORMAT_VERSION = 1
@@ -437,6 +446,14 @@ class IndexStore:
             want = ann.choose_kind(total, self.dim or 0, ANN_THRESHOLD, int(budget) if budget else None)
         if want != ann.EXACT and total == 0:
             want = ann.EXACT  # nothing to train an approximate index on yet
+        elif want == ann.PQ and total < ann.pq_min_training(self.dim or 0, total):
+            import warnings
+
+            warnings.warn(LdotWarning(
+                f"index {self.name!r}: IVF-PQ needs at least {ann.pq_min_training(self.dim or 0, total):,} vectors "
+                f"to train its codebooks and this index has {total:,}: searched exactly until it has (the ivfpq "
+                "choice is kept)"), stacklevel=2)
+            want = ann.EXACT
         removed = [r[0] for r in self.db.execute("SELECT id FROM removed")]
         action = None
         if not rebuild and current == want:
@@ -523,13 +540,24 @@ class IndexStore:
                 before = index.ntotal
                 ann.remove(index, gone[slots == j])
                 dropped += before - index.ntotal
+        rescored = False
+        if kind == ann.PQ:
+            try:
+                self._check_rescore(self.meta())
+            except (FileNotFoundError, _Damaged):
+                self._rewrite_rescore()  # every vector SQLite holds, the ones added below included
+                rescored = True
         ids, vectors = self.vectors(min_id=max_id)
         if kind == ann.PQ and len(ids):
             rows = int(self.get_meta("rescore_rows", "0"))
             fresh = ids > self._last_rescore_id(rows)  # rows appended by a run that died before its commit stay
-            rows = ann.write_rescore_vectors(self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS,
-                                             [(ids[fresh], vectors[fresh])], rows)
-            self.set_meta({"rescore_rows": str(rows)})
+            if fresh.any():
+                record = self._rescore_record(self.meta()) or {"segments": []}
+                new_rows, data_sha, ids_sha = ann.write_rescore_vectors(
+                    self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS, [(ids[fresh], vectors[fresh])], rows)
+                segments = [g for g in record["segments"] if g["start"] + g["rows"] <= rows]
+                self._record_rescore(new_rows, [*segments, {"start": rows, "rows": new_rows - rows,
+                                                            "data": data_sha, "ids": ids_sha}])
         limit, pos = self.part_rows(kind), 0
         while pos < len(ids):
             last = len(parts) - 1
@@ -547,7 +575,80 @@ class IndexStore:
         kept = [p for j, p in enumerate(parts) if p["rows"] or j == len(parts) - 1]  # empty parts go
         self._commit_index(kind, kept, trained_record, removed, generation if changed else None)
         return (f"added {len(ids)}, removed {dropped}" + (f", repaired {repaired} damaged part(s)" if repaired else "")
+                + (", re-scoring vectors rebuilt from the index database (they were damaged)" if rescored else "")
                 + (f" ({len(changed)} of {len(kept)} parts rewritten)" if len(kept) > 1 else ""))
+
+    # -- the fp16 re-scoring files of IVF-PQ ----------------------------------------------------
+    def _rescore_record(self, meta: dict[str, str]) -> dict[str, Any] | None:
+        """The recorded rows, segments (start, rows, sha256 of the data and ids bytes) and stamps of the
+        re-scoring files; None when there is none (or it is not one)."""
+        try:
+            record = json.loads(meta.get("rescore_record") or "null")
+            if record is None:
+                return None
+            rows, segments = int(record["rows"]), record["segments"]
+            start = 0
+            for g in segments:
+                if int(g["start"]) != start or int(g["rows"]) < 0 or not isinstance(g["data"], str) \
+                        or not isinstance(g["ids"], str):
+                    return None
+                start += int(g["rows"])
+            return record if start == rows else None
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def _record_rescore(self, rows: int, segments: list[dict[str, Any]]) -> None:
+        from models.core import ann
+
+        stamps = [file_stamp(self.dir / ann.RESCORE_FILE), file_stamp(self.dir / ann.RESCORE_IDS)]
+        self.set_meta({"rescore_rows": str(rows), "rescore_record": json.dumps(
+            {"rows": rows, "segments": [g for g in segments if g["rows"]], "stamps": stamps}, sort_keys=True)})
+
+    def _check_rescore(self, meta: dict[str, str]) -> int:
+        """The committed rows of the re-scoring files, once they match their record: their stamps as recorded
+        (a stat each), else every segment re-hashed (then remembered in .verified.json). Raises
+        FileNotFoundError or `_Damaged` (no record, too short, a segment that differs)."""
+        from models.core import ann
+
+        data, ids = self.dir / ann.RESCORE_FILE, self.dir / ann.RESCORE_IDS
+        rows = self._number("rescore_rows", meta.get("rescore_rows", "0"))
+        dim = self._number("dim", meta.get("dim", "0"))
+        record = self._rescore_record(meta)
+        if record is None or record["rows"] != rows:
+            raise _Damaged(data)  # written by an ldot that recorded none: rewritten once from SQLite
+        stamps = [file_stamp(data), file_stamp(ids)]
+        if stamps == record["stamps"]:
+            return rows
+        if stamps[0][0] < rows * dim * 2 or stamps[1][0] < rows * 8:
+            raise _Damaged(data if stamps[0][0] < rows * dim * 2 else ids)
+        token = hashlib.sha256(json.dumps(record["segments"], sort_keys=True).encode()).hexdigest()
+        if self._verified().get(ann.RESCORE_FILE) == {"stamp": stamps, "sha256": token}:
+            return rows
+        for g in record["segments"]:
+            start, stop = g["start"], g["start"] + g["rows"]
+            if sha256_range(data, start * dim * 2, stop * dim * 2) != g["data"]:
+                raise _Damaged(data)
+            if sha256_range(ids, start * 8, stop * 8) != g["ids"]:
+                raise _Damaged(ids)
+        self._remember({ann.RESCORE_FILE: {"stamp": stamps, "sha256": token}})
+        return rows
+
+    def _write_rescore(self, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Write the re-scoring files anew from ``chunks`` (temp files renamed over the old: readers keep their
+        mapping) and record them."""
+        from models.core import ann
+
+        data, ids_path = self.dir / f".{ann.RESCORE_FILE}.tmp", self.dir / f".{ann.RESCORE_IDS}.tmp"
+        data.unlink(missing_ok=True)
+        ids_path.unlink(missing_ok=True)
+        rows, data_sha, ids_sha = ann.write_rescore_vectors(data, ids_path, chunks, 0)
+        replace_file(data, self.dir / ann.RESCORE_FILE)
+        replace_file(ids_path, self.dir / ann.RESCORE_IDS)
+        self._record_rescore(rows, [{"start": 0, "rows": rows, "data": data_sha, "ids": ids_sha}])
+
+    def _rewrite_rescore(self) -> None:
+        """Damaged or unrecorded re-scoring files: rewritten from every vector in SQLite."""
+        self._write_rescore(self.iter_vectors())
 
     def _last_rescore_id(self, rows: int) -> int:
         """The id of the last committed row of the fp16 re-scoring file (0 when none)."""
@@ -631,7 +732,10 @@ class IndexStore:
 
         dim = self.dim or 0
         size = ann.pq_training_size(total) if kind == ann.PQ else 64 * ann.ivf_cells(total)
-        trained = ann.train_empty(kind, dim, total, self.sample_vectors(size)[1])
+        sample = self.sample_vectors(size)[1]
+        if kind == ann.PQ and len(sample) < ann.pq_min_training(dim, total):  # ids with gaps: the first ones
+            sample = self._vector_rows("SELECT id, vector FROM vectors ORDER BY id LIMIT ?", (size,))[1]
+        trained = ann.train_empty(kind, dim, total, sample)
         trained_record = self._write_index_file(trained, f"{TRAINED_PREFIX}{generation:06d}.faiss", 0)
         limit = self.part_rows(kind)
         parts: list[dict[str, Any]] = []
@@ -654,19 +758,12 @@ class IndexStore:
                 yield ids, vectors
 
         if kind == ann.PQ:
-            data, ids_path = self.dir / f".{ann.RESCORE_FILE}.tmp", self.dir / f".{ann.RESCORE_IDS}.tmp"
-            data.unlink(missing_ok=True)
-            ids_path.unlink(missing_ok=True)
-            rows = ann.write_rescore_vectors(data, ids_path, chunks(), 0)
+            self._write_rescore(chunks())
         else:
             for _ in chunks():
                 pass
         flush()
         del state["index"]
-        if kind == ann.PQ:
-            replace_file(data, self.dir / ann.RESCORE_FILE)
-            replace_file(ids_path, self.dir / ann.RESCORE_IDS)
-            self.set_meta({"rescore_rows": str(rows)})
         if not total:
             return parts, trained_record, None, None
         index = self._open_parts(kind, parts, trained_record, mmap=True, meta=self.meta())
@@ -747,8 +844,11 @@ class IndexStore:
                       removed: list[int], generation: int | None = None, extra: dict[str, str] | None = None) -> None:
         """Record the new set of files in one SQLite transaction (until it commits, readers and a crash see the
         old set, whose files are still there), and forget the removed ids it no longer holds."""
+        from models.core import ann
+
         listing = json.dumps(parts, sort_keys=True)
-        token = hashlib.sha256((listing + json.dumps(trained, sort_keys=True)).encode()).hexdigest()
+        rescore = (self.get_meta("rescore_record") or "") if kind == ann.PQ else ""  # new rows: searchers reload
+        token = hashlib.sha256((listing + json.dumps(trained, sort_keys=True) + rescore).encode()).hexdigest()
         values: dict[str, Any] = {
             "faiss_parts": listing, "faiss_trained": json.dumps(trained) if trained else "",
             "faiss_rows": str(sum(p["rows"] for p in parts)), "faiss_max_id": str(self._max_vector_id()),
@@ -772,9 +872,13 @@ class IndexStore:
     def _collect_index_files(self) -> None:
         """Delete vector index files the committed set no longer names (replaced parts, a crash's leftovers)."""
         meta = self.meta()
+        from models.core import ann
+
         keep = {p["file"] for p in self._parts(meta)}
         if self._trained_record(meta):
             keep.add(self._trained_record(meta)["file"])
+        if meta.get("faiss_kind") == ann.PQ:
+            keep.add(ann.RESCORE_FILE)  # its verified stamp (the file itself is not a FAISS file)
         for path in self.dir.iterdir():
             name = path.name
             if name in keep:
@@ -859,8 +963,11 @@ class IndexStore:
         if meta.get("nprobe"):
             ann.set_nprobe(index, self._number("nprobe", meta["nprobe"]))
         if kind == ann.PQ:
-            index = ann.open_rescored(index, self.dir, self._number("rescore_rows", meta.get("rescore_rows", "0")),
-                                      self._number("dim", meta.get("dim", "0")))
+            rows = self._check_rescore(meta)
+            try:
+                index = ann.open_rescored(index, self.dir, rows, self._number("dim", meta.get("dim", "0")))
+            except ValueError:  # shorter than its rows (changed after the check)
+                raise _Damaged(self.dir / ann.RESCORE_FILE) from None
         return index
 
     def read_faiss(self, attempts: int = 3, mmap: bool = True) -> tuple[Any, int] | None:

@@ -101,6 +101,17 @@ def factory_string(kind: str, n: int, dim: int) -> str:
     raise ValueError(f"unknown index kind {kind!r}")
 
 
+MIN_POINTS_PER_CENTROID = 39  # FAISS's k-means minimum: below it, it warns "please provide at least 39 k points"
+
+
+def pq_min_training(dim: int, n: int) -> int:
+    """The fewest training points OPQ + IVF-PQ for ``n`` vectors of ``dim`` may be given: 39 a centroid of each
+    sub-quantizer's codebook (2^bits centroids: 624 for the 4-bit ones, 9,984 for 8-bit; FAISS's own minimum),
+    and never fewer than OPQ's output dimension: FAISS 1.x aborts natively below it (measured: 768-d with 255
+    points, double free; 32-d with 31 points, invalid cluster assignment; 256 and 32 points train)."""
+    return max(pq_shape(dim)[1], MIN_POINTS_PER_CENTROID * 2 ** _pq_bits(n))
+
+
 def _pq_bits(n: int) -> int:
     """8-bit codebooks (256 centroids per byte) from 50k vectors on; smaller sets (PQ only when forced
     or on a tiny budget) get 4-bit ones, 16x cheaper to train and needing ~620 training points."""
@@ -131,7 +142,7 @@ def choose_kind(n: int, dim: int, threshold: int, memory_budget: int | None = No
     budget = memory_budget or default_memory_budget()
     if n <= threshold and ram_bytes(EXACT, n, dim) <= budget:
         return EXACT
-    if ram_bytes(APPROX, n, dim) <= budget or n < 624:
+    if ram_bytes(APPROX, n, dim) <= budget or n < pq_min_training(dim, n):
         return APPROX
     return PQ
 
@@ -148,7 +159,12 @@ def parse_bytes(text: str) -> int:
 
 
 def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
-    """An empty, trained OPQ + IVF-PQ index (train on ``sample``, a spread subset of the vectors)."""
+    """An empty, trained OPQ + IVF-PQ index (train on ``sample``, a spread subset of the vectors). Raises
+    ValueError when ``sample`` has fewer points than its codebooks need (`pq_min_training`): FAISS is never
+    handed them (it can abort the process)."""
+    need = pq_min_training(dim, n)
+    if len(sample) < need:
+        raise ValueError(f"IVF-PQ needs at least {need:,} training vectors for its codebooks, got {len(sample):,}")
     faiss = _faiss()
     m, dout = pq_shape(dim)
     nlist = min(pq_nlist(n), max(1, len(sample) // 39))
@@ -213,9 +229,13 @@ class Rescored:
         return out_s, out_i
 
 
-def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> int:
+def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> tuple[int, str, str]:
     """Append (ids, vectors) chunks to the fp16 re-scoring files after their first ``rows`` committed rows
-    (a crash's partial tail is cut off first); returns the rows now in them (the caller records that)."""
+    (a crash's partial tail is cut off first); returns the rows now in them and the sha256 of the bytes appended
+    to each file (the caller records them: `open_rescored` trusts only files that match)."""
+    import hashlib
+
+    hash_data, hash_ids = hashlib.sha256(), hashlib.sha256()
     for path in (data, ids_file):
         open(path, "ab").close()
     with open(data, "r+b") as fd, open(ids_file, "r+b") as fi:
@@ -227,14 +247,18 @@ def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) 
                 fd.seek(0, 2)
                 fi.seek(0, 2)
                 started = True
-            fd.write(np.ascontiguousarray(vectors, dtype="<f2").tobytes())
-            fi.write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
+            block, id_block = (np.ascontiguousarray(vectors, dtype="<f2").tobytes(),
+                               np.ascontiguousarray(ids, dtype="<i8").tobytes())
+            fd.write(block)
+            fi.write(id_block)
+            hash_data.update(block)
+            hash_ids.update(id_block)
             rows += len(ids)
         fd.flush()
         fi.flush()
         os.fsync(fd.fileno())
         os.fsync(fi.fileno())
-    return rows
+    return rows, hash_data.hexdigest(), hash_ids.hexdigest()
 
 
 def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
@@ -242,6 +266,9 @@ def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
     from pathlib import Path
 
     directory = Path(directory)
+    for path, need in ((directory / RESCORE_IDS, rows * 8), (directory / RESCORE_FILE, rows * dim * 2)):
+        if rows and path.stat().st_size < need:
+            raise ValueError(f"{path} holds {path.stat().st_size:,} bytes, fewer than its {rows:,} rows need")
     ids = np.fromfile(directory / RESCORE_IDS, dtype="<i8", count=rows) if rows else np.zeros(0, np.int64)
     vectors = (np.memmap(directory / RESCORE_FILE, dtype="<f2", mode="r", shape=(rows, dim)) if rows
                else np.zeros((0, dim), dtype=np.float16))

@@ -18,6 +18,35 @@ from models.core.errors import ConfigError
 T = TypeVar("T")
 
 
+def bounded(default: Any, low: float, high: float) -> Any:
+    """A dataclass field whose value must lie in ``[low, high]`` (checked by `check_ranges` / `range_problem`):
+    the one way a config declares the values it can be built with."""
+    return dataclasses.field(default=default, metadata={"range": (low, high)})
+
+
+def range_problem(cls: type, values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str | None:
+    """The first value of ``values`` (field -> value) outside the range its field of ``cls`` declares
+    (`bounded`), said in a few words with the key as the file names it (``names``: field -> key); None when every
+    one is in range. NaN, booleans and non-numbers are out of range."""
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        bounds = f.metadata.get("range")
+        if bounds is None or f.name not in values:
+            continue
+        value = values[f.name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not bounds[0] <= value <= bounds[1]:
+            key = (names or {}).get(f.name, f.name)
+            return f"{key!r} is {value!r}, outside {bounds[0]:g}..{bounds[1]:g}"
+    return None
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise ValueError naming the first field of the dataclass ``obj`` outside its declared range (call it from
+    ``__post_init__``; `config_from_dict` turns it into a `ConfigError` naming the file)."""
+    problem = range_problem(type(obj), {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    if problem:
+        raise ValueError(problem)
+
+
 def config_from_dict(cls: type[T], data: Any, what: str = "", nested: Mapping[str, type] | None = None) -> T:
     """Build the dataclass ``cls`` from ``data``; ``what`` names the source in errors (e.g. a file path).
 

@@ -5,7 +5,10 @@ path. An interrupted transfer resumes with an HTTP Range request (in the same ru
 the next run from the ``.part`` left behind); a server that ignores the range restarts the file cleanly. The
 size and sha256 are checked (the published ones, or the ones recorded at the first verified download: trust on
 first use, in ``<home>/known_hashes.json``); only then is the file fsynced and renamed into place. Mirrors are
-tried in order. `download_many` runs several small requests at once (e.g. COCO's per-image URLs) and reports
+tried in order. A resumed answer must continue the part file (its Content-Range starts where the part ends, and
+its total is the published size), else the file restarts from zero; a body is bounded by the published size (or
+`Limits.max_unknown_bytes` when no length is known), and a minimum rate and an overall deadline (`Limits`) give
+up on a server that trickles. `download_many` runs several small requests at once (e.g. COCO's per-image URLs) and reports
 one aggregate byte count. Progress goes through `models.core.progress` (unit ``bytes``).
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -46,6 +50,26 @@ class UnreachableError(DownloadError):
         self.not_found = bool(failures) and all(f.endswith("(HTTP 404 Not Found)") for f in failures)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one file's download may cost before it is given up (`LIMITS` is the default).
+
+    ``max_unknown_bytes``: the most a body may hold when neither a published size nor the server's length
+    says how long it is (with one, the body may not exceed it). ``min_bytes_per_s`` over each
+    ``rate_window_s``: a server slower than that (e.g. one byte every 2 s, which no socket time-out notices)
+    is timed out, and the transfer resumes or goes to the next mirror. ``deadline_s``: the whole download
+    (every retry and mirror) is given up after that many seconds.
+    """
+
+    max_unknown_bytes: int = 16 << 30
+    min_bytes_per_s: float = 1024.0
+    rate_window_s: float = 60.0
+    deadline_s: float = 6 * 3600.0
+
+
+LIMITS = Limits()
+
+
 class _NotFound(Exception):
     pass
 
@@ -54,6 +78,25 @@ class _Truncated(Exception):
     def __init__(self, got: int, want: int) -> None:
         super().__init__(f"stopped at {got} of {want} bytes")
         self.got, self.want = got, want
+
+
+class _TooSlow(TimeoutError):
+    """Fewer bytes than the minimum rate in a window: a time-out (transient: resumed, then the next mirror)."""
+
+
+class _Refused(Exception):
+    """The server's answer cannot be the file: the part file is deleted, the mirror not retried."""
+
+
+class _Deadline(Exception):
+    """The file's overall deadline passed."""
+
+
+class _Restart(Exception):
+    """A resumed answer that does not continue the part file: the part is deleted and the file restarts from 0."""
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
 # ------------------------------------------------------------------------------------------ known hashes
@@ -91,7 +134,7 @@ def reason(exc: BaseException) -> str:
     """A few words for why a request failed (for one-line messages)."""
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, _Truncated):
+    if isinstance(exc, (_Truncated, _TooSlow, _Refused, _Restart, _Deadline)):
         return str(exc)
     if isinstance(exc, urllib.error.URLError):
         exc = exc.reason if isinstance(exc.reason, BaseException) else exc
@@ -108,8 +151,10 @@ def _transient(exc: BaseException) -> bool:
     """Worth another try after a pause: time-outs, resets, truncation, 5xx/429 (not 4xx, not a dead host)."""
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in RETRY_STATUS
-    if isinstance(exc, _Truncated):
+    if isinstance(exc, (_Truncated, _Restart)):
         return True
+    if isinstance(exc, (_Refused, _Deadline)):
+        return False
     if isinstance(exc, urllib.error.URLError):
         inner = exc.reason
         return isinstance(inner, (TimeoutError, socket.timeout, ConnectionResetError))
@@ -117,8 +162,13 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _fetch(url: str, part: Path, on_bytes: Callable[[int, int | None], None], timeout: float,
-           headers: Mapping[str, str]) -> int | None:
-    """Stream ``url`` into ``part``, resuming what is there. Returns the total size the server announced."""
+           headers: Mapping[str, str], size: int | None = None, limits: Limits = LIMITS,
+           deadline: float = float("inf")) -> int | None:
+    """Stream ``url`` into ``part``, resuming what is there. Returns the total size the server announced.
+
+    A 206 is appended only when its Content-Range starts where the part file ends and its total agrees with the
+    published ``size``; the body is bounded (``size``, else the announced total, else ``limits.max_unknown_bytes``),
+    and read as it arrives so that the minimum rate and the ``deadline`` (a `time.monotonic` time) hold."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **headers})
     if have:
@@ -126,29 +176,60 @@ def _fetch(url: str, part: Path, on_bytes: Callable[[int, int | None], None], ti
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:  # nothing left to fetch: the part file is already whole
-            return have
+        if exc.code == 416 and have:  # nothing left to fetch, if the part file is the whole file the server has
+            match = re.fullmatch(r"bytes\s+\*/(\d+)\s*", exc.headers.get("Content-Range", "") if exc.headers else "")
+            if match and int(match.group(1)) == have and size in (None, have):
+                return have
+            part.unlink(missing_ok=True)
+            raise _Restart(f"answered 416 with {exc.headers.get('Content-Range') if exc.headers else None!r} to a "
+                           f"part file of {have:,} bytes") from None
         if exc.code == 404:
             raise _NotFound(url) from None
         raise
     with response:
-        length = response.headers.get("Content-Length")
+        length_header = response.headers.get("Content-Length")
+        length = int(length_header) if length_header and length_header.strip().isdigit() else None
         if response.status == 206:
-            content_range = response.headers.get("Content-Range", "")
-            total = (int(content_range.rsplit("/", 1)[-1]) if "/" in content_range and not content_range.endswith("*")
-                     else (have + int(length) if length else None))
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if not match or int(match.group(1)) != have:
+                part.unlink(missing_ok=True)
+                raise _Restart(f"asked for bytes from {have:,}, answered "
+                               f"{response.headers.get('Content-Range') or 'no Content-Range'!r}")
+            first, last = int(match.group(1)), int(match.group(2))
+            total = int(match.group(3)) if match.group(3) != "*" else (have + length if length is not None else None)
+            if last < first or (total is not None and last >= total) or \
+                    (length is not None and length != last - first + 1):
+                part.unlink(missing_ok=True)
+                raise _Restart(f"answered an inconsistent range {response.headers.get('Content-Range')!r}")
             mode = "ab"
         else:  # 200: the server ignored the range, start over
             have = 0
-            total = int(length) if length else None
+            total = length
             mode = "wb"
+        if size is not None and total is not None and total != size:
+            part.unlink(missing_ok=True)
+            raise _Refused(f"announced {total:,} bytes, expected {size:,}")
+        bound = size if size is not None else total if total is not None else limits.max_unknown_bytes
         with open(part, mode) as handle:
             done = have
             on_bytes(done, total)
-            while block := response.read(CHUNK):
-                handle.write(block)
+            window_start, window_bytes = time.monotonic(), done
+            while block := response.read1(min(CHUNK, bound - done + 1)):
                 done += len(block)
+                if done > bound:
+                    handle.close()
+                    part.unlink(missing_ok=True)
+                    raise _Refused(f"sent more than {bound:,} bytes")
+                handle.write(block)
                 on_bytes(done, total)
+                now = time.monotonic()
+                if now > deadline:
+                    raise _Deadline(f"{done:,} bytes written when the {limits.deadline_s:g}-second deadline passed")
+                if now - window_start >= limits.rate_window_s:
+                    rate = (done - window_bytes) / (now - window_start)
+                    if rate < limits.min_bytes_per_s:
+                        raise _TooSlow(f"too slow ({rate:,.0f} bytes/s, under {limits.min_bytes_per_s:,.0f})")
+                    window_start, window_bytes = now, done
             handle.flush()
             os.fsync(handle.fileno())
     if total is not None and done < total:
@@ -159,7 +240,7 @@ def _fetch(url: str, part: Path, on_bytes: Callable[[int, int | None], None], ti
 def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, size: int | None = None,
                   progress: ProgressFn | None = None, hash_key: str | None = None, timeout: float = 30.0,
                   retries: int = 3, backoff: float = 0.5, headers: Mapping[str, str] | None = None,
-                  stage: str | None = None, record: bool = True) -> str:
+                  stage: str | None = None, record: bool = True, limits: Limits | None = None) -> str:
     """Download to ``dest`` via ``dest.part``: resume, retry, verify, rename. Returns the sha256.
 
     ``urls`` are mirrors tried in order; on each, a transient failure (time-out, reset, truncated transfer,
@@ -167,7 +248,10 @@ def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, si
     already written. ``hash_key`` names the file in the known-hashes record: with no published ``sha256``, a
     recorded one is checked, or (``record``) the first verified download records it. A file of the wrong size or
     sha256 is deleted (never installed) and the next mirror is tried; with none left, `DownloadError`.
+    ``limits`` (default `LIMITS`) bounds a body of unknown length, the minimum rate and the overall deadline.
     """
+    limits = limits or LIMITS
+    deadline = time.monotonic() + limits.deadline_s
     urls = list(urls)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -182,21 +266,30 @@ def download_file(urls: Iterable[str], dest: Path, sha256: str | None = None, si
     for url in urls:
         total: int | None = None
         error: BaseException | None = None
+        if time.monotonic() > deadline:
+            failures.append(f"{url} (not tried: the {limits.deadline_s:g}-second deadline passed)")
+            continue
         for attempt in range(retries + 1):
             try:
-                total = _fetch(url, part, on_bytes, timeout, headers or {})
+                total = _fetch(url, part, on_bytes, timeout, headers or {}, size, limits, deadline)
                 error = None
                 break
             except _NotFound:
                 error = _NotFound(url)
                 break
-            except (urllib.error.URLError, OSError, TimeoutError, _Truncated, ValueError) as exc:
+            except (urllib.error.URLError, OSError, TimeoutError, _Truncated, _Restart, _Refused, _Deadline,
+                    ValueError) as exc:
                 error = exc
-                if not _transient(exc) or attempt == retries:
+                if not _transient(exc) or attempt == retries or time.monotonic() > deadline:
                     break
-                time.sleep(backoff * 2 ** attempt)
+                if not isinstance(exc, _Restart):  # a restart from zero needs no pause
+                    time.sleep(backoff * 2 ** attempt)
         if isinstance(error, _NotFound):
             failures.append(f"{url} (HTTP 404 Not Found)")
+            continue
+        if isinstance(error, _Refused):
+            bad.append(f"{url} {error}")
+            failures.append(f"{url} ({error}; deleted)")
             continue
         if error is not None:
             failures.append(f"{url} ({reason(error)})")

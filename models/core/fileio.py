@@ -24,6 +24,19 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()  # Python 3.11+, as pyproject requires
 
 
+def sha256_range(path: str | os.PathLike[str], start: int, stop: int) -> str:
+    """Hex sha256 of the bytes ``[start, stop)`` of a file (a segment of an append-only file); a file shorter
+    than ``stop`` hashes what it has."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        left = max(0, stop - start)
+        while left and (block := handle.read(min(left, 1 << 20))):
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
 def file_stamp(path: str | os.PathLike[str]) -> list[int]:
     """(size, mtime_ns, inode, device) of a file: when it equals the stamp taken when the file's sha256 last
     matched, the file is taken as unchanged and not hashed again (model files, index parts)."""

@@ -269,6 +269,12 @@ def verify_dir(directory: Path) -> list[str]:
             problems.append(f"{filename}: {path.stat().st_size} bytes, expected {info['size']}")
         elif sha256_file(path) != info["sha256"]:
             problems.append(f"{filename}: sha256 mismatch (corrupted)")
+        elif info.get("hub"):
+            from models.hub.hubfiles import blob_problem
+
+            bad = blob_problem(path)
+            if bad is not None:
+                problems.append(f"{filename}: does not match its hub blob name ({bad}): changed in the shared cache")
     return problems
 
 

@@ -3,7 +3,6 @@ self-describing model directories, and files a user already has imported under a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from models.core.errors import CheckpointError, ModelError, option
-from models.core.fileio import new_dir, sha256_file
+from models.core.fileio import new_dir, read_json_object, sha256_file
 from models.core.home import models_dir
 from models.hub.cache import (
     MANIFEST,
@@ -25,12 +24,14 @@ from models.hub.catalogue import find_entry
 from models.hub.formats import (
     bi_encoder_from_state,
     bi_encoder_state,
+    check_lxmert_config,
     cross_encoder_from_state,
     detect_format,
     infer_bi_encoder_config,
     load_tensors,
     read_model_config,
     save_model_dir,
+    visualbert_config,
 )
 from models.nn.config import BiEncoderConfig
 from models.nn.cross_encoder import CrossEncoder
@@ -122,15 +123,14 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
 def _dir_kind(src: Path) -> str:
     config = src / "config.json"
     if config.is_file():
-        try:
-            meta = json.loads(config.read_text())
-        except ValueError:
-            raise CheckpointError(f"{config} is not valid JSON") from None
+        meta = read_json_object(config, CheckpointError, f"{config} is missing", "not a model config ldot knows")
         if meta.get("format") == "ldot-model":
             return read_model_config(src)["kind"]
         if meta.get("model_type") == "lxmert":
+            check_lxmert_config(meta, config)
             return "lxmert"
         if meta.get("model_type") == "visual_bert":
+            visualbert_config(meta, config)
             return "visualbert"
         if meta.get("model_type") == "bert":
             return "text-encoder"

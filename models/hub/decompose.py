@@ -14,7 +14,6 @@ Converters are pure functions on state dicts; each is checked against the source
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from models.core.errors import CheckpointError, ModelError
+from models.core.fileio import read_json_object
 from models.hub.formats import (
     CONFIG_FILE,
     MODEL_FORMAT,
@@ -34,8 +34,9 @@ from models.hub.formats import (
     load_tensors,
     normalize_keys,
     read_model_config,
+    visualbert_config,
 )
-from models.nn.config import CrossEncoderConfig, DecomposedConfig, TransformerConfig
+from models.nn.config import CrossEncoderConfig, DecomposedConfig
 from models.nn.decomposed import DecomposedEncoder
 
 VISUALBERT_REGION_KEYS = ("visual_projection.", "visual_token_type_embeddings.", "visual_position_embeddings.")
@@ -64,7 +65,7 @@ def visualbert_to_decomposed(state: Tensors) -> Tensors:
     for key, value in normalize_keys(state).items():
         if key.startswith("cls."):
             continue
-        name = key[len("visual_bert."):] if key.startswith("visual_bert.") else key
+        name = key.removeprefix("visual_bert.")
         if name.startswith("embeddings.") and name[len("embeddings."):].startswith(VISUALBERT_REGION_KEYS):
             name = "img_embeddings." + name[len("embeddings."):]
         elif not name.startswith(("embeddings.", "encoder.", "pooler.")):
@@ -73,21 +74,6 @@ def visualbert_to_decomposed(state: Tensors) -> Tensors:
     if "bert.img_embeddings.visual_projection.weight" not in out:
         raise CheckpointError("not a VisualBERT checkpoint: no embeddings.visual_projection")
     return out
-
-
-def visualbert_config(hf: dict[str, Any]) -> tuple[TransformerConfig, int]:
-    """(body shape, region feature size) from a VisualBERT ``config.json``."""
-    act = hf.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"VisualBERT hidden_act {act!r} is not supported (expected 'gelu')")
-    body = TransformerConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                             num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                             intermediate_size=hf["intermediate_size"],
-                             max_position_embeddings=hf["max_position_embeddings"],
-                             type_vocab_size=hf.get("type_vocab_size", 2),
-                             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                             dropout=hf.get("hidden_dropout_prob", 0.1))
-    return body, int(hf["visual_embedding_dim"])
 
 
 @dataclass
@@ -110,7 +96,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
     entry = find_entry(str(name))
     if path.is_dir():
         config_path = path / CONFIG_FILE
-        raw = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        raw = read_json_object(config_path, CheckpointError, "", "re-download or re-import the model") \
+            if config_path.is_file() else {}
         if raw.get("format") == MODEL_FORMAT:
             meta = read_model_config(path)
             state = load_tensors(path / WEIGHTS_FILE)
@@ -129,7 +116,7 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
             if weights is None:
                 raise ModelError(f"{path} holds no model.safetensors or pytorch_model.bin: download the weights "
                                  f"(`ldot models download {name}`)")
-            body, img_dim = visualbert_config(raw)
+            body, img_dim = visualbert_config(raw, config_path)
             tokenizer = entry.tokenizer if entry is not None and entry.tokenizer else "bert-base-uncased"
             config = DecomposedConfig(body=body, img_dim=img_dim, region_embedding="visualbert", tokenizer=tokenizer,
                                       lowercase=True)
@@ -161,7 +148,10 @@ def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str
     for key, value in (("text_len", text_len), ("max_regions", max_regions), ("temperature", temperature)):
         if value is not None:
             overrides[key] = value
-    config = replace(source.config, **overrides)
+    try:
+        config = replace(source.config, **overrides)
+    except ValueError as exc:  # a length or temperature out of range (`models.nn.config.DecomposedConfig`)
+        raise ModelError(f"cannot decompose {source.name}: {exc}") from None
     if config.body.vocab_size != tokenizer.vocab_size:
         raise ModelError(f"{source.name} has a {config.body.vocab_size}-word vocabulary but its tokenizer has "
                          f"{tokenizer.vocab_size}: pass the source's own tokenizer")

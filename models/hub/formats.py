@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.core.config import range_problem
 from models.core.errors import CheckpointError, UnsafeCheckpointError
 from models.core.fileio import new_dir, read_json_object
 from models.nn.bi_encoder import BiEncoder
@@ -97,8 +98,7 @@ def normalize_keys(state: Mapping[str, Any]) -> Tensors:
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
-        if key.startswith("module."):
-            key = key[len("module."):]
+        key = key.removeprefix("module.")
         if key.endswith("position_ids"):
             continue
         key = re.sub(r"\.gamma$", ".weight", key)
@@ -118,7 +118,7 @@ def detect_format(obj: Any) -> str:
         return "lightningdot-finetuned"
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors)")
-    keys = [k[len("module."):] if k.startswith("module.") else k for k in obj]
+    keys = [k.removeprefix("module.") for k in obj]
     if any(k.startswith("bert.img_model.") or k.startswith("bert.txt_model.") for k in keys):
         return "lightningdot-pretrained"
     if any(k.startswith("img_model.") for k in keys) and any(k.startswith("txt_model.") for k in keys):
@@ -197,9 +197,12 @@ def infer_transformer_config(state: Mapping[str, torch.Tensor], prefix: str) -> 
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the model shape: missing {exc.args[0]!r}") from None
     layer_ids = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k))}
-    return TransformerConfig(vocab_size=vocab, hidden_size=hidden, num_layers=len(layer_ids),
-                             num_heads=max(1, hidden // 64), intermediate_size=inter,
-                             max_position_embeddings=max_pos, type_vocab_size=types)
+    try:
+        return TransformerConfig(vocab_size=vocab, hidden_size=hidden, num_layers=len(layer_ids),
+                                 num_heads=max(1, hidden // 64), intermediate_size=inter,
+                                 max_position_embeddings=max_pos, type_vocab_size=types)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's shape is not a model ldot can build: {exc}") from None
 
 
 def infer_bi_encoder_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> BiEncoderConfig:
@@ -214,7 +217,10 @@ def infer_bi_encoder_config(state: Mapping[str, torch.Tensor], **overrides: Any)
                   image=infer_transformer_config(state, "img_model.bert."),
                   img_dim=img_dim, pos_dim=pos_dim, project_dim=project_dim)
     fields.update(overrides)
-    return BiEncoderConfig(**fields)
+    try:
+        return BiEncoderConfig(**fields)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's shape is not a model ldot can build: {exc}") from None
 
 
 def infer_cross_encoder_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CrossEncoderConfig:
@@ -222,8 +228,66 @@ def infer_cross_encoder_config(state: Mapping[str, torch.Tensor], **overrides: A
         img_dim, pos_dim = (state[f"bert.img_embeddings.{n}.weight"].shape[1] for n in ("img_linear", "pos_linear"))
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the model shape: missing {exc.args[0]!r}") from None
-    return CrossEncoderConfig(body=infer_transformer_config(state, "bert."), img_dim=img_dim, pos_dim=pos_dim,
-                              **overrides)
+    try:
+        return CrossEncoderConfig(body=infer_transformer_config(state, "bert."), img_dim=img_dim, pos_dim=pos_dim,
+                                  **overrides)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's shape is not a model ldot can build: {exc}") from None
+
+
+# -- Hugging Face config.json (VisualBERT, LXMERT) ----------------------------------------------------
+HF_BODY_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_attention_heads": "num_heads",
+                "intermediate_size": "intermediate_size", "max_position_embeddings": "max_position_embeddings",
+                "type_vocab_size": "type_vocab_size", "layer_norm_eps": "layer_norm_eps",
+                "hidden_dropout_prob": "dropout"}  # its key -> our `TransformerConfig` field
+
+
+def hf_transformer_config(raw: Mapping[str, Any], path: str | Path, layers: str = "num_hidden_layers",
+                          required: Iterable[str] = ()) -> TransformerConfig:
+    """The transformer body a Hugging Face BERT-family ``config.json`` describes (``layers``: the key of its layer
+    count), every value range-checked as ldot's own configs are (`models.core.config.bounded`). Raises
+    `CheckpointError` naming the file and ITS key for a missing required key or an absurd value."""
+    keys = {**HF_BODY_KEYS, layers: "num_layers"}
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(map(repr, missing))}: not a complete model config")
+    values = {ours: raw[theirs] for theirs, ours in keys.items() if theirs in raw}
+    problem = range_problem(TransformerConfig, values, {ours: theirs for theirs, ours in keys.items()})
+    if problem is None:
+        try:
+            return TransformerConfig(**values)
+        except (ValueError, TypeError) as exc:
+            problem = str(exc)
+    raise CheckpointError(f"{path}: {problem}: not a model ldot can build (the file is damaged or not this model's)")
+
+
+def check_lxmert_config(raw: Mapping[str, Any], path: str | Path) -> None:
+    """An LXMERT ``config.json`` checked before transformers builds it: its body (each of its language, cross and
+    vision layer counts) and region sizes in range. Raises `CheckpointError` naming the file and the key."""
+    for layers in ("l_layers", "x_layers", "r_layers"):
+        hf_transformer_config(raw, path, layers)
+    names = {"img_dim": "visual_feat_dim", "pos_dim": "visual_pos_dim"}
+    problem = range_problem(CrossEncoderConfig, {ours: raw[theirs] for ours, theirs in names.items() if theirs in raw},
+                            names)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}: not a model ldot can build (the file is damaged or not this "
+                              "model's)")
+
+
+def visualbert_config(hf: dict[str, Any], path: str | Path = "config.json") -> tuple[TransformerConfig, int]:
+    """(body shape, region feature size) from a VisualBERT ``config.json`` (``path``), range-checked: a
+    `CheckpointError` naming the file and the key otherwise."""
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"VisualBERT hidden_act {act!r} is not supported (expected 'gelu')")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "visual_embedding_dim")
+    body = hf_transformer_config(hf, path, "num_hidden_layers", required)
+    problem = range_problem(CrossEncoderConfig, {"img_dim": hf["visual_embedding_dim"]},
+                            {"img_dim": "visual_embedding_dim"})
+    if problem:
+        raise CheckpointError(f"{path}: {problem}: not a model ldot can build")
+    return body, int(hf["visual_embedding_dim"])
 
 
 # -- strict loading ------------------------------------------------------------------------------

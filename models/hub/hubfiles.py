@@ -9,7 +9,8 @@ network. The bytes come through ldot's own downloader: huggingface_hub 2.x write
 process-unique temp file and deletes it on failure, so an interrupted run starts over (read in its
 ``_download_to_tmp_and_move`` and measured, see the note of issue 11), while ours resumes ``blobs/<etag>.part``
 with a Range request. A large (LFS) file's etag is its sha256, which is checked; a small file's etag is its git
-blob sha1, which is checked too.
+blob sha1, which is checked too. A blob already in the cache is checked against its name before it is used
+(`blob_problem`): one that was changed there is deleted and downloaded again.
 """
 
 from __future__ import annotations
@@ -108,6 +109,20 @@ def git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+def blob_problem(path: Path) -> str | None:
+    """What a file of the shared cache fails to be, by its blob's name: an LFS blob is named by its sha256, a
+    small file's by its git blob sha1. Returns the hash it fails ("sha256", "git sha1"), or None when it holds
+    what its name says (or its name is no hash)."""
+    from models.core.fileio import sha256_file
+
+    blob = path.resolve()
+    if SHA256_RE.match(blob.name):
+        return None if sha256_file(blob) == blob.name else "sha256"
+    if SHA1_RE.match(blob.name):
+        return None if git_blob_sha1(blob) == blob.name else "git sha1"
+    return None
+
+
 def _sha256_of(path: Path) -> str:
     from models.core.fileio import sha256_file
 
@@ -119,11 +134,19 @@ def fetch_hub_file(repo: str, filename: str, revision: str = "main", progress: P
                    timeout: float = 30.0) -> Fetched:
     """The file ``repo/filename`` at ``revision`` in the shared cache, downloaded (resumably) when missing."""
     found = cached(repo, filename, revision)
+    damaged = ""
     if found is not None:
-        return Fetched(found, revision if SHA1_RE.match(revision) else None, _sha256_of(found), found.stat().st_size,
-                       False)
+        bad = blob_problem(found)
+        if bad is None:
+            return Fetched(found, revision if SHA1_RE.match(revision) else None, _sha256_of(found),
+                           found.stat().st_size, False)
+        damaged = f"{found.resolve()} (the cached {filename} of {repo}) does not match its {bad} name"
+        if not offline():
+            found.resolve().unlink()  # fetched again below
     endpoint = hub_endpoint()
     url = f"{endpoint}/{repo}/resolve/{revision}/{filename}"
+    if damaged and offline():
+        raise HubOfflineError(f"{damaged}, and HF_HUB_OFFLINE is set: unset it to download it again")
     if offline():
         raise HubOfflineError(f"{filename} of {repo} is not in the Hugging Face cache {hub_cache_dir()} and "
                               "HF_HUB_OFFLINE is set (unset it to download)")
@@ -140,6 +163,8 @@ def fetch_hub_file(repo: str, filename: str, revision: str = "main", progress: P
     lock.parent.mkdir(parents=True, exist_ok=True)
     downloaded = False
     with FileLock(str(lock)):
+        if blob.is_file() and blob_problem(blob) is not None:  # changed in the cache: fetched again
+            blob.unlink()
         if not blob.is_file():
             location = meta.location or url
             headers = {}

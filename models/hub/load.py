@@ -19,6 +19,7 @@ from models.hub.formats import (
     bi_encoder_state,
     build_on_meta,
     cast_state,
+    check_lxmert_config,
     cross_encoder_from_state,
     load_model_state,
     load_strict,
@@ -141,6 +142,7 @@ def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch
             raise CheckpointError(f"cannot read {path / 'config.json'} ({exc}): re-import or re-download the "
                                   "model") from None
         if isinstance(raw, dict) and raw.get("model_type") == "lxmert":
+            check_lxmert_config(raw, path / "config.json")
             return _load_lxmert(path, tokenizer, dev, dtype)
         meta, state = load_model_state(path)
         if meta["kind"] != "uniter-itm":

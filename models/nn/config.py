@@ -9,24 +9,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from models.core.config import config_from_dict
+from models.core.config import bounded, check_ranges, config_from_dict
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
     """A BERT-shaped transformer body (the text tower, the UNITER image tower, the cross-encoder)."""
 
-    vocab_size: int = 28996  # word-piece vocabulary (bert-base-cased: 28996)
-    hidden_size: int = 768  # width of every token state
-    num_layers: int = 12  # transformer blocks
-    num_heads: int = 12  # attention heads (official files: hidden_size / 64)
-    intermediate_size: int = 3072  # feed-forward width
-    max_position_embeddings: int = 512  # longest text the position table covers
-    type_vocab_size: int = 2  # token types: 0 text, 1 image region
-    layer_norm_eps: float = 1e-12  # LayerNorm epsilon everywhere in the body
-    dropout: float = 0.1  # hidden and attention-probability dropout (training only)
+    # Each value is range-checked when a config is built (`bounded`): a config.json from elsewhere cannot ask for
+    # zero heads, 100,000 layers or a 10^6-wide body.
+    vocab_size: int = bounded(28996, 1, 1_000_000)  # word-piece vocabulary (bert-base-cased: 28996)
+    hidden_size: int = bounded(768, 1, 16_384)  # width of every token state
+    num_layers: int = bounded(12, 1, 256)  # transformer blocks
+    num_heads: int = bounded(12, 1, 256)  # attention heads (official files: hidden_size / 64)
+    intermediate_size: int = bounded(3072, 1, 65_536)  # feed-forward width
+    max_position_embeddings: int = bounded(512, 1, 65_536)  # longest text the position table covers
+    type_vocab_size: int = bounded(2, 1, 1024)  # token types: 0 text, 1 image region
+    layer_norm_eps: float = bounded(1e-12, 1e-30, 1.0)  # LayerNorm epsilon everywhere in the body
+    dropout: float = bounded(0.1, 0.0, 1.0)  # hidden and attention-probability dropout (training only)
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
@@ -37,12 +40,15 @@ class BiEncoderConfig:
 
     text: TransformerConfig = field(default_factory=TransformerConfig)  # text tower body
     image: TransformerConfig = field(default_factory=TransformerConfig)  # image tower body (UNITER)
-    img_dim: int = 2048  # region feature size (BUTD res5 mean-pool)
-    pos_dim: int = 7  # box feature size: norm_bb (6) + area
-    project_dim: int = 768  # output of the Linear->GELU->LN->Linear projection, the retrieval vector
-    cls_token_id: int = 101  # the one text token the image tower reads before the regions ([CLS])
+    img_dim: int = bounded(2048, 1, 65_536)  # region feature size (BUTD res5 mean-pool)
+    pos_dim: int = bounded(7, 1, 64)  # box feature size: norm_bb (6) + area
+    project_dim: int = bounded(768, 1, 16_384)  # output of the Linear->GELU->LN->Linear projection, the retrieval vector
+    cls_token_id: int = bounded(101, 0, 1_000_000)  # the one text token the image tower reads before the regions ([CLS])
     tokenizer: str = "bert-base-cased"  # registry name or path of the text tokenizer
     lowercase: bool = False  # tokenizer lower-cases and strips accents (uncased vocabularies)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,10 +64,13 @@ class CrossEncoderConfig:
     """UNITER used as a cross-encoder: text tokens and regions in one stream, pooler -> Linear(hidden, 1)."""
 
     body: TransformerConfig = field(default_factory=TransformerConfig)  # the UNITER body
-    img_dim: int = 2048  # region feature size
-    pos_dim: int = 7  # box feature size
+    img_dim: int = bounded(2048, 1, 65_536)  # region feature size
+    pos_dim: int = bounded(7, 1, 64)  # box feature size
     tokenizer: str = "bert-base-cased"  # registry name or path of the text tokenizer
     lowercase: bool = False  # tokenizer lower-cases
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,15 +120,15 @@ class DecomposedConfig:
     """
 
     body: TransformerConfig = field(default_factory=TransformerConfig)  # the shared transformer
-    img_dim: int = 2048  # region feature size
-    pos_dim: int = 7  # box feature size (uniter region embedding)
+    img_dim: int = bounded(2048, 1, 65_536)  # region feature size
+    pos_dim: int = bounded(7, 1, 64)  # box feature size (uniter region embedding)
     region_embedding: str = "uniter"  # uniter | visualbert
-    text_len: int = 35  # text input length: [CLS] word-pieces [SEP], cut and padded to this (also the tag part)
-    max_regions: int = 100  # regions per image: extras cut, fewer zero-padded
-    temperature: float = 0.005  # InfoNCE temperature of training (scores are cosine / temperature)
-    cls_token_id: int = 101
-    sep_token_id: int = 102
-    pad_token_id: int = 0
+    text_len: int = bounded(35, 3, 4096)  # text input length: [CLS] word-pieces [SEP], cut and padded to this (also the tag part)
+    max_regions: int = bounded(100, 1, 4096)  # regions per image: extras cut, fewer zero-padded
+    temperature: float = bounded(0.005, 1e-6, 100.0)  # InfoNCE temperature of training (scores are cosine / temperature)
+    cls_token_id: int = bounded(101, 0, 1_000_000)
+    sep_token_id: int = bounded(102, 0, 1_000_000)
+    pad_token_id: int = bounded(0, 0, 1_000_000)
     tags: tuple[str, ...] = ()  # object vocabulary (class id -> words) for the [CLS] tags [SEP] image prefix
     tokenizer: str = "bert-base-cased"  # registry name or path of the tokenizer
     lowercase: bool = False
@@ -127,8 +136,7 @@ class DecomposedConfig:
     def __post_init__(self) -> None:
         if self.region_embedding not in ("uniter", "visualbert"):
             raise ValueError(f"unknown region embedding {self.region_embedding!r}: uniter or visualbert")
-        if self.text_len < 3 or self.max_regions < 1:
-            raise ValueError("text_len must be at least 3 and max_regions at least 1")
+        check_ranges(self)
 
     @property
     def project_dim(self) -> int:

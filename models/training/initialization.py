@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from models.core.errors import CheckpointError, ModelError
+from models.core.fileio import read_json_object
 from models.hub.formats import (
     CONFIG_FILE,
     MODEL_FORMAT,
@@ -31,6 +32,7 @@ from models.hub.formats import (
     Tensors,
     bi_encoder_state,
     detect_format,
+    hf_transformer_config,
     infer_bi_encoder_config,
     infer_transformer_config,
     load_strict,
@@ -101,19 +103,14 @@ def bert_config(directory: Path | None, body: Tensors) -> TransformerConfig:
     """The body's shape from a Hugging Face ``config.json`` beside the weights, else from tensor shapes."""
     path = directory / CONFIG_FILE if directory is not None else None
     if path is not None and path.is_file():
-        try:
-            hf = json.loads(path.read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+        hf = read_json_object(path, CheckpointError, f"{path} is missing", "not a BERT config.json")
         if hf.get("model_type") == "bert":
             act = hf.get("hidden_act", "gelu")
             if act != "gelu":
                 raise CheckpointError(f"{path}: hidden_act {act!r} is not supported (BERT uses 'gelu')")
-            return TransformerConfig(
-                vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-                num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                max_position_embeddings=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-                layer_norm_eps=hf.get("layer_norm_eps", 1e-12), dropout=hf.get("hidden_dropout_prob", 0.1))
+            return hf_transformer_config(hf, path, "num_hidden_layers", required=(
+                "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings"))
     return infer_transformer_config(body, "")
 
 
@@ -166,7 +163,8 @@ def read_source(name: str | Path) -> Source:
     path = resolve_source(name)
     if path.is_dir():
         config_file = path / CONFIG_FILE
-        if config_file.is_file() and json.loads(config_file.read_text()).get("format") == MODEL_FORMAT:
+        if config_file.is_file() and read_json_object(config_file, CheckpointError, f"{config_file} is missing",
+                                                      "not a model config ldot knows").get("format") == MODEL_FORMAT:
             meta = read_model_config(path)
             state = load_tensors(path / WEIGHTS_FILE)
             kind = {"bi-encoder": "bi-encoder", "uniter-itm": "uniter"}.get(meta["kind"])
@@ -315,7 +313,7 @@ def _lowercase(directory: Path | None) -> bool:
         return False
     try:
         return bool(json.loads((directory / "tokenizer_config.json").read_text()).get("do_lower_case", False))
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, not an object
         return False
 
 
