@@ -297,9 +297,10 @@ def test_the_rescoring_files_are_verified_and_rebuilt_from_sqlite(damage):
             data.write_bytes(data.read_bytes()[:-row])
         else:  # written by an ldot that recorded no hashes of them: checked once against SQLite by rebuilding
             store.set_meta({"rescore_record": ""})
-        with pytest.raises(IndexStoreError, match="damaged"):
+        with pytest.raises(IndexStoreError, match="older ldot" if damage == "no record" else "damaged"):
             store.read_faiss()
-        assert "re-scoring" in store.sync_faiss()  # rebuilt from SQLite, the parts kept
+        said = store.sync_faiss()  # rebuilt from SQLite, the parts kept
+        assert "re-scoring" in said and ("damaged" in said) == (damage != "no record"), said
         got = ann.search(store.read_faiss()[0], queries, 10)
         assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5)
         record = json.loads(store.get_meta("rescore_record"))
@@ -324,3 +325,28 @@ def test_rescoring_files_appended_to_stay_verified_without_rehashing(monkeypatch
         store.read_faiss()
         assert len(hashed) == 4  # ... matched and remembered: not again
         assert ann.search(store.read_faiss()[0], vectors[950:951], 1)[1][0, 0] == 951
+
+
+def test_rescoring_files_of_an_older_ldot_are_recorded_without_a_damage_warning():
+    """An IVF-PQ index written before the re-scoring files had a record: the first search rewrites them from
+    SQLite and records them, silently (it is an upgrade, not damage), and finds the same hits."""
+    import warnings
+
+    from ldot_cli.index.search import Searcher
+    from models.core.errors import LdotWarning
+
+    vectors = clustered(900)
+    with make("old", ann.PQ, vectors, part_rows=400) as store:
+        store.set_meta({"model": "tiny"})
+        want = ann.search(store.read_faiss()[0], vectors[:3] + 0.01, 5)[1]
+        store.db.execute("DELETE FROM meta WHERE key = 'rescore_record'")
+        store.db.commit()
+    searcher = Searcher("old")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LdotWarning)
+            hits = [searcher.search_vector(q[None], k=5) for q in vectors[:3] + 0.01]
+        assert [[h.vector_id for h in row] for row in hits] == want.tolist()
+        assert searcher.store.get_meta("rescore_record")
+    finally:
+        searcher.close()

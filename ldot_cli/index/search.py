@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index.hits import Hit
-from ldot_cli.index.store import IndexStore, IndexStoreError, index_path
+from ldot_cli.index.store import IndexStore, IndexStoreError, IndexUnrecorded, index_path
 from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
@@ -117,20 +117,22 @@ class Searcher:
         if sha != self._faiss_sha:
             try:
                 self._faiss = self.store.read_faiss()
-            except IndexStoreError:
-                self._faiss = self._repair()
+            except IndexStoreError as exc:
+                self._faiss = self._repair(upgrade=isinstance(exc, IndexUnrecorded))
             self._faiss_sha = self.store.get_meta("faiss_sha256")
         return self._faiss
 
-    def _repair(self) -> tuple[Any, int] | None:
-        """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only."""
+    def _repair(self, upgrade: bool = False) -> tuple[Any, int] | None:
+        """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only.
+        ``upgrade``: files an older ldot wrote without a checksum, rewritten and recorded once (no warning)."""
         from ldot_cli.index.store import writer_lock
 
         with writer_lock(self.store.dir, wait=False) as held:
             if not held:
                 return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
-            warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
-                                      "rebuilt it from the index database"), stacklevel=2)
+            if not upgrade:
+                warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
+                                          "rebuilt it from the index database"), stacklevel=2)
             self.store.sync_faiss()  # only the damaged parts of an approximate index, all of an exact one
             try:
                 return self.store.read_faiss()

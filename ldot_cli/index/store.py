@@ -99,6 +99,10 @@ class IndexStoreError(LdotError):
     """An index is missing, damaged, from another model or from a newer ldot."""
 
 
+class IndexUnrecorded(IndexStoreError):
+    """A vector file an older ldot wrote without a checksum: rewritten from SQLite once, which is no damage."""
+
+
 FILE_COLUMNS = ("path", "root", "size", "mtime_ns", "content_hash", "status", "reason", "retry", "vector_id")
 
 
@@ -540,13 +544,13 @@ class IndexStore:
                 before = index.ntotal
                 ann.remove(index, gone[slots == j])
                 dropped += before - index.ntotal
-        rescored = False
+        rescored = ""
         if kind == ann.PQ:
             try:
                 self._check_rescore(self.meta())
-            except (FileNotFoundError, _Damaged):
+            except (FileNotFoundError, _Damaged) as exc:
                 self._rewrite_rescore()  # every vector SQLite holds, the ones added below included
-                rescored = True
+                rescored = "recorded" if isinstance(exc, _Unrecorded) else "damaged"
         ids, vectors = self.vectors(min_id=max_id)
         if kind == ann.PQ and len(ids):
             rows = int(self.get_meta("rescore_rows", "0"))
@@ -575,7 +579,10 @@ class IndexStore:
         kept = [p for j, p in enumerate(parts) if p["rows"] or j == len(parts) - 1]  # empty parts go
         self._commit_index(kind, kept, trained_record, removed, generation if changed else None)
         return (f"added {len(ids)}, removed {dropped}" + (f", repaired {repaired} damaged part(s)" if repaired else "")
-                + (", re-scoring vectors rebuilt from the index database (they were damaged)" if rescored else "")
+                + (", re-scoring vectors rebuilt from the index database (they were damaged)"
+                   if rescored == "damaged" else "")
+                + (", re-scoring vectors of an older ldot rewritten from the index database and recorded"
+                   if rescored == "recorded" else "")
                 + (f" ({len(changed)} of {len(kept)} parts rewritten)" if len(kept) > 1 else ""))
 
     # -- the fp16 re-scoring files of IVF-PQ ----------------------------------------------------
@@ -614,8 +621,10 @@ class IndexStore:
         rows = self._number("rescore_rows", meta.get("rescore_rows", "0"))
         dim = self._number("dim", meta.get("dim", "0"))
         record = self._rescore_record(meta)
+        if not meta.get("rescore_record"):
+            raise _Unrecorded(data)  # written by an ldot that recorded none: rewritten once from SQLite
         if record is None or record["rows"] != rows:
-            raise _Damaged(data)  # written by an ldot that recorded none: rewritten once from SQLite
+            raise _Damaged(data)
         stamps = [file_stamp(data), file_stamp(ids)]
         if stamps == record["stamps"]:
             return rows
@@ -990,6 +999,9 @@ class IndexStore:
                 if index.ntotal != total:
                     raise _Damaged(self.dir)
                 return index, self._number("faiss_max_id", meta.get("faiss_max_id", "0"))
+            except _Unrecorded:
+                raise IndexUnrecorded(f"the re-scoring vectors of index {self.name!r} were written by an older "
+                                      "ldot that recorded no checksum") from None
             except (FileNotFoundError, _Damaged):
                 pass
             if self.get_meta("faiss_sha256") == want:  # nobody rewrote it meanwhile: damaged
@@ -1000,3 +1012,7 @@ class IndexStore:
 
 class _Damaged(Exception):
     """A vector index file that does not match its record (read_faiss turns it into `IndexStoreError`)."""
+
+
+class _Unrecorded(_Damaged):
+    """IVF-PQ re-scoring files written by an ldot that recorded no checksum for them (not damage: an upgrade)."""
