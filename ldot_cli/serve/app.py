@@ -18,19 +18,21 @@ One query runs at a time (a lock around the `Searcher`); the index is re-read wh
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi import Path as UrlPart
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from ldot_cli.index.hits import hit_json
 from ldot_cli.index.search import QueryError, Request, Searcher
@@ -42,6 +44,8 @@ MAX_QUERY_CHARS = 10_000  # the text tower reads 512 word-pieces at most; longer
 MAX_BODY_BYTES = 64_000
 MAX_K = 1000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_ID = 2**63 - 1  # vector ids are SQLite integers: a larger one cannot name an image (and overflows SQLite)
+MAX_MIN_SCORE_CHARS = 32
 
 
 def is_loopback(host: str) -> bool:
@@ -142,17 +146,38 @@ class ServeState:
                 self.searcher = None
 
 
+def _min_score(value: Any) -> Any:
+    """``min_score``: a finite JSON number, a short string ("auto", "0.3"), or null; anything else is a 422
+    (NaN, Infinity and 1e400 parse as non-finite floats; a bool is not a number)."""
+    if value is None or isinstance(value, str) and len(value) <= MAX_MIN_SCORE_CHARS:
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"at most {MAX_MIN_SCORE_CHARS} characters")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return number
+    raise ValueError("must be a number, 'auto' or null")
+
+
+VectorId = Annotated[int, UrlPart(ge=0, le=MAX_ID)]
+
+
 class SearchBody(BaseModel):
     """One query of the API: exactly one of q, id and sha256."""
 
     q: str | None = Field(None, max_length=MAX_QUERY_CHARS)
-    id: int | None = Field(None, ge=0)
+    id: int | None = Field(None, ge=0, le=MAX_ID)
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
     k: int = Field(10, ge=1, le=MAX_K)
     rerank: bool = False
     rerank_k: int = Field(50, ge=1, le=MAX_K)
     reranker: str | None = Field(None, max_length=200)
-    min_score: str | float | None = Field(None, max_length=32)
+    min_score: Annotated[str | float | None, BeforeValidator(_min_score)] = None
     regions: bool = False
 
 
@@ -225,7 +250,7 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
             raise HTTPException(404, str(exc)) from None
 
     @app.get("/thumb/{vector_id}")
-    def thumb(vector_id: int) -> Any:
+    def thumb(vector_id: VectorId) -> Any:
         from ldot_cli.index.store import index_path
         from ldot_cli.index.thumbs import thumbnail
 
@@ -237,7 +262,7 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/photo/{vector_id}")
-    def photo(vector_id: int) -> Any:
+    def photo(vector_id: VectorId) -> Any:
         from ldot_cli.index.thumbs import browser_image
 
         _, path = _image(vector_id)
