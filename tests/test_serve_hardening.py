@@ -3,14 +3,18 @@ request values that must be refused with a 422, not a 500."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pytest
 from fakes import FakeDetector
 from ldot_testing import install_tiny_model, make_photos, write_vocab
 
 pytest.importorskip("fastapi")  # the serve extra is optional for users; the test extra installs it
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from ldot_cli.serve.app import ServeState, create_app  # noqa: E402
+from ldot_cli.index.search import Request
+from ldot_cli.serve.app import ServeState, create_app
 
 QUERY = "a dog on the beach"
 
@@ -71,3 +75,120 @@ def test_huge_ids_are_a_422(client, route, number):
 def test_the_largest_sqlite_id_is_just_not_found(client):
     assert client.get(f"/thumb/{2**63 - 1}").status_code == 404
     assert search(client, {"id": 2**63 - 1}).status_code == 400
+
+
+# -- only the indexed bytes are served ----------------------------------------------------------------------
+def _first(client, home, name):
+    hits = search(client, {"q": QUERY, "k": 10}).json()["hits"]
+    return next(h for h in hits if h["path"].endswith(name))
+
+
+def test_a_symlink_swapped_in_for_an_indexed_photo_is_not_served(home, client, tmp_path):
+    import os
+    import shutil
+
+    hit = _first(client, home, "img_001.png")
+    photo = Path(hit["path"])
+    saved = tmp_path / "saved.png"
+    shutil.copy2(photo, saved)  # same bytes, size and mtime: restored below
+    secret = tmp_path / "secret.png"
+    make_photos(tmp_path / "other", 1, start=77, size=(96, 64))[0].rename(secret)
+    photo.unlink()
+    os.symlink(secret, photo)
+    try:
+        assert client.get(f"/photo/{hit['id']}").status_code == 404
+        assert client.get(f"/thumb/{hit['id']}").status_code == 404
+        # same size and mtime as the indexed file, other bytes: the content hash refuses it, and no thumbnail of
+        # those bytes is cached under the indexed content's name
+        photo.unlink()
+        data = bytearray(saved.read_bytes())
+        data[-20] ^= 0xFF
+        photo.write_bytes(bytes(data))
+        stamp = saved.stat()
+        os.utime(photo, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert client.get(f"/photo/{hit['id']}").status_code == 404
+        assert client.get(f"/thumb/{hit['id']}").status_code == 404
+        from ldot_cli.index.store import IndexStore, index_path
+        from ldot_cli.index.thumbs import thumb_path
+
+        with IndexStore(index_path("default")) as store:
+            digest = store.content_hashes([hit["id"]])[hit["id"]]
+        assert not thumb_path(index_path("default"), digest).exists()
+    finally:
+        photo.unlink()
+        shutil.copy2(saved, photo)
+    photo_ok = client.get(f"/photo/{hit['id']}")
+    assert photo_ok.status_code == 200 and photo_ok.content == saved.read_bytes()
+    thumb = client.get(f"/thumb/{hit['id']}")
+    assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
+    from PIL import Image
+
+    from ldot_cli.index.thumbs import thumbnail
+
+    want = thumbnail(tmp_path, digest, lambda: saved.read_bytes())  # made fresh from the indexed bytes
+    assert thumb.content == want
+    assert Image.open(io.BytesIO(thumb.content)).size == Image.open(io.BytesIO(want)).size
+
+
+def test_a_changed_photo_is_refused_until_re_indexed(home, client):
+    import os
+
+    hit = _first(client, home, "img_002.png")
+    photo = Path(hit["path"])
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))  # a stamp that differs
+    try:
+        assert client.get(f"/photo/{hit['id']}").status_code == 404
+        got = client.get(f"/thumb/{hit['id']}")
+        assert got.status_code == 404 and "changed since it was indexed" in got.json()["error"]
+    finally:
+        os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns - 10**9))
+    assert client.get(f"/photo/{hit['id']}").status_code == 200
+
+
+# -- the host and index removal ------------------------------------------------------------------------------
+@pytest.mark.parametrize("bound, header, status", [
+    ("127.0.0.2", "127.0.0.2:8765", 200),
+    ("127.0.0.2", "127.0.0.2", 200),
+    ("127.0.0.1", "localhost:8765", 200),
+    ("::1", "[::1]:8765", 200),
+    ("::1", "[::1]", 200),
+    ("127.0.0.2", "evil.example:8765", 403),
+    ("127.0.0.2", "localtest.me:8765", 403),  # a DNS name for 127.0.0.1 (rebinding)
+])
+def test_a_loopback_server_accepts_its_own_address(home, monkeypatch, bound, header, status):
+    monkeypatch.setenv("LDOT_HOME", str(home))
+    state = ServeState("default")
+    try:
+        client = TestClient(create_app(state, host=bound))
+        assert client.get("/api/info", headers={"Host": header}).status_code == status
+    finally:
+        state.close()
+
+
+def test_a_thumbnail_racing_index_rm_does_not_recreate_the_index(home, client, monkeypatch, tmp_path):
+    import shutil
+
+    from ldot_cli.index import thumbs
+    from ldot_cli.index.indexer import remove_index
+    from ldot_cli.index.store import index_path
+
+    work = tmp_path / "home"
+    shutil.copytree(home / "models", work / "models")
+    shutil.copytree(home / "indexes", work / "indexes")
+    monkeypatch.setenv("LDOT_HOME", str(work))
+    state = ServeState("default")
+    hit = state.search(Request(text=QUERY, k=1))["hits"][0]
+    original = thumbs._oriented
+
+    def removed_meanwhile(data, name):  # `ldot index rm` runs while the thumbnail is being made
+        remove_index("default")
+        return original(data, name)
+
+    monkeypatch.setattr(thumbs, "_oriented", removed_meanwhile)
+    try:
+        with TestClient(create_app(state), base_url="http://127.0.0.1:8765") as racing:
+            got = racing.get(f"/thumb/{hit['id']}")
+        assert got.status_code == 200  # this request still gets its thumbnail...
+        assert not index_path("default").exists()  # ...but the removed index is not brought back
+    finally:
+        state.close()

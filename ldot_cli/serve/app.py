@@ -18,9 +18,12 @@ One query runs at a time (a lock around the `Searcher`); the index is re-read wh
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import math
 import os
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from ldot_cli.index.hits import hit_json
 from ldot_cli.index.search import QueryError, Request, Searcher
-from ldot_cli.index.store import DB_FILE, IndexStoreError, display_path
+from ldot_cli.index.store import DB_FILE, FileRow, IndexStoreError, display_path
 from models.core.errors import LdotError
 
 STATIC = Path(__file__).parent / "static"
@@ -50,6 +53,25 @@ MAX_MIN_SCORE_CHARS = 32
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port (``[::1]:80`` -> ``::1``)."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def names_loopback(hostname: str, bound: str) -> bool:
+    """A Host a loopback server answers: the loopback names, the address it is bound to, or any literal
+    loopback address (127.0.0.2...). A DNS name that merely resolves to 127.0.0.1 (DNS rebinding) is not."""
+    if hostname in LOOPBACK or hostname == bound:
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -126,18 +148,38 @@ class ServeState:
                                 "rerank_ms": round(t.rerank_ms, 2),
                                 "regions_ms": round(t.extra.get("regions_ms", 0.0), 2), "total_ms": round(total, 2)}}
 
-    def image_file(self, vector_id: int) -> tuple[str, bytes]:
-        """(content hash, path) of an indexed image whose file still exists; QueryError when none."""
+    def _indexed(self, vector_id: int) -> tuple[str, list[FileRow]]:
         with self.lock:
             searcher = self.get()
             hashes = searcher.store.content_hashes([vector_id])
-            paths = searcher.store.paths_for_vectors([vector_id]).get(vector_id, [])
+            rows = searcher.store.indexed_files(vector_id)
         if vector_id not in hashes:
             raise QueryError(f"no indexed image has id {vector_id}")
-        for path in paths:
-            if os.path.isfile(path):
-                return hashes[vector_id], path
-        raise QueryError(f"the file of image {vector_id} is gone")
+        return hashes[vector_id], rows
+
+    def current_file(self, vector_id: int) -> tuple[str, FileRow]:
+        """(content hash, file row) of an indexed image whose file still has the stamp (size, mtime) it was
+        indexed with; QueryError when none has."""
+        digest, rows = self._indexed(vector_id)
+        for row in rows:
+            try:
+                info = os.stat(row.path)
+            except OSError:
+                continue
+            if _stamp_matches(row, info):
+                return digest, row
+        raise QueryError(_gone(vector_id, rows))
+
+    def image_bytes(self, vector_id: int) -> tuple[str, FileRow, bytes]:
+        """(content hash, file row, bytes) of an indexed image: only bytes read from a file whose stamp still
+        matches its row and whose sha256 is the indexed content hash (a file replaced, or a symlink swapped
+        in, since it was indexed is never served); QueryError when no file of the image qualifies."""
+        digest, rows = self._indexed(vector_id)
+        for row in rows:
+            data = _read_indexed(row)
+            if data is not None and hashlib.sha256(data).hexdigest() == digest:
+                return digest, row, data
+        raise QueryError(_gone(vector_id, rows))
 
     def close(self) -> None:
         with self.lock:
@@ -152,7 +194,7 @@ def _min_score(value: Any) -> Any:
     if value is None or isinstance(value, str) and len(value) <= MAX_MIN_SCORE_CHARS:
         return value
     if isinstance(value, str):
-        raise ValueError(f"at most {MAX_MIN_SCORE_CHARS} characters")
+        raise ValueError(f"at most {MAX_MIN_SCORE_CHARS} characters")  # noqa: TRY004 - pydantic wants ValueError
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
             number = float(value)
@@ -193,8 +235,8 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
                 return JSONResponse({"error": "missing or wrong access token: open the URL `ldot serve` printed"},
                                     status_code=403)
         elif is_loopback(host):
-            hostname = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
-            if hostname not in LOOPBACK:
+            hostname = host_name(request.headers.get("host") or "")
+            if not names_loopback(hostname, host):
                 return JSONResponse({"error": f"unexpected Host {hostname!r}"}, status_code=403)
         length = request.headers.get("content-length")
         if length is None and request.method not in ("GET", "HEAD"):  # a chunked body of any size: no
@@ -243,21 +285,21 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
                           min_score=body.min_score, regions=body.regions)
         return state.search(request)
 
-    def _image(vector_id: int) -> tuple[str, bytes]:
-        try:
-            return state.image_file(vector_id)
-        except QueryError as exc:
-            raise HTTPException(404, str(exc)) from None
+    def _missing(exc: QueryError) -> HTTPException:
+        return HTTPException(404, str(exc))
 
     @app.get("/thumb/{vector_id}")
     def thumb(vector_id: VectorId) -> Any:
         from ldot_cli.index.store import index_path
         from ldot_cli.index.thumbs import thumbnail
 
-        digest, path = _image(vector_id)
         try:
-            data = thumbnail(index_path(state.name), digest, os.fsdecode(path))
-        except (OSError, LdotError) as exc:
+            digest, row = state.current_file(vector_id)
+            data = thumbnail(index_path(state.name), digest, lambda: state.image_bytes(vector_id)[2],
+                             name=display_path(row.path))
+        except QueryError as exc:
+            raise _missing(exc) from None
+        except (OSError, ValueError, LdotError) as exc:
             raise HTTPException(404, f"cannot read image {vector_id}: {exc}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -265,15 +307,43 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
     def photo(vector_id: VectorId) -> Any:
         from ldot_cli.index.thumbs import browser_image
 
-        _, path = _image(vector_id)
         try:
-            data, kind = browser_image(os.fsdecode(path))
-        except (OSError, LdotError) as exc:
+            _, row, raw = state.image_bytes(vector_id)
+            data, kind = browser_image(raw, display_path(row.path))
+        except QueryError as exc:
+            raise _missing(exc) from None
+        except (OSError, ValueError, LdotError) as exc:
             raise HTTPException(404, f"cannot read image {vector_id}: {exc}") from None
         return Response(data, media_type=kind, headers={
-            "Content-Disposition": f"inline; filename*=UTF-8''{_quote(display_path(path))}"})
+            "Content-Disposition": f"inline; filename*=UTF-8''{_quote(display_path(row.path))}"})
 
     return app
+
+
+def _stamp_matches(row: FileRow, info: os.stat_result | None) -> bool:
+    return (info is not None and stat.S_ISREG(info.st_mode) and info.st_size == row.size
+            and info.st_mtime_ns == row.mtime_ns)
+
+
+def _read_indexed(row: FileRow) -> bytes | None:
+    """The bytes of an indexed file, read through one open descriptor whose stamp matches the row (so what is
+    checked is what is read); None when the file is gone, changed or not a regular file."""
+    try:
+        fd = os.open(row.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in must not block
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not _stamp_matches(row, os.fstat(fd)):
+            return None
+        data = handle.read(row.size + 1)
+    return data if len(data) == row.size else None
+
+
+def _gone(vector_id: int, rows: list[FileRow]) -> str:
+    if not rows:
+        return f"the file of image {vector_id} is gone"
+    return (f"the file of image {vector_id} is gone or changed since it was indexed: run `ldot index` on its "
+            "folder again")
 
 
 def _quote(path: str) -> str:
