@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeDetector
-from ldot_testing import install_tiny_model, make_photos, write_vocab
+from ldot_testing import install_tiny_model, install_tiny_reranker, make_photos, write_vocab
 
 pytest.importorskip("fastapi")  # the serve extra is optional for users; the test extra installs it
 from fastapi.testclient import TestClient
@@ -24,7 +24,9 @@ def home(tmp_path_factory):
     home = tmp_path_factory.mktemp("serve_hard_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LDOT_HOME", str(home))
-        install_tiny_model("tiny", write_vocab(home / "vocab").parent)
+        vocab = write_vocab(home / "vocab").parent
+        install_tiny_model("tiny", vocab)
+        install_tiny_reranker("uniter-base", vocab)
         make_photos(home / "photos", 6, size=(96, 64))
         from ldot_cli.index.indexer import Indexer
 
@@ -37,6 +39,7 @@ def client(home, monkeypatch):
     monkeypatch.setenv("LDOT_HOME", str(home))
     state = ServeState("default")
     with TestClient(create_app(state), base_url="http://127.0.0.1:8765", raise_server_exceptions=False) as client:
+        client.app_state = state
         yield client
     state.close()
 
@@ -192,3 +195,58 @@ def test_a_thumbnail_racing_index_rm_does_not_recreate_the_index(home, client, m
         assert not index_path("default").exists()  # ...but the removed index is not brought back
     finally:
         state.close()
+
+
+# -- re-rankers a request may name ---------------------------------------------------------------------------
+def test_a_request_names_only_catalogue_re_rankers(home, client):
+    folder = str(home / "models" / "uniter-base")
+    for spelling in (folder, folder + "/", "/" + folder, folder + "/.", "../../models/uniter-base", "~/x"):
+        got = search(client, {"q": QUERY, "k": 2, "rerank": True, "rerank_k": 3, "reranker": spelling})
+        assert got.status_code == 422, (spelling, got.text)
+        assert "not one this server offers" in got.json()["error"] and "uniter-base" in got.json()["error"]
+    searcher = client.app_state.searcher
+    assert searcher is None or not searcher._rerankers  # nothing was loaded for them
+    ok = search(client, {"q": QUERY, "k": 2, "rerank": True, "rerank_k": 3, "reranker": "uniter-base"})
+    assert ok.status_code == 200 and ok.json()["hits"][0]["rerank_score"] is not None
+    default = search(client, {"q": QUERY, "k": 2, "rerank": True, "rerank_k": 3})
+    assert default.status_code == 200
+    assert len(client.app_state.searcher._rerankers) == 1
+
+
+def test_the_server_s_own_re_ranker_may_be_a_path(home, monkeypatch):
+    monkeypatch.setenv("LDOT_HOME", str(home))
+    folder = str(home / "models" / "uniter-base")
+    state = ServeState("default", reranker=folder)
+    try:
+        client = TestClient(create_app(state), base_url="http://127.0.0.1:8765")
+        assert client.get("/api/info").json()["reranker"] == folder
+        got = search(client, {"q": QUERY, "k": 2, "rerank": True, "rerank_k": 3, "reranker": folder})
+        assert got.status_code == 200, got.text
+        assert search(client, {"q": QUERY, "k": 2, "rerank": True, "reranker": folder + "/"}).status_code == 422
+    finally:
+        state.close()
+
+
+def test_loaded_re_rankers_are_bounded_and_shared_by_spellings(home, monkeypatch, tmp_path):
+    import shutil
+
+    from ldot_cli.index.search import RERANKER_CACHE, Searcher
+
+    monkeypatch.setenv("LDOT_HOME", str(home))
+    copies = []
+    for i in range(RERANKER_CACHE + 2):
+        copies.append(tmp_path / f"r{i}")
+        shutil.copytree(home / "models" / "uniter-base", copies[-1])
+    searcher = Searcher("default", device="cpu")
+    try:
+        first = searcher.reranker(str(copies[0]))
+        for spelling in (f"{copies[0]}/", f"/{copies[0]}", f"{copies[0]}/."):
+            assert searcher.reranker(spelling) is first  # one copy for every spelling of one folder
+        assert len(searcher._rerankers) == 1
+        for folder in copies[1:]:
+            searcher.reranker(str(folder))
+            assert len(searcher._rerankers) <= RERANKER_CACHE
+        assert searcher.reranker(str(copies[-1])) is searcher.reranker(f"{copies[-1]}/")
+        assert searcher.reranker(str(copies[0])) is not first  # the least recently used one was let go
+    finally:
+        searcher.close()

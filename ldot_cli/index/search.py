@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ldot_cli.index.store import IndexStore, IndexStoreError, index_path
 from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
+RERANKER_CACHE = 2  # cross-encoders kept loaded at once (least recently used dropped): each is ~0.5-1 GB
 
 
 class QueryError(LdotError):
@@ -90,7 +92,7 @@ class Searcher:
         self._encoder: Any = None
         self._faiss: tuple[Any, int] | None = None
         self._faiss_sha: str | None = None
-        self._rerankers: dict[str, Any] = {}
+        self._rerankers: OrderedDict[str, Any] = OrderedDict()  # resolved location -> model, LRU order
         self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
         self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
@@ -379,14 +381,21 @@ class Searcher:
         return self.store.get_meta("preset") or DEFAULT_PRESET
 
     def reranker(self, name: str | None) -> Any:
+        """The cross-encoder ``name`` (default: the first installed), loaded once: the last `RERANKER_CACHE`
+        used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one model)."""
         from models.hub.cache import default_reranker
+        from models.hub.load import load_reranker, resolve_source
 
         name = name or default_reranker()
-        if name not in self._rerankers:
-            from models.hub.load import load_reranker
-
-            self._rerankers[name] = load_reranker(name, device=self.device)
-        return self._rerankers[name]
+        key = str(resolve_source(name).resolve())
+        if key in self._rerankers:
+            self._rerankers.move_to_end(key)
+            return self._rerankers[key]
+        model = load_reranker(name, device=self.device)
+        self._rerankers[key] = model
+        while len(self._rerankers) > RERANKER_CACHE:
+            self._rerankers.popitem(last=False)
+        return model
 
     def rerank(self, query: str, hits: list[Hit], reranker: str | None = None) -> list[Hit]:
         """Re-score (query, image) pairs with the cross-encoder and sort by its score."""

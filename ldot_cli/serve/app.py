@@ -81,6 +81,7 @@ class ServeState:
     name: str
     model: str | None = None
     device: str = "auto"
+    reranker: str | None = None  # `ldot serve --reranker`: the one a request may name besides the catalogue's
     lock: threading.Lock = field(default_factory=threading.Lock)
     searcher: Searcher | None = None
     _identity: tuple[int, str | None] | None = None
@@ -127,7 +128,7 @@ class ServeState:
             except LdotError:
                 auto = None
             try:
-                reranker = default_reranker() if regions else None
+                reranker = (self.reranker or default_reranker()) if regions else None
             except LdotError:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),
@@ -180,6 +181,18 @@ class ServeState:
             if data is not None and hashlib.sha256(data).hexdigest() == digest:
                 return digest, row, data
         raise QueryError(_gone(vector_id, rows))
+
+    def check_reranker(self, name: str | None) -> str | None:
+        """The re-ranker a request may use: a catalogue cross-encoder's name or the server's own (a request never
+        names a folder or file: any loopback client could make the server load anything)."""
+        from models.hub.catalogue import RERANKERS
+
+        if name is None or name == self.reranker:
+            return self.reranker
+        if name in RERANKERS:
+            return name
+        allowed = ", ".join(dict.fromkeys([*(x for x in (self.reranker,) if x), *RERANKERS]))
+        raise HTTPException(422, f"bad request: reranker {name[:60]!r} is not one this server offers ({allowed})")
 
     def close(self) -> None:
         with self.lock:
@@ -281,7 +294,8 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
         if len(given) != 1:
             raise QueryError("give exactly one of q (text), id (an indexed image) and sha256")
         request = Request(text=body.q, vector_id=body.id, image_sha256=body.sha256, k=body.k,
-                          rerank_k=body.rerank_k if body.rerank else None, reranker=body.reranker,
+                          rerank_k=body.rerank_k if body.rerank else None,
+                          reranker=state.check_reranker(body.reranker),
                           min_score=body.min_score, regions=body.regions)
         return state.search(request)
 
