@@ -98,9 +98,12 @@ def index(
                                                                "image count and --memory-budget."),
     memory_budget: str = typer.Option(None, "--memory-budget", help="RAM the vector index may take (e.g. 8GB); "
                                                                      "default: half of this machine's."),
-    ray: str = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-                            help="Run the models on a Ray cluster: --ray (a local Ray instance), --ray auto (the "
-                                 "cluster this machine belongs to) or --ray HOST:PORT. Put it after PATHS."),
+    ray: bool = typer.Option(False, "--ray", help="Run the models on a Ray cluster (a local Ray instance unless "
+                                                   "--ray-address says which)."),
+    ray_address: str = typer.Option(None, "--ray-address", metavar="ADDRESS",
+                                    help="The Ray cluster for --ray (implies it): auto (the cluster this machine "
+                                         "belongs to), HOST:PORT, or local (the default: a Ray instance started "
+                                         "for this run)."),
     ray_actors: int = typer.Option(None, "--ray-actors", help="Model copies on the cluster (default: one per GPU, "
                                                               "or per --ray-cpus-per-actor cores)."),
     ray_cpus_per_actor: int = typer.Option(None, "--ray-cpus-per-actor", help="Cores per model copy on CPU-only "
@@ -134,11 +137,12 @@ def index(
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
     indexer_class: Any = Indexer
     extra: dict[str, Any] = {}
-    if ray is not None:
-        from ldot_cli.index.distributed import RayIndexer, RayOptions
+    ray = ray or ray_address is not None
+    if ray:
+        from ldot_cli.index.distributed import LOCAL, RayIndexer, RayOptions
 
         indexer_class = RayIndexer
-        extra["ray_options"] = RayOptions(address=ray, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+        extra["ray_options"] = RayOptions(address=ray_address or LOCAL, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
                                           shard_size=ray_shard_size, shards_dir=shards_dir)
     with progress_bar() as bar:
         indexer = indexer_class(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
@@ -146,7 +150,7 @@ def index(
                                 ann=mode, **extra)
         indexer.memory_budget = budget
         # inputs first: nothing to fetch for a typo (the Ray path plans its sources when it runs, before creating)
-        scan = indexer.scan([str(p) for p in paths], excludes=exclude) if ray is None else None
+        scan = None if ray else indexer.scan([str(p) for p in paths], excludes=exclude)
         needed = indexer.needed_models(reindex)
     with progress_bar("bytes", transient=True) as bar:
         for model_name in needed:

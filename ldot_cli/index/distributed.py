@@ -1,4 +1,4 @@
-"""`ldot index SOURCE --ray [ADDRESS]`: the same index, built on a Ray cluster (Ray Data batch inference).
+"""`ldot index SOURCE --ray [--ray-address ADDRESS]`: the same index, built on a Ray cluster (Ray Data batch inference).
 
 The pipeline, streamed by Ray Data::
 
@@ -124,7 +124,7 @@ def connect(options: RayOptions) -> Any:
             ray.init(**kwargs)
         except ConnectionError as exc:
             raise RayError(f"cannot reach the Ray cluster at {options.address!r} ({exc}): start it with "
-                           f"`ray start --head`, or give its address to {option('ray')} (e.g. 10.0.0.1:6379)") from None
+                           f"`ray start --head`, or give its address to {option('ray_address')} (e.g. 10.0.0.1:6379)") from None
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
