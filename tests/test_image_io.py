@@ -217,7 +217,7 @@ def test_heic_without_pillow_heif_says_how_to_install(tmp_path: Path) -> None:
     """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("retryable HEIC/HEIF image needs the optional decoder")
-    assert "pip install 'ldot[heic]'" in res.stdout
+    assert "pip install '.[heic]' in ldot's folder" in res.stdout
 
 
 # ---------------------------------------------------------------- broken files

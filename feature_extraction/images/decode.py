@@ -23,7 +23,7 @@ Decisions (documented for users in the README):
   Pillow's conversion (no ICC colour management, like the OpenCV loading of the original
   feature extraction).
 * **Animations** (GIF, APNG, animated WebP): the first frame.
-* **HEIC/HEIF** needs the optional ``pillow-heif`` (``pip install 'ldot[heic]'``), registered
+* **HEIC/HEIF** needs the optional ``pillow-heif`` (``pip install '.[heic]' in ldot's folder``), registered
   lazily the first time such a file is met; without it the file fails with
   :class:`~feature_extraction.errors.MissingCodecError` (not permanent: retried once installed).
   AVIF is decoded by Pillow itself (>= 11.3), or by ``pillow-heif`` when it can.
@@ -57,7 +57,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".heic", ".heif", ".hif", ".avif",
 })
 
-HEIC_INSTALL_HINT = "pip install 'ldot[heic]'"
+HEIC_INSTALL_HINT = "pip install '.[heic]' in ldot's folder"
 
 # ISO-BMFF brands (bytes 8..12 of the file, after b"ftyp") of HEIF-family images.
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",

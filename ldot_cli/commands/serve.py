@@ -36,7 +36,7 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise LdotError("`ldot serve` needs the web extra: pip install 'ldot[serve]'") from None
+        raise LdotError("`ldot serve` needs the web extra: pip install '.[serve]' in ldot's folder") from None
     state = ServeState(name, model=model, device=device, reranker=reranker)
     with err.status("loading the index and the text model…"):
         state.warm()

@@ -55,7 +55,7 @@ Resume = typer.Option(False, "--resume", help="Continue the run named by --out f
 Force = typer.Option(False, "--force", help="Start the run over and replace a model of that name.")
 SaveEvery = typer.Option(None, "--save-every", help="Steps between resume checkpoints. \\[default: at each validation]")
 Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall curves to <run>/curves.png at the end "
-                    "(needs matplotlib: pip install 'ldot[plot]').")
+                    "(needs matplotlib: pip install '.[plot]' in ldot's folder).")
 HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
                              "the current model before training and after each epoch. \\[default: 0, in-batch only]")
 DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "

@@ -111,7 +111,7 @@ def connect(options: RayOptions) -> Any:
     try:
         import ray
     except ImportError:
-        raise RayError(f"{option('ray')} needs Ray: pip install 'ldot[ray]'") from None
+        raise RayError(f"{option('ray')} needs Ray: pip install '.[ray]' in ldot's folder") from None
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "logging_level": "ERROR",
                                   "configure_logging": True}
