@@ -250,3 +250,18 @@ def test_loaded_re_rankers_are_bounded_and_shared_by_spellings(home, monkeypatch
         assert searcher.reranker(str(copies[0])) is not first  # the least recently used one was let go
     finally:
         searcher.close()
+
+
+def test_a_heic_photo_is_shown_as_a_jpeg(tmp_path):
+    """The page cannot show HEIC: `/photo/` sends it decoded as the indexer decodes it (pillow-heif, test extra)."""
+    import pillow_heif
+    from imagegen import pattern, save
+    from PIL import Image
+
+    from ldot_cli.index.thumbs import browser_image
+
+    pillow_heif.register_heif_opener()
+    path = save(pattern(64, 32), tmp_path / "photo.heic", fmt="HEIF", quality=95)
+    data, kind = browser_image(path.read_bytes(), "photo.heic")
+    assert kind == "image/jpeg" and data[:3] == b"\xff\xd8\xff"
+    assert Image.open(io.BytesIO(data)).size == (64, 32)
