@@ -81,6 +81,26 @@ def is_image_candidate(path: str | os.PathLike[str]) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+NOT_AN_IMAGE = "not a recognised image format"
+
+
+def looks_like_image(path: str | os.PathLike[str]) -> bool:
+    """An image by its name (:func:`is_image_candidate`) or by its content (a header some decoder names, HEIC
+    included): what a file given by name must be to be indexed. An unreadable file counts as one (the indexer
+    says why it is skipped); a text file such as ``README.md`` does not."""
+    if is_image_candidate(path):
+        return True
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _open(fh, os.fspath(path)).close()
+    except ImageLoadError as exc:
+        return exc.reason != NOT_AN_IMAGE
+    except OSError:
+        return True
+    return True
+
+
 def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file into RGB pixels.
 
@@ -179,7 +199,7 @@ def _open(fh: BinaryIO, path: str) -> Image.Image:
         raise ImageLoadError(path, f"corrupt image header ({_short(exc)})") from None
     brand = _heif_brand(fh)
     if brand is None:
-        raise ImageLoadError(path, "not a recognised image format")
+        raise ImageLoadError(path, NOT_AN_IMAGE)
     _register_heif(path, brand)
     try:
         return _pil_open(fh, path)

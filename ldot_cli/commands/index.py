@@ -13,10 +13,13 @@ from ldot_cli.commands.console import (
     cell,
     err,
     human_bytes,
+    interactive,
     line,
     out,
     progress_bar,
+    safe,
 )
+from models.core.errors import LdotError
 
 
 class _IndexCommand(TyperCommand):
@@ -58,18 +61,33 @@ def index_rm(
     folder: list[str] = typer.Option([], "--folder", "-f", help="Only drop the files under this folder from the "
                                                                 "index (repeatable; also a file list, a tar shard or "
                                                                 "a tar SOURCE indexed with --ray); the index stays."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (asked in a terminal only)."),
 ) -> None:
     """Remove an index, or drop folders from it (their vectors and region features go with them)."""
     from ldot_cli.index.indexer import remove_folder, remove_index
     from ldot_cli.index.store import display_path
 
     if not folder:
+        if not yes and interactive():
+            _confirm_removal(name)
         path = remove_index(name)
         err.print(line(f"removed index {name!r} (", display_path(os.fsencode(path)), ")"))
         return
     for one in folder:
         dropped = remove_folder(name, one)
         err.print(line(name, f": dropped {dropped} files under ", one, " from the index"))
+
+
+def _confirm_removal(name: str) -> None:
+    """Ask before deleting a whole index (its size said), in a terminal."""
+    from ldot_cli.index.status import describe_index
+
+    try:
+        info = describe_index(name)
+    except LdotError:
+        return  # no such index: `remove_index` says so
+    typer.confirm(safe(f"delete index {name!r} ({info.get('indexed') or 0:,} images, "
+                       f"{human_bytes(info.get('bytes') or 0)}, {info.get('path')})?"), abort=True, err=True)
 
 
 def index(

@@ -158,6 +158,7 @@ class Indexer:
         Raises `LdotError` for a missing root, and when nothing at all is found for an index that does not
         exist yet (an empty folder would only leave an empty index behind). Warns about an empty root.
         """
+        from feature_extraction.images.decode import looks_like_image
         from feature_extraction.images.walk import collect_images
         from models.core.home import ldot_home
 
@@ -165,6 +166,9 @@ class Indexer:
         for root in absolute:
             if not os.path.exists(root):
                 raise LdotError(f"{display_path(os.fsencode(root))} does not exist: give a folder of images to index")
+            if os.path.isfile(root) and not looks_like_image(root):
+                raise LdotError(f"{display_path(os.fsencode(root))} is a file but not an image: give a folder of "
+                                f"images or image files (with {option('ray')} also a file list or tar shards)")
         self.stage("scanning", 0, None)
         issues: list[Any] = []
         sources = []

@@ -244,7 +244,7 @@ class Searcher:
         if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
             raise QueryError(f"{option('min_score')} auto is calibrated on text-image pairs: give a number for "
                              "image queries")
-        level = self.min_score(request.min_score)
+        level = self._level(request)
         self.timings = QueryTimings()
         sources = sum(x is not None for x in (request.text, request.image_path, request.vector_id,
                                               request.image_sha256))
@@ -290,6 +290,34 @@ class Searcher:
         if directory is None:
             raise CalibrationError(f"model {self.model_source!r} is not a model dir: it has no score calibration")
         return auto_threshold(directory, self.model_source)
+
+    def _level(self, request: Request) -> float | None:
+        """``request.min_score`` resolved; an uncalibrated ``auto`` for a text query suggests a number taken from
+        how this query scores over the index itself (a model's scores can be ~0.05 or ~50: no fixed example fits)."""
+        from models.training.calibration import CalibrationError
+
+        try:
+            return self.min_score(request.min_score)
+        except CalibrationError as exc:
+            if request.text is None or not request.text.strip():
+                raise
+            hint = self.suggest_min_score(request.text)
+            if hint is None:
+                raise
+            raise CalibrationError(f"{exc.args[0]}: {hint}") from None
+
+    def suggest_min_score(self, text: str, sample: int = 2000, keep: float = 0.1) -> str | None:
+        """A ``--min-score`` for ``text`` from the index's own score spread: its scores against up to ``sample``
+        stored vectors, and the level that keeps about the top ``keep`` of them (None for an empty index)."""
+        _, vectors = self.store.sample_vectors(sample)
+        if not len(vectors):
+            return None
+        scores = vectors @ self.text_vector(text)[0]
+        low, median, high = np.quantile(scores, [0.0, 0.5, 1.0])
+        level = float(np.quantile(scores, 1.0 - keep))
+        return (f"this query scores {low:.3g} to {high:.3g} (median {median:.3g}) over {len(scores):,} images of "
+                f"index {self.store.name!r}: e.g. {option('min_score')} {level:.3g} keeps about the top "
+                f"{100 * keep:g}%")
 
     def min_score(self, value: str | float | None) -> float | None:
         """``--min-score``: None, a number, or ``auto``."""
