@@ -78,6 +78,21 @@ def index_rm(
         err.print(line(name, f": dropped {dropped} files under ", one, " from the index"))
 
 
+def _say_what_a_rerun_reuses(name: str) -> None:
+    """After Ctrl-C: nothing committed is lost; say what the same command, run again, reuses."""
+    from feature_extraction.errors import ImageDBError
+    from ldot_cli.index.indexer import resumable
+
+    try:
+        images, extracted = resumable(name)
+    except (LdotError, ImageDBError, OSError):
+        return
+    more = (f", and the regions of {extracted:,} more are extracted (it encodes them without the detector)"
+            if extracted else "")
+    err.print(line(f"stopped: index {name!r} keeps the {images:,} images already in it (a re-run does not redo "
+                   f"them){more}; run the same command again to do the rest"))
+
+
 def _confirm_removal(name: str) -> None:
     """Ask before deleting a whole index (its size said), in a terminal."""
     from ldot_cli.index.status import describe_index
@@ -173,12 +188,18 @@ def index(
     with progress_bar("bytes", transient=True) as bar:
         for model_name in needed:
             ensure_model(model_name, ProgressView(bar))
-    with progress_bar() as bar:
-        indexer.progress = ProgressView(bar)
-        if scan is None:
-            report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex, retry_failed=retry_failed)
-        else:
-            report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
+    try:
+        with progress_bar() as bar:
+            indexer.progress = ProgressView(bar)
+            if scan is None:
+                report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex,
+                                             retry_failed=retry_failed)
+            else:
+                report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed,
+                                     scan=scan)
+    except KeyboardInterrupt:
+        _say_what_a_rerun_reuses(name)
+        raise
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
                    f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "

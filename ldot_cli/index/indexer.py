@@ -458,6 +458,26 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def resumable(name: str) -> tuple[int, int]:
+    """What a re-run of an interrupted `ldot index` reuses: (images in the index, contents whose regions were
+    extracted but not yet encoded: the re-run encodes them without the detector)."""
+    from feature_extraction.uniter_db import UniterImageDB, resolve_cut
+
+    directory = index_path(name)
+    if not (directory / DB_FILE).is_file():
+        return 0, 0
+    with IndexStore(directory) as store:
+        images = store.counts().get("indexed", 0)
+        live = store.content_hash_set()
+        preset = store.get_meta("preset") or DEFAULT_PRESET
+    extracted = 0
+    for sub in (REGIONS_DIR, STAGING_DIR):
+        if (directory / sub / resolve_cut(preset).db_name() / "data.mdb").is_file():
+            with UniterImageDB(directory / sub, preset) as reader:
+                extracted += sum(1 for key in reader.keys() if key not in live)
+    return images, extracted
+
+
 def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
     """Delete the region records of ``regions_dir`` whose key is not in ``live``; returns how many."""
     from feature_extraction.uniter_db import (
