@@ -47,6 +47,7 @@ from ldot_cli.index.indexer import (
 from ldot_cli.index.sources import (
     TAR_SUFFIXES,
     Item,
+    Refusal,
     SourceError,
     TarSource,
     Unit,
@@ -153,7 +154,7 @@ def decode_unit(row: dict[str, Any], preprocess: Any, max_pixels: int | None) ->
             members.append(item.path)
             out: dict[str, Any] = {"item": item, "unit": unit.id}
             if data is None:
-                out.update(reason=problem, retry=True)
+                out.update(reason=str(problem), retry=not isinstance(problem, Refusal))
             else:
                 out["hash"] = hashlib.sha256(data).hexdigest()
                 if out["hash"] in known:  # an indexed member, unchanged: no decoding, no model work
