@@ -265,3 +265,34 @@ def test_a_heic_photo_is_shown_as_a_jpeg(tmp_path):
     data, kind = browser_image(path.read_bytes(), "photo.heic")
     assert kind == "image/jpeg" and data[:3] == b"\xff\xd8\xff"
     assert Image.open(io.BytesIO(data)).size == (64, 32)
+
+
+# -- region boxes on demand ----------------------------------------------------------------------------------
+def test_boxes_are_asked_for_after_the_results(client):
+    plain = search(client, {"q": QUERY, "k": 4})
+    assert plain.status_code == 200 and all("boxes" not in h for h in plain.json()["hits"])
+    assert plain.json()["timings"]["regions_ms"] == 0  # the results cost no attribution
+    ids = [h["id"] for h in plain.json()["hits"]]
+    got = client.post("/api/regions", json={"q": QUERY, "ids": ids[:2], "of": 4})  # 2 of a grid of 4
+    assert got.status_code == 200, got.text
+    data = got.json()
+    with_boxes = search(client, {"q": QUERY, "k": 4, "regions": True}).json()["hits"]
+    for hit in with_boxes[:2]:  # the same boxes as asked for with the whole search (the same effort per image)
+        got_boxes = data["regions"][str(hit["id"])]["boxes"]
+        assert len(got_boxes) == len(hit["boxes"])
+        assert sum(got_boxes, []) == pytest.approx(sum(hit["boxes"], []), rel=1e-4, abs=1e-4)
+        assert data["regions"][str(hit["id"])]["size"] == hit["size"]
+    assert set(data["regions"]) == {str(i) for i in ids[:2]}
+    assert data["timings"]["per_image_ms"] > 0
+    assert client.get("/api/info").json()["regions_ms_per_image"] > 0  # the page says the cost from this
+    similar = client.post("/api/regions", json={"id": ids[0], "ids": ids[1:3]})
+    assert similar.status_code == 200 and len(similar.json()["regions"]) == 2
+
+
+@pytest.mark.parametrize("body", [
+    {"q": QUERY, "ids": []}, {"q": QUERY, "ids": list(range(51))}, {"q": QUERY, "ids": [10**23]},
+    {"ids": [1]}, {"q": QUERY, "id": 1, "ids": [1]}, {"q": QUERY, "ids": "1"}, {"q": QUERY, "ids": [1], "of": 0},
+])
+def test_bad_region_requests_are_refused(client, body):
+    got = client.post("/api/regions", json=body)
+    assert got.status_code in (400, 422), got.text

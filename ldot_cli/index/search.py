@@ -255,22 +255,48 @@ class Searcher:
         else:
             if request.rerank_k:
                 raise QueryError(f"{option('rerank')} needs a text query (the cross-encoder scores text-image pairs)")
-            if request.image_path is not None:
-                vector = self.image_vector(request.image_path)
-            elif request.vector_id is not None:
-                vector = self.indexed_vector(request.vector_id)
-            else:
-                vid = self.store.vector_for_hash(str(request.image_sha256))
-                if vid is None:
-                    raise QueryError("that image is not in the index")
-                vector = self.indexed_vector(vid)
-            hits = self.search_vector(vector, request.k)
+            hits = self.search_vector(self.query_vector(request), request.k)
         kept = hits if level is None else [h for h in hits if h.score >= level]
         for rank, hit in enumerate(kept, 1):
             hit.rank = rank
         if request.regions and kept:
             self.explain(kept)
         return Answer(kept, level, self.timings, len(hits) - len(kept))
+
+    def query_vector(self, request: Request) -> np.ndarray:
+        """The (1, D) vector of a request's query: its text encoded, or an image's (a file, an id, a hash)."""
+        if request.text is not None:
+            return self.text_vector(request.text)
+        if request.image_path is not None:
+            return self.image_vector(request.image_path)
+        if request.vector_id is not None:
+            return self.indexed_vector(request.vector_id)
+        if request.image_sha256 is None:
+            raise QueryError("give either a text query or an image")
+        vid = self.store.vector_for_hash(str(request.image_sha256))
+        if vid is None:
+            raise QueryError("that image is not in the index")
+        return self.indexed_vector(vid)
+
+    def regions_of(self, request: Request, vector_ids: list[int], of: int | None = None) -> list[Hit]:
+        """The boxes driving the scores of some indexed images for a request's query, asked for after its
+        results (`ldot serve` draws them on demand: they cost seconds per image on a CPU). One hit per id that
+        still has a file (rank: its place in ``vector_ids``; score: the query's bi-encoder score).
+
+        ``of``: how many results these are a part of (default: just these). Each image gets the share of the
+        attribution budget it has when all ``of`` are explained together, so asking for a grid's boxes a few
+        at a time (or for one opened photo) finds the same boxes at the same cost per image."""
+        from models.nn.attribution import REMOVAL_BUDGET
+
+        self.timings = QueryTimings()
+        vector_ids = list(dict.fromkeys(vector_ids))
+        share = max(1, REMOVAL_BUDGET * len(vector_ids) // max(of or 0, len(vector_ids), 1))
+        vector = self.query_vector(request)
+        paths = self.store.paths_for_vectors(vector_ids)
+        ids, stored = self.store.vectors(ids=[v for v in vector_ids if paths.get(v)])
+        scores = dict(zip(ids.tolist(), (stored @ vector[0]).tolist()))
+        hits = [Hit(rank, paths[v][0], scores[v], v) for rank, v in enumerate(vector_ids, 1) if v in scores]
+        return self.explain(hits, vector, budget=share)
 
     # -- thresholds ------------------------------------------------------------------------------
     def model_dir(self) -> Path | None:
@@ -377,7 +403,8 @@ class Searcher:
             self._image_tower = load_bi_encoder(self.model_source, device="cpu", towers=("image",))
         return self._image_tower
 
-    def explain(self, hits: list[Hit], vector: np.ndarray | None = None, max_boxes: int = 3) -> list[Hit]:
+    def explain(self, hits: list[Hit], vector: np.ndarray | None = None, max_boxes: int = 3,
+                budget: int | None = None) -> list[Hit]:
         """Add to each hit the boxes that most drive its bi-encoder score (`models.nn.attribution`)."""
         from ldot_cli.index.thumbs import oriented_size
         from models.nn.attribution import region_weights
@@ -390,7 +417,8 @@ class Searcher:
         start = time.perf_counter()
         records = self.region_records([h.vector_id for h in hits])
         queries = np.repeat(np.asarray(vector, np.float32).reshape(1, -1), len(hits), axis=0)
-        _, boxes = region_weights(self.image_tower, queries, records, max_boxes=max_boxes)
+        extra = {} if budget is None else {"budget": budget}  # removal passes shared by these hits
+        _, boxes = region_weights(self.image_tower, queries, records, max_boxes=max_boxes, **extra)
         for hit, found in zip(hits, boxes):
             hit.regions = [(*b.box, b.weight) for b in found]
             try:

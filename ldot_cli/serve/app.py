@@ -5,6 +5,9 @@ Routes (all GET unless said)::
     /                 the page (static/index.html: one file, no build step)
     /api/info         index, model, image count, what the page can offer (re-ranking, auto threshold)
     /api/search       POST {q | id | sha256, k, rerank, rerank_k, reranker, min_score, regions}: results
+    /api/regions      POST {q | id | sha256, ids, of}: the boxes driving those results' scores (asked for after
+                      the results: seconds per image on a CPU, so the page gets them on demand; ``of``: the
+                      size of the grid they belong to, so each gets the same attribution effort either way)
     /thumb/<id>       the cached JPEG thumbnail of indexed image <id> (a vector id from a result)
     /photo/<id>       the full photo of indexed image <id>
 
@@ -49,6 +52,7 @@ MAX_K = 1000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_ID = 2**63 - 1  # vector ids are SQLite integers: a larger one cannot name an image (and overflows SQLite)
 MAX_MIN_SCORE_CHARS = 32
+MAX_REGION_IDS = 50  # results whose boxes one /api/regions request may ask for
 
 
 def is_loopback(host: str) -> bool:
@@ -87,6 +91,8 @@ class ServeState:
     _identity: tuple[int, str | None] | None = None
     started: float = field(default_factory=time.time)
     answered: int = 0  # queries answered since start
+    region_images: int = 0  # images whose boxes were found, and the time it took: the page says the cost
+    region_ms: float = 0.0
 
     def _db_identity(self) -> tuple[int, str | None]:
         from ldot_cli.index.store import index_path
@@ -133,7 +139,9 @@ class ServeState:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),
                     "vectors": counts.get("vectors", 0), "regions": regions, "reranker": reranker,
-                    "auto_min_score": auto, "max_query_chars": MAX_QUERY_CHARS, "answered": self.answered}
+                    "auto_min_score": auto, "max_query_chars": MAX_QUERY_CHARS, "answered": self.answered,
+                    "regions_ms_per_image": self.region_ms / self.region_images if self.region_images else None,
+                    "max_region_ids": MAX_REGION_IDS}
 
     def search(self, request: Request) -> dict[str, Any]:
         with self.lock:
@@ -148,6 +156,23 @@ class ServeState:
                     "timings": {"encode_ms": round(t.encode_ms, 2), "search_ms": round(t.search_ms, 2),
                                 "rerank_ms": round(t.rerank_ms, 2),
                                 "regions_ms": round(t.extra.get("regions_ms", 0.0), 2), "total_ms": round(total, 2)}}
+
+    def regions(self, request: Request, ids: list[int], of: int | None = None) -> dict[str, Any]:
+        """The boxes of some results (`Searcher.regions_of`), keyed by id, with what they cost."""
+        with self.lock:
+            searcher = self.get()
+            start = time.perf_counter()
+            hits = searcher.regions_of(request, ids, of)
+            total = 1000 * (time.perf_counter() - start)
+            spent = searcher.timings.extra.get("regions_ms", 0.0)
+            if hits:
+                self.region_images += len(hits)
+                self.region_ms += spent
+            out = {str(h.vector_id): {"boxes": hit_json(h).get("boxes"), "size": hit_json(h).get("size")}
+                   for h in hits}
+            return {"regions": out, "timings": {"encode_ms": round(searcher.timings.encode_ms, 2),
+                                                "regions_ms": round(spent, 2), "total_ms": round(total, 2),
+                                                "per_image_ms": round(spent / len(hits), 2) if hits else None}}
 
     def _indexed(self, vector_id: int) -> tuple[str, list[FileRow]]:
         with self.lock:
@@ -236,6 +261,21 @@ class SearchBody(BaseModel):
     regions: bool = False
 
 
+class RegionsBody(BaseModel):
+    """The boxes of some results of one query: exactly one of q, id and sha256, and the results' ids."""
+
+    q: str | None = Field(None, max_length=MAX_QUERY_CHARS)
+    id: int | None = Field(None, ge=0, le=MAX_ID)
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    ids: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(..., min_length=1, max_length=MAX_REGION_IDS)
+    of: int | None = Field(None, ge=1, le=MAX_K)  # the size of the grid these results are part of
+
+
+def _one_query(body: SearchBody | RegionsBody) -> None:
+    if sum(x is not None for x in (body.q, body.id, body.sha256)) != 1:
+        raise QueryError("give exactly one of q (text), id (an indexed image) and sha256")
+
+
 def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0.1") -> Any:
     """The ASGI app. ``token``: required on every request (a non-loopback bind)."""
     app = FastAPI(title="ldot", docs_url=None, redoc_url=None, openapi_url=None)
@@ -290,14 +330,17 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
 
     @app.post("/api/search")
     def search(body: SearchBody) -> Any:
-        given = [x for x in (body.q, body.id, body.sha256) if x is not None]
-        if len(given) != 1:
-            raise QueryError("give exactly one of q (text), id (an indexed image) and sha256")
+        _one_query(body)
         request = Request(text=body.q, vector_id=body.id, image_sha256=body.sha256, k=body.k,
                           rerank_k=body.rerank_k if body.rerank else None,
                           reranker=state.check_reranker(body.reranker),
                           min_score=body.min_score, regions=body.regions)
         return state.search(request)
+
+    @app.post("/api/regions")
+    def regions(body: RegionsBody) -> Any:
+        _one_query(body)
+        return state.regions(Request(text=body.q, vector_id=body.id, image_sha256=body.sha256), body.ids, body.of)
 
     def _missing(exc: QueryError) -> HTTPException:
         return HTTPException(404, str(exc))
