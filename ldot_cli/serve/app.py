@@ -168,8 +168,7 @@ class ServeState:
             if hits:
                 self.region_images += len(hits)
                 self.region_ms += spent
-            out = {str(h.vector_id): {"boxes": hit_json(h).get("boxes"), "size": hit_json(h).get("size")}
-                   for h in hits}
+            out = {str(j["id"]): {"boxes": j.get("boxes"), "size": j.get("size")} for j in map(hit_json, hits)}
             return {"regions": out, "timings": {"encode_ms": round(searcher.timings.encode_ms, 2),
                                                 "regions_ms": round(spent, 2), "total_ms": round(total, 2),
                                                 "per_image_ms": round(spent / len(hits), 2) if hits else None}}
