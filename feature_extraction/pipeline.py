@@ -63,7 +63,8 @@ class RegionDetector(Protocol):
 
     def extract(self, batch: list[DetectorInput], preset: str,
                 with_soft_labels: bool = False) -> list[RegionFeatures]:
-        """One :class:`RegionFeatures` per input, in input order."""
+        """One :class:`RegionFeatures` per input, in input order. A detector whose ``extract`` also takes
+        ``on_image`` (called with the count done as each image of the batch is done) gets progress per image."""
         ...
 
 
@@ -223,6 +224,7 @@ class _Run:
         self.report, self.progress = report, progress
         self.known_failed = set(db.failures())
         self.started = time.monotonic()
+        self.per_image = _takes_on_image(detector)
         self.failed_batches = 0
         self.staged_failures = 0
 
@@ -259,9 +261,10 @@ class _Run:
 
     def detect(self, items: list[DecodedImage]) -> list[RegionFeatures | str] | None:
         """Detector output for the batch, or None when the batch call failed as a whole."""
+        extra: dict[str, Any] = {"on_image": self.notify_within} if self.per_image and self.progress else {}
         try:
             outputs = self.detector.extract([_detector_input(it) for it in items], self.preset,
-                                            with_soft_labels=self.with_soft_labels)
+                                            with_soft_labels=self.with_soft_labels, **extra)
         except Exception:
             return None
         if not isinstance(outputs, (list, tuple)) or len(outputs) != len(items):
@@ -309,13 +312,27 @@ class _Run:
         self.staged_failures = 0
         self.notify()
 
-    def notify(self) -> None:
+    def notify(self, within: int = 0) -> None:
+        """Report progress: the images committed, plus ``within`` done by the detector in the running batch."""
         if self.progress is None:
             return
         r = self.report
-        report_progress(self.progress, "extracting", r.written + r.failed, len(self.todo), "images", written=r.written,
-               failed=r.failed, skipped=r.skipped_existing + r.skipped_known_bad,
-               elapsed_s=time.monotonic() - self.started)
+        report_progress(self.progress, "extracting", r.written + r.failed + within, len(self.todo), "images",
+                        written=r.written, failed=r.failed, skipped=r.skipped_existing + r.skipped_known_bad,
+                        elapsed_s=time.monotonic() - self.started)
+
+    def notify_within(self, done: int) -> None:
+        self.notify(done)
+
+
+def _takes_on_image(detector: Any) -> bool:
+    """Whether a detector's ``extract`` reports each image of a batch (``on_image=``)."""
+    import inspect
+
+    try:
+        return "on_image" in inspect.signature(detector.extract).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _detector_input(item: DecodedImage) -> DetectorInput:

@@ -132,12 +132,36 @@ def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
             command = sub
     except Exception:  # an unknown command: no flags to name
         pass
+    flags = _own_flags(command)
+    # a setting this command does not have (`ldot data get` meeting "pass --data"): name the commands that have it
+    elsewhere: dict[str, list[str]] = {}
+    for path, other in _commands(group, ""):
+        if other is not command:
+            for pname, flag in _own_flags(other).items():
+                if pname not in flags:
+                    elsewhere.setdefault(pname, []).append(f"`ldot {path} {flag}`")
+    for pname, uses in elsewhere.items():
+        flags[pname] = (uses[0] if len(uses) == 1 else " or ".join([", ".join(uses[:-1]), uses[-1]]))
+    return flags
+
+
+def _own_flags(command: Any) -> dict[str, str]:
     flags = {}
-    for param in command.params:
+    for param in getattr(command, "params", []):
         opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
         if param.name and opts:  # the long spelling when there is one (-k has none)
             flags[param.name] = next((o for o in opts if o.startswith("--")), opts[0])
     return flags
+
+
+def _commands(group: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    """(path, command) of every command under ``group`` (``index``, ``train finetune``...)."""
+    for name, sub in sorted(getattr(group, "commands", {}).items()):
+        path = f"{prefix} {name}".strip()
+        if getattr(sub, "commands", None):
+            yield from _commands(sub, path)
+        if getattr(sub, "callback", None) is not None:
+            yield path, sub
 
 
 @contextlib.contextmanager

@@ -1,7 +1,4 @@
 """`ldot eval` on image files: features extracted once into the cache (fake detector), then only re-encoded.
-
-Needs the extraction pipeline (`feature_extraction.pipeline`, written on the images branch): skipped until
-it is merged.
 """
 
 from __future__ import annotations
@@ -19,13 +16,12 @@ from evalsets import (
     region_arrays,
 )
 
-pytest.importorskip("feature_extraction.pipeline")
-
-from feature_extraction.types import RegionFeatures, normalize_boxes  # noqa: E402
+import feature_extraction.pipeline  # noqa: F401 - the extraction `ensure_features` runs: an ImportError fails
+from feature_extraction.types import RegionFeatures, normalize_boxes
 from ldot_cli.data.benchmarks import DataPaths, locate
 from ldot_cli.data.errors import DatasetError
-from ldot_cli.data.features import ensure_features, feature_cache_dir  # noqa: E402
-from ldot_cli.eval.evaluation import evaluate  # noqa: E402
+from ldot_cli.data.features import ensure_features, feature_cache_dir
+from ldot_cli.eval.evaluation import evaluate
 
 
 def colour_preprocess(rgb: np.ndarray) -> tuple[torch.Tensor, float]:

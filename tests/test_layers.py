@@ -11,25 +11,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "feature_extraction", "ldot_cli")
 
-# Lower layers first; a module may import its own layer and the layers before it, never a later one.
-LAYERS: tuple[tuple[str, ...], ...] = (
-    ("models.core",),
-    ("models.nn",),
-    ("models.hub",),
-    ("models.training",),
-    ("models",),  # the package's face: re-exports the public API
-    ("feature_extraction.errors", "feature_extraction.types"),
-    ("feature_extraction.images", "feature_extraction.detector"),
-    ("feature_extraction.uniter_db",),
-    ("feature_extraction.pipeline",),
-    ("feature_extraction",),
-    ("ldot_cli.data",),
-    ("ldot_cli.index", "ldot_cli.index.sources", "ldot_cli.index.shards", "ldot_cli.index.distributed",
-     "ldot_cli.eval", "ldot_cli.train"),
-    ("ldot_cli.serve",),
-    ("ldot_cli.commands",),
-    ("ldot_cli.main", "ldot_cli"),
+# Lower layers first; a module may import the layers before its own and its own group, never a later layer nor a
+# sibling group of its own layer (index, eval and train do not import one another). A layer is a tuple of groups,
+# a group a tuple of module prefixes.
+LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
+    (("models.core",),),
+    (("models.nn",),),
+    (("models.hub",),),
+    (("models.training",),),
+    (("models",),),  # the package's face: re-exports the public API (lazily: import_module strings are read too)
+    (("feature_extraction.errors", "feature_extraction.types"),),
+    (("feature_extraction.images", "feature_extraction.detector"),),
+    (("feature_extraction.uniter_db",),),
+    (("feature_extraction.pipeline",),),
+    (("feature_extraction",),),
+    (("ldot_cli.data",),),
+    (("ldot_cli.index",), ("ldot_cli.eval",), ("ldot_cli.train",)),  # siblings: none imports another
+    (("ldot_cli.serve",),),
+    (("ldot_cli.commands",),),
+    (("ldot_cli.main", "ldot_cli"),),
 )
+IMPORT_CALLS = ("import_module", "__import__")
 
 
 def _modules() -> dict[str, Path]:
@@ -45,21 +47,51 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """Every project module ``name`` imports, at any depth of the file (function bodies too)."""
+def _called_module(node: ast.Call, package: list[str]) -> str | None:
+    """The module an ``importlib.import_module("...")`` or ``__import__("...")`` call names as a literal (a
+    relative name resolved against ``package=``: ``__name__``/``__package__`` or a literal), else None."""
+    func = node.func
+    called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+    if called not in IMPORT_CALLS or not node.args:
+        return None
+    first = node.args[0]
+    if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+        return None
+    target = first.value
+    if not target.startswith("."):
+        return target
+    anchor_node = node.args[1] if len(node.args) > 1 and called == "import_module" else next(
+        (k.value for k in node.keywords if k.arg == "package"), None)
+    if isinstance(anchor_node, ast.Constant) and isinstance(anchor_node.value, str):
+        anchor = anchor_node.value.split(".")
+    else:  # __name__ / __package__: this module's package
+        anchor = list(package)
+    level = len(target) - len(target.lstrip("."))
+    anchor = anchor[: len(anchor) - (level - 1)]
+    rest = target.lstrip(".")
+    return ".".join([*anchor, rest] if rest else anchor)
+
+
+def _imports(name: str, path: Path, known: set[str], text: str | None = None) -> set[str]:
+    """Every project module ``name`` imports, at any depth of the file (function bodies too), with ``import``
+    statements and with literal ``import_module``/``__import__`` calls."""
     is_package = path.name == "__init__.py"
+    package = name.split(".") if is_package else name.split(".")[:-1]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    source = path.read_text() if text is None else text
+    for node in ast.walk(ast.parse(source, str(path))):
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = name.split(".") if is_package else name.split(".")[:-1]
-                anchor = anchor[: len(anchor) - (node.level - 1)]
+                anchor = package[: len(package) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        elif isinstance(node, ast.Call):
+            called = _called_module(node, package)
+            targets = [called] if called else []
         for target in targets:
             while target and target not in known:
                 target = target.rpartition(".")[0]
@@ -68,26 +100,63 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+def _place(module: str) -> tuple[int, int]:
+    """(layer, group) of a module: its longest matching prefix decides."""
+    best, place = -1, (-1, -1)
+    for i, groups in enumerate(LAYERS):
+        for j, prefixes in enumerate(groups):
+            for prefix in prefixes:
+                if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                    best, place = len(prefix), (i, j)
+    assert best >= 0, f"{module} belongs to no layer: add it to LAYERS"
+    return place
+
+
 def _layer(module: str) -> int:
-    best, rank = -1, -1
-    for i, prefixes in enumerate(LAYERS):
-        for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
-                best, rank = len(prefix), i
-    assert rank >= 0, f"{module} belongs to no layer: add it to LAYERS"
-    return rank
+    return _place(module)[0]
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(planted: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """Module -> the project modules it imports; ``planted``: module -> source text to read instead of its file."""
     modules = _modules()
     known = set(modules)
-    return {name: _imports(name, path, known) for name, path in modules.items()}
+    planted = planted or {}
+    return {name: _imports(name, path, known, planted.get(name)) for name, path in modules.items()}
+
+
+def _wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for a, deps in sorted(graph.items()):
+        for b in sorted(deps):
+            (la, ga), (lb, gb) = _place(a), _place(b)
+            if lb > la:
+                wrong.append(f"{a} -> {b} (up a layer)")
+            elif lb == la and gb != ga:
+                wrong.append(f"{a} -> {b} (a sibling of its layer)")
+    return wrong
 
 
 def test_every_import_points_down_or_sideways():
-    upward = [f"{a} -> {b}" for a, deps in sorted(_graph().items()) for b in sorted(deps)
-              if _layer(b) > _layer(a) and not (a == "models" or a == "feature_extraction")]
-    assert not upward, "imports that point up a layer:\n  " + "\n  ".join(upward)
+    wrong = _wrong_way(_graph())
+    assert not wrong, "imports that point the wrong way:\n  " + "\n  ".join(wrong)
+
+
+@pytest.mark.parametrize("module, line, culprit", [
+    ("ldot_cli.index.store", 'importlib.import_module("ldot_cli.commands.search")', "ldot_cli.commands.search"),
+    ("ldot_cli.index.store", "from ldot_cli.train.driver import run_training", "ldot_cli.train.driver"),
+    ("ldot_cli.eval.evaluation", "from ldot_cli.index.store import IndexStore", "ldot_cli.index.store"),
+    ("models", "from ldot_cli.main import run", "ldot_cli.main"),
+    ("models", 'import_module(".main", "ldot_cli")', "ldot_cli.main"),
+    ("models.core.errors", '__import__("models.hub.load")', "models.hub.load"),
+    ("models.nn.config", 'import_module("..hub.cache", __package__)', "models.hub.cache"),
+])
+def test_the_check_catches_each_way_of_importing_the_wrong_way(module, line, culprit):
+    """Issue 19 item 20: an upward import spelled as an ``import_module`` string, index importing train (one
+    layer before), and ``models/__init__.py`` importing the CLI (an exempted file before) all passed."""
+    path = _modules()[module]
+    planted = {module: path.read_text() + f"\n\ndef _planted():\n    {line}\n"}
+    wrong = _wrong_way(_graph(planted))
+    assert any(w.startswith(f"{module} -> {culprit} ") for w in wrong), wrong
 
 
 def test_no_import_cycle():

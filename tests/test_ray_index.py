@@ -97,7 +97,7 @@ def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, mod
     photos = tmp_path / "photos"
     files = make_photos(photos, 6, size=(64, 48))
     ldot("index", str(photos), "--name", "single", *ARGS)
-    first = ldot("index", str(photos), "--name", "dist", *ARGS, "--ray", address, "--ray-shard-size", "4")
+    first = ldot("index", str(photos), "--name", "dist", *ARGS, "--ray-address", address, "--ray-shard-size", "4")
     assert "6 encoded" in " ".join(first.stderr.split())
     single_rows, single_vectors = rows_and_vectors("single")
     dist_rows, dist_vectors = rows_and_vectors("dist")
@@ -113,7 +113,7 @@ def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, mod
     listed = tmp_path / "list.txt"  # a file list over the same photos: same contents, so no new vectors
     listed.write_text("".join(f"{p}\n" for p in files[:3]))
     source = str(shards / "{00000..00002}.tar")
-    ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray", address)
+    ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray-address", address)
     web_rows, web_vectors = rows_and_vectors("web")
     assert sorted(os.path.basename(p.decode()) for p in web_rows if b"#" in p) == \
         ["00000.tar#00000000.png", "00000.tar#00000001.png", "00000.tar#00000002.png", "00001.tar#00001000.png",
@@ -121,7 +121,7 @@ def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, mod
     assert sorted(p for p in web_rows if b"#" not in p) == sorted(os.fsencode(p) for p in files[:3])
     assert all(row[4] == "indexed" for row in web_rows.values())
     same_vectors(single_vectors, web_vectors)
-    again = ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray", address)  # not read again
+    again = ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray-address", address)  # not read again
     assert "0 encoded" in again.stderr and "9 unchanged" in " ".join(again.stderr.split())
 
     # the source changes: shard 0 loses a member and gains a new photo, shard 1 is damaged, shard 2 is gone,
@@ -133,7 +133,7 @@ def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, mod
     (shards / "00001.tar").write_bytes(b"not a tar file " * 100)
     (shards / "00002.tar").unlink()
     listed.write_text(f"{files[0]}\n")
-    third = ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray", address)
+    third = ldot("index", source, str(listed), "--name", "web", *ARGS, "--ray-address", address)
     text = " ".join(third.stderr.split())
     # found: shard 0's 3 members (2 unchanged by hash, 1 new), shard 1 (failed), the list's 1 entry (unchanged)
     assert "5 images found; 1 encoded, 0 reused (same content), 3 unchanged, 4 removed, 1 skipped;" in text, text
@@ -156,7 +156,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_counts_stay_exact(cluster, mod
     make_photos(photos, 16, size=(64, 48))
     for old in pids.iterdir():
         old.unlink()
-    driver = spawn("index", str(photos), "--name", "kw", *ARGS, "--ray", address, "--ray-shard-size", "2")
+    driver = spawn("index", str(photos), "--name", "kw", *ARGS, "--ray-address", address, "--ray-shard-size", "2")
     deadline = time.monotonic() + 300
     killed = None
     from ldot_cli.index.store import index_path
@@ -184,7 +184,7 @@ def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, mode
     address, _ = cluster
     photos = tmp_path / "photos"
     make_photos(photos, 12, size=(64, 48))
-    args = ["index", str(photos), "--name", "kd", *ARGS, "--ray", address, "--ray-shard-size", "2"]
+    args = ["index", str(photos), "--name", "kd", *ARGS, "--ray-address", address, "--ray-shard-size", "2"]
     paused = tmp_path / "paused"  # the driver stops itself once 2 images are merged: killed at a known point
     driver = spawn(*args, env={**os.environ, "LDOT_TEST_PAUSE_AFTER": "2", "LDOT_TEST_PAUSE_FILE": str(paused)})
     deadline = time.monotonic() + 300

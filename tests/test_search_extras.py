@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,11 +175,14 @@ def test_thumbnails_are_cached_and_leave_with_their_image(indexed):
     digest = searcher.store.content_hashes([hit.vector_id])[hit.vector_id]
     searcher.close()
     directory = index_path("default")
-    first = thumbnail(directory, digest, os.fsdecode(hit.path))
+    with pytest.raises(ValueError, match="not the indexed content"):  # bytes of another content: nothing cached
+        thumbnail(directory, digest, lambda: b"\x89PNG other bytes")
+    assert not thumb_path(directory, digest).exists()
+    first = thumbnail(directory, digest, lambda: Path(os.fsdecode(hit.path)).read_bytes())
     cached = thumb_path(directory, digest)
     assert cached.read_bytes() == first and first[:3] == b"\xff\xd8\xff"
     os.utime(cached, (1, 1))
-    assert thumbnail(directory, digest, "/no/such/file") == first  # made once: the cache answers
+    assert thumbnail(directory, digest, lambda: b"") == first  # made once: the cache answers
     os.unlink(hit.path)
     Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([indexed])
     assert not cached.exists()

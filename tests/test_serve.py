@@ -281,7 +281,13 @@ def test_the_page_in_a_real_browser(served, env, tmp_path):
         assert "score" in cards[0].text
         wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
                                  for i in d.find_elements(By.CSS_SELECTOR, "#results .card img")))
-        assert cards[0].find_elements(By.CSS_SELECTOR, ".box")  # the matching region on the thumbnail
+        assert not driver.find_elements(By.CSS_SELECTOR, "#results .box")  # results first: boxes only on demand
+        assert "boxes on results" in driver.find_element(By.ID, "boxes-label").text
+        driver.find_element(By.ID, "boxes").click()  # the switch: boxes for every result, fetched after the grid
+        wait.until(lambda d: all(c.find_elements(By.CSS_SELECTOR, ".box") for c in cards))
+        assert "boxes of" in driver.find_element(By.ID, "status").text
+        assert " for 20)" in driver.find_element(By.ID, "boxes-cost").text  # the measured cost, said
+        driver.find_element(By.ID, "boxes").click()  # off again: the opened photo still gets its boxes
         assert "query" in driver.find_element(By.ID, "status").text and "ms" in driver.find_element(By.ID, "status").text
         keep = os.environ.get("LDOT_SCREENSHOTS")
         if keep:
@@ -296,6 +302,7 @@ def test_the_page_in_a_real_browser(served, env, tmp_path):
         wait.until(lambda d: d.execute_script("const i = document.getElementById('photo');"
                                               "return i.complete && i.naturalWidth > 0"))
         frame = driver.find_element(By.ID, "photo-pic")
+        wait.until(lambda d: frame.find_elements(By.CSS_SELECTOR, ".box"))  # asked for when the photo opened
         boxes = frame.find_elements(By.CSS_SELECTOR, ".box")
         assert boxes and boxes[0].size["width"] > 2 and boxes[0].size["height"] > 2  # the region, drawn
         assert driver.find_element(By.ID, "photo-path").text == want[2]

@@ -1,7 +1,4 @@
 """The training-data adapter on real files: a UNITER text DB, a Karpathy split file and UNITER image DBs.
-
-Needs the readers of the ``eval`` (ldot_cli.data.benchmarks) and ``images`` (feature_extraction.uniter_db) branches:
-skipped until they are merged.
 """
 
 from __future__ import annotations
@@ -10,14 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from ldot_testing import write_vocab
 
-datasets = pytest.importorskip("ldot_cli.data.benchmarks")
-uniter_db = pytest.importorskip("feature_extraction.uniter_db")
-
-from ldot_testing import write_vocab  # noqa: E402
-
-from ldot_cli.data.train_sources import DataSpec, TrainDataError, open_training_data  # noqa: E402
-from models.nn.tokenizer import Tokenizer  # noqa: E402
+import feature_extraction.uniter_db as uniter_db
+from ldot_cli.data.train_sources import DataSpec, TrainDataError, open_training_data
+from models.nn.tokenizer import Tokenizer
 
 
 def _image_db(directory, keys, labels=1601, seed=0):

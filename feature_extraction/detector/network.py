@@ -20,7 +20,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -395,8 +395,10 @@ class BUTDDetector(nn.Module):
 
     # ----------------------------------------------------------------- full passes
     @torch.inference_mode()
-    def detect(self, images: Sequence[DetectorInput], timings: StageTimes | None = None) -> list[RawDetections]:
+    def detect(self, images: Sequence[DetectorInput], timings: StageTimes | None = None,
+               on_image: Callable[[int], None] | None = None) -> list[RawDetections]:
         """Run the network on preprocessed images; no selection. Batch results equal one-by-one runs.
+        ``on_image(n)``: called as each image is done (``n`` of this call so far), for progress per image.
 
         Memory does not grow with the batch: the backbone sees at most ``options.backbone_pixels`` pixels per
         call, and the RPN, RoI pooling, res5 and the box head run one image at a time (300 pooled RoIs are
@@ -412,6 +414,8 @@ class BUTDDetector(nn.Module):
             for i, im in enumerate(group):
                 out.append(self._detect_one(res4[i], im, timings))
                 res4[i] = None  # type: ignore[call-overload]  # free each map once its image is done
+                if on_image is not None:
+                    on_image(len(out))
         return out
 
     def _backbone_groups(self, images: list[Preprocessed]) -> list[list[Preprocessed]]:
@@ -449,14 +453,15 @@ class BUTDDetector(nn.Module):
         preset: str | UniterSelection | LxmertSelection = "uniter",
         with_soft_labels: bool = False,
         timings: StageTimes | None = None,
+        on_image: Callable[[int], None] | None = None,
     ) -> list[RegionFeatures]:
         """Region features of each image under a selection preset (``"uniter"`` or ``"lxmert36"``).
 
         ``images`` are :func:`preprocess` results, or the pipeline's ``(tensor, scale, (H, W))`` tuples.
-        One record per image, in order; boxes in original-image pixels.
+        One record per image, in order; boxes in original-image pixels. ``on_image``: see `detect`.
         """
         selector = get_preset(preset)
-        raws = self.detect(images, timings)
+        raws = self.detect(images, timings, on_image)
         t = time.perf_counter()
         with torch.inference_mode():
             out = [selector.select(raw, self.config, with_soft_labels) for raw in raws]

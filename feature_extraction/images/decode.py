@@ -23,7 +23,7 @@ Decisions (documented for users in the README):
   Pillow's conversion (no ICC colour management, like the OpenCV loading of the original
   feature extraction).
 * **Animations** (GIF, APNG, animated WebP): the first frame.
-* **HEIC/HEIF** needs the optional ``pillow-heif`` (``pip install 'ldot[heic]'``), registered
+* **HEIC/HEIF** needs the optional ``pillow-heif`` (``pip install '.[heic]' in ldot's folder``), registered
   lazily the first time such a file is met; without it the file fails with
   :class:`~feature_extraction.errors.MissingCodecError` (not permanent: retried once installed).
   AVIF is decoded by Pillow itself (>= 11.3), or by ``pillow-heif`` when it can.
@@ -57,7 +57,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".heic", ".heif", ".hif", ".avif",
 })
 
-HEIC_INSTALL_HINT = "pip install 'ldot[heic]'"
+HEIC_INSTALL_HINT = "pip install '.[heic]' in ldot's folder"
 
 # ISO-BMFF brands (bytes 8..12 of the file, after b"ftyp") of HEIF-family images.
 _HEIC_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs",
@@ -79,6 +79,26 @@ def is_image_candidate(path: str | os.PathLike[str]) -> bool:
     if name.startswith("._"):
         return False
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+NOT_AN_IMAGE = "not a recognised image format"
+
+
+def looks_like_image(path: str | os.PathLike[str]) -> bool:
+    """An image by its name (:func:`is_image_candidate`) or by its content (a header some decoder names, HEIC
+    included): what a file given by name must be to be indexed. An unreadable file counts as one (the indexer
+    says why it is skipped); a text file such as ``README.md`` does not."""
+    if is_image_candidate(path):
+        return True
+    try:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _open(fh, os.fspath(path)).close()
+    except ImageLoadError as exc:
+        return exc.reason != NOT_AN_IMAGE
+    except OSError:
+        return True
+    return True
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -179,7 +199,7 @@ def _open(fh: BinaryIO, path: str) -> Image.Image:
         raise ImageLoadError(path, f"corrupt image header ({_short(exc)})") from None
     brand = _heif_brand(fh)
     if brand is None:
-        raise ImageLoadError(path, "not a recognised image format")
+        raise ImageLoadError(path, NOT_AN_IMAGE)
     _register_heif(path, brand)
     try:
         return _pil_open(fh, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,9 +100,15 @@ def _type_word(param: Any) -> str:
     return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
 
 
+def interactive() -> bool:
+    """Someone at a terminal who can answer a question (stdin is a terminal)."""
+    return sys.stdin.isatty()
+
+
 def clean_help(command: Any) -> None:
     """Help shows click-style metavars (PATHS..., TEXT, INTEGER; nothing after a flag) instead of Python types
     (``<list[Path]>``, ``<bool>``, ``{paths}...``), for every command and sub-command."""
+    _escape_help(command, "help", "epilog", "short_help")
     for param in getattr(command, "params", []):
         clean_param(param)
     plain_help_option = command.get_help_option
@@ -117,7 +124,22 @@ def clean_help(command: Any) -> None:
         clean_help(sub)
 
 
+def _escape_help(thing: Any, *fields: str) -> None:
+    """Help is plain text: typer shows it through rich markup, which ate ``[plot]`` in "pip install '.[plot]'" and
+    ``[[x1,y1,...],...]``. Escaped once (a parameter is cleaned on every help call)."""
+    from rich.markup import escape
+
+    if getattr(thing, "_ldot_help_escaped", False):
+        return
+    for name in fields:
+        value = getattr(thing, name, None)
+        if isinstance(value, str):
+            setattr(thing, name, escape(value))
+    thing._ldot_help_escaped = True
+
+
 def clean_param(param: Any) -> None:
+    _escape_help(param, "help")
     if param.param_type_name == "argument":
         name = (param.name or "arg").upper() + ("..." if param.nargs != 1 else "")
         param.metavar = name

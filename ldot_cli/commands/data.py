@@ -25,8 +25,9 @@ app = typer.Typer(help="Public benchmarks and training sets in the cache: list, 
 ASK_ABOVE = 50_000_000  # bytes: a larger download is confirmed first (unless --yes)
 
 
-def confirm_fetch(plan: Any, yes: bool) -> None:
-    """Say what a fetch downloads, where it goes and its terms of use; ask before a large one unless ``yes``."""
+def confirm_fetch(plan: Any, yes: bool, own_copy: bool = False) -> None:
+    """Say what a fetch downloads, where it goes and its terms of use; ask before a large one unless ``yes``.
+    ``own_copy``: the running command has ``--data`` (`ldot eval`, `ldot train`), so the refusal may suggest it."""
     from models.core.errors import LdotError
 
     if plan.done:
@@ -40,16 +41,17 @@ def confirm_fetch(plan: Any, yes: bool) -> None:
         return
     if not sys.stdin.isatty():
         raise LdotError(f"{what} is a download of about {human_bytes(plan.missing_bytes)}: add --yes to accept it "
-                        "and its terms of use (or pass --data with your own copy)")
+                        "and its terms of use" + (" (or pass --data with your own copy)" if own_copy else ""))
     typer.confirm("download it and accept these terms?", abort=True, err=True)
 
 
-def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers: int = 8) -> None:
+def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers: int = 8,
+                        own_copy: bool = False) -> None:
     """`confirm_fetch`, then fetch with one byte bar (bytes/s, ETA) on stderr."""
     from ldot_cli.data import sources
 
     plan = sources.plan(dataset, split, lang)
-    confirm_fetch(plan, yes)
+    confirm_fetch(plan, yes, own_copy)
     if plan.done:
         return
     with progress_bar("bytes", transient=False) as bar:

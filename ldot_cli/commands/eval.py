@@ -106,7 +106,7 @@ def eval_command(
         from models.hub.load import resolve_source
 
         resolve_source(check_request(dataset.value, split.value, model))  # the model is here before any download
-        fetch_with_progress(dataset.value, "test", lang.value, yes)
+        fetch_with_progress(dataset.value, "test", lang.value, yes, own_copy=True)
         paths = sources.eval_paths(dataset.value, lang.value)
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,
                        batch_size, device.value, cross_sample, save_embeddings)

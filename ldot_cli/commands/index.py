@@ -13,10 +13,13 @@ from ldot_cli.commands.console import (
     cell,
     err,
     human_bytes,
+    interactive,
     line,
     out,
     progress_bar,
+    safe,
 )
+from models.core.errors import LdotError
 
 
 class _IndexCommand(TyperCommand):
@@ -58,18 +61,48 @@ def index_rm(
     folder: list[str] = typer.Option([], "--folder", "-f", help="Only drop the files under this folder from the "
                                                                 "index (repeatable; also a file list, a tar shard or "
                                                                 "a tar SOURCE indexed with --ray); the index stays."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (asked in a terminal only)."),
 ) -> None:
     """Remove an index, or drop folders from it (their vectors and region features go with them)."""
     from ldot_cli.index.indexer import remove_folder, remove_index
     from ldot_cli.index.store import display_path
 
     if not folder:
+        if not yes and interactive():
+            _confirm_removal(name)
         path = remove_index(name)
         err.print(line(f"removed index {name!r} (", display_path(os.fsencode(path)), ")"))
         return
     for one in folder:
         dropped = remove_folder(name, one)
         err.print(line(name, f": dropped {dropped} files under ", one, " from the index"))
+
+
+def _say_what_a_rerun_reuses(name: str) -> None:
+    """After Ctrl-C: nothing committed is lost; say what the same command, run again, reuses."""
+    from feature_extraction.errors import ImageDBError
+    from ldot_cli.index.indexer import resumable
+
+    try:
+        images, extracted = resumable(name)
+    except (LdotError, ImageDBError, OSError):
+        return
+    more = (f", and the regions of {extracted:,} more are extracted (it encodes them without the detector)"
+            if extracted else "")
+    err.print(line(f"stopped: index {name!r} keeps the {images:,} images already in it (a re-run does not redo "
+                   f"them){more}; run the same command again to do the rest"))
+
+
+def _confirm_removal(name: str) -> None:
+    """Ask before deleting a whole index (its size said), in a terminal."""
+    from ldot_cli.index.status import describe_index
+
+    try:
+        info = describe_index(name)
+    except LdotError:
+        return  # no such index: `remove_index` says so
+    typer.confirm(safe(f"delete index {name!r} ({info.get('indexed') or 0:,} images, "
+                       f"{human_bytes(info.get('bytes') or 0)}, {info.get('path')})?"), abort=True, err=True)
 
 
 def index(
@@ -98,9 +131,12 @@ def index(
                                                                "image count and --memory-budget."),
     memory_budget: str = typer.Option(None, "--memory-budget", help="RAM the vector index may take (e.g. 8GB); "
                                                                      "default: half of this machine's."),
-    ray: str = typer.Option(None, "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-                            help="Run the models on a Ray cluster: --ray (a local Ray instance), --ray auto (the "
-                                 "cluster this machine belongs to) or --ray HOST:PORT. Put it after PATHS."),
+    ray: bool = typer.Option(False, "--ray", help="Run the models on a Ray cluster (a local Ray instance unless "
+                                                   "--ray-address says which)."),
+    ray_address: str = typer.Option(None, "--ray-address", metavar="ADDRESS",
+                                    help="The Ray cluster for --ray (implies it): auto (the cluster this machine "
+                                         "belongs to), HOST:PORT, or local (the default: a Ray instance started "
+                                         "for this run)."),
     ray_actors: int = typer.Option(None, "--ray-actors", help="Model copies on the cluster (default: one per GPU, "
                                                               "or per --ray-cpus-per-actor cores)."),
     ray_cpus_per_actor: int = typer.Option(None, "--ray-cpus-per-actor", help="Cores per model copy on CPU-only "
@@ -134,11 +170,12 @@ def index(
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
     indexer_class: Any = Indexer
     extra: dict[str, Any] = {}
-    if ray is not None:
-        from ldot_cli.index.distributed import RayIndexer, RayOptions
+    ray = ray or ray_address is not None
+    if ray:
+        from ldot_cli.index.distributed import LOCAL, RayIndexer, RayOptions
 
         indexer_class = RayIndexer
-        extra["ray_options"] = RayOptions(address=ray, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+        extra["ray_options"] = RayOptions(address=ray_address or LOCAL, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
                                           shard_size=ray_shard_size, shards_dir=shards_dir)
     with progress_bar() as bar:
         indexer = indexer_class(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
@@ -146,17 +183,23 @@ def index(
                                 ann=mode, **extra)
         indexer.memory_budget = budget
         # inputs first: nothing to fetch for a typo (the Ray path plans its sources when it runs, before creating)
-        scan = indexer.scan([str(p) for p in paths], excludes=exclude) if ray is None else None
+        scan = None if ray else indexer.scan([str(p) for p in paths], excludes=exclude)
         needed = indexer.needed_models(reindex)
     with progress_bar("bytes", transient=True) as bar:
         for model_name in needed:
             ensure_model(model_name, ProgressView(bar))
-    with progress_bar() as bar:
-        indexer.progress = ProgressView(bar)
-        if scan is None:
-            report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex, retry_failed=retry_failed)
-        else:
-            report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed, scan=scan)
+    try:
+        with progress_bar() as bar:
+            indexer.progress = ProgressView(bar)
+            if scan is None:
+                report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex,
+                                             retry_failed=retry_failed)
+            else:
+                report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed,
+                                     scan=scan)
+    except KeyboardInterrupt:
+        _say_what_a_rerun_reuses(name)
+        raise
     new_skips = f" ({len(report.skipped)} this run)" if report.skipped and report.skipped_before else ""
     err.print(line((report.name, "bold"), f": {report.found} images found; {report.encoded} encoded, "
                    f"{report.reused} reused (same content), {report.unchanged} unchanged, {report.removed} removed, "

@@ -66,8 +66,8 @@ def search(
     searcher = Searcher(name, model=model, device=device)
     try:
         if rerank and image is None:
-            _rerank_note(m or 0, device)
-            _preset_note(searcher, reranker)
+            _preset_note(searcher, reranker)  # finds (and loads) the re-ranker first: no estimate for a missing one
+            _rerank_note(min(m or 0, searcher.store.counts().get("indexed", 0)), device)
         if query is None and image is None:
             _interactive(searcher, mode, html, preview, Request(text="", k=k, rerank_k=m, reranker=reranker,
                                                                 min_score=min_score, regions=want_regions))
@@ -179,14 +179,24 @@ def _render(hits: list[Any], mode: str) -> None:
     table.add_column("score", justify="right")
     if hits[0].rerank_score is not None:
         table.add_column("rerank", justify="right")
+    with_boxes = any(h.regions is not None for h in hits)
+    if with_boxes:  # --regions: the boxes driving each score, in pixels, with how much removing each costs
+        table.add_column("boxes (x1,y1-x2,y2: score drop)", no_wrap=True)
     table.add_column("path", overflow="fold")
     for hit in hits:
         cells = [str(hit.rank), f"{hit.score:.3f}"]
         if hit.rerank_score is not None:
             cells.append(f"{hit.rerank_score:.3f}")
+        if with_boxes:
+            cells.append("\n".join(_box_text(box) for box in hit.pixel_regions()) or "-")
         cells.append(cell(hit.path))
         table.add_row(*cells)
     out.print(table)
+
+
+def _box_text(box: list[float]) -> str:
+    x1, y1, x2, y2, weight = box
+    return f"{x1:.0f},{y1:.0f}-{x2:.0f},{y2:.0f}: {weight:.3f}"
 
 
 def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, template: Any) -> None:

@@ -18,6 +18,8 @@ def serve(
                              "access token printed in the URL."),
     model: str = typer.Option(None, help="Bi-encoder to encode queries (must be the index's model)."),
     device: str = typer.Option("auto", help="Device for re-ranking: auto, cpu or cuda."),
+    reranker: str = typer.Option(None, help="Cross-encoder for re-ranking (name or path; default: uniter-base, "
+                                 "else lxmert-base-uncased). Requests may name only it or a catalogue one."),
 ) -> None:
     """Serve a search page for an index on http://127.0.0.1:PORT/ (Ctrl-C stops it). `ldot search` on the
     same index uses the running server, so a query from the shell skips loading the models."""
@@ -34,8 +36,8 @@ def serve(
     try:
         import uvicorn
     except ImportError:
-        raise LdotError("`ldot serve` needs the web extra: pip install 'ldot[serve]'") from None
-    state = ServeState(name, model=model, device=device)
+        raise LdotError("`ldot serve` needs the web extra: pip install '.[serve]' in ldot's folder") from None
+    state = ServeState(name, model=model, device=device, reranker=reranker)
     with err.status("loading the index and the text model…"):
         state.warm()
     token = None if is_loopback(host) else secrets.token_urlsafe(18)

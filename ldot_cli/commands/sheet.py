@@ -95,7 +95,7 @@ def preview_table(hits: list[Any]) -> bool:
     try:
         from textual_image.renderable import Image as TerminalImage
     except ImportError:
-        err.print("--preview needs the preview extra: pip install 'ldot[preview]'", markup=False)
+        err.print("--preview needs the preview extra: pip install '.[preview]' in ldot's folder", markup=False)
         return False
     table = Table(box=None, pad_edge=False, show_header=True)
     table.add_column("preview", width=PREVIEW_CELLS)

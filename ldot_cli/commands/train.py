@@ -47,22 +47,22 @@ _HELP = {
 
 def _opt(key: str, defaults: dict[str, str]) -> Any:
     flag, text = _HELP[key]
-    return typer.Option(None, flag, help=f"{text} \\[default: {defaults[key]}]")  # \\[: not rich markup
+    return typer.Option(None, flag, help=f"{text} [default: {defaults[key]}]")
 
 
 Device = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
 Resume = typer.Option(False, "--resume", help="Continue the run named by --out from its last checkpoint.")
 Force = typer.Option(False, "--force", help="Start the run over and replace a model of that name.")
-SaveEvery = typer.Option(None, "--save-every", help="Steps between resume checkpoints. \\[default: at each validation]")
+SaveEvery = typer.Option(None, "--save-every", help="Steps between resume checkpoints. [default: at each validation]")
 Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall curves to <run>/curves.png at the end "
-                    "(needs matplotlib: pip install 'ldot[plot]').")
+                    "(needs matplotlib: pip install '.[plot]' in ldot's folder).")
 HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
-                             "the current model before training and after each epoch. \\[default: 0, in-batch only]")
+                             "the current model before training and after each epoch. [default: 0, in-batch only]")
 DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "
                            "lxmert-base-uncased, a uniter-itm model): KL over captions for the batch's first 10 "
                            "images.")
-DistillWeight = typer.Option(None, "--distill-weight", help="Weight of the distillation loss. \\[default: 1.0]")
-DistillTemperature = typer.Option(None, "--distill-temperature", help="Distillation temperature T. \\[default: 1.0]")
+DistillWeight = typer.Option(None, "--distill-weight", help="Weight of the distillation loss. [default: 1.0]")
+DistillTemperature = typer.Option(None, "--distill-temperature", help="Distillation temperature T. [default: 1.0]")
 
 
 @app.command()
@@ -72,7 +72,7 @@ def finetune(
     txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
     val_images: int = ValImages, no_val: bool = NoVal, init: str = Init, image_init: str = ImageInit,
     out_name: str = Out,
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. \\[default: 15 for flickr30k, "
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. [default: 15 for flickr30k, "
                                "20 for coco]"),
     batch_size: int = _opt("batch_size", FINETUNE_DEFAULTS), lr: float = _opt("lr", FINETUNE_DEFAULTS),
     warmup: float = _opt("warmup", FINETUNE_DEFAULTS), grad_clip: float = _opt("grad_clip", FINETUNE_DEFAULTS),
@@ -96,7 +96,7 @@ def finetune(
             from models.hub.load import resolve_source
 
             resolve_source(init or default_init("finetune"))
-            fetch_with_progress(dataset, "train", "de", yes)
+            fetch_with_progress(dataset, "train", "de", yes, own_copy=True)
         if sources.is_fetched(dataset, "train"):
             data = sources.dataset_dir(dataset)
     spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
@@ -144,11 +144,11 @@ def decompose(
     tags: bool = typer.Option(None, "--tags/--no-tags", help="Prefix each image with its regions' object names "
                               "([CLS] tags [SEP]). Default: on when the features hold class ids or soft labels."),
     tag_vocab: str = typer.Option(None, "--tag-vocab", help="Detector (name or dir) or objects_vocab.txt naming the "
-                                  "classes. \\[default: butd-r101-vg]"),
-    text_len: int = typer.Option(None, "--text-len", help="Text (and tag) input length. \\[default: 35]"),
-    max_regions: int = typer.Option(None, "--max-regions", help="Regions per image. \\[default: 100]"),
-    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. \\[default: 0.005]"),
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. \\[default: 200]"),
+                                  "classes. [default: butd-r101-vg]"),
+    text_len: int = typer.Option(None, "--text-len", help="Text (and tag) input length. [default: 35]"),
+    max_regions: int = typer.Option(None, "--max-regions", help="Regions per image. [default: 100]"),
+    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. [default: 0.005]"),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. [default: 200]"),
     batch_size: int = _opt("batch_size", DECOMPOSE_DEFAULTS), lr: float = _opt("lr", DECOMPOSE_DEFAULTS),
     warmup: float = _opt("warmup", DECOMPOSE_DEFAULTS), grad_clip: float = _opt("grad_clip", DECOMPOSE_DEFAULTS),
     grad_accum: int = _opt("grad_accum", DECOMPOSE_DEFAULTS), precision: str = _opt("precision", DECOMPOSE_DEFAULTS),
@@ -172,7 +172,7 @@ def decompose(
 @app.command()
 def show(
     run: str = typer.Argument(..., help="A run name (<home>/runs/NAME) or a run folder."),
-    out: Path = typer.Option(None, "--out", help="PNG to write. \\[default: <run>/curves.png]"),
+    out: Path = typer.Option(None, "--out", help="PNG to write. [default: <run>/curves.png]"),
 ) -> None:
     """Draw a run's loss and validation-recall curves (from its log.jsonl) to a PNG."""
     from ldot_cli.train.plot import plot_run

@@ -342,7 +342,7 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DatasetError("reading the COCO Karpathy parquet files needs pyarrow: pip install 'ldot[data]'") from None
+        raise DatasetError("reading the COCO Karpathy parquet files needs pyarrow: pip install '.[data]' in ldot's folder") from None
     try:
         return pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow's ArrowInvalid and OS errors

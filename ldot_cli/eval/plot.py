@@ -16,7 +16,7 @@ def plot_report(report: dict[str, Any], target: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LdotError(f"{option('plot')} needs matplotlib: pip install 'ldot[plot]'") from None
+        raise LdotError(f"{option('plot')} needs matplotlib: pip install '.[plot]' in ldot's folder") from None
 
     series = [("bi-encoder (ours)", report["recall"], "-", "o")]
     series += [(f"re-rank top {m}", rec, "-", "s") for m, rec in report["rerank"].items()]

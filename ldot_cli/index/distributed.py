@@ -1,4 +1,4 @@
-"""`ldot index SOURCE --ray [ADDRESS]`: the same index, built on a Ray cluster (Ray Data batch inference).
+"""`ldot index SOURCE --ray [--ray-address ADDRESS]`: the same index, built on a Ray cluster (Ray Data batch inference).
 
 The pipeline, streamed by Ray Data::
 
@@ -47,6 +47,7 @@ from ldot_cli.index.indexer import (
 from ldot_cli.index.sources import (
     TAR_SUFFIXES,
     Item,
+    Refusal,
     SourceError,
     TarSource,
     Unit,
@@ -111,7 +112,7 @@ def connect(options: RayOptions) -> Any:
     try:
         import ray
     except ImportError:
-        raise RayError(f"{option('ray')} needs Ray: pip install 'ldot[ray]'") from None
+        raise RayError(f"{option('ray')} needs Ray: pip install '.[ray]' in ldot's folder") from None
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "logging_level": "ERROR",
                                   "configure_logging": True}
@@ -124,7 +125,7 @@ def connect(options: RayOptions) -> Any:
             ray.init(**kwargs)
         except ConnectionError as exc:
             raise RayError(f"cannot reach the Ray cluster at {options.address!r} ({exc}): start it with "
-                           f"`ray start --head`, or give its address to {option('ray')} (e.g. 10.0.0.1:6379)") from None
+                           f"`ray start --head`, or give its address to {option('ray_address')} (e.g. 10.0.0.1:6379)") from None
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -153,7 +154,7 @@ def decode_unit(row: dict[str, Any], preprocess: Any, max_pixels: int | None) ->
             members.append(item.path)
             out: dict[str, Any] = {"item": item, "unit": unit.id}
             if data is None:
-                out.update(reason=problem, retry=True)
+                out.update(reason=str(problem), retry=not isinstance(problem, Refusal))
             else:
                 out["hash"] = hashlib.sha256(data).hexdigest()
                 if out["hash"] in known:  # an indexed member, unchanged: no decoding, no model work

@@ -158,6 +158,7 @@ class Indexer:
         Raises `LdotError` for a missing root, and when nothing at all is found for an index that does not
         exist yet (an empty folder would only leave an empty index behind). Warns about an empty root.
         """
+        from feature_extraction.images.decode import looks_like_image
         from feature_extraction.images.walk import collect_images
         from models.core.home import ldot_home
 
@@ -165,6 +166,9 @@ class Indexer:
         for root in absolute:
             if not os.path.exists(root):
                 raise LdotError(f"{display_path(os.fsencode(root))} does not exist: give a folder of images to index")
+            if os.path.isfile(root) and not looks_like_image(root):
+                raise LdotError(f"{display_path(os.fsencode(root))} is a file but not an image: give a folder of "
+                                f"images or image files (with {option('ray')} also a file list or tar shards)")
         self.stage("scanning", 0, None)
         issues: list[Any] = []
         sources = []
@@ -452,6 +456,26 @@ def damaged_regions(name: str, exc: ImageDBError) -> IndexStoreError:
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resumable(name: str) -> tuple[int, int]:
+    """What a re-run of an interrupted `ldot index` reuses: (images in the index, contents whose regions were
+    extracted but not yet encoded: the re-run encodes them without the detector)."""
+    from feature_extraction.uniter_db import UniterImageDB, resolve_cut
+
+    directory = index_path(name)
+    if not (directory / DB_FILE).is_file():
+        return 0, 0
+    with IndexStore(directory) as store:
+        images = store.counts().get("indexed", 0)
+        live = store.content_hash_set()
+        preset = store.get_meta("preset") or DEFAULT_PRESET
+    extracted = 0
+    for sub in (REGIONS_DIR, STAGING_DIR):
+        if (directory / sub / resolve_cut(preset).db_name() / "data.mdb").is_file():
+            with UniterImageDB(directory / sub, preset) as reader:
+                extracted += sum(1 for key in reader.keys() if key not in live)
+    return images, extracted
 
 
 def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:

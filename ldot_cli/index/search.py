@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from ldot_cli.index.store import IndexStore, IndexStoreError, IndexUnrecorded, i
 from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
+RERANKER_CACHE = 2  # cross-encoders kept loaded at once (least recently used dropped): each is ~0.5-1 GB
 
 
 class QueryError(LdotError):
@@ -90,7 +92,7 @@ class Searcher:
         self._encoder: Any = None
         self._faiss: tuple[Any, int] | None = None
         self._faiss_sha: str | None = None
-        self._rerankers: dict[str, Any] = {}
+        self._rerankers: OrderedDict[str, Any] = OrderedDict()  # resolved location -> model, LRU order
         self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
         self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
@@ -244,7 +246,7 @@ class Searcher:
         if request.text is None and isinstance(request.min_score, str) and request.min_score.strip().lower() == "auto":
             raise QueryError(f"{option('min_score')} auto is calibrated on text-image pairs: give a number for "
                              "image queries")
-        level = self.min_score(request.min_score)
+        level = self._level(request)
         self.timings = QueryTimings()
         sources = sum(x is not None for x in (request.text, request.image_path, request.vector_id,
                                               request.image_sha256))
@@ -255,22 +257,48 @@ class Searcher:
         else:
             if request.rerank_k:
                 raise QueryError(f"{option('rerank')} needs a text query (the cross-encoder scores text-image pairs)")
-            if request.image_path is not None:
-                vector = self.image_vector(request.image_path)
-            elif request.vector_id is not None:
-                vector = self.indexed_vector(request.vector_id)
-            else:
-                vid = self.store.vector_for_hash(str(request.image_sha256))
-                if vid is None:
-                    raise QueryError("that image is not in the index")
-                vector = self.indexed_vector(vid)
-            hits = self.search_vector(vector, request.k)
+            hits = self.search_vector(self.query_vector(request), request.k)
         kept = hits if level is None else [h for h in hits if h.score >= level]
         for rank, hit in enumerate(kept, 1):
             hit.rank = rank
         if request.regions and kept:
             self.explain(kept)
         return Answer(kept, level, self.timings, len(hits) - len(kept))
+
+    def query_vector(self, request: Request) -> np.ndarray:
+        """The (1, D) vector of a request's query: its text encoded, or an image's (a file, an id, a hash)."""
+        if request.text is not None:
+            return self.text_vector(request.text)
+        if request.image_path is not None:
+            return self.image_vector(request.image_path)
+        if request.vector_id is not None:
+            return self.indexed_vector(request.vector_id)
+        if request.image_sha256 is None:
+            raise QueryError("give either a text query or an image")
+        vid = self.store.vector_for_hash(str(request.image_sha256))
+        if vid is None:
+            raise QueryError("that image is not in the index")
+        return self.indexed_vector(vid)
+
+    def regions_of(self, request: Request, vector_ids: list[int], of: int | None = None) -> list[Hit]:
+        """The boxes driving the scores of some indexed images for a request's query, asked for after its
+        results (`ldot serve` draws them on demand: they cost seconds per image on a CPU). One hit per id that
+        still has a file (rank: its place in ``vector_ids``; score: the query's bi-encoder score).
+
+        ``of``: how many results these are a part of (default: just these). Each image gets the share of the
+        attribution budget it has when all ``of`` are explained together, so asking for a grid's boxes a few
+        at a time (or for one opened photo) finds the same boxes at the same cost per image."""
+        from models.nn.attribution import REMOVAL_BUDGET
+
+        self.timings = QueryTimings()
+        vector_ids = list(dict.fromkeys(vector_ids))
+        share = max(1, REMOVAL_BUDGET * len(vector_ids) // max(of or 0, len(vector_ids), 1))
+        vector = self.query_vector(request)
+        paths = self.store.paths_for_vectors(vector_ids)
+        ids, stored = self.store.vectors(ids=[v for v in vector_ids if paths.get(v)])
+        scores = dict(zip(ids.tolist(), (stored @ vector[0]).tolist()))
+        hits = [Hit(rank, paths[v][0], scores[v], v) for rank, v in enumerate(vector_ids, 1) if v in scores]
+        return self.explain(hits, vector, budget=share)
 
     # -- thresholds ------------------------------------------------------------------------------
     def model_dir(self) -> Path | None:
@@ -290,6 +318,34 @@ class Searcher:
         if directory is None:
             raise CalibrationError(f"model {self.model_source!r} is not a model dir: it has no score calibration")
         return auto_threshold(directory, self.model_source)
+
+    def _level(self, request: Request) -> float | None:
+        """``request.min_score`` resolved; an uncalibrated ``auto`` for a text query suggests a number taken from
+        how this query scores over the index itself (a model's scores can be ~0.05 or ~50: no fixed example fits)."""
+        from models.training.calibration import CalibrationError
+
+        try:
+            return self.min_score(request.min_score)
+        except CalibrationError as exc:
+            if request.text is None or not request.text.strip():
+                raise
+            hint = self.suggest_min_score(request.text)
+            if hint is None:
+                raise
+            raise CalibrationError(f"{exc.args[0]}: {hint}") from None
+
+    def suggest_min_score(self, text: str, sample: int = 2000, keep: float = 0.1) -> str | None:
+        """A ``--min-score`` for ``text`` from the index's own score spread: its scores against up to ``sample``
+        stored vectors, and the level that keeps about the top ``keep`` of them (None for an empty index)."""
+        _, vectors = self.store.sample_vectors(sample)
+        if not len(vectors):
+            return None
+        scores = vectors @ self.text_vector(text)[0]
+        low, median, high = np.quantile(scores, [0.0, 0.5, 1.0])
+        level = float(np.quantile(scores, 1.0 - keep))
+        return (f"this query scores {low:.3g} to {high:.3g} (median {median:.3g}) over {len(scores):,} images of "
+                f"index {self.store.name!r}: e.g. {option('min_score')} {level:.3g} keeps about the top "
+                f"{100 * keep:g}%")
 
     def min_score(self, value: str | float | None) -> float | None:
         """``--min-score``: None, a number, or ``auto``."""
@@ -349,7 +405,8 @@ class Searcher:
             self._image_tower = load_bi_encoder(self.model_source, device="cpu", towers=("image",))
         return self._image_tower
 
-    def explain(self, hits: list[Hit], vector: np.ndarray | None = None, max_boxes: int = 3) -> list[Hit]:
+    def explain(self, hits: list[Hit], vector: np.ndarray | None = None, max_boxes: int = 3,
+                budget: int | None = None) -> list[Hit]:
         """Add to each hit the boxes that most drive its bi-encoder score (`models.nn.attribution`)."""
         from ldot_cli.index.thumbs import oriented_size
         from models.nn.attribution import region_weights
@@ -362,7 +419,8 @@ class Searcher:
         start = time.perf_counter()
         records = self.region_records([h.vector_id for h in hits])
         queries = np.repeat(np.asarray(vector, np.float32).reshape(1, -1), len(hits), axis=0)
-        _, boxes = region_weights(self.image_tower, queries, records, max_boxes=max_boxes)
+        extra = {} if budget is None else {"budget": budget}  # removal passes shared by these hits
+        _, boxes = region_weights(self.image_tower, queries, records, max_boxes=max_boxes, **extra)
         for hit, found in zip(hits, boxes):
             hit.regions = [(*b.box, b.weight) for b in found]
             try:
@@ -381,14 +439,21 @@ class Searcher:
         return self.store.get_meta("preset") or DEFAULT_PRESET
 
     def reranker(self, name: str | None) -> Any:
+        """The cross-encoder ``name`` (default: the first installed), loaded once: the last `RERANKER_CACHE`
+        used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one model)."""
         from models.hub.cache import default_reranker
+        from models.hub.load import load_reranker, resolve_source
 
         name = name or default_reranker()
-        if name not in self._rerankers:
-            from models.hub.load import load_reranker
-
-            self._rerankers[name] = load_reranker(name, device=self.device)
-        return self._rerankers[name]
+        key = str(resolve_source(name).resolve())
+        if key in self._rerankers:
+            self._rerankers.move_to_end(key)
+            return self._rerankers[key]
+        model = load_reranker(name, device=self.device)
+        self._rerankers[key] = model
+        while len(self._rerankers) > RERANKER_CACHE:
+            self._rerankers.popitem(last=False)
+        return model
 
     def rerank(self, query: str, hits: list[Hit], reranker: str | None = None) -> list[Hit]:
         """Re-score (query, image) pairs with the cross-encoder and sort by its score."""

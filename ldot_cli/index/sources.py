@@ -267,8 +267,14 @@ def file_units(items: list[Item], per_unit: int = FILES_PER_UNIT) -> list[Unit]:
 
 
 # -- worker side -------------------------------------------------------------------------------------
+class Refusal(str):
+    """Why an image is skipped for good: the same shard skips it again (no retry), unlike an unreadable file."""
+
+
 def read_unit(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
-    """(item, its bytes, None) or (item, None, why unreadable) for every image of the unit."""
+    """(item, its bytes, None) or (item, None, why not: a `Refusal` when for good) for every image of the unit.
+    Every image-named member of a tar has a row of its own: a later member of an earlier member's name is
+    ``SHARD#NAME#2`` (skipped: the first wins), a link member is skipped (never followed)."""
     if unit.tar is None:
         for item in unit.items:
             try:
@@ -300,13 +306,23 @@ def _read_tar(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
             size = unit.size
         try:
             with tarfile.open(fileobj=handle, mode="r|*") as tar:  # streamed: one pass, no seeks
+                seen: dict[str, int] = {}
                 for member in tar:
-                    if not member.isfile() or not _is_image_name(member.name):
+                    if not _is_image_name(member.name) or not (member.isfile() or member.issym() or member.islnk()):
                         continue
-                    item = Item(f"{unit.tar}#{member.name}", unit.root, int(member.size),
-                                int(member.mtime) * 1_000_000_000)
-                    extracted = tar.extractfile(member)
-                    yield item, extracted.read() if extracted is not None else b"", None
+                    occurrence = seen[member.name] = seen.get(member.name, 0) + 1
+                    path = f"{unit.tar}#{member.name}" + (f"#{occurrence}" if occurrence > 1 else "")
+                    item = Item(path, unit.root, int(member.size), int(member.mtime) * 1_000_000_000)
+                    if occurrence > 1:  # one rule, whatever the order shards are merged in: the first one wins
+                        yield item, None, Refusal(f"a later member named {member.name!r} in this tar shard (member "
+                                                  f"{occurrence} of that name): only the first is indexed")
+                    elif not member.isfile():
+                        kind = "symbolic" if member.issym() else "hard"
+                        yield item, None, Refusal(f"a {kind} link inside the tar shard (to {member.linkname!r}): "
+                                                  "links are not followed")
+                    else:
+                        extracted = tar.extractfile(member)
+                        yield item, extracted.read() if extracted is not None else b"", None
                 # cut at a member boundary, a tar reads as a shorter valid one: only its end-of-archive
                 # blocks tell (an uncompressed shard's size leaves room for them after the last member)
                 if getattr(tar.fileobj, "comptype", "tar") == "tar" and size and size - tar.offset < tarfile.BLOCKSIZE:

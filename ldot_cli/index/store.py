@@ -378,6 +378,12 @@ class IndexStore:
                 out.setdefault(vid, []).append(path)
         return out
 
+    def indexed_files(self, vector_id: int) -> list[FileRow]:
+        """The indexed file rows of one vector (the files holding its content when they were indexed)."""
+        rows = self.db.execute(f"SELECT {', '.join(FILE_COLUMNS)} FROM files WHERE status = 'indexed' AND "
+                               "vector_id = ? ORDER BY path", (int(vector_id),))
+        return [FileRow(*r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         counts = dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status"))
         counts["vectors"] = self.db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]

@@ -1,7 +1,7 @@
 """Thumbnails of indexed images: made once, cached beside the index, removed with the image.
 
 ``<index>/thumbs/<hash[:2]>/<content hash>.jpg``, keyed by content hash like the vectors, so moved or
-copied files share one. The EXIF orientation is applied (as the detector sees the photo), so region boxes,
+copied files share one; made only from bytes checked against that hash, so a thumbnail cannot go stale. The EXIF orientation is applied (as the detector sees the photo), so region boxes,
 which are fractions of the oriented image's width and height, line up with the thumbnail.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from models.core.fileio import atomic_write_bytes
@@ -25,43 +26,66 @@ def thumb_path(index_dir: Path, content_hash: str) -> Path:
     return index_dir / THUMBS_DIR / content_hash[:2] / f"{content_hash}.jpg"
 
 
-def _oriented(path: str | os.PathLike[str]) -> object:
+def _oriented(data: bytes, name: str) -> object:
     from PIL import Image
 
-    from feature_extraction.images.decode import load_image
+    from feature_extraction.images.decode import load_image_bytes
 
-    return Image.fromarray(load_image(path))
+    return Image.fromarray(load_image_bytes(data, name))
 
 
-def thumbnail(index_dir: Path, content_hash: str, source: str | os.PathLike[str], size: int = THUMB_SIZE) -> bytes:
-    """The JPEG thumbnail of an indexed image (made from ``source`` on first use, then cached)."""
-    target = thumb_path(index_dir, content_hash)
+def cached_thumbnail(index_dir: Path, content_hash: str) -> bytes | None:
+    """The cached thumbnail of a content, or None when none was made yet."""
     try:
-        return target.read_bytes()
+        return thumb_path(index_dir, content_hash).read_bytes()
     except FileNotFoundError:
-        pass
-    image = _oriented(source)
+        return None
+
+
+def thumbnail(index_dir: Path, content_hash: str, read: Callable[[], bytes], name: str = "image",
+              size: int = THUMB_SIZE) -> bytes:
+    """The JPEG thumbnail of an indexed image, cached under its content hash. Made on first use from
+    ``read()``, which must return the indexed bytes themselves: they are checked against ``content_hash``
+    (ValueError otherwise), so a cached thumbnail always shows the content its name says. Nothing is cached
+    when the index folder is gone (removed while the thumbnail was being made)."""
+    import hashlib
+
+    cached = cached_thumbnail(index_dir, content_hash)
+    if cached is not None:
+        return cached
+    data = read()
+    if hashlib.sha256(data).hexdigest() != content_hash:
+        raise ValueError(f"{name}: its bytes are not the indexed content {content_hash[:12]}")
+    image = _oriented(data, name)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
-    data = buffer.getvalue()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, data)
-    return data
+    thumb = buffer.getvalue()
+    target = thumb_path(index_dir, content_hash)
+    try:  # no parents=True: a removed index (`ldot index rm`) is never re-created by a late thumbnail
+        (index_dir / THUMBS_DIR).mkdir(exist_ok=True)
+        target.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(target, thumb)
+    except FileNotFoundError:
+        pass
+    return thumb
 
 
-def browser_image(source: str | os.PathLike[str]) -> tuple[bytes, str]:
-    """The full photo as a browser shows it: the file itself when a browser reads its format (and no EXIF
+def browser_image(data: bytes, name: str = "image") -> tuple[bytes, str]:
+    """The full photo as a browser shows it: the file's bytes when a browser reads its format (and no EXIF
     rotation is pending), else a JPEG of the oriented pixels."""
     from PIL import Image
 
-    with Image.open(source) as probe:
-        kind = BROWSER_FORMATS.get(probe.format or "")
-        orientation = probe.getexif().get(0x0112, 1) if kind == "image/jpeg" else 1
+    try:
+        with Image.open(io.BytesIO(data), formats=list(BROWSER_FORMATS)) as probe:
+            kind = BROWSER_FORMATS.get(probe.format or "")
+            orientation = probe.getexif().get(0x0112, 1) if kind == "image/jpeg" else 1
+    except (OSError, ValueError):
+        kind, orientation = None, 1  # HEIC, TIFF...: decoded as the indexer does, sent as JPEG
     if kind and orientation in (1, None):
-        return Path(source).read_bytes(), kind
+        return data, kind
     buffer = io.BytesIO()
-    _oriented(source).save(buffer, "JPEG", quality=92)
+    _oriented(data, name).save(buffer, "JPEG", quality=92)
     return buffer.getvalue(), "image/jpeg"
 
 

@@ -5,6 +5,9 @@ Routes (all GET unless said)::
     /                 the page (static/index.html: one file, no build step)
     /api/info         index, model, image count, what the page can offer (re-ranking, auto threshold)
     /api/search       POST {q | id | sha256, k, rerank, rerank_k, reranker, min_score, regions}: results
+    /api/regions      POST {q | id | sha256, ids, of}: the boxes driving those results' scores (asked for after
+                      the results: seconds per image on a CPU, so the page gets them on demand; ``of``: the
+                      size of the grid they belong to, so each gets the same attribution effort either way)
     /thumb/<id>       the cached JPEG thumbnail of indexed image <id> (a vector id from a result)
     /photo/<id>       the full photo of indexed image <id>
 
@@ -18,23 +21,28 @@ One query runs at a time (a lock around the `Searcher`); the index is re-read wh
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import math
 import os
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi import Path as UrlPart
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from ldot_cli.index.hits import hit_json
 from ldot_cli.index.search import QueryError, Request, Searcher
-from ldot_cli.index.store import DB_FILE, IndexStoreError, display_path
+from ldot_cli.index.store import DB_FILE, FileRow, IndexStoreError, display_path
 from models.core.errors import LdotError
 
 STATIC = Path(__file__).parent / "static"
@@ -42,10 +50,32 @@ MAX_QUERY_CHARS = 10_000  # the text tower reads 512 word-pieces at most; longer
 MAX_BODY_BYTES = 64_000
 MAX_K = 1000
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_ID = 2**63 - 1  # vector ids are SQLite integers: a larger one cannot name an image (and overflows SQLite)
+MAX_MIN_SCORE_CHARS = 32
+MAX_REGION_IDS = 50  # results whose boxes one /api/regions request may ask for
 
 
 def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port (``[::1]:80`` -> ``::1``)."""
+    header = header.strip()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def names_loopback(hostname: str, bound: str) -> bool:
+    """A Host a loopback server answers: the loopback names, the address it is bound to, or any literal
+    loopback address (127.0.0.2...). A DNS name that merely resolves to 127.0.0.1 (DNS rebinding) is not."""
+    if hostname in LOOPBACK or hostname == bound:
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -55,11 +85,14 @@ class ServeState:
     name: str
     model: str | None = None
     device: str = "auto"
+    reranker: str | None = None  # `ldot serve --reranker`: the one a request may name besides the catalogue's
     lock: threading.Lock = field(default_factory=threading.Lock)
     searcher: Searcher | None = None
     _identity: tuple[int, str | None] | None = None
     started: float = field(default_factory=time.time)
     answered: int = 0  # queries answered since start
+    region_images: int = 0  # images whose boxes were found, and the time it took: the page says the cost
+    region_ms: float = 0.0
 
     def _db_identity(self) -> tuple[int, str | None]:
         from ldot_cli.index.store import index_path
@@ -101,12 +134,14 @@ class ServeState:
             except LdotError:
                 auto = None
             try:
-                reranker = default_reranker() if regions else None
+                reranker = (self.reranker or default_reranker()) if regions else None
             except LdotError:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),
                     "vectors": counts.get("vectors", 0), "regions": regions, "reranker": reranker,
-                    "auto_min_score": auto, "max_query_chars": MAX_QUERY_CHARS, "answered": self.answered}
+                    "auto_min_score": auto, "max_query_chars": MAX_QUERY_CHARS, "answered": self.answered,
+                    "regions_ms_per_image": self.region_ms / self.region_images if self.region_images else None,
+                    "max_region_ids": MAX_REGION_IDS}
 
     def search(self, request: Request) -> dict[str, Any]:
         with self.lock:
@@ -122,18 +157,66 @@ class ServeState:
                                 "rerank_ms": round(t.rerank_ms, 2),
                                 "regions_ms": round(t.extra.get("regions_ms", 0.0), 2), "total_ms": round(total, 2)}}
 
-    def image_file(self, vector_id: int) -> tuple[str, bytes]:
-        """(content hash, path) of an indexed image whose file still exists; QueryError when none."""
+    def regions(self, request: Request, ids: list[int], of: int | None = None) -> dict[str, Any]:
+        """The boxes of some results (`Searcher.regions_of`), keyed by id, with what they cost."""
+        with self.lock:
+            searcher = self.get()
+            start = time.perf_counter()
+            hits = searcher.regions_of(request, ids, of)
+            total = 1000 * (time.perf_counter() - start)
+            spent = searcher.timings.extra.get("regions_ms", 0.0)
+            if hits:
+                self.region_images += len(hits)
+                self.region_ms += spent
+            out = {str(j["id"]): {"boxes": j.get("boxes"), "size": j.get("size")} for j in map(hit_json, hits)}
+            return {"regions": out, "timings": {"encode_ms": round(searcher.timings.encode_ms, 2),
+                                                "regions_ms": round(spent, 2), "total_ms": round(total, 2),
+                                                "per_image_ms": round(spent / len(hits), 2) if hits else None}}
+
+    def _indexed(self, vector_id: int) -> tuple[str, list[FileRow]]:
         with self.lock:
             searcher = self.get()
             hashes = searcher.store.content_hashes([vector_id])
-            paths = searcher.store.paths_for_vectors([vector_id]).get(vector_id, [])
+            rows = searcher.store.indexed_files(vector_id)
         if vector_id not in hashes:
             raise QueryError(f"no indexed image has id {vector_id}")
-        for path in paths:
-            if os.path.isfile(path):
-                return hashes[vector_id], path
-        raise QueryError(f"the file of image {vector_id} is gone")
+        return hashes[vector_id], rows
+
+    def current_file(self, vector_id: int) -> tuple[str, FileRow]:
+        """(content hash, file row) of an indexed image whose file still has the stamp (size, mtime) it was
+        indexed with; QueryError when none has."""
+        digest, rows = self._indexed(vector_id)
+        for row in rows:
+            try:
+                info = os.stat(row.path)
+            except OSError:
+                continue
+            if _stamp_matches(row, info):
+                return digest, row
+        raise QueryError(_gone(vector_id, rows))
+
+    def image_bytes(self, vector_id: int) -> tuple[str, FileRow, bytes]:
+        """(content hash, file row, bytes) of an indexed image: only bytes read from a file whose stamp still
+        matches its row and whose sha256 is the indexed content hash (a file replaced, or a symlink swapped
+        in, since it was indexed is never served); QueryError when no file of the image qualifies."""
+        digest, rows = self._indexed(vector_id)
+        for row in rows:
+            data = _read_indexed(row)
+            if data is not None and hashlib.sha256(data).hexdigest() == digest:
+                return digest, row, data
+        raise QueryError(_gone(vector_id, rows))
+
+    def check_reranker(self, name: str | None) -> str | None:
+        """The re-ranker a request may use: a catalogue cross-encoder's name or the server's own (a request never
+        names a folder or file: any loopback client could make the server load anything)."""
+        from models.hub.catalogue import RERANKERS
+
+        if name is None or name == self.reranker:
+            return self.reranker
+        if name in RERANKERS:
+            return name
+        allowed = ", ".join(dict.fromkeys([*(x for x in (self.reranker,) if x), *RERANKERS]))
+        raise HTTPException(422, f"bad request: reranker {name[:60]!r} is not one this server offers ({allowed})")
 
     def close(self) -> None:
         with self.lock:
@@ -142,18 +225,54 @@ class ServeState:
                 self.searcher = None
 
 
+def _min_score(value: Any) -> Any:
+    """``min_score``: a finite JSON number, a short string ("auto", "0.3"), or null; anything else is a 422
+    (NaN, Infinity and 1e400 parse as non-finite floats; a bool is not a number)."""
+    if value is None or isinstance(value, str) and len(value) <= MAX_MIN_SCORE_CHARS:
+        return value
+    if isinstance(value, str):
+        raise ValueError(f"at most {MAX_MIN_SCORE_CHARS} characters")  # noqa: TRY004 - pydantic wants ValueError
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError("must be a finite number")
+        return number
+    raise ValueError("must be a number, 'auto' or null")
+
+
+VectorId = Annotated[int, UrlPart(ge=0, le=MAX_ID)]
+
+
 class SearchBody(BaseModel):
     """One query of the API: exactly one of q, id and sha256."""
 
     q: str | None = Field(None, max_length=MAX_QUERY_CHARS)
-    id: int | None = Field(None, ge=0)
+    id: int | None = Field(None, ge=0, le=MAX_ID)
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
     k: int = Field(10, ge=1, le=MAX_K)
     rerank: bool = False
     rerank_k: int = Field(50, ge=1, le=MAX_K)
     reranker: str | None = Field(None, max_length=200)
-    min_score: str | float | None = Field(None, max_length=32)
+    min_score: Annotated[str | float | None, BeforeValidator(_min_score)] = None
     regions: bool = False
+
+
+class RegionsBody(BaseModel):
+    """The boxes of some results of one query: exactly one of q, id and sha256, and the results' ids."""
+
+    q: str | None = Field(None, max_length=MAX_QUERY_CHARS)
+    id: int | None = Field(None, ge=0, le=MAX_ID)
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    ids: list[Annotated[int, Field(ge=0, le=MAX_ID)]] = Field(..., min_length=1, max_length=MAX_REGION_IDS)
+    of: int | None = Field(None, ge=1, le=MAX_K)  # the size of the grid these results are part of
+
+
+def _one_query(body: SearchBody | RegionsBody) -> None:
+    if sum(x is not None for x in (body.q, body.id, body.sha256)) != 1:
+        raise QueryError("give exactly one of q (text), id (an indexed image) and sha256")
 
 
 def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0.1") -> Any:
@@ -168,8 +287,8 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
                 return JSONResponse({"error": "missing or wrong access token: open the URL `ldot serve` printed"},
                                     status_code=403)
         elif is_loopback(host):
-            hostname = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
-            if hostname not in LOOPBACK:
+            hostname = host_name(request.headers.get("host") or "")
+            if not names_loopback(hostname, host):
                 return JSONResponse({"error": f"unexpected Host {hostname!r}"}, status_code=403)
         length = request.headers.get("content-length")
         if length is None and request.method not in ("GET", "HEAD"):  # a chunked body of any size: no
@@ -210,45 +329,77 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
 
     @app.post("/api/search")
     def search(body: SearchBody) -> Any:
-        given = [x for x in (body.q, body.id, body.sha256) if x is not None]
-        if len(given) != 1:
-            raise QueryError("give exactly one of q (text), id (an indexed image) and sha256")
+        _one_query(body)
         request = Request(text=body.q, vector_id=body.id, image_sha256=body.sha256, k=body.k,
-                          rerank_k=body.rerank_k if body.rerank else None, reranker=body.reranker,
+                          rerank_k=body.rerank_k if body.rerank else None,
+                          reranker=state.check_reranker(body.reranker),
                           min_score=body.min_score, regions=body.regions)
         return state.search(request)
 
-    def _image(vector_id: int) -> tuple[str, bytes]:
-        try:
-            return state.image_file(vector_id)
-        except QueryError as exc:
-            raise HTTPException(404, str(exc)) from None
+    @app.post("/api/regions")
+    def regions(body: RegionsBody) -> Any:
+        _one_query(body)
+        return state.regions(Request(text=body.q, vector_id=body.id, image_sha256=body.sha256), body.ids, body.of)
+
+    def _missing(exc: QueryError) -> HTTPException:
+        return HTTPException(404, str(exc))
 
     @app.get("/thumb/{vector_id}")
-    def thumb(vector_id: int) -> Any:
+    def thumb(vector_id: VectorId) -> Any:
         from ldot_cli.index.store import index_path
         from ldot_cli.index.thumbs import thumbnail
 
-        digest, path = _image(vector_id)
         try:
-            data = thumbnail(index_path(state.name), digest, os.fsdecode(path))
-        except (OSError, LdotError) as exc:
+            digest, row = state.current_file(vector_id)
+            data = thumbnail(index_path(state.name), digest, lambda: state.image_bytes(vector_id)[2],
+                             name=display_path(row.path))
+        except QueryError as exc:
+            raise _missing(exc) from None
+        except (OSError, ValueError, LdotError) as exc:
             raise HTTPException(404, f"cannot read image {vector_id}: {exc}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/photo/{vector_id}")
-    def photo(vector_id: int) -> Any:
+    def photo(vector_id: VectorId) -> Any:
         from ldot_cli.index.thumbs import browser_image
 
-        _, path = _image(vector_id)
         try:
-            data, kind = browser_image(os.fsdecode(path))
-        except (OSError, LdotError) as exc:
+            _, row, raw = state.image_bytes(vector_id)
+            data, kind = browser_image(raw, display_path(row.path))
+        except QueryError as exc:
+            raise _missing(exc) from None
+        except (OSError, ValueError, LdotError) as exc:
             raise HTTPException(404, f"cannot read image {vector_id}: {exc}") from None
         return Response(data, media_type=kind, headers={
-            "Content-Disposition": f"inline; filename*=UTF-8''{_quote(display_path(path))}"})
+            "Content-Disposition": f"inline; filename*=UTF-8''{_quote(display_path(row.path))}"})
 
     return app
+
+
+def _stamp_matches(row: FileRow, info: os.stat_result | None) -> bool:
+    return (info is not None and stat.S_ISREG(info.st_mode) and info.st_size == row.size
+            and info.st_mtime_ns == row.mtime_ns)
+
+
+def _read_indexed(row: FileRow) -> bytes | None:
+    """The bytes of an indexed file, read through one open descriptor whose stamp matches the row (so what is
+    checked is what is read); None when the file is gone, changed or not a regular file."""
+    try:
+        fd = os.open(row.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in must not block
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not _stamp_matches(row, os.fstat(fd)):
+            return None
+        data = handle.read(row.size + 1)
+    return data if len(data) == row.size else None
+
+
+def _gone(vector_id: int, rows: list[FileRow]) -> str:
+    if not rows:
+        return f"the file of image {vector_id} is gone"
+    return (f"the file of image {vector_id} is gone or changed since it was indexed: run `ldot index` on its "
+            "folder again")
 
 
 def _quote(path: str) -> str:

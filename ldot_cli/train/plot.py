@@ -1,6 +1,6 @@
 """Training curves of a run: per-step losses (each task) and validation recalls, from ``<run>/log.jsonl``, to a PNG.
 
-matplotlib is an optional extra (``pip install 'ldot[plot]'``); it draws off-screen (the Agg backend).
+matplotlib is an optional extra (``pip install '.[plot]' in ldot's folder``); it draws off-screen (the Agg backend).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LdotError("drawing curves needs matplotlib: pip install 'ldot[plot]'") from None
+        raise LdotError("drawing curves needs matplotlib: pip install '.[plot]' in ldot's folder") from None
     from models.core.fileio import atomic_write_bytes
 
     run_dir = Path(run_dir)

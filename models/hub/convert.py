@@ -138,7 +138,10 @@ def _dir_kind(src: Path) -> str:
         return "detector"
     if (src / "vocab.txt").is_file() or (src / "tokenizer.json").is_file():
         return "text-encoder"  # a tokenizer alone (e.g. bert-base-cased's vocab.txt)
-    raise CheckpointError(f"{src} is not a model directory ldot knows (no ldot, LXMERT or BERT config.json)")
+    raise CheckpointError(f"{src} is not a model folder ldot knows: it holds none of an ldot model (config.json + "
+                          "model.safetensors), an LXMERT or BERT folder (config.json with its model_type), a "
+                          "tokenizer (vocab.txt) or detector weights (pytorch_model.bin + config.yaml, or a "
+                          "detectron2 .pkl)")
 
 
 def _copy_dir(src: Path, target: Path) -> None:

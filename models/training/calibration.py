@@ -113,5 +113,5 @@ def auto_threshold(model_dir: str | Path, model_name: str) -> float:
     if data is None:
         raise CalibrationError(f"model {model_name!r} has no score calibration ({CALIBRATION_FILE} in its model dir): "
                                "it is written when the model is trained or evaluated (`ldot eval ... --model "
-                               f"{model_name}`); meanwhile give a number, e.g. {option('min_score')} 5.0")
+                               f"{model_name}`); meanwhile give {option('min_score')} a number")
     return float(data["auto"]["threshold"])

@@ -17,10 +17,30 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from models.core.errors import LdotError
 from models.nn.losses import soft_labels_background_first
 from models.nn.pretraining import PairBatch
 from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 from models.nn.tokenizer import pad_ids
+
+
+class FeatureValueError(LdotError):
+    """An image's stored region features hold NaN or Inf: the features are damaged, not the training settings."""
+
+
+def check_finite(records: Sequence[Any], keys: Sequence[str]) -> None:
+    """Refuse region records holding NaN/Inf (features, boxes or soft labels), naming the image and the array:
+    one would turn every loss into NaN and look like a learning-rate problem."""
+    for record, key in zip(records, keys):
+        for name in ("features", "norm_bb", "soft_labels"):
+            value = getattr(record, name, None)
+            if value is None:
+                continue
+            array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = int((~np.isfinite(array)).sum())
+                raise FeatureValueError(f"the region {name} of image {key!r} hold {bad} NaN/Inf value(s): its "
+                                        "features are damaged; extract them again, or leave that image out")
 
 
 class FeatureLookup(Protocol):
@@ -145,7 +165,9 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
            max_positions: int, soft_labels: bool, object_ids: bool) -> PairBatch:
     rows = [[ids.cls, *pairs.token_ids[i][: max_positions - 2], ids.sep] for i in captions]
     input_ids, text_mask = pad_ids(rows, ids.pad)
-    records = [features[pairs.image_keys[j]] for j in images]
+    keys = [pairs.image_keys[j] for j in images]
+    records = [features[k] for k in keys]
+    check_finite(records, keys)
     feat, bb, valid, soft = stack_regions(records, soft_labels)
     classes = stack_object_ids(records, feat.shape[1]) if object_ids else None
     text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)

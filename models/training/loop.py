@@ -25,11 +25,12 @@ with a GradScaler); on CPU, fp32.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -61,11 +62,13 @@ from models.nn.pretraining import (
 )
 from models.nn.tokenizer import pad_ids
 from models.training.data import (
+    FeatureValueError,
     PairSet,
     SpecialIds,
     TrainData,
     batch_indices,
     batches_per_epoch,
+    check_finite,
     collate,
 )
 from models.training.metrics import recalls_from_vectors
@@ -314,7 +317,9 @@ def encode_pairs(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
                 report(progress, "encoding captions", start + len(rows), len(pairs), "captions")
             n_img = len(pairs.image_keys)
             for start in range(0, n_img, batch_size):
-                records = [features[k] for k in pairs.image_keys[start:start + batch_size]]
+                keys = pairs.image_keys[start:start + batch_size]
+                records = [features[k] for k in keys]
+                check_finite(records, keys)
                 image_out.append(model.record_vectors(records).float().cpu().numpy())
                 report(progress, "encoding images", start + len(records), n_img, "images")
     finally:
@@ -437,6 +442,7 @@ class _Trainer:
             raise TrainingError(f"only {len(self.train_pairs)} training pair(s) of at most {config.max_text_len} "
                                 "word-pieces: CMR needs at least 2")
         self.features = data.features
+        self.data_description = data.description
         self.val = data.val
         _check_shapes(model, self.features[self.train_pairs.image_keys[0]], "mrckl" in config.task_names)
         self.progress = progress or (lambda p: None)
@@ -495,7 +501,11 @@ class _Trainer:
         from LMDB; reading them while the model computes keeps the accelerator busy)."""
         position = self.positions[task]
         future = self._pending.pop((task, position), None)
-        batch = future.result() if future is not None else self._load(task, position)
+        try:
+            batch = future.result() if future is not None else self._load(task, position)
+        except FeatureValueError as exc:
+            where = f" (images: {self.data_description})" if self.data_description else ""
+            raise FeatureValueError(f"{exc.args[0]}{where}") from None
         self.positions[task] = position + 1
         if self.prefetch:
             if self._executor is None:
@@ -604,10 +614,9 @@ class _Trainer:
             scaled = loss / cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             value = float(loss.detach())
-            if not math.isfinite(value) and self.scaler is None:
-                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1}: lower {option('lr')}, "
-                                    "or use "
-                                    f"{option('precision')} fp32")
+            if not math.isfinite(value) and self.scaler is None:  # the inputs were checked finite (check_finite)
+                raise TrainingError(f"the {task} loss became {value} at step {self.step + 1} (its inputs are finite): "
+                                    f"lower {option('lr')}, or use {option('precision')} fp32")
             total_loss += value / cfg.grad_accum
             self.running[task] = value if task not in self.running else 0.98 * self.running[task] + 0.02 * value
             self.step_tasks.setdefault(task, []).append(value)
@@ -807,6 +816,57 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
     """
     run_dir = Path(run_dir)
     device = resolve_device(device)
+    with run_lock(run_dir):
+        remove_stale_temps(run_dir)
+        return _train_locked(run_dir, data, config, model, tokenizer, resume, device, init, progress, stop_at_step,
+                             teacher)
+
+
+RUN_LOCK = ".lock"  # held (flock) by the process training a run: a second one is refused, leftovers are stale
+_STALE_TEMPS = (f".{CHECKPOINT}.*.tmp", ".best.tmp-*.safetensors")  # what a killed checkpoint/best write leaves
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold a run's lock while it trains (released by the OS when the process dies, even by kill -9)."""
+    from filelock import FileLock, Timeout
+
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / RUN_LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TrainingError(f"run {run_dir} is being trained by another process: wait for it (or stop it)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if created and not (run_dir / "run.json").exists():  # refused before it started: leave no folder
+            (run_dir / RUN_LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """Delete the temp folders/files a killed checkpoint or best-model write left in ``run_dir`` (call with the
+    run's lock held: then no live process owns them). Returns what was removed."""
+    import shutil
+
+    removed = []
+    for pattern in _STALE_TEMPS:
+        for path in run_dir.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: Any, tokenizer: Any, resume: bool,
+                  device: torch.device, init: dict[str, Any] | None, progress: ProgressFn | None,
+                  stop_at_step: int | None, teacher: Any) -> TrainResult:
     ckpt = checkpoint_dir(run_dir)
     if resume:
         if ckpt is None:
