@@ -1,0 +1,176 @@
+"""ViLT as a re-ranker over pixels: ldot's scores and preprocessing equal transformers' own (item 4 of issue 18),
+its files are read as tensors only, and what does not fit is refused with one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from imagegen import pattern, save
+from ldot_testing import VILT_PROCESSOR, MaliciousPayload, tiny_vilt, write_tiny_vilt
+
+from models.core.errors import CheckpointError, UnsafeCheckpointError
+from models.hub.load import load_reranker
+from models.nn.vilt import PixelPreprocessing, ViltReranker
+
+TEXTS = ["a dog on the beach", "Two people sitting on a bench near a tree", "red car", "a child playing with a "
+         "white ball in the snow near the big blue water and the grass of the park on a sunny day with people"]
+
+
+def _photos() -> list[np.ndarray]:
+    """Real photographs (scikit-image's sample data), of several shapes."""
+    skdata = pytest.importorskip("skimage.data")
+    return [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket(), skdata.hubble_deep_field()]
+
+
+def _odd_shapes() -> list[np.ndarray]:
+    """Portrait, tiny, thin, exactly a multiple of 32, wider than 1333/800."""
+    return [pattern(48, 96, seed=1), pattern(16, 8, seed=2), pattern(400, 24, seed=3), pattern(384, 384, seed=4),
+            pattern(1000, 200, seed=5)]
+
+
+def _processor(shortest_edge: int = 384):
+    from transformers import ViltImageProcessor
+
+    config = {k: v for k, v in VILT_PROCESSOR.items() if k != "image_processor_type"}
+    return ViltImageProcessor(**{**config, "size": {"shortest_edge": shortest_edge}})
+
+
+def _reference_scores(model, processor, tokenizer, texts, images) -> torch.Tensor:
+    """transformers' own: the image processor's batch (padded, with pixel_mask) through the model's forward."""
+    batch = processor(images, return_tensors="pt")
+    rows = [tokenizer.encode(t, 40) for t in texts]
+    from models.nn.tokenizer import pad_ids
+
+    ids, mask = pad_ids(rows, tokenizer.pad_id)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                    pixel_mask=batch["pixel_mask"])
+    return out.logits[:, 0]
+
+
+def test_preprocessing_equals_vilt_image_processor_on_real_photos():
+    ours = PixelPreprocessing.from_processor_config(VILT_PROCESSOR)
+    assert (ours.shortest_edge, ours.longest_edge, ours.size_divisor) == (384, 639, 32)
+    processor = _processor()
+    for image in _photos() + [im for im in _odd_shapes() if min(im.shape[:2]) >= 24]:
+        expected = processor(image, return_tensors="pt")["pixel_values"][0]
+        got = ours(image)
+        assert got.shape == expected.shape, image.shape
+        assert got.shape[1] % 32 == 0 and got.shape[2] % 32 == 0 and min(got.shape[1:]) <= 384
+        assert max(got.shape[1:]) <= 640
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_preprocessing_after_ldot_decoding(tmp_path):
+    """The file path: ldot's decoder (EXIF rotation applied), then the processor's arithmetic."""
+    from PIL import Image
+
+    from feature_extraction.images.decode import load_image
+
+    photo = _photos()[1]  # 300 x 451
+    img = Image.fromarray(photo)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    path = tmp_path / "cat.png"
+    img.save(path, exif=exif)
+    decoded = load_image(path)
+    assert decoded.shape == (451, 300, 3)  # upright
+    ours = PixelPreprocessing.from_processor_config(VILT_PROCESSOR)
+    expected = _processor()(np.ascontiguousarray(np.rot90(photo, -1)), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(ours(decoded), expected, atol=1e-5, rtol=0)
+
+
+def test_thin_images_keep_one_patch_where_the_processor_would_have_none():
+    ours = PixelPreprocessing.from_processor_config(VILT_PROCESSOR)
+    assert ours.output_size(16, 4000) == (32, 608)  # 639 at most, cut to a multiple of 32
+
+
+def test_scores_equal_transformers_forward(tmp_path, vocab_dir, one_thread):
+    folder = write_tiny_vilt(tmp_path / "vilt", vocab_dir, seed=3, shortest_edge=64)
+    reranker = load_reranker(folder, device="cpu")
+    assert isinstance(reranker, ViltReranker) and reranker.inputs == "pixels"
+    reference = tiny_vilt(seed=3)
+    images = [pattern(96, 64, seed=i) for i in range(3)] + [pattern(48, 128, seed=9)]
+    texts = [TEXTS[i % len(TEXTS)] for i in range(len(images))]
+    got = reranker.score_images(texts, images)
+    expected = _reference_scores(reference, _processor(64), reranker.tokenizer, texts, images)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert got.std() > 1e-3  # distinct pairs, distinct scores
+    # a pair scores the same whatever it is batched with (padding is masked), and in batches of any size
+    reranker.batch_size = 1
+    torch.testing.assert_close(reranker.score_images(texts, images), got, atol=1e-5, rtol=0)
+
+
+def test_texts_are_lower_cased_and_cut_at_forty_word_pieces(tmp_path, vocab_dir):
+    reranker = load_reranker(write_tiny_vilt(tmp_path / "vilt", vocab_dir), device="cpu")
+    tok = reranker.tokenizer
+    assert tok.encode("Dog") == tok.encode("dog") and tok.unk_id not in tok.encode("Dog")
+    rows = reranker.token_rows([TEXTS[3] * 3])
+    assert len(rows[0]) == 40 and rows[0][-1] == tok.sep_id
+    assert reranker.truncates(TEXTS[3] * 3) and not reranker.truncates(TEXTS[0])
+
+
+@pytest.mark.slow
+def test_full_size_scores_equal_transformers_forward(vocab_dir):
+    """ViLT-B/32's own shape (random weights): 12 layers, 768 wide, 384-pixel images."""
+    from transformers import ViltConfig, ViltForImageAndTextRetrieval
+
+    from models.nn.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = ViltForImageAndTextRetrieval(ViltConfig(max_position_embeddings=40, vocab_size=30522)).eval()
+    tokenizer = Tokenizer.from_path(vocab_dir / "vocab.txt", lowercase=True)
+    reranker = ViltReranker(model, tokenizer, PixelPreprocessing.from_processor_config(VILT_PROCESSOR))
+    images = _photos()[:3]
+    texts = TEXTS[:3]
+    expected = _reference_scores(model, _processor(), tokenizer, texts, images)
+    torch.testing.assert_close(reranker.score_images(texts, images), expected, atol=1e-5, rtol=0)
+
+
+def test_pickle_weights_are_read_as_tensors_only(tmp_path, vocab_dir):
+    folder = write_tiny_vilt(tmp_path / "vilt", vocab_dir)
+    marker = tmp_path / "ran"
+    torch.save({"vilt.x": MaliciousPayload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+        load_reranker(folder, device="cpu")
+    assert not marker.exists()
+
+
+def test_what_does_not_fit_is_refused_in_one_line(tmp_path, vocab_dir):
+    folder = write_tiny_vilt(tmp_path / "vilt", vocab_dir)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["ViltForQuestionAnswering"]}))
+    with pytest.raises(CheckpointError, match="ViltForImageAndTextRetrieval"):
+        load_reranker(folder, device="cpu")
+    # a config asking for other shapes than the weights have: refused before anything is allocated
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 4096 * 16, "num_attention_heads": 64}))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_reranker(folder, device="cpu")
+    (folder / "config.json").write_text(json.dumps(config))
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    for bad in ({"size": {"shortest_edge": -1}}, {"image_std": [0.5, 0, 0.5]}, {"resample": "lanczos"},
+                {"image_mean": [0.5, "x", 0.5]}, {"size_divisor": 1e9}):
+        (folder / "preprocessor_config.json").write_text(json.dumps({**processor, **bad}))
+        with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+            load_reranker(folder, device="cpu")
+    (folder / "preprocessor_config.json").unlink()
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        load_reranker(folder, device="cpu")
+
+
+def test_a_save_pretrained_folder_imports_under_the_registry_name(tmp_path, vocab_dir):
+    from models.hub.cache import default_reranker, is_present
+    from models.hub.convert import import_model
+
+    folder = write_tiny_vilt(tmp_path / "saved", vocab_dir, pickle=False)  # save_pretrained: model.safetensors
+    (folder / "vocab.txt").rename(tmp_path / "vocab.txt")
+    with pytest.raises(CheckpointError, match="vocab.txt or tokenizer.json"):
+        import_model(folder, "vilt-flickr30k")
+    (tmp_path / "vocab.txt").rename(folder / "vocab.txt")
+    model = import_model(folder, "vilt-flickr30k")
+    assert model.kind == "vilt" and is_present("vilt-flickr30k")
+    assert default_reranker(regions=False) == "vilt-flickr30k"
+    assert isinstance(load_reranker("vilt-flickr30k", device="cpu"), ViltReranker)
