@@ -174,3 +174,73 @@ def test_a_save_pretrained_folder_imports_under_the_registry_name(tmp_path, voca
     assert model.kind == "vilt" and is_present("vilt-flickr30k")
     assert default_reranker(regions=False) == "vilt-flickr30k"
     assert isinstance(load_reranker("vilt-flickr30k", device="cpu"), ViltReranker)
+
+
+# -- `ldot search --rerank` with ViLT: any index, the photos read as pixels -------------------------------------------
+def _index(tmp_path, vocab_dir, keep_regions: bool = True):
+    from fakes import FakeDetector
+    from ldot_testing import install_tiny_model, make_photos
+
+    from ldot_cli.index.indexer import Indexer
+
+    install_tiny_model("tiny", vocab_dir)
+    folder = tmp_path / "photos"
+    photos = make_photos(folder, 5, size=(96, 64))
+    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0, keep_regions=keep_regions).run([folder])
+    return photos
+
+
+def test_search_rerank_reads_the_photos_of_a_lightningdot_region_index(tmp_path, vocab_dir, one_thread):
+    from ldot_testing import install_tiny_vilt
+    from typer.testing import CliRunner
+
+    from feature_extraction.images.decode import load_image
+    from ldot_cli.main import app
+
+    photos = _index(tmp_path, vocab_dir)
+    install_tiny_vilt("vilt-flickr30k", vocab_dir, seed=5)
+    args = ["search", "a dog on the beach", "-k", "3", "--rerank", "--rerank-k", "4", "--device", "cpu", "--json",
+            "--reranker", "vilt-flickr30k"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 3
+    scores = [h["rerank_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert "vilt-flickr30k (reading the photos) on the CPU" in " ".join(result.stderr.split())
+    expected = load_reranker("vilt-flickr30k", device="cpu").score_images(
+        ["a dog on the beach"] * 3, [load_image(h["path"]) for h in hits])
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    # a photo gone since indexing: left out, with its reason; the others are still re-ranked
+    gone = hits[0]["path"]
+    (tmp_path / "photos" / gone.rsplit("/", 1)[1]).unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert gone not in [h["path"] for h in json.loads(result.stdout)]
+    assert f"left out of the re-ranked results: {gone} (file not found" in " ".join(result.stderr.split())
+    assert len(photos) == 5
+
+
+def test_the_default_reranker_is_the_best_present_for_the_index(tmp_path, vocab_dir, one_thread):
+    from ldot_testing import install_tiny_reranker, install_tiny_vilt
+    from typer.testing import CliRunner
+
+    from ldot_cli.index.search import Searcher
+    from ldot_cli.main import app
+    from models.core.errors import LdotError
+
+    _index(tmp_path, vocab_dir, keep_regions=False)
+    searcher = Searcher("default", device="cpu")
+    with pytest.raises(LdotError, match="ldot models download vilt-flickr30k"):
+        searcher.reranker_name(None)
+    install_tiny_reranker("uniter-base", vocab_dir)  # needs region features: not for this index
+    with pytest.raises(LdotError, match="keeps no region features"):
+        searcher.reranker_name(None)
+    install_tiny_vilt("vilt-coco", vocab_dir)
+    assert searcher.reranker_name(None) == "vilt-coco"
+    install_tiny_vilt("vilt-flickr30k", vocab_dir)
+    assert searcher.reranker_name(None) == "vilt-flickr30k"
+    searcher.close()
+    result = CliRunner().invoke(app, ["search", "a dog", "-k", "2", "--rerank", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert all(h["rerank_score"] is not None for h in json.loads(result.stdout))

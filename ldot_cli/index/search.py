@@ -378,10 +378,21 @@ class Searcher:
 
         return self.store.get_meta("preset") or DEFAULT_PRESET
 
-    def reranker(self, name: str | None) -> Any:
+    @property
+    def has_regions(self) -> bool:
+        """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
+        from ldot_cli.index.store import REGIONS_DIR
+
+        return self.store.get_meta("regions") != "none" and (self.store.dir / REGIONS_DIR).is_dir()
+
+    def reranker_name(self, name: str | None) -> str:
+        """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
         from models.hub.cache import default_reranker
 
-        name = name or default_reranker()
+        return name or default_reranker(regions=self.has_regions)
+
+    def reranker(self, name: str | None) -> Any:
+        name = self.reranker_name(name)
         if name not in self._rerankers:
             from models.hub.load import load_reranker
 
@@ -389,16 +400,23 @@ class Searcher:
         return self._rerankers[name]
 
     def rerank(self, query: str, hits: list[Hit], reranker: str | None = None) -> list[Hit]:
-        """Re-score (query, image) pairs with the cross-encoder and sort by its score."""
+        """Re-score (query, image) pairs with the cross-encoder and sort by its score.
+
+        A region cross-encoder (UNITER, LXMERT) reads the index's region features; one that reads pixels (ViLT)
+        reads the photos themselves, so it re-ranks any index: a photo gone or unreadable since indexing is left out
+        of the results, with a warning saying why."""
         if not hits:
             return hits
         from models.nn.regions import stack_regions
 
-        self.region_store()  # a clear error when the index keeps none
         model = self.reranker(reranker)
         start = time.perf_counter()
-        feat, bb, mask, _ = stack_regions(self.region_records([h.vector_id for h in hits]))
-        scores = model.score([query] * len(hits), feat, bb, mask).numpy()
+        if getattr(model, "inputs", "regions") == "pixels":
+            hits, scores = self._pixel_scores(model, query, hits)
+        else:
+            self.region_store()  # a clear error when the index keeps none
+            feat, bb, mask, _ = stack_regions(self.region_records([h.vector_id for h in hits]))
+            scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
         order = np.argsort(-scores, kind="stable")
         out = []
@@ -406,3 +424,34 @@ class Searcher:
             hit = hits[i]
             out.append(Hit(rank, hit.path, hit.score, hit.vector_id, float(scores[i])))
         return out
+
+    def _pixel_scores(self, model: Any, query: str, hits: list[Hit]) -> tuple[list[Hit], np.ndarray]:
+        """Scores of a cross-encoder that reads pixels, from the hits' files (another copy of the same photo when
+        the hit's own file is gone); hits whose photo cannot be read are dropped, each with a warning."""
+        import os
+
+        from feature_extraction.errors import ImageLoadError
+        from feature_extraction.images.decode import load_image
+        from ldot_cli.index.hits import display_path
+
+        if model.truncates(query):
+            warnings.warn(LdotWarning(f"the query is longer than the re-ranker reads ({model.max_text_tokens} "
+                                      "word-pieces with [CLS] and [SEP]): it scores the first ones only"), stacklevel=3)
+        copies = self.store.paths_for_vectors([h.vector_id for h in hits])
+        kept, pixels = [], []
+        for hit in hits:
+            reason = None
+            for path in [hit.path, *(p for p in copies.get(hit.vector_id, []) if p != hit.path)]:
+                try:
+                    pixels.append(model.prepare(load_image(os.fsdecode(path))))
+                except ImageLoadError as exc:
+                    reason = reason or exc.reason
+                    continue
+                kept.append(hit)
+                break
+            else:
+                warnings.warn(LdotWarning(f"left out of the re-ranked results: {display_path(hit.path)} ({reason}; "
+                                          "gone or changed since indexing? `ldot index` again to update the index)"),
+                              stacklevel=3)
+        scores = model.score_pixels([query] * len(kept), pixels).numpy() if kept else np.empty(0, np.float32)
+        return kept, scores

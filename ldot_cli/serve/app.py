@@ -101,7 +101,7 @@ class ServeState:
             except LdotError:
                 auto = None
             try:
-                reranker = default_reranker() if regions else None
+                reranker = default_reranker(regions=regions)
             except LdotError:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),
