@@ -146,7 +146,7 @@ def _dir_kind(src: Path) -> str:
 
 def _check_vilt_dir(src: Path) -> None:
     """A ViLT folder (``save_pretrained`` of the model and of its processor) holds what re-ranking reads."""
-    from models.hub.load import PREPROCESSOR_FILE, VILT_WEIGHTS
+    from models.nn.vilt import PREPROCESSOR_FILE, VILT_WEIGHTS
 
     missing = []
     if not any((src / f).is_file() for f in VILT_WEIGHTS):

@@ -30,7 +30,7 @@ from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConf
 from models.nn.cross_encoder import LxmertReranker, UniterReranker
 from models.nn.decomposed import DecomposedEncoder
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
-from models.nn.vilt import ViltReranker
+from models.nn.vilt import PREPROCESSOR_FILE, VILT_HEAD, VILT_WEIGHTS, ViltReranker
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -174,11 +174,6 @@ def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.
     else:
         tok = Tokenizer.from_path(tokenizer or path, lowercase=True)
     return LxmertReranker(model, tok)
-
-
-VILT_HEAD = "ViltForImageAndTextRetrieval"
-VILT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | None = "cpu",

@@ -25,6 +25,9 @@ import torch
 from models.core.errors import CheckpointError
 from models.nn.tokenizer import Tokenizer, pad_ids
 
+VILT_HEAD = "ViltForImageAndTextRetrieval"  # the transformers class (config.json's architectures) re-ranking needs
+VILT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a ViLT folder holds its weights in, preferred first
+PREPROCESSOR_FILE = "preprocessor_config.json"  # the image processor's settings, beside the model's config.json
 # ViltImageProcessor's bound on the longer edge: the COCO aspect ratio of its training resolution (800 x 1333).
 MAX_LONGER_EDGE, MAX_SHORTER_EDGE = 1333, 800
 # PIL resampling ids (what a preprocessor_config.json names) -> torchvision's modes.
