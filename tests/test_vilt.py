@@ -244,3 +244,31 @@ def test_the_default_reranker_is_the_best_present_for_the_index(tmp_path, vocab_
     result = CliRunner().invoke(app, ["search", "a dog", "-k", "2", "--rerank", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     assert all(h["rerank_score"] is not None for h in json.loads(result.stdout))
+
+
+def test_models_download_fetches_the_hub_files_and_the_model_reranks(tmp_path, vocab_dir, monkeypatch):
+    """`ldot models download vilt-flickr30k` from a server laid out like the hub (the weights an LFS pickle
+    behind a CDN redirect; tokenizer.json absent, as optional), then the model loads and scores."""
+    from ldot_testing import hub_online, hub_repo_files, http_server
+    from typer.testing import CliRunner
+
+    from ldot_cli.main import app
+    from models.hub.cache import is_present, verify_dir
+
+    folder = write_tiny_vilt(tmp_path / "repo", vocab_dir, seed=4)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(files) == {"config.json", "preprocessor_config.json", "pytorch_model.bin", "vocab.txt",
+                          "tokenizer_config.json"}
+    served = hub_repo_files("dandelin/vilt-b32-finetuned-flickr30k", files, lfs=("pytorch_model.bin",))
+    with http_server(served) as srv:
+        hub_online(monkeypatch, srv.url)
+        result = CliRunner().invoke(app, ["models", "download", "vilt-flickr30k"])
+        assert result.exit_code == 0, result.output
+    assert is_present("vilt-flickr30k")
+    from models.core.home import models_dir
+
+    assert verify_dir(models_dir() / "vilt-flickr30k") == []
+    reranker = load_reranker("vilt-flickr30k", device="cpu")
+    images = [pattern(96, 64, seed=1), pattern(64, 64, seed=2)]
+    expected = load_reranker(folder, device="cpu").score_images(TEXTS[:2], images)
+    torch.testing.assert_close(reranker.score_images(TEXTS[:2], images), expected)
