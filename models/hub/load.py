@@ -176,31 +176,30 @@ def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.
     return LxmertReranker(model, tok)
 
 
-def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | None = "cpu",
-              dtype: torch.dtype | None = torch.float32) -> ViltReranker:
-    """ViLT fine-tuned for image-text retrieval from a Hugging Face folder (``config.json``,
-    ``preprocessor_config.json``, ``model.safetensors`` or ``pytorch_model.bin``, the tokenizer's files).
-
-    The weights are read as tensors only (`load_tensors`: safetensors, or a pickle through ``weights_only``) and
-    loaded strictly into ``ViltForImageAndTextRetrieval``; no code from the folder runs.
-    """
+def read_vilt_folder(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json without its bookkeeping keys, preprocessor_config.json, weights) of a ViLT retrieval folder
+    (``config.json``, ``preprocessor_config.json``, ``model.safetensors`` or ``pytorch_model.bin``), every part
+    checked: the head is ``ViltForImageAndTextRetrieval``, the processor's values are sane, and the weights (read as
+    tensors only: safetensors, or a pickle through ``weights_only``; no code from the folder runs) have exactly the
+    shapes the config asks for, checked on the meta device before anything is allocated."""
     try:
         from transformers import ViltConfig, ViltForImageAndTextRetrieval
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
         raise ModelError(f"ViLT needs transformers ({exc})") from None
     from models.core.fileio import read_json_object
-    from models.hub.formats import check_state, load_strict, normalize_keys
+    from models.hub.formats import check_state, normalize_keys
     from models.nn.vilt import PixelPreprocessing
 
     raw = read_json_object(path / "config.json", CheckpointError, f"{path} holds no config.json",
                            "re-import or re-download the model")
     heads = raw.get("architectures") or [VILT_HEAD]
     if VILT_HEAD not in heads:
-        raise CheckpointError(f"{path} holds a ViLT with another head ({', '.join(map(str, heads))}): re-ranking needs "
+        raise CheckpointError(f"{path} holds a ViLT with another head ({', '.join(map(str, heads))}): ldot needs "
                               f"{VILT_HEAD} (vilt-coco, vilt-flickr30k)")
+    config = {k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype", "dtype", "_name_or_path",
+                                                        "transformers_version")}
     try:
-        config = ViltConfig.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype",
-                                                                                   "dtype")})
+        vilt_config = ViltConfig.from_dict(config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / 'config.json'} is not a ViLT config ({exc})") from None
     weights = next((path / f for f in VILT_WEIGHTS if (path / f).is_file()), None)
@@ -208,11 +207,28 @@ def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | No
         raise CheckpointError(f"{path} holds no {' or '.join(VILT_WEIGHTS)}: download or import the model again")
     processor = read_json_object(path / PREPROCESSOR_FILE, CheckpointError, f"{path} holds no {PREPROCESSOR_FILE}",
                                  "re-import the save_pretrained folder with its processor files, or re-download")
-    preprocessing = PixelPreprocessing.from_processor_config(processor, str(path / PREPROCESSOR_FILE))
+    PixelPreprocessing.from_processor_config(processor, str(path / PREPROCESSOR_FILE))
     state = dict(normalize_keys(load_tensors(weights)))
     state.pop("vilt.embeddings.text_embeddings.token_type_ids", None)  # a buffer older files saved; no weights
-    # the shapes the config asks for, checked against the file's before anything is allocated
-    check_state(_build_without_init(ViltForImageAndTextRetrieval, config, meta=True), state)
+    check_state(_build_without_init(ViltForImageAndTextRetrieval, vilt_config, meta=True), state)
+    return config, processor, state
+
+
+def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | None = "cpu",
+              dtype: torch.dtype | None = torch.float32) -> ViltReranker:
+    """ViLT fine-tuned for image-text retrieval from a Hugging Face folder (`read_vilt_folder`, and the tokenizer's
+    files: vocab.txt or tokenizer.json, uncased), loaded strictly into ``ViltForImageAndTextRetrieval``.
+
+    A config asking for a positive ``max_image_length`` (patches sampled at random) is read with every patch, so
+    that a pair always gets the same score."""
+    from transformers import ViltConfig, ViltForImageAndTextRetrieval
+
+    from models.hub.formats import load_strict
+    from models.nn.vilt import PixelPreprocessing
+
+    raw, processor, state = read_vilt_folder(path)
+    config = ViltConfig.from_dict(raw)
+    config.max_image_length = -1
     model = _build_without_init(ViltForImageAndTextRetrieval, config)
     load_strict(model, cast_state(state, dtype) if dtype is not None else state)
     model = model.to(pick_device(device)).eval()
@@ -221,9 +237,9 @@ def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | No
     else:
         tok = Tokenizer.from_path(tokenizer or path, lowercase=True)
     if tok.vocab_size > config.vocab_size:
-        raise CheckpointError(f"the tokenizer of {path} has {tok.vocab_size} word-pieces and the model {config.vocab_size}:"
-                              " give the model's own vocab.txt / tokenizer.json")
-    return ViltReranker(model, tok, preprocessing)
+        raise CheckpointError(f"the tokenizer of {path} has {tok.vocab_size} word-pieces and the model "
+                              f"{config.vocab_size}: give the model's own vocab.txt / tokenizer.json")
+    return ViltReranker(model, tok, PixelPreprocessing.from_processor_config(processor))
 
 
 def _build_without_init(cls: Any, config: Any, meta: bool = False) -> Any:

@@ -193,3 +193,223 @@ class ViltReranker:
     def score_images(self, texts: Sequence[str], images: Sequence[np.ndarray]) -> torch.Tensor:
         """Pairs of texts and decoded (H, W, 3) uint8 images (each image preprocessed here)."""
         return self.score_pixels(texts, [self.prepare(im) for im in images])
+
+
+# -- the decomposed ViLT (VLDeformer on a detector-free single-stream model) -------------------------------------------
+@dataclass(frozen=True)
+class ViltDecomposedConfig:
+    """ONE ViLT transformer that encodes a text alone and an image's patches alone (VLDeformer's decomposition).
+
+    ``vilt`` is the transformers ``ViltConfig`` (as a dict: the body's shape), ``processor`` the image processor's
+    settings (``preprocessor_config.json``'s keys). Texts are ``[CLS] word-pieces [SEP]`` padded to ``text_len`` and
+    pooled over every position (padding included: fixed length, as VLDeformer's); images are pooled over their real
+    positions ([CLS] and their patches): their patch count varies with the aspect ratio and ViLT's embedding fills
+    the rest with patches drawn at random, so a mean over those would vary from batch to batch.
+    """
+
+    vilt: dict[str, Any]
+    processor: dict[str, Any]
+    text_len: int = 40
+    temperature: float = 0.005
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    pad_token_id: int = 0
+    tokenizer: str = ""  # path or registry name of the tokenizer (a model dir bundles its own)
+    lowercase: bool = True
+
+    def __post_init__(self) -> None:
+        if self.text_len < 3:
+            raise ValueError("text_len must be at least 3")
+        max_text = int(self.vilt.get("max_position_embeddings", 40))
+        if self.text_len > max_text:
+            raise ValueError(f"text_len {self.text_len} is longer than ViLT's {max_text} text positions")
+
+    @property
+    def project_dim(self) -> int:
+        return int(self.vilt["hidden_size"])
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str = "") -> ViltDecomposedConfig:
+        from models.core.config import config_from_dict
+
+        return config_from_dict(cls, data, what)
+
+
+def vilt_to_decomposed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ``ViltForImageAndTextRetrieval`` state dict -> `ViltDecomposedEncoder` keys: the ``vilt.*`` body without
+    its pooler; ``rank_output`` (the matching head) is dropped, as VLDeformer drops the ITM head."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(("rank_output.", "vilt.pooler.")):
+            continue
+        if not key.startswith("vilt."):
+            raise CheckpointError(f"unexpected key {key!r} in a ViLT retrieval checkpoint")
+        out[key] = value
+    if "vilt.embeddings.patch_embeddings.projection.weight" not in out:
+        raise CheckpointError("not a ViLT checkpoint: no vilt.embeddings.patch_embeddings")
+    return out
+
+
+class ViltDecomposedEncoder(torch.nn.Module):
+    """A decomposed ViLT: ``vilt`` (transformers' ``ViltModel``, no pooler) run on texts alone and on pixels alone;
+    tanh of the mean of the last states, L2-normalised: the score is the cosine."""
+
+    kind = "decomposed-vilt"
+    inputs = "pixels"
+
+    def __init__(self, config: ViltDecomposedConfig, tokenizer: Any = None) -> None:
+        super().__init__()
+        from transformers import ViltConfig, ViltModel
+
+        self.config = config
+        vilt_config = ViltConfig.from_dict(config.vilt)
+        vilt_config.max_image_length = -1  # every patch (a positive length samples patches at random)
+        self.vilt = ViltModel(vilt_config, add_pooling_layer=False)
+        self.prepare = PixelPreprocessing.from_processor_config(config.processor, "the model's processor settings")
+        self._tokenizer = tokenizer
+        self.loaded_towers: tuple[str, ...] = ("text", "image")
+        self.num_region_labels = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode"):
+            self._tokenizer = self._tokenizer()
+        return self._tokenizer
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.config.text_len
+
+    max_text_positions = max_text_tokens  # what training cuts captions to
+
+    @property
+    def device(self) -> torch.device:
+        return self.vilt.embeddings.cls_token.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vilt.embeddings.cls_token.dtype
+
+    @property
+    def logit_scale(self) -> float:
+        return 1.0 / self.config.temperature
+
+    # -- the two passes ------------------------------------------------------------------------------------
+    def _states(self, embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        try:
+            from transformers.masking_utils import create_bidirectional_mask
+
+            attention = create_bidirectional_mask(config=self.vilt.config, inputs_embeds=embeddings,
+                                                  attention_mask=mask)
+        except ImportError:  # transformers 4.x: the additive mask
+            attention = self.vilt.get_extended_attention_mask(mask, mask.shape)
+        hidden = self.vilt.encoder(embeddings, attention_mask=attention, return_dict=True).last_hidden_state
+        return self.vilt.layernorm(hidden)
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings as ViLT makes them (modality type 0)."""
+        emb = self.vilt.embeddings
+        zeros = torch.zeros_like(input_ids)
+        return emb.text_embeddings(input_ids=input_ids, token_type_ids=zeros) + emb.token_type_embeddings(zeros)
+
+    def embed_pixels(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS] + patch embeddings as ViLT makes them (modality type 1) and their mask."""
+        emb = self.vilt.embeddings
+        image, mask, _ = emb.visual_embed(pixel_values.to(self.dtype), pixel_mask, max_image_length=-1)
+        return image + emb.token_type_embeddings(torch.full_like(mask, 1, dtype=torch.long)), mask
+
+    def joint_states(self, input_ids: torch.Tensor, text_mask: torch.Tensor, pixel_values: torch.Tensor,
+                     pixel_mask: torch.Tensor) -> torch.Tensor:
+        """Text and patches in one sequence: the source cross-encoder's own forward (how conversions are checked)."""
+        image, image_mask = self.embed_pixels(pixel_values, pixel_mask)
+        return self._states(torch.cat([self.embed_text(input_ids), image], dim=1),
+                            torch.cat([text_mask.long(), image_mask.long()], dim=1))
+
+    def _pool(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            mean = states.mean(dim=1)
+        else:
+            weights = mask.to(states.dtype)[..., None]
+            mean = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        dropout = self.vilt.embeddings.dropout
+        return torch.nn.functional.normalize(torch.tanh(dropout(mean)).float(), dim=-1)
+
+    def text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[CLS] ... [SEP]`` ids (B, L) -> unit vectors (B, H): cut / padded to ``text_len``, mean over all."""
+        from models.nn.decomposed import fit_rows
+
+        cfg = self.config
+        ids, mask = fit_rows(input_ids, attention_mask, cfg.text_len, cfg.sep_token_id, cfg.pad_token_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self._pool(self._states(self.embed_text(ids), mask), None)
+
+    def image_vectors(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """Padded pixels (B, 3, H, W) + mask (B, H, W) -> unit vectors (B, H), mean over each image's real positions."""
+        image, mask = self.embed_pixels(pixel_values.to(self.device), pixel_mask.to(self.device))
+        return self._pool(self._states(image, mask), mask)
+
+    # -- training (the `DecomposedEncoder` contract) ----------------------------------------------------------
+    def pair_vectors(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.pixel_values is None:
+            raise ValueError("this model reads pixels: the batch holds region features only")
+        return (self.text_vectors(batch.input_ids, batch.text_mask),
+                self.image_vectors(batch.pixel_values, batch.pixel_mask))
+
+    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: Any, neg_text: torch.Tensor | None = None,
+                       neg_image: torch.Tensor | None = None) -> torch.Tensor:
+        from models.nn import losses
+
+        return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
+                                       weight=1.0)
+
+    def itm(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        from models.nn import losses
+
+        text, image = self.pair_vectors(batch)
+        acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
+        return self.retrieval_loss(text, image, batch), {"acc": acc}
+
+    def record_vectors(self, records: Sequence[Any]) -> torch.Tensor:
+        """Per-image pixel records (``pixels``: (3, h, w), as `prepare` makes them) -> unit vectors (B, H)."""
+        values, mask = pad_pixels([r.pixels for r in records])
+        return self.image_vectors(values, mask)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    # -- encoding ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings, not one string")
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenizer.batch(texts[start:start + batch_size], max_length=self.config.text_len)
+            out.append(self.text_vectors(ids, mask).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
+
+    @torch.inference_mode()
+    def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_vectors(input_ids, attention_mask).float().cpu()
+
+    @torch.inference_mode()
+    def encode_pixels(self, images: Sequence[torch.Tensor], batch_size: int = 32) -> torch.Tensor:
+        """Images preprocessed by `prepare` ((3, h, w) each) -> (n, H) unit vectors."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            values, mask = pad_pixels(list(images[start:start + batch_size]))
+            out.append(self.image_vectors(values, mask).float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
+
+    def encode_rgb(self, images: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+        """Decoded (H, W, 3) uint8 images -> (n, H) unit vectors."""
+        return self.encode_pixels([self.prepare(im) for im in images], batch_size)
+
+    @staticmethod
+    def score(text_vectors: torch.Tensor, image_vectors: torch.Tensor) -> torch.Tensor:
+        return text_vectors @ image_vectors.T
