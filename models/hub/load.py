@@ -73,6 +73,8 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
         meta, state = load_model_state(path)
         if meta["kind"] == "decomposed":
             return _load_decomposed(path, meta, state, tokenizer, device, dtype)
+        if meta["kind"] == "decomposed-vilt":
+            return _load_decomposed_vilt(path, meta, state, tokenizer, device, dtype)
         if meta["kind"] != "bi-encoder":
             raise CheckpointError(f"{path} holds a {meta['kind']} model, not a bi-encoder")
         config = BiEncoderConfig.from_dict(meta["config"], str(path / "config.json"))
@@ -93,6 +95,21 @@ def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Te
     config = DecomposedConfig.from_dict(meta["config"], str(path / "config.json"))
     model = build_on_meta(DecomposedEncoder, config)
     load_strict(model, cast_state(state, dtype), assign=True)
+    model = model.to(pick_device(device)).eval()
+    if not isinstance(tokenizer, Tokenizer):
+        tokenizer = functools.partial(resolve_tokenizer, tokenizer, config, str(path))
+    model._tokenizer = tokenizer
+    return model
+
+
+def _load_decomposed_vilt(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
+                          device: str | torch.device, dtype: torch.dtype | None) -> Any:
+    """A decomposed ViLT from its model dir: one body for texts and pixels (`encode_text`, `encode_pixels`)."""
+    from models.nn.vilt import ViltDecomposedConfig, ViltDecomposedEncoder
+
+    config = ViltDecomposedConfig.from_dict(meta["config"], str(path / "config.json"))
+    model = _build_without_init(ViltDecomposedEncoder, config)
+    load_strict(model, cast_state(state, dtype))
     model = model.to(pick_device(device)).eval()
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = functools.partial(resolve_tokenizer, tokenizer, config, str(path))
