@@ -272,3 +272,30 @@ def test_models_download_fetches_the_hub_files_and_the_model_reranks(tmp_path, v
     images = [pattern(96, 64, seed=1), pattern(64, 64, seed=2)]
     expected = load_reranker(folder, device="cpu").score_images(TEXTS[:2], images)
     torch.testing.assert_close(reranker.score_images(TEXTS[:2], images), expected)
+
+
+def test_serve_reranks_with_vilt_on_an_index_without_regions(tmp_path, vocab_dir, one_thread):
+    """`ldot serve`'s API (in process): /api/info names ViLT as the re-ranker of an index without region features,
+    and /api/search re-ranks with it as `Searcher.answer` does."""
+    from fastapi.testclient import TestClient
+    from ldot_testing import install_tiny_vilt
+
+    from ldot_cli.index.search import Request, Searcher
+    from ldot_cli.serve.app import ServeState, create_app
+
+    _index(tmp_path, vocab_dir, keep_regions=False)
+    install_tiny_vilt("vilt-flickr30k", vocab_dir, seed=2)
+    state = ServeState("default", device="cpu")
+    client = TestClient(create_app(state), base_url="http://127.0.0.1")
+    info = client.get("/api/info").json()
+    assert info["regions"] is False and info["reranker"] == "vilt-flickr30k"
+    body = {"q": "a dog on the beach", "k": 3, "rerank": True, "rerank_k": 4}
+    answer = client.post("/api/search", json=body)
+    assert answer.status_code == 200, answer.text
+    hits = answer.json()["hits"]
+    searcher = Searcher("default", device="cpu")
+    expected = searcher.answer(Request(text="a dog on the beach", k=3, rerank_k=4)).hits
+    searcher.close()
+    state.close()
+    assert [h["path"] for h in hits] == [h.path.decode() for h in expected]
+    np.testing.assert_allclose([h["rerank_score"] for h in hits], [h.rerank_score for h in expected], atol=1e-5)
