@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--batches", default="1,8,20", help="batch sizes to time, comma-separated")
     args = parser.parse_args()
     import torch
 
@@ -80,7 +81,8 @@ def main() -> None:
     reranker = build(args.device)
     folder = Path(tempfile.mkdtemp(prefix="ldot-bench-rerank-"))
     files = photos(folder, args.top)
-    print(f"machine: {os.cpu_count()} CPUs visible, {args.threads} threads, device {args.device}"
+    print(f"machine: {os.cpu_count()} CPUs visible, {args.threads} threads, device {args.device}, load average "
+          f"{os.getloadavg()[0]:.1f} (wall times grow with the load; CPU time much less)"
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     pixels = [reranker.prepare(load_image(p)) for p in files]
     print(f"ViLT-B/32 (random weights), photos 800 x 600 -> {tuple(pixels[0].shape[1:])} pixels, "
@@ -92,17 +94,20 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for batch in (1, 8, args.top):
+    for batch in (int(b) for b in args.batches.split(",")):
         reranker.batch_size = batch
-        times = []
+        times, cpu = [], []
         for _ in range(args.runs):
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             reranker.score_pixels([QUERY] * args.top, pixels)
             sync()
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
         per_pair = 1000 * statistics.median(times) / args.top
-        print(f"  scoring, batches of {batch:>2}: {per_pair:7.1f} ms per pair (median of {args.runs})")
+        per_pair_cpu = 1000 * statistics.median(cpu) / args.top
+        print(f"  scoring, batches of {batch:>2}: {per_pair:7.1f} ms per pair of wall time, {per_pair_cpu:7.1f} ms of "
+              f"CPU time over all threads (median of {args.runs})")
     reranker.batch_size = 32
     times, decode = [], []
     for _ in range(args.runs):

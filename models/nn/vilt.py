@@ -151,9 +151,10 @@ class ViltReranker:
 
     inputs = "pixels"  # what a caller hands `score_pixels` (the region re-rankers' is "regions")
     batch_size = 32
-    # measured on the 2-core development machine, ViLT-B/32 at 384 x 576 (full-size config, random weights): the
-    # range a CPU may expect per pair (benchmarks/rerank_live.py prints the figure)
-    cpu_seconds_per_pair = (0.05, 0.15)
+    # the range a 2-core CPU may expect per pair (benchmarks/rerank_live.py: ViLT-B/32 at 384 x 512, 192 patches,
+    # batches of 20: 1.47 s of CPU time a pair over 2 threads, so ~0.7 s of wall time on idle cores; 4.4 s of wall
+    # time measured at a load average of 14 on the shared development machine)
+    cpu_seconds_per_pair = (0.7, 1.5)
 
     def __init__(self, model: Any, tokenizer: Tokenizer, preprocessing: PixelPreprocessing) -> None:
         self.model = model.eval()
