@@ -8,15 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from imagegen import pattern, save
+from imagegen import pattern
 from ldot_testing import VILT_PROCESSOR, MaliciousPayload, tiny_vilt, write_tiny_vilt
 
 from models.core.errors import CheckpointError, UnsafeCheckpointError
 from models.hub.load import load_reranker
 from models.nn.vilt import PixelPreprocessing, ViltReranker
 
-TEXTS = ["a dog on the beach", "Two people sitting on a bench near a tree", "red car", "a child playing with a "
-         "white ball in the snow near the big blue water and the grass of the park on a sunny day with people"]
+TEXTS = ["a dog on the beach", "Two people sitting on a bench near a tree", "red car",
+         ("a child playing with a white ball in the snow near the big blue water and the grass of the park on a sunny "
+          "day with people")]
 
 
 def _photos() -> list[np.ndarray]:
@@ -249,7 +250,7 @@ def test_the_default_reranker_is_the_best_present_for_the_index(tmp_path, vocab_
 def test_models_download_fetches_the_hub_files_and_the_model_reranks(tmp_path, vocab_dir, monkeypatch):
     """`ldot models download vilt-flickr30k` from a server laid out like the hub (the weights an LFS pickle
     behind a CDN redirect; tokenizer.json absent, as optional), then the model loads and scores."""
-    from ldot_testing import hub_online, hub_repo_files, http_server
+    from ldot_testing import http_server, hub_online, hub_repo_files
     from typer.testing import CliRunner
 
     from ldot_cli.main import app

@@ -11,12 +11,22 @@ import pytest
 import torch
 from evalsets import region_arrays, write_image_db
 from imagegen import pattern, save
-from ldot_testing import WORDS, install_tiny_model, install_tiny_vilt, tiny_vilt, write_tiny_vilt
+from ldot_testing import (
+    WORDS,
+    install_tiny_model,
+    install_tiny_vilt,
+    tiny_vilt,
+    write_tiny_vilt,
+)
 from typer.testing import CliRunner
 
 import models
 from ldot_cli.main import app
-from models.hub.decompose import decomposed_model, read_decompose_source, source_tokenizer
+from models.hub.decompose import (
+    decomposed_model,
+    read_decompose_source,
+    source_tokenizer,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +88,7 @@ def test_the_decomposed_passes_are_vilts_own(tmp_path, vocab_dir):
     want, n_text = expected.last_hidden_state, ids.shape[1]
     torch.testing.assert_close(got[:, : n_text + 1], want[:, : n_text + 1], atol=1e-5, rtol=0)
     weights = image_mask[:, 1:, None].float()
-    mean = lambda states: (states[:, n_text + 1:] * weights).sum(1) / weights.sum(1)  # noqa: E731
+    mean = lambda states: (states[:, n_text + 1:] * weights).sum(1) / weights.sum(1)
     torch.testing.assert_close(mean(got), mean(want), atol=1e-5, rtol=0)
     texts = model.encode_text(["a dog on the beach", "two people sitting", "red car"])
     alone = model.encode_text(["two people sitting"])

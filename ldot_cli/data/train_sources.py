@@ -273,8 +273,8 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
     if pixels is not None:
         if files is None:
             raise TrainDataError(f"this model reads pixels: it trains from a Karpathy split file and the image files "
-                                 f"under {option('data')} (`ldot data get {spec.dataset} --split train`), not from region "
-                                 "features")
+                                 f"under {option('data')} (`ldot data get {spec.dataset} --split train`), not from "
+                                 "region features")
         assert spec.data is not None
         pixel_lookup = PixelLookup(files, pixels)
         _check_features(train, val, pixel_lookup, [spec.data])

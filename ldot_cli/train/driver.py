@@ -117,8 +117,8 @@ def _teacher(config: Any, device: str, data: Any) -> Any:
         return reranker
     if not data.image_files:
         raise LdotError(f"{config.distill_from} scores the images' pixels: train from a Karpathy split file and the "
-                        f"image files under {option('data')} (`ldot data get flickr30k --split train`), not from a UNITER "
-                        "image DB alone")
+                        f"image files under {option('data')} (`ldot data get flickr30k --split train`), not from a "
+                        "UNITER image DB alone")
     return PixelTeacher(reranker, dict(data.image_files))
 
 

@@ -272,28 +272,12 @@ def verify_dir(directory: Path) -> list[str]:
     return problems
 
 
-def reads_regions(name: str) -> bool:
-    """Whether the re-ranker ``name`` (a registry name, a cached model or a folder) scores region features (UNITER,
-    LXMERT) rather than pixels (ViLT)."""
-    entry = find_entry(name)
-    if entry is not None:
-        return entry.kind in REGION_RERANKER_KINDS
-    directory = Path(name).expanduser() if Path(name).expanduser().is_dir() else models_dir() / name
-    kind = read_manifest(directory).get("kind")
-    if kind is None:
-        try:
-            kind = json.loads((directory / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-    return kind != "vilt"
-
-
 def default_reranker(regions: bool = True) -> str:
     """The best re-ranker present in the cache for an index: with its region features (``regions``), the first of
     `RERANKERS` present (UNITER ITM, LXMERT, then ViLT); without them, the first that reads pixels (ViLT)."""
     from models.hub.cache import is_present
 
-    usable = [n for n in RERANKERS if regions or find_entry(n).kind not in REGION_RERANKER_KINDS]  # type: ignore[union-attr]
+    usable = [n for n in RERANKERS if regions or getattr(find_entry(n), "kind", None) not in REGION_RERANKER_KINDS]
     for name in usable:
         if is_present(name):
             return name

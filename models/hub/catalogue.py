@@ -121,13 +121,15 @@ REGISTRY: tuple[ModelEntry, ...] = (
                "ViLT-B/32 fine-tuned on Flickr30k for image-text retrieval: a cross-encoder over pixels (no detector) "
                "that re-ranks any index (dandelin/vilt-b32-finetuned-flickr30k)",
                "Apache-2.0", _hub("dandelin/vilt-b32-finetuned-flickr30k", "config.json", "preprocessor_config.json",
-                                  "pytorch_model.bin", "vocab.txt", optional=("tokenizer.json", "tokenizer_config.json")),
+                                  "pytorch_model.bin", "vocab.txt",
+                                  optional=("tokenizer.json", "tokenizer_config.json")),
                approx_size="~446 MB", aliases=("dandelin/vilt-b32-finetuned-flickr30k",)),
     ModelEntry("vilt-coco", "vilt",
                "ViLT-B/32 fine-tuned on COCO for image-text retrieval: a cross-encoder over pixels (no detector) "
                "that re-ranks any index (dandelin/vilt-b32-finetuned-coco)",
                "Apache-2.0", _hub("dandelin/vilt-b32-finetuned-coco", "config.json", "preprocessor_config.json",
-                                  "pytorch_model.bin", "vocab.txt", optional=("tokenizer.json", "tokenizer_config.json")),
+                                  "pytorch_model.bin", "vocab.txt",
+                                  optional=("tokenizer.json", "tokenizer_config.json")),
                approx_size="~446 MB", aliases=("dandelin/vilt-b32-finetuned-coco",)),
 )
 

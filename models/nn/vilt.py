@@ -187,7 +187,8 @@ class ViltReranker:
             values, pixel_mask = pad_pixels(images[start:stop])
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                 token_type_ids=torch.zeros_like(ids).to(self.device),
-                                pixel_values=values.to(self.device, dtype), pixel_mask=pixel_mask.to(self.device)).logits
+                                pixel_values=values.to(self.device, dtype),
+                                pixel_mask=pixel_mask.to(self.device)).logits
             out.append(logits[:, 0].float().cpu())
         return torch.cat(out) if out else torch.empty(0)
 
