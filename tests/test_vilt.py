@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from imagegen import pattern
+from imagegen import pattern, save
 from ldot_testing import VILT_PROCESSOR, MaliciousPayload, tiny_vilt, write_tiny_vilt
 
 from models.core.errors import CheckpointError, UnsafeCheckpointError
@@ -219,6 +219,13 @@ def test_search_rerank_reads_the_photos_of_a_lightningdot_region_index(tmp_path,
     assert result.exit_code == 0, result.output
     assert gone not in [h["path"] for h in json.loads(result.stdout)]
     assert f"left out of the re-ranked results: {gone} (file not found" in " ".join(result.stderr.split())
+    # a photo whose content changed since indexing is not scored as if it were the indexed one
+    changed = json.loads(result.stdout)[0]["path"]
+    save(pattern(96, 64, seed=77), tmp_path / "photos" / changed.rsplit("/", 1)[1], "PNG")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert changed not in [h["path"] for h in json.loads(result.stdout)]
+    assert f"left out of the re-ranked results: {changed} (its content changed" in " ".join(result.stderr.split())
     assert len(photos) == 5
 
 
@@ -235,7 +242,7 @@ def test_the_default_reranker_is_the_best_present_for_the_index(tmp_path, vocab_
     with pytest.raises(LdotError, match="ldot models download vilt-flickr30k"):
         searcher.reranker_name(None)
     install_tiny_reranker("uniter-base", vocab_dir)  # needs region features: not for this index
-    with pytest.raises(LdotError, match="keeps no region features"):
+    with pytest.raises(LdotError, match="keeps no region features .* `ldot models download vilt-flickr30k`"):
         searcher.reranker_name(None)
     install_tiny_vilt("vilt-coco", vocab_dir)
     assert searcher.reranker_name(None) == "vilt-coco"

@@ -389,7 +389,17 @@ class Searcher:
         """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
         from models.hub.cache import default_reranker
 
-        return name or default_reranker(regions=self.has_regions)
+        if name:
+            return name
+        if self.has_regions:
+            return default_reranker(regions=True)
+        try:
+            return default_reranker(regions=False)
+        except LdotError:
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}) and no re-ranker that reads the photos is in the cache: "
+                                  "run `ldot models download vilt-flickr30k` (it re-ranks any index), or re-index "
+                                  f"without {option('no_regions')} for UNITER or LXMERT") from None
 
     def reranker(self, name: str | None) -> Any:
         name = self.reranker_name(name)
@@ -433,19 +443,28 @@ class Searcher:
         from feature_extraction.errors import ImageLoadError
         from feature_extraction.images.decode import load_image
         from ldot_cli.index.hits import display_path
+        from models.core.fileio import sha256_file
 
         if model.truncates(query):
             warnings.warn(LdotWarning(f"the query is longer than the re-ranker reads ({model.max_text_tokens} "
                                       "word-pieces with [CLS] and [SEP]): it scores the first ones only"), stacklevel=3)
         copies = self.store.paths_for_vectors([h.vector_id for h in hits])
+        indexed = self.store.content_hashes([h.vector_id for h in hits])
         kept, pixels = [], []
         for hit in hits:
             reason = None
             for path in [hit.path, *(p for p in copies.get(hit.vector_id, []) if p != hit.path)]:
-                try:
+                try:  # the photo as it was indexed: its bytes still have the indexed content hash
+                    if sha256_file(os.fsdecode(path)) != indexed.get(hit.vector_id):
+                        reason = reason or "its content changed"
+                        continue
                     pixels.append(model.prepare(load_image(os.fsdecode(path))))
                 except ImageLoadError as exc:
                     reason = reason or exc.reason
+                    continue
+                except OSError as exc:
+                    reason = reason or ("file not found" if isinstance(exc, FileNotFoundError)
+                                        else f"cannot read it: {exc.strerror or exc}")
                     continue
                 kept.append(hit)
                 break
