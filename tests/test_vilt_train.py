@@ -128,6 +128,11 @@ def test_train_decompose_from_vilt_on_the_image_files_with_its_own_distillation(
     text = model.encode_text(["a dog on the beach"])
     image = model.encode_rgb([pattern(96, 64, seed=3)])
     assert text.shape == image.shape == (1, 32) and abs(float(text.norm()) - 1) < 1e-5
+    from models.training.data import PixelRecord
+
+    torch.testing.assert_close(model.encode_images([PixelRecord(model.prepare(pattern(96, 64, seed=3)))]), image)
+    with pytest.raises(models.ModelError, match="reads pixels, not region features"):
+        model.encode_images([type("Regions", (), {"features": np.zeros((2, 16))})()])
     # it starts from the source's weights: the first validation is the decomposed source's, not a random model's
     source = decomposed_model(read_decompose_source("vilt-flickr30k"), model.tokenizer, text_len=12)
     assert any(not torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))

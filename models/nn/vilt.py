@@ -408,6 +408,23 @@ class ViltDecomposedEncoder(torch.nn.Module):
             out.append(self.image_vectors(values, mask).float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
 
+    @torch.inference_mode()
+    def encode_images(self, records: Sequence[Any], batch_size: int = 32, progress: Any = None,
+                      stage: str = "encoding images") -> torch.Tensor:
+        """`PixelRecord`s -> (n, H) unit vectors (the `BiEncoder` name); region records are refused: this model
+        reads pixels, so the region path of `ldot index` cannot feed it."""
+        from models.core.errors import ModelError
+        from models.core.progress import report
+
+        if records and not hasattr(records[0], "pixels"):
+            raise ModelError("this decomposed ViLT reads pixels, not region features: index with a pixel index (a "
+                             "model that reads pixels), not the detector's regions")
+        out = []
+        for start in range(0, len(records), batch_size):
+            out.append(self.encode_pixels([r.pixels for r in records[start:start + batch_size]], batch_size))
+            report(progress, stage, min(start + batch_size, len(records)), len(records), "images")
+        return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
+
     def encode_rgb(self, images: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
         """Decoded (H, W, 3) uint8 images -> (n, H) unit vectors."""
         return self.encode_pixels([self.prepare(im) for im in images], batch_size)
