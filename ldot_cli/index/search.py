@@ -439,6 +439,7 @@ class Searcher:
         """Scores of a cross-encoder that reads pixels, from the hits' files (another copy of the same photo when
         the hit's own file is gone); hits whose photo cannot be read are dropped, each with a warning."""
         import os
+        import stat
 
         from feature_extraction.errors import ImageLoadError
         from feature_extraction.images.decode import load_image
@@ -454,7 +455,10 @@ class Searcher:
         for hit in hits:
             reason = None
             for path in [hit.path, *(p for p in copies.get(hit.vector_id, []) if p != hit.path)]:
-                try:  # the photo as it was indexed: its bytes still have the indexed content hash
+                try:  # the photo as it was indexed: a regular file whose bytes still have the indexed content hash
+                    if not stat.S_ISREG(os.stat(path).st_mode):
+                        reason = reason or "not a regular file"
+                        continue
                     if sha256_file(os.fsdecode(path)) != indexed.get(hit.vector_id):
                         reason = reason or "its content changed"
                         continue
