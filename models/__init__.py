@@ -9,6 +9,8 @@ Public API::
     enc.encode_regions(features, norm_bb, mask=None)      # (B, 768)
     rr = models.load_reranker(source)
     rr.score(texts, features, norm_bb, mask=None)         # (n,)
+    vilt = models.load_reranker("vilt-flickr30k")        # a cross-encoder that reads pixels (vilt.inputs == "pixels")
+    vilt.score_images(texts, rgb_images)                  # (n,): decoded (H, W, 3) uint8 images
 
     # training (models.training.loop; `ldot train` wraps it)
     model, report = models.initial_model("bert-base-cased")         # + uniter-base image tower when present
@@ -41,6 +43,7 @@ _LAZY = {
     "load_reranker": "hub.load",
     "BiEncoder": "nn.bi_encoder",
     "CrossEncoder": "nn.cross_encoder",
+    "ViltReranker": "nn.vilt",
     "BiEncoderConfig": "nn.config",
     "CrossEncoderConfig": "nn.config",
     "TransformerConfig": "nn.config",

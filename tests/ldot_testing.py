@@ -397,3 +397,55 @@ def install_tiny_detector(name: str = "tiny-det", seed: int = 0) -> tuple[Path, 
     target = save_detector(model, models_dir() / name)
     record_model(target, name, "detector", "test")
     return target, tiny_config().res5_channels
+
+
+# -- ViLT (a cross-encoder over pixels) -----------------------------------------------------------
+TINY_VILT_CONFIG = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=40, image_size=64, patch_size=32,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_image_length=-1)
+# ViLT's image processor as its hub repos save it (shortest edge 384, longest <= 640, multiples of 32, mean/std 0.5)
+VILT_PROCESSOR = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+                  "do_normalize": True, "do_pad": True, "size_divisor": 32, "size": {"shortest_edge": 384},
+                  "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                  "image_processor_type": "ViltImageProcessor"}
+
+
+def tiny_vilt(seed: int = 0, **overrides):
+    """A seeded random `transformers.ViltForImageAndTextRetrieval` of the tiny shape (weights widened: std 0.2)."""
+    from transformers import ViltConfig, ViltForImageAndTextRetrieval
+
+    torch.manual_seed(seed)
+    model = ViltForImageAndTextRetrieval(ViltConfig(**{**TINY_VILT_CONFIG, **overrides}))
+    _spread(model)
+    return model.eval()
+
+
+def write_tiny_vilt(directory: Path, vocab_dir: Path, seed: int = 0, shortest_edge: int = 64, pickle: bool = True,
+                    model=None) -> Path:
+    """A ViLT retrieval folder laid out as the hub repos hold it: config.json, preprocessor_config.json,
+    pytorch_model.bin (a torch pickle, as dandelin/vilt-b32-finetuned-* ship it; ``pickle=False``: model.safetensors,
+    as save_pretrained writes), vocab.txt and tokenizer_config.json (uncased)."""
+    import json
+
+    model = model if model is not None else tiny_vilt(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)  # config.json (+ model.safetensors)
+    if pickle:
+        (directory / "model.safetensors").unlink()
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "pytorch_model.bin")
+    processor = {**VILT_PROCESSOR, "size": {"shortest_edge": shortest_edge}}
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True,
+                                                                 "tokenizer_class": "BertTokenizer"}))
+    (directory / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    return directory
+
+
+def install_tiny_vilt(name: str, vocab_dir: Path, seed: int = 0, shortest_edge: int = 64) -> Path:
+    """A tiny random ViLT installed in the cache as ``name`` (a registry name: vilt-flickr30k, vilt-coco)."""
+    from models.core.home import models_dir
+    from models.hub.cache import record_model
+
+    target = write_tiny_vilt(models_dir() / name, vocab_dir, seed, shortest_edge)
+    record_model(target, name, "vilt", "test")
+    return target

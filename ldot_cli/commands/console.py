@@ -229,6 +229,9 @@ class ProgressView:
         if p.event == "checkpoint":
             self.progress.console.print(line((f"step {p.done}: checkpoint saved", "dim")))
             return
+        if p.event == "note":  # a line worth reading before the stage runs (e.g. how long it will take)
+            self.progress.console.print(line((str(p.info.get("text", "")), "dim")))
+            return
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
             self.starts[p.stage] = (self._time(), p.done)

@@ -70,8 +70,9 @@ def eval_command(
     lang: Lang = typer.Option(Lang.de, "--lang", help="Multi30K caption language."),
     rerank_k: list[int] = typer.Option([], "--rerank-k", help="Re-rank each query's top M with the cross-encoder "
                                        "(repeatable: --rerank-k 10 --rerank-k 100)."),
-    reranker: str = typer.Option(None, "--reranker", help="Cross-encoder (default: uniter-base when re-ranking); "
-                                 "given alone, only its full-matrix time is measured."),
+    reranker: str = typer.Option(None, "--reranker", help="Cross-encoder (default: the best present, uniter-base "
+                                 "first); vilt-flickr30k / vilt-coco read the image files. Given alone, only its "
+                                 "full-matrix time is measured."),
     json_output: bool = typer.Option(False, "--json", help="Print every figure as JSON instead of tables."),
     save_embeddings: Path = typer.Option(None, "--save-embeddings", help="Write text/image vectors (.npy) and their "
                                          "ids (embeddings.json) into this folder."),

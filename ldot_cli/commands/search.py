@@ -25,7 +25,9 @@ def search(
     null: bool = typer.Option(False, "-0", help="Print paths separated by NUL bytes (for xargs -0)."),
     rerank: bool = typer.Option(False, "--rerank", help="Re-score the top results with a cross-encoder."),
     rerank_k: int = typer.Option(50, "--rerank-k", help="How many top results --rerank re-scores."),
-    reranker: str = typer.Option(None, help="Cross-encoder (default: uniter-base, else lxmert-base-uncased)."),
+    reranker: str = typer.Option(None, help="Cross-encoder (default: the best present for the index: uniter-base, "
+                                 "lxmert-base-uncased, then vilt-flickr30k, which reads the photos and re-ranks any "
+                                 "index)."),
     image: Path = typer.Option(None, "--image", help="Find images similar to this image file."),
     model: str = typer.Option(None, help="Bi-encoder to encode the query (must be the index's model)."),
     device: str = typer.Option("auto", help="Device for re-ranking and --image: auto, cpu or cuda."),
@@ -67,7 +69,7 @@ def search(
     try:
         if rerank and image is None:
             _preset_note(searcher, reranker)  # finds (and loads) the re-ranker first: no estimate for a missing one
-            _rerank_note(min(m or 0, searcher.store.counts().get("indexed", 0)), device)
+            _rerank_note(searcher, reranker, min(m or 0, searcher.store.counts().get("indexed", 0)), device)
         if query is None and image is None:
             _interactive(searcher, mode, html, preview, Request(text="", k=k, rerank_k=m, reranker=reranker,
                                                                 min_score=min_score, regions=want_regions))
@@ -140,13 +142,16 @@ def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str |
     _render(answer.hits, mode)
 
 
-def _rerank_note(m: int, device: str) -> None:
+def _rerank_note(searcher: Any, reranker: str | None, m: int, device: str) -> None:
+    """On a CPU, how long re-ranking will take per query (the re-ranker's measured range per pair)."""
     import torch
 
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        # measured on 2 cores, base UNITER: 45 ms per pair with 36 regions, 123 ms with 100
-        err.print(line((f"re-ranking {m} images on the CPU (no GPU): expect roughly {max(1, round(m * 0.045))}-"
-                        f"{max(2, round(m * 0.13))} s per query with a base-size cross-encoder", "dim")))
+        name = searcher.reranker_name(reranker)
+        lo, hi = searcher.reranker(reranker).cpu_seconds_per_pair
+        reads = "reading the photos" if getattr(searcher.reranker(reranker), "inputs", "") == "pixels" else "on regions"
+        err.print(line((f"re-ranking {m} images with {name} ({reads}) on the CPU (no GPU): expect roughly "
+                        f"{max(1, round(m * lo))}-{max(2, round(m * hi))} s per query", "dim")))
 
 
 def _preset_note(searcher: Any, reranker: str | None) -> None:

@@ -59,8 +59,8 @@ Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall c
 HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
                              "the current model before training and after each epoch. [default: 0, in-batch only]")
 DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "
-                           "lxmert-base-uncased, a uniter-itm model): KL over captions for the batch's first 10 "
-                           "images.")
+                           "lxmert-base-uncased, a uniter-itm model; vilt-flickr30k / vilt-coco, which read the image "
+                           "files): KL over captions for the batch's first 10 images.")
 DistillWeight = typer.Option(None, "--distill-weight", help="Weight of the distillation loss. [default: 1.0]")
 DistillTemperature = typer.Option(None, "--distill-temperature", help="Distillation temperature T. [default: 1.0]")
 
@@ -137,8 +137,9 @@ def decompose(
     data: Path = Data, karpathy: Path = typer.Option(None, "--karpathy", help="dataset_<set>.json (Karpathy split)."),
     txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
     val_images: int = ValImages, no_val: bool = NoVal,
-    init: str = typer.Option(None, "--init", help="Single-stream cross-encoder to decompose: uniter-base, "
-                             "visualbert-vqa-coco-pre, a uniter-itm model dir, or a decomposed model to continue. "
+    init: str = typer.Option(None, "--init", "--from", help="Single-stream cross-encoder to decompose: uniter-base, "
+                             "visualbert-vqa-coco-pre, vilt-flickr30k / vilt-coco (detector-free: trains on the image "
+                             "files), a uniter-itm model dir, or a decomposed model to continue. "
                              "Default: uniter-base when present, else visualbert-vqa-coco-pre."),
     out_name: str = Out,
     tags: bool = typer.Option(None, "--tags/--no-tags", help="Prefix each image with its regions' object names "

@@ -203,11 +203,56 @@ def _extracts_features(spec: DataSpec, train_dbs: Sequence[Path], karpathy: Path
             and not _has_image_db(spec.data))
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None) -> Any:
+class PixelLookup:
+    """``lookup[key]`` -> the image file's pixels as a model that reads pixels takes them (`PixelRecord`): decoded by
+    ldot (EXIF rotation, CMYK, 16-bit, HEIC), preprocessed by ``prepare`` (the model's image processor)."""
+
+    def __init__(self, files: dict[str, Path], prepare: Any) -> None:
+        self.files = files
+        self.prepare = prepare
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files and self.files[key].is_file()
+
+    def __getitem__(self, key: str) -> Any:
+        from feature_extraction.errors import ImageLoadError
+        from feature_extraction.images.decode import load_image
+        from models.training.data import PixelRecord
+
+        try:
+            return PixelRecord(self.prepare(load_image(self.files[key])))
+        except ImageLoadError as exc:
+            raise TrainDataError(f"cannot read training image {exc.path}: {exc.reason}") from None
+
+
+def _image_files(spec: DataSpec, karpathy: Path | None) -> dict[str, Path] | None:
+    """Feature key -> image file of every Karpathy train/restval/val image found as a file under ``spec.data`` (None
+    when the captions do not come from a Karpathy file or the files are not there)."""
+    if karpathy is None or spec.data is None:
+        return None
+    files: list[str] = []
+    for split in ("train", "restval", "val"):
+        try:
+            files += benchmarks.read_karpathy(karpathy, split)[0]
+        except LdotError:
+            if split != "restval":
+                raise
+    root = benchmarks.find_image_folder(spec.data, spec.dataset, files[0]) if files else None
+    if root is None:
+        return None
+    return {benchmarks.uniter_image_key(spec.dataset, f): benchmarks.resolve_image_file(root, f)
+            for f in dict.fromkeys(files)}
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None,
+                       pixels: Any = None) -> Any:
     """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`.
 
     With a Karpathy file and image files but no UNITER image DB (a split fetched by `ldot data get`), the images'
-    region features are extracted once into the feature cache (``device``, ``progress``) and read from there."""
+    region features are extracted once into the feature cache (``device``, ``progress``) and read from there.
+    ``pixels`` (a model's image preprocessing, for a model that reads pixels): the images are read from their files
+    instead, as `PixelRecord`s; no detector runs. The image files, when there are, are in ``image_files`` (what a
+    teacher that reads pixels scores)."""
     from models.training.data import TrainData
 
     train_dbs, val_db, karpathy = _locate_captions(spec)
@@ -224,6 +269,17 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
         described = str(karpathy)
     if val is not None:
         val = _first_images(val, spec.val_images)
+    files = _image_files(spec, karpathy)
+    if pixels is not None:
+        if files is None:
+            raise TrainDataError(f"this model reads pixels: it trains from a Karpathy split file and the image files "
+                                 f"under {option('data')} (`ldot data get {spec.dataset} --split train`), not from "
+                                 "region features")
+        assert spec.data is not None
+        pixel_lookup = PixelLookup(files, pixels)
+        _check_features(train, val, pixel_lookup, [spec.data])
+        return TrainData(train, pixel_lookup, val, description=f"captions: {described}; images: files under "
+                         f"{spec.data}", image_files=files)
     if _extracts_features(spec, train_dbs, karpathy):
         assert karpathy is not None
         img_dirs = _features_from_image_files(spec, karpathy, device, progress)
@@ -235,10 +291,10 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
         raise TrainDataError(f"cannot open the image DB(s) {', '.join(map(str, img_dirs))}: {exc}") from None
     _check_features(train, val, lookup, img_dirs)
     return TrainData(train, lookup, val, description=f"captions: {described}; images: "
-                     + ", ".join(str(d) for d in img_dirs))
+                     + ", ".join(str(d) for d in img_dirs), image_files=files)
 
 
-def _check_features(train: Any, val: Any, lookup: MultiImageDB, img_dirs: Sequence[Path]) -> None:
+def _check_features(train: Any, val: Any, lookup: Any, img_dirs: Sequence[Path]) -> None:
     for name, pairs in (("training", train), ("validation", val)):
         if pairs is None:
             continue

@@ -34,6 +34,7 @@ from ldot_cli.data.features import ensure_features
 from models.core import ann
 from models.core.errors import LdotError, ModelError, option
 from models.core.progress import Progress, ProgressFn, report
+from models.hub.cache import default_reranker
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
 from models.nn.regions import stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
@@ -62,9 +63,44 @@ class Encoder(Protocol):
 
 
 class Reranker(Protocol):
-    """What re-ranking needs of a cross-encoder (`models.load_reranker`)."""
+    """What re-ranking needs of a cross-encoder (`models.load_reranker`): ``score`` over region features, or, when
+    its ``inputs`` is ``"pixels"`` (ViLT), ``prepare(rgb)`` and ``score_pixels(texts, images)`` over the image files."""
 
     def score(self, texts: Sequence[str], features: Any, norm_bb: Any, mask: Any = None) -> Any: ...
+
+
+class ImageInputs:
+    """What a cross-encoder reads of a benchmark's images: region features from the image DB, or (a re-ranker that
+    reads pixels) the image files, decoded by ldot and preprocessed by the model, the last few kept in memory."""
+
+    def __init__(self, store: FeatureStore, files: dict[str, Path] | None = None, keep: int = 64) -> None:
+        self.store = store
+        self.files = files
+        self.keep = keep
+        self._pixels: dict[str, Any] = {}
+
+    def regions(self, keys: Sequence[str]) -> tuple[Any, Any, Any]:
+        feat, bb, mask, _ = stack_regions([self.store.get(k) for k in keys])  # (B, N, dim), (B, N, 6), (B, N)
+        return feat, bb, mask
+
+    def pixels(self, keys: Sequence[str], prepare: Callable[[np.ndarray], Any]) -> list[Any]:
+        from feature_extraction.errors import ImageLoadError
+        from feature_extraction.images.decode import load_image
+
+        if self.files is None:
+            raise DatasetError("this re-ranker reads the image files, and this benchmark's images come from a UNITER "
+                               f"image DB: pass {option('images')} (the folder of the image files)")
+        out = []
+        for key in keys:
+            if key not in self._pixels:
+                try:
+                    self._pixels[key] = prepare(load_image(self.files[key]))
+                except ImageLoadError as exc:
+                    raise DatasetError(f"cannot read benchmark image {exc.path}: {exc.reason}") from None
+                if len(self._pixels) > self.keep:
+                    self._pixels.pop(next(iter(self._pixels)))
+            out.append(self._pixels[key])
+        return out
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -267,22 +303,27 @@ def search_both(text_vectors: np.ndarray, image_vectors: np.ndarray, depth: int,
     return ranked_images, ranked_texts
 
 
-def score_pairs(reranker: Reranker, store: FeatureStore, texts: Sequence[str], keys: Sequence[str],
+def score_pairs(reranker: Reranker, images: ImageInputs, texts: Sequence[str], keys: Sequence[str],
                 chunk: int = 128, advance: Callable[[int], None] | None = None) -> np.ndarray:
-    """Cross-encoder scores (n,) of the pairs (texts[i], image stored under keys[i]); batched by image."""
+    """Cross-encoder scores (n,) of the pairs (texts[i], image keys[i]); batched by image."""
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     out = np.empty(len(keys), np.float32)
+    pixels = getattr(reranker, "inputs", "regions") == "pixels"
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
-        feat, bb, mask, _ = stack_regions([store.get(keys[i]) for i in idx])  # (B, N, dim), (B, N, 6), (B, N)
-        out[idx] = _numpy(reranker.score([texts[i] for i in idx], feat, bb, mask)).reshape(-1)
+        batch_texts = [texts[i] for i in idx]
+        if pixels:
+            scores = reranker.score_pixels(batch_texts, images.pixels([keys[i] for i in idx], reranker.prepare))
+        else:
+            scores = reranker.score(batch_texts, *images.regions([keys[i] for i in idx]))
+        out[idx] = _numpy(scores).reshape(-1)
         if advance is not None:
             advance(len(idx))
     return out
 
 
 def rerank(ranked: np.ndarray, ms: Sequence[int], pair: Callable[[int, int], tuple[str, str]],
-           reranker: Reranker, store: FeatureStore, progress: ProgressFn | None = None,
+           reranker: Reranker, store: ImageInputs, progress: ProgressFn | None = None,
            stage: str = "re-ranking") -> dict[int, tuple[np.ndarray, float, int]]:
     """Re-rank each row's top M for every M: M -> (new ranked ids, cumulative seconds, pairs scored).
 
@@ -324,7 +365,7 @@ def _folds(n_images: int, fold_size: int | None) -> list[np.ndarray]:
     return [np.arange(s, s + fold_size) for s in range(0, n_images, fold_size)]
 
 
-def time_cross_encoder(reranker: Reranker, store: FeatureStore, rset: RetrievalSet, sample: int,
+def time_cross_encoder(reranker: Reranker, store: ImageInputs, rset: RetrievalSet, sample: int,
                        timings: EvalTimings, seed: int = 0, progress: ProgressFn | None = None) -> None:
     """Time the cross-encoder on ``sample`` random pairs; extrapolate to ``timings.full_matrix_pairs``."""
     n_txt, n_img = len(rset.captions), len(rset.images)
@@ -363,6 +404,14 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
     ms = sorted(set(rerank_ks))
     timings = EvalTimings()
     store = FeatureStore(rset.image_db)
+    files = ({im.key: path for im, path in zip(rset.images, rset.image_paths())} if rset.image_root is not None
+             else None)
+    inputs = ImageInputs(store, files)
+    if reranker is not None and getattr(reranker, "inputs", "regions") == "pixels" and files is None:
+        store.close()
+        raise DatasetError("the re-ranker reads the image files, and this benchmark's images come from a UNITER image "
+                           f"DB: pass {option('images')} (the folder of the image files) or {option('data')} without "
+                           "the image DB")
     try:
         image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress, timings)
         mode = _text_mode(rset, encoder, text_input)
@@ -376,11 +425,11 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         for n_fold, img_idx in enumerate(folds):
             label = f" (fold {n_fold + 1}/{len(folds)})" if len(folds) > 1 else ""
             base, reranked = _evaluate_fold(rset, img_idx, caption_image, text_vectors, image_vectors, ms,
-                                            reranker, store, timings, progress, label)
+                                            reranker, inputs, timings, progress, label)
             fold_recalls.append(base)
             fold_reranked.append(reranked)
         if reranker is not None and cross_sample > 0:
-            time_cross_encoder(reranker, store, rset, cross_sample, timings, seed, progress)
+            time_cross_encoder(reranker, inputs, rset, cross_sample, timings, seed, progress)
     finally:
         store.close()
     return EvalReport(rset.dataset, "1k" if fold_size else rset.split, rset.lang, len(rset.images),
@@ -390,7 +439,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
 
 
 def _evaluate_fold(rset: RetrievalSet, img_idx: np.ndarray, caption_image: np.ndarray, text_vectors: np.ndarray,
-                   image_vectors: np.ndarray, ms: Sequence[int], reranker: Reranker | None, store: FeatureStore,
+                   image_vectors: np.ndarray, ms: Sequence[int], reranker: Reranker | None, store: ImageInputs,
                    timings: EvalTimings, progress: ProgressFn | None, label: str) -> tuple[Recalls, dict[int, Recalls]]:
     position = np.full(len(rset.images), -1)
     position[img_idx] = np.arange(len(img_idx))
@@ -468,7 +517,7 @@ class EvalOptions:
     model: str | None = None  # bi-encoder: registry name, model dir or checkpoint (default per dataset)
     tokenizer: str | None = None  # tokenizer path overriding the model's own
     rerank_ks: tuple[int, ...] = ()  # re-rank the top M for each M
-    reranker: str | None = None  # cross-encoder (default uniter-base when re-ranking)
+    reranker: str | None = None  # cross-encoder (default: the best present when re-ranking, uniter-base first)
     batch_size: int = 64  # images / captions per forward pass
     device: str = "auto"  # auto | cpu | cuda
     cross_sample: int = 256  # pairs timed to extrapolate the full cross-encoder matrix (0: skip)
@@ -495,8 +544,10 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     rset = locate(opts.dataset, opts.paths, split, opts.lang)
     model_name = opts.model or DEFAULT_EVAL_MODELS[opts.dataset]
     encoder = models.load_bi_encoder(model_name, tokenizer=opts.tokenizer, device=opts.device)
-    reranker_name = opts.reranker or (RERANKERS[0] if opts.rerank_ks else None)
+    reranker_name = opts.reranker or (_default_reranker() if opts.rerank_ks else None)
     reranker = models.load_reranker(reranker_name, device=opts.device) if reranker_name else None
+    if reranker is not None:
+        _rerank_time_note(reranker, str(reranker_name), rset, opts, progress)
     t0 = time.perf_counter()
     had_features = rset.image_db is not None
     ensure_features(rset, device=opts.device, progress=progress)
@@ -510,6 +561,40 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     if opts.save_embeddings is not None:
         save_embeddings(report, rset, opts.save_embeddings)
     return report
+
+
+def _default_reranker() -> str:
+    """The best re-ranker present (the benchmark has region features and image files: any kind fits), else the
+    first of the catalogue's, whose loading then says how to get it."""
+    try:
+        return default_reranker()
+    except LdotError:
+        return RERANKERS[0]
+
+
+def _rerank_time_note(reranker: Any, name: str, rset: RetrievalSet, opts: EvalOptions,
+                      progress: ProgressFn | None) -> None:
+    """On a CPU, say before it starts how long the cross-encoder's part will take (its measured range per pair)."""
+    device = getattr(reranker, "device", None)
+    per_pair = getattr(reranker, "cpu_seconds_per_pair", None)
+    if device is None or getattr(device, "type", "cpu") != "cpu" or per_pair is None:
+        return
+    depth = max(opts.rerank_ks, default=0)
+    pairs = (len(rset.captions) * min(depth, len(rset.images)) + len(rset.images) * min(depth, len(rset.captions))
+             + min(opts.cross_sample, len(rset.captions) * len(rset.images)))
+    lo, hi = (pairs * t for t in per_pair)
+    reads = "reading the image files" if getattr(reranker, "inputs", "") == "pixels" else "on region features"
+    report(progress, "re-ranking", 0, None, "pairs", event="note",
+           text=f"re-ranking with {name} ({reads}) on the CPU (no GPU): {pairs:,} pairs, expect roughly "
+                f"{_duration(lo)} to {_duration(hi)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 7200:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def record_calibration(report: EvalReport, rset: RetrievalSet, model_name: str | Path) -> dict[str, Any] | None:

@@ -438,13 +438,76 @@ class Searcher:
 
         return self.store.get_meta("preset") or DEFAULT_PRESET
 
+    @property
+    def has_regions(self) -> bool:
+        """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
+        from ldot_cli.index.store import REGIONS_DIR
+
+        return self.store.get_meta("regions") != "none" and (self.store.dir / REGIONS_DIR).is_dir()
+
+    def reranker_name(self, name: str | None) -> str:
+        """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
+        from models.hub.cache import default_reranker
+
+        if name:
+            return name
+        if self.has_regions:
+            return default_reranker(regions=True)
+        try:
+            return default_reranker(regions=False)
+        except LdotError:
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}) and no re-ranker that reads the photos is in the cache: "
+                                  "run `ldot models download vilt-flickr30k` (it re-ranks any index), or re-index "
+                                  f"without {option('no_regions')} for UNITER or LXMERT") from None
+
     def reranker(self, name: str | None) -> Any:
-        """The cross-encoder ``name`` (default: the first installed), loaded once: the last `RERANKER_CACHE`
-        used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one model)."""
+        """The cross-encoder ``name`` (default: the best present for this index), loaded once: the last
+        `RERANKER_CACHE` used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one)."""
+        from models.hub.load import load_reranker, resolve_source
+
+        name = self.reranker_name(name)
+        key = str(resolve_source(name).resolve())
+        if key in self._rerankers:
+            self._rerankers.move_to_end(key)
+            return self._rerankers[key]
+        model = load_reranker(name, device=self.device)
+        self._rerankers[key] = model
+        while len(self._rerankers) > RERANKER_CACHE:
+            self._rerankers.popitem(last=False)
+        return model
         from models.hub.cache import default_reranker
         from models.hub.load import load_reranker, resolve_source
 
-        name = name or default_reranker()
+    @property
+    def has_regions(self) -> bool:
+        """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
+        from ldot_cli.index.store import REGIONS_DIR
+
+        return self.store.get_meta("regions") != "none" and (self.store.dir / REGIONS_DIR).is_dir()
+
+    def reranker_name(self, name: str | None) -> str:
+        """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
+        from models.hub.cache import default_reranker
+
+        if name:
+            return name
+        if self.has_regions:
+            return default_reranker(regions=True)
+        try:
+            return default_reranker(regions=False)
+        except LdotError:
+            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
+                                  f"{option('no_regions')}) and no re-ranker that reads the photos is in the cache: "
+                                  "run `ldot models download vilt-flickr30k` (it re-ranks any index), or re-index "
+                                  f"without {option('no_regions')} for UNITER or LXMERT") from None
+
+    def reranker(self, name: str | None) -> Any:
+        """The cross-encoder ``name`` (default: the best present for this index), loaded once: the last
+        `RERANKER_CACHE` used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one)."""
+        from models.hub.load import load_reranker, resolve_source
+
+        name = self.reranker_name(name)
         key = str(resolve_source(name).resolve())
         if key in self._rerankers:
             self._rerankers.move_to_end(key)
@@ -456,16 +519,23 @@ class Searcher:
         return model
 
     def rerank(self, query: str, hits: list[Hit], reranker: str | None = None) -> list[Hit]:
-        """Re-score (query, image) pairs with the cross-encoder and sort by its score."""
+        """Re-score (query, image) pairs with the cross-encoder and sort by its score.
+
+        A region cross-encoder (UNITER, LXMERT) reads the index's region features; one that reads pixels (ViLT)
+        reads the photos themselves, so it re-ranks any index: a photo gone or unreadable since indexing is left out
+        of the results, with a warning saying why."""
         if not hits:
             return hits
         from models.nn.regions import stack_regions
 
-        self.region_store()  # a clear error when the index keeps none
         model = self.reranker(reranker)
         start = time.perf_counter()
-        feat, bb, mask, _ = stack_regions(self.region_records([h.vector_id for h in hits]))
-        scores = model.score([query] * len(hits), feat, bb, mask).numpy()
+        if getattr(model, "inputs", "regions") == "pixels":
+            hits, scores = self._pixel_scores(model, query, hits)
+        else:
+            self.region_store()  # a clear error when the index keeps none
+            feat, bb, mask, _ = stack_regions(self.region_records([h.vector_id for h in hits]))
+            scores = model.score([query] * len(hits), feat, bb, mask).numpy()
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
         order = np.argsort(-scores, kind="stable")
         out = []
@@ -473,3 +543,47 @@ class Searcher:
             hit = hits[i]
             out.append(Hit(rank, hit.path, hit.score, hit.vector_id, float(scores[i])))
         return out
+
+    def _pixel_scores(self, model: Any, query: str, hits: list[Hit]) -> tuple[list[Hit], np.ndarray]:
+        """Scores of a cross-encoder that reads pixels, from the hits' files (another copy of the same photo when
+        the hit's own file is gone); hits whose photo cannot be read are dropped, each with a warning."""
+        import os
+        import stat
+
+        from feature_extraction.errors import ImageLoadError
+        from feature_extraction.images.decode import load_image
+        from ldot_cli.index.hits import display_path
+        from models.core.fileio import sha256_file
+
+        if model.truncates(query):
+            warnings.warn(LdotWarning(f"the query is longer than the re-ranker reads ({model.max_text_tokens} "
+                                      "word-pieces with [CLS] and [SEP]): it scores the first ones only"), stacklevel=3)
+        copies = self.store.paths_for_vectors([h.vector_id for h in hits])
+        indexed = self.store.content_hashes([h.vector_id for h in hits])
+        kept, pixels = [], []
+        for hit in hits:
+            reason = None
+            for path in [hit.path, *(p for p in copies.get(hit.vector_id, []) if p != hit.path)]:
+                try:  # the photo as it was indexed: a regular file whose bytes still have the indexed content hash
+                    if not stat.S_ISREG(os.stat(path).st_mode):
+                        reason = reason or "not a regular file"
+                        continue
+                    if sha256_file(os.fsdecode(path)) != indexed.get(hit.vector_id):
+                        reason = reason or "its content changed"
+                        continue
+                    pixels.append(model.prepare(load_image(os.fsdecode(path))))
+                except ImageLoadError as exc:
+                    reason = reason or exc.reason
+                    continue
+                except OSError as exc:
+                    reason = reason or ("file not found" if isinstance(exc, FileNotFoundError)
+                                        else f"cannot read it: {exc.strerror or exc}")
+                    continue
+                kept.append(hit)
+                break
+            else:
+                warnings.warn(LdotWarning(f"left out of the re-ranked results: {display_path(hit.path)} ({reason}; "
+                                          "gone or changed since indexing? `ldot index` again to update the index)"),
+                              stacklevel=3)
+        scores = model.score_pixels([query] * len(kept), pixels).numpy() if kept else np.empty(0, np.float32)
+        return kept, scores

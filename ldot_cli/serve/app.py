@@ -134,7 +134,7 @@ class ServeState:
             except LdotError:
                 auto = None
             try:
-                reranker = (self.reranker or default_reranker()) if regions else None
+                reranker = self.reranker or default_reranker(regions=regions)
             except LdotError:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),

@@ -77,12 +77,49 @@ def _tag_vocab(req: TrainRequest, data: Any) -> tuple[str, ...]:
     return object_vocab(req.tag_vocab or DEFAULT_DETECTOR)
 
 
-def _teacher(config: Any, device: str) -> Any:
+class PixelTeacher:
+    """A cross-encoder that reads pixels (ViLT) as the training loop's teacher: it scores (caption, image key) pairs,
+    reading each image's file (decoded by ldot, preprocessed by the teacher's processor; the last few kept)."""
+
+    inputs = "pixels"
+
+    def __init__(self, reranker: Any, files: dict[str, Path], keep: int = 64) -> None:
+        self.reranker = reranker
+        self.files = files
+        self.keep = keep
+        self._pixels: dict[str, Any] = {}
+
+    def _prepared(self, key: str) -> Any:
+        from feature_extraction.errors import ImageLoadError
+        from feature_extraction.images.decode import load_image
+
+        if key not in self._pixels:
+            try:
+                self._pixels[key] = self.reranker.prepare(load_image(self.files[key]))
+            except (ImageLoadError, KeyError) as exc:
+                raise LdotError(f"the teacher cannot read training image {key}: "
+                                f"{getattr(exc, 'reason', 'no image file for it')}") from None
+            if len(self._pixels) > self.keep:
+                self._pixels.pop(next(iter(self._pixels)))
+        return self._pixels[key]
+
+    def score_keys(self, texts: list[str], keys: list[str]) -> Any:
+        return self.reranker.score_pixels(texts, [self._prepared(k) for k in keys])
+
+
+def _teacher(config: Any, device: str, data: Any) -> Any:
     if config.distill_from is None:
         return None
     from models.hub.load import load_reranker
 
-    return load_reranker(config.distill_from, device=device, dtype=None)
+    reranker = load_reranker(config.distill_from, device=device, dtype=None)
+    if getattr(reranker, "inputs", "regions") != "pixels":
+        return reranker
+    if not data.image_files:
+        raise LdotError(f"{config.distill_from} scores the images' pixels: train from a Karpathy split file and the "
+                        f"image files under {option('data')} (`ldot data get flickr30k --split train`), not from a "
+                        "UNITER image DB alone")
+    return PixelTeacher(reranker, dict(data.image_files))
 
 
 def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
@@ -118,7 +155,12 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         config = replace(config, **req.overrides)
         tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
         init: dict[str, Any] = saved.get("init", {})
-        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
+        pixels = None
+        if saved.get("model_kind") == "decomposed-vilt":  # it reads the image files
+            from models.nn.vilt import PixelPreprocessing
+
+            pixels = PixelPreprocessing.from_processor_config(saved["model_config"].get("processor"))
+        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress, pixels=pixels)
         model = None
         tags = len(saved["model_config"].get("tags", ()))
     elif req.mode == "decompose":
@@ -133,9 +175,16 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         name = req.init or default_init(req.mode)
         source = read_decompose_source(name)
         tokenizer = decompose_tokenizer(source)
-        data = open_training_data(req.data, tokenizer)
-        vocab = _tag_vocab(req, data)
-        model = decomposed_model(source, tokenizer, tags=vocab, **req.model_options)
+        if source.kind in ("vilt", "decomposed-vilt"):  # detector-free: it reads the image files, no tags
+            if req.tags:
+                raise LdotError(f"{name} reads pixels: it has no object tags (leave out {option('tags')})")
+            model = decomposed_model(source, tokenizer, **req.model_options)
+            data = open_training_data(req.data, tokenizer, pixels=model.prepare)
+            vocab: tuple[str, ...] = ()
+        else:
+            data = open_training_data(req.data, tokenizer)
+            vocab = _tag_vocab(req, data)
+            model = decomposed_model(source, tokenizer, tags=vocab, **req.model_options)
         init = {"text": name, "image": name, "heads": "none", "source_kind": source.kind,
                 "tags": len(vocab)}
         config = training.decompose_config(**req.overrides)
@@ -161,7 +210,7 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         else:
             config = training.pretrain_config(req.mix, **req.overrides)
         tags = 0
-    teacher = _teacher(config, req.device)
+    teacher = _teacher(config, req.device, data)
     result = training.train(run_dir, data, config, model, tokenizer, resume=req.resume, device=req.device,
                             init=init, progress=progress, stop_at_step=req.stop_at_step, teacher=teacher)
     model_dir = training.export_model(run_dir, req.out, force=True) if result.finished else None

@@ -20,7 +20,8 @@ class Progress:
     done: int  # units of this stage done so far
     total: int | None = None  # units this stage will do; None when not known (e.g. a download without a size)
     unit: str = "items"  # what a unit is: "bytes", "images", "captions", "pairs", "steps", ...
-    event: str = "update"  # "update", or a moment worth its own line: "start", "eval", "checkpoint", "done"
+    # "update", or a moment worth its own line: "start", "eval", "checkpoint", "done", "note" (info["text"]: a line)
+    event: str = "update"
     info: Mapping[str, Any] = field(default_factory=dict)  # further figures of the stage (loss, lr, failed, ...)
 
 

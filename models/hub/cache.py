@@ -16,7 +16,7 @@ from models.core.errors import (
 )
 from models.core.fileio import atomic_write_text, file_stamp, sha256_file
 from models.core.home import models_dir
-from models.hub.catalogue import MANIFEST, RERANKERS, find_entry
+from models.hub.catalogue import MANIFEST, REGION_RERANKER_KINDS, RERANKERS, find_entry
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -278,12 +278,19 @@ def verify_dir(directory: Path) -> list[str]:
     return problems
 
 
-def default_reranker() -> str:
-    """The first re-ranker present in the cache (UNITER ITM, else LXMERT)."""
+def default_reranker(regions: bool = True) -> str:
+    """The best re-ranker present in the cache for an index: with its region features (``regions``), the first of
+    `RERANKERS` present (UNITER ITM, LXMERT, then ViLT); without them, the first that reads pixels (ViLT)."""
     from models.hub.cache import is_present
 
-    for name in RERANKERS:
+    usable = [n for n in RERANKERS if regions or getattr(find_entry(n), "kind", None) not in REGION_RERANKER_KINDS]
+    for name in usable:
         if is_present(name):
             return name
-    raise LdotError("no re-ranker in the cache: run `ldot models download lxmert-base-uncased` "
-                    "(or import UNITER: `ldot models import uniter-base.pt --as uniter-base`)")
+    if not regions:
+        raise LdotError("no re-ranker for this index in the cache (it keeps no region features, so re-ranking reads "
+                        "the photos): run `ldot models download vilt-flickr30k`, or `ldot models import FOLDER --as "
+                        "vilt-flickr30k` for a save_pretrained folder")
+    raise LdotError("no re-ranker in the cache: run `ldot models download vilt-flickr30k` (reads the photos) or "
+                    "`ldot models download lxmert-base-uncased` (or import UNITER: `ldot models import uniter-base.pt "
+                    "--as uniter-base`)")

@@ -43,7 +43,7 @@ class ModelEntry:
     """A named checkpoint: `ldot models download NAME` fetches its files into ``<home>/models/NAME``."""
 
     name: str
-    kind: str  # bi-encoder | uniter-itm | lxmert | visualbert | detector | text-encoder
+    kind: str  # bi-encoder | uniter-itm | lxmert | visualbert | vilt | detector | text-encoder
     description: str
     licence: str
     files: tuple[RemoteFile, ...]
@@ -115,13 +115,32 @@ REGISTRY: tuple[ModelEntry, ...] = (
                "unstated", _hub("uclanlp/visualbert-vqa-coco-pre", "config.json", "pytorch_model.bin"),
                approx_size="~448 MB", tokenizer="bert-base-uncased",
                aliases=("uclanlp/visualbert-vqa-coco-pre", "visualbert")),
+    # ViLT-B/32 fine-tuned for image-text retrieval (ViltForImageAndTextRetrieval): a live cross-encoder that reads
+    # pixels (no detector), so it re-ranks any index; its weights are a pickle, read as tensors only
+    ModelEntry("vilt-flickr30k", "vilt",
+               "ViLT-B/32 fine-tuned on Flickr30k for image-text retrieval: a cross-encoder over pixels (no detector) "
+               "that re-ranks any index (dandelin/vilt-b32-finetuned-flickr30k)",
+               "Apache-2.0", _hub("dandelin/vilt-b32-finetuned-flickr30k", "config.json", "preprocessor_config.json",
+                                  "pytorch_model.bin", "vocab.txt",
+                                  optional=("tokenizer.json", "tokenizer_config.json")),
+               approx_size="~446 MB", aliases=("dandelin/vilt-b32-finetuned-flickr30k",)),
+    ModelEntry("vilt-coco", "vilt",
+               "ViLT-B/32 fine-tuned on COCO for image-text retrieval: a cross-encoder over pixels (no detector) "
+               "that re-ranks any index (dandelin/vilt-b32-finetuned-coco)",
+               "Apache-2.0", _hub("dandelin/vilt-b32-finetuned-coco", "config.json", "preprocessor_config.json",
+                                  "pytorch_model.bin", "vocab.txt",
+                                  optional=("tokenizer.json", "tokenizer_config.json")),
+               approx_size="~446 MB", aliases=("dandelin/vilt-b32-finetuned-coco",)),
 )
 
 
 # The defaults: what `ldot` uses when no name is given.
 DEFAULT_BI_ENCODER = "flickr-ft"  # the bi-encoder that indexes and searches
 DEFAULT_DETECTOR = "butd-r101-vg"  # the region detector
-RERANKERS = ("uniter-base", "lxmert-base-uncased")  # cross-encoders, in order of preference
+# cross-encoders, in order of preference; those of a kind in REGION_RERANKER_KINDS need the index's region features,
+# the others (ViLT) read the image files and re-rank any index
+RERANKERS = ("uniter-base", "lxmert-base-uncased", "vilt-flickr30k", "vilt-coco")
+REGION_RERANKER_KINDS = ("uniter-itm", "lxmert")
 DEFAULT_EVAL_MODELS = {"flickr30k": "flickr-ft", "coco": "coco-ft"}  # Multi30K needs a multilingual text tower
 
 

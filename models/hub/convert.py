@@ -132,6 +132,9 @@ def _dir_kind(src: Path) -> str:
         if meta.get("model_type") == "visual_bert":
             visualbert_config(meta, config)
             return "visualbert"
+        if meta.get("model_type") == "vilt":
+            _check_vilt_dir(src)
+            return "vilt"
         if meta.get("model_type") == "bert":
             return "text-encoder"
     if any(src.glob("*.pkl")) or (src / "pytorch_model.bin").is_file():
@@ -142,6 +145,22 @@ def _dir_kind(src: Path) -> str:
                           "model.safetensors), an LXMERT or BERT folder (config.json with its model_type), a "
                           "tokenizer (vocab.txt) or detector weights (pytorch_model.bin + config.yaml, or a "
                           "detectron2 .pkl)")
+
+
+def _check_vilt_dir(src: Path) -> None:
+    """A ViLT folder (``save_pretrained`` of the model and of its processor) holds what re-ranking reads."""
+    from models.nn.vilt import PREPROCESSOR_FILE, VILT_WEIGHTS
+
+    missing = []
+    if not any((src / f).is_file() for f in VILT_WEIGHTS):
+        missing.append(" or ".join(VILT_WEIGHTS))
+    if not (src / PREPROCESSOR_FILE).is_file():
+        missing.append(PREPROCESSOR_FILE)
+    if not has_tokenizer_files(src):
+        missing.append("vocab.txt or tokenizer.json")
+    if missing:
+        raise CheckpointError(f"{src} is a ViLT folder without {', '.join(missing)}: save the processor too "
+                              "(`ViltProcessor.save_pretrained(FOLDER)` beside `model.save_pretrained(FOLDER)`)")
 
 
 def _copy_dir(src: Path, target: Path) -> None:

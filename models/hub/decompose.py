@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from models.core.errors import CheckpointError, ModelError
+from models.core.errors import CheckpointError, ModelError, option
 from models.core.fileio import read_json_object
 from models.hub.formats import (
     CONFIG_FILE,
@@ -81,9 +81,9 @@ class DecomposeSource:
     """A resolved source: its converted weights, shape and tokenizer."""
 
     name: str
-    kind: str  # uniter | visualbert | decomposed
-    state: Tensors  # `DecomposedEncoder` keys
-    config: DecomposedConfig  # shape, region embedding, tokenizer (tags and lengths are set by the caller)
+    kind: str  # uniter | visualbert | decomposed | vilt | decomposed-vilt
+    state: Tensors  # `DecomposedEncoder` keys (`ViltDecomposedEncoder`'s for vilt / decomposed-vilt)
+    config: Any  # `DecomposedConfig` (`ViltDecomposedConfig`): shape, tokenizer (tags and lengths set by the caller)
     directory: Path | None  # folder holding tokenizer files, when there is one
 
 
@@ -104,13 +104,26 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
             if meta["kind"] == "decomposed":
                 return DecomposeSource(str(name), "decomposed", dict(state),
                                        DecomposedConfig.from_dict(meta["config"]), path)
+            if meta["kind"] == "decomposed-vilt":
+                from models.nn.vilt import ViltDecomposedConfig
+
+                return DecomposeSource(str(name), "decomposed-vilt", dict(state),
+                                       ViltDecomposedConfig.from_dict(meta["config"]), path)
             if meta["kind"] == "uniter-itm":
                 cross = CrossEncoderConfig.from_dict(meta["config"])
                 config = DecomposedConfig(body=cross.body, img_dim=cross.img_dim, pos_dim=cross.pos_dim,
                                           tokenizer=cross.tokenizer, lowercase=cross.lowercase)
                 return DecomposeSource(str(name), "uniter", uniter_to_decomposed(state), config, path)
             raise ModelError(f"{path} holds a {meta['kind']} model: decompose a single-stream cross-encoder "
-                             "(uniter-base, visualbert-vqa-coco-pre, a uniter-itm model) instead")
+                             "(uniter-base, visualbert-vqa-coco-pre, vilt-flickr30k, a uniter-itm model) instead")
+        if raw.get("model_type") == "vilt":
+            from models.hub.load import read_vilt_folder
+            from models.nn.vilt import ViltDecomposedConfig, vilt_to_decomposed
+
+            vilt, processor, state = read_vilt_folder(path)
+            text_len = int(vilt.get("max_position_embeddings", 40))  # ViLT's own: every text position
+            config = ViltDecomposedConfig(vilt=vilt, processor=processor, text_len=text_len)
+            return DecomposeSource(str(name), "vilt", vilt_to_decomposed(state), config, path)
         if raw.get("model_type") == "visual_bert":
             weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
             if weights is None:
@@ -122,8 +135,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
                                       lowercase=True)
             return DecomposeSource(str(name), "visualbert", visualbert_to_decomposed(load_tensors(weights)), config,
                                    path)
-        raise ModelError(f"{path} is neither an ldot cross-encoder nor a VisualBERT directory: decompose "
-                         "uniter-base, visualbert-vqa-coco-pre or a uniter-itm model")
+        raise ModelError(f"{path} is neither an ldot cross-encoder nor a VisualBERT or ViLT directory: decompose "
+                         "uniter-base, visualbert-vqa-coco-pre, vilt-flickr30k or a uniter-itm model")
     obj = load_tensors(path)
     if detect_format(obj) != "uniter":
         raise ModelError(f"{path} is a {detect_format(obj)} checkpoint: decompose a single-stream cross-encoder "
@@ -138,11 +151,14 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
 
 def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str, ...] = (),
                      text_len: int | None = None, max_regions: int | None = None,
-                     temperature: float | None = None) -> DecomposedEncoder:
+                     temperature: float | None = None) -> Any:
     """The model decomposition starts from: the source's weights in a `DecomposedEncoder` (strictly loaded),
-    with the tokenizer's special ids, the tag vocabulary and the input lengths."""
+    with the tokenizer's special ids, the tag vocabulary and the input lengths; for ViLT (which reads pixels), a
+    `ViltDecomposedEncoder` (no tags, no regions)."""
     overrides: dict[str, Any] = {"cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id,
                                  "pad_token_id": tokenizer.pad_id}
+    if source.kind in ("vilt", "decomposed-vilt"):
+        return _vilt_decomposed(source, tokenizer, overrides, tags, text_len, max_regions, temperature)
     if source.kind != "decomposed" or tags:
         overrides["tags"] = tuple(tags)
     for key, value in (("text_len", text_len), ("max_regions", max_regions), ("temperature", temperature)):
@@ -156,6 +172,31 @@ def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str
         raise ModelError(f"{source.name} has a {config.body.vocab_size}-word vocabulary but its tokenizer has "
                          f"{tokenizer.vocab_size}: pass the source's own tokenizer")
     model = DecomposedEncoder(config, tokenizer)
+    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in source.state.items()}
+    try:
+        load_strict(model, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source.name}: {exc}") from None
+    return model
+
+
+def _vilt_decomposed(source: DecomposeSource, tokenizer: Any, overrides: dict[str, Any], tags: tuple[str, ...],
+                     text_len: int | None, max_regions: int | None, temperature: float | None) -> Any:
+    from models.nn.vilt import ViltDecomposedEncoder
+
+    if tags or max_regions is not None:
+        raise ModelError(f"{source.name} reads pixels: object tags and {option('max_regions')} do not apply to it")
+    for key, value in (("text_len", text_len), ("temperature", temperature)):
+        if value is not None:
+            overrides[key] = value
+    try:
+        config = replace(source.config, **overrides)
+    except ValueError as exc:
+        raise ModelError(f"{source.name}: {exc}") from None
+    if tokenizer.vocab_size > int(config.vilt["vocab_size"]):
+        raise ModelError(f"{source.name} has a {config.vilt['vocab_size']}-word vocabulary but its tokenizer has "
+                         f"{tokenizer.vocab_size}: pass the source's own tokenizer")
+    model = ViltDecomposedEncoder(config, tokenizer)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in source.state.items()}
     try:
         load_strict(model, state)

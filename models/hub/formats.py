@@ -299,6 +299,13 @@ def _short(keys: Iterable[str], limit: int = 8) -> str:
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, assign: bool = False) -> None:
     """Load every tensor or fail listing the missing, unexpected and mis-shaped keys."""
+    check_state(model, state)
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def check_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Fail listing the missing, unexpected and mis-shaped keys of ``state`` for ``model`` (which may be on the meta
+    device: a check of shapes before anything is allocated)."""
     expected = model.state_dict()
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
@@ -313,7 +320,6 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, assign: 
         problems.append(f"{len(shapes)} of another shape: {_short(shapes, 4)}")
     if problems:
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def build_on_meta(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:

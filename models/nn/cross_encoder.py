@@ -55,6 +55,9 @@ class _PairScorer:
     """Shared batching: tokenise each distinct text once, score pairs in chunks, return float32 (n,)."""
 
     batch_size = 64
+    inputs = "regions"  # what `score` reads (ViLT's re-ranker reads "pixels")
+    # measured on 2 cores, base UNITER: 45 ms per pair with 36 regions, 123 ms with 100 (the range a CPU may expect)
+    cpu_seconds_per_pair = (0.045, 0.13)
 
     def __init__(self, tokenizer: Tokenizer, device: torch.device, max_text_len: int) -> None:
         self.tokenizer = tokenizer

@@ -113,6 +113,9 @@ class PairBatch:
     object_ids: torch.Tensor | None = None  # (B, N) long: detector class of each region, -1 padding (tags)
     text_image_ids: torch.Tensor | None = None  # (B,) long: image of each caption row, when rows do not pair
     negatives: PairBatch | None = None  # hard negatives: B*K captions and B*K images (not pairs of each other)
+    # a model that reads pixels (a decomposed ViLT): the images as pixels; the region fields are then empty (B, 0, ...)
+    pixel_values: torch.Tensor | None = None  # (B, 3, H, W) float, zero-padded bottom-right
+    pixel_mask: torch.Tensor | None = None  # (B, H, W) long: 1 on the image
 
     def to(self, device: torch.device | str) -> PairBatch:
         def move(t: Any) -> Any:

@@ -86,9 +86,18 @@ class TrainData:
     """Everything a run reads."""
 
     train: PairSet  # training pairs (long captions are dropped by the trainer)
-    features: FeatureLookup  # features of every image named by train and val
+    features: FeatureLookup  # features of every image named by train and val (`PixelRecord`s for a pixel model)
     val: PairSet | None = None  # validation pairs, scored by mean recall (None: keep the last model)
     description: str = ""  # where the data came from, for the run's record
+    image_files: Mapping[str, Any] | None = None  # image key -> its file, when the images are files (a teacher
+    # that reads pixels needs them)
+
+
+@dataclass
+class PixelRecord:
+    """An image as a model that reads pixels takes it: (3, h, w) float32, preprocessed by the model's processor."""
+
+    pixels: torch.Tensor
 
 
 @dataclass
@@ -167,10 +176,18 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
     input_ids, text_mask = pad_ids(rows, ids.pad)
     keys = [pairs.image_keys[j] for j in images]
     records = [features[k] for k in keys]
+    text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
+    if records and isinstance(records[0], PixelRecord):  # a model that reads pixels
+        from models.nn.vilt import pad_pixels
+
+        values, pixel_mask = pad_pixels([r.pixels for r in records])
+        n = len(records)
+        return PairBatch(input_ids, text_mask.bool(), torch.zeros(n, 0, 0), torch.zeros(n, 0, 6),
+                         torch.zeros(n, 0, dtype=torch.bool), torch.tensor(images, dtype=torch.long), None, None,
+                         text_images, None, values, pixel_mask)
     check_finite(records, keys)
     feat, bb, valid, soft = stack_regions(records, soft_labels)
     classes = stack_object_ids(records, feat.shape[1]) if object_ids else None
-    text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
     return PairBatch(input_ids, text_mask.bool(), feat, bb, valid, torch.tensor(images, dtype=torch.long), soft,
                      classes, text_images)
 

@@ -328,6 +328,8 @@ def encode_pairs(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
 
 
 def _max_text_positions(model: Any) -> int:
+    if hasattr(model, "max_text_positions"):  # a decomposed ViLT: its fixed text length
+        return int(model.max_text_positions)
     config = model.config
     return config.text.max_position_embeddings if hasattr(config, "text") else config.body.max_position_embeddings
 
@@ -403,6 +405,12 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
 
 def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool) -> None:
     """Fail before the first step when the features do not fit the model."""
+    pixels = getattr(model, "inputs", "regions") == "pixels"
+    if pixels != hasattr(record, "pixels"):
+        raise TrainingError("this model reads pixels and the training images are region features" if pixels else
+                            "this model reads region features and the training images are pixels")
+    if pixels:
+        return
     dim = np.asarray(record.features).shape[-1]
     if dim != model.config.img_dim:
         raise TrainingError(f"the region features have {dim} dims but the model expects {model.config.img_dim}")
@@ -434,6 +442,10 @@ class _Trainer:
         if config.distill_from is not None and teacher is None:
             raise TrainingError(f"distillation from {config.distill_from!r} needs its teacher model loaded")
         self.teacher = teacher
+        if teacher is not None and getattr(teacher, "inputs", "regions") != "pixels" \
+                and getattr(model, "inputs", "regions") == "pixels":
+            raise TrainingError(f"{config.distill_from!r} scores region features and this model's batches hold "
+                                "pixels: distil a cross-encoder that reads pixels (vilt-flickr30k, vilt-coco)")
         self.negatives: Any = None  # models.training.negatives.HardNegatives, when mining
         self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
@@ -562,8 +574,12 @@ class _Trainer:
         rows = [j for _ in range(m) for j in range(b)]
         owners = [i for i in range(m) for _ in range(b)]
         with torch.no_grad():
-            scores = self.teacher.score([texts[j] for j in rows], batch.features[owners].cpu(),
-                                        batch.norm_bb[owners].cpu(), batch.region_mask[owners].cpu())
+            if getattr(self.teacher, "inputs", "regions") == "pixels":  # it reads the images' files by key
+                keys = [self.train_pairs.image_keys[int(batch.image_ids[i])] for i in owners]
+                scores = self.teacher.score_keys([texts[j] for j in rows], keys)
+            else:
+                scores = self.teacher.score([texts[j] for j in rows], batch.features[owners].cpu(),
+                                            batch.norm_bb[owners].cpu(), batch.region_mask[owners].cpu())
         teacher = scores.clone().float().reshape(m, b).to(student.device)  # out of inference mode
         return losses.distill_loss(student, teacher, self.config.distill_temperature)
 
@@ -917,6 +933,11 @@ def _rebuild(run_dir: Path) -> tuple[Any, Any]:
     from models.nn.tokenizer import Tokenizer
 
     info = read_run(run_dir)
+    if info.get("model_kind") == "decomposed-vilt":
+        from models.nn.vilt import ViltDecomposedConfig, ViltDecomposedEncoder
+
+        tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
+        return ViltDecomposedEncoder(ViltDecomposedConfig.from_dict(info["model_config"]), tokenizer), tokenizer
     if info.get("model_kind") == "decomposed":
         from models.nn.config import DecomposedConfig
         from models.nn.decomposed import DecomposedEncoder
@@ -962,7 +983,7 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     kind = info.get("model_kind", "bi-encoder")
     if best is not None and best["step"] != step:
         state = _load_tensors(run_dir / "best.safetensors")
-    elif kind == "decomposed":
+    elif kind in ("decomposed", "decomposed-vilt"):
         state = full
     else:
         state = {k[len("bert."):]: v for k, v in full.items() if k.startswith("bert.")}
