@@ -128,7 +128,7 @@ class ServeState:
         with self.lock:
             searcher = self.get()
             counts = searcher.store.counts()
-            regions = searcher.store.get_meta("regions") != "none" and (searcher.store.dir / "regions").is_dir()
+            regions = searcher.has_regions
             try:
                 auto = searcher.auto_min_score()
             except LdotError:
