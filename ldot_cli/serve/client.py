@@ -56,7 +56,9 @@ def _alive(pid: int) -> bool:
 
 def find_server(name: str) -> dict[str, Any] | None:
     """The announcement of a live server for index ``name``, or None."""
-    if os.environ.get("LDOT_NO_SERVER", "") not in ("", "0"):
+    from models.core.env import flag
+
+    if flag("LDOT_NO_SERVER"):
         return None
     try:
         info = json.loads(announce_path(name).read_text())
