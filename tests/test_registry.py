@@ -1,0 +1,78 @@
+"""One registry per concept: the switches of the environment, the box presets, the device rule, the private
+atomic write, the one tar reader and the paths under the ldot home are each defined once and read the same way
+everywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, False), ("", False), ("0", False), ("false", False),
+                                           ("No", False), (" off ", False), ("1", True), ("yes", True),
+                                           ("true", True), ("anything", True)])
+def test_every_switch_reads_the_same_way(monkeypatch, value, on):
+    from ldot_cli.commands.console import progress_enabled
+    from ldot_cli.serve.client import find_server
+    from models.core.env import flag
+
+    for name in ("LDOT_DEBUG", "LDOT_NO_PROGRESS", "LDOT_NO_SERVER"):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        assert flag(name) is on
+    assert progress_enabled() is not on  # LDOT_NO_PROGRESS=0 shows progress (it used to hide it)
+    if on:
+        assert find_server("default") is None
+
+
+def test_box_presets_are_defined_once():
+    from feature_extraction.detector.selection import LXMERT36, UNITER, LxmertSelection, UniterSelection, get_preset
+    from feature_extraction.errors import PresetError
+    from feature_extraction.types import BOX_PRESETS
+    from feature_extraction.uniter_db import resolve_cut
+
+    uniter, lxmert = BOX_PRESETS["uniter"], BOX_PRESETS["lxmert36"]
+    assert (UNITER.conf_thresh, UNITER.min_boxes, UNITER.max_boxes) == (uniter.conf_th, uniter.min_bb, uniter.max_bb)
+    assert LXMERT36.max_boxes == lxmert.num_bb == 36
+    assert UNITER == UniterSelection() and LXMERT36 == LxmertSelection()  # the published numbers, unchanged
+    messages = []
+    for lookup in (get_preset, resolve_cut):
+        with pytest.raises(PresetError) as caught:
+            lookup("bogus")
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] == "unknown preset 'bogus': choose uniter or lxmert36"
+
+
+def test_one_device_rule(monkeypatch):
+    import torch
+
+    from models.core.device import pick_device
+    from models.core.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == pick_device(None) == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    for asked in ("cuda", "cuda:1", torch.device("cuda")):
+        with pytest.raises(DeviceError, match="no CUDA device is available: use `device` auto or cpu"):
+            pick_device(asked)
+    with pytest.raises(DeviceError, match="not a device"):
+        pick_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+    assert pick_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_loaders_follow_the_device_rule(monkeypatch, vocab_dir):
+    """An explicit cuda without CUDA is one line from the loader (it used to crash inside torch)."""
+    import torch
+    from ldot_testing import install_tiny_model
+
+    from models.core.errors import DeviceError
+    from models.hub.load import load_bi_encoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    install_tiny_model("tiny", vocab_dir)
+    assert next(load_bi_encoder("tiny", device="auto").parameters()).device.type == "cpu"
+    with pytest.raises(DeviceError):
+        load_bi_encoder("tiny", device="cuda")
