@@ -76,3 +76,16 @@ def test_loaders_follow_the_device_rule(monkeypatch, vocab_dir):
     assert next(load_bi_encoder("tiny", device="auto").parameters()).device.type == "cpu"
     with pytest.raises(DeviceError):
         load_bi_encoder("tiny", device="cuda")
+
+
+def test_every_path_under_the_home_comes_from_home_py(ldot_home):
+    """The announcements, downloads' hashes, datasets and the prompt's history: where `models.core.home` says."""
+    from ldot_cli.data.sources import dataset_dir
+    from ldot_cli.serve.client import announce_path
+    from models.core import home
+
+    assert announce_path("photos") == home.serve_dir() / "photos.json" == ldot_home / "serve" / "photos.json"
+    assert dataset_dir("flickr30k") == home.datasets_dir() / "flickr30k" == ldot_home / "datasets" / "flickr30k"
+    assert home.known_hashes_path() == ldot_home / "known_hashes.json"
+    assert home.search_history_path() == ldot_home / "search_history"
+    assert home.runs_dir() == ldot_home / "runs"

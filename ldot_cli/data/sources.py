@@ -50,7 +50,7 @@ from models.core.download import (
 )
 from models.core.errors import LdotWarning, option
 from models.core.fileio import atomic_write_json, sha256_file
-from models.core.home import ldot_home
+from models.core.home import datasets_dir
 from models.core.progress import ProgressFn, report
 from models.hub.catalogue import expand_url
 
@@ -62,10 +62,6 @@ class SourceUnreachable(DatasetError):
     """No mirror of a file answered (the message says which URLs and what to do by hand)."""
 
     resumable = False  # bytes of it are kept: the next run resumes (no reason to switch sources)
-
-
-def datasets_dir() -> Path:
-    return ldot_home() / "datasets"
 
 
 def dataset_dir(dataset: str) -> Path:

@@ -13,13 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ANNOUNCE_DIR = "serve"
-
-
 def announce_path(name: str) -> Path:
-    from models.core.home import ldot_home
+    from models.core.home import serve_dir
 
-    return ldot_home() / ANNOUNCE_DIR / f"{name}.json"
+    return serve_dir() / f"{name}.json"
 
 
 def announce(name: str, host: str, port: int, token: str | None) -> Path:
