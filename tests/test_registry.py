@@ -89,3 +89,37 @@ def test_every_path_under_the_home_comes_from_home_py(ldot_home):
     assert home.known_hashes_path() == ldot_home / "known_hashes.json"
     assert home.search_history_path() == ldot_home / "search_history"
     assert home.runs_dir() == ldot_home / "runs"
+
+
+def test_atomic_writes_say_who_may_read(tmp_path):
+    """The server's announcement (a token) is readable by its user only; dataset files get open()'s mode."""
+    import os
+
+    from models.core.fileio import SHARED, atomic_write_bytes, atomic_writer
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "private", b"secret")
+        atomic_write_bytes(tmp_path / "shared", b"data", SHARED)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o644
+    target = tmp_path / "piecewise"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_writer(target) as out:
+        out.write(b"half")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["piecewise", "private",
+                                                                                             "shared"]
+
+
+def test_the_server_announcement_is_private(ldot_home):
+    import json
+    import os
+
+    from ldot_cli.serve.client import announce
+
+    path = announce("photos", "127.0.0.1", 8123, "t0ken")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text())["token"] == "t0ken" and json.loads(path.read_text())["pid"] == os.getpid()

@@ -49,7 +49,7 @@ from models.core.download import (
     record_hash,
 )
 from models.core.errors import LdotWarning, option
-from models.core.fileio import atomic_write_json, sha256_file
+from models.core.fileio import SHARED, atomic_write_bytes, atomic_write_json, atomic_writer, sha256_file
 from models.core.home import datasets_dir
 from models.core.progress import ProgressFn, report
 from models.hub.catalogue import expand_url
@@ -453,9 +453,8 @@ def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes,
     splits.mkdir(parents=True, exist_ok=True)
     captions, image_list = raw / f"test_2016_flickr.{lang}.gz", splits / "test_2016_flickr.txt"
     for src, dest in ((downloads / captions.name, captions), (downloads / image_list.name, image_list)):
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        with open(src, "rb") as source, atomic_writer(dest, SHARED) as out:
+            shutil.copyfileobj(source, out)
     files, rows = read_multi30k(captions, image_list, lang)
     for n, name in enumerate(files, start=1):
         checked_name(name, image_list, f"image {n}")
@@ -590,9 +589,7 @@ def read_wds(tar_path: Path, images_dir: Path, max_member: int = 200 << 20) -> l
                 elif ext in ("jpg", "jpeg"):
                     target = images_dir / f"{key}.jpg"
                     if not (target.is_file() and target.stat().st_size == member.size):
-                        tmp = images_dir / f".{key}.jpg.extracting"
-                        tmp.write_bytes(handle.read())
-                        os.replace(tmp, target)
+                        atomic_write_bytes(target, handle.read(), SHARED)
                     order.append(key)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"{tar_path} is not a readable tar ({exc}): delete it and fetch again") from None

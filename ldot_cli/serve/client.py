@@ -21,13 +21,12 @@ def announce_path(name: str) -> Path:
 
 def announce(name: str, host: str, port: int, token: str | None) -> Path:
     """Write the announcement file of a server that is about to serve (readable by the user only)."""
+    from models.core.fileio import PRIVATE, atomic_write_json
+
     path = announce_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"pid": os.getpid(), "host": host, "port": port, "token": token, "started": time.time()}, handle)
-    os.replace(tmp, path)
+    atomic_write_json(path, {"pid": os.getpid(), "host": host, "port": port, "token": token, "started": time.time()},
+                      mode=PRIVATE)
     return path
 
 
