@@ -123,3 +123,30 @@ def test_the_server_announcement_is_private(ldot_home):
     path = announce("photos", "127.0.0.1", 8123, "t0ken")
     assert path.stat().st_mode & 0o777 == 0o600
     assert json.loads(path.read_text())["token"] == "t0ken" and json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_one_tar_reader_reads_only_files_and_tells_a_cut_tar(tmp_path):
+    import io
+    import tarfile
+
+    from ldot_cli.index.sources import tar_bytes
+    from models.core.tarfiles import read_tar
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("a.jpg", b"A" * 700), ("b.txt", b"caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("c.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    seen: list[str] = []
+    got = list(read_tar(io.BytesIO(buf.getvalue()), lambda m: seen.append(m.name) or True, len(buf.getvalue())))
+    assert seen == ["a.jpg", "b.txt", "c.jpg"]  # select sees every member ...
+    assert [(m.name, data) for m, data in got] == [("a.jpg", b"A" * 700), ("b.txt", b"caption")]  # ... links unread
+    whole = tar_bytes({"a.jpg": b"A" * 700, "b.jpg": b"B" * 10})
+    cut = whole[:512 + 1024]  # header and content of a.jpg: a valid tar, one member shorter, without its end
+    assert [m.name for m, _ in read_tar(io.BytesIO(cut), lambda m: True)] == ["a.jpg"]
+    with pytest.raises(tarfile.ReadError, match="cut short"):
+        list(read_tar(io.BytesIO(cut), lambda m: True, len(cut)))

@@ -30,6 +30,7 @@ from typing import Any
 
 from feature_extraction.images.decode import IMAGE_EXTENSIONS
 from models.core.errors import LdotError
+from models.core.tarfiles import read_tar
 
 FILES_PER_UNIT = 64
 LIST_SUFFIXES = (".txt", ".lst")
@@ -299,19 +300,9 @@ def _read_tar(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
             size = unit.size
         try:
-            with tarfile.open(fileobj=handle, mode="r|*") as tar:  # streamed: one pass, no seeks
-                for member in tar:
-                    if not member.isfile() or not _is_image_name(member.name):
-                        continue
-                    item = Item(f"{unit.tar}#{member.name}", unit.root, int(member.size),
-                                int(member.mtime) * 1_000_000_000)
-                    extracted = tar.extractfile(member)
-                    yield item, extracted.read() if extracted is not None else b"", None
-                # cut at a member boundary, a tar reads as a shorter valid one: only its end-of-archive
-                # blocks tell (an uncompressed shard's size leaves room for them after the last member)
-                if getattr(tar.fileobj, "comptype", "tar") == "tar" and size and size - tar.offset < tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError(f"it ends after {tar.offset} bytes without the end-of-archive blocks: "
-                                            "cut short?")
+            for member, data in read_tar(handle, lambda m: _is_image_name(m.name), size):  # links etc. never read
+                yield Item(f"{unit.tar}#{member.name}", unit.root, int(member.size),
+                           int(member.mtime) * 1_000_000_000), data, None
         except Exception as exc:  # a damaged tar, a network error of any fsspec backend: this shard's
             raise SourceError(f"tar shard {unit.tar} could not be read to its end ({type(exc).__name__}: {exc}); "
                               "its rows are kept: fix or remove it") from None
