@@ -150,3 +150,20 @@ def test_one_tar_reader_reads_only_files_and_tells_a_cut_tar(tmp_path):
     assert [m.name for m, _ in read_tar(io.BytesIO(cut), lambda m: True)] == ["a.jpg"]
     with pytest.raises(tarfile.ReadError, match="cut short"):
         list(read_tar(io.BytesIO(cut), lambda m: True, len(cut)))
+
+
+def test_the_hub_cache_is_huggingface_hubs_own(tmp_path):
+    """HF_HOME (without HF_HUB_CACHE) moves the cache for ldot as for huggingface_hub; a repo's folder is the
+    documented ``models--<org>--<name>``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    code = ("from models.hub.hubfiles import hub_cache_dir, repo_folder; from huggingface_hub import constants; "
+            "print(hub_cache_dir()); print(constants.HF_HUB_CACHE); print(repo_folder('org/bert'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    ours, theirs, folder = out.stdout.splitlines()
+    assert ours == theirs == str(tmp_path / "hf" / "hub")
+    assert folder == str(tmp_path / "hf" / "hub" / "models--org--bert")
