@@ -77,9 +77,9 @@ def main() -> None:
     if args.distill:
         from dataclasses import replace
 
+        from models.core.device import pick_device
         from models.nn.config import CROSS_PRESETS
         from models.nn.cross_encoder import CrossEncoder, UniterReranker
-        from models.core.device import pick_device
 
         cross = CrossEncoder(replace(CROSS_PRESETS[args.preset], img_dim=config.img_dim))
         bert_init_(cross)

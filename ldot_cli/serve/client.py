@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+
 def announce_path(name: str) -> Path:
     from models.core.home import serve_dir
 

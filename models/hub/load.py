@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from models.core.device import pick_device
 from models.core.errors import CheckpointError, ModelError, ModelNotFoundError
 from models.core.fileio import sha256_file
-from models.core.device import pick_device
 from models.core.home import models_dir
 from models.hub.cache import check_model_files
 from models.hub.formats import (
