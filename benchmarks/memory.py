@@ -10,7 +10,7 @@ the seconds per image. The goal: a peak under 3 GB on a CPU for any folder size.
     PYTHONPATH=. python benchmarks/memory.py [--images 2 8] [--batch-size 8] [--workers 2] [--threads 2]
     PYTHONPATH=. python benchmarks/memory.py --speed --images 2 [--rounds 3]   # speed now vs whole-batch stages
 
-On a shared machine the seconds are noisy; the memory figures are not.
+On a shared machine the seconds are noisy; the memory figures are not. Needs psutil: pip install '.[bench]'.
 """
 
 from __future__ import annotations

@@ -77,13 +77,13 @@ def main() -> None:
     if args.distill:
         from dataclasses import replace
 
+        from models.core.device import pick_device
         from models.nn.config import CROSS_PRESETS
         from models.nn.cross_encoder import CrossEncoder, UniterReranker
-        from models.training.loop import resolve_device
 
         cross = CrossEncoder(replace(CROSS_PRESETS[args.preset], img_dim=config.img_dim))
         bert_init_(cross)
-        device = resolve_device(args.device)
+        device = pick_device(args.device)
         cross = cross.to(device, torch.float16 if device.type == "cuda" else torch.float32).eval()
         teacher = UniterReranker(cross, tokenizer)
     cfg = TrainConfig(tasks=tasks, batch_size=args.batch, steps=args.steps, epochs=None, eval_every=10**9,

@@ -52,7 +52,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from feature_extraction.errors import DBLockedError, DetectorError, ImageDBError
-from feature_extraction.types import RegionFeatures
+from feature_extraction.types import BOX_PRESETS, BoxCut, RegionFeatures, box_preset
 from models.core.errors import LdotError
 from models.core.fileio import atomic_write_json
 
@@ -66,66 +66,14 @@ _LMDB_MAGIC = 0xBEEFC0DE
 _NUMERIC_KINDS = frozenset("fiub")
 
 
-# ------------------------------------------------------------------------------ box cuts
-
-
-@dataclass(frozen=True)
-class BoxCut:
-    """How many boxes an image keeps, and the DB name that encodes it (UNITER's naming)."""
-
-    conf_th: float = 0.2  # keep boxes with conf > conf_th; -1 = a fixed count of num_bb boxes
-    max_bb: int = 100  # at most this many boxes (threshold mode)
-    min_bb: int = 10  # at least this many boxes (threshold mode)
-    num_bb: int = 36  # the fixed count (conf_th == -1)
-
-    @property
-    def fixed(self) -> bool:
-        return self.conf_th == -1
-
-    @property
-    def base_name(self) -> str:
-        """``feat_th0.2_max100_min10`` or ``feat_numbb36``."""
-        if self.fixed:
-            return f"feat_numbb{self.num_bb}"
-        return f"feat_th{self.conf_th}_max{self.max_bb}_min{self.min_bb}"
-
-    def db_name(self, compress: bool = False) -> str:
-        return self.base_name + ("_compressed" if compress else "")
-
-    @property
-    def nbb_name(self) -> str | None:
-        """``nbb_th0.2_max100_min10.json``; None for a fixed count (the official reader needs none)."""
-        if self.fixed:
-            return None
-        return f"nbb_th{self.conf_th}_max{self.max_bb}_min{self.min_bb}.json"
-
-    def num_boxes(self, conf: np.ndarray) -> int:
-        """Boxes kept for an image whose per-box confidences are ``conf`` ((n,) or (n, 1))."""
-        if self.fixed:
-            return self.num_bb
-        return int(min(self.max_bb, max(self.min_bb, int((np.asarray(conf) > self.conf_th).sum()))))
-
-
-PRESET_CUTS: dict[str, BoxCut] = {
-    "uniter": BoxCut(conf_th=0.2, max_bb=100, min_bb=10),  # UNITER / LightningDOT: 10..100 boxes
-    "lxmert36": BoxCut(conf_th=-1, num_bb=36),  # LXMERT demo setting: exactly 36 boxes
-}
-
-
-UNITER_FEATURE_DB = PRESET_CUTS["uniter"].db_name()  # feat_th0.2_max100_min10: the UNITER/LightningDOT cut
-UNITER_NBB_FILE = PRESET_CUTS["uniter"].nbb_name
+# ------------------------------------------------------------------------------ box cuts (feature_extraction.types)
+UNITER_FEATURE_DB = BOX_PRESETS["uniter"].db_name()  # feat_th0.2_max100_min10: the UNITER/LightningDOT cut
+UNITER_NBB_FILE = BOX_PRESETS["uniter"].nbb_name
 
 
 def resolve_cut(cut: BoxCut | str) -> BoxCut:
     """A :class:`BoxCut` from itself or a preset name (``uniter``, ``lxmert36``)."""
-    if isinstance(cut, BoxCut):
-        return cut
-    try:
-        return PRESET_CUTS[cut]
-    except KeyError:
-        from feature_extraction.errors import PresetError
-
-        raise PresetError(f"unknown preset {cut!r}: choose {' or '.join(PRESET_CUTS)}") from None
+    return cut if isinstance(cut, BoxCut) else box_preset(cut)
 
 
 # ------------------------------------------------------------------------------ records

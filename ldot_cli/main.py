@@ -87,9 +87,10 @@ class _ErrorBoundary(TyperGroup):
         return params
 
     def invoke(self, ctx: click.Context) -> Any:
+        from models.core.env import flag
         from models.core.errors import LdotError
 
-        debug = os.environ.get("LDOT_DEBUG", "") not in ("", "0")
+        debug = flag("LDOT_DEBUG")
         args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # invoking consumes them
         try:
             with _library_warnings_as_lines():

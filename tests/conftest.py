@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from huggingface_hub import constants as hub_constants
 from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab
 
 os.environ.setdefault("LDOT_NO_PROGRESS", "1")
@@ -17,7 +18,9 @@ def ldot_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LDOT_HOME", str(home))
     monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_hub_cache")))  # never the user's
+    hub_cache = str(tmp_path_factory.mktemp("hf_hub_cache"))  # never the user's: for this process ...
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", hub_cache)
+    monkeypatch.setenv("HF_HUB_CACHE", hub_cache)  # ... and the processes it starts
     monkeypatch.setenv("LDOT_NO_PROGRESS", "1")
     return home
 

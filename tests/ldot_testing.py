@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,16 @@ WORDS = ("a dog cat on the beach runs in park man woman red blue car street wate
          "two people sitting bench playing with child white black small big near tree sky snow "
          "Dog Beach A The").split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+HOOKS_DIR = Path(__file__).resolve().parent / "hooks"  # sitecustomize.py: the kill tests' hooks
+
+
+def hooked_env(base: dict[str, str] | None = None, **variables: object) -> dict[str, str]:
+    """The environment of a process the tests start with their hooks (`HOOKS_DIR`, first on PYTHONPATH) and the
+    variables that set them (``LDOT_TEST_PAUSE_AFTER``, ``LDOT_TEST_PAUSE_FILE``, ``LDOT_RAY_PID_DIR``, ...)."""
+    env = dict(os.environ if base is None else base)
+    env.update({name: str(value) for name, value in variables.items()})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HOOKS_DIR), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def write_vocab(directory: Path, size: int = 128) -> Path:

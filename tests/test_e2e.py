@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from imagegen import save, truncate, write_png_bomb
-from ldot_testing import install_tiny_detector, install_tiny_model, make_photos
+from ldot_testing import hooked_env, install_tiny_detector, install_tiny_model, make_photos
 
 ARGS = ["--model", "tiny", "--detector", "tiny-det", "--batch-size", "2", "--workers", "1"]
 
@@ -142,7 +142,7 @@ def test_kill_9_then_resume_at_the_command_line(setup):
     marker = setup / "paused"
     proc = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "index", str(photos), *ARGS],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "LDOT_TEST_PAUSE_AFTER": "2", "LDOT_TEST_PAUSE_FILE": str(marker)})
+                            env=hooked_env(LDOT_TEST_PAUSE_AFTER=2, LDOT_TEST_PAUSE_FILE=marker))
     deadline = time.monotonic() + 240
     while proc.poll() is None and not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

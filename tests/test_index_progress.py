@@ -35,22 +35,20 @@ def test_extraction_progress_advances_per_image_within_a_batch(tiny):
 
 
 def test_ctrl_c_says_what_a_re_run_reuses(tiny, monkeypatch):
-    from ldot_cli.index import indexer
-
-    original = indexer.pause_for_tests
+    from ldot_cli.index import hooks
 
     def interrupted(done: int) -> None:
         if done >= 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(indexer, "pause_for_tests", interrupted)
+    monkeypatch.setattr(hooks, "committed", [interrupted])
     args = ["index", str(tiny), "--model", "tiny", "--detector", "tiny-det", "--workers", "0", "--device", "cpu",
             "--batch-size", "2"]
     stopped = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert stopped.exit_code == 130, stopped.output
     message = " ".join(stopped.output.split())
     assert "keeps the 2 images already in it" in message and "run the same command again" in message
-    monkeypatch.setattr(indexer, "pause_for_tests", original)
+    monkeypatch.setattr(hooks, "committed", [])
     again = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert again.exit_code == 0, again.output
     assert "3 encoded" in " ".join(again.output.split())  # the 2 committed ones were not redone

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ldot_testing import install_tiny_model, make_photos
+from ldot_testing import hooked_env, install_tiny_model, make_photos
 
 from ldot_cli.index.store import IndexStore, index_path
 
@@ -38,7 +38,7 @@ def start_indexer(folder: Path, delay: float = 0.05, pause_after: int | None = N
     code = SCRIPT.format(tests=str(TESTS), delay=delay, folder=str(folder))
     env = dict(os.environ)
     if pause_after is not None:
-        env.update(LDOT_TEST_PAUSE_AFTER=str(pause_after), LDOT_TEST_PAUSE_FILE=str(marker))
+        env = hooked_env(env, LDOT_TEST_PAUSE_AFTER=pause_after, LDOT_TEST_PAUSE_FILE=marker)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 

@@ -17,11 +17,12 @@ import time
 
 import numpy as np
 import pytest
-from ldot_testing import install_tiny_detector, install_tiny_model, make_photos
+from ldot_testing import hooked_env, install_tiny_detector, install_tiny_model, make_photos
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
+HOOK_VARIABLES = ("PYTHONPATH", "LDOT_RAY_PID_DIR", "LDOT_RAY_BATCH_DELAY_S")
 ARGS = ["--model", "tiny", "--detector", "tiny-det", "--batch-size", "2", "--workers", "1"]
 
 
@@ -29,16 +30,22 @@ ARGS = ["--model", "tiny", "--detector", "tiny-det", "--batch-size", "2", "--wor
 def cluster(tmp_path_factory):
     """One local Ray instance for the session; yields (its address, the folder actors write their pids to)."""
     pids = tmp_path_factory.mktemp("ray-pids")
-    os.environ["LDOT_RAY_PID_DIR"] = str(pids)  # inherited by the worker processes Ray starts
-    os.environ["LDOT_RAY_BATCH_DELAY_S"] = "0.5"  # work stays in flight long enough to kill a worker mid-run
+    # inherited by the worker processes Ray starts (and the drivers): the hooks write each actor's pid to `pids`
+    # and keep work in flight long enough to kill a worker mid-run
+    hooked = hooked_env(LDOT_RAY_PID_DIR=pids, LDOT_RAY_BATCH_DELAY_S=0.5)
+    before = {name: os.environ.get(name) for name in HOOK_VARIABLES}
+    os.environ.update({name: hooked[name] for name in HOOK_VARIABLES})
     context = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20,
                        log_to_driver=False, logging_level="ERROR")
     try:
         yield context.address_info["gcs_address"], pids
     finally:
         ray.shutdown()
-        os.environ.pop("LDOT_RAY_PID_DIR", None)
-        os.environ.pop("LDOT_RAY_BATCH_DELAY_S", None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture
@@ -186,7 +193,7 @@ def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, mode
     make_photos(photos, 12, size=(64, 48))
     args = ["index", str(photos), "--name", "kd", *ARGS, "--ray-address", address, "--ray-shard-size", "2"]
     paused = tmp_path / "paused"  # the driver stops itself once 2 images are merged: killed at a known point
-    driver = spawn(*args, env={**os.environ, "LDOT_TEST_PAUSE_AFTER": "2", "LDOT_TEST_PAUSE_FILE": str(paused)})
+    driver = spawn(*args, env=hooked_env(LDOT_TEST_PAUSE_AFTER=2, LDOT_TEST_PAUSE_FILE=paused))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None and not paused.exists():
         time.sleep(0.1)

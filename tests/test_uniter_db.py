@@ -18,7 +18,7 @@ import pytest
 from feature_extraction.errors import DBLockedError, DetectorError, ImageDBError
 from feature_extraction.types import RegionFeatures, normalize_boxes
 from feature_extraction.uniter_db import (
-    PRESET_CUTS,
+    BOX_PRESETS,
     BoxCut,
     FailureRecord,
     SourceStamp,
@@ -48,7 +48,7 @@ def make_regions(n: int, n_confident: int, seed: int = 0, dim: int = 2048, soft:
 
 
 def test_names_match_uniter() -> None:
-    uniter, lxmert = PRESET_CUTS["uniter"], PRESET_CUTS["lxmert36"]
+    uniter, lxmert = BOX_PRESETS["uniter"], BOX_PRESETS["lxmert36"]
     assert uniter.db_name() == "feat_th0.2_max100_min10"
     assert uniter.db_name(compress=True) == "feat_th0.2_max100_min10_compressed"
     assert uniter.nbb_name == "nbb_th0.2_max100_min10.json"
@@ -64,7 +64,7 @@ def test_num_boxes_is_uniters_formula(n_conf: int, expected: int) -> None:
 
 def test_record_is_official_layout() -> None:
     regions = make_regions(40, 25)
-    record = regions_to_record(regions, PRESET_CUTS["uniter"], with_soft_labels=True)
+    record = regions_to_record(regions, BOX_PRESETS["uniter"], with_soft_labels=True)
     assert set(record) == {"features", "norm_bb", "conf", "soft_labels"}
     assert all(v.dtype == np.float16 for v in record.values())
     assert record["features"].shape == (25, 2048) and record["norm_bb"].shape == (25, 6)
@@ -72,7 +72,7 @@ def test_record_is_official_layout() -> None:
     # background: last in our detector output, first in UNITER's DB
     np.testing.assert_array_equal(record["soft_labels"][:, 0], regions.soft_labels[:25, -1])
     np.testing.assert_array_equal(soft_labels_from_uniter(record["soft_labels"]), regions.soft_labels[:25])
-    assert "soft_labels" not in regions_to_record(regions, PRESET_CUTS["uniter"])
+    assert "soft_labels" not in regions_to_record(regions, BOX_PRESETS["uniter"])
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -83,7 +83,7 @@ def test_round_trip(tmp_path: Path, compress: bool, preset: str) -> None:
         for key, regions in cases.items():
             db.put(key, regions, SourceStamp(f"/src/{key}", 10, 20), with_soft_labels=True)
         db.commit()
-    cut = PRESET_CUTS[preset]
+    cut = BOX_PRESETS[preset]
     assert (tmp_path / cut.db_name(compress) / "data.mdb").exists()
     reader = UniterImageDB(tmp_path, preset)
     assert reader.compressed == compress

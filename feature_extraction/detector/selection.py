@@ -30,7 +30,7 @@ from torchvision.ops import nms
 
 from feature_extraction.detector.config import DetectorConfig
 from feature_extraction.detector.ops import apply_deltas, clip_boxes_, legacy_iou_matrix
-from feature_extraction.types import RegionFeatures, normalize_boxes
+from feature_extraction.types import BOX_PRESETS, BoxCut, RegionFeatures, box_preset, normalize_boxes
 
 
 def per_class_nms_max_conf(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float) -> torch.Tensor:
@@ -147,18 +147,22 @@ def _record(raw, keep, boxes, conf, object_ids, soft_labels) -> RegionFeatures:
     )
 
 
-UNITER = UniterSelection()
-LXMERT36 = LxmertSelection()
-PRESETS: dict[str, UniterSelection | LxmertSelection] = {"uniter": UNITER, "lxmert36": LXMERT36}
+def selection_for(cut: BoxCut) -> UniterSelection | LxmertSelection:
+    """The selection rule that gives a preset's boxes: a fixed count is LXMERT's first-N after NMS, a threshold with
+    bounds is UNITER's (the numbers come from the one registry, `feature_extraction.types.BOX_PRESETS`)."""
+    if cut.fixed:
+        return LxmertSelection(max_boxes=cut.num_bb)
+    return UniterSelection(conf_thresh=cut.conf_th, min_boxes=cut.min_bb, max_boxes=cut.max_bb)
+
+
+PRESETS: dict[str, UniterSelection | LxmertSelection] = {name: selection_for(cut) for name, cut in BOX_PRESETS.items()}
+UNITER = PRESETS["uniter"]
+LXMERT36 = PRESETS["lxmert36"]
 
 
 def get_preset(preset: str | UniterSelection | LxmertSelection) -> UniterSelection | LxmertSelection:
     """A preset by name (``"uniter"``, ``"lxmert36"``) or a selection object passed through."""
     if isinstance(preset, (UniterSelection, LxmertSelection)):
         return preset
-    try:
-        return PRESETS[preset]
-    except KeyError:
-        from feature_extraction.errors import PresetError
-
-        raise PresetError(f"unknown preset {preset!r}: choose {' or '.join(sorted(PRESETS, reverse=True))}") from None
+    box_preset(preset)  # an unknown name: the one error of every preset lookup
+    return PRESETS[preset]

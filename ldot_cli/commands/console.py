@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from models.core.env import flag
 from models.core.progress import Progress
 
 out = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)  # results
@@ -181,7 +182,7 @@ def human_bytes(n: float | None) -> str:
 
 
 def progress_enabled() -> bool:
-    return os.environ.get("LDOT_NO_PROGRESS", "") == ""
+    return not flag("LDOT_NO_PROGRESS")
 
 
 @contextmanager

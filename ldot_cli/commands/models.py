@@ -103,13 +103,13 @@ def _pending_bytes(entry: object) -> int:
     """Bytes an interrupted download left (in the staging folder, or the shared hub cache's ``.part`` blobs):
     the next download resumes from them."""
     from models.hub.fetch import staging_dir
-    from models.hub.hubfiles import hub_cache_dir, parse_hub_url
+    from models.hub.hubfiles import parse_hub_url, repo_folder
 
     folder = staging_dir(entry.name)  # type: ignore[attr-defined]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
     hub = parse_hub_url(entry.files[0].urls[0])  # type: ignore[attr-defined]
     if hub is not None:
-        blobs = hub_cache_dir() / ("models--" + hub.repo.replace("/", "--")) / "blobs"
+        blobs = repo_folder(hub.repo) / "blobs"
         total += sum(p.stat().st_size for p in blobs.glob("*.part")) if blobs.is_dir() else 0
     return total
 

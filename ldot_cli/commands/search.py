@@ -234,7 +234,6 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
             err.print(line(("error: ", "red"), cli_message(exc)))
 
 
-HISTORY_FILE = "search_history"  # in $LDOT_HOME: the prompt's earlier queries, newest last
 HISTORY_LENGTH = 1000
 
 
@@ -247,9 +246,9 @@ def _line_editor() -> Any:
         import readline
     except ImportError:  # pragma: no cover - Python built without readline
         return lambda: None
-    from models.core.home import ldot_home
+    from models.core.home import search_history_path
 
-    path = ldot_home() / HISTORY_FILE
+    path = search_history_path()
     readline.set_history_length(HISTORY_LENGTH)
     readline.clear_history()
     try:

@@ -12,7 +12,6 @@ only extracts what is missing.
 from __future__ import annotations
 
 import itertools
-import os
 import stat
 import struct
 import zipfile
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from ldot_cli.data.errors import DatasetError
+from models.core.fileio import SHARED, atomic_writer
 from models.core.progress import ProgressFn, report
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -103,9 +103,8 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] = lambda
         for n, (info, name) in enumerate(zip(wanted, names), start=1):
             target = dest / name
             if not (target.is_file() and target.stat().st_size == info.file_size):
-                tmp = dest / f".{name}.extracting"
                 try:
-                    with handle.open(info) as src, open(tmp, "wb") as out:
+                    with handle.open(info) as src, atomic_writer(target, SHARED) as out:
                         written = 0
                         while block := src.read(1 << 20):
                             written += len(block)
@@ -113,13 +112,8 @@ def safe_extract(archive: Path, dest: Path, keep: Callable[[str], bool] = lambda
                                 raise DatasetError(f"{archive}: entry {info.filename!r} is longer than it says: "
                                                    "refused")
                             out.write(block)
-                    os.replace(tmp, target)
                 except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                    tmp.unlink(missing_ok=True)
                     raise DatasetError(f"{archive} is damaged at {info.filename!r} ({exc}): delete it and fetch "
                                        "again") from None
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
             report(progress, "extracting", n, len(wanted), "files")
     return len(wanted)

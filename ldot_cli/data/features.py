@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -14,6 +13,7 @@ from feature_extraction.uniter_db import FeatureStore, is_image_db
 from ldot_cli.data.benchmarks import RetrievalSet
 from ldot_cli.data.errors import DatasetError
 from models.core.errors import LdotError
+from models.core.fileio import SHARED, atomic_write_json
 from models.core.progress import Progress, ProgressFn, report
 
 
@@ -50,7 +50,7 @@ def ensure_features(rset: RetrievalSet, detector: Any = None, device: str = "aut
             first = failures[0]
             raise DatasetError(f"feature extraction failed for {len(failures)} image(s) of {rset.image_root} "
                                f"(first: {first.path}: {first.reason})")
-        (cache / "ldot-source.json").write_text(json.dumps({"image_root": str(rset.image_root.resolve())}))
+        atomic_write_json(cache / "ldot-source.json", {"image_root": str(rset.image_root.resolve())}, mode=SHARED)
     missing = _missing_keys(cache, keys)
     if missing:
         raise DatasetError(f"the feature cache {cache} lacks {len(missing)} image(s) after extraction "

@@ -49,8 +49,8 @@ from models.core.download import (
     record_hash,
 )
 from models.core.errors import LdotWarning, option
-from models.core.fileio import atomic_write_json, sha256_file
-from models.core.home import ldot_home
+from models.core.fileio import SHARED, atomic_write_bytes, atomic_write_json, atomic_writer, sha256_file
+from models.core.home import datasets_dir
 from models.core.progress import ProgressFn, report
 from models.hub.catalogue import expand_url
 
@@ -62,10 +62,6 @@ class SourceUnreachable(DatasetError):
     """No mirror of a file answered (the message says which URLs and what to do by hand)."""
 
     resumable = False  # bytes of it are kept: the next run resumes (no reason to switch sources)
-
-
-def datasets_dir() -> Path:
-    return ldot_home() / "datasets"
 
 
 def dataset_dir(dataset: str) -> Path:
@@ -457,9 +453,8 @@ def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes,
     splits.mkdir(parents=True, exist_ok=True)
     captions, image_list = raw / f"test_2016_flickr.{lang}.gz", splits / "test_2016_flickr.txt"
     for src, dest in ((downloads / captions.name, captions), (downloads / image_list.name, image_list)):
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        with open(src, "rb") as source, atomic_writer(dest, SHARED) as out:
+            shutil.copyfileobj(source, out)
     files, rows = read_multi30k(captions, image_list, lang)
     for n, name in enumerate(files, start=1):
         checked_name(name, image_list, f"image {n}")
@@ -565,38 +560,38 @@ def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: So
 def read_wds(tar_path: Path, images_dir: Path, max_member: int = 200 << 20) -> list[tuple[str, list[str]]]:
     """The samples of one webdataset shard: each ``<key>.jpg`` saved as ``images_dir/<key>.jpg`` (whole files only),
     with the captions of ``<key>.txt``. Links, devices, paths outside the folder and huge members refuse the shard."""
-    import os
     import tarfile
     from pathlib import PurePosixPath
+
+    from models.core.tarfiles import read_tar
+
+    def select(member: tarfile.TarInfo) -> bool:
+        name = member.name
+        if name.startswith("/") or ".." in PurePosixPath(name).parts:
+            raise DatasetError(f"{tar_path}: member {name!r} is a path outside the folder: refused")
+        if member.isdir():
+            return False
+        if not member.isfile():
+            raise DatasetError(f"{tar_path}: member {name!r} is a link or device: refused")
+        if member.size > max_member:
+            raise DatasetError(f"{tar_path}: member {name!r} is {member.size:,} bytes: refused")
+        key, _, ext = PurePosixPath(name).name.partition(".")
+        return bool(key) and ext in ("txt", "jpg", "jpeg")
 
     images_dir.mkdir(parents=True, exist_ok=True)
     captions: dict[str, list[str]] = {}
     order: list[str] = []
     try:
-        with tarfile.open(tar_path) as tar:
-            for member in tar:
-                name = member.name
-                if name.startswith("/") or ".." in PurePosixPath(name).parts:
-                    raise DatasetError(f"{tar_path}: member {name!r} is a path outside the folder: refused")
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise DatasetError(f"{tar_path}: member {name!r} is a link or device: refused")
-                if member.size > max_member:
-                    raise DatasetError(f"{tar_path}: member {name!r} is {member.size:,} bytes: refused")
-                key, _, ext = PurePosixPath(name).name.partition(".")
-                handle = tar.extractfile(member)
-                if handle is None or not key:
-                    continue
+        with open(tar_path, "rb") as handle:
+            for member, data in read_tar(handle, select):
+                key, _, ext = PurePosixPath(member.name).name.partition(".")
                 if ext == "txt":
-                    lines = handle.read().decode("utf-8", errors="replace").splitlines()
+                    lines = data.decode("utf-8", errors="replace").splitlines()
                     captions[key] = [line.strip() for line in lines if line.strip()]
-                elif ext in ("jpg", "jpeg"):
+                else:
                     target = images_dir / f"{key}.jpg"
                     if not (target.is_file() and target.stat().st_size == member.size):
-                        tmp = images_dir / f".{key}.jpg.extracting"
-                        tmp.write_bytes(handle.read())
-                        os.replace(tmp, target)
+                        atomic_write_bytes(target, data, SHARED)
                     order.append(key)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise DatasetError(f"{tar_path} is not a readable tar ({exc}): delete it and fetch again") from None

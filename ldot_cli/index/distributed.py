@@ -36,13 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from ldot_cli.index import hooks
 from ldot_cli.index import shards as shard_io
 from ldot_cli.index.indexer import (
     Indexer,
     IndexReport,
     Scan,
     file_row,
-    pause_for_tests,
 )
 from ldot_cli.index.sources import (
     TAR_SUFFIXES,
@@ -203,13 +203,10 @@ class Extractor:
         self.preset, self.cut = preset, resolve_cut(preset)
         self.detector_batch = max(1, detector_batch)
         self.shards_dir, self.keep_regions = shards_dir, keep_regions
-        if os.environ.get("LDOT_RAY_PID_DIR"):  # tests: lets them find (and kill) this worker process
-            with open(os.path.join(os.environ["LDOT_RAY_PID_DIR"], f"actor-{os.getpid()}"), "w") as handle:
-                handle.write(str(os.getpid()))
+        hooks.fire(hooks.actor_ready)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        if os.environ.get("LDOT_RAY_BATCH_DELAY_S"):  # tests: keeps work in flight long enough to kill a worker
-            time.sleep(float(os.environ["LDOT_RAY_BATCH_DELAY_S"]))
+        hooks.fire(hooks.batch_start)
         entries = [pickle.loads(blob) for blob in batch["blob"]]
         images = [e for e in entries if "pixels" in e]
         regions = self._detect(images)
@@ -459,7 +456,7 @@ class RayIndexer(Indexer):
         for row in ds.iter_rows():
             done += self._merge(store, regions, str(row["name"]), report)
             self.stage("extracting", done, total)
-            pause_for_tests(done)  # the kill tests stop the driver here, after a known number of merged images
+            hooks.fire(hooks.committed, done)
         self.stage("extracting", done, done)
 
     def _merge(self, store: IndexStore, regions: Any, name: str, report: IndexReport, resumed: bool = False) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from feature_extraction.detector.weights import open_detector
 from feature_extraction.errors import ImageDBError
+from ldot_cli.index import hooks
 from ldot_cli.index.store import (
     DB_FILE,
     DEFAULT_PRESET,
@@ -530,21 +531,8 @@ class Batcher:
                 self.report.reused += len(group) - 1  # ... and its copies found in the same run
                 self.done += 1
         self.indexer.stage("encoding", self.done, self.total)
-        pause_for_tests(self.done)
+        hooks.fire(hooks.committed, self.done)
         self.indexer.maybe_flush(store)
-
-
-def pause_for_tests(done: int) -> None:
-    """For the kill -9 tests: ``LDOT_TEST_PAUSE_AFTER=N`` makes a run that has committed at least N contents
-    write ``$LDOT_TEST_PAUSE_FILE`` and wait there (to be killed at a known point of progress)."""
-    after = os.environ.get("LDOT_TEST_PAUSE_AFTER")
-    if not after or done < int(after):
-        return
-    marker = os.environ.get("LDOT_TEST_PAUSE_FILE")
-    if marker:
-        Path(marker).write_text(str(done))
-    while True:
-        time.sleep(3600)
 
 
 def file_row(src: Any, digest: str | None, vector_id: int | None, reason: str | None = None,

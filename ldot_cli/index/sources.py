@@ -30,6 +30,7 @@ from typing import Any
 
 from feature_extraction.images.decode import IMAGE_EXTENSIONS
 from models.core.errors import LdotError
+from models.core.tarfiles import read_tar
 
 FILES_PER_UNIT = 64
 LIST_SUFFIXES = (".txt", ".lst")
@@ -305,29 +306,20 @@ def _read_tar(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
             size = unit.size
         try:
-            with tarfile.open(fileobj=handle, mode="r|*") as tar:  # streamed: one pass, no seeks
-                seen: dict[str, int] = {}
-                for member in tar:
-                    if not _is_image_name(member.name) or not (member.isfile() or member.issym() or member.islnk()):
-                        continue
-                    occurrence = seen[member.name] = seen.get(member.name, 0) + 1
-                    path = f"{unit.tar}#{member.name}" + (f"#{occurrence}" if occurrence > 1 else "")
-                    item = Item(path, unit.root, int(member.size), int(member.mtime) * 1_000_000_000)
-                    if occurrence > 1:  # one rule, whatever the order shards are merged in: the first one wins
-                        yield item, None, Refusal(f"a later member named {member.name!r} in this tar shard (member "
-                                                  f"{occurrence} of that name): only the first is indexed")
-                    elif not member.isfile():
-                        kind = "symbolic" if member.issym() else "hard"
-                        yield item, None, Refusal(f"a {kind} link inside the tar shard (to {member.linkname!r}): "
-                                                  "links are not followed")
-                    else:
-                        extracted = tar.extractfile(member)
-                        yield item, extracted.read() if extracted is not None else b"", None
-                # cut at a member boundary, a tar reads as a shorter valid one: only its end-of-archive
-                # blocks tell (an uncompressed shard's size leaves room for them after the last member)
-                if getattr(tar.fileobj, "comptype", "tar") == "tar" and size and size - tar.offset < tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError(f"it ends after {tar.offset} bytes without the end-of-archive blocks: "
-                                            "cut short?")
+            seen: dict[str, int] = {}
+            for member, data in read_tar(handle, lambda m: _is_image_name(m.name), size, links=True):
+                occurrence = seen[member.name] = seen.get(member.name, 0) + 1
+                path = f"{unit.tar}#{member.name}" + (f"#{occurrence}" if occurrence > 1 else "")
+                item = Item(path, unit.root, int(member.size), int(member.mtime) * 1_000_000_000)
+                if occurrence > 1:  # one rule, whatever the order shards are merged in: the first one wins
+                    yield item, None, Refusal(f"a later member named {member.name!r} in this tar shard (member "
+                                              f"{occurrence} of that name): only the first is indexed")
+                elif data is None:
+                    kind = "symbolic" if member.issym() else "hard"
+                    yield item, None, Refusal(f"a {kind} link inside the tar shard (to {member.linkname!r}): "
+                                              "links are not followed")
+                else:
+                    yield item, data, None
         except Exception as exc:  # a damaged tar, a network error of any fsspec backend: this shard's
             raise SourceError(f"tar shard {unit.tar} could not be read to its end ({type(exc).__name__}: {exc}); "
                               "its rows are kept: fix or remove it") from None

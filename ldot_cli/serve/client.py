@@ -13,24 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-ANNOUNCE_DIR = "serve"
-
 
 def announce_path(name: str) -> Path:
-    from models.core.home import ldot_home
+    from models.core.home import serve_dir
 
-    return ldot_home() / ANNOUNCE_DIR / f"{name}.json"
+    return serve_dir() / f"{name}.json"
 
 
 def announce(name: str, host: str, port: int, token: str | None) -> Path:
     """Write the announcement file of a server that is about to serve (readable by the user only)."""
+    from models.core.fileio import PRIVATE, atomic_write_json
+
     path = announce_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"pid": os.getpid(), "host": host, "port": port, "token": token, "started": time.time()}, handle)
-    os.replace(tmp, path)
+    atomic_write_json(path, {"pid": os.getpid(), "host": host, "port": port, "token": token, "started": time.time()},
+                      mode=PRIVATE)
     return path
 
 
@@ -56,7 +53,9 @@ def _alive(pid: int) -> bool:
 
 def find_server(name: str) -> dict[str, Any] | None:
     """The announcement of a live server for index ``name``, or None."""
-    if os.environ.get("LDOT_NO_SERVER", "") not in ("", "0"):
+    from models.core.env import flag
+
+    if flag("LDOT_NO_SERVER"):
         return None
     try:
         info = json.loads(announce_path(name).read_text())

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from models.core.errors import DownloadError
 from models.core.fileio import atomic_write_text, replace_file, sha256_file
-from models.core.home import ldot_home
+from models.core.home import known_hashes_path
 from models.core.progress import ProgressFn, report
 
 CHUNK = 1 << 20
@@ -100,13 +100,9 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$")
 
 
 # ------------------------------------------------------------------------------------------ known hashes
-def _known_hashes_path() -> Path:
-    return ldot_home() / "known_hashes.json"
-
-
 def known_hash(key: str) -> str | None:
     try:
-        value = json.loads(_known_hashes_path().read_text()).get(key)
+        value = json.loads(known_hashes_path().read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
@@ -116,7 +112,7 @@ def record_hash(key: str, sha256: str) -> None:
     """Remember the sha256 of a first verified download (trust on first use)."""
     from filelock import FileLock
 
-    path = _known_hashes_path()
+    path = known_hashes_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         try:

@@ -54,6 +54,10 @@ class ModelNotFoundError(ModelError):
     """A named model is not in the registry or not present in the cache."""
 
 
+class DeviceError(LdotError):
+    """A device cannot be used as asked (e.g. CUDA when torch sees no GPU): `models.core.device.pick_device`."""
+
+
 class DownloadError(LdotError):
     """A download failed: unreachable, interrupted, wrong size or wrong sha256."""
 

@@ -8,14 +8,16 @@ until the new one is in place the old one is still there (as the backup), so a c
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -58,24 +60,49 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync it, rename it over ``path``, fsync the directory."""
+PRIVATE = 0o600  # the mode of a file only its user may read: what every atomic write gives unless told otherwise
+SHARED = 0o666  # the mode `open()` gives a new file: readable by others as the umask allows (e.g. dataset files)
+
+
+def _temp_beside(path: Path, mode: int) -> tuple[int, Path]:
+    """A new file ``.<name>.<random>.tmp`` beside ``path``, opened for writing, created with ``mode`` less the
+    umask (never an existing file: it is created exclusively)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: int = PRIVATE) -> Iterator[BinaryIO]:
+    """Write ``path`` in pieces: yields a binary handle on a temp file beside it which, when the block succeeds, is
+    fsynced and renamed over ``path`` (then the folder is fsynced); when the block fails it is deleted and
+    ``path`` is left as it was. ``mode``: `PRIVATE` (the default) or `SHARED`, less the umask."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path, mode)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = PRIVATE) -> None:
+    """Write to a temp file beside ``path``, fsync it, rename it over ``path``, fsync the directory."""
+    with atomic_writer(path, mode) as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = PRIVATE) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def read_json_object(path: str | os.PathLike[str], error: type[Exception], missing: str, hint: str = "") -> dict:
@@ -94,8 +121,9 @@ def read_json_object(path: str | os.PathLike[str], error: type[Exception], missi
     return data
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None) -> None:
-    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=indent is not None) + "\n")
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = None, mode: int = PRIVATE) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=indent is not None) + "\n",
+                      mode)
 
 
 def replace_file(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:

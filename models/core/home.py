@@ -3,14 +3,17 @@
 Everything lives under one directory, the *home*: ``$LDOT_HOME`` when set, else the
 platform's user cache dir (``platformdirs.user_cache_dir("ldot")``, e.g. ``~/.cache/ldot``).
 
-Layout (documented in the README)::
+Layout (documented in the README); every path under the home is computed here, nowhere else::
 
     <home>/
       models/<name>/          one directory per named checkpoint (registry name or --as NAME)
       indexes/<name>/         one directory per named search index
       features/               cached region features (e.g. for `ldot eval`)
+      datasets/<name>/        fetched benchmarks and training sets (`ldot data`)
       runs/<name>/            one directory per training run (`ldot train`): resume checkpoint, best model
+      serve/<index>.json      the announcement of a running `ldot serve` (pid, port, token; user-only)
       known_hashes.json       sha256 recorded on first verified download (trust on first use)
+      search_history          the queries typed at the `ldot search` prompt
 """
 
 from __future__ import annotations
@@ -88,3 +91,23 @@ def features_dir() -> Path:
 def runs_dir() -> Path:
     """Directory holding one sub-directory per training run (`ldot train --out NAME`)."""
     return ldot_home() / "runs"
+
+
+def datasets_dir() -> Path:
+    """Directory holding one sub-directory per fetched dataset (`ldot data get`)."""
+    return ldot_home() / "datasets"
+
+
+def serve_dir() -> Path:
+    """Directory of the announcements of running servers (`ldot serve`), one ``<index>.json`` each."""
+    return ldot_home() / "serve"
+
+
+def known_hashes_path() -> Path:
+    """The sha256 of downloads without a published hash, recorded at their first verified download."""
+    return ldot_home() / "known_hashes.json"
+
+
+def search_history_path() -> Path:
+    """The queries typed at the `ldot search` prompt, newest last."""
+    return ldot_home() / "search_history"

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from models.core.config import range_problem
+from models.core.device import pick_device
 from models.core.errors import CheckpointError, UnsafeCheckpointError
 from models.core.fileio import new_dir, read_json_object
 from models.nn.bi_encoder import BiEncoder
@@ -403,12 +404,6 @@ def cross_encoder_from_state(obj: Any, config: CrossEncoderConfig | None = None,
     model = build_on_meta(CrossEncoder, config)
     load_strict(model, cast_state(state, dtype), assign=True)
     return model.eval()
-
-
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 TOWERS = {"text": "txt_model", "image": "img_model"}

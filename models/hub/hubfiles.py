@@ -63,11 +63,17 @@ def parse_hub_url(url: str) -> HubFile | None:
 
 
 def hub_cache_dir() -> Path:
-    """The shared cache, as huggingface_hub finds it (read now, not at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    """The shared cache: huggingface_hub's own answer (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``~/.cache/huggingface/hub``), so ldot and the hub's tools always agree on it."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def repo_folder(repo: str) -> Path:
+    """A model repo's folder in the shared cache: ``models--<org>--<name>`` (the cache layout huggingface_hub
+    documents), whose ``blobs/``, ``snapshots/`` and ``refs/`` hold its files."""
+    return hub_cache_dir() / ("models--" + repo.replace("/", "--"))
 
 
 def offline() -> bool:
@@ -81,12 +87,6 @@ def _token() -> str | None:
     from huggingface_hub import get_token
 
     return os.environ.get("HF_TOKEN") or get_token()
-
-
-def _storage(repo: str) -> Path:
-    from huggingface_hub.file_download import repo_folder_name
-
-    return hub_cache_dir() / repo_folder_name(repo_id=repo, repo_type="model")
 
 
 def cached(repo: str, filename: str, revision: str) -> Path | None:
@@ -154,7 +154,7 @@ def fetch_hub_file(repo: str, filename: str, revision: str = "main", progress: P
     commit, etag, size = meta.commit_hash, meta.etag, meta.size
     if not commit or not etag:
         raise UnreachableError(filename, [f"{url} (no X-Repo-Commit / ETag: not a Hugging Face hub)"])
-    storage = _storage(repo)
+    storage = repo_folder(repo)
     blob = storage / "blobs" / etag
     pointer = storage / "snapshots" / commit / filename
     from filelock import FileLock

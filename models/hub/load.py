@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from models.core.device import pick_device
 from models.core.errors import CheckpointError, ModelError, ModelNotFoundError
 from models.core.fileio import sha256_file
 from models.core.home import models_dir
@@ -24,7 +25,6 @@ from models.hub.formats import (
     load_model_state,
     load_strict,
     load_tensors,
-    pick_device,
 )
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConfig

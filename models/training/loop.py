@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from models.core.config import config_from_dict
+from models.core.device import pick_device
 from models.core.errors import ConfigError, LdotError, option
 from models.core.fileio import (
     atomic_write_bytes,
@@ -247,15 +248,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         (plain if id(param) in no_decay or name.endswith("bias") else decay).append(param)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"{option('device')} cuda was asked for, but no CUDA device is available")
-    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -831,7 +823,7 @@ def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEn
     cross-encoder scorer (`models.hub.load.load_reranker`) when ``config.distill_from`` is set.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(device)
+    device = pick_device(device)
     with run_lock(run_dir):
         remove_stale_temps(run_dir)
         return _train_locked(run_dir, data, config, model, tokenizer, resume, device, init, progress, stop_at_step,
