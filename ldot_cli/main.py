@@ -10,6 +10,11 @@ from collections.abc import Iterator
 # numpy's OpenBLAS threads spin after each call and starve torch's OpenMP pool: a 0.04 ms matrix-vector
 # product right after a query encoding cost 75 ms (measured). The heavy maths runs in torch and FAISS.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# torch's OpenMP threads spin between the hundreds of small parallel regions of one query encoding; on a CPU shared
+# with other work a spinning thread holds a core that its sibling needs, and the prompt's base-size query took
+# 1.0-1.9 s instead of 0.15-0.2 s with threads that sleep (2 cores at load ~9, benchmarks/prompt.py). Set before
+# torch loads; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import Any
 
 import click

@@ -199,7 +199,7 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
     err.print(line(("ldot", "bold"), " search over index ", (searcher.store.name, "bold"),
                    " — type a query (Up/Down: earlier ones), empty line or Ctrl-D to quit"))
     remember = _line_editor()
-    searcher.encoder  # load the text tower before the first prompt
+    loaded = _load_in_background(searcher)
     while True:
         try:
             text = input("ldot> ")
@@ -209,6 +209,7 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
         if not text.strip():
             return
         remember()
+        loaded()  # the first query waits for the text tower (and raises what loading it raised)
         try:
             answer = searcher.answer(dataclasses.replace(template, text=text))
             _show(answer, mode, html, preview, text)
@@ -217,6 +218,32 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
                             + (f", {t.rerank_ms:.0f} ms re-rank" if template.rerank_k else ""), "dim")))
         except LdotError as exc:
             err.print(line(("error: ", "red"), cli_message(exc)))
+
+
+def _load_in_background(searcher: Any) -> Any:
+    """Import torch and load the text tower and the vector index while the user types the first query (seconds
+    on a busy CPU: the prompt is ready at once). Returns a function that waits for the loading and raises what it
+    raised; only the loading thread touches ``searcher`` until then."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            searcher.encoder  # noqa: B018 - load the text tower
+            searcher._vector_index()  # and the vector file, so that the first query costs what the others do
+        except BaseException as exc:  # re-raised in the prompt's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=load, name="ldot-load", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed.pop()
+
+    return wait
 
 
 HISTORY_FILE = "search_history"  # in $LDOT_HOME: the prompt's earlier queries, newest last

@@ -64,13 +64,13 @@ class Answer:
 
 def check_model(store: IndexStore, model: str | None) -> str:
     """The model to use with this index: its own, or ``model`` if it has the same fingerprint."""
-    from models.hub.load import fingerprint
-
     recorded = store.get_meta("model")
     if recorded is None:
         raise IndexStoreError(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
     if model is None or model == recorded:
         return recorded
+    from models.hub.load import fingerprint  # imports torch: only when another model is named
+
     want = store.get_meta("model_fingerprint")
     got = fingerprint(model)
     if got != want:
