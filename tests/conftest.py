@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the ldot CLI does: before torch loads
+
+import pytest  # noqa: E402
+from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab  # noqa: E402
 
 os.environ.setdefault("LDOT_NO_PROGRESS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Query encoders in fp32 everywhere (servers and prompts would use int8): tests compare their scores with the
+# model's own and a plain process's; tests/test_quantize.py checks the int8 path.
+os.environ.setdefault("LDOT_QUERY_PRECISION", "fp32")
+os.environ.setdefault("LDOT_AUTO_SERVER", "0")  # no background servers, but where a test starts them
 
 
 @pytest.fixture(autouse=True)
@@ -19,6 +25,7 @@ def ldot_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf_hub_cache")))  # never the user's
     monkeypatch.setenv("LDOT_NO_PROGRESS", "1")
+    monkeypatch.setenv("LDOT_AUTO_SERVER", "0")  # no background servers, but where a test starts them
     return home
 
 

@@ -62,6 +62,19 @@ class Answer:
         return self.min_score is not None and not self.hits
 
 
+def query_encoder_for_cpu(encoder: Any, stays_loaded: bool) -> Any:
+    """A loaded query encoder (of any kind that is a torch module) in the precision queries run in on the CPU:
+    int8 linear layers where it stays loaded for many queries, fp32 for one (``LDOT_QUERY_PRECISION`` decides
+    when set; `models.nn.quantize`, benchmarks/quantize.py)."""
+    import torch
+
+    from models.nn.quantize import int8_linears, query_precision
+
+    if query_precision(stays_loaded) == "int8" and isinstance(encoder, torch.nn.Module):
+        return int8_linears(encoder)
+    return encoder
+
+
 def check_model(store: IndexStore, model: str | None) -> str:
     """The model to use with this index: its own, or ``model`` if it has the same fingerprint."""
     recorded = store.get_meta("model")
@@ -83,7 +96,9 @@ def check_model(store: IndexStore, model: str | None) -> str:
 class Searcher:
     """Loaded state for answering queries over one index."""
 
-    def __init__(self, name: str = "default", model: str | None = None, device: str = "auto") -> None:
+    def __init__(self, name: str = "default", model: str | None = None, device: str = "auto",
+                 stays_loaded: bool = False) -> None:
+        self.stays_loaded = stays_loaded  # many queries (a server, the prompt): the query encoder runs in int8
         self.store = IndexStore(index_path(name))
         self.model_source = check_model(self.store, model)
         self.device = device
@@ -109,6 +124,7 @@ class Searcher:
             from models.hub.load import load_bi_encoder
 
             self._encoder = load_bi_encoder(self.model_source, device="cpu", towers=("text",))
+            self._encoder = query_encoder_for_cpu(self._encoder, self.stays_loaded)
         return self._encoder
 
     def _vector_index(self) -> tuple[Any, int] | None:

@@ -79,7 +79,7 @@ class ServeState:
                 self.searcher.close()
                 self.searcher = None
         if self.searcher is None:
-            self.searcher = Searcher(self.name, model=self.model, device=self.device)
+            self.searcher = Searcher(self.name, model=self.model, device=self.device, stays_loaded=True)
             self._identity = self._db_identity()
         return self.searcher
 
@@ -171,6 +171,10 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
             hostname = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]")
             if hostname not in LOOPBACK:
                 return JSONResponse({"error": f"unexpected Host {hostname!r}"}, status_code=403)
+        wanted = request.headers.get("x-ldot-index")  # `ldot search` names the index it means
+        if wanted is not None and wanted != state.name:
+            return JSONResponse({"error": f"this server serves index {state.name!r}, not {wanted!r}"},
+                                status_code=409)
         length = request.headers.get("content-length")
         if length is None and request.method not in ("GET", "HEAD"):  # a chunked body of any size: no
             return JSONResponse({"error": "Content-Length required"}, status_code=411)
