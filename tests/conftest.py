@@ -11,9 +11,6 @@ from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab  # noqa: 
 
 os.environ.setdefault("LDOT_NO_PROGRESS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# Query encoders in fp32 everywhere (servers and prompts would use int8): tests compare their scores with the
-# model's own and a plain process's; tests/test_quantize.py checks the int8 path.
-os.environ.setdefault("LDOT_QUERY_PRECISION", "fp32")
 os.environ.setdefault("LDOT_AUTO_SERVER", "0")  # no background servers, but where a test starts them
 
 

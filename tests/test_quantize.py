@@ -45,22 +45,20 @@ def test_any_module_opts_in_and_unloaded_towers_are_left_alone():
     assert torch.allclose(plain[:3](x), reference, atol=0.05 * reference.abs().max().item())
 
 
-def test_which_processes_encode_in_int8(monkeypatch, vocab_dir, tmp_path):
+def test_the_searcher_encodes_in_int8_when_asked(monkeypatch, vocab_dir, tmp_path):
     from ldot_cli.index.indexer import Indexer
     from ldot_cli.index.search import Searcher
 
-    monkeypatch.delenv("LDOT_QUERY_PRECISION", raising=False)
-    assert (query_precision(stays_loaded=True), query_precision(stays_loaded=False)) == ("int8", "fp32")
     install_tiny_model("tiny", vocab_dir)
     make_photos(tmp_path / "photos", 3)
     Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
-    for setting, stays_loaded, expected in ((None, True, "Int8Linear"), (None, False, "Linear"),
-                                            ("fp32", True, "Linear"), ("int8", False, "Int8Linear")):
+    for setting, expected in ((None, "Linear"), ("fp32", "Linear"), ("int8", "Int8Linear"), ("bogus", "Linear")):
         if setting is None:
             monkeypatch.delenv("LDOT_QUERY_PRECISION", raising=False)
         else:
             monkeypatch.setenv("LDOT_QUERY_PRECISION", setting)
-        searcher = Searcher("default", stays_loaded=stays_loaded)
+        assert query_precision() == ("int8" if setting == "int8" else "fp32")
+        searcher = Searcher("default")
         try:
             assert _linears(searcher.encoder.txt_model) == [expected]
             assert len(searcher.search("a dog on the beach", k=3)) == 3

@@ -191,7 +191,6 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
     err.print(line(("ldot", "bold"), " search over index ", (searcher.store.name, "bold"),
                    " — type a query (Up/Down: earlier ones), empty line or Ctrl-D to quit"))
     remember = _line_editor()
-    searcher.stays_loaded = True  # many queries: the query encoder in int8 (before it loads)
     loaded = _load_in_background(searcher)
     while True:
         try:

@@ -62,15 +62,14 @@ class Answer:
         return self.min_score is not None and not self.hits
 
 
-def query_encoder_for_cpu(encoder: Any, stays_loaded: bool) -> Any:
+def query_encoder_for_cpu(encoder: Any) -> Any:
     """A loaded query encoder (of any kind that is a torch module) in the precision queries run in on the CPU:
-    int8 linear layers where it stays loaded for many queries, fp32 for one (``LDOT_QUERY_PRECISION`` decides
-    when set; `models.nn.quantize`, benchmarks/quantize.py)."""
+    int8 linear layers with ``LDOT_QUERY_PRECISION=int8``, else as loaded (`models.nn.quantize`)."""
     import torch
 
     from models.nn.quantize import int8_linears, query_precision
 
-    if query_precision(stays_loaded) == "int8" and isinstance(encoder, torch.nn.Module):
+    if query_precision() == "int8" and isinstance(encoder, torch.nn.Module):
         return int8_linears(encoder)
     return encoder
 
@@ -96,9 +95,7 @@ def check_model(store: IndexStore, model: str | None) -> str:
 class Searcher:
     """Loaded state for answering queries over one index."""
 
-    def __init__(self, name: str = "default", model: str | None = None, device: str = "auto",
-                 stays_loaded: bool = False) -> None:
-        self.stays_loaded = stays_loaded  # many queries (a server, the prompt): the query encoder runs in int8
+    def __init__(self, name: str = "default", model: str | None = None, device: str = "auto") -> None:
         self.store = IndexStore(index_path(name))
         self.model_source = check_model(self.store, model)
         self.device = device
@@ -124,7 +121,7 @@ class Searcher:
             from models.hub.load import load_bi_encoder
 
             self._encoder = load_bi_encoder(self.model_source, device="cpu", towers=("text",))
-            self._encoder = query_encoder_for_cpu(self._encoder, self.stays_loaded)
+            self._encoder = query_encoder_for_cpu(self._encoder)
         return self._encoder
 
     def _vector_index(self) -> tuple[Any, int] | None:

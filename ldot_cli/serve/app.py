@@ -79,7 +79,7 @@ class ServeState:
                 self.searcher.close()
                 self.searcher = None
         if self.searcher is None:
-            self.searcher = Searcher(self.name, model=self.model, device=self.device, stays_loaded=True)
+            self.searcher = Searcher(self.name, model=self.model, device=self.device)
             self._identity = self._db_identity()
         return self.searcher
 
