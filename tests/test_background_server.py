@@ -49,6 +49,15 @@ def test_no_server_means_the_full_command_line(ldot_home, capsys):
     assert capsys.readouterr() == ("", "")
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter (Z: a zombie), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return None
+
+
 # -- which announcements are trusted ----------------------------------------------------------------------------
 def _announce(ldot_home, name: str, **fields) -> os.PathLike:
     directory = ldot_home / "serve"
@@ -82,7 +91,7 @@ def test_a_killed_server_not_yet_reaped_is_stale(ldot_home):
     killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         killed.kill()
-        while open(f"/proc/{killed.pid}/stat").read().split(")")[-1].split()[0] != "Z":
+        while _state(killed.pid) != "Z":
             time.sleep(0.01)
         _announce(ldot_home, "default", pid=killed.pid, pid_start=client.process_start(killed.pid))
         assert client.find_server("default") is None
@@ -133,13 +142,13 @@ def test_http_answers_are_read_strictly():
 # -- the life cycle, with real processes ----------------------------------------------------------------------
 def _ldot(*args: str, env: dict, full: bool = False) -> subprocess.CompletedProcess:
     code = "from ldot_cli.main import app; app()" if full else "from ldot_cli.main import run; run()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=300, env=env, check=False)
 
 
 def _gone(pid: int, timeout: float = 60) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z":
+        if _state(pid) in (None, "Z"):
             return True
         time.sleep(0.1)
     return False
@@ -168,6 +177,8 @@ def test_background_server_life_cycle(ldot_home, vocab_dir, tmp_path):
     assert stat.S_IMODE(os.stat(ldot_home / "serve" / "default.json").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(ldot_home / "serve").st_mode) == 0o700
     assert os.getpgid(info["pid"]) != os.getpgid(0)  # its own session: not killed with the shell's job
+    assert os.readlink(f"/proc/{info['pid']}/cwd") == "/"  # keeps no folder busy, imports nothing from one
+    assert info["token"] not in (ldot_home / "serve" / "default.log").read_text()
     with pytest.raises(client.ServerRefused) as refused:  # the token is required, even on loopback
         client.post({**info, "token": None}, "/api/search", {"q": QUERY})
     assert refused.value.status == 403

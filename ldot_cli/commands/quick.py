@@ -65,11 +65,18 @@ def answer_quickly(args: list[str]) -> bool:
     got = parse(args)
     if got is None:
         return False
-    from ldot_cli.serve.client import ServerRefused, ServerUnavailable, answer_from_json, find_server, post, search_body
+    from ldot_cli.serve.client import (
+        ServerRefused,
+        ServerUnavailable,
+        answer_from_json,
+        find_server,
+        post,
+        search_body,
+    )
 
     try:
         server = find_server(got["name"])
-    except Exception:  # an unusable LDOT_HOME, for instance: the full path says what is wrong
+    except Exception:  # noqa: BLE001 - an unusable LDOT_HOME, say: the full path says what is wrong
         return False
     if server is None:
         return False

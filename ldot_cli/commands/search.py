@@ -139,7 +139,8 @@ def _start_server(name: str) -> Any:
 
     if not auto_start_allowed() or not (index_path(name) / DB_FILE).is_file():
         return None  # no such index: the local path says so
-    server, first = start_background(name, [sys.executable, "-m", "ldot_cli.main", "serve", "--background",
+    # -P: not the current folder on the module path (a shared /tmp must not supply its modules)
+    server, first = start_background(name, [sys.executable, "-P", "-m", "ldot_cli.main", "serve", "--background",
                                             "--name", name])
     if first:
         minutes = idle_seconds() / 60
@@ -224,7 +225,7 @@ def _load_in_background(searcher: Any) -> Any:
         try:
             searcher.encoder  # noqa: B018 - load the text tower
             searcher._vector_index()  # and the vector file, so that the first query costs what the others do
-        except BaseException as exc:  # re-raised in the prompt's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the prompt's thread
             failed.append(exc)
 
     thread = threading.Thread(target=load, name="ldot-load", daemon=True)

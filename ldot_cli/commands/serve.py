@@ -51,8 +51,13 @@ def serve(
         if lock is None:
             return
     state = ServeState(name, model=model, device=device)
-    with err.status("loading the index and the text model…"):
-        state.warm()
+    try:
+        with err.status("loading the index and the text model…"):
+            state.warm()
+    except BaseException:
+        if background:
+            _clean_up(name)  # it never served: its lock and log go
+        raise
     # a background server is nobody's page: every request needs the token, which only this user can read
     token = secrets.token_urlsafe(18) if background or not is_loopback(host) else None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -77,16 +82,17 @@ def serve(
                                 str(info["model"]), ")  Ctrl-C to stop"))
         if token and not background:
             err.print(Text(f"bound to {host}: anyone who can reach this port needs the token in the URL"))
-        out.print(Text(url), soft_wrap=True)
-        if background:
+        if background:  # its log keeps no token: clients read it from the announcement
             _exit_when_idle(server, state, name)
+        else:
+            out.print(Text(url), soft_wrap=True)
         # uvicorn stops gracefully on SIGINT/SIGTERM, then re-raises the signal: end quietly here instead
         signal.signal(signal.SIGTERM, _stop)
         server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
     finally:
-        ours = background and is_ours_or_gone(name)
+        ours = background and _is_ours_or_gone(name)
         withdraw(name)
         state.close()
         sock.close()
@@ -102,7 +108,7 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def is_ours_or_gone(name: str) -> bool:
+def _is_ours_or_gone(name: str) -> bool:
     from ldot_cli.serve.client import announce_path, is_ours
 
     return is_ours(name) or not announce_path(name).exists()

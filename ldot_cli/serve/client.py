@@ -396,10 +396,12 @@ def start_background(name: str, command: list[str], wait_s: float = 180.0) -> tu
     if lock is not None:  # nobody is starting one: start it (it takes the lock itself)
         os.close(lock)
         log = os.open(directory / f"{name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        env = {**os.environ, "LDOT_NO_PROGRESS": "1", "LDOT_HOME": str(directory.parent)}
+        if env.get("PYTHONPATH"):  # it runs in / (no folder of the user's kept busy): paths made absolute
+            env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
         try:
-            proc = subprocess.Popen(command,
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                    close_fds=True, env={**os.environ, "LDOT_NO_PROGRESS": "1"})
+            proc = subprocess.Popen(command, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True, env=env)
         except OSError:
             return None, False
         finally:
