@@ -121,6 +121,14 @@ def test_the_announcement_of_another_index_is_not_used(ldot_home):
     assert client.find_server("default") is None
 
 
+def test_index_names_never_leave_the_serve_folder(ldot_home):
+    (ldot_home / "x.json").write_text("{}")
+    for name in ("../x", "/etc/passwd", ".hidden", "", "a/b", "a\0b"):
+        assert client.find_server(name) is None
+        with pytest.raises(ValueError):
+            client.announce_path(name)
+
+
 def test_the_off_switch(ldot_home, monkeypatch):
     _announce(ldot_home, "default")
     monkeypatch.setenv("LDOT_NO_SERVER", "1")

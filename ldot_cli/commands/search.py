@@ -140,8 +140,11 @@ def _start_server(name: str) -> Any:
     if not auto_start_allowed() or not (index_path(name) / DB_FILE).is_file():
         return None  # no such index: the local path says so
     # -P: not the current folder on the module path (a shared /tmp must not supply its modules)
-    server, first = start_background(name, [sys.executable, "-P", "-m", "ldot_cli.main", "serve", "--background",
-                                            "--name", name])
+    try:
+        server, first = start_background(name, [sys.executable, "-P", "-m", "ldot_cli.main", "serve",
+                                                "--background", "--name", name])
+    except OSError:  # a serve folder that is not ours (a shared LDOT_HOME), say: search here
+        return None
     if first:
         minutes = idle_seconds() / 60
         err.print(line((f"started a background `ldot serve` for index {name!r} so that the next searches are fast; "

@@ -46,6 +46,10 @@ def serve_dir() -> Path:
 
 
 def announce_path(name: str) -> Path:
+    """``<home>/serve/<name>.json``; ValueError for a name that would leave the folder (the command line says
+    what a valid index name is)."""
+    if not name or name.startswith(".") or os.path.basename(name) != name or "\0" in name or "/" in name:
+        raise ValueError(f"not an index name: {name!r}")
     return serve_dir() / f"{name}.json"
 
 
@@ -147,6 +151,10 @@ def _alive(pid: int, start: str | None) -> bool:
 
 def forget(name: str) -> None:
     """Remove what a server of index ``name`` left behind (announcement, lock, log) when no server holds them."""
+    try:
+        announce_path(name)
+    except ValueError:
+        return
     directory = serve_dir()
     lock = _try_lock(directory / f"{name}.lock")
     if lock is None:
@@ -165,7 +173,10 @@ def find_server(name: str, *, check_off: bool = True) -> dict[str, Any] | None:
     """The announcement of a live server of this user for index ``name``, or None (a stale one is removed)."""
     if check_off and _on(ENV_NO_SERVER):
         return None
-    path = announce_path(name)
+    try:
+        path = announce_path(name)
+    except ValueError:
+        return None
     info = _read(path)
     if info is None:
         return None
