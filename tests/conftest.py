@@ -11,7 +11,7 @@ from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab  # noqa: 
 
 os.environ.setdefault("LDOT_NO_PROGRESS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-os.environ.setdefault("LDOT_AUTO_SERVER", "0")  # no background servers, but where a test starts them
+os.environ.setdefault("LDOT_AUTO_SERVER", "0")  # module-scoped fixtures too (ldot_home sets it per test)
 
 
 @pytest.fixture(autouse=True)
