@@ -34,9 +34,9 @@ from models.core.errors import (
     UnsafeCheckpointError,
 )
 from models.core.home import ldot_home
-from models.hub.catalogue import list_pretrained
 
 _LAZY = {
+    "list_pretrained": "hub.catalogue",
     "load_bi_encoder": "hub.load",
     "bi_encoder_from_state": "hub.formats",
     "convert_checkpoint": "hub.convert",
@@ -62,7 +62,7 @@ _LAZY = {
 }
 
 __all__ = ["CheckpointError", "DownloadError", "LdotError", "ModelError", "ModelNotFoundError",
-           "UnsafeCheckpointError", "ldot_home", "list_pretrained", *_LAZY]
+           "UnsafeCheckpointError", "ldot_home", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from huggingface_hub import constants as hub_constants
-from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the ldot CLI does: before torch loads
+
+import pytest  # noqa: E402
+from huggingface_hub import constants as hub_constants  # noqa: E402
+from ldot_testing import closed_port_url, tiny_bi_encoder, write_vocab  # noqa: E402
 
 os.environ.setdefault("LDOT_NO_PROGRESS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("LDOT_AUTO_SERVER", "0")  # module-scoped fixtures too (ldot_home sets it per test)
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +25,7 @@ def ldot_home(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", hub_cache)
     monkeypatch.setenv("HF_HUB_CACHE", hub_cache)  # ... and the processes it starts
     monkeypatch.setenv("LDOT_NO_PROGRESS", "1")
+    monkeypatch.setenv("LDOT_AUTO_SERVER", "0")  # no background servers, but where a test starts them
     return home
 
 

@@ -71,6 +71,9 @@ def index_rm(
         if not yes and interactive():
             _confirm_removal(name)
         path = remove_index(name)
+        from ldot_cli.serve.client import stop_server
+
+        stop_server(name)  # its server (a background one, say) goes with it, and its files
         err.print(line(f"removed index {name!r} (", display_path(os.fsencode(path)), ")"))
         return
     for one in folder:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from ldot_cli.commands.console import cell, cli_message, err, line, out
+from ldot_cli.commands.console import cli_message, err, line
+from ldot_cli.commands.quick import print_answer
 
 
 def register(app: typer.Typer) -> None:
@@ -39,9 +39,13 @@ def search(
                               "results, with their regions, to this file."),
     preview: bool = typer.Option(False, "--preview", help="Show thumbnails in the terminal (kitty, iTerm, "
                                  "sixel; text-only elsewhere)."),
+    no_server: bool = typer.Option(False, "--no-server", help="Search in this process: neither use a running "
+                                   "server nor start one (LDOT_NO_SERVER=1 does the same)."),
 ) -> None:
     """Search an index by text (or by --image); with no QUERY in a terminal, an interactive prompt.
-    Uses a running `ldot serve` of the same index when there is one (LDOT_NO_SERVER=1: never)."""
+    Uses a running `ldot serve` of the same index when there is one, and the first search of an index starts
+    one in the background that later searches use (it exits after 5 idle minutes; `ldot serve --stop` stops
+    it; LDOT_AUTO_SERVER=0: never start one; LDOT_NO_SERVER=1 or --no-server: never use one)."""
     from models.core.errors import LdotError
 
     if sum((json_, paths, null)) > 1:
@@ -58,7 +62,7 @@ def search(
     mode = "json" if json_ else "paths" if paths else "null" if null else "table"
     m = rerank_k if rerank else None
     want_regions = regions or html is not None
-    if query is not None or image is not None:
+    if (query is not None or image is not None) and not no_server:
         answer = _through_server(name, query, image, k, m, reranker, min_score, want_regions, model)
         if answer is not None:
             _show(answer, mode, html, preview, query)
@@ -83,47 +87,72 @@ def search(
 
 def _through_server(name: str, query: str | None, image: Path | None, k: int, rerank_k: int | None,
                     reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Any:
-    """The answer of a running `ldot serve` for this index, or None (none runs, or it cannot answer this)."""
+    """The answer of a running `ldot serve` for this index (started in the background when none runs and that
+    is allowed), or None (it cannot answer this: search here)."""
     from ldot_cli.serve.client import (
         ServerRefused,
         ServerUnavailable,
+        answer_from_json,
         find_server,
         post,
+        search_body,
     )
     from models.core.errors import LdotError
 
-    server = find_server(name)
-    if server is None or model is not None:
+    if model is not None:
         return None
-    body: dict[str, Any] = {"k": k, "rerank": bool(rerank_k), "rerank_k": rerank_k or 50, "reranker": reranker,
-                            "min_score": min_score, "regions": regions}
+    server = find_server(name)
+    if server is None and image is None:  # image queries do not start one: unindexed images run the detector here
+        server = _start_server(name)
+    if server is None:
+        return None
+    sha256 = None
     if image is not None:
         from models.core.fileio import sha256_file
 
         if not image.is_file():
             return None  # the local path gives the error
-        body["sha256"] = sha256_file(image)  # only indexed images: others need the detector, run here
-    else:
-        body["q"] = query
+        sha256 = sha256_file(image)  # only indexed images: others need the detector, run here
+    body = search_body(query, sha256, k, rerank_k, reranker, min_score, regions)
     try:
-        data = post(server, "/api/search", body)
+        try:
+            data = post(server, "/api/search", body)
+        except ServerUnavailable:
+            if find_server(name) is not None:  # alive but not answering: leave it be, search here
+                return None
+            server = _start_server(name) if image is None else None  # it died just now: once more, a new one
+            if server is None:
+                return None
+            data = post(server, "/api/search", body)
     except ServerUnavailable:
         return None
     except ServerRefused as exc:
-        if exc.status in (404, 413, 422, 503):
-            return None  # not indexed / too large for the server / index busy: answer it here
+        if exc.status in (404, 409, 413, 422, 503):
+            return None  # not indexed / another index / too large for the server / index busy: answer it here
         raise LdotError(exc.message) from None
-    return _answer_from_json(data)
+    return answer_from_json(data)
 
 
-def _answer_from_json(data: dict[str, Any]) -> Any:
-    from types import SimpleNamespace
+def _start_server(name: str) -> Any:
+    """Start a background server of this index for this and later searches; None when that is turned off, not
+    installed, or it did not come up (then this search runs here)."""
+    from ldot_cli.index.store import DB_FILE, index_path
+    from ldot_cli.serve.client import auto_start_allowed, idle_seconds, start_background
 
-    from ldot_cli.index.hits import hit_from_json
-
-    timings = SimpleNamespace(**data.get("timings", {}))
-    return SimpleNamespace(hits=[hit_from_json(h) for h in data["hits"]], min_score=data.get("min_score"),
-                           no_match=bool(data.get("no_match")), below=int(data.get("below", 0)), timings=timings)
+    if not auto_start_allowed() or not (index_path(name) / DB_FILE).is_file():
+        return None  # no such index: the local path says so
+    # -P: not the current folder on the module path (a shared /tmp must not supply its modules)
+    try:
+        server, first = start_background(name, [sys.executable, "-P", "-m", "ldot_cli.main", "serve",
+                                                "--background", "--name", name])
+    except OSError:  # a serve folder that is not ours (a shared LDOT_HOME), say: search here
+        return None
+    if first:
+        minutes = idle_seconds() / 60
+        err.print(line((f"started a background `ldot serve` for index {name!r} so that the next searches are fast; "
+                        f"it exits after {minutes:g} idle minute{'' if minutes == 1 else 's'} (`ldot serve --stop` "
+                        "stops it, LDOT_AUTO_SERVER=0 turns this off)", "dim")), soft_wrap=True)
+    return server
 
 
 def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str | None) -> None:
@@ -131,15 +160,12 @@ def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str |
         from ldot_cli.commands.sheet import write_sheet
 
         write_sheet(html, answer.hits, query)
-    if answer.no_match and mode in ("table",):
-        out.print(line(f"no good match (none of the top results scores {answer.min_score:.3f} or more)"))
-        return
-    if preview:
+    if preview and not (answer.no_match and mode == "table"):
         from ldot_cli.commands.sheet import preview_table
 
         if preview_table(answer.hits):
             return
-    _render(answer.hits, mode)
+    print_answer(answer, mode)
 
 
 def _rerank_note(searcher: Any, reranker: str | None, m: int, device: str) -> None:
@@ -164,46 +190,6 @@ def _preset_note(searcher: Any, reranker: str | None) -> None:
                         "dim")))
 
 
-def _render(hits: list[Any], mode: str) -> None:
-    if mode == "json":
-        sys.stdout.write(json.dumps([h.to_json() for h in hits], ensure_ascii=False) + "\n")
-        sys.stdout.flush()
-        return
-    if mode in ("paths", "null"):
-        sep = b"\0" if mode == "null" else b"\n"
-        sys.stdout.buffer.write(b"".join(h.path + sep for h in hits))
-        sys.stdout.flush()
-        return
-    if not hits:
-        err.print("no results")
-        return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    if hits[0].rerank_score is not None:
-        table.add_column("rerank", justify="right")
-    with_boxes = any(h.regions is not None for h in hits)
-    if with_boxes:  # --regions: the boxes driving each score, in pixels, with how much removing each costs
-        table.add_column("boxes (x1,y1-x2,y2: score drop)", no_wrap=True)
-    table.add_column("path", overflow="fold")
-    for hit in hits:
-        cells = [str(hit.rank), f"{hit.score:.3f}"]
-        if hit.rerank_score is not None:
-            cells.append(f"{hit.rerank_score:.3f}")
-        if with_boxes:
-            cells.append("\n".join(_box_text(box) for box in hit.pixel_regions()) or "-")
-        cells.append(cell(hit.path))
-        table.add_row(*cells)
-    out.print(table)
-
-
-def _box_text(box: list[float]) -> str:
-    x1, y1, x2, y2, weight = box
-    return f"{x1:.0f},{y1:.0f}-{x2:.0f},{y2:.0f}: {weight:.3f}"
-
-
 def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, template: Any) -> None:
     """The prompt: each line is answered like a one-shot query with the same options (``template``: -k,
     --rerank, --min-score, --regions; --html rewrites the sheet for the latest query, --preview shows it)."""
@@ -214,7 +200,7 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
     err.print(line(("ldot", "bold"), " search over index ", (searcher.store.name, "bold"),
                    " — type a query (Up/Down: earlier ones), empty line or Ctrl-D to quit"))
     remember = _line_editor()
-    searcher.encoder  # load the text tower before the first prompt
+    loaded = _load_in_background(searcher)
     while True:
         try:
             text = input("ldot> ")
@@ -224,6 +210,7 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
         if not text.strip():
             return
         remember()
+        loaded()  # the first query waits for the text tower (and raises what loading it raised)
         try:
             answer = searcher.answer(dataclasses.replace(template, text=text))
             _show(answer, mode, html, preview, text)
@@ -232,6 +219,32 @@ def _interactive(searcher: Any, mode: str, html: Path | None, preview: bool, tem
                             + (f", {t.rerank_ms:.0f} ms re-rank" if template.rerank_k else ""), "dim")))
         except LdotError as exc:
             err.print(line(("error: ", "red"), cli_message(exc)))
+
+
+def _load_in_background(searcher: Any) -> Any:
+    """Import torch and load the text tower and the vector index while the user types the first query (seconds
+    on a busy CPU: the prompt is ready at once). Returns a function that waits for the loading and raises what it
+    raised; only the loading thread touches ``searcher`` until then."""
+    import threading
+
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            searcher.encoder  # noqa: B018 - load the text tower
+            searcher._vector_index()  # and the vector file, so that the first query costs what the others do
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the prompt's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=load, name="ldot-load", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed.pop()
+
+    return wait
 
 
 HISTORY_LENGTH = 1000

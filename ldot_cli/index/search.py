@@ -64,15 +64,27 @@ class Answer:
         return self.min_score is not None and not self.hits
 
 
+def query_encoder_for_cpu(encoder: Any) -> Any:
+    """A loaded query encoder (of any kind that is a torch module) in the precision queries run in on the CPU:
+    int8 linear layers with ``LDOT_QUERY_PRECISION=int8``, else as loaded (`models.nn.quantize`)."""
+    import torch
+
+    from models.nn.quantize import int8_linears, query_precision
+
+    if query_precision() == "int8" and isinstance(encoder, torch.nn.Module):
+        return int8_linears(encoder)
+    return encoder
+
+
 def check_model(store: IndexStore, model: str | None) -> str:
     """The model to use with this index: its own, or ``model`` if it has the same fingerprint."""
-    from models.hub.load import fingerprint
-
     recorded = store.get_meta("model")
     if recorded is None:
         raise IndexStoreError(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
     if model is None or model == recorded:
         return recorded
+    from models.hub.load import fingerprint  # imports torch: only when another model is named
+
     want = store.get_meta("model_fingerprint")
     got = fingerprint(model)
     if got != want:
@@ -111,6 +123,7 @@ class Searcher:
             from models.hub.load import load_bi_encoder
 
             self._encoder = load_bi_encoder(self.model_source, device="cpu", towers=("text",))
+            self._encoder = query_encoder_for_cpu(self._encoder)
         return self._encoder
 
     def _vector_index(self) -> tuple[Any, int] | None:

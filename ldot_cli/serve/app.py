@@ -290,6 +290,10 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
             hostname = host_name(request.headers.get("host") or "")
             if not names_loopback(hostname, host):
                 return JSONResponse({"error": f"unexpected Host {hostname!r}"}, status_code=403)
+        wanted = request.headers.get("x-ldot-index")  # `ldot search` names the index it means
+        if wanted is not None and wanted != state.name:
+            return JSONResponse({"error": f"this server serves index {state.name!r}, not {wanted!r}"},
+                                status_code=409)
         length = request.headers.get("content-length")
         if length is None and request.method not in ("GET", "HEAD"):  # a chunked body of any size: no
             return JSONResponse({"error": "Content-Length required"}, status_code=411)

@@ -92,7 +92,8 @@ class BiEncoder(nn.Module):
 
     def _anchor(self) -> torch.Tensor:
         tower = self.txt_model if "text" in self.loaded_towers else self.img_model
-        return tower.encode_proj[0].weight
+        return tower.encode_proj[0].weight if isinstance(tower.encode_proj[0], nn.Linear) else \
+            next(p for p in tower.parameters() if p.is_floating_point())  # an int8 tower (models.nn.quantize)
 
     @property
     def max_text_tokens(self) -> int:
