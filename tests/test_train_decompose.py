@@ -152,6 +152,37 @@ def test_losses_equal_their_definitions():
     assert torch.allclose(losses.distill_loss(student, teacher, 2.0), explicit, atol=1e-6)
 
 
+def test_distillation_student_is_the_official_mean_of_both_directions_rows_0_to_m():
+    """train_itm.py: scores = 0.5 * scores_txt + 0.5 * scores_img, where scores_txt are the image->text loss's scores
+    (images query captions) and scores_img the text->image loss's (captions query images); the student is its
+    first M rows; KL(teacher || student) at T, x T^2, mean over the M x B entries."""
+    from types import SimpleNamespace
+
+    from models.nn.pretraining import PairBatch
+    from models.training.loop import TrainConfig, _Trainer, distill_student
+
+    gen = torch.Generator().manual_seed(3)
+    b, m, d, scale = 5, 3, 4, 20.0
+    text, image = torch.randn(b, d, generator=gen), torch.randn(b, d, generator=gen)
+    hand = torch.empty(m, b)
+    for i in range(m):
+        for j in range(b):
+            hand[i, j] = 0.5 * (float(image[i] @ text[j]) + float(text[i] @ image[j])) * scale
+    assert torch.allclose(distill_student(text, image, m, scale), hand, atol=1e-5)
+    assert not torch.allclose(distill_student(text, image, m, scale), (image[:m] @ text.T) * scale, atol=1e-2)
+    # the trainer's distillation term: the teacher's (M, B) scores against that student
+    teacher_scores = torch.randn(m, b, generator=gen)
+    teacher = SimpleNamespace(score=lambda texts, f, bb, mask: teacher_scores.reshape(-1))
+    stub = SimpleNamespace(config=TrainConfig(distill_images=m, distill_temperature=2.0, distill_from="t"),
+                           model=SimpleNamespace(logit_scale=scale), teacher=teacher,
+                           _caption_texts=lambda batch: [str(j) for j in range(b)])
+    batch = PairBatch(torch.zeros(b, 3, dtype=torch.long), torch.ones(b, 3, dtype=torch.bool), torch.zeros(b, 2, 3),
+                      torch.zeros(b, 2, 6), torch.ones(b, 2, dtype=torch.bool), torch.arange(b))
+    q = F.softmax(teacher_scores / 2, -1)
+    want = (q * (q.log() - F.log_softmax(hand / 2, -1))).sum() / (m * b) * 4
+    assert torch.allclose(_Trainer._distill(stub, batch, text, image), want, atol=1e-5)
+
+
 def test_mining_draws_from_the_top_pool_and_never_a_true_match():
     from models.training.negatives import mine, pool_size
 

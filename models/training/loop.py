@@ -411,6 +411,18 @@ def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool
                                 f"classifier predicts {model.num_region_labels}")
 
 
+def distill_student(text: torch.Tensor, image: torch.Tensor, m: int, scale: float = 1.0) -> torch.Tensor:
+    """The student scores the official distillation compares with the teacher (train_itm.py): rows 0..M-1 of
+    ``0.5 * (S_img->txt + S_txt->img)``, where ``S_img->txt = image @ text.T`` (the image->text loss's scores)
+    and ``S_txt->img = text @ image.T`` (the text->image loss's); entry (i, j) is
+    ``0.5 * (image_i . text_j + text_i . image_j)``: image i against caption j, averaged with caption i against
+    image j. ``text[i]`` and ``image[i]`` are pair i of the batch (B x D each). ``scale``: the model's logit
+    scale (1 for LightningDOT's raw dot products, 1 / temperature for a decomposed model's cosines)."""
+    text, image = text.float(), image.float()
+    both = 0.5 * (image[:m] @ text.T + text[:m] @ image.T)  # (M, B)
+    return both * scale
+
+
 # -- the loop --------------------------------------------------------------------------------------------
 class _Trainer:
     def __init__(self, run_dir: Path, model: Any, tokenizer: Any, data: TrainData,
@@ -545,9 +557,10 @@ class _Trainer:
         return loss, info
 
     def _distill(self, batch: PairBatch, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) over captions for the batch's first M images (the official form)."""
+        """KL(teacher || student) over captions for the batch's first M images (the official form:
+        `distill_student`)."""
         m, b = min(self.config.distill_images, len(batch)), len(batch)
-        student = (image[:m].float() @ text.float().T) * self.model.logit_scale  # (M, B)
+        student = distill_student(text, image, m, self.model.logit_scale)  # (M, B)
         texts = self._caption_texts(batch)
         rows = [j for _ in range(m) for j in range(b)]
         owners = [i for i in range(m) for _ in range(b)]
