@@ -201,6 +201,69 @@ def test_mining_draws_from_the_top_pool_and_never_a_true_match():
     assert np.array_equal(again.images, hn.images)  # a function of (vectors, seed, step): resume-safe
 
 
+def test_pool_concentration_and_chance_recalls_by_construction():
+    import learnset
+
+    from models.training.metrics import chance_recalls
+    from models.training.negatives import STALLED, mine, pool_concentration
+
+    same = np.tile(np.arange(50), (120, 1))
+    assert pool_concentration(same, 300) == 1.0
+    # images on a circle, each caption at its image: every pool is the arc around its own image, and every image is
+    # in the same number of pools, so the pools are spread as evenly as they can be
+    angles = 2 * np.pi * np.arange(300) / 300
+    images = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    owner = [i // 2 for i in range(600)]
+    spread = mine(images[owner], images, owner, 4, seed=0, step=0)
+    assert spread.concentration < 0.01
+    # a model that ranks every caption's images alike (constant vectors): every caption mines the same pool
+    flat = mine(np.ones((600, 2), np.float32), np.ones((300, 2), np.float32), owner, 4, seed=0, step=0)
+    assert flat.concentration >= STALLED and flat.concentration == 1.0
+    assert pool_concentration(same[:, :40], 60) == 0.0  # pools over most of the set tell nothing
+    for n in (8, 40, 300):
+        got, want = chance_recalls([i // 2 for i in range(2 * n)], n).to_dict(), learnset.chance(n)
+        for side in ("text_to_image", "image_to_text"):
+            assert got[side] == pytest.approx(want[side], abs=1e-9)
+
+
+def _ranks_alike(model):
+    """A model whose every caption and image vector is the same (zeroed last projections): it ranks at random."""
+    with torch.no_grad():
+        for tower in (model.bert.txt_model, model.bert.img_model):
+            tower.encode_proj[3].weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("gate", [0.1, 0.0])
+def test_hard_negatives_from_a_model_that_ranks_at_random_say_so_and_the_gate_keeps_in_batch(tmp_path, tokenizer,
+                                                                                          gate):
+    from models.nn.config import preset
+    from models.nn.pretraining import BiEncoderForPretraining
+    from models.training.loop import TrainConfig, hard_negative_gate, train
+
+    torch.manual_seed(0)
+    model = _ranks_alike(BiEncoderForPretraining(preset("tiny"), 11))
+    pairs, lookup = planted_pairs(n_images=120)  # more images than twice the pool (50): the pools can tell
+    seen = []
+    config = TrainConfig(batch_size=16, lr=1e-3, epochs=1, hard_negatives=2, hard_negatives_gate=gate)
+    train(tmp_path / "run", TrainData(pairs, lookup, val=pairs), config, model, tokenizer, device="cpu",
+          progress=seen.append)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    decided = [r for r in log if r["event"] == "negatives"]
+    notes = [p.info["message"] for p in seen if p.event == "note"]
+    assert len(decided) == 1 and decided[0]["step"] == 0 and len(notes) == 1
+    mined = [p for p in seen if getattr(p, "stage", "") == "mining hard negatives"]
+    if gate:  # recall at chance: no mining, in-batch negatives, and the user is told why
+        assert decided[0]["mined"] is False and not mined
+        assert decided[0]["mean_recall"] < decided[0]["needed"] and "chance" in notes[0]
+    else:  # the official schedule mines anyway, and says the pools are all alike
+        assert decided[0]["mined"] is True and decided[0]["concentration"] == 1.0 and mined
+        assert "same images for every caption" in notes[0]
+    ready, chance, needed = hard_negative_gate(90.0, pairs, 0.1)
+    assert ready and needed == pytest.approx(chance + 0.1 * (100 - chance))
+    assert not hard_negative_gate(chance + 1.0, pairs, 0.1)[0] and hard_negative_gate(chance, pairs, 0.0)[0]
+
+
 def test_hard_negative_and_distilled_runs_resume_exactly(tmp_path, tokenizer, vocab_dir, ldot_home):
     from models.nn.config import preset
     from models.nn.pretraining import BiEncoderForPretraining
@@ -218,8 +281,8 @@ def test_hard_negative_and_distilled_runs_resume_exactly(tmp_path, tokenizer, vo
 
     pairs, lookup = planted_pairs(n_images=8)
     data = TrainData(pairs, lookup, val=pairs)
-    config = TrainConfig(batch_size=4, lr=1e-3, epochs=2, hard_negatives=2, distill_from="teacher",
-                         distill_images=2, checkpoint_every=3)
+    config = TrainConfig(batch_size=4, lr=1e-3, epochs=2, hard_negatives=2, hard_negatives_gate=0.0,
+                         distill_from="teacher", distill_images=2, checkpoint_every=3)  # the official schedule
     seen = []
     train(tmp_path / "a", data, config, model(), tokenizer, device="cpu", teacher=teacher, progress=seen.append)
     assert [p.info for p in seen if getattr(p, "stage", "") == "mining hard negatives" and p.done == 3]  # mined

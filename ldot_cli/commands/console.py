@@ -207,6 +207,12 @@ class ProgressView:
         if p.event == "checkpoint":
             self.progress.console.print(line((f"step {p.done}: checkpoint saved", "dim")))
             return
+        if p.event == "note":  # something the run decided that the user should know (e.g. the hard-negative gate)
+            from models.core.errors import render
+
+            message = render(str(p.info.get("message", "")), lambda name: "--" + name.replace("_", "-"))
+            self.progress.console.print(line((f"step {p.done}: ", "yellow"), message))
+            return
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")
             self.starts[p.stage] = (self._time(), p.done)

@@ -58,6 +58,11 @@ Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall c
                     "(needs matplotlib: pip install 'ldot[plot]').")
 HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
                              "the current model before training and after each epoch. \\[default: 0, in-batch only]")
+HardNegativesGate = typer.Option(None, "--hard-negatives-gate", help="With --hard-negatives: mine only once the "
+                                 "validation mean recall has closed this share of the gap from chance to 100 and the "
+                                 "mined pools are not all alike (a model that ranks at random mines the same images "
+                                 "for every caption); in-batch negatives until then. 0: mine from the start, as the "
+                                 "official code. \\[default: 0.1]")
 DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "
                            "lxmert-base-uncased, a uniter-itm model): KL over captions for the batch's first 10 "
                            "images.")
@@ -79,7 +84,8 @@ def finetune(
     grad_accum: int = _opt("grad_accum", FINETUNE_DEFAULTS), precision: str = _opt("precision", FINETUNE_DEFAULTS),
     seed: int = _opt("seed", FINETUNE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
-    hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
+    hard_negatives: int = HardNegatives, hard_negatives_gate: float = HardNegativesGate,
+    distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
     yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the training set without asking "
                              "(accepts its terms of use)."),
@@ -103,7 +109,8 @@ def finetune(
     _run("finetune", out_name, spec, init, image_init, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
         precision=precision, seed=seed, checkpoint_every=save_every, hard_negatives=hard_negatives,
-        distill_from=distill_from, distill_weight=distill_weight, distill_temperature=distill_temperature), plot=plot)
+        hard_negatives_gate=hard_negatives_gate, distill_from=distill_from, distill_weight=distill_weight,
+        distill_temperature=distill_temperature), plot=plot)
 
 
 @app.command()
@@ -154,7 +161,8 @@ def decompose(
     grad_accum: int = _opt("grad_accum", DECOMPOSE_DEFAULTS), precision: str = _opt("precision", DECOMPOSE_DEFAULTS),
     seed: int = _opt("seed", DECOMPOSE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
-    hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
+    hard_negatives: int = HardNegatives, hard_negatives_gate: float = HardNegativesGate,
+    distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
 ) -> None:
     """Decompose a single-stream cross-encoder into ONE encoder for texts and images (VLDeformer): cosine score,
@@ -165,7 +173,8 @@ def decompose(
     _run("decompose", out_name, spec, init, None, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
         precision=precision, seed=seed, checkpoint_every=save_every, hard_negatives=hard_negatives,
-        distill_from=distill_from, distill_weight=distill_weight, distill_temperature=distill_temperature),
+        hard_negatives_gate=hard_negatives_gate, distill_from=distill_from, distill_weight=distill_weight,
+        distill_temperature=distill_temperature),
         plot=plot, tags=tags, tag_vocab=tag_vocab, model_options=model_options)
 
 

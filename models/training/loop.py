@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from models.core.config import config_from_dict
-from models.core.errors import ConfigError, LdotError, option
+from models.core.errors import ConfigError, LdotError, option, render
 from models.core.fileio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -109,6 +109,9 @@ class TrainConfig:
     checkpoint_every: int | None = None  # optimizer steps between resume checkpoints (None: at each validation)
     schedule: str = "linear"  # decay after warm-up: linear (LightningDOT) | cosine (VLDeformer)
     hard_negatives: int = 0  # K mined hard negatives per caption and per image (0: in-batch negatives only)
+    # mine only once validation mean recall has closed this share of the gap from chance to 100, and while the
+    # mined pools are not all alike; in-batch negatives until then (0: mine from the start, as the official code)
+    hard_negatives_gate: float = 0.1
     distill_from: str | None = None  # cross-encoder teacher (registry name / model dir) whose scores are distilled
     distill_weight: float = 1.0  # weight of the distillation loss added to the contrastive loss
     distill_temperature: float = 1.0  # softmax temperature T of the distillation (loss scaled by T^2)
@@ -139,6 +142,8 @@ class TrainConfig:
             raise TrainingError(f"unknown schedule {self.schedule!r}: linear or cosine")
         if self.hard_negatives < 0:
             raise TrainingError(f"{option('hard_negatives')} must be 0 or more")
+        if not 0 <= self.hard_negatives_gate < 1:
+            raise TrainingError(f"{option('hard_negatives_gate')} must be in [0, 1)")
         if self.hard_negatives and self.task_names != ("itm",):
             raise TrainingError(f"{option('hard_negatives')} needs the itm task alone (fine-tuning or decomposition)")
         if self.distill_from is not None and self.task_names != ("itm",):
@@ -423,6 +428,16 @@ def distill_student(text: torch.Tensor, image: torch.Tensor, m: int, scale: floa
     return both * scale
 
 
+def hard_negative_gate(mean_recall: float, val: PairSet, gate: float) -> tuple[bool, float, float]:
+    """(whether to mine, chance mean recall, the mean recall mining needs) on the validation pairs ``val``:
+    mining waits until the mean recall has closed ``gate`` of the gap from chance to 100."""
+    from models.training.metrics import chance_recalls
+
+    chance = chance_recalls(val.caption_image, len(val.image_keys)).rsum / 6
+    needed = chance + gate * (100.0 - chance)
+    return mean_recall >= needed, chance, needed
+
+
 # -- the loop --------------------------------------------------------------------------------------------
 class _Trainer:
     def __init__(self, run_dir: Path, model: Any, tokenizer: Any, data: TrainData,
@@ -442,6 +457,7 @@ class _Trainer:
             raise TrainingError(f"distillation from {config.distill_from!r} needs its teacher model loaded")
         self.teacher = teacher
         self.negatives: Any = None  # models.training.negatives.HardNegatives, when mining
+        self.last_val: dict[str, Any] | None = None  # the latest validation record (the hard-negative gate reads it)
         self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
         self.train_pairs = data.train.drop_long(config.max_text_len)
@@ -577,13 +593,51 @@ class _Trainer:
 
     # -- hard negatives -------------------------------------------------------------------------------------
     def mine(self) -> None:
-        from models.training.negatives import mine
+        """Mine hard negatives with the current model, unless the gate keeps in-batch negatives for now: the
+        model's validation recall has not cleared chance by the gate, or its mined pools are all alike (it ranks
+        every caption's images the same way). Either is said (a note, and a ``negatives`` line in the log)."""
+        from models.training.negatives import STALLED, mine
 
+        cfg = self.config
         self._stop_prefetch()  # batches read ahead hold the old negatives
+        gate = cfg.hard_negatives_gate
+        if gate > 0 and self.val is not None and len(self.val):
+            record = self.last_val
+            if record is None or record["step"] != self.step:  # before epoch 0, or no validation this epoch
+                record = {"step": self.step, **evaluate(self.model, self.val, self.features, self.ids, self.device,
+                                                        self.autocast)}
+            ready, chance, needed = hard_negative_gate(record["mean_recall"], self.val, gate)
+            if not ready:
+                self.negatives = None
+                self._negatives_note(False, f"validation mean recall {record['mean_recall']:.1f} is within the gate "
+                                     f"of chance ({chance:.1f}; mining needs {needed:.1f}): in-batch negatives "
+                                     f"until it clears it ({option('hard_negatives_gate')} 0 mines anyway)",
+                                     mean_recall=record["mean_recall"], chance=chance, needed=needed)
+                return
         text, image = encode_pairs(self.model, self.train_pairs, self.features, self.ids, self.device,
                                    self.autocast, progress=self.stage_progress)
-        self.negatives = mine(text, image, self.train_pairs.caption_image, self.config.hard_negatives,
-                              self.config.seed, self.step, self.device.type == "cuda", self.stage_progress)
+        mined = mine(text, image, self.train_pairs.caption_image, cfg.hard_negatives, cfg.seed, self.step,
+                     self.device.type == "cuda", self.stage_progress)
+        if mined.concentration >= STALLED:
+            what = (f"the mined pools are nearly the same images for every caption (concentration "
+                    f"{mined.concentration:.2f}; 0 = spread, 1 = identical): the model ranks near chance, and such "
+                    "negatives are no harder than random ones")
+            if gate > 0:
+                self.negatives = None
+                self._negatives_note(False, what + "; in-batch negatives until the pools spread",
+                                     concentration=mined.concentration)
+                return
+            self._negatives_note(True, what + f"; mining anyway ({option('hard_negatives_gate')} 0)",
+                                 concentration=mined.concentration)
+        else:
+            self._log({"event": "negatives", "step": self.step, "mined": True,
+                       "concentration": round(mined.concentration, 4)})
+        self.negatives = mined
+
+    def _negatives_note(self, mined: bool, message: str, **figures: float) -> None:
+        self._log({"event": "negatives", "step": self.step, "mined": mined,
+                   **{k: round(v, 4) for k, v in figures.items()}, "message": render(message)})
+        _report(self.progress, "note", self.step, self.total, self.epoch, message="hard negatives: " + message)
 
     def stage_progress(self, p: Any) -> None:
         self.progress(p)
@@ -652,6 +706,7 @@ class _Trainer:
         vectors: dict[str, np.ndarray] = {}
         metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast, vectors)
         record = {"step": self.step, "epoch": round(self.epoch, 3), **metrics}
+        self.last_val = record
         self._log({"event": "eval", **record})
         if self.best is None or metrics["mean_recall"] > self.best["mean_recall"]:
             self.best = record
@@ -709,7 +764,7 @@ class _Trainer:
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda_{i}"] = state
         state = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "step": self.step, "total": self.total,
-                 "positions": self.positions, "best": self.best, "running": self.running,
+                 "positions": self.positions, "best": self.best, "last_val": self.last_val, "running": self.running,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "optimizer": opt_meta,
                  "config": self.config.to_dict(), "train_pairs": len(self.train_pairs)}
 
@@ -754,6 +809,7 @@ class _Trainer:
         self.step = state["step"]
         self.positions = {k: int(v) for k, v in state["positions"].items()}
         self.best = state["best"]
+        self.last_val = state.get("last_val")
         self.running = state.get("running", {})
         if (path / "negatives.safetensors").is_file():
             from models.training.negatives import HardNegatives
