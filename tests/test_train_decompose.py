@@ -73,6 +73,9 @@ def test_visualbert_conversion_equals_transformers_visualbertmodel(tmp_path, tok
                                         visual_embeds=feat, visual_attention_mask=vmask).last_hidden_state
         got = model.bert(ids, mask, torch.zeros_like(ids), feat, bb, vmask)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # the padding row (no gradient) is the config's pad_token_id, as in VisualBertEmbeddings (1 by default)
+    ours = next(m for n, m in model.named_modules() if n.endswith("word_embeddings"))
+    assert ours.padding_idx == source_model.visual_bert.embeddings.word_embeddings.padding_idx == cfg.pad_token_id == 1
     # the same weights, keys of a bare VisualBertModel (no visual_bert. prefix, no heads)
     bare = {k[len("visual_bert."):]: v for k, v in source_model.state_dict().items() if k.startswith("visual_bert.")}
     from models.hub.decompose import visualbert_to_decomposed
@@ -100,6 +103,40 @@ def test_uniter_conversion_equals_the_cross_encoders_own_forward(tmp_path, token
     torch.save(official, tmp_path / "uniter.pt")
     from_pt = read_decompose_source(tmp_path / "uniter.pt")
     assert all(torch.equal(from_pt.state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_bare_uniter_pt_reads_its_head_count_beside_it_or_says_what_it_assumed(tmp_path, tokenizer):
+    """A 64-wide UNITER with 4 heads: hidden / 64 would say 1 head and every score would change."""
+    from dataclasses import replace
+
+    from models.core.errors import LdotWarning
+    from models.nn.config import CROSS_PRESETS
+    from models.nn.cross_encoder import CrossEncoder
+    from models.nn.layers import box7_from_norm_bb
+
+    tiny = CROSS_PRESETS["tiny"]
+    config = replace(tiny, img_dim=32, body=replace(tiny.body, hidden_size=64, num_heads=4, intermediate_size=128))
+    torch.manual_seed(0)
+    cross = CrossEncoder(config).eval()
+    _spread(cross)
+    torch.save({k.replace("bert.", "uniter.", 1): v for k, v in cross.state_dict().items()}, tmp_path / "uniter.pt")
+    ids, mask, feat, bb, vmask = _inputs(32, seed=1)
+    with torch.no_grad():
+        want = cross.bert(ids, mask, feat, box7_from_norm_bb(bb), vmask)
+    with pytest.warns(LdotWarning, match="assumed 1 .*num_attention_heads"):
+        assumed = read_decompose_source(tmp_path / "uniter.pt")
+    assert assumed.config.body.num_heads == 1
+    (tmp_path / "uniter.json").write_text(json.dumps({"num_attention_heads": 4, "hidden_size": 64}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LdotWarning)
+        read = read_decompose_source(tmp_path / "uniter.pt")
+    assert read.config.body.num_heads == 4
+    with torch.no_grad():
+        got = decomposed_model(read, tokenizer).eval().bert(ids, mask, None, feat, bb, vmask)
+        wrong = decomposed_model(assumed, tokenizer).eval().bert(ids, mask, None, feat, bb, vmask)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(wrong, want, atol=1e-3)
 
 
 def test_decomposed_vectors_are_unit_norm_batch_independent_and_use_tags(tokenizer, vocab_dir, ldot_home):
@@ -420,3 +457,31 @@ def test_decomposition_resumes_exactly_and_installs_a_decomposed_model(tmp_path,
     loaded = models.load_bi_encoder("dec")
     assert loaded.config.tags == ("dog", "cat", "car") and loaded.config.temperature == 0.05
     assert json.loads((target / "ldot-manifest.json").read_text())["kind"] == "decomposed"
+
+
+@pytest.mark.slow  # transformers' LXMERT import
+def test_distilling_lxmert_on_features_of_other_than_36_boxes_says_so(tmp_path, vocab_dir):
+    """As `ldot search --rerank lxmert-*` does for an index of other boxes: LXMERT learnt from 36 boxes."""
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    from ldot_cli.train.driver import _teacher
+    from models.training.loop import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = LxmertConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1,
+                       x_layers=1, r_layers=1, visual_feat_dim=32, num_object_labels=10, num_attr_labels=5,
+                       num_qa_labels=3)
+    LxmertForPreTraining(cfg).save_pretrained(tmp_path / "lxmert")
+    (tmp_path / "lxmert" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    config = TrainConfig(distill_from=str(tmp_path / "lxmert"))
+    for regions, noted in ((4, True), (36, False)):
+        pairs, lookup = planted_pairs(n_images=4, regions=regions)
+        seen = []
+        assert _teacher(config, "cpu", TrainData(pairs, lookup), seen.append) is not None
+        notes = [p.info["message"] for p in seen if p.event == "note"]
+        assert bool(notes) == noted and all("36 boxes per image" in n and "hold 4" in n for n in notes)
+    install_tiny_reranker("uniter-teacher", vocab_dir, img_dim=32)  # a UNITER teacher: 10-100 boxes are its own
+    seen = []
+    pairs, lookup = planted_pairs(n_images=4, regions=4)
+    _teacher(TrainConfig(distill_from="uniter-teacher"), "cpu", TrainData(pairs, lookup), seen.append)
+    assert not [p for p in seen if p.event == "note"]

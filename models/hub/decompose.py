@@ -29,6 +29,7 @@ from models.hub.formats import (
     WEIGHTS_FILE,
     Tensors,
     detect_format,
+    heads_of_bare_checkpoint,
     infer_transformer_config,
     load_strict,
     load_tensors,
@@ -86,7 +87,8 @@ def visualbert_config(hf: dict[str, Any]) -> tuple[TransformerConfig, int]:
                              max_position_embeddings=hf["max_position_embeddings"],
                              type_vocab_size=hf.get("type_vocab_size", 2),
                              layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                             dropout=hf.get("hidden_dropout_prob", 0.1))
+                             dropout=hf.get("hidden_dropout_prob", 0.1),
+                             padding_idx=hf.get("pad_token_id", 1))  # VisualBertConfig's default: 1
     return body, int(hf["visual_embedding_dim"])
 
 
@@ -142,7 +144,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
         raise ModelError(f"{path} is a {detect_format(obj)} checkpoint: decompose a single-stream cross-encoder "
                          "(a UNITER .pt, uniter-base, visualbert-vqa-coco-pre)")
     state = uniter_to_decomposed(obj)
-    body = infer_transformer_config({k[len("bert."):]: v for k, v in state.items()}, "")
+    body = heads_of_bare_checkpoint(path, infer_transformer_config({k[len("bert."):]: v for k, v in state.items()},
+                                                                   ""))
     img_dim, pos_dim = (state[f"bert.img_embeddings.{n}.weight"].shape[1] for n in ("img_linear", "pos_linear"))
     tokenizer = entry.tokenizer if entry is not None and entry.tokenizer else "bert-base-cased"
     return DecomposeSource(str(name), "uniter", state, DecomposedConfig(body=body, img_dim=img_dim, pos_dim=pos_dim,
