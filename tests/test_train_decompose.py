@@ -485,3 +485,32 @@ def test_distilling_lxmert_on_features_of_other_than_36_boxes_says_so(tmp_path, 
     pairs, lookup = planted_pairs(n_images=4, regions=4)
     _teacher(TrainConfig(distill_from="uniter-teacher"), "cpu", TrainData(pairs, lookup), seen.append)
     assert not [p for p in seen if p.event == "note"]
+
+
+@pytest.mark.parametrize("recipe", [None, "vldeformer"])
+def test_decompose_recipes_set_temperature_batch_and_count_epochs_in_images(tmp_path, vocab_dir, ldot_home,
+                                                                          monkeypatch, recipe):
+    """Default: T 0.05, batch 300 (ldot's sources learn with it); `--recipe vldeformer`: VLDeformer's own T 0.005 and
+    batch 1800. An epoch draws as many pairs as there are training images (VLDeformer's epoch)."""
+    from ldot_cli.main import app
+
+    install_tiny_reranker("tiny-cross", vocab_dir, img_dim=32)
+    pairs, lookup = planted_pairs(n_images=12, captions_per_image=3)
+    monkeypatch.setattr("ldot_cli.train.driver.check_training_data", lambda spec: None)
+    monkeypatch.setattr("ldot_cli.train.driver.open_training_data",
+                        lambda spec, tok, **_: TrainData(pairs, lookup, val=pairs, description="planted"))
+    args = ["train", "decompose", "--init", "tiny-cross", "--out", "dec", "--epochs", "3", "--no-tags",
+            "--text-len", "8", "--max-regions", "4", "--device", "cpu", "--batch-size", "4", "--warmup", "1"]
+    result = runner.invoke(app, args + (["--recipe", recipe] if recipe else []))
+    assert result.exit_code == 0, result.output
+    run = json.loads((ldot_home / "runs" / "dec" / "run.json").read_text())
+    assert run["model_config"]["temperature"] == (0.005 if recipe else 0.05)
+    assert run["train_config"]["epoch_unit"] == "images" and run["init"]["recipe"] == (recipe or "ldot")
+    log = [json.loads(line) for line in (ldot_home / "runs" / "dec" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == 3 * (12 // 4)  # 3 epochs of 12 pairs (the 12 images), not of 36 captions
+    from models.training.loop import DECOMPOSE_RECIPES, decompose_config
+
+    assert decompose_config().batch_size == 300 and decompose_config("vldeformer").batch_size == 1800
+    assert DECOMPOSE_RECIPES["vldeformer"]["temperature"] == 0.005
+    bad = runner.invoke(app, args[:6] + ["--recipe", "paper"])
+    assert bad.exit_code == 2 and "ldot or vldeformer" in bad.output

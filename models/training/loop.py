@@ -97,7 +97,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.0  # AdamW decoupled weight decay (never on biases and LayerNorm)
     warmup: float = 0.1  # warmup: a fraction of all steps when < 1, else a number of steps
-    epochs: int | None = 15  # passes over the training pairs (fine-tuning) ...
+    epochs: int | None = 15  # epochs (fine-tuning; see epoch_unit) ...
     steps: int | None = None  # ... or a number of optimizer steps (pre-training); wins over epochs
     grad_clip: float = 2.0  # max global gradient norm (0: no clipping)
     precision: str = "auto"  # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | fp16 | bf16
@@ -108,6 +108,10 @@ class TrainConfig:
     eval_every: int | None = None  # optimizer steps between validations (None: every epoch)
     checkpoint_every: int | None = None  # optimizer steps between resume checkpoints (None: at each validation)
     schedule: str = "linear"  # decay after warm-up: linear (LightningDOT) | cosine (VLDeformer)
+    # what an epoch is: "pairs" = every training caption once (LightningDOT); "images" = as many pairs as there are
+    # training images (VLDeformer's epoch shows each image once with one of its captions; ldot draws that many
+    # pairs from its shuffled caption order, so over the run every caption is seen as often)
+    epoch_unit: str = "pairs"
     hard_negatives: int = 0  # K mined hard negatives per caption and per image (0: in-batch negatives only)
     # mine only once validation mean recall has closed this share of the gap from chance to 100, and while the
     # mined pools are not all alike; in-batch negatives until then (0: mine from the start, as the official code)
@@ -138,6 +142,8 @@ class TrainConfig:
             raise TrainingError("the learning rate must be positive")
         if self.warmup < 0:
             raise TrainingError(f"{option('warmup')} cannot be negative")
+        if self.epoch_unit not in ("pairs", "images"):
+            raise TrainingError(f"unknown epoch unit {self.epoch_unit!r}: pairs or images")
         if self.schedule not in ("linear", "cosine"):
             raise TrainingError(f"unknown schedule {self.schedule!r}: linear or cosine")
         if self.hard_negatives < 0:
@@ -210,11 +216,26 @@ def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
     return replace(base, **overrides)
 
 
-def decompose_config(**overrides: Any) -> TrainConfig:
-    """VLDeformer's decomposition: cross-modal InfoNCE (temperature in the model config), batch 300, AdamW
-    lr 7.5e-6, weight decay 0.05, eps 1e-8, 200 warm-up steps then cosine to 0, grad clip 1.0, 200 epochs."""
-    base = TrainConfig(tasks=(("itm", 1.0),), batch_size=300, lr=7.5e-6, betas=(0.9, 0.999), adam_eps=1e-8,
-                       weight_decay=0.05, warmup=200, epochs=200, grad_clip=1.0, schedule="cosine")
+# Decomposition recipes: the batch and the InfoNCE temperature (a model setting) differ; the rest is VLDeformer's.
+# "vldeformer": its own values (6 GPUs x 300 = 1800 pairs, T 0.005), which start from VinVL's retrieval-trained
+# cross-encoder. "ldot" (the default): T 0.05, batch 300, for ldot's sources, which are not retrieval-trained:
+# their untrained cosines spread by ~0.035 per row, 7 units of logit noise at T 0.005 and 0.7 at 0.05; measured
+# on a synthetic set (benchmarks/learn.py --modes temperatures), T 0.005 stays at chance where 0.05 learns.
+DECOMPOSE_RECIPES: dict[str, dict[str, Any]] = {
+    "ldot": {"batch_size": 300, "temperature": 0.05},
+    "vldeformer": {"batch_size": 1800, "temperature": 0.005},
+}
+
+
+def decompose_config(recipe: str = "ldot", **overrides: Any) -> TrainConfig:
+    """VLDeformer's decomposition: cross-modal InfoNCE (temperature in the model config: `DECOMPOSE_RECIPES`),
+    AdamW lr 7.5e-6, weight decay 0.05, eps 1e-8, 200 warm-up steps then cosine to 0, grad clip 1.0, 200 of its
+    epochs (as many pairs as training images each); batch 300 (``ldot``) or 1800 (``vldeformer``)."""
+    if recipe not in DECOMPOSE_RECIPES:
+        raise TrainingError(f"unknown recipe {recipe!r}: {' or '.join(DECOMPOSE_RECIPES)}")
+    base = TrainConfig(tasks=(("itm", 1.0),), batch_size=DECOMPOSE_RECIPES[recipe]["batch_size"], lr=7.5e-6,
+                       betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.05, warmup=200, epochs=200, grad_clip=1.0,
+                       schedule="cosine", epoch_unit="images")
     return replace(base, **overrides)
 
 
@@ -470,7 +491,9 @@ class _Trainer:
         self.progress = progress or (lambda p: None)
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        self.per_epoch = batches_per_epoch(len(self.train_pairs), config.batch_size)
+        epoch_pairs = (len(self.train_pairs) if config.epoch_unit == "pairs"
+                       else len(set(self.train_pairs.caption_image)))
+        self.per_epoch = batches_per_epoch(epoch_pairs, config.batch_size)
         steps_per_epoch = max(1, self.per_epoch // config.grad_accum)
         self.total = config.steps if config.steps is not None else steps_per_epoch * int(config.epochs or 1)
         self.steps_per_epoch = steps_per_epoch
