@@ -145,8 +145,9 @@ def centre_region_embedding_(model: BiEncoderForPretraining, mean: Any) -> None:
     Why: region features are non-negative (ReLU then mean-pooling), so they share a large common part. Features
     of ldot's detector with random weights have a mean of norm 2.0 against 0.12 of spread around it; a fresh
     ``Linear`` (N(0, 0.02)) then ``LayerNorm`` passes the common part on, every image starts as nearly the same
-    vector, and CMR stays on its plateau at ln(batch) (measured: chance after 300 steps; centred: mean recall
-    74 of 100, chance 13). Weights loaded from a UNITER were trained on their features: they are left alone."""
+    vector, and CMR stays on its plateau at ln(batch) (tests/test_train_photos.py, 160 photos, 300 steps: mean
+    recall 17.1 / 15.2 not centred, 50.4 / 54.2 / 61.7 centred, chance 13.0). Weights loaded from a UNITER were
+    trained on their features: they are left alone."""
     linear = model.bert.img_model.bert.img_embeddings.img_linear
     mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float32))
     if mean_t.shape != (linear.in_features,):
