@@ -73,6 +73,9 @@ def test_visualbert_conversion_equals_transformers_visualbertmodel(tmp_path, tok
                                         visual_embeds=feat, visual_attention_mask=vmask).last_hidden_state
         got = model.bert(ids, mask, torch.zeros_like(ids), feat, bb, vmask)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    # the padding row (no gradient) is the config's pad_token_id, as in VisualBertEmbeddings (1 by default)
+    ours = next(m for n, m in model.named_modules() if n.endswith("word_embeddings"))
+    assert ours.padding_idx == source_model.visual_bert.embeddings.word_embeddings.padding_idx == cfg.pad_token_id == 1
     # the same weights, keys of a bare VisualBertModel (no visual_bert. prefix, no heads)
     bare = {k[len("visual_bert."):]: v for k, v in source_model.state_dict().items() if k.startswith("visual_bert.")}
     from models.hub.decompose import visualbert_to_decomposed
@@ -100,6 +103,40 @@ def test_uniter_conversion_equals_the_cross_encoders_own_forward(tmp_path, token
     torch.save(official, tmp_path / "uniter.pt")
     from_pt = read_decompose_source(tmp_path / "uniter.pt")
     assert all(torch.equal(from_pt.state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_bare_uniter_pt_reads_its_head_count_beside_it_or_says_what_it_assumed(tmp_path, tokenizer):
+    """A 64-wide UNITER with 4 heads: hidden / 64 would say 1 head and every score would change."""
+    from dataclasses import replace
+
+    from models.core.errors import LdotWarning
+    from models.nn.config import CROSS_PRESETS
+    from models.nn.cross_encoder import CrossEncoder
+    from models.nn.layers import box7_from_norm_bb
+
+    tiny = CROSS_PRESETS["tiny"]
+    config = replace(tiny, img_dim=32, body=replace(tiny.body, hidden_size=64, num_heads=4, intermediate_size=128))
+    torch.manual_seed(0)
+    cross = CrossEncoder(config).eval()
+    _spread(cross)
+    torch.save({k.replace("bert.", "uniter.", 1): v for k, v in cross.state_dict().items()}, tmp_path / "uniter.pt")
+    ids, mask, feat, bb, vmask = _inputs(32, seed=1)
+    with torch.no_grad():
+        want = cross.bert(ids, mask, feat, box7_from_norm_bb(bb), vmask)
+    with pytest.warns(LdotWarning, match="assumed 1 .*num_attention_heads"):
+        assumed = read_decompose_source(tmp_path / "uniter.pt")
+    assert assumed.config.body.num_heads == 1
+    (tmp_path / "uniter.json").write_text(json.dumps({"num_attention_heads": 4, "hidden_size": 64}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LdotWarning)
+        read = read_decompose_source(tmp_path / "uniter.pt")
+    assert read.config.body.num_heads == 4
+    with torch.no_grad():
+        got = decomposed_model(read, tokenizer).eval().bert(ids, mask, None, feat, bb, vmask)
+        wrong = decomposed_model(assumed, tokenizer).eval().bert(ids, mask, None, feat, bb, vmask)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(wrong, want, atol=1e-3)
 
 
 def test_decomposed_vectors_are_unit_norm_batch_independent_and_use_tags(tokenizer, vocab_dir, ldot_home):
@@ -152,6 +189,37 @@ def test_losses_equal_their_definitions():
     assert torch.allclose(losses.distill_loss(student, teacher, 2.0), explicit, atol=1e-6)
 
 
+def test_distillation_student_is_the_official_mean_of_both_directions_rows_0_to_m():
+    """train_itm.py: scores = 0.5 * scores_txt + 0.5 * scores_img, where scores_txt are the image->text loss's scores
+    (images query captions) and scores_img the text->image loss's (captions query images); the student is its
+    first M rows; KL(teacher || student) at T, x T^2, mean over the M x B entries."""
+    from types import SimpleNamespace
+
+    from models.nn.pretraining import PairBatch
+    from models.training.loop import TrainConfig, _Trainer, distill_student
+
+    gen = torch.Generator().manual_seed(3)
+    b, m, d, scale = 5, 3, 4, 20.0
+    text, image = torch.randn(b, d, generator=gen), torch.randn(b, d, generator=gen)
+    hand = torch.empty(m, b)
+    for i in range(m):
+        for j in range(b):
+            hand[i, j] = 0.5 * (float(image[i] @ text[j]) + float(text[i] @ image[j])) * scale
+    assert torch.allclose(distill_student(text, image, m, scale), hand, atol=1e-5)
+    assert not torch.allclose(distill_student(text, image, m, scale), (image[:m] @ text.T) * scale, atol=1e-2)
+    # the trainer's distillation term: the teacher's (M, B) scores against that student
+    teacher_scores = torch.randn(m, b, generator=gen)
+    teacher = SimpleNamespace(score=lambda texts, f, bb, mask: teacher_scores.reshape(-1))
+    stub = SimpleNamespace(config=TrainConfig(distill_images=m, distill_temperature=2.0, distill_from="t"),
+                           model=SimpleNamespace(logit_scale=scale), teacher=teacher,
+                           _caption_texts=lambda batch: [str(j) for j in range(b)])
+    batch = PairBatch(torch.zeros(b, 3, dtype=torch.long), torch.ones(b, 3, dtype=torch.bool), torch.zeros(b, 2, 3),
+                      torch.zeros(b, 2, 6), torch.ones(b, 2, dtype=torch.bool), torch.arange(b))
+    q = F.softmax(teacher_scores / 2, -1)
+    want = (q * (q.log() - F.log_softmax(hand / 2, -1))).sum() / (m * b) * 4
+    assert torch.allclose(_Trainer._distill(stub, batch, text, image), want, atol=1e-5)
+
+
 def test_mining_draws_from_the_top_pool_and_never_a_true_match():
     from models.training.negatives import mine, pool_size
 
@@ -168,6 +236,69 @@ def test_mining_draws_from_the_top_pool_and_never_a_true_match():
     assert all(set(hn.images[c]) <= set(top[c]) for c in range(120))
     again = mine(captions, images, owner, 3, seed=1, step=0)
     assert np.array_equal(again.images, hn.images)  # a function of (vectors, seed, step): resume-safe
+
+
+def test_pool_concentration_and_chance_recalls_by_construction():
+    import learnset
+
+    from models.training.metrics import chance_recalls
+    from models.training.negatives import STALLED, mine, pool_concentration
+
+    same = np.tile(np.arange(50), (120, 1))
+    assert pool_concentration(same, 300) == 1.0
+    # images on a circle, each caption at its image: every pool is the arc around its own image, and every image is
+    # in the same number of pools, so the pools are spread as evenly as they can be
+    angles = 2 * np.pi * np.arange(300) / 300
+    images = np.stack([np.cos(angles), np.sin(angles)], 1).astype(np.float32)
+    owner = [i // 2 for i in range(600)]
+    spread = mine(images[owner], images, owner, 4, seed=0, step=0)
+    assert spread.concentration < 0.01
+    # a model that ranks every caption's images alike (constant vectors): every caption mines the same pool
+    flat = mine(np.ones((600, 2), np.float32), np.ones((300, 2), np.float32), owner, 4, seed=0, step=0)
+    assert flat.concentration >= STALLED and flat.concentration == 1.0
+    assert pool_concentration(same[:, :40], 60) == 0.0  # pools over most of the set tell nothing
+    for n in (8, 40, 300):
+        got, want = chance_recalls([i // 2 for i in range(2 * n)], n).to_dict(), learnset.chance(n)
+        for side in ("text_to_image", "image_to_text"):
+            assert got[side] == pytest.approx(want[side], abs=1e-9)
+
+
+def _ranks_alike(model):
+    """A model whose every caption and image vector is the same (zeroed last projections): it ranks at random."""
+    with torch.no_grad():
+        for tower in (model.bert.txt_model, model.bert.img_model):
+            tower.encode_proj[3].weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("gate", [0.1, 0.0])
+def test_hard_negatives_from_a_model_that_ranks_at_random_say_so_and_the_gate_keeps_in_batch(tmp_path, tokenizer,
+                                                                                          gate):
+    from models.nn.config import preset
+    from models.nn.pretraining import BiEncoderForPretraining
+    from models.training.loop import TrainConfig, hard_negative_gate, train
+
+    torch.manual_seed(0)
+    model = _ranks_alike(BiEncoderForPretraining(preset("tiny"), 11))
+    pairs, lookup = planted_pairs(n_images=120)  # more images than twice the pool (50): the pools can tell
+    seen = []
+    config = TrainConfig(batch_size=16, lr=1e-3, epochs=1, hard_negatives=2, hard_negatives_gate=gate)
+    train(tmp_path / "run", TrainData(pairs, lookup, val=pairs), config, model, tokenizer, device="cpu",
+          progress=seen.append)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    decided = [r for r in log if r["event"] == "negatives"]
+    notes = [p.info["message"] for p in seen if p.event == "note"]
+    assert len(decided) == 1 and decided[0]["step"] == 0 and len(notes) == 1
+    mined = [p for p in seen if getattr(p, "stage", "") == "mining hard negatives"]
+    if gate:  # recall at chance: no mining, in-batch negatives, and the user is told why
+        assert decided[0]["mined"] is False and not mined
+        assert decided[0]["mean_recall"] < decided[0]["needed"] and "chance" in notes[0]
+    else:  # the official schedule mines anyway, and says the pools are all alike
+        assert decided[0]["mined"] is True and decided[0]["concentration"] == 1.0 and mined
+        assert "same images for every caption" in notes[0]
+    ready, chance, needed = hard_negative_gate(90.0, pairs, 0.1)
+    assert ready and needed == pytest.approx(chance + 0.1 * (100 - chance))
+    assert not hard_negative_gate(chance + 1.0, pairs, 0.1)[0] and hard_negative_gate(chance, pairs, 0.0)[0]
 
 
 def test_hard_negative_and_distilled_runs_resume_exactly(tmp_path, tokenizer, vocab_dir, ldot_home):
@@ -187,8 +318,8 @@ def test_hard_negative_and_distilled_runs_resume_exactly(tmp_path, tokenizer, vo
 
     pairs, lookup = planted_pairs(n_images=8)
     data = TrainData(pairs, lookup, val=pairs)
-    config = TrainConfig(batch_size=4, lr=1e-3, epochs=2, hard_negatives=2, distill_from="teacher",
-                         distill_images=2, checkpoint_every=3)
+    config = TrainConfig(batch_size=4, lr=1e-3, epochs=2, hard_negatives=2, hard_negatives_gate=0.0,
+                         distill_from="teacher", distill_images=2, checkpoint_every=3)  # the official schedule
     seen = []
     train(tmp_path / "a", data, config, model(), tokenizer, device="cpu", teacher=teacher, progress=seen.append)
     assert [p.info for p in seen if getattr(p, "stage", "") == "mining hard negatives" and p.done == 3]  # mined
@@ -326,3 +457,60 @@ def test_decomposition_resumes_exactly_and_installs_a_decomposed_model(tmp_path,
     loaded = models.load_bi_encoder("dec")
     assert loaded.config.tags == ("dog", "cat", "car") and loaded.config.temperature == 0.05
     assert json.loads((target / "ldot-manifest.json").read_text())["kind"] == "decomposed"
+
+
+@pytest.mark.slow  # transformers' LXMERT import
+def test_distilling_lxmert_on_features_of_other_than_36_boxes_says_so(tmp_path, vocab_dir):
+    """As `ldot search --rerank lxmert-*` does for an index of other boxes: LXMERT learnt from 36 boxes."""
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    from ldot_cli.train.driver import _teacher
+    from models.training.loop import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = LxmertConfig(vocab_size=128, hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1,
+                       x_layers=1, r_layers=1, visual_feat_dim=32, num_object_labels=10, num_attr_labels=5,
+                       num_qa_labels=3)
+    LxmertForPreTraining(cfg).save_pretrained(tmp_path / "lxmert")
+    (tmp_path / "lxmert" / "vocab.txt").write_text((vocab_dir / "vocab.txt").read_text())
+    config = TrainConfig(distill_from=str(tmp_path / "lxmert"))
+    for regions, noted in ((4, True), (36, False)):
+        pairs, lookup = planted_pairs(n_images=4, regions=regions)
+        seen = []
+        assert _teacher(config, "cpu", TrainData(pairs, lookup), seen.append) is not None
+        notes = [p.info["message"] for p in seen if p.event == "note"]
+        assert bool(notes) == noted and all("36 boxes per image" in n and "hold 4" in n for n in notes)
+    install_tiny_reranker("uniter-teacher", vocab_dir, img_dim=32)  # a UNITER teacher: 10-100 boxes are its own
+    seen = []
+    pairs, lookup = planted_pairs(n_images=4, regions=4)
+    _teacher(TrainConfig(distill_from="uniter-teacher"), "cpu", TrainData(pairs, lookup), seen.append)
+    assert not [p for p in seen if p.event == "note"]
+
+
+@pytest.mark.parametrize("recipe", [None, "vldeformer"])
+def test_decompose_recipes_set_temperature_batch_and_count_epochs_in_images(tmp_path, vocab_dir, ldot_home,
+                                                                          monkeypatch, recipe):
+    """Default: T 0.05, batch 300 (ldot's sources learn with it); `--recipe vldeformer`: VLDeformer's own T 0.005 and
+    batch 1800. An epoch draws as many pairs as there are training images (VLDeformer's epoch)."""
+    from ldot_cli.main import app
+
+    install_tiny_reranker("tiny-cross", vocab_dir, img_dim=32)
+    pairs, lookup = planted_pairs(n_images=12, captions_per_image=3)
+    monkeypatch.setattr("ldot_cli.train.driver.check_training_data", lambda spec: None)
+    monkeypatch.setattr("ldot_cli.train.driver.open_training_data",
+                        lambda spec, tok, **_: TrainData(pairs, lookup, val=pairs, description="planted"))
+    args = ["train", "decompose", "--init", "tiny-cross", "--out", "dec", "--epochs", "3", "--no-tags",
+            "--text-len", "8", "--max-regions", "4", "--device", "cpu", "--batch-size", "4", "--warmup", "1"]
+    result = runner.invoke(app, args + (["--recipe", recipe] if recipe else []))
+    assert result.exit_code == 0, result.output
+    run = json.loads((ldot_home / "runs" / "dec" / "run.json").read_text())
+    assert run["model_config"]["temperature"] == (0.005 if recipe else 0.05)
+    assert run["train_config"]["epoch_unit"] == "images" and run["init"]["recipe"] == (recipe or "ldot")
+    log = [json.loads(line) for line in (ldot_home / "runs" / "dec" / "log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == 3 * (12 // 4)  # 3 epochs of 12 pairs (the 12 images), not of 36 captions
+    from models.training.loop import DECOMPOSE_RECIPES, decompose_config
+
+    assert decompose_config().batch_size == 300 and decompose_config("vldeformer").batch_size == 1800
+    assert DECOMPOSE_RECIPES["vldeformer"]["temperature"] == 0.005
+    bad = runner.invoke(app, args[:6] + ["--recipe", "paper"])
+    assert bad.exit_code == 2 and "ldot or vldeformer" in bad.output

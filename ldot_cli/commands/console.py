@@ -230,8 +230,14 @@ class ProgressView:
         if p.event == "checkpoint":
             self.progress.console.print(line((f"step {p.done}: checkpoint saved", "dim")))
             return
-        if p.event == "note":  # a line worth reading before the stage runs (e.g. how long it will take)
-            self.progress.console.print(line((str(p.info.get("text", "")), "dim")))
+        if p.event == "note":
+            if "message" in p.info:  # something the run decided that the user should know (the hard-negative gate)
+                from models.core.errors import render
+
+                message = render(str(p.info.get("message", "")), lambda name: "--" + name.replace("_", "-"))
+                self.progress.console.print(line((f"step {p.done}: ", "yellow"), message))
+            else:  # a line worth reading before the stage runs (e.g. how long it will take)
+                self.progress.console.print(line((str(p.info.get("text", "")), "dim")))
             return
         if p.stage not in self.tasks:
             self.tasks[p.stage] = self.progress.add_task(safe(p.stage), total=p.total, completed=p.done, rate="")

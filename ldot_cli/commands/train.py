@@ -58,6 +58,11 @@ Plot = typer.Option(False, "--plot", help="Draw the loss and validation-recall c
                     "(needs matplotlib: pip install '.[plot]' in ldot's folder).")
 HardNegatives = typer.Option(None, "--hard-negatives", help="K hard negatives per caption and per image, mined with "
                              "the current model before training and after each epoch. [default: 0, in-batch only]")
+HardNegativesGate = typer.Option(None, "--hard-negatives-gate", help="With --hard-negatives: mine only once the "
+                                 "validation mean recall has closed this share of the gap from chance to 100 and the "
+                                 "mined pools are not all alike (a model that ranks at random mines the same images "
+                                 "for every caption); in-batch negatives until then. 0: mine from the start, as the "
+                                 "official code. [default: 0.1]")
 DistillFrom = typer.Option(None, "--distill-from", help="Distil a cross-encoder's scores (uniter-base, "
                            "lxmert-base-uncased, a uniter-itm model; vilt-flickr30k / vilt-coco, which read the image "
                            "files): KL over captions for the batch's first 10 images.")
@@ -72,14 +77,15 @@ def finetune(
     txt_db: list[Path] = TxtDb, val_txt_db: Path = ValTxtDb, img_db: list[Path] = ImgDb,
     val_images: int = ValImages, no_val: bool = NoVal, init: str = Init, image_init: str = ImageInit,
     out_name: str = Out,
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. [default: 15 for flickr30k, "
-                               "20 for coco]"),
+    epochs: int = typer.Option(None, "--epochs", help="Passes over the training captions (every caption once). "
+                               "[default: 15 for flickr30k, 20 for coco]"),
     batch_size: int = _opt("batch_size", FINETUNE_DEFAULTS), lr: float = _opt("lr", FINETUNE_DEFAULTS),
     warmup: float = _opt("warmup", FINETUNE_DEFAULTS), grad_clip: float = _opt("grad_clip", FINETUNE_DEFAULTS),
     grad_accum: int = _opt("grad_accum", FINETUNE_DEFAULTS), precision: str = _opt("precision", FINETUNE_DEFAULTS),
     seed: int = _opt("seed", FINETUNE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
-    hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
+    hard_negatives: int = HardNegatives, hard_negatives_gate: float = HardNegativesGate,
+    distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
     yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the training set without asking "
                              "(accepts its terms of use)."),
@@ -103,7 +109,8 @@ def finetune(
     _run("finetune", out_name, spec, init, image_init, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
         precision=precision, seed=seed, checkpoint_every=save_every, hard_negatives=hard_negatives,
-        distill_from=distill_from, distill_weight=distill_weight, distill_temperature=distill_temperature), plot=plot)
+        hard_negatives_gate=hard_negatives_gate, distill_from=distill_from, distill_weight=distill_weight,
+        distill_temperature=distill_temperature), plot=plot)
 
 
 @app.command()
@@ -148,14 +155,21 @@ def decompose(
                                   "classes. [default: butd-r101-vg]"),
     text_len: int = typer.Option(None, "--text-len", help="Text (and tag) input length. [default: 35]"),
     max_regions: int = typer.Option(None, "--max-regions", help="Regions per image. [default: 100]"),
-    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. [default: 0.005]"),
-    epochs: int = typer.Option(None, "--epochs", help="Passes over the training pairs. [default: 200]"),
+    recipe: str = typer.Option("ldot", "--recipe", help="ldot: temperature 0.05, batch 300 (learns from ldot's "
+                               "sources, which are not retrieval-trained); vldeformer: VLDeformer's own temperature "
+                               "0.005 and batch 1800 (6 GPUs x 300), made for VinVL's retrieval-trained start."),
+    temperature: float = typer.Option(None, "--temperature", help="InfoNCE temperature. [default: the recipe's: "
+                                      "0.05 (ldot), 0.005 (vldeformer)]"),
+    epochs: int = typer.Option(None, "--epochs", help="VLDeformer's epochs: each draws as many pairs as there are "
+                               "training images (its epoch shows every image once with one of its captions), i.e. "
+                               "1/5 of the captions on Flickr30k or COCO. [default: 200]"),
     batch_size: int = _opt("batch_size", DECOMPOSE_DEFAULTS), lr: float = _opt("lr", DECOMPOSE_DEFAULTS),
     warmup: float = _opt("warmup", DECOMPOSE_DEFAULTS), grad_clip: float = _opt("grad_clip", DECOMPOSE_DEFAULTS),
     grad_accum: int = _opt("grad_accum", DECOMPOSE_DEFAULTS), precision: str = _opt("precision", DECOMPOSE_DEFAULTS),
     seed: int = _opt("seed", DECOMPOSE_DEFAULTS), device: str = Device,
     resume: bool = Resume, force: bool = Force, save_every: int = SaveEvery, plot: bool = Plot,
-    hard_negatives: int = HardNegatives, distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
+    hard_negatives: int = HardNegatives, hard_negatives_gate: float = HardNegativesGate,
+    distill_from: str = DistillFrom, distill_weight: float = DistillWeight,
     distill_temperature: float = DistillTemperature,
 ) -> None:
     """Decompose a single-stream cross-encoder into ONE encoder for texts and images (VLDeformer): cosine score,
@@ -163,11 +177,14 @@ def decompose(
     spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
     model_options = {k: v for k, v in dict(text_len=text_len, max_regions=max_regions,
                                            temperature=temperature).items() if v is not None}
+    if recipe not in ("ldot", "vldeformer"):
+        raise typer.BadParameter("choose ldot or vldeformer", param_hint="--recipe")
     _run("decompose", out_name, spec, init, None, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
         precision=precision, seed=seed, checkpoint_every=save_every, hard_negatives=hard_negatives,
-        distill_from=distill_from, distill_weight=distill_weight, distill_temperature=distill_temperature),
-        plot=plot, tags=tags, tag_vocab=tag_vocab, model_options=model_options)
+        hard_negatives_gate=hard_negatives_gate, distill_from=distill_from, distill_weight=distill_weight,
+        distill_temperature=distill_temperature),
+        plot=plot, tags=tags, tag_vocab=tag_vocab, model_options=model_options, recipe=recipe)
 
 
 @app.command()

@@ -37,6 +37,7 @@ class TrainRequest:
     tag_vocab: str | None = None  # decompose: detector name / dir / objects_vocab.txt naming the classes
     model_options: dict[str, Any] = field(default_factory=dict)  # decompose: text_len, max_regions, temperature
     plot: bool = False  # draw the loss and recall curves to <run>/curves.png at the end
+    recipe: str = "ldot"  # decompose: ldot (T 0.05, batch 300) | vldeformer (T 0.005, batch 1800): DECOMPOSE_RECIPES
 
 
 @dataclass
@@ -107,19 +108,30 @@ class PixelTeacher:
         return self.reranker.score_pixels(texts, [self._prepared(k) for k in keys])
 
 
-def _teacher(config: Any, device: str, data: Any) -> Any:
+def _teacher(config: Any, device: str, data: Any = None, progress: Any = None) -> Any:
     if config.distill_from is None:
         return None
     from models.hub.load import load_reranker
+    from models.nn.cross_encoder import LxmertReranker
 
-    reranker = load_reranker(config.distill_from, device=device, dtype=None)
-    if getattr(reranker, "inputs", "regions") != "pixels":
-        return reranker
-    if not data.image_files:
-        raise LdotError(f"{config.distill_from} scores the images' pixels: train from a Karpathy split file and the "
-                        f"image files under {option('data')} (`ldot data get flickr30k --split train`), not from a "
-                        "UNITER image DB alone")
-    return PixelTeacher(reranker, dict(data.image_files))
+    teacher = load_reranker(config.distill_from, device=device, dtype=None)
+    if getattr(teacher, "inputs", "regions") == "pixels":
+        if data is None or not data.image_files:
+            raise LdotError(f"{config.distill_from} scores the images' pixels: train from a Karpathy split file and "
+                            f"the image files under {option('data')} (`ldot data get flickr30k --split train`), not "
+                            "from a UNITER image DB alone")
+        return PixelTeacher(teacher, dict(data.image_files))
+    if isinstance(teacher, LxmertReranker) and data is not None and progress is not None:
+        keys = data.train.image_keys[:: max(1, len(data.train.image_keys) // 50)][:50]
+        boxes = sorted({len(data.features[k].features) for k in keys})
+        if boxes != [36]:  # the re-ranker says the same of an index of other boxes (`ldot search --rerank`)
+            from models.core.progress import Progress
+
+            span = f"{boxes[0]}-{boxes[-1]}" if len(boxes) > 1 else str(boxes[0])
+            progress(Progress("train", 0, None, "steps", "note", {
+                "message": f"LXMERT was trained on 36 boxes per image and these features hold {span}; for LXMERT "
+                           "as published, distil on features extracted with `ldot extract --preset lxmert36`"}))
+    return teacher
 
 
 def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
@@ -175,19 +187,22 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         name = req.init or default_init(req.mode)
         source = read_decompose_source(name)
         tokenizer = decompose_tokenizer(source)
+        model_options = dict(req.model_options)
+        if "temperature" not in model_options and not source.kind.startswith("decomposed"):  # a decomposed model
+            model_options["temperature"] = training.DECOMPOSE_RECIPES[req.recipe]["temperature"]  # keeps its own
         if source.kind in ("vilt", "decomposed-vilt"):  # detector-free: it reads the image files, no tags
             if req.tags:
                 raise LdotError(f"{name} reads pixels: it has no object tags (leave out {option('tags')})")
-            model = decomposed_model(source, tokenizer, **req.model_options)
+            model = decomposed_model(source, tokenizer, **model_options)
             data = open_training_data(req.data, tokenizer, pixels=model.prepare)
             vocab: tuple[str, ...] = ()
         else:
             data = open_training_data(req.data, tokenizer)
             vocab = _tag_vocab(req, data)
-            model = decomposed_model(source, tokenizer, tags=vocab, **req.model_options)
+            model = decomposed_model(source, tokenizer, tags=vocab, **model_options)
         init = {"text": name, "image": name, "heads": "none", "source_kind": source.kind,
-                "tags": len(vocab)}
-        config = training.decompose_config(**req.overrides)
+                "tags": len(vocab), "recipe": req.recipe}
+        config = training.decompose_config(req.recipe, **req.overrides)
         tags = len(vocab)
     else:
         if run_dir.exists():
@@ -201,16 +216,19 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         first = data.features[data.train.image_keys[0]]
         soft = getattr(first, "soft_labels", None)
+        from models.training.data import region_feature_mean
+
         model, report = initial_model(source, req.image_init, img_dim=first.features.shape[-1],
                                       num_region_labels=soft.shape[-1] if soft is not None else 1601,
-                                      seed=req.overrides.get("seed", 42))
+                                      seed=req.overrides.get("seed", 42),
+                                      region_mean=lambda: region_feature_mean(data.features, data.train.image_keys))
         init = report.to_dict()
         if req.mode == "finetune":
             config = training.finetune_config(req.data.dataset, **req.overrides)
         else:
             config = training.pretrain_config(req.mix, **req.overrides)
         tags = 0
-    teacher = _teacher(config, req.device, data)
+    teacher = _teacher(config, req.device, data, progress)
     result = training.train(run_dir, data, config, model, tokenizer, resume=req.resume, device=req.device,
                             init=init, progress=progress, stop_at_step=req.stop_at_step, teacher=teacher)
     model_dir = training.export_model(run_dir, req.out, force=True) if result.finished else None

@@ -28,7 +28,9 @@ def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, 
             record = json.loads(line)
         except ValueError:
             raise LdotError(f"{path}:{number} is not valid JSON") from None
-        (evals if record.get("event", "eval") == "eval" else steps).append(record)
+        event = record.get("event", "eval")
+        if event in ("eval", "step"):  # other lines (e.g. the hard-negative decisions) are not curves
+            (evals if event == "eval" else steps).append(record)
     return steps, evals
 
 

@@ -111,7 +111,9 @@ REGISTRY: tuple[ModelEntry, ...] = (
     # hub revision 884aaef is the repository's main (VisualBertForPreTraining, visual_embedding_dim 2048)
     ModelEntry("visualbert-vqa-coco-pre", "visualbert",
                "VisualBERT pre-trained on COCO (masked language modelling + image-sentence matching): a live "
-               "single-stream BERT-base over 2048-d regions to decompose (`ldot train decompose`)",
+               "single-stream BERT-base over 2048-d regions to decompose (`ldot train decompose`); its regions were "
+               "Detectron fc6 features of 100 fixed boxes (Pythia), not bottom-up-attention res5 features: the "
+               "width matches, the feature space does not",
                "unstated", _hub("uclanlp/visualbert-vqa-coco-pre", "config.json", "pytorch_model.bin"),
                approx_size="~448 MB", tokenizer="bert-base-uncased",
                aliases=("uclanlp/visualbert-vqa-coco-pre", "visualbert")),

@@ -29,6 +29,7 @@ from models.hub.formats import (
     WEIGHTS_FILE,
     Tensors,
     detect_format,
+    heads_of_bare_checkpoint,
     infer_transformer_config,
     load_strict,
     load_tensors,
@@ -142,7 +143,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
         raise ModelError(f"{path} is a {detect_format(obj)} checkpoint: decompose a single-stream cross-encoder "
                          "(a UNITER .pt, uniter-base, visualbert-vqa-coco-pre)")
     state = uniter_to_decomposed(obj)
-    body = infer_transformer_config({k[len("bert."):]: v for k, v in state.items()}, "")
+    body = heads_of_bare_checkpoint(path, infer_transformer_config({k[len("bert."):]: v for k, v in state.items()},
+                                                                   ""))
     img_dim, pos_dim = (state[f"bert.img_embeddings.{n}.weight"].shape[1] for n in ("img_linear", "pos_linear"))
     tokenizer = entry.tokenizer if entry is not None and entry.tokenizer else "bert-base-cased"
     return DecomposeSource(str(name), "uniter", state, DecomposedConfig(body=body, img_dim=img_dim, pos_dim=pos_dim,

@@ -13,11 +13,14 @@ A converted model directory holds::
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import pickle
 import re
 import zipfile
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +209,36 @@ def infer_transformer_config(state: Mapping[str, torch.Tensor], prefix: str) -> 
         raise CheckpointError(f"the checkpoint's shape is not a model ldot can build: {exc}") from None
 
 
+def heads_of_bare_checkpoint(path: str | Path, body: TransformerConfig) -> TransformerConfig:
+    """``body`` with the attention-head count of a bare checkpoint file (a state dict: no head count in it):
+    from a BERT-style JSON config beside it (``<stem>.json`` as UNITER ships ``uniter-base.json``, or
+    ``config.json``; key ``num_attention_heads``) when there is one; else the shapes' assumption
+    (hidden / 64) stays and a warning says so, since a wrong count changes every score silently."""
+    import warnings
+
+    from models.core.errors import LdotWarning
+
+    path = Path(path)
+    for cand in (path.with_suffix(".json"), path.parent / CONFIG_FILE):
+        if not cand.is_file():
+            continue
+        try:
+            raw = json.loads(cand.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cand} is not valid JSON ({exc})") from None
+        heads = raw.get("num_attention_heads") if isinstance(raw, dict) else None
+        if heads is None:
+            continue
+        if not isinstance(heads, int) or heads < 1 or body.hidden_size % heads:
+            raise CheckpointError(f"{cand}: num_attention_heads {heads!r} does not divide the hidden size "
+                                  f"{body.hidden_size} of {path.name}")
+        return replace(body, num_heads=heads)
+    warnings.warn(LdotWarning(f"{path} holds no attention-head count: assumed {body.num_heads} (hidden "
+                              f"{body.hidden_size} / 64, BERT's convention); if it has another, put its config "
+                              f"(num_attention_heads) beside it as {path.with_suffix('.json').name}"), stacklevel=2)
+    return body
+
+
 def infer_bi_encoder_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> BiEncoderConfig:
     """A `BiEncoderConfig` that fits the given bi-encoder state dict."""
     try:
@@ -284,6 +317,11 @@ def visualbert_config(hf: dict[str, Any], path: str | Path = "config.json") -> t
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                 "max_position_embeddings", "visual_embedding_dim")
     body = hf_transformer_config(hf, path, "num_hidden_layers", required)
+    pad = hf.get("pad_token_id", 1)  # the row without gradient: VisualBertConfig's default 1
+    if not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < body.vocab_size:
+        raise CheckpointError(f"{path}: pad_token_id {pad!r} is not a row of the {body.vocab_size}-word vocabulary: "
+                              "not a model ldot can build")
+    body = dataclasses.replace(body, padding_idx=pad)
     problem = range_problem(CrossEncoderConfig, {"img_dim": hf["visual_embedding_dim"]},
                             {"img_dim": "visual_embedding_dim"})
     if problem:

@@ -27,11 +27,16 @@ class TransformerConfig:
     type_vocab_size: int = bounded(2, 1, 1024)  # token types: 0 text, 1 image region
     layer_norm_eps: float = bounded(1e-12, 1e-30, 1.0)  # LayerNorm epsilon everywhere in the body
     dropout: float = bounded(0.1, 0.0, 1.0)  # hidden and attention-probability dropout (training only)
+    # the word-embedding row that gets no gradient (torch's padding_idx): BERT's [PAD] 0; a VisualBERT's config
+    # pad_token_id (transformers' VisualBertConfig default 1, although its tokenizer pads with [PAD] = 0)
+    padding_idx: int = bounded(0, 0, 1_000_000)
 
     def __post_init__(self) -> None:
         check_ranges(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.padding_idx < self.vocab_size:
+            raise ValueError(f"padding_idx {self.padding_idx} is outside the {self.vocab_size}-word vocabulary")
 
 
 @dataclass(frozen=True)

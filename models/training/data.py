@@ -122,6 +122,22 @@ def region_lookup(records: Mapping[str, Any]) -> FeatureLookup:
     return _ConvertedLookup(records)
 
 
+def region_feature_mean(features: FeatureLookup, keys: Sequence[str], limit: int = 1000) -> np.ndarray:
+    """The mean region feature (img_dim,) over the regions of up to ``limit`` of the images ``keys`` (evenly
+    spaced through them): what a fresh region embedding is centred on (`initialization.centre_region_embedding_`)."""
+    if not keys:
+        raise ValueError("no images to take the mean region feature of")
+    step = max(1, len(keys) // limit)
+    total: np.ndarray | None = None
+    count = 0
+    for key in list(keys)[::step][:limit]:
+        rows = np.asarray(features[key].features, dtype=np.float64)
+        total = rows.sum(axis=0) if total is None else total + rows.sum(axis=0)
+        count += len(rows)
+    assert total is not None
+    return (total / max(1, count)).astype(np.float32)
+
+
 # -- batching --------------------------------------------------------------------------------------------
 def epoch_order(n: int, seed: int, epoch: int, stream: int = 0) -> torch.Tensor:
     """The shuffled pair order of one epoch of one stream (a pure function of its arguments)."""

@@ -41,7 +41,7 @@ from torch import nn
 
 from models.core.config import config_from_dict
 from models.core.device import pick_device
-from models.core.errors import ConfigError, LdotError, option
+from models.core.errors import ConfigError, LdotError, option, render
 from models.core.fileio import (
     atomic_write_bytes,
     atomic_write_json,
@@ -101,7 +101,7 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.0  # AdamW decoupled weight decay (never on biases and LayerNorm)
     warmup: float = 0.1  # warmup: a fraction of all steps when < 1, else a number of steps
-    epochs: int | None = 15  # passes over the training pairs (fine-tuning) ...
+    epochs: int | None = 15  # epochs (fine-tuning; see epoch_unit) ...
     steps: int | None = None  # ... or a number of optimizer steps (pre-training); wins over epochs
     grad_clip: float = 2.0  # max global gradient norm (0: no clipping)
     precision: str = "auto"  # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | fp16 | bf16
@@ -112,7 +112,14 @@ class TrainConfig:
     eval_every: int | None = None  # optimizer steps between validations (None: every epoch)
     checkpoint_every: int | None = None  # optimizer steps between resume checkpoints (None: at each validation)
     schedule: str = "linear"  # decay after warm-up: linear (LightningDOT) | cosine (VLDeformer)
+    # what an epoch is: "pairs" = every training caption once (LightningDOT); "images" = as many pairs as there are
+    # training images (VLDeformer's epoch shows each image once with one of its captions; ldot draws that many
+    # pairs from its shuffled caption order, so over the run every caption is seen as often)
+    epoch_unit: str = "pairs"
     hard_negatives: int = 0  # K mined hard negatives per caption and per image (0: in-batch negatives only)
+    # mine only once validation mean recall has closed this share of the gap from chance to 100, and while the
+    # mined pools are not all alike; in-batch negatives until then (0: mine from the start, as the official code)
+    hard_negatives_gate: float = 0.1
     distill_from: str | None = None  # cross-encoder teacher (registry name / model dir) whose scores are distilled
     distill_weight: float = 1.0  # weight of the distillation loss added to the contrastive loss
     distill_temperature: float = 1.0  # softmax temperature T of the distillation (loss scaled by T^2)
@@ -139,10 +146,14 @@ class TrainConfig:
             raise TrainingError("the learning rate must be positive")
         if self.warmup < 0:
             raise TrainingError(f"{option('warmup')} cannot be negative")
+        if self.epoch_unit not in ("pairs", "images"):
+            raise TrainingError(f"unknown epoch unit {self.epoch_unit!r}: pairs or images")
         if self.schedule not in ("linear", "cosine"):
             raise TrainingError(f"unknown schedule {self.schedule!r}: linear or cosine")
         if self.hard_negatives < 0:
             raise TrainingError(f"{option('hard_negatives')} must be 0 or more")
+        if not 0 <= self.hard_negatives_gate < 1:
+            raise TrainingError(f"{option('hard_negatives_gate')} must be in [0, 1)")
         if self.hard_negatives and self.task_names != ("itm",):
             raise TrainingError(f"{option('hard_negatives')} needs the itm task alone (fine-tuning or decomposition)")
         if self.distill_from is not None and self.task_names != ("itm",):
@@ -209,11 +220,26 @@ def pretrain_config(mix: str = "coco", **overrides: Any) -> TrainConfig:
     return replace(base, **overrides)
 
 
-def decompose_config(**overrides: Any) -> TrainConfig:
-    """VLDeformer's decomposition: cross-modal InfoNCE (temperature in the model config), batch 300, AdamW
-    lr 7.5e-6, weight decay 0.05, eps 1e-8, 200 warm-up steps then cosine to 0, grad clip 1.0, 200 epochs."""
-    base = TrainConfig(tasks=(("itm", 1.0),), batch_size=300, lr=7.5e-6, betas=(0.9, 0.999), adam_eps=1e-8,
-                       weight_decay=0.05, warmup=200, epochs=200, grad_clip=1.0, schedule="cosine")
+# Decomposition recipes: the batch and the InfoNCE temperature (a model setting) differ; the rest is VLDeformer's.
+# "vldeformer": its own values (6 GPUs x 300 = 1800 pairs, T 0.005), which start from VinVL's retrieval-trained
+# cross-encoder. "ldot" (the default): T 0.05, batch 300, for ldot's sources, which are not retrieval-trained:
+# their untrained cosines spread by ~0.035 per row, 7 units of logit noise at T 0.005 and 0.7 at 0.05; measured
+# on a synthetic set (benchmarks/learn.py --modes temperatures), T 0.005 stays at chance where 0.05 learns.
+DECOMPOSE_RECIPES: dict[str, dict[str, Any]] = {
+    "ldot": {"batch_size": 300, "temperature": 0.05},
+    "vldeformer": {"batch_size": 1800, "temperature": 0.005},
+}
+
+
+def decompose_config(recipe: str = "ldot", **overrides: Any) -> TrainConfig:
+    """VLDeformer's decomposition: cross-modal InfoNCE (temperature in the model config: `DECOMPOSE_RECIPES`),
+    AdamW lr 7.5e-6, weight decay 0.05, eps 1e-8, 200 warm-up steps then cosine to 0, grad clip 1.0, 200 of its
+    epochs (as many pairs as training images each); batch 300 (``ldot``) or 1800 (``vldeformer``)."""
+    if recipe not in DECOMPOSE_RECIPES:
+        raise TrainingError(f"unknown recipe {recipe!r}: {' or '.join(DECOMPOSE_RECIPES)}")
+    base = TrainConfig(tasks=(("itm", 1.0),), batch_size=DECOMPOSE_RECIPES[recipe]["batch_size"], lr=7.5e-6,
+                       betas=(0.9, 0.999), adam_eps=1e-8, weight_decay=0.05, warmup=200, epochs=200, grad_clip=1.0,
+                       schedule="cosine", epoch_unit="images")
     return replace(base, **overrides)
 
 
@@ -416,6 +442,28 @@ def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool
                                 f"classifier predicts {model.num_region_labels}")
 
 
+def distill_student(text: torch.Tensor, image: torch.Tensor, m: int, scale: float = 1.0) -> torch.Tensor:
+    """The student scores the official distillation compares with the teacher (train_itm.py): rows 0..M-1 of
+    ``0.5 * (S_img->txt + S_txt->img)``, where ``S_img->txt = image @ text.T`` (the image->text loss's scores)
+    and ``S_txt->img = text @ image.T`` (the text->image loss's); entry (i, j) is
+    ``0.5 * (image_i . text_j + text_i . image_j)``: image i against caption j, averaged with caption i against
+    image j. ``text[i]`` and ``image[i]`` are pair i of the batch (B x D each). ``scale``: the model's logit
+    scale (1 for LightningDOT's raw dot products, 1 / temperature for a decomposed model's cosines)."""
+    text, image = text.float(), image.float()
+    both = 0.5 * (image[:m] @ text.T + text[:m] @ image.T)  # (M, B)
+    return both * scale
+
+
+def hard_negative_gate(mean_recall: float, val: PairSet, gate: float) -> tuple[bool, float, float]:
+    """(whether to mine, chance mean recall, the mean recall mining needs) on the validation pairs ``val``:
+    mining waits until the mean recall has closed ``gate`` of the gap from chance to 100."""
+    from models.training.metrics import chance_recalls
+
+    chance = chance_recalls(val.caption_image, len(val.image_keys)).rsum / 6
+    needed = chance + gate * (100.0 - chance)
+    return mean_recall >= needed, chance, needed
+
+
 # -- the loop --------------------------------------------------------------------------------------------
 class _Trainer:
     def __init__(self, run_dir: Path, model: Any, tokenizer: Any, data: TrainData,
@@ -439,6 +487,7 @@ class _Trainer:
             raise TrainingError(f"{config.distill_from!r} scores region features and this model's batches hold "
                                 "pixels: distil a cross-encoder that reads pixels (vilt-flickr30k, vilt-coco)")
         self.negatives: Any = None  # models.training.negatives.HardNegatives, when mining
+        self.last_val: dict[str, Any] | None = None  # the latest validation record (the hard-negative gate reads it)
         self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
         self.train_pairs = data.train.drop_long(config.max_text_len)
@@ -452,7 +501,9 @@ class _Trainer:
         self.progress = progress or (lambda p: None)
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        self.per_epoch = batches_per_epoch(len(self.train_pairs), config.batch_size)
+        epoch_pairs = (len(self.train_pairs) if config.epoch_unit == "pairs"
+                       else len(set(self.train_pairs.caption_image)))
+        self.per_epoch = batches_per_epoch(epoch_pairs, config.batch_size)
         steps_per_epoch = max(1, self.per_epoch // config.grad_accum)
         self.total = config.steps if config.steps is not None else steps_per_epoch * int(config.epochs or 1)
         self.steps_per_epoch = steps_per_epoch
@@ -559,9 +610,10 @@ class _Trainer:
         return loss, info
 
     def _distill(self, batch: PairBatch, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """KL(teacher || student) over captions for the batch's first M images (the official form)."""
+        """KL(teacher || student) over captions for the batch's first M images (the official form:
+        `distill_student`)."""
         m, b = min(self.config.distill_images, len(batch)), len(batch)
-        student = (image[:m].float() @ text.float().T) * self.model.logit_scale  # (M, B)
+        student = distill_student(text, image, m, self.model.logit_scale)  # (M, B)
         texts = self._caption_texts(batch)
         rows = [j for _ in range(m) for j in range(b)]
         owners = [i for i in range(m) for _ in range(b)]
@@ -582,13 +634,51 @@ class _Trainer:
 
     # -- hard negatives -------------------------------------------------------------------------------------
     def mine(self) -> None:
-        from models.training.negatives import mine
+        """Mine hard negatives with the current model, unless the gate keeps in-batch negatives for now: the
+        model's validation recall has not cleared chance by the gate, or its mined pools are all alike (it ranks
+        every caption's images the same way). Either is said (a note, and a ``negatives`` line in the log)."""
+        from models.training.negatives import STALLED, mine
 
+        cfg = self.config
         self._stop_prefetch()  # batches read ahead hold the old negatives
+        gate = cfg.hard_negatives_gate
+        if gate > 0 and self.val is not None and len(self.val):
+            record = self.last_val
+            if record is None or record["step"] != self.step:  # before epoch 0, or no validation this epoch
+                record = {"step": self.step, **evaluate(self.model, self.val, self.features, self.ids, self.device,
+                                                        self.autocast)}
+            ready, chance, needed = hard_negative_gate(record["mean_recall"], self.val, gate)
+            if not ready:
+                self.negatives = None
+                self._negatives_note(False, f"validation mean recall {record['mean_recall']:.1f} is within the gate "
+                                     f"of chance ({chance:.1f}; mining needs {needed:.1f}): in-batch negatives "
+                                     f"until it clears it ({option('hard_negatives_gate')} 0 mines anyway)",
+                                     mean_recall=record["mean_recall"], chance=chance, needed=needed)
+                return
         text, image = encode_pairs(self.model, self.train_pairs, self.features, self.ids, self.device,
                                    self.autocast, progress=self.stage_progress)
-        self.negatives = mine(text, image, self.train_pairs.caption_image, self.config.hard_negatives,
-                              self.config.seed, self.step, self.device.type == "cuda", self.stage_progress)
+        mined = mine(text, image, self.train_pairs.caption_image, cfg.hard_negatives, cfg.seed, self.step,
+                     self.device.type == "cuda", self.stage_progress)
+        if mined.concentration >= STALLED:
+            what = (f"the mined pools are nearly the same images for every caption (concentration "
+                    f"{mined.concentration:.2f}; 0 = spread, 1 = identical): the model ranks near chance, and such "
+                    "negatives are no harder than random ones")
+            if gate > 0:
+                self.negatives = None
+                self._negatives_note(False, what + "; in-batch negatives until the pools spread",
+                                     concentration=mined.concentration)
+                return
+            self._negatives_note(True, what + f"; mining anyway ({option('hard_negatives_gate')} 0)",
+                                 concentration=mined.concentration)
+        else:
+            self._log({"event": "negatives", "step": self.step, "mined": True,
+                       "concentration": round(mined.concentration, 4)})
+        self.negatives = mined
+
+    def _negatives_note(self, mined: bool, message: str, **figures: float) -> None:
+        self._log({"event": "negatives", "step": self.step, "mined": mined,
+                   **{k: round(v, 4) for k, v in figures.items()}, "message": render(message)})
+        _report(self.progress, "note", self.step, self.total, self.epoch, message="hard negatives: " + message)
 
     def stage_progress(self, p: Any) -> None:
         self.progress(p)
@@ -656,6 +746,7 @@ class _Trainer:
         vectors: dict[str, np.ndarray] = {}
         metrics = evaluate(self.model, self.val, self.features, self.ids, self.device, self.autocast, vectors)
         record = {"step": self.step, "epoch": round(self.epoch, 3), **metrics}
+        self.last_val = record
         self._log({"event": "eval", **record})
         if self.best is None or metrics["mean_recall"] > self.best["mean_recall"]:
             self.best = record
@@ -713,7 +804,7 @@ class _Trainer:
             for i, state in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda_{i}"] = state
         state = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "step": self.step, "total": self.total,
-                 "positions": self.positions, "best": self.best, "running": self.running,
+                 "positions": self.positions, "best": self.best, "last_val": self.last_val, "running": self.running,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "optimizer": opt_meta,
                  "config": self.config.to_dict(), "train_pairs": len(self.train_pairs)}
 
@@ -758,6 +849,7 @@ class _Trainer:
         self.step = state["step"]
         self.positions = {k: int(v) for k, v in state["positions"].items()}
         self.best = state["best"]
+        self.last_val = state.get("last_val")
         self.running = state.get("running", {})
         if (path / "negatives.safetensors").is_file():
             from models.training.negatives import HardNegatives

@@ -83,3 +83,22 @@ def recalls_from_vectors(text_vectors: np.ndarray, image_vectors: np.ndarray, ca
     ranked_images = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
     ranked_texts = np.argsort(-scores.T, axis=1, kind="stable")[:, :depth]
     return recalls_from_rankings(ranked_images, ranked_texts, np.asarray(caption_image), ks)
+
+
+def chance_recalls(caption_image: Sequence[int], n_images: int, ks: Sequence[int] = KS) -> Recalls:
+    """The expected recalls (%) of scores that rank at random: text->image K / n_images; image->text, for an image
+    with c of the n captions, 1 - C(n - c, K) / C(n, K) (the chance that one of its captions is in a random top
+    K), averaged over images."""
+    owners = np.asarray(caption_image)
+    n_txt = len(owners)
+    counts = np.bincount(owners, minlength=n_images) if n_txt else np.zeros(n_images, dtype=int)
+
+    def miss(c: int, k: int) -> float:
+        p = 1.0
+        for t in range(min(k, n_txt)):
+            p *= max(0, n_txt - c - t) / (n_txt - t)
+        return p
+
+    t2i = {k: 100.0 * min(1.0, k / max(1, n_images)) for k in ks}
+    i2t = {k: 100.0 * float(np.mean([1.0 - miss(int(c), k) for c in counts])) if n_images else 0.0 for k in ks}
+    return Recalls(t2i, i2t)

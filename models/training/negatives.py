@@ -6,6 +6,11 @@ mode, exact inner-product search (faiss ``IndexFlatIP``; on a GPU through faiss-
 top P = min(max(2K + 10, 50), 1000) images of each caption and captions of each image, drop the true matches,
 and draw K of the rest uniformly at random. Each pair of a batch then brings the K negative images of its
 caption and the K negative captions of its image; all B*K are appended to the batch and shared by every query.
+
+A model that ranks at random (a fresh one, or one stuck on the plateau at ln B) mines the same few images for every
+caption: its negatives are no harder than random ones, and the official mining gives no sign of it.
+`pool_concentration` measures that (0: the pools are spread as evenly as they can be; 1: every caption's pool
+is the same P images); the trainer says so and, with its gate on, keeps in-batch negatives.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class HardNegatives:
     images: np.ndarray  # (n_captions, K) int64: negative image index of each caption
     captions: np.ndarray  # (n_images, K) int64: negative caption index of each image
     mined_at: int  # optimizer step of the model that mined them
+    concentration: float = 0.0  # `pool_concentration` of the captions' image pools (not saved)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"hn_images": torch.from_numpy(self.images), "hn_captions": torch.from_numpy(self.captions),
@@ -48,6 +54,24 @@ class HardNegatives:
         images = [int(j) for i in caption_indices for j in self.images[i]]
         captions = [int(c) for i in caption_indices for c in self.captions[caption_image[i]]]
         return captions, images
+
+
+STALLED = 0.8  # pool concentration from which the pools say "this model ranks every caption's images alike"
+# (measured: 0.99-1.00 from a fresh tiny model; 0.37-0.40 from one that has begun to learn, benchmarks/defaults.py)
+
+
+def pool_concentration(found: np.ndarray, n_keys: int) -> float:
+    """How much the rows' candidate pools (n_rows, P) are the same few keys: the share of all pool slots held by
+    the P most-found keys, rescaled so that 0 = pools spread evenly over the ``n_keys`` keys (each key in the
+    same number of pools) and 1 = every row's pool is the same P keys. 0 when P covers most keys (nothing to
+    tell: any pools overlap)."""
+    rows, top = found.shape
+    if rows == 0 or top == 0 or 2 * top > n_keys:
+        return 0.0
+    counts = np.bincount(found[found >= 0].ravel(), minlength=n_keys)
+    held = np.sort(counts)[::-1][:top].sum() / float(rows * top)
+    even = top / n_keys
+    return float(max(0.0, (held - even) / (1.0 - even)))
 
 
 def search_top(queries: np.ndarray, keys: np.ndarray, top: int, use_gpu: bool = False) -> np.ndarray:
@@ -93,4 +117,4 @@ def mine(caption_vectors: np.ndarray, image_vectors: np.ndarray, caption_image: 
         caption_pos[img].add(cap)
     neg_captions = draw_negatives(found_captions, caption_pos, k, generator)
     report(progress, "mining hard negatives", 3, 3, "stages")
-    return HardNegatives(neg_images, neg_captions, step)
+    return HardNegatives(neg_images, neg_captions, step, pool_concentration(found_images, n_img))
