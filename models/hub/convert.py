@@ -84,7 +84,8 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
     - an official LightningDOT ``.pt`` (fine-tuned or pre-trained) or a UNITER ``.pt`` is converted once
       into a model directory (config.json + model.safetensors + tokenizer);
     - detector weights (hub ``pytorch_model.bin`` or detectron2 ``.pkl``) and Hugging Face model
-      directories (LXMERT, BERT) are copied as they are;
+      directories (LXMERT, BERT; CLIP and SigLIP as `save_pretrained` writes them, model + processor) are copied
+      as they are;
     - an ldot model directory is copied.
     """
     check_name(name)
@@ -128,6 +129,11 @@ def _dir_kind(src: Path) -> str:
             raise CheckpointError(f"{config} is not valid JSON") from None
         if meta.get("format") == "ldot-model":
             return read_model_config(src)["kind"]
+        if meta.get("model_type") in ("clip", "siglip"):
+            from models.hub.dual import check_dual_dir
+
+            check_dual_dir(src, str(src))
+            return "dual-encoder"
         if meta.get("model_type") == "lxmert":
             return "lxmert"
         if meta.get("model_type") == "visual_bert":

@@ -19,7 +19,7 @@ from models.core.download import (
     known_hash,
     record_hash,
 )
-from models.core.errors import DownloadError
+from models.core.errors import DownloadError, LdotError
 from models.core.fileio import new_dir, recover_dir, replace_dir
 from models.core.home import models_dir
 from models.core.progress import ProgressFn
@@ -77,6 +77,14 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
             dest = staging / remote.filename
             if remote.filename in hub:
                 _link_hub_file(entry, remote, hub[remote.filename], staging, files, pin, progress)
+                if entry.kind == "dual-encoder" and remote.filename == "config.json":
+                    from models.hub.dual import check_dual_config  # another architecture: refused before its weights
+
+                    try:
+                        check_dual_config(staging / "config.json", f"hf:{hub[remote.filename].repo}")
+                    except LdotError:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        raise
                 continue
             if not entry.convert and remote.filename in files and dest.is_file():
                 continue
