@@ -95,17 +95,19 @@ class ServeState:
         with self.lock:
             searcher = self.get()
             counts = searcher.store.counts()
-            regions = searcher.store.get_meta("regions") != "none" and (searcher.store.dir / "regions").is_dir()
+            stored = searcher.store.get_meta("regions") != "none" and (searcher.store.dir / "regions").is_dir()
+            regions = searcher.has_boxes  # the page asks for boxes only where the index has them
             try:
                 auto = searcher.auto_min_score()
             except LdotError:
                 auto = None
             try:
-                reranker = default_reranker() if regions else None
+                reranker = default_reranker() if stored else None
             except LdotError:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),
-                    "vectors": counts.get("vectors", 0), "regions": regions, "reranker": reranker,
+                    "vectors": counts.get("vectors", 0), "regions": regions,
+                    "boxes_note": None if regions else searcher.no_boxes_reason(), "reranker": reranker,
                     "auto_min_score": auto, "max_query_chars": MAX_QUERY_CHARS, "answered": self.answered}
 
     def search(self, request: Request) -> dict[str, Any]:

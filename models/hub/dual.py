@@ -104,12 +104,19 @@ def load_dual_encoder(directory: str | Path, device: str | torch.device = "cpu",
     model_type = check_dual_dir(directory, str(directory))
     spec = pixel_spec(directory, model_type)
     cls = getattr(transformers, ARCHITECTURES[model_type][0])
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # ldot draws its own progress; loading a local folder takes seconds
     try:
         model = cls.from_pretrained(str(directory), dtype=dtype or torch.float32, use_safetensors=True,
                                     local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"cannot load the {model_type} model in {directory}: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tokenizer = load_tokenizer(directory)
     config = model.config.text_config
     limit = int(config.max_position_embeddings)

@@ -181,6 +181,10 @@ def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dic
 def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str, staging: Path | None) -> str:
     if len(entry.files) == 1:
         have = f"If you have the file, run `ldot models import {remote.filename} --as {entry.name}`"
+    elif entry.kind == "dual-encoder":
+        size = f" ({entry.approx_size})" if entry.approx_size else ""
+        have = (f"Run `ldot models download {entry.name}` where the hub is reachable{size}, or import a folder "
+                f"written by `save_pretrained` (model and processor): `ldot models import FOLDER --as {entry.name}`")
     else:
         have = (f"If you have its files ({', '.join(f.filename for f in entry.files if not f.optional)}), put them "
                 f"in one folder and run `ldot models import FOLDER --as {entry.name}`")

@@ -122,7 +122,8 @@ def preprocess_pixels(rgb: np.ndarray, spec: PixelSpec) -> tuple[torch.Tensor, f
     padding when the image is smaller, then rescale and normalise fused into one float32 normalisation)."""
     from torchvision.transforms.v2 import functional as tvf
 
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    rgb = np.ascontiguousarray(rgb)
+    image = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)
     height = image.shape[1]
     if spec.resize is not None:
         kind, a, b = spec.resize
