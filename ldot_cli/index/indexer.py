@@ -165,18 +165,20 @@ class Indexer:
     def needed_models(self, reindex: bool = False) -> list[str]:
         """Model names this run loads (for the caller to download first); a ready detector object needs none, nor
         does a dual encoder's index that keeps no region features."""
+        from models.hub.load import model_inputs
+
         model, detector, _ = self.choices(reindex)
-        if self._detector is not None or not self._wants_regions(model, reindex):
+        if self._detector is not None or (model_inputs(model) == "pixels" and not self._wants_regions(model, reindex)):
             return [model]
         return [detector, model]
 
     def _wants_regions(self, model: str, reindex: bool = False) -> bool:
-        """Whether this run extracts region features: always for a region model; for a dual encoder when asked
-        (``ldot index --regions``) or when the index already keeps them."""
+        """Whether this run keeps region features: for a region model unless told not to (its vectors need the
+        detector anyway); for a dual encoder when asked (``ldot index --regions``) or when the index keeps them."""
         from models.hub.load import model_inputs
 
         if model_inputs(model) != "pixels":
-            return True
+            return self.regions_arg is not False
         if self.regions_arg is not None:
             return self.regions_arg
         return self.recorded(reindex).get("regions") == "kept"

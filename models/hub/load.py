@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from models.core.errors import CheckpointError, ModelError, ModelNotFoundError
+from models.core.errors import CheckpointError, ModelError, ModelNotFoundError, option
 from models.core.fileio import sha256_file
 from models.core.home import models_dir
 from models.hub.cache import check_model_files
@@ -73,7 +73,8 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     if path.is_dir() and is_dual_dir(path):
         check_model_files(path)
         if tokenizer:
-            raise ModelError(f"{source} is a dual encoder: it reads texts with its own tokenizer (no --tokenizer)")
+            raise ModelError(f"{source} is a dual encoder: it reads texts with its own tokenizer (leave out "
+                             f"{option('tokenizer')})")
         return load_dual_encoder(path, device=device, dtype=dtype)
     if path.is_dir():
         check_model_files(path)
