@@ -95,6 +95,17 @@ def pixel_spec(directory: Path, model_type: str) -> PixelSpec:
     return PixelSpec.from_config(_read_json(path, "model"), _processor_defaults(model_type), str(path))
 
 
+def dual_preprocess(directory: str | Path) -> Any:
+    """The worker-side preprocessing of a dual-encoder folder (picklable), without loading its weights."""
+    import functools
+
+    from models.nn.dual import preprocess_pixels
+
+    directory = Path(directory)
+    return functools.partial(preprocess_pixels, spec=pixel_spec(directory, check_dual_config(
+        directory / "config.json", str(directory))))
+
+
 def load_dual_encoder(directory: str | Path, device: str | torch.device = "cpu",
                       dtype: torch.dtype | None = torch.float32) -> DualEncoder:
     """A `DualEncoder` from a CLIP / SigLIP folder (weights, image processor settings, tokenizer)."""
