@@ -136,6 +136,10 @@ def test_index_command_says_which_model_and_why_and_search_json(tmp_path, clip, 
     assert len(hits) == 3 and all(os.path.exists(h["path"]) for h in hits)
     result = runner.invoke(app, ["search", "a dog", "--min-score", "auto"])
     assert result.exit_code != 0 and "--min-score 0.25" in " ".join(result.output.split())
+    sheet = tmp_path / "sheet.html"
+    result = runner.invoke(app, ["search", "a dog", "-k", "2", "--html", str(sheet)])
+    assert result.exit_code == 0, result.output
+    assert sheet.is_file() and "no region boxes" in " ".join(result.output.split())
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code == 0 and "clip-vit-b32" in result.output
 
@@ -149,3 +153,35 @@ def test_offline_with_nothing_in_the_cache_names_what_to_download(tmp_path):
     text = " ".join(result.output.split())
     assert "ldot models download clip-vit-b32" in text and "ldot models import" in text
     assert "butd" not in text  # the detector is not needed
+
+
+def test_serve_answers_for_a_dual_encoder_index_without_boxes(tmp_path, clip):
+    """`ldot serve` of a CLIP index: searches (text and similar images), and says the page has no boxes."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from models.core.home import ldot_home
+
+    make_photos(tmp_path / "photos", 5, size=(64, 48))
+    run_index(tmp_path / "photos", model=clip)
+    env = {**os.environ, "LDOT_HOME": str(ldot_home()), "LDOT_NO_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "serve", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), proc.stderr.read() if proc.poll() is not None else url
+        base = url.split("?")[0].rstrip("/")
+        info = httpx.get(f"{base}/api/info", timeout=60).json()
+        assert info["model"] == clip and info["regions"] is False and "no region boxes" in info["boxes_note"]
+        got = httpx.post(f"{base}/api/search", json={"q": "a dog", "k": 3, "regions": True}, timeout=120)
+        assert got.status_code == 200, got.text
+        hits = got.json()["hits"]
+        assert len(hits) == 3 and not any(h.get("regions") for h in hits)
+        similar = httpx.post(f"{base}/api/search", json={"id": hits[0]["id"], "k": 2}, timeout=120).json()
+        assert similar["hits"][0]["id"] == hits[0]["id"]  # an image is its own nearest neighbour
+        assert "no region boxes" in httpx.get(f"{base}/", timeout=60).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
