@@ -194,7 +194,52 @@ def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str],
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def reads_pixels(encoder: Any) -> bool:
+    """The model's image tower reads pixels (a dual encoder: CLIP, SigLIP), not region features."""
+    return getattr(encoder, "inputs", "regions") == "pixels"
+
+
+def encode_image_files(encoder: Any, paths: Sequence[Path], batch_size: int = 64, progress: ProgressFn | None = None,
+                       timings: EvalTimings | None = None, num_workers: int = 2) -> np.ndarray:
+    """Image vectors (n, D) of image files, for a model that reads pixels: decoded by ldot (EXIF, CMYK, 16-bit,
+    HEIC) and preprocessed by the model's own image processor in worker processes, encoded in batches."""
+    from feature_extraction.images.pool import DecodeFailure, iter_decoded
+
+    timings = timings or EvalTimings()
+    advance = _tick(progress, "encoding images", len(paths), "images")
+    out: np.ndarray | None = None
+    pending: list[Any] = []
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal out, pending
+        if not pending:
+            return
+        vectors = _numpy(encoder.encode_images([item.pixels for item in pending], batch_size=len(pending)))
+        if out is None:
+            out = np.zeros((len(paths), vectors.shape[1]), np.float32)
+        out[[item.index for item in pending]] = vectors
+        advance(len(pending))
+        pending = []
+
+    for item in iter_decoded([str(p) for p in paths], encoder.pixel_preprocess, num_workers=num_workers,
+                             max_in_flight=2 * batch_size):
+        if isinstance(item, DecodeFailure):
+            raise DatasetError(f"{paths[item.index]} could not be read ({item.reason}): every image of the benchmark "
+                               "is needed")
+        pending.append(item)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    timings.image_encoding_s += time.perf_counter() - t0
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 def _text_mode(rset: RetrievalSet, encoder: Encoder, text_input: str) -> str:
+    if reads_pixels(encoder):  # a text DB's ids are BERT word-pieces: a dual encoder reads the raw captions
+        if text_input == "token-ids":
+            raise DatasetError("a model that reads pixels (CLIP, SigLIP) tokenizes the raw captions itself")
+        return "raw-text"
     has_ids = rset.text_meta is not None and all(c.token_ids is not None for c in rset.captions)
     if text_input == "raw-text" or not has_ids:
         if text_input == "token-ids":
@@ -358,13 +403,21 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         raise ModelError("re-ranking needs a cross-encoder (reranker=)")
     if any(m < 1 for m in rerank_ks):
         raise LdotError(f"{option('rerank_k')} must be positive (got {', '.join(map(str, rerank_ks))})")
-    if rset.image_db is None:
+    pixels = reads_pixels(encoder)
+    if rset.image_db is None and (not pixels or reranker is not None):
         raise DatasetError("the benchmark's image features are not extracted yet (call ensure_features first)")
+    if pixels and rset.image_root is None:
+        raise DatasetError("a model that reads pixels (CLIP, SigLIP) needs the benchmark's image files, not only a "
+                           f"UNITER image DB: give them ({option('images')}, or {option('data')} holding them)")
     ms = sorted(set(rerank_ks))
     timings = EvalTimings()
-    store = FeatureStore(rset.image_db)
+    store = FeatureStore(rset.image_db) if rset.image_db is not None else None
     try:
-        image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress, timings)
+        if pixels:
+            image_vectors = encode_image_files(encoder, rset.image_paths(), batch_size, progress, timings)
+        else:
+            image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress,
+                                             timings)
         mode = _text_mode(rset, encoder, text_input)
         text_vectors = encode_captions(encoder, rset, mode, batch_size, progress, timings)
         if not (np.isfinite(image_vectors).all() and np.isfinite(text_vectors).all()):
@@ -382,7 +435,8 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         if reranker is not None and cross_sample > 0:
             time_cross_encoder(reranker, store, rset, cross_sample, timings, seed, progress)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return EvalReport(rset.dataset, "1k" if fold_size else rset.split, rset.lang, len(rset.images),
                       len(rset.captions), fold_size, Recalls.mean(fold_recalls),
                       {m: Recalls.mean([f[m] for f in fold_reranked]) for m in ms}, fold_recalls, fold_reranked,
@@ -499,8 +553,9 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     reranker = models.load_reranker(reranker_name, device=opts.device) if reranker_name else None
     t0 = time.perf_counter()
     had_features = rset.image_db is not None
-    ensure_features(rset, device=opts.device, progress=progress)
-    extraction_s = 0.0 if had_features else time.perf_counter() - t0
+    if not reads_pixels(encoder) or reranker is not None:  # a dual encoder alone runs no detector
+        ensure_features(rset, device=opts.device, progress=progress)
+    extraction_s = 0.0 if had_features or rset.image_db is None else time.perf_counter() - t0
     report = evaluate(rset, encoder, reranker=reranker, rerank_ks=opts.rerank_ks, fold_size=fold_size,
                       batch_size=opts.batch_size, cross_sample=opts.cross_sample, progress=progress)
     report.timings.feature_extraction_s = extraction_s
