@@ -40,7 +40,7 @@ def test_eval_on_pixels_matches_recalls_computed_by_hand(tmp_path, one_thread):
     install_tiny_dual("clip-vit-b32", "clip", seed=2)
     root = _flickr(tmp_path / "flickr")
     result = CliRunner().invoke(app, ["eval", "flickr30k", "--data", str(root), "--model", "clip-vit-b32", "--json",
-                                      "--batch-size", "3"])
+                                      "--batch-size", "3", "--workers", "0"])
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
     assert rep["text_input"] == "raw-text" and rep["num_images"] == 8 and rep["num_captions"] == 16

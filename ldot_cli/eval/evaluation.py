@@ -393,7 +393,7 @@ def time_cross_encoder(reranker: Reranker, store: FeatureStore, rset: RetrievalS
 def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None = None,
              rerank_ks: Sequence[int] = (), fold_size: int | None = None, batch_size: int = 64,
              cross_sample: int = 256, text_input: str = "auto", progress: ProgressFn | None = None,
-             seed: int = 0) -> EvalReport:
+             seed: int = 0, workers: int = 2) -> EvalReport:
     """Recall@1/5/10 both ways (optionally re-ranked) and a timing breakdown for ``rset``.
 
     ``rset.image_db`` must hold every image's features (`ensure_features`). ``text_input``: ``auto`` uses
@@ -414,7 +414,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
     store = FeatureStore(rset.image_db) if rset.image_db is not None else None
     try:
         if pixels:
-            image_vectors = encode_image_files(encoder, rset.image_paths(), batch_size, progress, timings)
+            image_vectors = encode_image_files(encoder, rset.image_paths(), batch_size, progress, timings, workers)
         else:
             image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress,
                                              timings)
@@ -527,6 +527,7 @@ class EvalOptions:
     device: str = "auto"  # auto | cpu | cuda
     cross_sample: int = 256  # pairs timed to extrapolate the full cross-encoder matrix (0: skip)
     save_embeddings: Path | None = None  # write the vectors and their ids here
+    workers: int = 2  # image-decoding processes (a model that reads pixels; 0: in this process)
 
 
 def check_request(dataset: str, split: str, model: str | None) -> str:
@@ -557,7 +558,8 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
         ensure_features(rset, device=opts.device, progress=progress)
     extraction_s = 0.0 if had_features or rset.image_db is None else time.perf_counter() - t0
     report = evaluate(rset, encoder, reranker=reranker, rerank_ks=opts.rerank_ks, fold_size=fold_size,
-                      batch_size=opts.batch_size, cross_sample=opts.cross_sample, progress=progress)
+                      batch_size=opts.batch_size, cross_sample=opts.cross_sample, progress=progress,
+                      workers=opts.workers)
     report.timings.feature_extraction_s = extraction_s
     report.model, report.reranker = str(model_name), reranker_name
     report.published = published_row(opts.dataset, opts.split, official_checkpoint(model_name))
