@@ -203,14 +203,80 @@ def _extracts_features(spec: DataSpec, train_dbs: Sequence[Path], karpathy: Path
             and not _has_image_db(spec.data))
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None) -> Any:
+class PixelLookup:
+    """Image key -> a dual encoder's input: its file decoded by ldot (EXIF, CMYK, 16-bit, HEIC) and preprocessed by
+    the model's own image processor ((3, h, w) float32), read when a batch needs it."""
+
+    def __init__(self, files: dict[str, Path], preprocess: Any) -> None:
+        self.files, self.preprocess = files, preprocess
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def __getitem__(self, key: str) -> Any:
+        import numpy as np
+
+        from feature_extraction.errors import ImageLoadError
+        from feature_extraction.images.decode import load_image
+
+        path = self.files[key]
+        try:
+            pixels, _ = self.preprocess(load_image(path))
+        except ImageLoadError as exc:
+            raise TrainDataError(f"{path} could not be read ({exc.reason}): every training image is needed") from None
+        return np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
+
+
+def _pixel_data(spec: DataSpec, karpathy: Path | None, train: Any, val: Any, preprocess: Any) -> PixelLookup:
+    """The image files of a Karpathy split, for a model that reads pixels (no detector, no feature cache)."""
+    from ldot_cli.data.benchmarks import find_image_folder, resolve_image_file
+
+    if karpathy is None or spec.data is None:
+        raise TrainDataError(f"a model that reads pixels trains on image files: give {option('data')} a folder with the "
+                             "Karpathy split file (dataset_<set>.json) and the images (`ldot data get flickr30k "
+                             "--split train` fetches them)")
+    files: list[str] = []
+    for split in ("train", "restval", "val"):
+        try:
+            files += benchmarks.read_karpathy(karpathy, split)[0]
+        except LdotError:
+            if split != "restval":
+                raise
+    root = find_image_folder(spec.data, spec.dataset, files[0])
+    if root is None:
+        raise TrainDataError(f"no image files under {spec.data} (e.g. {files[0]}): fetch them with `ldot data get "
+                             f"{spec.dataset} --split train`")
+    by_key = {benchmarks.uniter_image_key(spec.dataset, f): resolve_image_file(root, f) for f in files}
+    lookup = PixelLookup(by_key, preprocess)
+    for name, pairs in (("training", train), ("validation", val)):
+        missing = [] if pairs is None else [k for k in pairs.image_keys if k not in lookup or not lookup.files[k].is_file()]
+        if missing:
+            raise TrainDataError(f"{len(missing)} of the {len(pairs.image_keys)} {name} images are missing under {root} "
+                                 f"(first: {lookup.files.get(missing[0], missing[0])})")
+    return lookup
+
+
+def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None,
+                       pixels: Any = None) -> Any:
     """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`.
 
     With a Karpathy file and image files but no UNITER image DB (a split fetched by `ldot data get`), the images'
-    region features are extracted once into the feature cache (``device``, ``progress``) and read from there."""
+    region features are extracted once into the feature cache (``device``, ``progress``) and read from there.
+    ``pixels`` (a dual encoder's preprocessing): the image files themselves are read, through it."""
     from models.training.data import TrainData
 
     train_dbs, val_db, karpathy = _locate_captions(spec)
+    if pixels is not None:
+        if train_dbs:
+            raise TrainDataError("a model that reads pixels trains on image files with their Karpathy split file, not "
+                                 "on UNITER text and image DBs")
+        splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
+        train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
+        val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)
+        if val is not None:
+            val = _first_images(val, spec.val_images)
+        lookup = _pixel_data(spec, karpathy, train, val, pixels)
+        return TrainData(train, lookup, val, description=f"captions: {karpathy}; images: files under {spec.data}")
     if train_dbs:
         train = _pairs_from_text_dbs(train_dbs)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):

@@ -77,6 +77,16 @@ def _tag_vocab(req: TrainRequest, data: Any) -> tuple[str, ...]:
     return object_vocab(req.tag_vocab or DEFAULT_DETECTOR)
 
 
+def _reads_pixels(source: str) -> bool:
+    """``source`` is a dual encoder (CLIP, SigLIP: a registry name, hf:ORG/NAME or a folder)."""
+    from models.hub.load import model_inputs
+
+    try:
+        return model_inputs(source) == "pixels"
+    except LdotError:
+        return False  # not a model ldot knows by that name: the usual path says what is wrong
+
+
 def _teacher(config: Any, device: str) -> Any:
     if config.distill_from is None:
         return None
@@ -116,9 +126,15 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         saved = training.read_run(run_dir)
         config = training.TrainConfig.from_dict(saved["train_config"])
         config = replace(config, **req.overrides)
-        tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
         init: dict[str, Any] = saved.get("init", {})
-        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
+        if saved.get("model_kind") == "dual-encoder":  # the run's own tokenizer and image preprocessing
+            from models.training import dual
+
+            rebuilt, tokenizer = dual.rebuild(run_dir, saved["model_config"])
+            data = open_training_data(req.data, tokenizer, pixels=rebuilt.pixel_preprocess)
+        else:
+            tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
+            data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
         model = None
         tags = len(saved["model_config"].get("tags", ()))
     elif req.mode == "decompose":
@@ -140,6 +156,27 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
                 "tags": len(vocab)}
         config = training.decompose_config(**req.overrides)
         tags = len(vocab)
+    elif req.init is not None and _reads_pixels(req.init):
+        # a dual encoder (CLIP, SigLIP): the same loop on the images' pixels, with the model's own tokenizer
+        from models.training import dual
+
+        if req.mode != "finetune":
+            raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init "
+                            f"{req.init}`), not pre-trained")
+        if run_dir.exists():
+            if not req.force:
+                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "
+                                f"it, or {option('force')} to start over")
+            shutil.rmtree(run_dir)
+        model, tokenizer, source_dir = dual.start_model(req.init)
+        data = open_training_data(req.data, tokenizer, pixels=model.pixel_preprocess)
+        config = training.finetune_config(req.data.dataset, **req.overrides)
+        if config.distill_from is not None:
+            raise LdotError(f"{option('distill_from')} scores region features, which a dual encoder's batches do not "
+                            "hold: leave it out")
+        dual.write_base(run_dir, model, source_dir)
+        init = {"text": req.init, "image": req.init, "heads": "none", "source_kind": "dual-encoder"}
+        tags = 0
     else:
         if run_dir.exists():
             if not req.force:

@@ -113,6 +113,7 @@ class PairBatch:
     object_ids: torch.Tensor | None = None  # (B, N) long: detector class of each region, -1 padding (tags)
     text_image_ids: torch.Tensor | None = None  # (B,) long: image of each caption row, when rows do not pair
     negatives: PairBatch | None = None  # hard negatives: B*K captions and B*K images (not pairs of each other)
+    pixels: torch.Tensor | None = None  # (B, 3, h, w) float: the images as a dual encoder reads them (no regions)
 
     def to(self, device: torch.device | str) -> PairBatch:
         def move(t: Any) -> Any:

@@ -24,7 +24,8 @@ from models.nn.tokenizer import pad_ids
 
 
 class FeatureLookup(Protocol):
-    """Image key -> its regions (a UNITER image DB reader, a dict, ...)."""
+    """Image key -> its regions (a UNITER image DB reader, a dict, ...), or for a dual encoder its pixels (a
+    (3, h, w) float32 array: the model's preprocessing of the image file)."""
 
     def __getitem__(self, key: str) -> RegionRecord: ...
 
@@ -146,9 +147,14 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
     rows = [[ids.cls, *pairs.token_ids[i][: max_positions - 2], ids.sep] for i in captions]
     input_ids, text_mask = pad_ids(rows, ids.pad)
     records = [features[pairs.image_keys[j]] for j in images]
+    text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
+    if records and isinstance(records[0], np.ndarray) and records[0].ndim == 3:  # pixels, for a dual encoder
+        n = len(records)
+        return PairBatch(input_ids, text_mask.bool(), torch.zeros(n, 0, 0), torch.zeros(n, 0, 6),
+                         torch.zeros(n, 0, dtype=torch.bool), torch.tensor(images, dtype=torch.long), None, None,
+                         text_images, pixels=torch.from_numpy(np.stack(records)))
     feat, bb, valid, soft = stack_regions(records, soft_labels)
     classes = stack_object_ids(records, feat.shape[1]) if object_ids else None
-    text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
     return PairBatch(input_ids, text_mask.bool(), feat, bb, valid, torch.tensor(images, dtype=torch.long), soft,
                      classes, text_images)
 
