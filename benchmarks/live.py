@@ -41,11 +41,14 @@ QUERIES = ["a dog on a beach", "two people sitting on a bench in a park", "a red
 
 
 class TreeMemory(threading.Thread):
-    """Samples the resident memory of this process and all its children (summed): the peak of the tree."""
+    """Samples the memory of this process and all its children: the peak of the summed RSS (which counts pages the
+    decode workers share with their fork server once per process) and of the summed PSS (shared pages split
+    between the processes that map them: what the tree really holds)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak = 0
+        self.peak_pss = 0
         self.stop = False
 
     def run(self) -> None:
@@ -53,22 +56,23 @@ class TreeMemory(threading.Thread):
 
         me = psutil.Process()
         while not self.stop:
-            total = 0
+            rss = pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
+                    info = proc.memory_full_info()
+                    rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
                 except psutil.Error:
                     pass
-            self.peak = max(self.peak, total)
-            time.sleep(0.05)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            time.sleep(0.2)
 
 
 # -------------------------------------------------------------------------------------------- setting up
 def setup(home: Path, photos: Path, count: int, size: tuple[int, int], regions: bool) -> None:
     """clip-vit-b32 (full-size, random) in ``home``; with ``regions`` the detector and bi-encoder too; photos."""
+    from dual_fixtures import tiny_dual
     from PIL import Image
 
-    from dual_fixtures import tiny_dual
     from tests.detector_fixtures import synthetic_image
 
     os.environ["LDOT_HOME"] = str(home)
@@ -120,7 +124,7 @@ def measure(folders: list[str], model: str, detector: str | None, workers: int, 
         encoder = indexer._encoder
     meter.stop = True
     meter.join()
-    out = {"runs": runs, "tree_peak": meter.peak}
+    out = {"runs": runs, "tree_peak": meter.peak, "tree_peak_pss": meter.peak_pss}
     if device == "cuda":
         out["gpu_peak"] = torch.cuda.max_memory_allocated()
     return out
@@ -151,8 +155,8 @@ def index_path_figures(tmp: Path, env: dict, args: argparse.Namespace, photos: l
         gpu = f", GPU peak {data['gpu_peak'] / 1e9:.2f} GB" if "gpu_peak" in data else ""
         print(f"  {label:44s} first folder {cold['encoded']} photos in {cold['seconds']:.1f} s "
               f"({cold['encoded'] / cold['seconds']:.2f} photos/s, model loading included); second {warm['encoded']} "
-              f"in {warm['seconds']:.1f} s ({rates[model]:.2f} photos/s); peak RSS of the process tree "
-              f"{data['tree_peak'] / 1e9:.2f} GB{gpu}")
+              f"in {warm['seconds']:.1f} s ({rates[model]:.2f} photos/s); process tree peak: PSS "
+              f"{data['tree_peak_pss'] / 1e9:.2f} GB (RSS summed {data['tree_peak'] / 1e9:.2f} GB){gpu}")
     if "bench" in rates:
         print(f"  ratio (model loaded): clip-vit-b32 indexes {rates['clip-vit-b32'] / rates['bench']:.0f}x as many "
               "photos per second as the region path")
@@ -261,7 +265,8 @@ def main() -> None:
         return
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs visible; torch {torch.__version__}; device {args.device}"
+    print(f"machine: {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}; "
+          f"device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
     with tempfile.TemporaryDirectory(prefix="ldot-live-") as tmp_name:
         tmp = Path(tmp_name)

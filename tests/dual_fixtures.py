@@ -116,7 +116,7 @@ def tiny_dual(arch: str = "clip", seed: int = 0, image_size: int = 32, patch: in
     if not full:
         with torch.no_grad():  # wider random weights: tiny models then give distinct vectors
             for name, p in model.named_parameters():
-                if "norm" not in name:
+                if "norm" not in name and "logit" not in name:  # the temperature stays CLIP's / SigLIP's
                     p.normal_(0, 0.2)
     return model.eval(), tokenizer, processor
 

@@ -6,7 +6,13 @@ import json
 
 import pytest
 from dual_fixtures import hub_files, write_tiny_dual
-from ldot_testing import HUB_COMMIT, http_server, hub_online, hub_repo_files, make_photos
+from ldot_testing import (
+    HUB_COMMIT,
+    http_server,
+    hub_online,
+    hub_repo_files,
+    make_photos,
+)
 from typer.testing import CliRunner
 
 from ldot_cli.main import app

@@ -39,7 +39,7 @@ def run_index(folder, name="default", model=None, detector=None, **kw):
 
 def test_pixels_are_indexed_without_the_detector_and_search_matches_brute_force(tmp_path, clip):
     make_photos(tmp_path / "photos", 10, size=(64, 48))
-    indexer, report = run_index(tmp_path / "photos", model=clip)
+    _, report = run_index(tmp_path / "photos", model=clip)
     assert (report.found, report.encoded, report.vectors) == (10, 10, 10)
     with IndexStore(index_path("default")) as store:
         meta = store.meta()

@@ -199,8 +199,8 @@ class Searcher:
             return self.indexed_vector(vid)
         start = time.perf_counter()
         if self.pixels:  # the dual encoder already loaded for text queries reads the image too
-            from feature_extraction.images.decode import load_image
             from feature_extraction.errors import ImageLoadError
+            from feature_extraction.images.decode import load_image
 
             try:
                 rgb = load_image(path)

@@ -109,6 +109,9 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     )
 
     check_name(req.out)
+    if req.mode != "finetune" and req.init is not None and _reads_pixels(req.init):
+        raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init {req.init}`), "
+                        f"not {'pre-trained' if req.mode == 'pretrain' else 'decomposed'}")
     check_training_data(req.data)  # a wrong --data fails before any model is read or asked for
     if find_entry(req.out) is not None:
         raise LdotError(f"{req.out!r} is a registry name (`ldot models list`): choose another {option('out')}")
@@ -160,9 +163,6 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         # a dual encoder (CLIP, SigLIP): the same loop on the images' pixels, with the model's own tokenizer
         from models.training import dual
 
-        if req.mode != "finetune":
-            raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init "
-                            f"{req.init}`), not pre-trained")
         if run_dir.exists():
             if not req.force:
                 raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "

@@ -78,7 +78,9 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
             if remote.filename in hub:
                 _link_hub_file(entry, remote, hub[remote.filename], staging, files, pin, progress)
                 if entry.kind == "dual-encoder" and remote.filename == "config.json":
-                    from models.hub.dual import check_dual_config  # another architecture: refused before its weights
+                    from models.hub.dual import (
+                        check_dual_config,  # another architecture: refused before its weights
+                    )
 
                     try:
                         check_dual_config(staging / "config.json", f"hf:{hub[remote.filename].repo}")

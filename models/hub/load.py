@@ -26,7 +26,6 @@ from models.hub.formats import (
     load_tensors,
     pick_device,
 )
-from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConfig
 from models.nn.cross_encoder import LxmertReranker, UniterReranker
 from models.nn.decomposed import DecomposedEncoder
