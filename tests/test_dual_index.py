@@ -181,7 +181,12 @@ def test_serve_answers_for_a_dual_encoder_index_without_boxes(tmp_path, clip):
         assert len(hits) == 3 and not any(h.get("regions") for h in hits)
         similar = httpx.post(f"{base}/api/search", json={"id": hits[0]["id"], "k": 2}, timeout=120).json()
         assert similar["hits"][0]["id"] == hits[0]["id"]  # an image is its own nearest neighbour
-        assert "no region boxes" in httpx.get(f"{base}/", timeout=60).text
+        assert "no region boxes" in got.json()["boxes_note"]
+        from ldot_cli.main import app
+
+        through = CliRunner().invoke(app, ["search", "a dog", "-k", "2", "--regions", "--paths"])  # the server answers
+        assert through.exit_code == 0 and len(through.stdout.splitlines()) == 2
+        assert "no region boxes" in " ".join(through.output.split())
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -118,8 +118,9 @@ class ServeState:
             self.answered += 1
             total = 1000 * (time.perf_counter() - start)
             t = answer.timings
+            note = searcher.no_boxes_reason() if request.regions and not searcher.has_boxes else None
             return {"hits": [hit_json(h) for h in answer.hits], "min_score": answer.min_score,
-                    "no_match": answer.no_match, "below": answer.below,
+                    "no_match": answer.no_match, "below": answer.below, "boxes_note": note,
                     "timings": {"encode_ms": round(t.encode_ms, 2), "search_ms": round(t.search_ms, 2),
                                 "rerank_ms": round(t.rerank_ms, 2),
                                 "regions_ms": round(t.extra.get("regions_ms", 0.0), 2), "total_ms": round(total, 2)}}
