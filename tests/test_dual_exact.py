@@ -94,6 +94,18 @@ def test_image_vectors_equal_get_image_features(folder):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_the_image_tower_alone_gives_the_same_vectors(folder):
+    """What indexing loads (the image tower and its projection, not the text tower) encodes as the whole model."""
+    path, _ = folder
+    whole, alone = load_dual_encoder(path), load_dual_encoder(path, image_only=True)
+    assert alone.image_only and sum(p.numel() for p in alone.parameters()) < sum(p.numel() for p in whole.parameters())
+    rgb = (np.random.default_rng(2).random((50, 70, 3)) * 255).astype(np.uint8)
+    pixels = whole.pixel_preprocess(rgb)[0].numpy()
+    assert torch.allclose(alone.encode_images([pixels]), whole.encode_images([pixels]), atol=1e-6)
+    with pytest.raises(RuntimeError, match="image tower only"):
+        alone.encode_text(["a dog"])
+
+
 @pytest.mark.slow
 def test_full_size_clip_config_matches_transformers(tmp_path, one_thread):
     """The full ViT-B/32 CLIP (random weights, no download): same vectors as `transformers`, 512-d."""

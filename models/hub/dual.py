@@ -107,30 +107,38 @@ def dual_preprocess(directory: str | Path) -> Any:
 
 
 def load_dual_encoder(directory: str | Path, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = torch.float32) -> DualEncoder:
-    """A `DualEncoder` from a CLIP / SigLIP folder (weights, image processor settings, tokenizer)."""
+                      dtype: torch.dtype | None = torch.float32, image_only: bool = False) -> DualEncoder:
+    """A `DualEncoder` from a CLIP / SigLIP folder (weights, image processor settings, tokenizer). ``image_only``:
+    the image tower and its projection alone (what indexing needs: about 60% of ViT-B/32 CLIP's weights)."""
     import transformers
 
     directory = Path(directory)
     model_type = check_dual_dir(directory, str(directory))
     spec = pixel_spec(directory, model_type)
-    cls = getattr(transformers, ARCHITECTURES[model_type][0])
+    full_config = getattr(transformers, ARCHITECTURES[model_type][0]).config_class.from_pretrained(str(directory))
+    cls = getattr(transformers, ARCHITECTURES[model_type][3 if image_only else 0])
+    extra: dict[str, Any] = {}
+    if image_only:  # the image tower's own config, with the projection size the whole model's config holds
+        extra["config"] = full_config.vision_config
+        if hasattr(full_config, "projection_dim"):
+            extra["config"].projection_dim = full_config.projection_dim
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()  # ldot draws its own progress; loading a local folder takes seconds
+    hf_logging.set_verbosity_error()  # the image tower alone: the text tower's weights are left out on purpose
     try:
         model = cls.from_pretrained(str(directory), dtype=dtype or torch.float32, use_safetensors=True,
-                                    local_files_only=True)
+                                    local_files_only=True, **extra)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"cannot load the {model_type} model in {directory}: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer = load_tokenizer(directory)
-    config = model.config.text_config
-    limit = int(config.max_position_embeddings)
+    limit = int(full_config.text_config.max_position_embeddings)
     tok_limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(tok_limit, int) and 0 < tok_limit <= MAX_TEXT_TOKENS:
         limit = min(limit, tok_limit)

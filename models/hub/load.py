@@ -62,7 +62,8 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
     """Load the encoder a search runs on (`models.nn.encoder.Encoder`): a LightningDOT bi-encoder from an official
     ``.pt`` (fine-tuned or pre-trained), a converted model directory, a ``.safetensors`` file, or a registry name
     present in the cache; a decomposed (VLDeformer) model dir; or a CLIP / SigLIP folder (a `DualEncoder` that
-    reads pixels). ``towers`` applies to LightningDOT bi-encoders only (the others load whole).
+    reads pixels). ``towers=("text",)`` loads a LightningDOT bi-encoder's text tower alone; ``("image",)`` the image
+    tower alone of a bi-encoder or a dual encoder (a decomposed model always loads whole).
 
     Never touches the network: the tokenizer (``tokenizer=`` a path, else the model's own, else the
     configured name) is resolved on the first `encode_text`.
@@ -74,7 +75,7 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
         if tokenizer:
             raise ModelError(f"{source} is a dual encoder: it reads texts with its own tokenizer (leave out "
                              f"{option('tokenizer')})")
-        return load_dual_encoder(path, device=device, dtype=dtype)
+        return load_dual_encoder(path, device=device, dtype=dtype, image_only=tuple(towers) == ("image",))
     if path.is_dir():
         check_model_files(path)
         meta, state = load_model_state(path)

@@ -22,9 +22,10 @@ from torch import nn
 from models.core.errors import CheckpointError
 from models.core.progress import ProgressFn, report
 
-# the architectures, by `model_type` in config.json: (transformers model class, image processor class, text padding)
-ARCHITECTURES = {"clip": ("CLIPModel", "CLIPImageProcessor", "longest"),
-                 "siglip": ("SiglipModel", "SiglipImageProcessor", "max_length")}
+# the architectures, by `model_type` in config.json: (transformers model class, image processor class, text padding,
+# the image tower alone: what indexing loads)
+ARCHITECTURES = {"clip": ("CLIPModel", "CLIPImageProcessor", "longest", "CLIPVisionModelWithProjection"),
+                 "siglip": ("SiglipModel", "SiglipImageProcessor", "max_length", "SiglipVisionModel")}
 # PIL resampling codes (what preprocessor_config.json holds) -> torchvision's interpolation names
 _RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC"}
 MAX_SIDE = 4096  # sizes read from a processor config are checked against this before anything is allocated
@@ -170,8 +171,10 @@ class DualEncoder(nn.Module):
         self.model_type = model_type
         self.padding = ARCHITECTURES[model_type][2]
         self.max_text_tokens = max_text_tokens  # special tokens included (CLIP 77, SigLIP 64)
-        self.project_dim = int(getattr(model.config, "projection_dim", 0) or
-                               model.config.text_config.hidden_size)
+        config = model.config
+        self.image_only = not hasattr(config, "text_config")  # the image tower alone (indexing loads no more)
+        self.project_dim = int(getattr(config, "projection_dim", 0) or
+                               (config.hidden_size if self.image_only else config.text_config.hidden_size))
         self._specials = len(tokenizer("").get("input_ids", []))  # what the tokenizer adds to every text
 
     @property
@@ -203,14 +206,20 @@ class DualEncoder(nn.Module):
 
     def text_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Unit vectors of tokenized texts (with gradients: fine-tuning uses it)."""
+        if self.image_only:
+            raise RuntimeError("this dual encoder was loaded with its image tower only")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         return nn.functional.normalize(_features(self.model.get_text_features(**inputs)).float(), dim=-1)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Unit vectors of preprocessed images (B, 3, h, w) (with gradients: fine-tuning uses it)."""
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        return nn.functional.normalize(_features(self.model.get_image_features(pixel_values=pixel_values)).float(),
-                                       dim=-1)
+        if self.image_only:  # CLIPVisionModelWithProjection / SiglipVisionModel: the same tower and projection
+            out = self.model(pixel_values=pixel_values)
+            features = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+        else:
+            features = _features(self.model.get_image_features(pixel_values=pixel_values))
+        return nn.functional.normalize(features.float(), dim=-1)
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
