@@ -208,3 +208,25 @@ def test_a_driver_killed_mid_run_leaves_an_index_a_rerun_completes(cluster, mode
     assert sum(counts.values()) == 12, summary  # the killed run's merged files are counted once (as unchanged)
     rows, vectors = rows_and_vectors("kd")
     assert len(rows) == 12 and all(r[4] == "indexed" for r in rows.values()) and len(vectors) == 12
+
+
+def test_a_dual_encoder_index_on_ray_matches_the_single_machine_path(cluster, tmp_path):
+    """A model that reads pixels (CLIP): the decoding tasks run its own preprocessing, the actors no detector."""
+    from dual_fixtures import install_tiny_dual
+
+    address, _ = cluster
+    install_tiny_dual("clip-vit-b32", "clip")
+    photos = tmp_path / "photos"
+    make_photos(photos, 5, size=(64, 48))
+    args = ["--model", "clip-vit-b32", "--workers", "1"]
+    ldot("index", str(photos), "--name", "single", *args)
+    result = ldot("index", str(photos), "--name", "dist", *args, "--ray", address, "--ray-shard-size", "2")
+    assert "5 encoded" in " ".join(result.stderr.split())
+    single_rows, single_vectors = rows_and_vectors("single")
+    dist_rows, dist_vectors = rows_and_vectors("dist")
+    assert dist_rows == single_rows and len(dist_rows) == 5
+    same_vectors(single_vectors, dist_vectors)
+    from ldot_cli.index.store import IndexStore, index_path
+
+    with IndexStore(index_path("dist")) as store:
+        assert store.get_meta("detector") is None and store.get_meta("regions") == "none"

@@ -78,6 +78,8 @@ def eval_command(
                                          "ids (embeddings.json) into this folder."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images / captions per forward pass."),
     device: Device = typer.Option(Device.auto, "--device", help="Where the models run."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Image-decoding processes, for a model that reads "
+                                "pixels (CLIP, SigLIP)."),
     karpathy: Path = typer.Option(None, "--karpathy", help="Karpathy split file (dataset_<set>.json)."),
     txt_db: Path = typer.Option(None, "--txt-db", help="UNITER text DB folder (itm_<set>_<split>*.db)."),
     images: Path = typer.Option(None, "--images", help="Folder of the image files."),
@@ -110,7 +112,7 @@ def eval_command(
         fetch_with_progress(dataset.value, "test", lang.value, yes, own_copy=True)
         paths = sources.eval_paths(dataset.value, lang.value)
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,
-                       batch_size, device.value, cross_sample, save_embeddings)
+                       batch_size, device.value, cross_sample, save_embeddings, workers)
     with progress_bar(transient=True) as progress:
         report = run(opts, ProgressView(progress))
     if json_output:

@@ -113,14 +113,18 @@ def index(
                                                 "lists (.txt) and webdataset shards (shards/{00000..00099}.tar), "
                                                 "local or fsspec URLs."),
     name: str = typer.Option("default", "--name", "-n", help="Name of the index."),
-    model: str = typer.Option(None, help="Bi-encoder (registry name, model dir or .pt); default: the index's, "
-                                         "else flickr-ft."),
+    model: str = typer.Option(None, help="Bi-encoder (registry name, model dir, .pt, or hf:ORG/NAME for a CLIP or "
+                                         "SigLIP hub repository); default: the index's, else flickr-ft when it is "
+                                         "in the cache, else clip-vit-b32."),
     detector: str = typer.Option(None, help="Region detector weights (registry name or path); default: the "
                                             "index's, else butd-r101-vg."),
     preset: str = typer.Option(None, help="Box selection: uniter (10-100 boxes) or lxmert36 (36 boxes); default: "
                                           "the index's, else uniter."),
     exclude: list[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to leave out (repeatable)."),
     no_regions: bool = typer.Option(False, "--no-regions", help="Do not keep region features (no --rerank later)."),
+    regions: bool = typer.Option(False, "--regions", help="Also extract and keep region features with the detector "
+                                                         "for a model that reads pixels (CLIP, SigLIP), for a region "
+                                                         "cross-encoder (UNITER, LXMERT)."),
     reindex: bool = typer.Option(False, "--reindex", help="Start the index over (e.g. with another --model)."),
     ann: bool = typer.Option(None, "--ann/--exact", help="Force approximate (IVF) or exact search; default: "
                                                            "exact up to 250,000 images."),
@@ -152,8 +156,11 @@ def index(
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
     from feature_extraction.uniter_db import resolve_cut
     from ldot_cli.index.indexer import Indexer
+    from models.core.errors import LdotError
     from models.hub.fetch import ensure_model
 
+    if regions and no_regions:
+        raise LdotError("choose one of --regions and --no-regions")
     if preset is not None:
         resolve_cut(preset)  # cheap checks before anything is created or downloaded
     mode = None if ann is None else ("ivf" if ann else "exact")
@@ -181,13 +188,16 @@ def index(
         extra["ray_options"] = RayOptions(address=ray_address or LOCAL, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
                                           shard_size=ray_shard_size, shards_dir=shards_dir)
     with progress_bar() as bar:
-        indexer = indexer_class(name, model=model, detector=detector, preset=preset, keep_regions=not no_regions,
+        keep = False if no_regions else True if regions else None  # None: the model's way
+        indexer = indexer_class(name, model=model, detector=detector, preset=preset, keep_regions=keep,
                                 device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
                                 ann=mode, **extra)
         indexer.memory_budget = budget
         # inputs first: nothing to fetch for a typo (the Ray path plans its sources when it runs, before creating)
         scan = None if ray else indexer.scan([str(p) for p in paths], excludes=exclude)
         needed = indexer.needed_models(reindex)
+    if indexer.model_reason is not None:  # a new index given no --model: which one, and why
+        err.print(line("model: ", (indexer.choices(reindex)[0], "bold"), " (", indexer.model_reason, "; choose another with --model)"))
     with progress_bar("bytes", transient=True) as bar:
         for model_name in needed:
             ensure_model(model_name, ProgressView(bar))

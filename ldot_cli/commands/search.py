@@ -130,6 +130,12 @@ def _through_server(name: str, query: str | None, image: Path | None, k: int, re
         if exc.status in (404, 409, 413, 422, 503):
             return None  # not indexed / another index / too large for the server / index busy: answer it here
         raise LdotError(exc.message) from None
+    if data.get("boxes_note"):  # asked for boxes the index does not have: said as a local search says it
+        import warnings
+
+        from models.core.errors import LdotWarning
+
+        warnings.warn(LdotWarning(str(data["boxes_note"])), stacklevel=2)
     return answer_from_json(data)
 
 

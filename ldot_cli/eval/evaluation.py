@@ -73,13 +73,15 @@ class ImageInputs:
     """What a cross-encoder reads of a benchmark's images: region features from the image DB, or (a re-ranker that
     reads pixels) the image files, decoded by ldot and preprocessed by the model, the last few kept in memory."""
 
-    def __init__(self, store: FeatureStore, files: dict[str, Path] | None = None, keep: int = 64) -> None:
+    def __init__(self, store: FeatureStore | None, files: dict[str, Path] | None = None, keep: int = 64) -> None:
         self.store = store
         self.files = files
         self.keep = keep
         self._pixels: dict[str, Any] = {}
 
     def regions(self, keys: Sequence[str]) -> tuple[Any, Any, Any]:
+        if self.store is None:
+            raise DatasetError("this re-ranker reads region features, and this benchmark's are not extracted")
         feat, bb, mask, _ = stack_regions([self.store.get(k) for k in keys])  # (B, N, dim), (B, N, 6), (B, N)
         return feat, bb, mask
 
@@ -230,7 +232,52 @@ def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str],
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def reads_pixels(encoder: Any) -> bool:
+    """The model's image tower reads pixels (a dual encoder: CLIP, SigLIP), not region features."""
+    return getattr(encoder, "inputs", "regions") == "pixels"
+
+
+def encode_image_files(encoder: Any, paths: Sequence[Path], batch_size: int = 64, progress: ProgressFn | None = None,
+                       timings: EvalTimings | None = None, num_workers: int = 2) -> np.ndarray:
+    """Image vectors (n, D) of image files, for a model that reads pixels: decoded by ldot (EXIF, CMYK, 16-bit,
+    HEIC) and preprocessed by the model's own image processor in worker processes, encoded in batches."""
+    from feature_extraction.images.pool import DecodeFailure, iter_decoded
+
+    timings = timings or EvalTimings()
+    advance = _tick(progress, "encoding images", len(paths), "images")
+    out: np.ndarray | None = None
+    pending: list[Any] = []
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal out, pending
+        if not pending:
+            return
+        vectors = _numpy(encoder.encode_images([item.pixels for item in pending], batch_size=len(pending)))
+        if out is None:
+            out = np.zeros((len(paths), vectors.shape[1]), np.float32)
+        out[[item.index for item in pending]] = vectors
+        advance(len(pending))
+        pending = []
+
+    for item in iter_decoded([str(p) for p in paths], encoder.pixel_preprocess, num_workers=num_workers,
+                             max_in_flight=2 * batch_size):
+        if isinstance(item, DecodeFailure):
+            raise DatasetError(f"{paths[item.index]} could not be read ({item.reason}): every image of the benchmark "
+                               "is needed")
+        pending.append(item)
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    timings.image_encoding_s += time.perf_counter() - t0
+    return out if out is not None else np.zeros((0, 0), np.float32)
+
+
 def _text_mode(rset: RetrievalSet, encoder: Encoder, text_input: str) -> str:
+    if reads_pixels(encoder):  # a text DB's ids are BERT word-pieces: a dual encoder reads the raw captions
+        if text_input == "token-ids":
+            raise DatasetError("a model that reads pixels (CLIP, SigLIP) tokenizes the raw captions itself")
+        return "raw-text"
     has_ids = rset.text_meta is not None and all(c.token_ids is not None for c in rset.captions)
     if text_input == "raw-text" or not has_ids:
         if text_input == "token-ids":
@@ -389,7 +436,7 @@ def time_cross_encoder(reranker: Reranker, store: ImageInputs, rset: RetrievalSe
 def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None = None,
              rerank_ks: Sequence[int] = (), fold_size: int | None = None, batch_size: int = 64,
              cross_sample: int = 256, text_input: str = "auto", progress: ProgressFn | None = None,
-             seed: int = 0) -> EvalReport:
+             seed: int = 0, workers: int = 2) -> EvalReport:
     """Recall@1/5/10 both ways (optionally re-ranked) and a timing breakdown for ``rset``.
 
     ``rset.image_db`` must hold every image's features (`ensure_features`). ``text_input``: ``auto`` uses
@@ -399,21 +446,31 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         raise ModelError("re-ranking needs a cross-encoder (reranker=)")
     if any(m < 1 for m in rerank_ks):
         raise LdotError(f"{option('rerank_k')} must be positive (got {', '.join(map(str, rerank_ks))})")
-    if rset.image_db is None:
+    pixels = reads_pixels(encoder)
+    region_reranker = reranker is not None and getattr(reranker, "inputs", "regions") != "pixels"
+    if rset.image_db is None and (not pixels or region_reranker):
         raise DatasetError("the benchmark's image features are not extracted yet (call ensure_features first)")
+    if pixels and rset.image_root is None:
+        raise DatasetError("a model that reads pixels (CLIP, SigLIP) needs the benchmark's image files, not only a "
+                           f"UNITER image DB: give them ({option('images')}, or {option('data')} holding them)")
     ms = sorted(set(rerank_ks))
     timings = EvalTimings()
-    store = FeatureStore(rset.image_db)
+    store = FeatureStore(rset.image_db) if rset.image_db is not None else None
     files = ({im.key: path for im, path in zip(rset.images, rset.image_paths())} if rset.image_root is not None
              else None)
     inputs = ImageInputs(store, files)
     if reranker is not None and getattr(reranker, "inputs", "regions") == "pixels" and files is None:
-        store.close()
+        if store is not None:
+            store.close()
         raise DatasetError("the re-ranker reads the image files, and this benchmark's images come from a UNITER image "
                            f"DB: pass {option('images')} (the folder of the image files) or {option('data')} without "
                            "the image DB")
     try:
-        image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress, timings)
+        if pixels:
+            image_vectors = encode_image_files(encoder, rset.image_paths(), batch_size, progress, timings, workers)
+        else:
+            image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress,
+                                             timings)
         mode = _text_mode(rset, encoder, text_input)
         text_vectors = encode_captions(encoder, rset, mode, batch_size, progress, timings)
         if not (np.isfinite(image_vectors).all() and np.isfinite(text_vectors).all()):
@@ -431,7 +488,8 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         if reranker is not None and cross_sample > 0:
             time_cross_encoder(reranker, inputs, rset, cross_sample, timings, seed, progress)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return EvalReport(rset.dataset, "1k" if fold_size else rset.split, rset.lang, len(rset.images),
                       len(rset.captions), fold_size, Recalls.mean(fold_recalls),
                       {m: Recalls.mean([f[m] for f in fold_reranked]) for m in ms}, fold_recalls, fold_reranked,
@@ -522,6 +580,7 @@ class EvalOptions:
     device: str = "auto"  # auto | cpu | cuda
     cross_sample: int = 256  # pairs timed to extrapolate the full cross-encoder matrix (0: skip)
     save_embeddings: Path | None = None  # write the vectors and their ids here
+    workers: int = 2  # image-decoding processes (a model that reads pixels; 0: in this process)
 
 
 def check_request(dataset: str, split: str, model: str | None) -> str:
@@ -544,16 +603,19 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     rset = locate(opts.dataset, opts.paths, split, opts.lang)
     model_name = opts.model or DEFAULT_EVAL_MODELS[opts.dataset]
     encoder = models.load_bi_encoder(model_name, tokenizer=opts.tokenizer, device=opts.device)
-    reranker_name = opts.reranker or (_default_reranker() if opts.rerank_ks else None)
+    reranker_name = opts.reranker or (_default_reranker(regions=not reads_pixels(encoder)) if opts.rerank_ks else None)
     reranker = models.load_reranker(reranker_name, device=opts.device) if reranker_name else None
     if reranker is not None:
         _rerank_time_note(reranker, str(reranker_name), rset, opts, progress)
     t0 = time.perf_counter()
     had_features = rset.image_db is not None
-    ensure_features(rset, device=opts.device, progress=progress)
-    extraction_s = 0.0 if had_features else time.perf_counter() - t0
+    if not reads_pixels(encoder) or getattr(reranker, "inputs", "pixels") != "pixels":  # a dual encoder runs no
+        # detector, nor does ViLT: region features only for a region model or a region re-ranker
+        ensure_features(rset, device=opts.device, progress=progress)
+    extraction_s = 0.0 if had_features or rset.image_db is None else time.perf_counter() - t0
     report = evaluate(rset, encoder, reranker=reranker, rerank_ks=opts.rerank_ks, fold_size=fold_size,
-                      batch_size=opts.batch_size, cross_sample=opts.cross_sample, progress=progress)
+                      batch_size=opts.batch_size, cross_sample=opts.cross_sample, progress=progress,
+                      workers=opts.workers)
     report.timings.feature_extraction_s = extraction_s
     report.model, report.reranker = str(model_name), reranker_name
     report.published = published_row(opts.dataset, opts.split, official_checkpoint(model_name))
@@ -563,13 +625,16 @@ def run(opts: EvalOptions, progress: ProgressFn | None = None) -> EvalReport:
     return report
 
 
-def _default_reranker() -> str:
-    """The best re-ranker present (the benchmark has region features and image files: any kind fits), else the
-    first of the catalogue's, whose loading then says how to get it."""
+def _default_reranker(regions: bool = True) -> str:
+    """The best re-ranker present (for a region model any kind fits: the benchmark has region features and image
+    files; for a model that reads pixels, one that reads pixels too, so that no detector runs), else the first
+    of the catalogue's that fits, whose loading then says how to get it."""
     try:
-        return default_reranker()
+        return default_reranker(regions=regions)
     except LdotError:
-        return RERANKERS[0]
+        from models.hub.catalogue import REGION_RERANKER_KINDS, get_entry
+
+        return next(n for n in RERANKERS if regions or get_entry(n).kind not in REGION_RERANKER_KINDS)
 
 
 def _rerank_time_note(reranker: Any, name: str, rset: RetrievalSet, opts: EvalOptions,

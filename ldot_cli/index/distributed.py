@@ -198,7 +198,8 @@ class Extractor:
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.detector = open_detector(_local_or_name(detector), device)
+        # no detector for a dual encoder (it reads the pixels the decoding tasks preprocessed for it)
+        self.detector = open_detector(_local_or_name(detector), device) if detector else None
         self.encoder = load_bi_encoder(_local_or_name(model), device=device, towers=("image",))
         self.preset, self.cut = preset, resolve_cut(preset)
         self.detector_batch = max(1, detector_batch)
@@ -209,9 +210,19 @@ class Extractor:
         hooks.fire(hooks.batch_start)
         entries = [pickle.loads(blob) for blob in batch["blob"]]
         images = [e for e in entries if "pixels" in e]
-        regions = self._detect(images)
         shard = shard_io.ShardRows()
-        ok = [(e, r) for e, r in zip(images, regions) if not isinstance(r, str)]
+        if self.detector is None:  # a dual encoder: the pixels are the model's input
+            regions: list[Any] = [None] * len(images)
+            if images:
+                vectors = self.encoder.encode_images([e["pixels"] for e in images]).numpy()
+                for entry, vector in zip(images, vectors):
+                    shard.rows.append(_row(entry, vec=len(shard.vectors), boxes=0))
+                    shard.vectors.append(vector)
+                    shard.records.append(None)
+            ok = []
+        else:
+            regions = self._detect(images)
+            ok = [(e, r) for e, r in zip(images, regions) if not isinstance(r, str)]
         if ok:
             from feature_extraction.uniter_db import record_view, regions_to_record
 
@@ -421,13 +432,22 @@ class RayIndexer(Indexer):
         return todo
 
     def _model_sources(self) -> tuple[str, str, Any]:
-        """(detector, bi-encoder, preprocess) as the workers get them: the driver's resolved paths + names."""
+        """(detector, bi-encoder, preprocess) as the workers get them: the driver's resolved paths + names. A dual
+        encoder gets no detector ("") and its own image processor's preprocessing."""
         from pathlib import Path
 
         from feature_extraction.detector.preprocess import preprocess
         from feature_extraction.detector.weights import CONFIG_FILE, read_config
         from models.hub.load import resolve_source
 
+        if self.pixels:
+            from models.hub.dual import dual_preprocess
+
+            if self.keep_regions:
+                raise RayError(f"{option('ray')} indexes a model that reads pixels ({self.model}) without region "
+                               f"features: leave out {option('regions')} (or index without {option('ray')})")
+            model_path = resolve_source(self.model)
+            return "", f"{model_path}\0{self.model}", dual_preprocess(model_path)
         detector_path = Path(resolve_source(self.detector_name))
         config_dir = detector_path if detector_path.is_dir() else detector_path.parent
         config = read_config(config_dir) if (config_dir / CONFIG_FILE).is_file() else None

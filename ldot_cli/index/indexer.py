@@ -40,8 +40,9 @@ from models.core.errors import LdotError, LdotWarning, option
 from models.core.fileio import sha256_file
 from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
-from models.hub.catalogue import DEFAULT_BI_ENCODER, DEFAULT_DETECTOR
+from models.hub.catalogue import DEFAULT_DETECTOR
 
+PIXEL_BATCH = 32  # images per dual-encoder forward pass (and per committed transaction)
 FAISS_FLUSH_S = 300.0  # rewrite the vector file at least this often during long runs
 STAGING_DIR = ".staging-regions"
 
@@ -91,7 +92,9 @@ class Indexer:
     """One indexing run over some roots into one named index (holds the index lock throughout).
 
     ``model``, ``detector`` and ``preset`` default to the ones the index was built with (recorded in
-    it), and for a new index to the defaults (`DEFAULT_BI_ENCODER`, `DEFAULT_DETECTOR`, `DEFAULT_PRESET`).
+    it), and for a new index to the defaults (`models.hub.cache.default_bi_encoder`: flickr-ft when it is in the
+    cache, else clip-vit-b32; `DEFAULT_DETECTOR`, `DEFAULT_PRESET`). A dual encoder (CLIP, SigLIP) reads pixels:
+    no detector runs unless region features are kept (``keep_regions=True``).
     """
 
     def stage(self, stage: str, done: int, total: int | None) -> None:
@@ -99,7 +102,7 @@ class Indexer:
         report_progress(self.progress, stage, done, total, "files" if stage == "scanning" else "images")
 
     def __init__(self, name: str = "default", model: str | None = None, detector: Any = None,
-                 preset: str | None = None, keep_regions: bool = True, device: str = "auto",
+                 preset: str | None = None, keep_regions: bool | None = None, device: str = "auto",
                  batch_size: int = 8, num_workers: int = 2, progress: ProgressFn | None = None,
                  ann: str | None = None) -> None:
         from feature_extraction.uniter_db import resolve_cut
@@ -117,7 +120,14 @@ class Indexer:
         else:
             self._detector = detector
             self.detector_arg = getattr(detector, "name", type(detector).__name__)
-        self.keep_regions, self.device = keep_regions, device
+        # None: the model's way (a region model keeps its region features; a dual encoder, which reads pixels,
+        # extracts none unless asked, or the index already has them)
+        self.regions_arg: bool | None = keep_regions
+        self.keep_regions = True if keep_regions is None else keep_regions
+        self.device = device
+        self.pixels = False  # the model reads pixels (set by `open`)
+        self.model_reason: str | None = None  # why the default model was chosen (a new index given no model)
+        self._default_model: str | None = None
         self.batch_size, self.num_workers = batch_size, num_workers
         self.progress = progress
         self.ann = ann
@@ -142,15 +152,37 @@ class Indexer:
     def choices(self, reindex: bool = False) -> tuple[str, str, str]:
         """(model, detector, preset) this run uses: as given, else the index's own, else the defaults."""
         meta = self.recorded(reindex)
-        model = self.model_arg or meta.get("model") or DEFAULT_BI_ENCODER
+        model = self.model_arg or meta.get("model")
+        if not model:
+            if self._default_model is None:
+                from models.hub.cache import default_bi_encoder
+
+                self._default_model, self.model_reason = default_bi_encoder()
+            model = self._default_model
         detector = self.detector_arg or meta.get("detector") or DEFAULT_DETECTOR
         preset = self.preset_arg or meta.get("preset") or DEFAULT_PRESET
         return model, detector, preset
 
     def needed_models(self, reindex: bool = False) -> list[str]:
-        """Model names this run loads (for the caller to download first); a ready detector object needs none."""
+        """Model names this run loads (for the caller to download first); a ready detector object needs none, nor
+        does a dual encoder's index that keeps no region features."""
+        from models.hub.load import model_inputs
+
         model, detector, _ = self.choices(reindex)
-        return [model] if self._detector is not None else [detector, model]
+        if self._detector is not None or (model_inputs(model) == "pixels" and not self._wants_regions(model, reindex)):
+            return [model]
+        return [detector, model]
+
+    def _wants_regions(self, model: str, reindex: bool = False) -> bool:
+        """Whether this run keeps region features: for a region model unless told not to (its vectors need the
+        detector anyway); for a dual encoder when asked (``ldot index --regions``) or when the index keeps them."""
+        from models.hub.load import model_inputs
+
+        if model_inputs(model) != "pixels":
+            return self.regions_arg is not False
+        if self.regions_arg is not None:
+            return self.regions_arg
+        return self.recorded(reindex).get("regions") == "kept"
 
     # -- inputs --------------------------------------------------------------------------------------
     def scan(self, roots: Iterable[str | os.PathLike[str]], excludes: Sequence[str] = ()) -> Scan:
@@ -196,8 +228,13 @@ class Indexer:
             for child in self.dir.iterdir():
                 if not child.name.startswith(LOCK_FILE):
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
+        from models.hub.load import model_inputs
+
+        self.pixels = model_inputs(model) == "pixels"
+        self.keep_regions = self._wants_regions(model, reindex)
         store = IndexStore(self.dir, create=True)
-        self.detector_name, self.preset = detector, preset
+        self.detector_name = detector if self.keep_regions or not self.pixels else None
+        self.preset = preset
         self.model = self._resolve_model(store, model)
         return store
 
@@ -211,11 +248,14 @@ class Indexer:
                                   f"model: add {option('reindex')} to rebuild it with {model!r} (or use another "
                                   f"{option('name')})")
         detector = store.get_meta("detector")
-        if detector is not None and (detector, store.get_meta("preset")) != (self.detector_name, self.preset):
+        if (detector is not None and self.detector_name is not None
+                and (detector, store.get_meta("preset")) != (self.detector_name, self.preset)):
             raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
                               f"{store.get_meta('preset')!r}: add {option('reindex')} to change them")
-        store.set_meta({"model": model, "model_fingerprint": want, "detector": self.detector_name,
-                        "preset": self.preset, "regions": "kept" if self.keep_regions else "none"})
+        store.set_meta({"model": model, "model_fingerprint": want, "preset": self.preset,
+                        "regions": "kept" if self.keep_regions else "none"})
+        if self.detector_name is not None:  # a dual encoder's index without region features runs no detector
+            store.set_meta({"detector": self.detector_name})
         if self.ann:
             store.set_meta({"ann_mode": self.ann})
         if self.memory_budget:
@@ -351,6 +391,9 @@ class Indexer:
         """
         if not need:
             return
+        if self.pixels:
+            self._encode_pixels(store, need, hashes, report)
+            return
         by_hash: dict[str, list[Any]] = {}
         unreadable = []
         for src in need:
@@ -390,6 +433,68 @@ class Indexer:
             self._skip(store, [(src, None, "unreadable file", True) for src in unreadable], report)
         if not self.keep_regions:
             shutil.rmtree(regions_dir, ignore_errors=True)
+
+    def _encode_pixels(self, store: IndexStore, need: list[Any], hashes: dict[str, str], report: IndexReport) -> None:
+        """A dual encoder's way: decode and preprocess in worker processes (the model's own image processor),
+        encode in batches, commit vectors + file rows per batch; no detector unless region features are kept
+        (``ldot index --regions``, for a region cross-encoder), which are extracted after the vectors."""
+        from feature_extraction.images.pool import DecodeFailure, iter_decoded
+
+        by_hash: dict[str, list[Any]] = {}
+        unreadable = []
+        for src in need:
+            digest = hashes.get(src.path)
+            if digest is None:
+                unreadable.append(src)
+            else:
+                by_hash.setdefault(digest, []).append(src)
+        firsts = [group[0] for group in by_hash.values()]
+        self.stage("encoding", 0, len(firsts))
+        pending = Batcher(self, store, by_hash, report, total=len(firsts), size=PIXEL_BATCH)
+        failed = []
+        decoded = iter_decoded([s.path for s in firsts], self.encoder.pixel_preprocess, num_workers=self.num_workers,
+                               max_in_flight=2 * PIXEL_BATCH)
+        for item in decoded:
+            digest = hashes[firsts[item.index].path]
+            if isinstance(item, DecodeFailure):
+                failed += [(member, digest, item.reason, not item.permanent) for member in by_hash[digest]]
+                continue
+            pending.add(digest, item)
+        pending.flush()
+        self._skip(store, failed, report)
+        self.stage("encoding", pending.done, pending.done)
+        if unreadable:
+            self._skip(store, [(src, None, "unreadable file", True) for src in unreadable], report)
+        if self.keep_regions:
+            self._extract_regions(store, [s for s in firsts if store.vector_for_hash(hashes[s.path]) is not None],
+                                  hashes)
+
+    def _extract_regions(self, store: IndexStore, sources: list[Any], hashes: dict[str, str]) -> None:
+        """Region features of images already encoded from their pixels (kept for a region cross-encoder)."""
+        from feature_extraction.pipeline import extract_to_db
+
+        regions_dir = self.dir / REGIONS_DIR
+        if regions_dir.is_dir():
+            from feature_extraction.uniter_db import FeatureStore
+
+            cached = FeatureStore(regions_dir, self.preset)
+            try:
+                sources = [s for s in sources if hashes[s.path] not in cached]
+            finally:
+                cached.close()
+        if not sources:
+            return
+        total = len(sources)
+        self.stage("extracting", 0, total)
+        result = extract_to_db([s.path for s in sources], regions_dir, self.detector, self.preset,
+                               key_fn=lambda path, root: hashes[path], batch_size=self.batch_size,
+                               num_workers=self.num_workers, progress=lambda p: self.stage("extracting", p.done, total),
+                               retry_failed=True)
+        self.stage("extracting", total, total)
+        if result.failures:
+            warnings.warn(LdotWarning(f"{len(result.failures)} indexed images have no region features (first: "
+                                      f"{result.failures[0].reason}): a region cross-encoder cannot re-rank them"),
+                          stacklevel=2)
 
     def _extract(self, sources: list[Any], hashes: dict[str, str], regions_dir: Path, pending: Batcher,
                  report: IndexReport) -> None:
@@ -500,18 +605,19 @@ def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
 
 
 class Batcher:
-    """Collects extracted region sets, encodes them in batches, commits vectors and file rows."""
+    """Collects extracted region sets (or preprocessed pixels), encodes them in batches, commits vectors and file
+    rows."""
 
     def __init__(self, indexer: Indexer, store: IndexStore, by_hash: dict[str, list[Any]], report: IndexReport,
-                 total: int | None = None) -> None:
+                 total: int | None = None, size: int = 64) -> None:
         self.indexer, self.store, self.by_hash, self.report = indexer, store, by_hash, report
-        self.total = total
+        self.total, self.size = total, size
         self.done = 0  # contents encoded
         self.items: list[tuple[str, Any]] = []
 
     def add(self, digest: str, regions: Any) -> None:
         self.items.append((digest, regions))
-        if len(self.items) >= 64:
+        if len(self.items) >= self.size:
             self.flush()
 
     def flush(self) -> None:
@@ -524,7 +630,8 @@ class Batcher:
             if store.get_meta("dim") is None:
                 store.set_meta({"dim": str(vectors.shape[1])}, db)
             for (digest, regions), vector in zip(items, vectors):
-                vid = store.add_vector(db, digest, vector, len(regions.features))
+                boxes = len(regions.features) if hasattr(regions, "features") else 0  # pixels: no boxes
+                vid = store.add_vector(db, digest, vector, boxes)
                 group = self.by_hash[digest]
                 store.put_files(db, [file_row(src, digest, vid) for src in group])
                 self.report.encoded += 1  # the file put through the models ...

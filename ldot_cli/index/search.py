@@ -107,6 +107,7 @@ class Searcher:
         self._rerankers: OrderedDict[str, Any] = OrderedDict()  # resolved location -> model, LRU order
         self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
         self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
+        self._pixels: bool | None = None
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
         self.timings = QueryTimings()
 
@@ -125,6 +126,15 @@ class Searcher:
             self._encoder = load_bi_encoder(self.model_source, device="cpu", towers=("text",))
             self._encoder = query_encoder_for_cpu(self._encoder)
         return self._encoder
+
+    @property
+    def pixels(self) -> bool:
+        """The index's model reads pixels (a dual encoder): no detector, no region boxes to explain scores."""
+        if self._pixels is None:
+            from models.hub.load import model_inputs
+
+            self._pixels = model_inputs(self.model_source) == "pixels"
+        return self._pixels
 
     def _vector_index(self) -> tuple[Any, int] | None:
         """The FAISS index (reloaded when a writer replaced it), or None when there is no file yet."""
@@ -161,11 +171,11 @@ class Searcher:
             raise QueryError("empty query: give some words to search for, e.g. `ldot search \"a dog on a beach\"`")
         start = time.perf_counter()
         encoder = self.encoder
-        limit = encoder.max_text_tokens
-        pieces = len(encoder.tokenizer.encode(query)) - 2  # without [CLS] and [SEP]
-        if pieces > limit - 2:
-            warnings.warn(LdotWarning(f"the query is {pieces} word-pieces long and the model reads at most "
-                                      f"{limit - 2}: only its first {limit - 2} are searched for"), stacklevel=2)
+        pieces, limit = encoder.text_tokens(query)  # special tokens not counted
+        if pieces > limit:
+            unit = "tokens" if getattr(encoder, "inputs", "regions") == "pixels" else "word-pieces"
+            warnings.warn(LdotWarning(f"the query is {pieces} {unit} long and the model reads at most "
+                                      f"{limit}: only its first {limit} are searched for"), stacklevel=2)
         vector = encoder.encode_text([query]).numpy()
         self.timings.encode_ms = 1000 * (time.perf_counter() - start)
         self.last_vector = vector
@@ -205,7 +215,18 @@ class Searcher:
         if vid is not None:
             return self.indexed_vector(vid)
         start = time.perf_counter()
-        vector = encode_image_file(path, self.store, device=self.device)
+        if self.pixels:  # the dual encoder already loaded for text queries reads the image too
+            from feature_extraction.errors import ImageLoadError
+            from feature_extraction.images.decode import load_image
+
+            try:
+                rgb = load_image(path)
+            except ImageLoadError as exc:
+                raise QueryError(f"{path} could not be read as an image ({exc.reason})") from None
+            pixels, _ = self.encoder.pixel_preprocess(rgb)
+            vector = self.encoder.encode_images([pixels.numpy()]).numpy()[0]
+        else:
+            vector = encode_image_file(path, self.store, device=self.device)
         self.timings.encode_ms = 1000 * (time.perf_counter() - start)
         self.last_vector = vector[None]
         return vector[None]
@@ -275,7 +296,10 @@ class Searcher:
         for rank, hit in enumerate(kept, 1):
             hit.rank = rank
         if request.regions and kept:
-            self.explain(kept)
+            if self.has_boxes:
+                self.explain(kept)
+            else:
+                warnings.warn(LdotWarning(self.no_boxes_reason()), stacklevel=2)
         return Answer(kept, level, self.timings, len(hits) - len(kept))
 
     def query_vector(self, request: Request) -> np.ndarray:
@@ -330,7 +354,8 @@ class Searcher:
         directory = self.model_dir()
         if directory is None:
             raise CalibrationError(f"model {self.model_source!r} is not a model dir: it has no score calibration")
-        return auto_threshold(directory, self.model_source)
+        # scores are cosines for a dual encoder (CLIP's matching pairs mostly 0.2-0.35), raw dot products otherwise
+        return auto_threshold(directory, self.model_source, "0.25" if self.pixels else "5.0")
 
     def _level(self, request: Request) -> float | None:
         """``request.min_score`` resolved; an uncalibrated ``auto`` for a text query suggests a number taken from
@@ -375,6 +400,19 @@ class Searcher:
         return number
 
     # -- regions ---------------------------------------------------------------------------------
+    @property
+    def has_boxes(self) -> bool:
+        """Whether results can show the boxes that drive their scores: a region model's index that keeps its
+        region features (a dual encoder reads whole images: its scores come from no box)."""
+        return not self.pixels and self.has_regions
+
+    def no_boxes_reason(self) -> str:
+        if self.pixels:
+            return (f"index {self.store.name!r} uses {self.model_source}, which reads whole images: there are no "
+                    "region boxes to show (results are listed without them)")
+        return (f"index {self.store.name!r} keeps no region features (built with {option('no_regions')}): results "
+                "are listed without boxes")
+
     def region_store(self) -> Any:
         from feature_extraction.uniter_db import FeatureStore
         from ldot_cli.index.store import REGIONS_DIR
@@ -450,47 +488,6 @@ class Searcher:
         from ldot_cli.index.store import DEFAULT_PRESET
 
         return self.store.get_meta("preset") or DEFAULT_PRESET
-
-    @property
-    def has_regions(self) -> bool:
-        """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
-        from ldot_cli.index.store import REGIONS_DIR
-
-        return self.store.get_meta("regions") != "none" and (self.store.dir / REGIONS_DIR).is_dir()
-
-    def reranker_name(self, name: str | None) -> str:
-        """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
-        from models.hub.cache import default_reranker
-
-        if name:
-            return name
-        if self.has_regions:
-            return default_reranker(regions=True)
-        try:
-            return default_reranker(regions=False)
-        except LdotError:
-            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
-                                  f"{option('no_regions')}) and no re-ranker that reads the photos is in the cache: "
-                                  "run `ldot models download vilt-flickr30k` (it re-ranks any index), or re-index "
-                                  f"without {option('no_regions')} for UNITER or LXMERT") from None
-
-    def reranker(self, name: str | None) -> Any:
-        """The cross-encoder ``name`` (default: the best present for this index), loaded once: the last
-        `RERANKER_CACHE` used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one)."""
-        from models.hub.load import load_reranker, resolve_source
-
-        name = self.reranker_name(name)
-        key = str(resolve_source(name).resolve())
-        if key in self._rerankers:
-            self._rerankers.move_to_end(key)
-            return self._rerankers[key]
-        model = load_reranker(name, device=self.device)
-        self._rerankers[key] = model
-        while len(self._rerankers) > RERANKER_CACHE:
-            self._rerankers.popitem(last=False)
-        return model
-        from models.hub.cache import default_reranker
-        from models.hub.load import load_reranker, resolve_source
 
     @property
     def has_regions(self) -> bool:

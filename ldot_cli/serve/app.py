@@ -128,17 +128,18 @@ class ServeState:
         with self.lock:
             searcher = self.get()
             counts = searcher.store.counts()
-            regions = searcher.has_regions
+            regions = searcher.has_boxes  # the page asks for boxes only where the index has them
             try:
                 auto = searcher.auto_min_score()
             except LdotError:
                 auto = None
             try:
-                reranker = self.reranker or default_reranker(regions=regions)
+                reranker = self.reranker or default_reranker(regions=searcher.has_regions)
             except LdotError:
                 reranker = None
             return {"index": self.name, "model": searcher.model_source, "images": counts.get("indexed", 0),
-                    "vectors": counts.get("vectors", 0), "regions": regions, "reranker": reranker,
+                    "vectors": counts.get("vectors", 0), "regions": regions,
+                    "boxes_note": None if regions else searcher.no_boxes_reason(), "reranker": reranker,
                     "auto_min_score": auto, "max_query_chars": MAX_QUERY_CHARS, "answered": self.answered,
                     "regions_ms_per_image": self.region_ms / self.region_images if self.region_images else None,
                     "max_region_ids": MAX_REGION_IDS}
@@ -151,8 +152,9 @@ class ServeState:
             self.answered += 1
             total = 1000 * (time.perf_counter() - start)
             t = answer.timings
+            note = searcher.no_boxes_reason() if request.regions and not searcher.has_boxes else None
             return {"hits": [hit_json(h) for h in answer.hits], "min_score": answer.min_score,
-                    "no_match": answer.no_match, "below": answer.below,
+                    "no_match": answer.no_match, "below": answer.below, "boxes_note": note,
                     "timings": {"encode_ms": round(t.encode_ms, 2), "search_ms": round(t.search_ms, 2),
                                 "rerank_ms": round(t.rerank_ms, 2),
                                 "regions_ms": round(t.extra.get("regions_ms", 0.0), 2), "total_ms": round(total, 2)}}

@@ -108,6 +108,16 @@ class PixelTeacher:
         return self.reranker.score_pixels(texts, [self._prepared(k) for k in keys])
 
 
+def _reads_pixels(source: str) -> bool:
+    """``source`` is a dual encoder (CLIP, SigLIP: a registry name, hf:ORG/NAME or a folder)."""
+    from models.hub.load import model_inputs
+
+    try:
+        return model_inputs(source) == "pixels"
+    except LdotError:
+        return False  # not a model ldot knows by that name: the usual path says what is wrong
+
+
 def _teacher(config: Any, device: str, data: Any = None, progress: Any = None) -> Any:
     if config.distill_from is None:
         return None
@@ -148,6 +158,9 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     )
 
     check_name(req.out)
+    if req.mode != "finetune" and req.init is not None and _reads_pixels(req.init):
+        raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init {req.init}`), "
+                        f"not {'pre-trained' if req.mode == 'pretrain' else 'decomposed'}")
     check_training_data(req.data)  # a wrong --data fails before any model is read or asked for
     if find_entry(req.out) is not None:
         raise LdotError(f"{req.out!r} is a registry name (`ldot models list`): choose another {option('out')}")
@@ -165,14 +178,20 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         saved = training.read_run(run_dir)
         config = training.TrainConfig.from_dict(saved["train_config"])
         config = replace(config, **req.overrides)
-        tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
         init: dict[str, Any] = saved.get("init", {})
-        pixels = None
-        if saved.get("model_kind") == "decomposed-vilt":  # it reads the image files
-            from models.nn.vilt import PixelPreprocessing
+        if saved.get("model_kind") == "dual-encoder":  # the run's own tokenizer and image preprocessing
+            from models.training import dual
 
-            pixels = PixelPreprocessing.from_processor_config(saved["model_config"].get("processor"))
-        data = open_training_data(req.data, tokenizer, device=req.device, progress=progress, pixels=pixels)
+            rebuilt, tokenizer = dual.rebuild(run_dir, saved["model_config"])
+            data = open_training_data(req.data, tokenizer, pixels=rebuilt.prepare)
+        else:
+            tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
+            pixels = None
+            if saved.get("model_kind") == "decomposed-vilt":  # it reads the image files
+                from models.nn.vilt import PixelPreprocessing
+
+                pixels = PixelPreprocessing.from_processor_config(saved["model_config"].get("processor"))
+            data = open_training_data(req.data, tokenizer, device=req.device, progress=progress, pixels=pixels)
         model = None
         tags = len(saved["model_config"].get("tags", ()))
     elif req.mode == "decompose":
@@ -204,6 +223,24 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
                 "tags": len(vocab), "recipe": req.recipe}
         config = training.decompose_config(req.recipe, **req.overrides)
         tags = len(vocab)
+    elif req.init is not None and _reads_pixels(req.init):
+        # a dual encoder (CLIP, SigLIP): the same loop on the images' pixels, with the model's own tokenizer
+        from models.training import dual
+
+        if run_dir.exists():
+            if not req.force:
+                raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "
+                                f"it, or {option('force')} to start over")
+            shutil.rmtree(run_dir)
+        model, tokenizer, source_dir = dual.start_model(req.init)
+        data = open_training_data(req.data, tokenizer, pixels=model.prepare)
+        config = training.finetune_config(req.data.dataset, **req.overrides)
+        if config.distill_from is not None:
+            raise LdotError(f"{option('distill_from')} is not offered for a dual encoder's fine-tuning: leave it "
+                            "out")
+        dual.write_base(run_dir, model, source_dir)
+        init = {"text": req.init, "image": req.init, "heads": "none", "source_kind": "dual-encoder"}
+        tags = 0
     else:
         if run_dir.exists():
             if not req.force:

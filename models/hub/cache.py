@@ -16,7 +16,14 @@ from models.core.errors import (
 )
 from models.core.fileio import atomic_write_text, file_stamp, sha256_file
 from models.core.home import models_dir
-from models.hub.catalogue import MANIFEST, REGION_RERANKER_KINDS, RERANKERS, find_entry
+from models.hub.catalogue import (
+    DEFAULT_BI_ENCODER,
+    DEFAULT_LIVE_ENCODER,
+    MANIFEST,
+    REGION_RERANKER_KINDS,
+    RERANKERS,
+    find_entry,
+)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -294,3 +301,12 @@ def default_reranker(regions: bool = True) -> str:
     raise LdotError("no re-ranker in the cache: run `ldot models download vilt-flickr30k` (reads the photos) or "
                     "`ldot models download lxmert-base-uncased` (or import UNITER: `ldot models import uniter-base.pt "
                     "--as uniter-base`)")
+
+
+def default_bi_encoder() -> tuple[str, str]:
+    """(model, why) a new index uses: LightningDOT's ``flickr-ft`` when it is in the cache (downloaded, imported or
+    trained under that name), else the live dual encoder ``clip-vit-b32`` (no detector)."""
+    if is_present(DEFAULT_BI_ENCODER):
+        return DEFAULT_BI_ENCODER, (f"{DEFAULT_BI_ENCODER} (LightningDOT fine-tuned on Flickr30k) is in the cache")
+    return DEFAULT_LIVE_ENCODER, (f"{DEFAULT_BI_ENCODER} is not in the cache; {DEFAULT_LIVE_ENCODER} is a live "
+                                  "zero-shot CLIP that reads pixels (no detector)")

@@ -11,6 +11,7 @@ Hub URLs honour ``HF_ENDPOINT`` (as the Hugging Face tools do), for mirrors and 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from models.core.errors import ModelNotFoundError
@@ -43,7 +44,7 @@ class ModelEntry:
     """A named checkpoint: `ldot models download NAME` fetches its files into ``<home>/models/NAME``."""
 
     name: str
-    kind: str  # bi-encoder | uniter-itm | lxmert | visualbert | vilt | detector | text-encoder
+    kind: str  # bi-encoder | dual-encoder | uniter-itm | lxmert | visualbert | vilt | detector | text-encoder
     description: str
     licence: str
     files: tuple[RemoteFile, ...]
@@ -65,6 +66,16 @@ def _hub(repo: str, *files: str, optional: tuple[str, ...] = ()) -> tuple[Remote
     out = [RemoteFile(f, (f"{HUB_PREFIX}{repo}/resolve/main/{f}",)) for f in files]
     out += [RemoteFile(f, (f"{HUB_PREFIX}{repo}/resolve/main/{f}",), optional=True) for f in optional]
     return tuple(out)
+
+
+# what a dual-encoder folder holds (`save_pretrained` of the model and its processor): config.json first
+DUAL_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
+DUAL_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                        "spiece.model")
+
+
+def _dual(repo: str) -> tuple[RemoteFile, ...]:
+    return _hub(repo, *DUAL_FILES, optional=DUAL_TOKENIZER_FILES)
 
 
 REGISTRY: tuple[ModelEntry, ...] = (
@@ -117,6 +128,25 @@ REGISTRY: tuple[ModelEntry, ...] = (
                "unstated", _hub("uclanlp/visualbert-vqa-coco-pre", "config.json", "pytorch_model.bin"),
                approx_size="~448 MB", tokenizer="bert-base-uncased",
                aliases=("uclanlp/visualbert-vqa-coco-pre", "visualbert")),
+    # -- dual encoders that read pixels (no detector): `transformers`' CLIP and SigLIP, live on the hub. The commit
+    # of the first download is pinned (known_hashes.json); config.json comes first, so that `hf:ORG/NAME` of another
+    # architecture is refused before its weights are fetched.
+    ModelEntry("clip-vit-b32", "dual-encoder",
+               "CLIP ViT-B/32 (OpenAI): zero-shot image-text dual encoder on pixels, 512-d, no detector; the default "
+               "when flickr-ft is not in the cache", "MIT", _dual("openai/clip-vit-base-patch32"),
+               approx_size="~0.6 GB", aliases=("openai/clip-vit-base-patch32",)),
+    ModelEntry("clip-vit-b16", "dual-encoder",
+               "CLIP ViT-B/16 (OpenAI): as clip-vit-b32 with 4x the image patches (about 4x slower, more accurate)",
+               "MIT", _dual("openai/clip-vit-base-patch16"), approx_size="~0.6 GB",
+               aliases=("openai/clip-vit-base-patch16",)),
+    ModelEntry("clip-vit-l14", "dual-encoder",
+               "CLIP ViT-L/14 (OpenAI): the large CLIP, 768-d (about 18x the image compute of ViT-B/32)",
+               "MIT", _dual("openai/clip-vit-large-patch14"), approx_size="~1.7 GB",
+               aliases=("openai/clip-vit-large-patch14",)),
+    ModelEntry("siglip-base", "dual-encoder",
+               "SigLIP base patch16 224 (Google): sigmoid-loss dual encoder on pixels, 768-d, texts padded to 64 "
+               "tokens", "Apache-2.0", _dual("google/siglip-base-patch16-224"), approx_size="~0.8 GB",
+               aliases=("google/siglip-base-patch16-224",)),
     # ViLT-B/32 fine-tuned for image-text retrieval (ViltForImageAndTextRetrieval): a live cross-encoder that reads
     # pixels (no detector), so it re-ranks any index; its weights are a pickle, read as tensors only
     ModelEntry("vilt-flickr30k", "vilt",
@@ -135,9 +165,29 @@ REGISTRY: tuple[ModelEntry, ...] = (
                approx_size="~446 MB", aliases=("dandelin/vilt-b32-finetuned-coco",)),
 )
 
+HF_REPO_PREFIX = "hf:"  # `--model hf:ORG/NAME`: any hub repository of a dual-encoder architecture
+_HF_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def hub_dual_entry(spec: str) -> ModelEntry | None:
+    """The entry of ``hf:ORG/NAME`` (a dual encoder fetched like the catalogue's, cached as ``hf--ORG--NAME``);
+    None for any other name. A repository id that is not one raises `ModelNotFoundError`."""
+    if not spec.startswith(HF_REPO_PREFIX):
+        return None
+    repo = spec[len(HF_REPO_PREFIX):]
+    if not _HF_REPO_RE.match(repo) or ".." in repo or repo.endswith((".", "-")) or "--" in repo:
+        raise ModelNotFoundError(f"{spec!r} is not a hub repository id: write hf:ORG/NAME (e.g. "
+                                 "hf:openai/clip-vit-base-patch32)")
+    for entry in REGISTRY:
+        if repo in entry.aliases:
+            return entry
+    return ModelEntry("hf--" + repo.replace("/", "--"), "dual-encoder", f"{repo} from the Hugging Face hub",
+                      "see the repository", _dual(repo), aliases=(spec,))
+
 
 # The defaults: what `ldot` uses when no name is given.
-DEFAULT_BI_ENCODER = "flickr-ft"  # the bi-encoder that indexes and searches
+DEFAULT_BI_ENCODER = "flickr-ft"  # the bi-encoder that indexes and searches, when it is in the cache ...
+DEFAULT_LIVE_ENCODER = "clip-vit-b32"  # ... else this live dual encoder (`models.hub.cache.default_bi_encoder`)
 DEFAULT_DETECTOR = "butd-r101-vg"  # the region detector
 # cross-encoders, in order of preference; those of a kind in REGION_RERANKER_KINDS need the index's region features,
 # the others (ViLT) read the image files and re-rank any index
@@ -155,7 +205,10 @@ def find_entry(name: str) -> ModelEntry | None:
     for entry in REGISTRY:
         if name == entry.name or name in entry.aliases:
             return entry
-    return None
+    if name.startswith("hf--") and "/" not in name:  # the cache folder of an `hf:ORG/NAME` model
+        org, sep, rest = name[4:].partition("--")
+        return hub_dual_entry(f"{HF_REPO_PREFIX}{org}/{rest}") if sep and org and rest else None
+    return hub_dual_entry(name)
 
 
 def get_entry(name: str) -> ModelEntry:

@@ -85,7 +85,8 @@ def import_model(src: str | Path, name: str, force: bool = False) -> LocalModel:
     - an official LightningDOT ``.pt`` (fine-tuned or pre-trained) or a UNITER ``.pt`` is converted once
       into a model directory (config.json + model.safetensors + tokenizer);
     - detector weights (hub ``pytorch_model.bin`` or detectron2 ``.pkl``) and Hugging Face model
-      directories (LXMERT, BERT) are copied as they are;
+      directories (LXMERT, BERT; CLIP and SigLIP as `save_pretrained` writes them, model + processor) are copied
+      as they are;
     - an ldot model directory is copied.
     """
     check_name(name)
@@ -126,6 +127,11 @@ def _dir_kind(src: Path) -> str:
         meta = read_json_object(config, CheckpointError, f"{config} is missing", "not a model config ldot knows")
         if meta.get("format") == "ldot-model":
             return read_model_config(src)["kind"]
+        if meta.get("model_type") in ("clip", "siglip"):
+            from models.hub.dual import check_dual_dir
+
+            check_dual_dir(src, str(src))
+            return "dual-encoder"
         if meta.get("model_type") == "lxmert":
             check_lxmert_config(meta, config)
             return "lxmert"

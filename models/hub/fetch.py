@@ -19,7 +19,7 @@ from models.core.download import (
     known_hash,
     record_hash,
 )
-from models.core.errors import DownloadError
+from models.core.errors import DownloadError, LdotError
 from models.core.fileio import new_dir, recover_dir, replace_dir
 from models.core.home import models_dir
 from models.core.progress import ProgressFn
@@ -77,6 +77,16 @@ def download_entry(name: str, progress: ProgressFn | None = None, only: Iterable
             dest = staging / remote.filename
             if remote.filename in hub:
                 _link_hub_file(entry, remote, hub[remote.filename], staging, files, pin, progress)
+                if entry.kind == "dual-encoder" and remote.filename == "config.json":
+                    from models.hub.dual import (
+                        check_dual_config,  # another architecture: refused before its weights
+                    )
+
+                    try:
+                        check_dual_config(staging / "config.json", f"hf:{hub[remote.filename].repo}")
+                    except LdotError:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        raise
                 continue
             if not entry.convert and remote.filename in files and dest.is_file():
                 continue
@@ -173,6 +183,10 @@ def _convert_download(entry: ModelEntry, staging: Path, target: Path, files: dic
 def _offline_message(entry: ModelEntry, remote: RemoteFile, why: str, staging: Path | None) -> str:
     if len(entry.files) == 1:
         have = f"If you have the file, run `ldot models import {remote.filename} --as {entry.name}`"
+    elif entry.kind == "dual-encoder":
+        size = f" ({entry.approx_size})" if entry.approx_size else ""
+        have = (f"Run `ldot models download {entry.name}` where the hub is reachable{size}, or import a folder "
+                f"written by `save_pretrained` (model and processor): `ldot models import FOLDER --as {entry.name}`")
     else:
         have = (f"If you have its files ({', '.join(f.filename for f in entry.files if not f.optional)}), put them "
                 f"in one folder and run `ldot models import FOLDER --as {entry.name}`")

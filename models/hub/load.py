@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from models.core.device import pick_device
-from models.core.errors import CheckpointError, ModelError, ModelNotFoundError
+from models.core.errors import CheckpointError, ModelError, ModelNotFoundError, option
 from models.core.fileio import sha256_file
 from models.core.home import models_dir
 from models.hub.cache import check_model_files
+from models.hub.dual import is_dual_dir, load_dual_encoder
 from models.hub.formats import (
     bi_encoder_from_state,
     bi_encoder_state,
@@ -26,10 +27,10 @@ from models.hub.formats import (
     load_strict,
     load_tensors,
 )
-from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConfig
 from models.nn.cross_encoder import LxmertReranker, UniterReranker
 from models.nn.decomposed import DecomposedEncoder
+from models.nn.encoder import Encoder, Inputs
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
 from models.nn.vilt import PREPROCESSOR_FILE, VILT_HEAD, VILT_WEIGHTS, ViltReranker
 
@@ -59,16 +60,24 @@ def resolve_source(source: str | Path) -> Path:
 
 def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = torch.float32,
-                    towers: tuple[str, ...] = ("text", "image")) -> BiEncoder | DecomposedEncoder:
-    """Load a LightningDOT bi-encoder from an official ``.pt`` (fine-tuned or pre-trained), a converted
-    model directory, a ``.safetensors`` file, or a registry name present in the cache; or a decomposed
-    (VLDeformer) model dir, which has the same encoding methods (``towers`` does not apply: one body serves both).
+                    towers: tuple[str, ...] = ("text", "image")) -> Encoder:
+    """Load the encoder a search runs on (`models.nn.encoder.Encoder`): a LightningDOT bi-encoder from an official
+    ``.pt`` (fine-tuned or pre-trained), a converted model directory, a ``.safetensors`` file, or a registry name
+    present in the cache; a decomposed (VLDeformer) model dir; or a CLIP / SigLIP folder (a `DualEncoder` that
+    reads pixels). ``towers=("text",)`` loads a LightningDOT bi-encoder's text tower alone; ``("image",)`` the image
+    tower alone of a bi-encoder or a dual encoder (a decomposed model always loads whole).
 
     Never touches the network: the tokenizer (``tokenizer=`` a path, else the model's own, else the
     configured name) is resolved on the first `encode_text`.
     """
     path = resolve_source(source)
     model_dir = None
+    if path.is_dir() and is_dual_dir(path):
+        check_model_files(path)
+        if tokenizer:
+            raise ModelError(f"{source} is a dual encoder: it reads texts with its own tokenizer (leave out "
+                             f"{option('tokenizer')})")
+        return load_dual_encoder(path, device=device, dtype=dtype, image_only=tuple(towers) == ("image",))
     if path.is_dir():
         check_model_files(path)
         meta, state = load_model_state(path)
@@ -88,6 +97,20 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
         tokenizer = functools.partial(resolve_tokenizer, tokenizer, model.config, model_dir)
     model._tokenizer = tokenizer
     return model
+
+
+def model_inputs(source: str | Path) -> Inputs:
+    """What a model's image tower reads, known without loading it (nor downloading it: a registry entry not in
+    the cache answers from its kind): ``pixels`` (a dual encoder: no detector) or ``regions``."""
+    from models.hub.catalogue import find_entry
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        entry = find_entry(str(source))
+        if entry is not None:
+            return "pixels" if entry.kind == "dual-encoder" else "regions"
+        path = resolve_source(source)
+    return "pixels" if path.is_dir() and is_dual_dir(path) else "regions"
 
 
 def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,

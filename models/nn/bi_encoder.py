@@ -59,6 +59,8 @@ class BiEncoder(nn.Module):
     `models.hub` passes, so that finding or fetching tokenizer files stays out of the network code).
     """
 
+    inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
+
     def __init__(self, config: BiEncoderConfig,
                  tokenizer: Tokenizer | str | Path | Callable[[], Tokenizer] | None = None) -> None:
         super().__init__()
@@ -99,6 +101,10 @@ class BiEncoder(nn.Module):
     def max_text_tokens(self) -> int:
         """Word-pieces a text can have, [CLS] and [SEP] included (longer texts are cut)."""
         return self.config.text.max_position_embeddings
+
+    def text_tokens(self, text: str) -> tuple[int, int]:
+        """(word-pieces of ``text``, word-pieces the model reads), [CLS] and [SEP] not counted."""
+        return len(self.tokenizer.encode(text)) - 2, self.max_text_tokens - 2
 
     @property
     def device(self) -> torch.device:

@@ -131,6 +131,7 @@ class DecomposedEncoder(nn.Module):
     """One encoder for texts and for images (``bert`` = `DecomposedBody`); normalised vectors, cosine score."""
 
     kind = "decomposed"
+    inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
     tokenizer = BiEncoder.tokenizer  # same rules: a Tokenizer, a path, a callable, or config.tokenizer
 
     def __init__(self, config: DecomposedConfig,
@@ -147,6 +148,8 @@ class DecomposedEncoder(nn.Module):
     def max_text_tokens(self) -> int:
         """Word-pieces a text can have, [CLS] and [SEP] included (longer texts are cut)."""
         return self.config.text_len
+
+    text_tokens = BiEncoder.text_tokens  # [CLS] word-pieces [SEP], cut to max_text_tokens
 
     @property
     def device(self) -> torch.device:

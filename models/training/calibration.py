@@ -107,11 +107,12 @@ def load_calibration(model_dir: str | Path) -> dict[str, Any] | None:
     return data
 
 
-def auto_threshold(model_dir: str | Path, model_name: str) -> float:
-    """The ``--min-score auto`` level of a model; a clear error when it was never calibrated."""
+def auto_threshold(model_dir: str | Path, model_name: str, example: str = "5.0") -> float:
+    """The ``--min-score auto`` level of a model; a clear error when it was never calibrated (``example``: a
+    number on the model's own scale, for the hint: raw dot products of LightningDOT, cosines of CLIP)."""
     data = load_calibration(model_dir)
     if data is None:
         raise CalibrationError(f"model {model_name!r} has no score calibration ({CALIBRATION_FILE} in its model dir): "
                                "it is written when the model is trained or evaluated (`ldot eval ... --model "
-                               f"{model_name}`); meanwhile give {option('min_score')} a number")
+                               f"{model_name}`); meanwhile give a number, e.g. {option('min_score')} {example}")
     return float(data["auto"]["threshold"])

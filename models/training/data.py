@@ -44,7 +44,8 @@ def check_finite(records: Sequence[Any], keys: Sequence[str]) -> None:
 
 
 class FeatureLookup(Protocol):
-    """Image key -> its regions (a UNITER image DB reader, a dict, ...)."""
+    """Image key -> its regions (a UNITER image DB reader, a dict, ...), or for a dual encoder its pixels (a
+    (3, h, w) float32 array: the model's preprocessing of the image file)."""
 
     def __getitem__(self, key: str) -> RegionRecord: ...
 

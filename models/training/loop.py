@@ -1022,6 +1022,10 @@ def _rebuild(run_dir: Path) -> tuple[Any, Any]:
 
         tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
         return ViltDecomposedEncoder(ViltDecomposedConfig.from_dict(info["model_config"]), tokenizer), tokenizer
+    if info.get("model_kind") == "dual-encoder":
+        from models.training import dual
+
+        return dual.rebuild(run_dir, info["model_config"])
     if info.get("model_kind") == "decomposed":
         from models.nn.config import DecomposedConfig
         from models.nn.decomposed import DecomposedEncoder
@@ -1067,15 +1071,23 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     kind = info.get("model_kind", "bi-encoder")
     if best is not None and best["step"] != step:
         state = _load_tensors(run_dir / "best.safetensors")
-    elif kind in ("decomposed", "decomposed-vilt"):
+    elif kind in ("decomposed", "decomposed-vilt", "dual-encoder"):
         state = full
     else:
         state = {k[len("bert."):]: v for k, v in full.items() if k.startswith("bert.")}
     source = {"origin": "train", "run": str(run_dir), "init": info.get("init", {}), "data": info.get("data", ""),
               "train_config": info["train_config"], "steps": step, "best": best}
-    tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
     config = info["model_config"]
-    save_model_dir(target, kind, config, state, source=source, tokenizer=tokenizer)
+    if kind == "dual-encoder":  # a `save_pretrained` folder, as the hub's and `ldot models import`'s
+        from models.core.fileio import new_dir
+        from models.training import dual
+
+        with new_dir(target) as tmp:
+            dual.export(run_dir, tmp, state, config)
+            (tmp / "ldot-train.json").write_text(json.dumps(source, indent=2) + "\n")
+    else:
+        tokenizer = Tokenizer.from_path(run_dir / "tokenizer.json")
+        save_model_dir(target, kind, config, state, source=source, tokenizer=tokenizer)
     tasks = [t for t, _ in info["train_config"]["tasks"]]
     if kind == "bi-encoder" and tasks != ["itm"] and (best is None or best["step"] == step):  # these weights' heads
         heads = {k: v for k, v in full.items() if not k.startswith("bert.")}
