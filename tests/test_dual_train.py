@@ -74,4 +74,4 @@ def test_dual_encoder_is_not_pretrained_nor_distilled(tmp_path, ldot_home):
     assert result.exit_code == 2 and "not pre-trained" in result.output
     result = runner.invoke(app, ["train", "finetune", "--init", "clip-vit-b32", "--data", str(data), "--out", "q",
                                  "--distill-from", "uniter-base", "--device", "cpu"])
-    assert result.exit_code == 2 and "region features" in result.output
+    assert result.exit_code == 2 and "not offered for a dual encoder" in result.output

@@ -256,17 +256,9 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
     from models.training.data import TrainData
 
     train_dbs, val_db, karpathy = _locate_captions(spec)
-    if pixels is not None:
-        if train_dbs:
-            raise TrainDataError("a model that reads pixels trains on image files with their Karpathy split file, not "
-                                 "on UNITER text and image DBs")
-        splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
-        train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
-        val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)
-        if val is not None:
-            val = _first_images(val, spec.val_images)
-        lookup = _pixel_data(spec, karpathy, train, val, pixels)
-        return TrainData(train, lookup, val, description=f"captions: {karpathy}; images: files under {spec.data}")
+    if pixels is not None and train_dbs:
+        raise TrainDataError("a model that reads pixels trains on image files with their Karpathy split file, not "
+                             "on UNITER text and image DBs")
     if train_dbs:
         train = _pairs_from_text_dbs(train_dbs)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
