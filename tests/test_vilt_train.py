@@ -88,7 +88,10 @@ def test_the_decomposed_passes_are_vilts_own(tmp_path, vocab_dir):
     want, n_text = expected.last_hidden_state, ids.shape[1]
     torch.testing.assert_close(got[:, : n_text + 1], want[:, : n_text + 1], atol=1e-5, rtol=0)
     weights = image_mask[:, 1:, None].float()
-    mean = lambda states: (states[:, n_text + 1:] * weights).sum(1) / weights.sum(1)
+
+    def mean(states):
+        return (states[:, n_text + 1:] * weights).sum(1) / weights.sum(1)
+
     torch.testing.assert_close(mean(got), mean(want), atol=1e-5, rtol=0)
     texts = model.encode_text(["a dog on the beach", "two people sitting", "red car"])
     alone = model.encode_text(["two people sitting"])

@@ -4,7 +4,6 @@ here for everything but a plain query to a running server. Heavy imports stay in
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any

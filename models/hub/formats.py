@@ -14,7 +14,6 @@ A converted model directory holds::
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import pickle
 import re
