@@ -139,6 +139,22 @@ def test_train_decompose_from_vilt_on_the_image_files_with_its_own_distillation(
     # it starts from the source's weights: the first validation is the decomposed source's, not a random model's
     source = decomposed_model(read_decompose_source("vilt-flickr30k"), model.tokenizer, text_len=12)
     assert any(not torch.equal(a, b) for a, b in zip(source.state_dict().values(), model.state_dict().values()))
+    # and it indexes photos and answers queries as any model that reads pixels does (no detector)
+    from ldot_testing import make_photos
+
+    photos = make_photos(tmp_path / "photos", 3, size=(96, 64))
+    result = runner.invoke(app, ["index", str(tmp_path / "photos"), "--model", "dv", "--workers", "0",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    from ldot_cli.index.search import Searcher
+
+    searcher = Searcher("default")
+    try:
+        hits = searcher.search_vector(model.encode_rgb([pattern(96, 64, seed=1)]).numpy(), k=3)
+        assert hits[0].path.decode().endswith(photos[1].name)  # the photo whose pixels they are comes first
+        assert len(searcher.search("a dog on the beach", k=3)) == 3
+    finally:
+        searcher.close()
 
 
 def test_finetune_a_region_bi_encoder_distilling_vilt_from_the_image_files(tmp_path, vocab_dir, ldot_home):

@@ -110,7 +110,15 @@ def model_inputs(source: str | Path) -> Inputs:
         if entry is not None:
             return "pixels" if entry.kind == "dual-encoder" else "regions"
         path = resolve_source(source)
-    return "pixels" if path.is_dir() and is_dual_dir(path) else "regions"
+    if not path.is_dir():
+        return "regions"
+    if is_dual_dir(path):
+        return "pixels"
+    try:  # an ldot model dir: a decomposed ViLT reads pixels too
+        meta = json.loads((path / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return "regions"
+    return "pixels" if isinstance(meta, dict) and meta.get("kind") == "decomposed-vilt" else "regions"
 
 
 def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,

@@ -14,6 +14,7 @@ HEIC) is ldot's own (`feature_extraction.images.decode`); this module takes the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,6 +258,11 @@ def vilt_to_decomposed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _prepared_with_scale(prepare: PixelPreprocessing, rgb: np.ndarray) -> tuple[torch.Tensor, float]:
+    pixels = prepare(rgb)
+    return pixels, pixels.shape[1] / max(1, int(np.asarray(rgb).shape[0]))
+
+
 class ViltDecomposedEncoder(torch.nn.Module):
     """A decomposed ViLT: ``vilt`` (transformers' ``ViltModel``, no pooler) run on texts alone and on pixels alone;
     tanh of the mean of the last states, L2-normalised: the score is the cosine."""
@@ -288,6 +294,16 @@ class ViltDecomposedEncoder(torch.nn.Module):
         return self.config.text_len
 
     max_text_positions = max_text_tokens  # what training cuts captions to
+
+    def text_tokens(self, text: str) -> tuple[int, int]:
+        """(word-pieces of ``text``, word-pieces the model reads), [CLS] and [SEP] not counted."""
+        return len(self.tokenizer.encode(text)) - 2, self.max_text_tokens - 2
+
+    @property
+    def pixel_preprocess(self) -> Any:
+        """The decoding workers' preprocessing (picklable: the processor settings, not the model): decoded RGB ->
+        ((3, h, w) float32, h / H), as `ldot index` and `ldot search --image` hand a model that reads pixels."""
+        return functools.partial(_prepared_with_scale, self.prepare)
 
     @property
     def device(self) -> torch.device:
@@ -421,7 +437,8 @@ class ViltDecomposedEncoder(torch.nn.Module):
                              "model that reads pixels), not the detector's regions")
         out = []
         for start in range(0, len(records), batch_size):
-            out.append(self.encode_pixels([r.pixels for r in records[start:start + batch_size]], batch_size))
+            chunk = [torch.as_tensor(r.pixels) for r in records[start:start + batch_size]]  # decoded items: numpy
+            out.append(self.encode_pixels(chunk, batch_size))
             report(progress, stage, min(start + batch_size, len(records)), len(records), "images")
         return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
 
