@@ -394,14 +394,7 @@ class Indexer:
         if self.pixels:
             self._encode_pixels(store, need, hashes, report)
             return
-        by_hash: dict[str, list[Any]] = {}
-        unreadable = []
-        for src in need:
-            digest = hashes.get(src.path)
-            if digest is None:
-                unreadable.append(src)
-            else:
-                by_hash.setdefault(digest, []).append(src)
+        by_hash, unreadable = _by_content(need, hashes)
         firsts = [group[0] for group in by_hash.values()]
         self.stage("extracting", 0, None)  # stages show in this order; totals come when known
         self.stage("encoding", 0, len(firsts))
@@ -440,14 +433,7 @@ class Indexer:
         (``ldot index --regions``, for a region cross-encoder), which are extracted after the vectors."""
         from feature_extraction.images.pool import DecodeFailure, iter_decoded
 
-        by_hash: dict[str, list[Any]] = {}
-        unreadable = []
-        for src in need:
-            digest = hashes.get(src.path)
-            if digest is None:
-                unreadable.append(src)
-            else:
-                by_hash.setdefault(digest, []).append(src)
+        by_hash, unreadable = _by_content(need, hashes)
         firsts = [group[0] for group in by_hash.values()]
         self.stage("encoding", 0, len(firsts))
         pending = Batcher(self, store, by_hash, report, total=len(firsts), size=PIXEL_BATCH)
@@ -602,6 +588,20 @@ def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
         removed = writer.delete(dead)
         writer.commit()
     return removed
+
+
+def _by_content(need: list[Any], hashes: dict[str, str]) -> tuple[dict[str, list[Any]], list[Any]]:
+    """The files to encode grouped by content hash (each content is encoded once), and those that could not be
+    hashed (unreadable)."""
+    by_hash: dict[str, list[Any]] = {}
+    unreadable = []
+    for src in need:
+        digest = hashes.get(src.path)
+        if digest is None:
+            unreadable.append(src)
+        else:
+            by_hash.setdefault(digest, []).append(src)
+    return by_hash, unreadable
 
 
 class Batcher:

@@ -174,6 +174,11 @@ def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str
         raise ModelError(f"{source.name} has a {config.body.vocab_size}-word vocabulary but its tokenizer has "
                          f"{tokenizer.vocab_size}: pass the source's own tokenizer")
     model = DecomposedEncoder(config, tokenizer)
+    return _with_source_weights(model, source)
+
+
+def _with_source_weights(model: Any, source: DecomposeSource) -> Any:
+    """``model`` with the source's weights (float32), loaded strictly: a key missing or left over is an error."""
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in source.state.items()}
     try:
         load_strict(model, state)
@@ -199,12 +204,7 @@ def _vilt_decomposed(source: DecomposeSource, tokenizer: Any, overrides: dict[st
         raise ModelError(f"{source.name} has a {config.vilt['vocab_size']}-word vocabulary but its tokenizer has "
                          f"{tokenizer.vocab_size}: pass the source's own tokenizer")
     model = ViltDecomposedEncoder(config, tokenizer)
-    state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in source.state.items()}
-    try:
-        load_strict(model, state)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{source.name}: {exc}") from None
-    return model
+    return _with_source_weights(model, source)
 
 
 def source_tokenizer(source: DecomposeSource) -> Any:
