@@ -220,7 +220,7 @@ def test_a_dual_encoder_index_on_ray_matches_the_single_machine_path(cluster, tm
     make_photos(photos, 5, size=(64, 48))
     args = ["--model", "clip-vit-b32", "--workers", "1"]
     ldot("index", str(photos), "--name", "single", *args)
-    result = ldot("index", str(photos), "--name", "dist", *args, "--ray", address, "--ray-shard-size", "2")
+    result = ldot("index", str(photos), "--name", "dist", *args, "--ray-address", address, "--ray-shard-size", "2")
     assert "5 encoded" in " ".join(result.stderr.split())
     single_rows, single_vectors = rows_and_vectors("single")
     dist_rows, dist_vectors = rows_and_vectors("dist")
