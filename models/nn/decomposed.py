@@ -127,7 +127,26 @@ def fit_rows(input_ids: torch.Tensor, mask: torch.Tensor | None, length: int, se
     return out, out_mask
 
 
-class DecomposedEncoder(nn.Module):
+class VLDeformerObjective:
+    """VLDeformer's training objective for a decomposed encoder (``pair_vectors`` and ``config.temperature`` given
+    by the model): the one definition the region and the ViLT decomposed encoders share."""
+
+    config: Any
+    pair_vectors: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: Any,
+                       neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None) -> torch.Tensor:
+        """VLDeformer's cross-modal InfoNCE: CE(text -> image) + CE(image -> text), cosine / temperature."""
+        return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
+                                       weight=1.0)
+
+    def itm(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        text, image = self.pair_vectors(batch)
+        acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
+        return self.retrieval_loss(text, image, batch), {"acc": acc}
+
+
+class DecomposedEncoder(VLDeformerObjective, nn.Module):
     """One encoder for texts and for images (``bert`` = `DecomposedBody`); normalised vectors, cosine score."""
 
     kind = "decomposed"
@@ -229,17 +248,6 @@ class DecomposedEncoder(nn.Module):
     @property
     def logit_scale(self) -> float:
         return 1.0 / self.config.temperature
-
-    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: PairBatch,
-                       neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None) -> torch.Tensor:
-        """VLDeformer's cross-modal InfoNCE: CE(text -> image) + CE(image -> text), cosine / temperature."""
-        return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
-                                       weight=1.0)
-
-    def itm(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        text, image = self.pair_vectors(batch)
-        acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
-        return self.retrieval_loss(text, image, batch), {"acc": acc}
 
     def record_vectors(self, records: Sequence[Any]) -> torch.Tensor:
         """Per-image region records -> unit vectors (B, H) (validation, hard-negative mining)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from models.core.errors import CheckpointError
+from models.nn.decomposed import VLDeformerObjective
 from models.nn.tokenizer import Tokenizer, pad_ids
 
 VILT_HEAD = "ViltForImageAndTextRetrieval"  # the transformers class (config.json's architectures) re-ranking needs
@@ -263,7 +264,7 @@ def _prepared_with_scale(prepare: PixelPreprocessing, rgb: np.ndarray) -> tuple[
     return pixels, pixels.shape[1] / max(1, int(np.asarray(rgb).shape[0]))
 
 
-class ViltDecomposedEncoder(torch.nn.Module):
+class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
     """A decomposed ViLT: ``vilt`` (transformers' ``ViltModel``, no pooler) run on texts alone and on pixels alone;
     tanh of the mean of the last states, L2-normalised: the score is the cosine."""
 
@@ -377,20 +378,6 @@ class ViltDecomposedEncoder(torch.nn.Module):
             raise ValueError("this model reads pixels: the batch holds region features only")
         return (self.text_vectors(batch.input_ids, batch.text_mask),
                 self.image_vectors(batch.pixel_values, batch.pixel_mask))
-
-    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: Any, neg_text: torch.Tensor | None = None,
-                       neg_image: torch.Tensor | None = None) -> torch.Tensor:
-        from models.nn import losses
-
-        return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
-                                       weight=1.0)
-
-    def itm(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        from models.nn import losses
-
-        text, image = self.pair_vectors(batch)
-        acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
-        return self.retrieval_loss(text, image, batch), {"acc": acc}
 
     def record_vectors(self, records: Sequence[Any]) -> torch.Tensor:
         """Per-image pixel records (``pixels``: (3, h, w), as `prepare` makes them) -> unit vectors (B, H)."""
