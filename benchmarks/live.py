@@ -165,12 +165,14 @@ def index_path_figures(tmp: Path, env: dict, args: argparse.Namespace, photos: l
 # -------------------------------------------------------------------------------------------- queries
 def fake_index(name: str, vectors, model: str) -> None:
     """An index of ``vectors`` (one synthetic file row each) for ``model``, written through the real store."""
-    from ldot_cli.index.store import FileRow, IndexStore, index_path
+    from ldot_cli.index.catalogue import FileRow
+    from ldot_cli.index.layout import index_path
+    from ldot_cli.index.store import IndexStore
     from models.hub.load import fingerprint
 
     with IndexStore(index_path(name), create=True) as store:
-        store.set_meta({"model": model, "model_fingerprint": fingerprint(model), "preset": "uniter",
-                        "regions": "none", "dim": str(vectors.shape[1])})
+        store.update_meta(model=model, model_fingerprint=fingerprint(model), preset="uniter", regions="none",
+                          dim=vectors.shape[1])
         for start in range(0, len(vectors), 20_000):
             with store.transaction() as db:
                 rows = []

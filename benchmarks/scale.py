@@ -58,7 +58,7 @@ def chunks(vectors: np.ndarray):
 def measure(n: int, workdir: Path, budget: int) -> dict:
     import faiss
 
-    from ldot_cli.index.store import ANN_THRESHOLD
+    from ldot_cli.index.layout import ANN_THRESHOLD
     from models.core import ann
 
     kind = ann.choose_kind(n, DIM, ANN_THRESHOLD, budget)
@@ -98,7 +98,7 @@ def measure(n: int, workdir: Path, budget: int) -> dict:
 
 
 def project(rows: list[dict], budget: int) -> None:
-    from ldot_cli.index.store import ANN_THRESHOLD
+    from ldot_cli.index.layout import ANN_THRESHOLD
     from models.core import ann
 
     n = 100_000_000

@@ -82,12 +82,14 @@ def base_text_encoder(home: Path):
 
 def fake_index(name: str, vectors: np.ndarray) -> None:
     """An index of ``vectors`` with one (synthetic) file row each, written through the real store."""
-    from ldot_cli.index.store import FileRow, IndexStore, index_path
+    from ldot_cli.index.catalogue import FileRow
+    from ldot_cli.index.layout import index_path
+    from ldot_cli.index.store import IndexStore
     from models.hub.load import fingerprint
 
     with IndexStore(index_path(name), create=True) as store:
-        store.set_meta({"model": "bench", "model_fingerprint": fingerprint("bench"), "detector": "butd-r101-vg",
-                        "preset": "uniter", "regions": "none", "dim": str(vectors.shape[1])})
+        store.update_meta(model="bench", model_fingerprint=fingerprint("bench"), detector="butd-r101-vg",
+                          preset="uniter", regions="none", dim=vectors.shape[1])
         for start in range(0, len(vectors), 20_000):
             with store.transaction() as db:
                 rows = []
@@ -117,8 +119,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs visible, {args.threads} threads; torch {torch.__version__}, "
           f"faiss {faiss.__version__}; LDOT_HOME={home}")
 
+    from ldot_cli.index.layout import ANN_THRESHOLD
     from ldot_cli.index.search import Searcher
-    from ldot_cli.index.store import ANN_THRESHOLD
     from models.core import ann
     from models.hub.load import load_bi_encoder
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ldot_cli.index.store import FileRow, IndexStore, index_path
+from ldot_cli.index.catalogue import FileRow
+from ldot_cli.index.layout import index_path
+from ldot_cli.index.store import IndexStore
 from models.core import ann
 
 
@@ -86,7 +88,7 @@ def test_nprobe_is_tuned_to_the_fewest_cells_that_reach_the_recall_target():
 def test_store_switches_tier_and_searches_through_it(mode):
     vectors = clustered(2000)
     with IndexStore(index_path("t"), create=True) as store:
-        store.set_meta({"dim": "64", "ann_mode": mode})
+        store.update_meta(dim=64, ann_mode=mode)
         with store.transaction() as db:
             rows = []
             for i, vec in enumerate(vectors):
@@ -133,12 +135,12 @@ def test_automatic_choice_from_count_and_memory_budget():
 def test_store_builds_ivfpq_past_the_memory_budget_and_rescores_from_disk():
     vectors = clustered(5000, d=32)
     with IndexStore(index_path("pq"), create=True) as store:
-        store.set_meta({"dim": "32", "memory_budget": str(256 << 10)})  # 256 kB: only PQ codes fit
+        store.update_meta(dim=32, memory_budget=256 << 10)  # 256 kB: only PQ codes fit
         with store.transaction() as db:
             for i, vec in enumerate(vectors):
                 store.add_vector(db, f"{i:064x}", vec, 10)
         store.sync_faiss()
-        meta = store.meta()
+        meta = store.meta_rows()
         assert meta["faiss_kind"] == ann.PQ and meta["faiss_factory"].startswith("OPQ8_32,IVF")
         assert float(meta["recall_at_10"]) >= 0.95
         index, _ = store.read_faiss()
@@ -184,13 +186,14 @@ def test_a_forced_ivfpq_on_a_small_index_falls_back_instead_of_aborting_in_faiss
     code = f"""
 import warnings
 import numpy as np
-from ldot_cli.index.store import IndexStore, index_path
+from ldot_cli.index.layout import index_path
+from ldot_cli.index.store import IndexStore
 from models.core import ann
 from models.core.errors import LdotWarning
 
 rng = np.random.default_rng(0)
 with IndexStore(index_path("small"), create=True) as store:
-    store.set_meta({{"dim": "{dim}", "ann_mode": "ivfpq"}})
+    store.update_meta(dim={dim}, ann_mode="ivfpq")
     with store.transaction() as db:
         for i in range({n}):
             store.add_vector(db, f"{{i:064x}}", rng.standard_normal({dim}).astype(np.float32), 10)
@@ -200,7 +203,7 @@ with IndexStore(index_path("small"), create=True) as store:
             print("ACTION", store.sync_faiss())
         print("WARN", [str(w.message) for w in caught if issubclass(w.category, LdotWarning)])
         index, _ = store.read_faiss()
-        print("KIND", store.get_meta("faiss_kind"), store.get_meta("ann_mode"), index.ntotal)
+        print("KIND", store.meta_rows().get("faiss_kind"), store.meta_rows().get("ann_mode"), index.ntotal)
 """
     result = _in_subprocess(code, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -228,16 +231,16 @@ except ValueError as exc:
 @pytest.mark.slow
 def test_a_forced_ivfpq_index_becomes_ivfpq_once_it_has_enough_vectors(tmp_path):
     with IndexStore(index_path("grows"), create=True) as store:
-        store.set_meta({"dim": "32", "ann_mode": ann.PQ})
+        store.update_meta(dim=32, ann_mode=ann.PQ)
         vectors = clustered(700, d=32)
         with store.transaction() as db:
             for i, vec in enumerate(vectors[:100]):
                 store.add_vector(db, f"{i:064x}", vec, 10)
         with pytest.warns(Warning, match="IVF-PQ needs at least 624 vectors"):
             store.sync_faiss()
-        assert store.get_meta("faiss_kind") == ann.EXACT
+        assert store.meta_rows().get("faiss_kind") == ann.EXACT
         with store.transaction() as db:
             for i, vec in enumerate(vectors[100:], 100):
                 store.add_vector(db, f"{i:064x}", vec, 10)
         store.sync_faiss()
-        assert store.get_meta("faiss_kind") == ann.PQ and store.read_faiss()[0].ntotal == 700
+        assert store.meta_rows().get("faiss_kind") == ann.PQ and store.read_faiss()[0].ntotal == 700

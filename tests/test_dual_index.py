@@ -13,8 +13,9 @@ from ldot_testing import install_tiny_model, make_photos
 from typer.testing import CliRunner
 
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.layout import index_path
 from ldot_cli.index.search import Request, Searcher
-from ldot_cli.index.store import IndexStore, index_path
+from ldot_cli.index.store import IndexStore
 
 
 class NoDetector:
@@ -42,7 +43,7 @@ def test_pixels_are_indexed_without_the_detector_and_search_matches_brute_force(
     _, report = run_index(tmp_path / "photos", model=clip)
     assert (report.found, report.encoded, report.vectors) == (10, 10, 10)
     with IndexStore(index_path("default")) as store:
-        meta = store.meta()
+        meta = store.meta_rows()
         ids, vectors = store.vectors()
     assert meta["model"] == clip and meta["regions"] == "none" and "detector" not in meta
     assert not (index_path("default") / "regions").exists()
@@ -100,7 +101,7 @@ def test_regions_flag_keeps_region_features_for_a_pixel_index(tmp_path, clip):
     report = indexer.run([tmp_path / "photos"])
     assert report.encoded == 3 and sum(detector.calls) == 3
     with IndexStore(index_path("default")) as store:
-        assert store.get_meta("regions") == "kept"
+        assert store.meta_rows().get("regions") == "kept"
     # a re-run without the flag keeps what the index has (and runs no model on unchanged files)
     again = Indexer("default", detector=FakeDetector(), num_workers=0)
     assert again.run([tmp_path / "photos"]).unchanged == 3 and again.keep_regions

@@ -43,7 +43,8 @@ def setup(tmp_path, vocab_dir):
 def stored_vectors_belong_to_their_files(name: str = "default", sample: int = 4) -> None:
     """Recompute a few files' vectors from scratch (detector + image tower) and compare with the index."""
     from ldot_cli.index.indexer import encode_image_file
-    from ldot_cli.index.store import IndexStore, index_path
+    from ldot_cli.index.layout import index_path
+    from ldot_cli.index.store import IndexStore
 
     with IndexStore(index_path(name)) as store:
         rows = store.file_rows("indexed")[:sample]
@@ -87,7 +88,8 @@ def test_broken_files_among_good_ones(setup):
     skipped = {os.path.basename(p): reason for p, reason in json.loads(errors.stdout)["errors"]}
     assert set(skipped) == {"zero.jpg", "cut.jpg", "bomb.png", "notes.png"}
     assert "megapixels" in skipped["bomb.png"] and all(skipped.values())
-    from ldot_cli.index.store import IndexStore, index_path
+    from ldot_cli.index.layout import index_path
+    from ldot_cli.index.store import IndexStore
 
     with IndexStore(index_path("default")) as store:
         names = {os.path.basename(r.display) for r in store.file_rows("indexed")}

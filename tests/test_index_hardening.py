@@ -19,15 +19,10 @@ from ldot_testing import install_tiny_model, make_photos
 
 from ldot_cli.index import indexer as indexer_mod
 from ldot_cli.index.indexer import Indexer, remove_folder, remove_index
+from ldot_cli.index.layout import LOCK_INFO_FILE, REGIONS_DIR, IndexStoreError, index_path
+from ldot_cli.index.lock import writer_lock
 from ldot_cli.index.status import describe_index
-from ldot_cli.index.store import (
-    LOCK_INFO_FILE,
-    REGIONS_DIR,
-    IndexStore,
-    IndexStoreError,
-    index_path,
-    writer_lock,
-)
+from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning
 
 
@@ -123,7 +118,7 @@ def test_reindexing_uses_the_models_the_index_was_built_with(tmp_path, vocab_dir
     again = Indexer("default", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
     assert again.unchanged == 2
     with IndexStore(index_path("default")) as store:
-        assert store.get_meta("model") == "mine"
+        assert store.meta_rows().get("model") == "mine"
 
 
 # -- item 13: inputs first ----------------------------------------------------------------------------
@@ -212,7 +207,7 @@ def test_a_waiting_writer_says_whom_it_waits_for(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from ldot_cli.index.store import writer_lock
+        from ldot_cli.index.lock import writer_lock
         with writer_lock(Path({str(directory)!r})):
             time.sleep(1.5)
     """)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

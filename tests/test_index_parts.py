@@ -9,9 +9,13 @@ import os
 
 import numpy as np
 import pytest
+from ldot_testing import write_meta_rows
 
-from ldot_cli.index import store as store_module
-from ldot_cli.index.store import FileRow, IndexStore, IndexStoreError, index_path
+from ldot_cli.index import rescore as rescore_module
+from ldot_cli.index import verified as verified_module
+from ldot_cli.index.catalogue import FileRow
+from ldot_cli.index.layout import IndexStoreError, index_path
+from ldot_cli.index.store import IndexStore
 from models.core import ann
 
 
@@ -34,7 +38,7 @@ def add(store: IndexStore, vectors: np.ndarray, start: int) -> list[int]:
 
 def make(name: str, kind: str, vectors: np.ndarray, part_rows: int) -> IndexStore:
     store = IndexStore(index_path(name), create=True)
-    store.set_meta({"dim": str(vectors.shape[1]), "ann_mode": kind, "part_rows": str(part_rows)})
+    store.update_meta(dim=vectors.shape[1], ann_mode=kind, part_rows=part_rows)
     add(store, vectors, 0)
     store.sync_faiss()
     return store
@@ -44,8 +48,8 @@ def one_index(store: IndexStore) -> object:
     """Every stored vector in ONE clone of the store's trained empty index, with the tuned nprobe."""
     import json
 
-    meta = store.meta()
-    single = ann.clone(store._load_index_file(json.loads(meta["faiss_trained"]), mmap=False))
+    meta = store.meta_rows()
+    single = ann.clone(store.vector_files.load(json.loads(meta["faiss_trained"]), mmap=False))
     ids, vectors = store.vectors()
     ann.add(single, ids, vectors)
     ann.set_nprobe(single, int(meta["nprobe"]))
@@ -70,7 +74,7 @@ def assert_same_results(store: IndexStore, queries: np.ndarray, nprobes: tuple[i
 
 
 def part_files(store: IndexStore) -> list[str]:
-    return [p["file"] for p in store.faiss_parts()]
+    return [p["file"] for p in store.vector_files.parts()]
 
 
 @pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "thread-a-part"])
@@ -81,7 +85,7 @@ def test_parts_search_equals_one_index_holding_every_vector(kind, threaded, monk
     rng = np.random.default_rng(5)
     queries = vectors[rng.integers(0, 2000, 40)] + 0.1 * rng.standard_normal((40, 32)).astype(np.float32)
     with make("p", kind, vectors, part_rows=600) as store:
-        parts = store.faiss_parts()
+        parts = store.vector_files.parts()
         assert [p["rows"] for p in parts] == [600, 600, 600, 200]
         assert [p["first_id"] for p in parts] == [0, 601, 1201, 1801]  # contiguous id ranges
         index, max_id = store.read_faiss()
@@ -90,7 +94,7 @@ def test_parts_search_equals_one_index_holding_every_vector(kind, threaded, monk
 
         inner = faiss.downcast_index(index.index.index) if kind == ann.PQ else index  # PQ: behind the OPQ rotation
         assert isinstance(inner, faiss.IndexShardsIVF)  # the quantizer is searched once, each part scans its cells
-        assert {ivf.nprobe for ivf in ann.ivf_indexes(index)} == {int(store.get_meta("nprobe"))}  # tuned once
+        assert {ivf.nprobe for ivf in ann.ivf_indexes(index)} == {int(store.meta_rows().get("nprobe"))}  # tuned once
         # one coarse quantizer in RAM, the trained index's: the part files are written without theirs
         assert len({int(ivf.quantizer.this) for ivf in ann.ivf_indexes(index)}) == 1
         assert all(faiss.extract_index_ivf(faiss.read_index(str(store.dir / p["file"]))).quantizer.ntotal == 0
@@ -103,7 +107,7 @@ def test_parts_search_equals_one_index_holding_every_vector(kind, threaded, monk
         if kind == ann.PQ:  # new rows go to the fp16 re-scoring file and the last part
             add(store, vectors[:50] * 2, 5000)
             store.sync_faiss()
-            assert [p["rows"] for p in store.faiss_parts()] == [600, 600, 600, 250]
+            assert [p["rows"] for p in store.vector_files.parts()] == [600, 600, 600, 250]
             assert_same_results(store, queries)
     from ldot_cli.index.status import describe_index
 
@@ -121,23 +125,23 @@ def test_adding_rewrites_only_the_last_part_and_removing_only_the_parts_holding_
         assert store.sync_faiss().startswith("added 100, removed 0 (1 of 3 parts rewritten)")
         second = part_files(store)
         assert second[:2] == first[:2] and second[2] != first[2]
-        assert [p["rows"] for p in store.faiss_parts()] == [400, 400, 300]
+        assert [p["rows"] for p in store.vector_files.parts()] == [400, 400, 300]
         add(store, clustered(150, seed=3), 2000)  # fills the last part, starts a new one from the trained index
         store.sync_faiss()
         third = part_files(store)
-        assert third[:2] == first[:2] and [p["rows"] for p in store.faiss_parts()] == [400, 400, 400, 50]
-        assert store.faiss_parts()[3]["first_id"] == 1201  # ids 1101..1200 filled the third part
+        assert third[:2] == first[:2] and [p["rows"] for p in store.vector_files.parts()] == [400, 400, 400, 50]
+        assert store.vector_files.parts()[3]["first_id"] == 1201  # ids 1101..1200 filled the third part
         with store.transaction() as db:  # ids 401..410 live in the second part
             db.execute("DELETE FROM files WHERE vector_id BETWEEN 401 AND 410")
             store.delete_vectors(db, list(range(401, 411)))
         assert store.sync_faiss().startswith("added 0, removed 10 (1 of 4 parts rewritten)")
         fourth = part_files(store)
         assert fourth[0] == first[0] and fourth[1] != first[1] and fourth[2:] == third[2:]
-        assert [p["rows"] for p in store.faiss_parts()] == [400, 390, 400, 50]
+        assert [p["rows"] for p in store.vector_files.parts()] == [400, 390, 400, 50]
         assert not store.db.execute("SELECT COUNT(*) FROM removed").fetchone()[0]
         assert_same_results(store, queries)
         on_disk = sorted(p.name for p in store.dir.glob("vectors.*.faiss"))
-        trained = __import__("json").loads(store.get_meta("faiss_trained"))["file"]
+        trained = __import__("json").loads(store.meta_rows().get("faiss_trained"))["file"]
         assert on_disk == sorted(fourth + [trained])  # replaced parts were deleted
 
 
@@ -146,7 +150,7 @@ def test_a_crash_before_the_commit_keeps_the_old_set_of_parts(monkeypatch, kind)
     vectors = clustered(900)
     queries = clustered(20, seed=9)
     with make("p", kind, vectors, part_rows=400) as store:
-        before_meta = store.meta()
+        before_meta = store.meta_rows()
         before = ann.search(store.read_faiss()[0], queries, 10)
         add(store, clustered(300, seed=2), 1000)
         with store.transaction() as db:
@@ -156,12 +160,12 @@ def test_a_crash_before_the_commit_keeps_the_old_set_of_parts(monkeypatch, kind)
         def killed(*args, **kwargs):
             raise KeyboardInterrupt  # as if the process died after writing new parts, before the commit
 
-        monkeypatch.setattr(IndexStore, "_commit_index", killed)
+        monkeypatch.setattr(IndexStore, "commit_vector_files", killed)
         with pytest.raises(KeyboardInterrupt):
             store.sync_faiss()
         monkeypatch.undo()
         assert len(list(store.dir.glob("vectors.part-*.faiss"))) > 3  # new parts written, not committed
-        after_meta = store.meta()
+        after_meta = store.meta_rows()
         for key in ("faiss_parts", "faiss_sha256", "faiss_rows", "faiss_max_id"):
             assert after_meta[key] == before_meta[key]
         index, max_id = store.read_faiss()  # the old set, intact: every file matches its record
@@ -169,11 +173,11 @@ def test_a_crash_before_the_commit_keeps_the_old_set_of_parts(monkeypatch, kind)
         got = ann.search(index, queries, 10)
         assert np.array_equal(got[1], before[1]) and np.allclose(got[0], before[0])
         assert store.sync_faiss().startswith("added 300, removed 1")  # the next run completes
-        assert [p["rows"] for p in store.faiss_parts()] == [399, 400, 400]
+        assert [p["rows"] for p in store.vector_files.parts()] == [399, 400, 400]
         assert len(list(store.dir.glob("vectors.part-*.faiss"))) == 3  # the leftovers were deleted
         assert_same_results(store, queries)
         if kind == ann.PQ:  # the fp16 rows the killed run appended are not appended twice
-            rows = int(store.get_meta("rescore_rows"))
+            rows = int(store.meta_rows().get("rescore_rows"))
             ids = np.fromfile(store.dir / ann.RESCORE_IDS, dtype="<i8", count=rows)
             assert rows == 1200 and (np.diff(ids) > 0).all()
 
@@ -184,8 +188,8 @@ def test_parts_are_rehashed_only_when_their_stamp_changes_and_damage_is_rebuilt(
     with make("p", ann.APPROX, vectors, part_rows=400) as store:
         want = ann.search(store.read_faiss()[0], queries, 10)
         hashed = []
-        real = store_module.sha256_file
-        monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(path) or real(path))
+        real = verified_module.sha256_file
+        monkeypatch.setattr(verified_module, "sha256_file", lambda path: hashed.append(path) or real(path))
         store.read_faiss()
         assert hashed == []  # every stamp as recorded when written: nothing re-hashed
         path = store.dir / part_files(store)[1]
@@ -222,21 +226,21 @@ def test_an_index_written_before_parts_is_read_and_converted_on_the_next_update(
     with make("p", ann.APPROX, vectors, part_rows=1000) as store:
         want = ann.search(store.read_faiss()[0], queries, 10)
         (only,) = part_files(store)
-        trained = json.loads(store.get_meta("faiss_trained"))["file"]
+        trained = json.loads(store.meta_rows().get("faiss_trained"))["file"]
         faiss.write_index(store.read_faiss()[0], str(store.dir / "vectors.faiss"))  # earlier versions' layout:
         # one file, with its quantizer
         with store.transaction() as db:
             db.execute("DELETE FROM meta WHERE key IN ('faiss_parts', 'faiss_trained', 'faiss_generation')")
-            store.set_meta({"faiss_sha256": sha256_file(store.dir / "vectors.faiss"), "part_rows": "400"}, db)
+            write_meta_rows(store, {"faiss_sha256": sha256_file(store.dir / "vectors.faiss"), "part_rows": "400"}, db)
         (store.dir / only).unlink()
         (store.dir / trained).unlink()
-        assert store.faiss_parts()[0]["file"] == "vectors.faiss"
+        assert store.vector_files.parts()[0]["file"] == "vectors.faiss"
         got = ann.search(store.read_faiss()[0], queries, 10)
         assert np.array_equal(got[1], want[1])
         add(store, clustered(50, seed=2), 1000)
         store.sync_faiss()  # the old file is full (500 >= 400): a new part, cloned from it emptied
-        assert [p["rows"] for p in store.faiss_parts()] == [500, 50]
-        assert not (store.dir / "vectors.faiss").exists() and store.get_meta("faiss_trained")
+        assert [p["rows"] for p in store.vector_files.parts()] == [500, 50]
+        assert not (store.dir / "vectors.faiss").exists() and store.meta_rows().get("faiss_trained")
         assert_same_results(store, queries)
 
 
@@ -247,7 +251,7 @@ def test_searcher_uses_the_parts_and_repairs_a_damaged_one_alone():
     vectors = clustered(900)
     queries = clustered(5, seed=9)
     with make("p", ann.APPROX, vectors, part_rows=400) as store:
-        store.set_meta({"model": "tiny"})
+        store.update_meta(model="tiny")
         single = one_index(store)
         names = part_files(store)
     searcher = Searcher("p")
@@ -263,7 +267,7 @@ def test_searcher_uses_the_parts_and_repairs_a_damaged_one_alone():
         path.write_bytes(bytes(data))
         st = path.stat()
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        searcher.store.set_meta({"faiss_sha256": "x"})  # as after a concurrent write: the searcher reloads
+        write_meta_rows(searcher.store, {"faiss_sha256": "x"})  # as after a concurrent write: the searcher reloads
         with pytest.warns(LdotWarning, match="rebuilt"):
             hits = searcher.search_vector(queries[0][None], k=5)
         assert [h.vector_id for h in hits] == ann.search(single, queries[0][None], 5)[1][0].tolist()
@@ -296,15 +300,15 @@ def test_the_rescoring_files_are_verified_and_rebuilt_from_sqlite(damage):
         elif damage == "one row short":
             data.write_bytes(data.read_bytes()[:-row])
         else:  # written by an ldot that recorded no hashes of them: checked once against SQLite by rebuilding
-            store.set_meta({"rescore_record": ""})
+            write_meta_rows(store, {"rescore_record": ""})
         with pytest.raises(IndexStoreError, match="older ldot" if damage == "no record" else "damaged"):
             store.read_faiss()
         said = store.sync_faiss()  # rebuilt from SQLite, the parts kept
         assert "re-scoring" in said and ("damaged" in said) == (damage != "no record"), said
         got = ann.search(store.read_faiss()[0], queries, 10)
         assert np.array_equal(got[1], want[1]) and np.allclose(got[0], want[0], atol=1e-5)
-        record = json.loads(store.get_meta("rescore_record"))
-        assert record["rows"] == 900 == int(store.get_meta("rescore_rows"))
+        record = json.loads(store.meta_rows().get("rescore_record"))
+        assert record["rows"] == 900 == int(store.meta_rows().get("rescore_rows"))
 
 
 def test_rescoring_files_appended_to_stay_verified_without_rehashing(monkeypatch):
@@ -313,8 +317,8 @@ def test_rescoring_files_appended_to_stay_verified_without_rehashing(monkeypatch
         add(store, vectors[900:], 900)
         assert store.sync_faiss().startswith("added 100")
         hashed = []
-        real = store_module.sha256_range
-        monkeypatch.setattr(store_module, "sha256_range", lambda path, a, b: hashed.append(path) or real(path, a, b))
+        real = rescore_module.sha256_range
+        monkeypatch.setattr(rescore_module, "sha256_range", lambda path, a, b: hashed.append(path) or real(path, a, b))
         index, _ = store.read_faiss()  # stamps as recorded when written: nothing re-hashed
         assert hashed == [] and index.ntotal == 1000 and len(index.ids) == 1000
         data = store.dir / ann.RESCORE_FILE
@@ -337,7 +341,7 @@ def test_rescoring_files_of_an_older_ldot_are_recorded_without_a_damage_warning(
 
     vectors = clustered(900)
     with make("old", ann.PQ, vectors, part_rows=400) as store:
-        store.set_meta({"model": "tiny"})
+        store.update_meta(model="tiny")
         want = ann.search(store.read_faiss()[0], vectors[:3] + 0.01, 5)[1]
         store.db.execute("DELETE FROM meta WHERE key = 'rescore_record'")
         store.db.commit()
@@ -347,6 +351,6 @@ def test_rescoring_files_of_an_older_ldot_are_recorded_without_a_damage_warning(
             warnings.simplefilter("error", LdotWarning)
             hits = [searcher.search_vector(q[None], k=5) for q in vectors[:3] + 0.01]
         assert [[h.vector_id for h in row] for row in hits] == want.tolist()
-        assert searcher.store.get_meta("rescore_record")
+        assert searcher.store.meta_rows().get("rescore_record")
     finally:
         searcher.close()

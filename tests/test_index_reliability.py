@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from ldot_testing import hooked_env, install_tiny_model, make_photos
 
-from ldot_cli.index.store import IndexStore, index_path
+from ldot_cli.index.layout import index_path
+from ldot_cli.index.store import IndexStore
 
 TESTS = Path(__file__).resolve().parent
 

@@ -12,8 +12,9 @@ from fakes import FakeDetector
 from ldot_testing import install_tiny_model, make_photos
 
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.layout import FAISS_FILE, IndexStoreError, index_path
 from ldot_cli.index.search import QueryError, Searcher
-from ldot_cli.index.store import FAISS_FILE, IndexStore, IndexStoreError, index_path
+from ldot_cli.index.store import IndexStore
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from ldot_testing import make_photos
 
 from ldot_cli.index import shards as shard_io
+from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.distributed import RayIndexer, RayOptions, decode_unit
 from ldot_cli.index.indexer import IndexReport
 from ldot_cli.index.sources import (
@@ -22,7 +23,7 @@ from ldot_cli.index.sources import (
     read_unit,
     tar_bytes,
 )
-from ldot_cli.index.store import FileRow, IndexStore
+from ldot_cli.index.store import IndexStore
 
 
 def write_shard(path, members: dict[str, bytes]) -> None:
@@ -120,7 +121,7 @@ class Index:
         self.indexer.dir.mkdir(parents=True)
         self.store = IndexStore(self.indexer.dir, create=True)
         self.store.db.executescript(shard_io.TABLES)
-        self.store.set_meta({"dim": "4"})
+        self.store.update_meta(dim=4)
 
     def index(self, source: TarSource, shard: str, members: dict[str, bytes]) -> None:
         """Rows as a complete read of ``shard`` leaves them (and its unit's record)."""

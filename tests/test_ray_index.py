@@ -69,7 +69,8 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 def rows_and_vectors(name: str) -> tuple[dict, dict]:
     """{path: (root, size, mtime, hash, status)} and {content hash: vector} of an index."""
-    from ldot_cli.index.store import IndexStore, index_path
+    from ldot_cli.index.layout import index_path
+    from ldot_cli.index.store import IndexStore
 
     with IndexStore(index_path(name)) as store:
         rows = {r.path: (r.root, r.size, r.mtime_ns, r.content_hash, r.status) for r in store.file_rows()}
@@ -85,7 +86,7 @@ def same_vectors(a: dict, b: dict) -> None:
 
 
 def merged_shards(name: str) -> int:
-    from ldot_cli.index.store import DB_FILE, index_path
+    from ldot_cli.index.layout import DB_FILE, index_path
 
     path = index_path(name) / DB_FILE
     if not path.exists():
@@ -166,7 +167,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_counts_stay_exact(cluster, mod
     driver = spawn("index", str(photos), "--name", "kw", *ARGS, "--ray-address", address, "--ray-shard-size", "2")
     deadline = time.monotonic() + 300
     killed = None
-    from ldot_cli.index.store import index_path
+    from ldot_cli.index.layout import index_path
 
     committed_at_kill = 0
     while time.monotonic() < deadline and driver.poll() is None:
@@ -226,7 +227,8 @@ def test_a_dual_encoder_index_on_ray_matches_the_single_machine_path(cluster, tm
     dist_rows, dist_vectors = rows_and_vectors("dist")
     assert dist_rows == single_rows and len(dist_rows) == 5
     same_vectors(single_vectors, dist_vectors)
-    from ldot_cli.index.store import IndexStore, index_path
+    from ldot_cli.index.layout import index_path
+    from ldot_cli.index.store import IndexStore
 
     with IndexStore(index_path("dist")) as store:
-        assert store.get_meta("detector") is None and store.get_meta("regions") == "none"
+        assert store.meta_rows().get("detector") is None and store.meta_rows().get("regions") == "none"

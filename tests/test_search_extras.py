@@ -166,8 +166,8 @@ def test_preview_draws_thumbnails_in_a_terminal_and_falls_back_to_text(indexed, 
 
 
 def test_thumbnails_are_cached_and_leave_with_their_image(indexed):
+    from ldot_cli.index.layout import index_path
     from ldot_cli.index.search import Searcher
-    from ldot_cli.index.store import index_path
     from ldot_cli.index.thumbs import thumb_path, thumbnail
 
     searcher = Searcher("default")

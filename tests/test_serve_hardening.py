@@ -111,7 +111,8 @@ def test_a_symlink_swapped_in_for_an_indexed_photo_is_not_served(home, client, t
         os.utime(photo, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
         assert client.get(f"/photo/{hit['id']}").status_code == 404
         assert client.get(f"/thumb/{hit['id']}").status_code == 404
-        from ldot_cli.index.store import IndexStore, index_path
+        from ldot_cli.index.layout import index_path
+        from ldot_cli.index.store import IndexStore
         from ldot_cli.index.thumbs import thumb_path
 
         with IndexStore(index_path("default")) as store:
@@ -173,7 +174,7 @@ def test_a_thumbnail_racing_index_rm_does_not_recreate_the_index(home, client, m
 
     from ldot_cli.index import thumbs
     from ldot_cli.index.indexer import remove_index
-    from ldot_cli.index.store import index_path
+    from ldot_cli.index.layout import index_path
 
     work = tmp_path / "home"
     shutil.copytree(home / "models", work / "models")

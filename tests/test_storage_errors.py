@@ -11,7 +11,8 @@ import pytest
 from ldot_testing import install_tiny_detector, install_tiny_model, make_photos
 from typer.testing import CliRunner
 
-from ldot_cli.index.store import FAISS_FILE, IndexStore, index_path
+from ldot_cli.index.layout import FAISS_FILE, index_path
+from ldot_cli.index.store import IndexStore
 from ldot_cli.main import app
 from models.core.errors import StorageError, as_storage_error
 

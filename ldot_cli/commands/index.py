@@ -64,8 +64,8 @@ def index_rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (asked in a terminal only)."),
 ) -> None:
     """Remove an index, or drop folders from it (their vectors and region features go with them)."""
+    from ldot_cli.index.hits import display_path
     from ldot_cli.index.indexer import remove_folder, remove_index
-    from ldot_cli.index.store import display_path
 
     if not folder:
         if not yes and interactive():

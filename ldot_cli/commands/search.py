@@ -142,7 +142,7 @@ def _through_server(name: str, query: str | None, image: Path | None, k: int, re
 def _start_server(name: str) -> Any:
     """Start a background server of this index for this and later searches; None when that is turned off, not
     installed, or it did not come up (then this search runs here)."""
-    from ldot_cli.index.store import DB_FILE, index_path
+    from ldot_cli.index.layout import DB_FILE, index_path
     from ldot_cli.serve.client import auto_start_allowed, idle_seconds, start_background
 
     if not auto_start_allowed() or not (index_path(name) / DB_FILE).is_file():

@@ -133,7 +133,7 @@ def _exit_when_idle(server: object, state: object, name: str) -> None:
     import threading
     import time
 
-    from ldot_cli.index.store import DB_FILE, index_path
+    from ldot_cli.index.layout import DB_FILE, index_path
     from ldot_cli.serve.client import idle_seconds, is_ours
 
     idle = idle_seconds()

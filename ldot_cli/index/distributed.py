@@ -38,12 +38,14 @@ import numpy as np
 
 from ldot_cli.index import hooks
 from ldot_cli.index import shards as shard_io
+from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.indexer import (
     Indexer,
     IndexReport,
     Scan,
     file_row,
 )
+from ldot_cli.index.layout import REGIONS_DIR
 from ldot_cli.index.sources import (
     TAR_SUFFIXES,
     Item,
@@ -57,7 +59,7 @@ from ldot_cli.index.sources import (
     read_unit,
     tar_family,
 )
-from ldot_cli.index.store import REGIONS_DIR, FileRow, IndexStore
+from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 
 LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
@@ -499,8 +501,8 @@ class RayIndexer(Indexer):
                         regions.put(row["hash"], record, SourceStamp(row["path"], row["size"], row["mtime_ns"]))
                 regions.commit()
             with store.transaction() as db:
-                if shard.vectors and store.get_meta("dim") is None:
-                    store.set_meta({"dim": str(len(shard.vectors[0]))}, db)
+                if shard.vectors and store.dim is None:
+                    store.update_meta(db, dim=len(shard.vectors[0]))
                 files = []
                 for row in shard.rows:
                     if "end" in row:

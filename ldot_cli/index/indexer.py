@@ -24,18 +24,12 @@ import numpy as np
 from feature_extraction.detector.weights import open_detector
 from feature_extraction.errors import ImageDBError
 from ldot_cli.index import hooks
-from ldot_cli.index.store import (
-    DB_FILE,
-    DEFAULT_PRESET,
-    LOCK_FILE,
-    REGIONS_DIR,
-    FileRow,
-    IndexStore,
-    IndexStoreError,
-    display_path,
-    index_path,
-    writer_lock,
-)
+from ldot_cli.index.catalogue import FileRow
+from ldot_cli.index.hits import display_path
+from ldot_cli.index.layout import DB_FILE, LOCK_FILE, REGIONS_DIR, IndexStoreError, index_path
+from ldot_cli.index.lock import lock_holder, writer_lock
+from ldot_cli.index.meta import IndexMeta
+from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 from models.core.fileio import sha256_file
 from models.core.progress import ProgressFn
@@ -136,31 +130,31 @@ class Indexer:
         self.last_flush = time.monotonic()
 
     # -- what the run will use -------------------------------------------------------------------
-    def recorded(self, reindex: bool = False) -> dict[str, str]:
+    def recorded(self, reindex: bool = False) -> IndexMeta:
         """The index's own meta (model, detector, preset…); empty for a new index (or one being rebuilt
         whose database cannot be read)."""
         if not (self.dir / DB_FILE).is_file():
-            return {}
+            return IndexMeta()
         try:
             with IndexStore(self.dir) as store:
-                return store.meta()
+                return store.meta
         except IndexStoreError:
             if reindex:
-                return {}
+                return IndexMeta()
             raise
 
     def choices(self, reindex: bool = False) -> tuple[str, str, str]:
         """(model, detector, preset) this run uses: as given, else the index's own, else the defaults."""
         meta = self.recorded(reindex)
-        model = self.model_arg or meta.get("model")
+        model = self.model_arg or meta.model
         if not model:
             if self._default_model is None:
                 from models.hub.cache import default_bi_encoder
 
                 self._default_model, self.model_reason = default_bi_encoder()
             model = self._default_model
-        detector = self.detector_arg or meta.get("detector") or DEFAULT_DETECTOR
-        preset = self.preset_arg or meta.get("preset") or DEFAULT_PRESET
+        detector = self.detector_arg or meta.detector or DEFAULT_DETECTOR
+        preset = self.preset_arg or meta.box_preset
         return model, detector, preset
 
     def needed_models(self, reindex: bool = False) -> list[str]:
@@ -182,7 +176,7 @@ class Indexer:
             return self.regions_arg is not False
         if self.regions_arg is not None:
             return self.regions_arg
-        return self.recorded(reindex).get("regions") == "kept"
+        return self.recorded(reindex).regions == "kept"
 
     # -- inputs --------------------------------------------------------------------------------------
     def scan(self, roots: Iterable[str | os.PathLike[str]], excludes: Sequence[str] = ()) -> Scan:
@@ -241,25 +235,26 @@ class Indexer:
     def _resolve_model(self, store: IndexStore, model: str) -> str:
         from models.hub.load import fingerprint
 
-        recorded = store.get_meta("model")
+        meta = store.meta
+        recorded = meta.model
         want = fingerprint(model)
-        if recorded is not None and store.get_meta("model_fingerprint") != want:
+        if recorded is not None and meta.model_fingerprint != want:
             raise IndexStoreError(f"index {self.name!r} holds vectors of model {recorded!r}; {model!r} is another "
                                   f"model: add {option('reindex')} to rebuild it with {model!r} (or use another "
                                   f"{option('name')})")
-        detector = store.get_meta("detector")
+        detector = meta.detector
         if (detector is not None and self.detector_name is not None
-                and (detector, store.get_meta("preset")) != (self.detector_name, self.preset)):
+                and (detector, meta.preset) != (self.detector_name, self.preset)):
             raise IndexStoreError(f"index {self.name!r} was built with detector {detector!r} preset "
-                              f"{store.get_meta('preset')!r}: add {option('reindex')} to change them")
-        store.set_meta({"model": model, "model_fingerprint": want, "preset": self.preset,
-                        "regions": "kept" if self.keep_regions else "none"})
+                                  f"{meta.preset!r}: add {option('reindex')} to change them")
+        store.update_meta(model=model, model_fingerprint=want, preset=self.preset,
+                          regions="kept" if self.keep_regions else "none")
         if self.detector_name is not None:  # a dual encoder's index without region features runs no detector
-            store.set_meta({"detector": self.detector_name})
+            store.update_meta(detector=self.detector_name)
         if self.ann:
-            store.set_meta({"ann_mode": self.ann})
+            store.update_meta(ann_mode=self.ann)
         if self.memory_budget:
-            store.set_meta({"memory_budget": str(self.memory_budget)})
+            store.update_meta(memory_budget=self.memory_budget)
         return model
 
     @property
@@ -561,7 +556,7 @@ def resumable(name: str) -> tuple[int, int]:
     with IndexStore(directory) as store:
         images = store.counts().get("indexed", 0)
         live = store.content_hash_set()
-        preset = store.get_meta("preset") or DEFAULT_PRESET
+        preset = store.meta.box_preset
     extracted = 0
     for sub in (REGIONS_DIR, STAGING_DIR):
         if (directory / sub / resolve_cut(preset).db_name() / "data.mdb").is_file():
@@ -627,8 +622,8 @@ class Batcher:
         vectors = self.indexer.encoder.encode_images([r for _, r in items]).numpy()
         store = self.store
         with store.transaction() as db:
-            if store.get_meta("dim") is None:
-                store.set_meta({"dim": str(vectors.shape[1])}, db)
+            if store.dim is None:
+                store.update_meta(db, dim=vectors.shape[1])
             for (digest, regions), vector in zip(items, vectors):
                 boxes = len(regions.features) if hasattr(regions, "features") else 0  # pixels: no boxes
                 vid = store.add_vector(db, digest, vector, boxes)
@@ -657,12 +652,12 @@ def encode_image_file(path: Path, store: IndexStore, device: str = "auto") -> np
     from feature_extraction.uniter_db import record_view, regions_to_record, resolve_cut
     from models.hub.load import load_bi_encoder
 
-    meta = store.meta()
-    detector = open_detector(meta["detector"], device)
+    meta = store.meta
+    detector = open_detector(meta.detector, device)
     rgb = load_image(path)
-    regions = detector.extract([detector.preprocess(rgb)], meta["preset"])[0]
-    record = record_view(regions_to_record(regions, resolve_cut(meta["preset"])))
-    encoder = load_bi_encoder(meta["model"], device=device, towers=("image",))
+    regions = detector.extract([detector.preprocess(rgb)], meta.box_preset)[0]
+    record = record_view(regions_to_record(regions, resolve_cut(meta.box_preset)))
+    encoder = load_bi_encoder(meta.model, device=device, towers=("image",))
     return encoder.encode_images([record]).numpy()[0]
 
 
@@ -675,8 +670,6 @@ def remove_index(name: str) -> Path:
         raise IndexStoreError(f"no index named {name!r} (looked in {directory}): see `ldot status`")
     with writer_lock(directory, wait=False) as held:
         if not held:
-            from ldot_cli.index.store import lock_holder
-
             raise IndexStoreError(f"index {name!r} is being updated by {lock_holder(directory)}: "
                               "wait for it to finish (or stop it), then remove it")
         doomed = directory.with_name(f".{directory.name}.removing-{os.getpid()}")
@@ -700,8 +693,7 @@ def remove_folder(name: str, folder: str | os.PathLike[str], progress: ProgressF
     prefix = target + b"/" if target != b"/" else target
     member = target + b"#"  # the members of a tar shard (`ldot index --ray` names them SHARD#MEMBER)
     with IndexStore(directory) as probe:  # a clear error when there is no such index
-        preset = probe.get_meta("preset") or DEFAULT_PRESET
-        keep = probe.get_meta("regions") != "none"
+        preset, keep = probe.meta.box_preset, probe.meta.keeps_regions
     with writer_lock(directory), IndexStore(directory) as store:
         paths = [p for (p,) in store.db.execute("SELECT path FROM files WHERE root = ? OR path = ? OR "
                                                 "substr(path, 1, ?) = ? OR substr(path, 1, ?) = ?",

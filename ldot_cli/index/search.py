@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ldot_cli.index.hits import Hit
-from ldot_cli.index.store import IndexStore, IndexStoreError, IndexUnrecorded, index_path
+from ldot_cli.index.layout import IndexStoreError, IndexUnrecorded, index_path
+from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 
 DEFAULT_RERANK_K = 50
@@ -78,14 +79,14 @@ def query_encoder_for_cpu(encoder: Any) -> Any:
 
 def check_model(store: IndexStore, model: str | None) -> str:
     """The model to use with this index: its own, or ``model`` if it has the same fingerprint."""
-    recorded = store.get_meta("model")
+    recorded = store.meta.model
     if recorded is None:
         raise IndexStoreError(f"index {store.name!r} holds no vectors yet: run `ldot index FOLDER --name {store.name}`")
     if model is None or model == recorded:
         return recorded
     from models.hub.load import fingerprint  # imports torch: only when another model is named
 
-    want = store.get_meta("model_fingerprint")
+    want = store.meta.model_fingerprint
     got = fingerprint(model)
     if got != want:
         raise IndexStoreError(f"index {store.name!r} was built with model {recorded!r} (fingerprint {want}); "
@@ -138,19 +139,19 @@ class Searcher:
 
     def _vector_index(self) -> tuple[Any, int] | None:
         """The FAISS index (reloaded when a writer replaced it), or None when there is no file yet."""
-        sha = self.store.get_meta("faiss_sha256")
+        sha = self.store.vector_token()
         if sha != self._faiss_sha:
             try:
                 self._faiss = self.store.read_faiss()
             except IndexStoreError as exc:
                 self._faiss = self._repair(upgrade=isinstance(exc, IndexUnrecorded))
-            self._faiss_sha = self.store.get_meta("faiss_sha256")
+            self._faiss_sha = self.store.vector_token()
         return self._faiss
 
     def _repair(self, upgrade: bool = False) -> tuple[Any, int] | None:
         """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only.
         ``upgrade``: files an older ldot wrote without a checksum, rewritten and recorded once (no warning)."""
-        from ldot_cli.index.store import writer_lock
+        from ldot_cli.index.lock import writer_lock
 
         with writer_lock(self.store.dir, wait=False) as held:
             if not held:
@@ -415,10 +416,10 @@ class Searcher:
 
     def region_store(self) -> Any:
         from feature_extraction.uniter_db import FeatureStore
-        from ldot_cli.index.store import REGIONS_DIR
+        from ldot_cli.index.layout import REGIONS_DIR
 
         regions_dir = self.store.dir / REGIONS_DIR
-        if self.store.get_meta("regions") == "none" or not regions_dir.is_dir():
+        if not self.store.meta.keeps_regions or not regions_dir.is_dir():
             raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
                                   f"{option('no_regions')}): re-index without it to use {option('rerank')} or "
                                   f"{option('regions')}")
@@ -485,16 +486,14 @@ class Searcher:
     @property
     def preset(self) -> str:
         """The box preset the index's region features were extracted with."""
-        from ldot_cli.index.store import DEFAULT_PRESET
-
-        return self.store.get_meta("preset") or DEFAULT_PRESET
+        return self.store.meta.box_preset
 
     @property
     def has_regions(self) -> bool:
         """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
-        from ldot_cli.index.store import REGIONS_DIR
+        from ldot_cli.index.layout import REGIONS_DIR
 
-        return self.store.get_meta("regions") != "none" and (self.store.dir / REGIONS_DIR).is_dir()
+        return self.store.meta.keeps_regions and (self.store.dir / REGIONS_DIR).is_dir()
 
     def reranker_name(self, name: str | None) -> str:
         """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""

@@ -40,9 +40,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, Field
 
-from ldot_cli.index.hits import hit_json
+from ldot_cli.index.catalogue import FileRow
+from ldot_cli.index.hits import display_path, hit_json
+from ldot_cli.index.layout import DB_FILE, IndexStoreError
 from ldot_cli.index.search import QueryError, Request, Searcher
-from ldot_cli.index.store import DB_FILE, FileRow, IndexStoreError, display_path
 from models.core.errors import LdotError
 
 STATIC = Path(__file__).parent / "static"
@@ -95,10 +96,10 @@ class ServeState:
     region_ms: float = 0.0
 
     def _db_identity(self) -> tuple[int, str | None]:
-        from ldot_cli.index.store import index_path
+        from ldot_cli.index.layout import index_path
 
         inode = os.stat(index_path(self.name) / DB_FILE).st_ino
-        fp = self.searcher.store.get_meta("model_fingerprint") if self.searcher is not None else None
+        fp = self.searcher.store.meta.model_fingerprint if self.searcher is not None else None
         return inode, fp
 
     def get(self) -> Searcher:
@@ -352,7 +353,7 @@ def create_app(state: ServeState, token: str | None = None, host: str = "127.0.0
 
     @app.get("/thumb/{vector_id}")
     def thumb(vector_id: VectorId) -> Any:
-        from ldot_cli.index.store import index_path
+        from ldot_cli.index.layout import index_path
         from ldot_cli.index.thumbs import thumbnail
 
         try:

@@ -4,7 +4,7 @@ Exact search scores every image by one dot product with the query. A scan is bou
 (307 MB of float32 vectors per query at 100k images took 17 ms here), so the scan reads half-precision
 copies and the best ``REFINE_FACTOR * k`` candidates are re-scored from the float32 vectors: 12 ms, and
 the same top 10 as a float32 scan on every one of 200 clustered test queries. Past
-`ldot_cli.index.store.ANN_THRESHOLD` vectors (or when asked) an inverted-file index (IVF, k-means cells
+`ldot_cli.index.layout.ANN_THRESHOLD` vectors (or when asked) an inverted-file index (IVF, k-means cells
 over the vectors) scans only the ``nprobe`` cells nearest the query; ``benchmarks/search.py`` shows
 its recall@10 against exact search on clustered data. How many cells a query scans is tuned when the
 index is built: the fewest (a power of two, at least ``MIN_NPROBE``) whose recall@10 against exact search
