@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from ldot_testing import write_meta_rows
 
 from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.layout import IndexStoreError, index_path
 from ldot_cli.index.meta import IndexMeta, VectorFileSet
 from ldot_cli.index.store import IndexStore
-from ldot_testing import write_meta_rows
 
 
 def small_index(name: str = "m", count: int = 5) -> IndexStore:
