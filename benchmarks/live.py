@@ -110,12 +110,13 @@ def measure(folders: list[str], model: str, detector: str | None, workers: int, 
 
     torch.set_num_threads(threads)
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
     meter = TreeMemory()
     meter.start()
     runs, encoder = [], None
     for i, folder in enumerate(folders):
-        indexer = Indexer("bench", model=model, detector=detector, num_workers=workers, device=device)
+        indexer = Indexer("bench", IndexOptions(model=model, num_workers=workers, device=device), detector=detector)
         indexer._encoder = encoder  # the second folder: the model is loaded already
         start = time.perf_counter()
         report = indexer.run([folder])

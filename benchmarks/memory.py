@@ -97,6 +97,7 @@ def measure(folder: str, batch_size: int, workers: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from feature_extraction.detector.network import StageTimes
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
     meter = Meter()
     meter.end("start (python, torch, ldot imported)")
@@ -144,8 +145,8 @@ def measure(folder: str, batch_size: int, workers: int, threads: int) -> dict:
     sampler = Workers()
     sampler.start()
     started = time.perf_counter()
-    indexer = MeteredIndexer("bench", model="bench", detector="bench-det", batch_size=batch_size,
-                             num_workers=workers, device="cpu")
+    indexer = MeteredIndexer("bench", IndexOptions(model="bench", detector="bench-det", batch_size=batch_size,
+                                                   num_workers=workers, device="cpu"))
     report = indexer.run([folder])
     elapsed = time.perf_counter() - started
     meter.end("walk, hash, decode, store")

@@ -154,13 +154,14 @@ def random_model_faithfulness(home: Path, n_images: int = 40, n_queries: int = 8
     from ldot_testing import install_tiny_model, make_photos, write_vocab
 
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
     from ldot_cli.index.search import Searcher
 
     os.environ["LDOT_HOME"] = str(home / "random")
     vocab = write_vocab(home / "random" / "vocab").parent
     install_tiny_model("tiny", vocab)
     make_photos(home / "random" / "photos", n_images, size=(96, 64))
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([home / "random" / "photos"])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([home / "random" / "photos"])
     searcher = Searcher("default")
     words = ["a dog on the beach", "two people sitting on a bench", "a red car", "a child playing with a ball",
              "a man in the park", "white snow", "black cat near a tree", "blue sky over water"][:n_queries]

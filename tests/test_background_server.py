@@ -19,6 +19,7 @@ from ldot_testing import install_tiny_model, make_photos
 
 from ldot_cli.commands.quick import answer_quickly, parse
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.serve import client
 
 QUERY = "a dog on the beach"
@@ -183,7 +184,7 @@ def test_background_server_life_cycle(ldot_home, vocab_dir, tmp_path):
     pytest.importorskip("uvicorn")
     install_tiny_model("tiny", vocab_dir)
     make_photos(tmp_path / "photos", 5)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([tmp_path / "photos"])
     env = {**os.environ, "LDOT_HOME": str(ldot_home), "LDOT_AUTO_SERVER": "1", "COLUMNS": "200",
            "LDOT_SERVER_IDLE": "600"}
     plain = {**env, "LDOT_NO_SERVER": "1"}
@@ -243,7 +244,7 @@ def test_background_server_exits_when_idle_and_on_stop(ldot_home, vocab_dir, tmp
     pytest.importorskip("uvicorn")
     install_tiny_model("tiny", vocab_dir)
     make_photos(tmp_path / "photos", 3)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([tmp_path / "photos"])
     env = {**os.environ, "LDOT_HOME": str(ldot_home), "LDOT_AUTO_SERVER": "1", "LDOT_SERVER_IDLE": "3"}
     assert _ldot("search", QUERY, "--paths", env=env).returncode == 0
     info = client.find_server("default")

@@ -80,12 +80,13 @@ def indexed(tmp_path, vocab_dir, monkeypatch):
     from ldot_testing import install_tiny_model, make_photos
 
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
     monkeypatch.setenv("LDOT_NO_SERVER", "1")
     install_tiny_model("tiny", vocab_dir)
     folder = tmp_path / "photos"
     make_photos(folder, 6, size=(96, 64))
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([folder])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([folder])
     return folder
 
 
@@ -120,8 +121,9 @@ def test_index_rm_asks_in_a_terminal_and_takes_yes(indexed, ldot_home, monkeypat
     from fakes import FakeDetector
 
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([indexed])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([indexed])
     told = runner.invoke(app, ["index", "rm", "default", "--yes"], input="")
     assert told.exit_code == 0 and not where.exists() and "delete index" not in told.output
 

@@ -12,6 +12,7 @@ from ldot_testing import install_tiny_model, make_photos
 from typer.testing import CliRunner
 
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.main import app
 from models.core.errors import LdotWarning
 
@@ -29,7 +30,7 @@ def one_error_line(result, code: int = 2) -> str:
 def indexed(tmp_path, vocab_dir):
     install_tiny_model("tiny", vocab_dir)
     make_photos(tmp_path / "photos", 3)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([tmp_path / "photos"])
     return tmp_path
 
 

@@ -16,6 +16,7 @@ from ldot_testing import install_tiny_model, make_photos
 from typer.testing import CliRunner
 
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.main import app
 
 runner = CliRunner()
@@ -31,7 +32,7 @@ def indexed(tmp_path, vocab_dir):
     raw = os.fsencode(folder) + b"/latin1-\xe9.png"  # not valid UTF-8
     make_photos(tmp_path / "tmp", 1, start=41)[0].rename(os.fsdecode(raw))
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([folder])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([folder])
     return folder, raw
 
 

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from ldot_cli.commands.console import cell, line, safe
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.main import app
 
 runner = CliRunner()
@@ -66,7 +67,7 @@ def hostile_index(tmp_path, vocab_dir):
     nested.mkdir()
     (nested / "]bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "broken\x1b[2J\x1b]52;c;aGk=\x07.jpg").write_bytes(b"not an image")
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([folder])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([folder])
     return folder
 
 

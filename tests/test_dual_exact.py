@@ -69,11 +69,12 @@ def test_search_warns_when_a_query_is_cut(tmp_path, one_thread):
     from ldot_testing import make_photos
 
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
     from ldot_cli.index.search import Searcher
 
     install_tiny_dual("clip-vit-b32")
     make_photos(tmp_path / "p", 2, size=(40, 40))
-    Indexer("default", model="clip-vit-b32", num_workers=0).run([tmp_path / "p"])
+    Indexer("default", IndexOptions(model="clip-vit-b32", num_workers=0)).run([tmp_path / "p"])
     with pytest.warns(Warning, match="model reads at most 75"):
         Searcher("default").text_vector(TEXTS[-1])
 

@@ -54,6 +54,7 @@ def test_models_download_clip_from_the_hub_then_index_offline(tmp_path, monkeypa
 
 def test_hf_repo_id_indexes_with_any_clip_repository(tmp_path, monkeypatch, tiny_clip_dir, one_thread):
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
     from models.hub.fetch import ensure_model
 
     with http_server(_served("someone/my-clip", tiny_clip_dir)) as srv:
@@ -62,7 +63,7 @@ def test_hf_repo_id_indexes_with_any_clip_repository(tmp_path, monkeypatch, tiny
         assert srv.requests
     assert [m.name for m in local_models()] == ["hf--someone--my-clip"]
     make_photos(tmp_path / "photos", 3, size=(48, 48))
-    report = Indexer("default", model="hf:someone/my-clip", num_workers=0).run([tmp_path / "photos"])
+    report = Indexer("default", IndexOptions(model="hf:someone/my-clip", num_workers=0)).run([tmp_path / "photos"])
     assert report.encoded == 3
 
 

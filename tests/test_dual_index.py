@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from ldot_cli.index.indexer import Indexer
 from ldot_cli.index.layout import index_path
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.index.search import Request, Searcher
 from ldot_cli.index.store import IndexStore
 
@@ -34,7 +35,7 @@ def clip(one_thread):
 
 
 def run_index(folder, name="default", model=None, detector=None, **kw):
-    indexer = Indexer(name, model=model, detector=detector or NoDetector(), num_workers=0, batch_size=4)
+    indexer = Indexer(name, IndexOptions(model=model, num_workers=0, batch_size=4), detector=detector or NoDetector())
     return indexer, indexer.run([folder], **kw)
 
 
@@ -96,29 +97,29 @@ def test_regions_request_says_there_are_no_boxes_without_error(tmp_path, clip):
 def test_regions_flag_keeps_region_features_for_a_pixel_index(tmp_path, clip):
     make_photos(tmp_path / "photos", 3, size=(64, 48))
     detector = FakeDetector()
-    indexer = Indexer("default", model=clip, detector=detector, keep_regions=True, num_workers=0, batch_size=4)
+    indexer = Indexer("default", IndexOptions(model=clip, keep_regions=True, num_workers=0, batch_size=4), detector=detector)
     assert indexer.needed_models() == [clip]  # a ready detector object: nothing to download for it
     report = indexer.run([tmp_path / "photos"])
     assert report.encoded == 3 and sum(detector.calls) == 3
     with IndexStore(index_path("default")) as store:
         assert store.meta_rows().get("regions") == "kept"
     # a re-run without the flag keeps what the index has (and runs no model on unchanged files)
-    again = Indexer("default", detector=FakeDetector(), num_workers=0)
+    again = Indexer("default", IndexOptions(num_workers=0), detector=FakeDetector())
     assert again.run([tmp_path / "photos"]).unchanged == 3 and again.keep_regions
 
 
 def test_default_model_is_clip_unless_flickr_ft_is_in_the_cache(tmp_path, vocab_dir, clip):
     make_photos(tmp_path / "photos", 2, size=(64, 48))
-    indexer = Indexer("a", num_workers=0)
+    indexer = Indexer("a", IndexOptions(num_workers=0))
     assert indexer.choices()[0] == "clip-vit-b32" and "flickr-ft is not in the cache" in indexer.model_reason
     assert indexer.needed_models() == ["clip-vit-b32"]  # no detector to download
     indexer.detector_arg, indexer._detector = "none", NoDetector()
     indexer.run([tmp_path / "photos"])
     install_tiny_model("flickr-ft", vocab_dir)
-    fresh = Indexer("b", num_workers=0)
+    fresh = Indexer("b", IndexOptions(num_workers=0))
     assert fresh.choices()[0] == "flickr-ft" and "is in the cache" in fresh.model_reason
     assert fresh.needed_models() == ["butd-r101-vg", "flickr-ft"]
-    rerun = Indexer("a", num_workers=0)  # a re-run keeps the index's own model
+    rerun = Indexer("a", IndexOptions(num_workers=0))  # a re-run keeps the index's own model
     assert rerun.choices()[0] == "clip-vit-b32" and rerun.model_reason is None
 
 

@@ -17,10 +17,12 @@ import pytest
 from fakes import FakeDetector
 from ldot_testing import install_tiny_model, make_photos
 
+from ldot_cli.index import encoding
 from ldot_cli.index import indexer as indexer_mod
 from ldot_cli.index.indexer import Indexer, remove_folder, remove_index
 from ldot_cli.index.layout import LOCK_INFO_FILE, REGIONS_DIR, IndexStoreError, index_path
 from ldot_cli.index.lock import writer_lock
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.index.status import describe_index
 from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning
@@ -33,8 +35,7 @@ def tiny(vocab_dir):
 
 
 def run_index(folder, name="default", **kw):
-    indexer = Indexer(name, model=kw.pop("model", "tiny"), detector=kw.pop("detector", None) or FakeDetector(),
-                      num_workers=0, batch_size=4)
+    indexer = Indexer(name, IndexOptions(model=kw.pop("model", "tiny"), num_workers=0, batch_size=4), detector=kw.pop("detector", None) or FakeDetector())
     return indexer.run([folder], **kw)
 
 
@@ -79,8 +80,8 @@ def test_every_failing_copy_gets_its_own_row_and_is_not_hashed_again(tmp_path, t
     with IndexStore(index_path("default")) as store:
         assert len(store.file_rows("skipped")) == 8
     hashed = []
-    real = indexer_mod.sha256_file
-    monkeypatch.setattr(indexer_mod, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = encoding.sha256_file
+    monkeypatch.setattr(encoding, "sha256_file", lambda p: hashed.append(p) or real(p))
     again = run_index(folder)
     assert hashed == [] and again.skipped_before == 8 and adds_up(again)
 
@@ -115,7 +116,7 @@ def test_reindexing_uses_the_models_the_index_was_built_with(tmp_path, vocab_dir
     plain = Indexer("default")  # no --model, no --detector
     assert plain.choices() == ("mine", "FakeDetector", "uniter")
     assert plain.needed_models() == ["FakeDetector", "mine"]  # never the defaults (which would be downloaded)
-    again = Indexer("default", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
+    again = Indexer("default", IndexOptions(num_workers=0), detector=FakeDetector()).run([tmp_path / "photos"])
     assert again.unchanged == 2
     with IndexStore(index_path("default")) as store:
         assert store.meta_rows().get("model") == "mine"
@@ -124,7 +125,7 @@ def test_reindexing_uses_the_models_the_index_was_built_with(tmp_path, vocab_dir
 # -- item 13: inputs first ----------------------------------------------------------------------------
 def test_a_missing_or_empty_folder_fails_before_anything_is_created(tmp_path, tiny):
     with pytest.raises(LdotError, match="no_such_dir does not exist"):
-        Indexer("default", model="tiny").scan([tmp_path / "no_such_dir"])
+        Indexer("default", IndexOptions(model="tiny")).scan([tmp_path / "no_such_dir"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(LdotError, match="no images found under"):
         run_index(tmp_path / "empty")
@@ -287,9 +288,10 @@ RUN_AND_REPORT = textwrap.dedent("""
     sys.path[:0] = {paths!r}
     from fakes import FakeDetector
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
     from models.core.errors import LdotError
     try:
-        Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([{folder!r}])
+        Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([{folder!r}])
     except LdotError as exc:
         print(exc)
         sys.exit(2)

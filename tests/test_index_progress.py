@@ -24,11 +24,11 @@ def tiny(vocab_dir, tmp_path):
 def test_extraction_progress_advances_per_image_within_a_batch(tiny):
     from feature_extraction.detector.weights import open_detector
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
     events = []
     detector = open_detector("tiny-det", device="cpu")
-    Indexer("default", model="tiny", detector=detector, batch_size=8, num_workers=0, device="cpu",
-            progress=events.append).run([tiny])
+    Indexer("default", IndexOptions(model="tiny", batch_size=8, num_workers=0, device="cpu"), detector=detector, progress=events.append).run([tiny])
     extracting = [p.done for p in events if p.stage == "extracting" and p.total == 5]
     assert set(range(1, 6)) <= set(extracting), extracting  # one batch of 5, yet every image shows
     assert extracting == sorted(extracting)
@@ -55,13 +55,13 @@ def test_ctrl_c_says_what_a_re_run_reuses(tiny, monkeypatch):
 
 
 def test_ctrl_c_counts_regions_extracted_but_not_yet_encoded(tiny, monkeypatch):
-    from ldot_cli.index import indexer
+    from ldot_cli.index import encoding
 
     def stop(self) -> None:
         if self.items:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(indexer.Batcher, "flush", stop)
+    monkeypatch.setattr(encoding.Batcher, "flush", stop)
     stopped = runner.invoke(app, ["index", str(tiny), "--model", "tiny", "--detector", "tiny-det", "--workers", "0",
                                   "--device", "cpu", "--batch-size", "2"], env={"COLUMNS": "400"})
     assert stopped.exit_code == 130, stopped.output

@@ -27,8 +27,8 @@ SCRIPT = textwrap.dedent("""
     sys.path[:0] = [{tests!r}]
     from fakes import FakeDetector
     from ldot_cli.index.indexer import Indexer
-    Indexer("default", model="tiny", detector=FakeDetector(delay_s={delay}), num_workers=0,
-            batch_size=2).run([{folder!r}])
+    from ldot_cli.index.options import IndexOptions
+    Indexer("default", IndexOptions(model="tiny", num_workers=0, batch_size=2), detector=FakeDetector(delay_s={delay})).run([{folder!r}])
 """)
 
 

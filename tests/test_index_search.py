@@ -13,6 +13,7 @@ from ldot_testing import install_tiny_model, make_photos
 
 from ldot_cli.index.indexer import Indexer
 from ldot_cli.index.layout import FAISS_FILE, IndexStoreError, index_path
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.index.search import QueryError, Searcher
 from ldot_cli.index.store import IndexStore
 
@@ -25,7 +26,7 @@ def tiny(vocab_dir):
 
 def run_index(folder, name="default", model="tiny", detector=None, **kw):
     detector = detector or FakeDetector()
-    indexer = Indexer(name, model=model, detector=detector, num_workers=0, batch_size=4)
+    indexer = Indexer(name, IndexOptions(model=model, num_workers=0, batch_size=4), detector=detector)
     return indexer.run([folder], **kw), detector
 
 
@@ -186,7 +187,7 @@ def test_rerank_without_regions_is_a_clear_error(tmp_path, tiny, vocab_dir):
 
     install_tiny_reranker("uniter-base", vocab_dir)
     make_photos(tmp_path / "photos", 3)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0, keep_regions=False).run(
+    Indexer("default", IndexOptions(model="tiny", num_workers=0, keep_regions=False), detector=FakeDetector()).run(
         [tmp_path / "photos"])
     assert not (index_path("default") / ".staging-regions").exists()
     with pytest.raises(IndexStoreError, match="`no_regions`"):

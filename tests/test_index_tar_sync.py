@@ -13,8 +13,9 @@ from ldot_testing import make_photos
 
 from ldot_cli.index import shards as shard_io
 from ldot_cli.index.catalogue import FileRow
-from ldot_cli.index.distributed import RayIndexer, RayOptions, decode_unit
-from ldot_cli.index.indexer import IndexReport
+from ldot_cli.index.distributed import decode_unit
+from ldot_cli.index.indexer import Indexer, IndexReport
+from ldot_cli.index.options import IndexOptions, RayOptions
 from ldot_cli.index.sources import (
     SourceError,
     TarSource,
@@ -117,7 +118,8 @@ class Index:
     """A store with tar member rows, and the Ray driver's planning and merging run against it."""
 
     def __init__(self, tmp_path) -> None:
-        self.indexer = RayIndexer("tars", ray_options=RayOptions(shards_dir=str(tmp_path / "out")))
+        self.indexer = Indexer("tars", IndexOptions(ray=RayOptions(shards_dir=str(tmp_path / "out"))))
+        self.ray = self.indexer.executor  # the Ray driver's planning and merging
         self.indexer.dir.mkdir(parents=True)
         self.store = IndexStore(self.indexer.dir, create=True)
         self.store.db.executescript(shard_io.TABLES)
@@ -141,7 +143,7 @@ class Index:
         source = spec_or_source if isinstance(spec_or_source, TarSource) else \
             plan_sources([spec_or_source]).tar_sources[0]
         report = IndexReport("tars")
-        return self.indexer._plan_tars(self.store, [source], False, report), report
+        return self.ray._plan_tars(self.store, [source], False, report), report
 
     def rows(self) -> dict[str, tuple[str, str]]:
         return {os.path.basename(os.fsdecode(r.path)): (os.path.basename(os.fsdecode(r.root)), r.status)
@@ -185,9 +187,9 @@ def test_tar_sources_are_kept_in_step_like_folders(tmp_path):
          "hash": hashlib.sha256(b"0/0").hexdigest(), "known": True},
         {"end": unit.id, "tar": unit.tar, "complete": True, "total": 2,
          "members": [f"{unit.tar}#0-0.png", f"{unit.tar}#0-5.png"]}])
-    shard_io.write(index.indexer.shards_dir, "part-a", shard)
+    shard_io.write(index.ray.shards_dir, "part-a", shard)
     report = IndexReport("tars")
-    assert index.indexer._merge(index.store, None, "part-a", report) == 1
+    assert index.ray._merge(index.store, None, "part-a", report) == 1
     assert (report.found, report.unchanged, report.removed, report.encoded) == (1, 1, 1, 0)
     assert sorted(index.rows()) == ["00000.tar#0-0.png"]
 
@@ -212,7 +214,7 @@ def test_tar_sources_are_kept_in_step_like_folders(tmp_path):
 def test_a_listed_file_that_cannot_be_looked_at_keeps_its_row(tmp_path, monkeypatch):
     from fsspec.implementations.memory import MemoryFileSystem
 
-    from ldot_cli.index.indexer import Scan
+    from ldot_cli.index.runs import Scan
     from models.core.errors import LdotWarning
 
     fs = MemoryFileSystem()
@@ -237,8 +239,8 @@ def test_a_listed_file_that_cannot_be_looked_at_keeps_its_row(tmp_path, monkeypa
             index.store.put_files(db, [FileRow(f"memory://listed/{name}.png".encode(), os.fsencode(listed), size,
                                                mtime, name, "indexed", None, 0, vid)])
     with pytest.warns(LdotWarning, match="cannot look at memory://listed/b.png .*TimeoutError.* is kept"):
-        files = index.indexer._keep_unknown(index.store, plan)
+        files = index.ray._keep_unknown(index.store, plan)
     report = IndexReport("tars")
-    assert index.indexer._plan(index.store, Scan([str(listed)], files, []), False, report) == []
+    assert index.indexer.plan_files(index.store, Scan([str(listed)], files, []), False, report) == []
     assert (report.unchanged, report.removed) == (2, 0)  # not read again, not replaced by a skipped row
     index.store.close()

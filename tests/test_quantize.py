@@ -47,11 +47,12 @@ def test_any_module_opts_in_and_unloaded_towers_are_left_alone():
 
 def test_the_searcher_encodes_in_int8_when_asked(monkeypatch, vocab_dir, tmp_path):
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
     from ldot_cli.index.search import Searcher
 
     install_tiny_model("tiny", vocab_dir)
     make_photos(tmp_path / "photos", 3)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([tmp_path / "photos"])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([tmp_path / "photos"])
     for setting, expected in ((None, "Linear"), ("fp32", "Linear"), ("int8", "Int8Linear"), ("bogus", "Linear")):
         if setting is None:
             monkeypatch.delenv("LDOT_QUERY_PRECISION", raising=False)

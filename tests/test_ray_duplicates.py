@@ -17,7 +17,7 @@ from test_index_tar_sync import Index
 
 from ldot_cli.index import shards as shard_io
 from ldot_cli.index.distributed import _row, decode_unit
-from ldot_cli.index.indexer import IndexReport
+from ldot_cli.index.runs import IndexReport
 from ldot_cli.index.sources import plan_sources, read_unit
 
 
@@ -63,8 +63,8 @@ def _merge(index: Index, parts: list[list[dict]], report: IndexReport) -> None:
     for n, rows in enumerate(parts):
         shard = shard_io.ShardRows(rows=[{**r, "vec": 0} if "vec" in r else r for r in rows],
                                    vectors=[np.ones(4, dtype=np.float32)], records=[None])
-        shard_io.write(index.indexer.shards_dir, f"part-{n}", shard)
-        index.indexer._merge(index.store, None, f"part-{n}", report)
+        shard_io.write(index.ray.shards_dir, f"part-{n}", shard)
+        index.ray._merge(index.store, None, f"part-{n}", report)
 
 
 def test_read_unit_gives_every_member_a_row_and_the_first_of_a_name_wins(tmp_path):

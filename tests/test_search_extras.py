@@ -16,6 +16,7 @@ from ldot_testing import install_tiny_model, make_photos
 from typer.testing import CliRunner
 
 from ldot_cli.index.indexer import Indexer
+from ldot_cli.index.options import IndexOptions
 from ldot_cli.main import app
 
 runner = CliRunner()
@@ -29,7 +30,7 @@ def indexed(tmp_path, vocab_dir):
     make_photos(folder, 10, size=(96, 64))
     odd = folder / "<b>bold<i> & \x1b[31mred.png"  # markup, HTML and a terminal escape in a file name
     make_photos(tmp_path / "tmp", 1, start=30, size=(96, 64))[0].rename(odd)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([folder])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([folder])
     return folder
 
 
@@ -184,7 +185,7 @@ def test_thumbnails_are_cached_and_leave_with_their_image(indexed):
     os.utime(cached, (1, 1))
     assert thumbnail(directory, digest, lambda: b"") == first  # made once: the cache answers
     os.unlink(hit.path)
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([indexed])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([indexed])
     assert not cached.exists()
     with pytest.raises(ValueError):
         thumb_path(directory, "../../etc/passwd")

@@ -78,8 +78,9 @@ def served(tmp_path_factory):
         folder = home / "photos"
         make_photos(folder, 8, size=(96, 64))
         from ldot_cli.index.indexer import Indexer
+        from ldot_cli.index.options import IndexOptions
 
-        Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([folder])
+        Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([folder])
     shutil.copytree(home / "models", home / "x" / "models")  # the second server has a home of its own
     shutil.copytree(home / "indexes", home / "x" / "indexes")
     local, public = Served(home, "127.0.0.1"), Served(home / "x", "0.0.0.0")  # started together
@@ -332,16 +333,17 @@ def test_the_server_follows_index_updates_without_a_restart(served, monkeypatch)
     assert info()["images"] == 8
     monkeypatch.setenv("LDOT_HOME", str(home / "x"))
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
     more = home / "x" / "more"
     make_photos(more, 3, start=50, size=(96, 64))
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([more])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([more])
     assert info()["images"] == 11
     hits = api(public.base, {"q": QUERY, "k": 20}, headers=headers).json()["hits"]
     assert len(hits) == 11 and sum(h["path"].startswith(str(more)) for h in hits) == 3
     new = next(h for h in hits if h["path"].startswith(str(more)))
     assert httpx.get(f"{public.base}/thumb/{new['id']}", headers=headers, timeout=60).status_code == 200
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([more], reindex=True)
+    Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([more], reindex=True)
     assert info()["images"] == 3
     hits = api(public.base, {"q": QUERY, "k": 20}, headers=headers).json()["hits"]
     assert sorted(h["path"] for h in hits) == sorted(str(p) for p in more.iterdir())

@@ -29,8 +29,9 @@ def home(tmp_path_factory):
         install_tiny_reranker("uniter-base", vocab)
         make_photos(home / "photos", 6, size=(96, 64))
         from ldot_cli.index.indexer import Indexer
+        from ldot_cli.index.options import IndexOptions
 
-        Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0).run([home / "photos"])
+        Indexer("default", IndexOptions(model="tiny", num_workers=0), detector=FakeDetector()).run([home / "photos"])
     return home
 
 

@@ -183,11 +183,12 @@ def _index(tmp_path, vocab_dir, keep_regions: bool = True):
     from ldot_testing import install_tiny_model, make_photos
 
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
 
     install_tiny_model("tiny", vocab_dir)
     folder = tmp_path / "photos"
     photos = make_photos(folder, 5, size=(96, 64))
-    Indexer("default", model="tiny", detector=FakeDetector(), num_workers=0, keep_regions=keep_regions).run([folder])
+    Indexer("default", IndexOptions(model="tiny", num_workers=0, keep_regions=keep_regions), detector=FakeDetector()).run([folder])
     return photos
 
 

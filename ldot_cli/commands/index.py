@@ -130,8 +130,8 @@ def index(
                                                            "exact up to 250,000 images."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try files skipped by earlier runs again, "
                                                                     "even unchanged ones."),
-    batch_size: int = typer.Option(8, help="Images per detector batch."),
-    workers: int = typer.Option(2, help="Image-decoding processes."),
+    batch_size: int = typer.Option(8, min=1, help="Images per detector batch."),
+    workers: int = typer.Option(2, min=0, help="Image-decoding processes."),
     device: str = typer.Option("auto", help="auto (GPU when present), cpu or cuda."),
     index_type: str = typer.Option(None, "--index-type", help="exact, ivf or ivfpq (OPQ + IVF-PQ, re-scored "
                                                                "exactly from fp16 on disk); default: chosen from the "
@@ -156,6 +156,7 @@ def index(
     """Index the images under PATHS (incremental and resumable: re-run it after adding photos)."""
     from feature_extraction.uniter_db import resolve_cut
     from ldot_cli.index.indexer import Indexer
+    from ldot_cli.index.options import IndexOptions
     from models.core.errors import LdotError
     from models.hub.fetch import ensure_model
 
@@ -178,23 +179,20 @@ def index(
             budget = parse_bytes(memory_budget)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--memory-budget") from None
-    indexer_class: Any = Indexer
-    extra: dict[str, Any] = {}
-    ray = ray or ray_address is not None
-    if ray:
-        from ldot_cli.index.distributed import LOCAL, RayIndexer, RayOptions
+    ray_options = None
+    if ray or ray_address is not None:
+        from ldot_cli.index.options import LOCAL, RayOptions
 
-        indexer_class = RayIndexer
-        extra["ray_options"] = RayOptions(address=ray_address or LOCAL, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
-                                          shard_size=ray_shard_size, shards_dir=shards_dir)
+        ray_options = RayOptions(address=ray_address or LOCAL, actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                                 shard_size=ray_shard_size, shards_dir=shards_dir)
+    options = IndexOptions(model=model, detector=detector, preset=preset,
+                           keep_regions=False if no_regions else True if regions else None,  # None: the model's way
+                           device=device, batch_size=batch_size, num_workers=workers, ann=mode, memory_budget=budget,
+                           ray=ray_options)
     with progress_bar() as bar:
-        keep = False if no_regions else True if regions else None  # None: the model's way
-        indexer = indexer_class(name, model=model, detector=detector, preset=preset, keep_regions=keep,
-                                device=device, batch_size=batch_size, num_workers=workers, progress=ProgressView(bar),
-                                ann=mode, **extra)
-        indexer.memory_budget = budget
-        # inputs first: nothing to fetch for a typo (the Ray path plans its sources when it runs, before creating)
-        scan = None if ray else indexer.scan([str(p) for p in paths], excludes=exclude)
+        indexer = Indexer(name, options, progress=ProgressView(bar))
+        # inputs first: nothing to fetch for a typo
+        plan = indexer.plan([str(p) for p in paths], excludes=exclude)
         needed = indexer.needed_models(reindex)
     if indexer.model_reason is not None:  # a new index given no --model: which one, and why
         err.print(line("model: ", (indexer.choices(reindex)[0], "bold"), " (", indexer.model_reason, "; choose another with --model)"))
@@ -204,12 +202,7 @@ def index(
     try:
         with progress_bar() as bar:
             indexer.progress = ProgressView(bar)
-            if scan is None:
-                report = indexer.run_sources(list(paths), excludes=exclude, reindex=reindex,
-                                             retry_failed=retry_failed)
-            else:
-                report = indexer.run(scan.roots, excludes=exclude, reindex=reindex, retry_failed=retry_failed,
-                                     scan=scan)
+            report = indexer.run(paths, excludes=exclude, reindex=reindex, retry_failed=retry_failed, plan=plan)
     except KeyboardInterrupt:
         _say_what_a_rerun_reuses(name)
         raise

@@ -39,13 +39,9 @@ import numpy as np
 from ldot_cli.index import hooks
 from ldot_cli.index import shards as shard_io
 from ldot_cli.index.catalogue import FileRow
-from ldot_cli.index.indexer import (
-    Indexer,
-    IndexReport,
-    Scan,
-    file_row,
-)
 from ldot_cli.index.layout import REGIONS_DIR
+from ldot_cli.index.options import LOCAL, RayOptions
+from ldot_cli.index.runs import IndexReport, IndexRun, Scan, excluded, file_row
 from ldot_cli.index.sources import (
     TAR_SUFFIXES,
     Item,
@@ -62,24 +58,9 @@ from ldot_cli.index.sources import (
 from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 
-LOCAL = "local"  # `--ray` with no address: a Ray instance started for this run
-
 
 class RayError(LdotError):
     """Ray is missing, or the cluster cannot be reached or used."""
-
-
-@dataclass
-class RayOptions:
-    """How to run on the cluster; None: chosen from the resources Ray reports."""
-
-    address: str = LOCAL  # "local", "auto" (the cluster this machine belongs to) or an address
-    actors: int | None = None  # model copies (actor pool size)
-    cpus_per_actor: int | None = None  # CPU-only clusters: cores per model copy
-    gpus_per_actor: float | None = None  # GPU clusters: GPUs per model copy (1: one copy per GPU)
-    shard_size: int | None = None  # images per model call and per output shard
-    shards_dir: str | None = None  # where workers write shards (default: the index's shards/)
-    num_cpus: int | None = None  # a local instance's cores (default: all)
 
 
 @dataclass(frozen=True)
@@ -254,6 +235,7 @@ class Extractor:
 
         from feature_extraction.types import RegionFeatures
 
+        assert self.detector is not None, "a dual encoder's actor has no detector"
         out: list[Any] = []
         for start in range(0, len(images), self.detector_batch):
             chunk = images[start:start + self.detector_batch]
@@ -297,39 +279,35 @@ def _local_or_name(source: str) -> str:
 
 
 # -- the driver ----------------------------------------------------------------------------------------
-class RayIndexer(Indexer):
-    """`Indexer` whose model work runs on a Ray cluster; planning and merging run here, under the index lock."""
+class RayExecutor:
+    """Runs an `Indexer`'s model work on a Ray cluster; planning and merging run here, under the index lock."""
 
-    def __init__(self, *args: Any, ray_options: RayOptions | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.options = ray_options or RayOptions()
+    def __init__(self, indexer: IndexRun, options: RayOptions) -> None:
+        self.ix = indexer
+        self.options = options
         self.layout: Layout | None = None
         self._tar_units: set[str] = set()
 
-    def run_sources(self, sources: Sequence[str], excludes: Sequence[str] = (), reindex: bool = False,
-                    retry_failed: bool = False) -> IndexReport:
-        started = time.monotonic()
-        report = IndexReport(self.name)
-        plan = plan_sources(list(sources))  # inputs first: a typo fails before anything is created
+    def plan(self, paths: list[str], excludes: tuple[str, ...]) -> Any:
+        """The sources (folders, file lists, tar shards, URLs), looked at before anything is created."""
+        return plan_sources(paths)
 
-        def work(store: IndexStore) -> None:
-            store.db.executescript(shard_io.TABLES)
-            if reindex:
-                shard_io.clean_temporary(self.shards_dir)
-                for name in shard_io.committed(self.shards_dir):
-                    shard_io.remove(self.shards_dir, name)
-            self._run_sources(store, plan, excludes, retry_failed, report)
-
-        return self._locked_run(reindex, report, started, work)
+    def run(self, store: IndexStore, plan: Any, excludes: tuple[str, ...], retry_failed: bool, reindex: bool,
+            report: IndexReport) -> None:
+        store.db.executescript(shard_io.TABLES)
+        if reindex:
+            shard_io.clean_temporary(self.shards_dir)
+            for name in shard_io.committed(self.shards_dir):
+                shard_io.remove(self.shards_dir, name)
+        self._run_sources(store, plan, excludes, retry_failed, report)
 
     @property
     def shards_dir(self) -> str:
-        return self.options.shards_dir or str(self.dir / shard_io.SHARDS_DIR)
+        return self.options.shards_dir or str(self.ix.dir / shard_io.SHARDS_DIR)
 
     def _run_sources(self, store: IndexStore, plan: Any, excludes: Sequence[str], retry_failed: bool,
                      report: IndexReport) -> None:
         from feature_extraction.images.walk import collect_images
-        from ldot_cli.index.indexer import _excluded
         from models.core.home import ldot_home
 
         with self._regions() as regions:
@@ -337,29 +315,27 @@ class RayIndexer(Indexer):
             shard_io.clean_temporary(self.shards_dir)
             for name in shard_io.committed(self.shards_dir):
                 self._merge(store, regions, name, report, resumed=True)
-            self.stage("scanning", 0, None)
+            self.ix.stage("scanning", 0, None)
             walked: list[Any] = []
             for root in plan.roots:
                 for src in collect_images([root], exclude=[ldot_home()], on_issue=plan.issues.append):
-                    if not _excluded(src.path, src.root, excludes):
+                    if not excluded(src.path, src.root, excludes):
                         walked.append(src)
             files = walked + self._keep_unknown(store, plan)
             # folders, lists and URL folders are roots as in plain `ldot index`: what left them is removed
             roots = list(dict.fromkeys(plan.roots + plan.file_roots + [i.root for i in plan.files]))
             report.found = len(files) + len(plan.issues)
-            self.stage("scanning", len(files), len(files))
+            self.ix.stage("scanning", len(files), len(files))
             scan = Scan(roots, files, plan.issues)
-            todo = self._plan(store, scan, retry_failed, report) if roots else []
-            self._record_walk_issues(store, scan, report)
+            todo = self.ix.plan_files(store, scan, retry_failed, report) if roots else []
+            self.ix.record_walk_issues(store, scan, report)
             items = [Item(s.path, s.root, s.size, s.mtime_ns) for s in todo]
             tars = self._plan_tars(store, plan.tar_sources, retry_failed, report)
             units = tars + file_units(items)
             if units:
                 self._extract_on_ray(store, regions, units, len(items), report)
-        self._collect_garbage(store)
-        self.stage("saving", 0, 1)
-        report.faiss = store.sync_faiss(kind=None)
-        self.stage("saving", 1, 1)
+        self.ix.collect_garbage(store)
+        self.ix.save(store, report)
 
     def _keep_unknown(self, store: IndexStore, plan: Any) -> list[Item]:
         """Listed files that could not be looked at (a network error) are not known to have changed: those the
@@ -379,11 +355,11 @@ class RayIndexer(Indexer):
     def _regions(self) -> Any:
         from contextlib import nullcontext
 
-        if not self.keep_regions:
+        if not self.ix.keep_regions:
             return nullcontext(None)
         from feature_extraction.uniter_db import UniterImageDBWriter
 
-        return UniterImageDBWriter(self.dir / REGIONS_DIR, self.preset)
+        return UniterImageDBWriter(self.ix.dir / REGIONS_DIR, self.ix.preset)
 
     def _plan_tars(self, store: IndexStore, sources: list[TarSource], retry_failed: bool,
                    report: IndexReport) -> list[Unit]:
@@ -442,44 +418,46 @@ class RayIndexer(Indexer):
         from feature_extraction.detector.weights import CONFIG_FILE, read_config
         from models.hub.load import resolve_source
 
-        if self.pixels:
+        if self.ix.pixels:
             from models.hub.dual import dual_preprocess
 
-            if self.keep_regions:
-                raise RayError(f"{option('ray')} indexes a model that reads pixels ({self.model}) without region "
+            if self.ix.keep_regions:
+                raise RayError(f"{option('ray')} indexes a model that reads pixels ({self.ix.model}) without region "
                                f"features: leave out {option('regions')} (or index without {option('ray')})")
-            model_path = resolve_source(self.model)
-            return "", f"{model_path}\0{self.model}", dual_preprocess(model_path)
-        detector_path = Path(resolve_source(self.detector_name))
+            model_path = resolve_source(self.ix.model)
+            return "", f"{model_path}\0{self.ix.model}", dual_preprocess(model_path)
+        if self.ix.detector_name is None:
+            raise RayError(f"{option('ray')}: no detector for the region features of {self.ix.model}")
+        detector_path = Path(resolve_source(self.ix.detector_name))
         config_dir = detector_path if detector_path.is_dir() else detector_path.parent
         config = read_config(config_dir) if (config_dir / CONFIG_FILE).is_file() else None
-        model_path = resolve_source(self.model)
-        return (f"{detector_path}\0{self.detector_name}", f"{model_path}\0{self.model}",
+        model_path = resolve_source(self.ix.model)
+        return (f"{detector_path}\0{self.ix.detector_name}", f"{model_path}\0{self.ix.model}",
                 functools.partial(preprocess, config=config))
 
     def _extract_on_ray(self, store: IndexStore, regions: Any, units: list[Unit], known_images: int,
                         report: IndexReport) -> None:
         ray = connect(self.options)  # ray, with ray.data imported
-        self.layout = layout = plan_layout(ray.cluster_resources(), self.options, self.device)
+        self.layout = layout = plan_layout(ray.cluster_resources(), self.options, self.ix.options.device)
         detector, model, preprocess = self._model_sources()
         total = known_images if all(u.tar is None for u in units) else None
-        self.stage("extracting", 0, total)
+        self.ix.stage("extracting", 0, total)
         ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in units], override_num_blocks=len(units))
         ds = ds.flat_map(decode_unit, fn_kwargs={"preprocess": preprocess, "max_pixels": _max_pixels()},
                          num_cpus=1)
         ds = ds.map_batches(
             Extractor, batch_size=layout.shard_size, batch_format="numpy", concurrency=layout.actors,
             num_cpus=layout.num_cpus, num_gpus=layout.num_gpus or None,
-            fn_constructor_kwargs={"detector": detector, "model": model, "preset": self.preset,
-                                   "device": layout.device, "detector_batch": self.batch_size,
-                                   "shards_dir": self.shards_dir, "keep_regions": self.keep_regions,
+            fn_constructor_kwargs={"detector": detector, "model": model, "preset": self.ix.preset,
+                                   "device": layout.device, "detector_batch": self.ix.options.batch_size,
+                                   "shards_dir": self.shards_dir, "keep_regions": self.ix.keep_regions,
                                    "threads": int(layout.num_cpus)})
         done = 0
         for row in ds.iter_rows():
             done += self._merge(store, regions, str(row["name"]), report)
-            self.stage("extracting", done, total)
+            self.ix.stage("extracting", done, total)
             hooks.fire(hooks.committed, done)
-        self.stage("extracting", done, done)
+        self.ix.stage("extracting", done, done)
 
     def _merge(self, store: IndexStore, regions: Any, name: str, report: IndexReport, resumed: bool = False) -> int:
         """Merge one committed shard (idempotent); returns the file rows it held."""

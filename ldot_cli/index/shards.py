@@ -79,7 +79,7 @@ def encode(shard: ShardRows) -> bytes:
             for key in ("features", "norm_bb", "conf"):
                 arrays[key] = np.concatenate([r[key] for r in kept]).astype(np.float16)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub takes the keywords for allow_pickle
     return buf.getvalue()
 
 

@@ -26,7 +26,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from feature_extraction.images.decode import IMAGE_EXTENSIONS
 from models.core.errors import LdotError
@@ -296,8 +296,10 @@ def read_unit(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
 def _read_tar(unit: Unit) -> Iterator[tuple[Item, bytes | None, str | None]]:
     import fsspec
 
+    if unit.tar is None:
+        raise SourceError("a unit of loose files has no tar shard to read")
     try:
-        handle = fsspec.open(unit.tar, "rb").open() if is_url(unit.tar) else open(unit.tar, "rb")
+        handle: BinaryIO = fsspec.open(unit.tar, "rb").open() if is_url(unit.tar) else open(unit.tar, "rb")
     except Exception as exc:
         raise SourceError(f"cannot open tar shard {unit.tar}: {type(exc).__name__}: {exc}") from None
     with handle:

@@ -12,8 +12,12 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.core.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 THUMBS_DIR = "thumbs"
 THUMB_SIZE = 320  # longest side, pixels
@@ -26,7 +30,7 @@ def thumb_path(index_dir: Path, content_hash: str) -> Path:
     return index_dir / THUMBS_DIR / content_hash[:2] / f"{content_hash}.jpg"
 
 
-def _oriented(data: bytes, name: str) -> object:
+def _oriented(data: bytes, name: str) -> Image.Image:
     from PIL import Image
 
     from feature_extraction.images.decode import load_image_bytes
@@ -89,7 +93,7 @@ def browser_image(data: bytes, name: str = "image") -> tuple[bytes, str]:
     return buffer.getvalue(), "image/jpeg"
 
 
-def oriented_size(source: str | os.PathLike[str]) -> tuple[int, int]:
+def oriented_size(source: str | bytes | os.PathLike[str]) -> tuple[int, int]:
     """(width, height) of a photo as displayed (EXIF orientation applied), read from its header only."""
     from PIL import Image
 
