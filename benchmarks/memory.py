@@ -1,4 +1,4 @@
-"""Peak resident memory of `ldot index` per stage, for folders of different sizes (issue 14 item 23).
+"""Peak resident memory of `ldot index` per stage, for folders of different sizes.
 
 Full-size models with seeded random weights (memory and time do not depend on their values): the BUTD R101-C4
 detector (300 proposals) and a base-size bi-encoder, installed in a temporary $LDOT_HOME. Synthetic 600x800 JPEGs.
@@ -173,7 +173,7 @@ def speed(images: int, rounds: int, threads: int) -> None:
     batch = [preprocess(synthetic_image(600, 800, 300 + i), cfg) for i in range(images)]
 
     @torch.inference_mode()
-    def whole_batch() -> None:  # every stage on the whole batch at once (the code before issue 14 item 23)
+    def whole_batch() -> None:  # every stage on the whole batch at once (the code before per-image stages)
         res4 = model.backbone_features([im.tensor for im in batch])
         props = [model.propose(f, im.scale.resized_size)[0] for f, im in zip(res4, batch)]
         feats = model.res5_features(model.pool(res4, props)).float()

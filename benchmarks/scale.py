@@ -8,7 +8,7 @@ clustered 768-d vectors with the automatic index choice, then the 100M figures w
 The vectors go straight to the index tiers (`models.core.ann`): at 10M, float32 copies in SQLite would
 take 31 GB, which is what the IVF-PQ tier avoids holding in RAM. Recall@10 is against exact search (a
 streamed brute-force scan) for 100 queries near the data. No GPU here: extraction at 100M is costed at the
-issue's 25 images/s per GPU target, not measured.
+target of 25 images/s per GPU, not measured.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from benchmarks.search import p50
 
 DIM = 768
 CHUNK = 200_000
-TARGET_IMAGES_PER_S = 25.0  # per GPU, detector + image tower (the issue's target; no GPU measured here)
+TARGET_IMAGES_PER_S = 25.0  # per GPU, detector + image tower (the target; no GPU measured here)
 
 
 def write_clustered(path: Path, n: int, clusters: int, seed: int) -> np.memmap:

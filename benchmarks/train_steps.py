@@ -4,7 +4,7 @@ Flickr30k run (145k pairs; 15 epochs fine-tuning, or --epochs).
 
     PYTHONPATH=.:tests python benchmarks/train_steps.py --preset tiny --batch 96 --steps 10
     PYTHONPATH=.:tests python benchmarks/train_steps.py --preset base --batch 8 --regions 36 --steps 3
-    # the GPU figures of issue 10 (one script): base at batch 96 in fp16 and bf16, decomposition at 300, distillation
+    # the GPU figures (one script): base at batch 96 in fp16 and bf16, decomposition at 300, distillation
     for p in fp16 bf16; do python benchmarks/train_steps.py --preset base --batch 96 --precision $p --steps 20; done
     python benchmarks/train_steps.py --preset base --mode decompose --batch 300 --steps 10
     python benchmarks/train_steps.py --preset base --batch 96 --distill --steps 10

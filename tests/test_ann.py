@@ -181,7 +181,7 @@ def _in_subprocess(code: str, home) -> "subprocess.CompletedProcess[str]":  # no
 
 @pytest.mark.parametrize("n, dim", [(28, 768), (200, 768), (20, 32)])
 def test_a_forced_ivfpq_on_a_small_index_falls_back_instead_of_aborting_in_faiss(tmp_path, n, dim):
-    """Issue 19 item 7: `ldot index --index-type ivfpq` on 28 images aborted inside FAISS's training (double free;
+    """Before the fix: `ldot index --index-type ivfpq` on 28 images aborted inside FAISS's training (double free;
     fewer points than OPQ's output dimension), and the saved mode made every later run abort too."""
     code = f"""
 import warnings

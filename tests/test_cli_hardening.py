@@ -1,4 +1,4 @@
-"""The command line as a new user meets it (issue 19): flags that parse wherever they stand, help text shown as
+"""The command line as a new user meets it: flags that parse wherever they stand, help text shown as
 written, confirmations, and one-line errors that name what exists."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Help, usage errors, shell completion and `ldot models list` layout (issue 14 items 18 and 22)."""
+"""Help, usage errors, shell completion and `ldot models list` layout."""
 
 from __future__ import annotations
 

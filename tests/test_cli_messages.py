@@ -1,4 +1,4 @@
-"""Messages that say what is wrong (issue 14 item 19): each bad input gets one line naming the real problem."""
+"""Messages that say what is wrong: each bad input gets one line naming the real problem."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`ldot search` / `ldot status` through the CLI: output modes, errors, hostile queries (reliability item 11)."""
+"""`ldot search` / `ldot status` through the CLI: output modes, errors, hostile queries (long, emoji,
+control characters, lone surrogates, invalid UTF-8: results, never a crash)."""
 
 from __future__ import annotations
 
@@ -208,7 +209,7 @@ def _prompt_session(leader_timeout: float = 120):
 
 
 def test_prompt_has_line_editing_and_history_across_sessions(indexed, ldot_home):
-    """Issue 14 item 16: Up recalls the previous query (in the session and in the next one), arrows edit the line
+    """Up recalls the previous query (in the session and in the next one), arrows edit the line
     instead of printing ^[[A, and the history lives in $LDOT_HOME."""
     proc, leader, read_until = _prompt_session()
     read_until(b"ldot> ")

@@ -1,4 +1,4 @@
-"""Terminal safety (issue 14 items 9 and 10): user data is never read as rich markup, and control characters,
+"""Terminal safety: user data is never read as rich markup, and control characters,
 C1 codes and bidi overrides in file names reach a terminal only as visible escapes; JSON, --paths and -0 stay
 byte-exact."""
 
@@ -63,7 +63,7 @@ def hostile_index(tmp_path, vocab_dir):
     make_photos(folder, 2)
     for i, name in enumerate(HOSTILE):
         make_photos(tmp_path / "tmp", 1, start=20 + i)[0].rename(folder / name)
-    nested = folder / "x["  # item 9's example: a folder `x[` holding `]bad.jpg` (MarkupError before)
+    nested = folder / "x["  # a folder `x[` holding `]bad.jpg` (a rich MarkupError before)
     nested.mkdir()
     (nested / "]bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     (folder / "broken\x1b[2J\x1b]52;c;aGk=\x07.jpg").write_bytes(b"not an image")

@@ -121,7 +121,7 @@ def test_runtime_options_do_not_change_results(tiny_state, options):
 
 
 def test_memory_per_call_does_not_grow_with_the_batch(model):
-    """Issue 14 item 23: RoI pooling, res5 and the box head see one image's proposals at a time, and the backbone
+    """RoI pooling, res5 and the box head see one image's proposals at a time, and the backbone
     at most ``backbone_pixels`` pixels per call, whatever the batch size (8 images pooled together took 5.8 GB)."""
     images = [preprocess(im, CFG) for im in _images() * 2]  # 8 images, two of each size
     one_by_one = [model.detect([im])[0] for im in images]

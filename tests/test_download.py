@@ -100,7 +100,7 @@ def test_offline_names_the_urls_and_the_import_command(monkeypatch):
     assert url + "/a/test-ft.pt" in message and url + "/b/test-ft.pt" in message
     assert "connection refused" in message
     assert "ldot models import test-ft.pt --as test-ft" in message
-    assert "ldot train finetune" in message and "--model NAME" in message  # issue 14 item 14: as the README says
+    assert "ldot train finetune" in message and "--model NAME" in message  # as the README says
 
 
 def test_offline_reranker_names_the_live_alternative(monkeypatch):
@@ -186,7 +186,7 @@ def test_a_corrupt_mirror_is_skipped_for_a_good_one(tmp_path):
 
 
 def test_an_interrupted_model_download_is_not_a_model_and_resumes(monkeypatch, tmp_path, ldot_home):
-    """Issue 14 item 8: a half download leaves no model folder, the next run resumes, import is not refused."""
+    """A half download leaves no model folder, the next run resumes, import is not refused."""
     from typer.testing import CliRunner
 
     from ldot_cli.main import app
@@ -230,7 +230,7 @@ def test_import_replaces_a_folder_an_old_interrupted_download_left(monkeypatch, 
 
 
 def test_a_206_from_another_offset_is_not_appended_the_file_restarts_from_zero(tmp_path):
-    """Issue 19 item 2: a resume answered from byte 0 (of the asked length: the right total size) was appended,
+    """Before the fix: a resume answered from byte 0 (of the asked length: the right total size) was appended,
     and the wrong file installed with its sha256 recorded as trusted."""
     (tmp_path / "f.bin.part").write_bytes(DATA[:5000])
     with http_server({"/f.bin": ServedFile(DATA, range_from_zero=True)}) as srv:

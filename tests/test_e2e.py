@@ -1,5 +1,6 @@
 """`ldot index` and `ldot search` as real subprocesses, with a tiny random detector and bi-encoder:
-the main job end to end, and reliability items 1, 4, 5, 6 and 8 at the command line."""
+the main job end to end, and at the command line: broken files, file-system oddities, kill -9 and resume,
+concurrent runs with searches, and a damaged index."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def test_main_job_index_then_search(setup):
 
 @pytest.mark.slow
 def test_broken_files_among_good_ones(setup):
-    """Reliability item 1: the run finishes, each skipped file has a reason, vectors belong to their files."""
+    """Bad files among good ones: the run finishes, each skipped file has a reason, vectors belong to their files."""
     photos = setup / "photos"
     good = make_photos(photos, 4, size=(64, 48))
     (photos / "zero.jpg").write_bytes(b"")
@@ -100,7 +101,7 @@ def test_broken_files_among_good_ones(setup):
 
 @pytest.mark.slow
 def test_file_system_oddities(setup):
-    """Reliability item 4: odd names, symlink loop, FIFO, unreadable file, the cache dir inside the root."""
+    """File-system oddities: odd names, symlink loop, FIFO, unreadable file, the cache dir inside the root."""
     photos = setup / "photos"
     make_photos(photos, 2, size=(64, 48))
     (photos / "sub").mkdir()
@@ -128,7 +129,7 @@ def test_file_system_oddities(setup):
 
 @pytest.mark.slow
 def test_kill_9_then_resume_at_the_command_line(setup):
-    """Reliability item 5, through the CLI (the library-level loop kills at many more points)."""
+    """A kill -9 mid-index, then a resume, through the CLI (the library-level loop kills at many more points)."""
     photos = setup / "photos"
     make_photos(photos, 12, size=(64, 48))
     db_path = Path(os.environ["LDOT_HOME"]) / "indexes" / "default" / "index.sqlite"
@@ -164,7 +165,7 @@ def test_kill_9_then_resume_at_the_command_line(setup):
 
 @pytest.mark.slow
 def test_two_index_runs_and_searches_at_once(setup):
-    """Reliability item 6 at the command line: no corruption, searches never crash."""
+    """Two index runs at once plus searches, at the command line: no corruption, searches never crash."""
     photos = setup / "photos"
     make_photos(photos, 3, size=(64, 48))
     ldot("index", str(photos), *ARGS, check=True)
@@ -184,7 +185,7 @@ def test_two_index_runs_and_searches_at_once(setup):
 
 @pytest.mark.slow
 def test_index_corruption_is_detected_with_a_way_out(setup):
-    """Reliability item 8: a damaged vector file is rebuilt; a damaged database names --reindex."""
+    """A damaged index: a damaged vector file is rebuilt; a damaged database names --reindex."""
     photos = setup / "photos"
     make_photos(photos, 4, size=(64, 48))
     ldot("index", str(photos), *ARGS, check=True)

@@ -166,7 +166,7 @@ def _blob(name: bytes) -> Path:
 
 
 def test_a_tampered_small_blob_in_the_shared_cache_is_refused_and_fetched_again(hub, ldot_home):
-    """Issue 19 item 4: a small blob (named by its git sha1) changed in the shared cache was linked, recorded with
+    """Before the fix: a small blob (named by its git sha1) changed in the shared cache was linked, recorded with
     its new sha256, and `ldot models verify` said ok."""
     from huggingface_hub import hf_hub_download
 

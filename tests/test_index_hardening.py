@@ -1,4 +1,4 @@
-"""Issue 14: what a new user (or an attacker) broke in `ldot index`, each as a class of defect.
+"""What a new user (or an attacker) broke in `ldot index`, each as a class of defect.
 
 Counts that add up, every skipped file its own row, region records collected from the source of truth,
 the index's own model, --retry-failed, inputs checked first, a damaged database named, the lock holder
@@ -50,7 +50,7 @@ def adds_up(report) -> bool:
     return report.found == report.encoded + report.reused + report.unchanged + report.skipped_total
 
 
-# -- item 15: counts ---------------------------------------------------------------------------------
+# -- counts that add up, images not vectors ----------------------------------------------------------
 def test_summary_counts_add_up_and_count_images(tmp_path, tiny):
     photos = make_photos(tmp_path / "photos", 4)
     (tmp_path / "photos" / "copy.png").write_bytes(photos[0].read_bytes())  # same bytes, same run
@@ -65,7 +65,7 @@ def test_summary_counts_add_up_and_count_images(tmp_path, tiny):
     assert second.skipped == [] and adds_up(second) and second.images == 6
 
 
-# -- item 3: same failing bytes ----------------------------------------------------------------------
+# -- same failing bytes: a row per copy, hashed once -------------------------------------------------
 def test_every_failing_copy_gets_its_own_row_and_is_not_hashed_again(tmp_path, tiny, monkeypatch):
     folder = tmp_path / "photos"
     make_photos(folder, 2)
@@ -86,7 +86,7 @@ def test_every_failing_copy_gets_its_own_row_and_is_not_hashed_again(tmp_path, t
     assert hashed == [] and again.skipped_before == 8 and adds_up(again)
 
 
-# -- item 2: region records collected from the source of truth ---------------------------------------
+# -- region records collected from the source of truth -----------------------------------------------
 def test_region_records_left_by_a_killed_run_are_collected_next_time(tmp_path, tiny, monkeypatch):
     photos = make_photos(tmp_path / "photos", 4)
     run_index(tmp_path / "photos")
@@ -108,7 +108,7 @@ def test_region_records_left_by_a_killed_run_are_collected_next_time(tmp_path, t
     assert report.encoded == 0 and region_keys() == live
 
 
-# -- item 11: the index's own model and detector ------------------------------------------------------
+# -- the index's own model and detector ---------------------------------------------------------------
 def test_reindexing_uses_the_models_the_index_was_built_with(tmp_path, vocab_dir):
     install_tiny_model("mine", vocab_dir, seed=3)
     make_photos(tmp_path / "photos", 2)
@@ -122,7 +122,7 @@ def test_reindexing_uses_the_models_the_index_was_built_with(tmp_path, vocab_dir
         assert store.meta_rows().get("model") == "mine"
 
 
-# -- item 13: inputs first ----------------------------------------------------------------------------
+# -- inputs checked first -----------------------------------------------------------------------------
 def test_a_missing_or_empty_folder_fails_before_anything_is_created(tmp_path, tiny):
     with pytest.raises(LdotError, match="no_such_dir does not exist"):
         Indexer("default", IndexOptions(model="tiny")).scan([tmp_path / "no_such_dir"])
@@ -146,7 +146,7 @@ def test_cli_checks_the_folder_before_downloading(tmp_path):
     assert not index_path("default").exists()
 
 
-# -- item 12: --retry-failed --------------------------------------------------------------------------
+# -- --retry-failed -----------------------------------------------------------------------------------
 def test_retry_failed_tries_unchanged_skipped_files_again(tmp_path, tiny):
     folder = tmp_path / "photos"
     good = make_photos(tmp_path / "src", 1)[0].read_bytes()
@@ -162,7 +162,7 @@ def test_retry_failed_tries_unchanged_skipped_files_again(tmp_path, tiny):
     assert (retried.encoded, retried.skipped_total, retried.images) == (1, 0, 2)
 
 
-# -- item 5: a damaged database -----------------------------------------------------------------------
+# -- a damaged database -------------------------------------------------------------------------------
 @pytest.mark.parametrize("offset", [0, 16, 18, 21, 47])
 def test_damaged_database_header_names_the_file_and_the_rebuild(tmp_path, tiny, offset):
     make_photos(tmp_path / "photos", 2)
@@ -201,7 +201,7 @@ def test_non_numeric_vector_file_meta_is_repaired(tmp_path, tiny):
         assert len(Searcher("default").search("a dog", k=2)) == 2
 
 
-# -- item 17: who holds the lock ----------------------------------------------------------------------
+# -- who holds the lock -------------------------------------------------------------------------------
 def test_a_waiting_writer_says_whom_it_waits_for(tmp_path):
     directory = index_path("default")
     directory.mkdir(parents=True)
@@ -222,7 +222,7 @@ def test_a_waiting_writer_says_whom_it_waits_for(tmp_path):
     assert not (directory / LOCK_INFO_FILE).exists()
 
 
-# -- item 20: remove an index, drop a folder, list the folders ---------------------------------------
+# -- remove an index, drop a folder, list the folders ------------------------------------------------
 def test_remove_a_folder_then_the_index(tmp_path, tiny):
     make_photos(tmp_path / "a", 3)
     b = make_photos(tmp_path / "b", 2, start=10)
@@ -268,7 +268,7 @@ def test_index_rm_at_the_command_line(tmp_path, tiny):
     assert not index_path("trip").exists()
 
 
-# -- item 4: a damaged region store -------------------------------------------------------------------
+# -- a damaged region store ---------------------------------------------------------------------------
 def _damage_regions(how: str) -> None:
     data = index_path("default") / REGIONS_DIR / "feat_th0.2_max100_min10" / "data.mdb"
     raw = bytearray(data.read_bytes())
@@ -319,7 +319,7 @@ def test_damaged_region_store_is_named_with_the_way_out(tmp_path, tiny, how):
         assert report.encoded == 7 and len(region_keys()) == 7
 
 
-# -- item 7: LMDB map sized from the data ------------------------------------------------------------
+# -- LMDB map sized from the data --------------------------------------------------------------------
 def test_region_store_works_under_a_virtual_memory_limit(tmp_path):
     code = textwrap.dedent(f"""
         import resource, sys
@@ -358,7 +358,7 @@ def test_region_store_map_grows_from_a_small_start(tmp_path, monkeypatch):
         assert len(reader.keys()) == 8 and reader["k5"].features.shape == (100, 2048)
 
 
-# -- item 6: valid JSON of the wrong shape ------------------------------------------------------------
+# -- valid JSON of the wrong shape --------------------------------------------------------------------
 @pytest.mark.parametrize("manifest", ["[1, 2]", '{"kind": 3}', '{"files": ["model.safetensors"]}',
                                       '{"files": {"model.safetensors": {"sha256": 1}}}', '{"complete": "yes"}'])
 def test_a_bad_manifest_is_listed_as_damaged_and_the_others_still_list(tiny, manifest):
@@ -424,7 +424,7 @@ def test_detector_and_training_configs_follow_the_one_policy(tmp_path):
         read_config(tmp_path)
 
 
-# -- item 1: damaged weights are refused before use ----------------------------------------------------
+# -- damaged weights are refused before use ------------------------------------------------------------
 def test_bit_flipped_weights_are_detected_before_use(tiny, monkeypatch):
     from models.core.home import models_dir
     from models.hub import cache

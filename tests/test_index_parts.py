@@ -278,7 +278,7 @@ def test_searcher_uses_the_parts_and_repairs_a_damaged_one_alone():
 
 @pytest.mark.parametrize("damage", ["flip a row", "change an id", "one row short", "no record"])
 def test_the_rescoring_files_are_verified_and_rebuilt_from_sqlite(damage):
-    """Issue 19 item 5: `vectors.f16` / `vectors.f16.ids` were trusted as they were: a flipped row silently dropped
+    """Before the fix: `vectors.f16` / `vectors.f16.ids` were trusted as they were: a flipped row silently dropped
     the top hit, a changed id a result, and a file one row short raised `ValueError: mmap length ...`."""
     import json
 

@@ -1,4 +1,4 @@
-"""`ldot index` shows progress per image and, on Ctrl-C, says what a re-run reuses (issue 19 item 15)."""
+"""`ldot index` shows progress per image and, on Ctrl-C, says what a re-run reuses."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Reliability battery for indexing: kill -9 at random points (item 5) and concurrent writers plus
-searches (item 6). Index runs happen in real subprocesses that use the deterministic fake detector."""
+"""Reliability battery for indexing: kill -9 at random points and concurrent writers plus
+searches. Index runs happen in real subprocesses that use the deterministic fake detector."""
 
 from __future__ import annotations
 

@@ -151,7 +151,7 @@ def test_every_import_points_down_or_sideways():
     ("models.nn.config", 'import_module("..hub.cache", __package__)', "models.hub.cache"),
 ])
 def test_the_check_catches_each_way_of_importing_the_wrong_way(module, line, culprit):
-    """Issue 19 item 20: an upward import spelled as an ``import_module`` string, index importing train (one
+    """Before the fix: an upward import spelled as an ``import_module`` string, index importing train (one
     layer before), and ``models/__init__.py`` importing the CLI (an exempted file before) all passed."""
     path = _modules()[module]
     planted = {module: path.read_text() + f"\n\ndef _planted():\n    {line}\n"}

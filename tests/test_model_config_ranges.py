@@ -1,4 +1,4 @@
-"""Model ``config.json`` values are range-checked where they are read (issue 19 item 9): an absurd value is one
+"""Model ``config.json`` values are range-checked where they are read: an absurd value is one
 line naming the file and the key, never a ZeroDivisionError, a 110 s build ending in MemoryError, or an
 "unexpected RuntimeError"; a config.json of the wrong JSON shape is one line too."""
 

@@ -56,7 +56,7 @@ def test_docs_exist():
 
 
 def test_extras_never_mix_cuda_majors_with_the_pinned_torch():
-    """Issue 14 item 21: `pip install ".[gpu]"` pulled faiss-gpu's CUDA 12 libraries beside torch's CUDA 13 ones.
+    """Before the fix: `pip install ".[gpu]"` pulled faiss-gpu's CUDA 12 libraries beside torch's CUDA 13 ones.
     Every CUDA-specific requirement of an extra (faiss-gpu*, nvidia-*) must name torch's CUDA major."""
     import importlib.metadata
     import re
@@ -88,7 +88,7 @@ def test_extras_never_mix_cuda_majors_with_the_pinned_torch():
 
 
 def test_extras_are_installed_from_the_clone_and_cpu_torch_is_mentioned():
-    """Issue 19 item 18: ldot is not on PyPI, so `pip install 'ldot[serve]'` fails for a user who cloned it: every
+    """ldot is not on PyPI, so `pip install 'ldot[serve]'` fails for a user who cloned it: every
     install line of the README and every hint the code prints installs an extra from the folder (`'.[serve]'`),
     and names an extra pyproject.toml has. The CPU-only torch wheels are mentioned; the set-up lines stay two."""
     import re

@@ -1,4 +1,4 @@
-"""Tar shards with duplicate member names and link members (issue 19 item 6), on the driver-side planning and
+"""Tar shards with duplicate member names and link members, on the driver-side planning and
 merging of `ldot index --ray` without Ray or models: one rule (the first member of a name wins, later ones and
 links are skipped with a reason, each with a row of its own), the same rows whatever order the output shards are
 merged in, a shard that is "unchanged" on the next run, and counts that add up."""

@@ -1,4 +1,4 @@
-"""Reliability item 7: a full disk or an I/O error mid-run gives one clear line, loses nothing already committed,
+"""A full disk or an I/O error mid-run gives one clear line, loses nothing already committed,
 and the same command run again completes the work."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`ldot train` after a kill -9 and on damaged features (issue 19 item 17)."""
+"""`ldot train` after a kill -9 (its temp folders cleaned, a live run's left alone) and on damaged
+features (named as such)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ViLT as a re-ranker over pixels: ldot's scores and preprocessing equal transformers' own (item 4 of issue 18),
+"""ViLT as a re-ranker over pixels: ldot's scores and preprocessing equal transformers' own,
 its files are read as tensors only, and what does not fit is refused with one line."""
 
 from __future__ import annotations

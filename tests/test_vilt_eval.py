@@ -1,5 +1,5 @@
-"""`ldot eval ... --rerank-k M --reranker vilt-flickr30k`: re-ranking reads the benchmark's image files (item 5 of
-issue 18), on the LightningDOT path (region features for the bi-encoder, pixels for ViLT)."""
+"""`ldot eval ... --rerank-k M --reranker vilt-flickr30k`: re-ranking reads the benchmark's image files,
+on the LightningDOT path (region features for the bi-encoder, pixels for ViLT)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training reaches ViLT (item 6 of issue 18): `ldot train decompose --from vilt-flickr30k` (VLDeformer on a
+"""Training reaches ViLT: `ldot train decompose --from vilt-flickr30k` (VLDeformer on a
 detector-free single-stream model, trained on the image files) and `--distill-from vilt-flickr30k` (a teacher that
 scores pairs from pixels), on tiny configs."""
 

@@ -1,9 +1,9 @@
 """The one list of named checkpoints ldot knows, and what is present in the cache.
 
-Official LightningDOT files list both official hosts as mirrors (both have been seen dead: the
-LightningDOT repo's issue #12); the Hugging Face hub files are live. No sha256 is published for any of
-them: the first verified download records it in ``<home>/known_hashes.json`` (trust on first use) and
-later downloads and `ldot models verify` check against it.
+Official LightningDOT files list both official hosts as mirrors (both have been seen dead, as
+https://github.com/intersun/LightningDOT/issues/12 reports); the Hugging Face hub files are live. No sha256
+is published for any of them: the first verified download records it in ``<home>/known_hashes.json`` (trust
+on first use) and later downloads and `ldot models verify` check against it.
 
 Hub URLs honour ``HF_ENDPOINT`` (as the Hugging Face tools do), for mirrors and for tests.
 """

@@ -7,7 +7,7 @@ finds files in the cache (`try_to_load_from_cache`) and asks the hub for a file'
 (`get_hf_file_metadata`, honouring ``HF_ENDPOINT`` and ``HF_TOKEN``); ``HF_HUB_OFFLINE`` keeps ldot off the
 network. The bytes come through ldot's own downloader: huggingface_hub 2.x writes each download to a
 process-unique temp file and deletes it on failure, so an interrupted run starts over (read in its
-``_download_to_tmp_and_move`` and measured, see the note of issue 11), while ours resumes ``blobs/<etag>.part``
+``_download_to_tmp_and_move`` and measured), while ours resumes ``blobs/<etag>.part``
 with a Range request. A large (LFS) file's etag is its sha256, which is checked; a small file's etag is its git
 blob sha1, which is checked too. A blob already in the cache is checked against its name before it is used
 (`blob_problem`): one that was changed there is deleted and downloaded again.
