@@ -48,8 +48,8 @@ def test_the_fast_path_imports_nothing_heavy():
     """What a plain query through a server loads: no typer, click, rich, pydantic, numpy or torch (the table
     loads rich's console and table only when it prints one)."""
     code = ("import json, sys; from ldot_cli.main import run; from ldot_cli.commands.quick import answer_quickly, parse; "
-            "from ldot_cli.serve.client import answer_from_json, find_server, post; "
-            "answer_from_json({'hits': [{'rank': 1, 'path_b64': 'YQ==', 'score': 1.0, 'id': 1}]}); "
+            "from ldot_cli.serve.client import find_server, post; from ldot_cli.index.hits import Answer; "
+            "Answer.from_json({'hits': [{'rank': 1, 'path_b64': 'YQ==', 'score': 1.0, 'id': 1}]}); "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     heavy = {"typer", "click", "rich", "pydantic", "numpy", "torch", "faiss", "fastapi", "http", "email"}

@@ -68,7 +68,6 @@ def answer_quickly(args: list[str]) -> bool:
     from ldot_cli.serve.client import (
         ServerRefused,
         ServerUnavailable,
-        answer_from_json,
         find_server,
         post,
         search_body,
@@ -82,13 +81,16 @@ def answer_quickly(args: list[str]) -> bool:
         return False
     body = search_body(got["query"], None, got["k"], got["rerank_k"] if got["rerank"] else None, got["reranker"],
                        got["min_score"], got["regions"])
+    from ldot_cli.index.hits import Answer
+
     try:
         data = post(server, "/api/search", body)
-    except (ServerUnavailable, ServerRefused):
+        answer = Answer.from_json(data)
+    except (ServerUnavailable, ServerRefused, ValueError):
         return False
     if data.get("boxes_note"):  # a warning line to print as the full command prints warnings: let it answer
         return False
-    print_answer(answer_from_json(data), got["mode"])
+    print_answer(answer, got["mode"])
     return True
 
 
