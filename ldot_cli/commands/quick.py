@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ldot_cli.index.hits import Answer
 
 _VALUE_OPTIONS = {"-k": "k", "--name": "name", "-n": "name", "--min-score": "min_score", "--rerank-k": "rerank_k",
                   "--reranker": "reranker"}
@@ -65,6 +68,7 @@ def answer_quickly(args: list[str]) -> bool:
     got = parse(args)
     if got is None:
         return False
+    from ldot_cli.index.hits import Answer
     from ldot_cli.serve.client import (
         ServerRefused,
         ServerUnavailable,
@@ -81,8 +85,6 @@ def answer_quickly(args: list[str]) -> bool:
         return False
     body = search_body(got["query"], None, got["k"], got["rerank_k"] if got["rerank"] else None, got["reranker"],
                        got["min_score"], got["regions"])
-    from ldot_cli.index.hits import Answer
-
     try:
         data = post(server, "/api/search", body)
         answer = Answer.from_json(data)
@@ -94,7 +96,7 @@ def answer_quickly(args: list[str]) -> bool:
     return True
 
 
-def print_answer(answer: Any, mode: str) -> None:
+def print_answer(answer: Answer, mode: str) -> None:
     """Print an answer's results: a table (or "no good match"), ``--json``, ``--paths`` or ``-0``."""
     hits = answer.hits
     if mode == "json":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ldot_cli.commands.console import cli_message, err, line
 from ldot_cli.commands.quick import print_answer
+
+if TYPE_CHECKING:
+    from ldot_cli.index.hits import Answer
 
 
 def register(app: typer.Typer) -> None:
@@ -86,7 +89,7 @@ def search(
 
 
 def _through_server(name: str, query: str | None, image: Path | None, k: int, rerank_k: int | None,
-                    reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Any:
+                    reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Answer | None:
     """The answer of a running `ldot serve` for this index (started in the background when none runs and that
     is allowed), or None (it cannot answer this: search here)."""
     from ldot_cli.index.hits import Answer
@@ -165,7 +168,7 @@ def _start_server(name: str) -> Any:
     return server
 
 
-def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str | None) -> None:
+def _show(answer: Answer, mode: str, html: Path | None, preview: bool, query: str | None) -> None:
     if html is not None:
         from ldot_cli.commands.sheet import write_sheet
 

@@ -69,14 +69,14 @@ class Searcher:
         self._encoder: Any = None
         self._pixels: bool | None = None
         self.vectors = LiveVectorIndex(self.store)
-        self.regions = RegionFeatures(self.store)  # opened on the first --rerank or --regions
-        self.boxes = BoxExplainer(self.model_source, self.regions)
-        self.rerankers = Rerankers(self.store, self.regions, device)
+        self.region_features = RegionFeatures(self.store)  # opened on the first --rerank or --regions
+        self.boxes = BoxExplainer(self.model_source, self.region_features)
+        self.rerankers = Rerankers(self.store, self.region_features, device)
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
         self.timings = QueryTimings()
 
     def close(self) -> None:
-        self.regions.close()
+        self.region_features.close()
         self.store.close()
 
     # -- loading -------------------------------------------------------------------------------
@@ -279,15 +279,15 @@ class Searcher:
     @property
     def has_regions(self) -> bool:
         """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
-        return self.regions.kept
+        return self.region_features.kept
 
     @property
     def preset(self) -> str:
         """The box preset the index's region features were extracted with."""
-        return self.regions.preset
+        return self.region_features.preset
 
     def region_records(self, vector_ids: list[int]) -> list[Any]:
-        return self.regions.records(vector_ids)
+        return self.region_features.records(vector_ids)
 
     @property
     def has_boxes(self) -> bool:
