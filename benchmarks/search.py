@@ -151,7 +151,7 @@ def main() -> None:
               f"(encode {searcher.timings.encode_ms:.1f} ms + search {searcher.timings.search_ms:.1f} ms, last query)")
         queries = clustered(200, 768, clusters=max(100, n // 1000), seed=1)[:200] + \
             0.1 * np.random.default_rng(7).standard_normal((200, 768)).astype(np.float32)
-        index, _ = searcher._vector_index()
+        index, _ = searcher.vectors.load()
         exact = faiss.IndexFlatIP(768)
         exact.add(vectors)
         _, truth = exact.search(queries, 10)

@@ -49,12 +49,90 @@ def test_the_fast_path_imports_nothing_heavy():
     """What a plain query through a server loads: no typer, click, rich, pydantic, numpy or torch (the table
     loads rich's console and table only when it prints one)."""
     code = ("import json, sys; from ldot_cli.main import run; from ldot_cli.commands.quick import answer_quickly, parse; "
-            "from ldot_cli.serve.client import answer_from_json, find_server, post; "
-            "answer_from_json({'hits': [{'rank': 1, 'path_b64': 'YQ==', 'score': 1.0, 'id': 1}]}); "
+            "from ldot_cli.serve.client import find_server, post; from ldot_cli.index.hits import Answer; "
+            "Answer.from_json({'hits': [{'rank': 1, 'path_b64': 'YQ==', 'score': 1.0, 'id': 1}]}); "
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     heavy = {"typer", "click", "rich", "pydantic", "numpy", "torch", "faiss", "fastapi", "http", "email"}
     assert not heavy & set(json.loads(loaded.stdout)), loaded.stdout
+
+
+# -- the answer a server sends ----------------------------------------------------------------------------------
+def test_an_answer_comes_back_from_json_as_it_was_sent():
+    """`Answer.to_json` (the server) and `Answer.from_json` (`ldot search`) are inverses: any path bytes, scores
+    unrounded, boxes and photo sizes, the level applied, how many fell below it, the timings."""
+    from ldot_cli.index.hits import Answer, Hit, QueryTimings
+
+    hits = [Hit(1, b"/photos/caf\xe9 \xff.jpg", 0.123456789, 7, 2.718281828,
+                [(0.1, 0.2, 0.5, 0.75, 0.3333333), (0.0, 0.0, 1.0, 1.0, 0.01)], (640, 480)),
+            Hit(2, b"/photos/b.png", -1.5, 9)]
+    sent = Answer(hits, 0.1, QueryTimings(1.25, 2.5, 30.75, {"regions_ms": 4.0}), below=3)
+    got = Answer.from_json(json.loads(json.dumps(sent.to_json())))
+    assert got == sent and not got.no_match
+    empty = Answer.from_json(json.loads(json.dumps(Answer([], 0.9, QueryTimings(), below=10).to_json())))
+    assert empty.no_match and empty.below == 10 and empty.min_score == 0.9
+
+
+@pytest.mark.parametrize("data", [
+    None, [], {}, {"hits": "x"}, {"hits": [None]}, {"hits": [{"rank": 1, "score": 1.0, "id": 1}]},
+    {"hits": [{"rank": 1, "path_b64": "not base64!", "score": 1.0, "id": 1}]},
+    {"hits": [{"rank": "1", "path_b64": "YQ==", "score": 1.0, "id": 1}]},
+    {"hits": [{"rank": 1, "path_b64": "YQ==", "score": float("nan"), "id": 1}]},
+    {"hits": [{"rank": 1, "path_b64": "YQ==", "score": True, "id": 1}]},
+    {"hits": [{"rank": 1, "path_b64": "YQ==", "score": 1.0, "id": 1, "boxes": [[0, 0, 1]]}]},
+    {"hits": [{"rank": 1, "path_b64": "YQ==", "score": 1.0, "id": 1, "boxes": [], "size": [1.5, 2]}]},
+    {"hits": [], "min_score": "auto"}, {"hits": [], "below": 1.5}, {"hits": [], "timings": {"encode_ms": "1"}},
+])
+def test_an_answer_that_is_not_one_is_refused(data):
+    """What a server sends is checked before `ldot search` prints it: anything else is a ValueError (the
+    caller then searches itself)."""
+    from ldot_cli.index.hits import Answer
+
+    with pytest.raises(ValueError):
+        Answer.from_json(data)
+
+
+def _answering(body: bytes):
+    """A loopback server that answers every request with ``body`` (HTTP 200, JSON), and its port."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 16)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+def test_the_fast_path_prints_a_server_s_answer_and_leaves_a_broken_one_to_the_full_command(ldot_home,
+                                                                                         capsysbinary):
+    from ldot_cli.index.hits import Answer, Hit, QueryTimings
+
+    sent = Answer([Hit(1, b"/p/a.jpg", 0.5, 3), Hit(2, b"/p/b\xff.jpg", 0.25, 4)], None, QueryTimings())
+    listener, port = _answering(json.dumps(sent.to_json()).encode())
+    try:
+        _announce(ldot_home, "default", port=port)
+        assert answer_quickly([QUERY, "-0"]) is True
+        assert capsysbinary.readouterr().out == b"/p/a.jpg\0/p/b\xff.jpg\0"  # the exact bytes of each path
+    finally:
+        listener.close()
+    listener, port = _answering(json.dumps({"hits": [{"rank": 1, "path_b64": "YQ==", "score": "high"}]}).encode())
+    try:
+        _announce(ldot_home, "default", port=port)
+        assert answer_quickly([QUERY, "--paths"]) is False
+        assert capsysbinary.readouterr() == (b"", b"")
+    finally:
+        listener.close()
 
 
 def test_no_server_means_the_full_command_line(ldot_home, capsys):

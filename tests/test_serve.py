@@ -106,14 +106,13 @@ def api(base: str, body: dict, **kw) -> httpx.Response:
 
 
 def local_hits(body: dict) -> list[dict]:
-    from ldot_cli.index.hits import hit_json
     from ldot_cli.index.search import Request, Searcher
 
     searcher = Searcher("default")
     try:
         answer = searcher.answer(Request(text=body.get("q"), vector_id=body.get("id"), k=body.get("k", 10),
                                          regions=body.get("regions", False)))
-        return [hit_json(h) for h in answer.hits]
+        return [h.api_json() for h in answer.hits]
     finally:
         searcher.close()
 

@@ -207,12 +207,12 @@ def test_a_request_names_only_catalogue_re_rankers(home, client):
         assert got.status_code == 422, (spelling, got.text)
         assert "not one this server offers" in got.json()["error"] and "uniter-base" in got.json()["error"]
     searcher = client.app_state.searcher
-    assert searcher is None or not searcher._rerankers  # nothing was loaded for them
+    assert searcher is None or not searcher.rerankers.loaded  # nothing was loaded for them
     ok = search(client, {"q": QUERY, "k": 2, "rerank": True, "rerank_k": 3, "reranker": "uniter-base"})
     assert ok.status_code == 200 and ok.json()["hits"][0]["rerank_score"] is not None
     default = search(client, {"q": QUERY, "k": 2, "rerank": True, "rerank_k": 3})
     assert default.status_code == 200
-    assert len(client.app_state.searcher._rerankers) == 1
+    assert len(client.app_state.searcher.rerankers.loaded) == 1
 
 
 def test_the_server_s_own_re_ranker_may_be_a_path(home, monkeypatch):
@@ -232,7 +232,8 @@ def test_the_server_s_own_re_ranker_may_be_a_path(home, monkeypatch):
 def test_loaded_re_rankers_are_bounded_and_shared_by_spellings(home, monkeypatch, tmp_path):
     import shutil
 
-    from ldot_cli.index.search import RERANKER_CACHE, Searcher
+    from ldot_cli.index.rerank import RERANKER_CACHE
+    from ldot_cli.index.search import Searcher
 
     monkeypatch.setenv("LDOT_HOME", str(home))
     copies = []
@@ -244,10 +245,10 @@ def test_loaded_re_rankers_are_bounded_and_shared_by_spellings(home, monkeypatch
         first = searcher.reranker(str(copies[0]))
         for spelling in (f"{copies[0]}/", f"/{copies[0]}", f"{copies[0]}/."):
             assert searcher.reranker(spelling) is first  # one copy for every spelling of one folder
-        assert len(searcher._rerankers) == 1
+        assert len(searcher.rerankers.loaded) == 1
         for folder in copies[1:]:
             searcher.reranker(str(folder))
-            assert len(searcher._rerankers) <= RERANKER_CACHE
+            assert len(searcher.rerankers.loaded) <= RERANKER_CACHE
         assert searcher.reranker(str(copies[-1])) is searcher.reranker(f"{copies[-1]}/")
         assert searcher.reranker(str(copies[0])) is not first  # the least recently used one was let go
     finally:

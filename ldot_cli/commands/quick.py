@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.text import Text
+
+    from ldot_cli.index.hits import Answer
 
 _VALUE_OPTIONS = {"-k": "k", "--name": "name", "-n": "name", "--min-score": "min_score", "--rerank-k": "rerank_k",
                   "--reranker": "reranker"}
@@ -65,10 +70,10 @@ def answer_quickly(args: list[str]) -> bool:
     got = parse(args)
     if got is None:
         return False
+    from ldot_cli.index.hits import Answer
     from ldot_cli.serve.client import (
         ServerRefused,
         ServerUnavailable,
-        answer_from_json,
         find_server,
         post,
         search_body,
@@ -84,15 +89,16 @@ def answer_quickly(args: list[str]) -> bool:
                        got["min_score"], got["regions"])
     try:
         data = post(server, "/api/search", body)
-    except (ServerUnavailable, ServerRefused):
+        answer = Answer.from_json(data)
+    except (ServerUnavailable, ServerRefused, ValueError):
         return False
     if data.get("boxes_note"):  # a warning line to print as the full command prints warnings: let it answer
         return False
-    print_answer(answer_from_json(data), got["mode"])
+    print_answer(answer, got["mode"])
     return True
 
 
-def print_answer(answer: Any, mode: str) -> None:
+def print_answer(answer: Answer, mode: str) -> None:
     """Print an answer's results: a table (or "no good match"), ``--json``, ``--paths`` or ``-0``."""
     hits = answer.hits
     if mode == "json":
@@ -124,7 +130,7 @@ def print_answer(answer: Any, mode: str) -> None:
         table.add_column("boxes (x1,y1-x2,y2: score drop)", no_wrap=True)
     table.add_column("path", overflow="fold")
     for hit in hits:
-        cells = [str(hit.rank), f"{hit.score:.3f}"]
+        cells: list[str | Text] = [str(hit.rank), f"{hit.score:.3f}"]
         if hit.rerank_score is not None:
             cells.append(f"{hit.rerank_score:.3f}")
         if with_boxes:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ldot_cli.commands.console import cli_message, err, line
 from ldot_cli.commands.quick import print_answer
+
+if TYPE_CHECKING:
+    from ldot_cli.index.hits import Answer
 
 
 def register(app: typer.Typer) -> None:
@@ -86,13 +89,13 @@ def search(
 
 
 def _through_server(name: str, query: str | None, image: Path | None, k: int, rerank_k: int | None,
-                    reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Any:
+                    reranker: str | None, min_score: str | None, regions: bool, model: str | None) -> Answer | None:
     """The answer of a running `ldot serve` for this index (started in the background when none runs and that
     is allowed), or None (it cannot answer this: search here)."""
+    from ldot_cli.index.hits import Answer
     from ldot_cli.serve.client import (
         ServerRefused,
         ServerUnavailable,
-        answer_from_json,
         find_server,
         post,
         search_body,
@@ -130,13 +133,17 @@ def _through_server(name: str, query: str | None, image: Path | None, k: int, re
         if exc.status in (404, 409, 413, 422, 503):
             return None  # not indexed / another index / too large for the server / index busy: answer it here
         raise LdotError(exc.message) from None
+    try:
+        answer = Answer.from_json(data)
+    except ValueError:
+        return None  # not an answer this ldot reads (another version's server?): answer it here
     if data.get("boxes_note"):  # asked for boxes the index does not have: said as a local search says it
         import warnings
 
         from models.core.errors import LdotWarning
 
         warnings.warn(LdotWarning(str(data["boxes_note"])), stacklevel=2)
-    return answer_from_json(data)
+    return answer
 
 
 def _start_server(name: str) -> Any:
@@ -161,7 +168,7 @@ def _start_server(name: str) -> Any:
     return server
 
 
-def _show(answer: Any, mode: str, html: Path | None, preview: bool, query: str | None) -> None:
+def _show(answer: Answer, mode: str, html: Path | None, preview: bool, query: str | None) -> None:
     if html is not None:
         from ldot_cli.commands.sheet import write_sheet
 
@@ -238,7 +245,7 @@ def _load_in_background(searcher: Any) -> Any:
     def load() -> None:
         try:
             searcher.encoder  # noqa: B018 - load the text tower
-            searcher._vector_index()  # and the vector file, so that the first query costs what the others do
+            searcher.vectors.load()  # and the vector file, so that the first query costs what the others do
         except BaseException as exc:  # noqa: BLE001 - re-raised in the prompt's thread
             failed.append(exc)
 

@@ -1,68 +1,33 @@
 """Answer queries over a named index: one dot product per image, optional cross-encoder re-ranking.
 
-A `Searcher` keeps the text tower, the FAISS index and the re-ranker loaded between queries (the
-interactive prompt reuses one). It notices when a concurrent `ldot index` has written a newer vector
-file and reloads it; vectors added since the last file write are searched exactly from SQLite.
+A `Searcher` keeps the text tower, the vector index and the re-rankers loaded between queries (the interactive
+prompt and `ldot serve` reuse one). It composes the parts that can each be read alone: the live vector index
+(`live_index`: reloaded when a concurrent `ldot index` wrote a newer vector file, vectors added since searched
+exactly from SQLite), the region features (`region_features`), the boxes behind scores (`boxes`), re-ranking
+(`rerank`) and ``--min-score`` levels (`score_levels`).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ldot_cli.index.hits import Hit
-from ldot_cli.index.layout import IndexStoreError, IndexUnrecorded, index_path
+from ldot_cli.index import score_levels
+from ldot_cli.index.boxes import BoxExplainer
+from ldot_cli.index.hits import Answer, Hit, QueryTimings
+from ldot_cli.index.layout import IndexStoreError, index_path
+from ldot_cli.index.live_index import LiveVectorIndex
+from ldot_cli.index.query import QueryError, Request
+from ldot_cli.index.region_features import RegionFeatures
+from ldot_cli.index.rerank import Rerankers
 from ldot_cli.index.store import IndexStore
-from models.core.errors import LdotError, LdotWarning, option
+from models.core.errors import LdotWarning, option
 
 DEFAULT_RERANK_K = 50
-RERANKER_CACHE = 2  # cross-encoders kept loaded at once (least recently used dropped): each is ~0.5-1 GB
-
-
-class QueryError(LdotError):
-    """A query that cannot be answered as given (empty, unreadable image…)."""
-
-
-@dataclass
-class QueryTimings:
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
-    rerank_ms: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Request:
-    """One query, as `ldot search` and `ldot serve` take it: text, or an image (a file, an indexed image's id
-    or content hash), with its options."""
-
-    text: str | None = None
-    image_path: str | None = None
-    vector_id: int | None = None
-    image_sha256: str | None = None
-    k: int = 10
-    rerank_k: int | None = None  # re-rank the top M (text queries only)
-    reranker: str | None = None
-    min_score: str | float | None = None  # a number or "auto"
-    regions: bool = False
-
-
-@dataclass
-class Answer:
-    hits: list[Hit]
-    min_score: float | None  # the level applied (auto resolved), None when none
-    timings: QueryTimings
-    below: int = 0  # results dropped by min_score
-
-    @property
-    def no_match(self) -> bool:
-        return self.min_score is not None and not self.hits
 
 
 def query_encoder_for_cpu(encoder: Any) -> Any:
@@ -103,19 +68,16 @@ class Searcher:
         self.model_source = check_model(self.store, model)
         self.device = device
         self._encoder: Any = None
-        self._faiss: tuple[Any, int] | None = None
-        self._faiss_sha: str | None = None
-        self._rerankers: OrderedDict[str, Any] = OrderedDict()  # resolved location -> model, LRU order
-        self._regions: Any = None  # the index's region store, opened on the first --rerank or --regions
-        self._image_tower: Any = None  # the bi-encoder's image tower, loaded on the first --regions
         self._pixels: bool | None = None
+        self.vectors = LiveVectorIndex(self.store)
+        self.region_features = RegionFeatures(self.store)  # opened on the first --rerank or --regions
+        self.boxes = BoxExplainer(self.model_source, self.region_features)
+        self.rerankers = Rerankers(self.store, self.region_features, device)
         self.last_vector: np.ndarray | None = None  # the (1, D) vector of the last query
         self.timings = QueryTimings()
 
     def close(self) -> None:
-        if self._regions is not None:
-            self._regions.close()
-            self._regions = None
+        self.region_features.close()
         self.store.close()
 
     # -- loading -------------------------------------------------------------------------------
@@ -136,35 +98,6 @@ class Searcher:
 
             self._pixels = model_inputs(self.model_source) == "pixels"
         return self._pixels
-
-    def _vector_index(self) -> tuple[Any, int] | None:
-        """The FAISS index (reloaded when a writer replaced it), or None when there is no file yet."""
-        sha = self.store.vector_token()
-        if sha != self._faiss_sha:
-            try:
-                self._faiss = self.store.read_faiss()
-            except IndexStoreError as exc:
-                self._faiss = self._repair(upgrade=isinstance(exc, IndexUnrecorded))
-            self._faiss_sha = self.store.vector_token()
-        return self._faiss
-
-    def _repair(self, upgrade: bool = False) -> tuple[Any, int] | None:
-        """A damaged vector file: rebuild it from SQLite when no writer is busy; else search SQLite only.
-        ``upgrade``: files an older ldot wrote without a checksum, rewritten and recorded once (no warning)."""
-        from ldot_cli.index.lock import writer_lock
-
-        with writer_lock(self.store.dir, wait=False) as held:
-            if not held:
-                return None  # the writer will rewrite it; meanwhile every vector is searched from SQLite
-            if not upgrade:
-                warnings.warn(LdotWarning(f"the vector file of index {self.store.name!r} was damaged; "
-                                          "rebuilt it from the index database"), stacklevel=2)
-            self.store.sync_faiss()  # only the damaged parts of an approximate index, all of an exact one
-            try:
-                return self.store.read_faiss()
-            except IndexStoreError:
-                self.store.sync_faiss(rebuild=True)
-                return self.store.read_faiss()
 
     # -- queries -------------------------------------------------------------------------------
     def text_vector(self, query: str) -> np.ndarray:
@@ -233,32 +166,9 @@ class Searcher:
         return vector[None]
 
     def search_vector(self, vector: np.ndarray, k: int = 10) -> list[Hit]:
-        from models.core import ann
-
         start = time.perf_counter()
-        loaded = self._vector_index()
-        index, max_id = loaded if loaded is not None else (None, 0)
-        extra_ids, extra = self.store.vectors(min_id=max_id)
-        want = k + 8
-        while True:
-            scores, ids = ann.search(index, vector, want, extra_ids, extra)
-            hits = self._to_hits(scores[0], ids[0], k)
-            exhausted = (ids[0] >= 0).sum() < want
-            if len(hits) >= k or exhausted:
-                break
-            want *= 4  # many results were removed files or duplicates: look deeper
+        hits = self.vectors.search(vector, k)
         self.timings.search_ms = 1000 * (time.perf_counter() - start)
-        return hits
-
-    def _to_hits(self, scores: np.ndarray, ids: np.ndarray, k: int) -> list[Hit]:
-        valid = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0]
-        paths = self.store.paths_for_vectors([i for _, i in valid])
-        hits: list[Hit] = []
-        for score, vid in valid:
-            for path in paths.get(vid, []):
-                hits.append(Hit(len(hits) + 1, path, score, vid))
-                if len(hits) == k:
-                    return hits
         return hits
 
     def search(self, query: str, k: int = 10, rerank_k: int | None = None, reranker: str | None = None) -> list[Hit]:
@@ -339,24 +249,17 @@ class Searcher:
         return self.explain(hits, vector, budget=share)
 
     # -- thresholds ------------------------------------------------------------------------------
-    def model_dir(self) -> Path | None:
-        from models.hub.load import resolve_source
-
-        try:
-            path = resolve_source(self.model_source)
-        except LdotError:
-            return None
-        return path if path.is_dir() else None
-
     def auto_min_score(self) -> float:
         """The model's calibrated ``--min-score auto`` level (see `models.training.calibration`)."""
-        from models.training.calibration import CalibrationError, auto_threshold
+        return score_levels.auto_min_score(self.model_source, self.pixels)
 
-        directory = self.model_dir()
-        if directory is None:
-            raise CalibrationError(f"model {self.model_source!r} is not a model dir: it has no score calibration")
-        # scores are cosines for a dual encoder (CLIP's matching pairs mostly 0.2-0.35), raw dot products otherwise
-        return auto_threshold(directory, self.model_source, "0.25" if self.pixels else "5.0")
+    def min_score(self, value: str | float | None) -> float | None:
+        """``--min-score``: None, a number, or ``auto``."""
+        return score_levels.parse_min_score(value, self.auto_min_score)
+
+    def suggest_min_score(self, text: str, sample: int = 2000, keep: float = 0.1) -> str | None:
+        """A ``--min-score`` for ``text`` from the index's own score spread (`score_levels.suggest_min_score`)."""
+        return score_levels.suggest_min_score(self.store, lambda: self.text_vector(text), sample, keep)
 
     def _level(self, request: Request) -> float | None:
         """``request.min_score`` resolved; an uncalibrated ``auto`` for a text query suggests a number taken from
@@ -373,34 +276,20 @@ class Searcher:
                 raise
             raise CalibrationError(f"{exc.args[0]}: {hint}") from None
 
-    def suggest_min_score(self, text: str, sample: int = 2000, keep: float = 0.1) -> str | None:
-        """A ``--min-score`` for ``text`` from the index's own score spread: its scores against up to ``sample``
-        stored vectors, and the level that keeps about the top ``keep`` of them (None for an empty index)."""
-        _, vectors = self.store.sample_vectors(sample)
-        if not len(vectors):
-            return None
-        scores = vectors @ self.text_vector(text)[0]
-        low, median, high = np.quantile(scores, [0.0, 0.5, 1.0])
-        level = float(np.quantile(scores, 1.0 - keep))
-        return (f"this query scores {low:.3g} to {high:.3g} (median {median:.3g}) over {len(scores):,} images of "
-                f"index {self.store.name!r}: e.g. {option('min_score')} {level:.3g} keeps about the top "
-                f"{100 * keep:g}%")
-
-    def min_score(self, value: str | float | None) -> float | None:
-        """``--min-score``: None, a number, or ``auto``."""
-        if value is None or value == "":
-            return None
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return self.auto_min_score()
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise QueryError(f"{option('min_score')} must be a number or 'auto' (got {value!r})") from None
-        if not np.isfinite(number):
-            raise QueryError(f"{option('min_score')} must be a finite number (got {value!r})")
-        return number
-
     # -- regions ---------------------------------------------------------------------------------
+    @property
+    def has_regions(self) -> bool:
+        """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
+        return self.region_features.kept
+
+    @property
+    def preset(self) -> str:
+        """The box preset the index's region features were extracted with."""
+        return self.region_features.preset
+
+    def region_records(self, vector_ids: list[int]) -> list[Any]:
+        return self.region_features.records(vector_ids)
+
     @property
     def has_boxes(self) -> bool:
         """Whether results can show the boxes that drive their scores: a region model's index that keeps its
@@ -414,185 +303,39 @@ class Searcher:
         return (f"index {self.store.name!r} keeps no region features (built with {option('no_regions')}): results "
                 "are listed without boxes")
 
-    def region_store(self) -> Any:
-        from feature_extraction.uniter_db import FeatureStore
-        from ldot_cli.index.layout import REGIONS_DIR
-
-        regions_dir = self.store.dir / REGIONS_DIR
-        if not self.store.meta.keeps_regions or not regions_dir.is_dir():
-            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
-                                  f"{option('no_regions')}): re-index without it to use {option('rerank')} or "
-                                  f"{option('regions')}")
-        if self._regions is None:
-            self._regions = FeatureStore(regions_dir, self.preset)
-        return self._regions
-
-    def region_records(self, vector_ids: list[int]) -> list[Any]:
-        """The stored region features of indexed images (the store is reopened once when a concurrent
-        `ldot index` added records since it was opened)."""
-        from feature_extraction.errors import ImageDBError
-
-        hashes = self.store.content_hashes(vector_ids)
-        missing = [v for v in vector_ids if v not in hashes]
-        if missing:
-            raise QueryError(f"image {missing[0]} left the index meanwhile: search again")
-        try:
-            return [self.region_store().get(hashes[v]) for v in vector_ids]
-        except ImageDBError:
-            if self._regions is not None:
-                self._regions.close()
-                self._regions = None
-        try:
-            return [self.region_store().get(hashes[v]) for v in vector_ids]
-        except ImageDBError as exc:
-            from ldot_cli.index.indexer import damaged_regions
-
-            raise damaged_regions(self.store.name, exc) from None
-
     @property
     def image_tower(self) -> Any:
-        if self._image_tower is None:
-            from models.hub.load import load_bi_encoder
-
-            self._image_tower = load_bi_encoder(self.model_source, device="cpu", towers=("image",))
-        return self._image_tower
+        return self.boxes.image_tower
 
     def explain(self, hits: list[Hit], vector: np.ndarray | None = None, max_boxes: int = 3,
                 budget: int | None = None) -> list[Hit]:
-        """Add to each hit the boxes that most drive its bi-encoder score (`models.nn.attribution`)."""
-        from ldot_cli.index.thumbs import oriented_size
-        from models.nn.attribution import region_weights
-
+        """Add to each hit the boxes that most drive its bi-encoder score (`BoxExplainer`); ``vector``: the
+        query's, by default the last one's."""
         if not hits:
             return hits
         vector = self.last_vector if vector is None else vector
         if vector is None:
             raise QueryError("no query to explain the results of")
         start = time.perf_counter()
-        records = self.region_records([h.vector_id for h in hits])
-        queries = np.repeat(np.asarray(vector, np.float32).reshape(1, -1), len(hits), axis=0)
-        extra = {} if budget is None else {"budget": budget}  # removal passes shared by these hits
-        _, boxes = region_weights(self.image_tower, queries, records, max_boxes=max_boxes, **extra)
-        for hit, found in zip(hits, boxes):
-            hit.regions = [(*b.box, b.weight) for b in found]
-            try:
-                hit.size = oriented_size(hit.path)
-            except OSError:
-                hit.size = None  # the file went away: fractions only
+        self.boxes.explain(hits, vector, max_boxes, budget)
         self.timings.extra["regions_ms"] = 1000 * (time.perf_counter() - start)
         return hits
 
     # -- re-ranking ------------------------------------------------------------------------------
-    @property
-    def preset(self) -> str:
-        """The box preset the index's region features were extracted with."""
-        return self.store.meta.box_preset
-
-    @property
-    def has_regions(self) -> bool:
-        """Whether the index keeps region features (what UNITER and LXMERT re-rank; ViLT reads the photos)."""
-        from ldot_cli.index.layout import REGIONS_DIR
-
-        return self.store.meta.keeps_regions and (self.store.dir / REGIONS_DIR).is_dir()
-
     def reranker_name(self, name: str | None) -> str:
         """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
-        from models.hub.cache import default_reranker
-
-        if name:
-            return name
-        if self.has_regions:
-            return default_reranker(regions=True)
-        try:
-            return default_reranker(regions=False)
-        except LdotError:
-            raise IndexStoreError(f"index {self.store.name!r} keeps no region features (built with "
-                                  f"{option('no_regions')}) and no re-ranker that reads the photos is in the cache: "
-                                  "run `ldot models download vilt-flickr30k` (it re-ranks any index), or re-index "
-                                  f"without {option('no_regions')} for UNITER or LXMERT") from None
+        return self.rerankers.name(name)
 
     def reranker(self, name: str | None) -> Any:
-        """The cross-encoder ``name`` (default: the best present for this index), loaded once: the last
-        `RERANKER_CACHE` used stay loaded, keyed by where they resolve to (``/x``, ``/x/`` and ``//x`` are one)."""
-        from models.hub.load import load_reranker, resolve_source
-
-        name = self.reranker_name(name)
-        key = str(resolve_source(name).resolve())
-        if key in self._rerankers:
-            self._rerankers.move_to_end(key)
-            return self._rerankers[key]
-        model = load_reranker(name, device=self.device)
-        self._rerankers[key] = model
-        while len(self._rerankers) > RERANKER_CACHE:
-            self._rerankers.popitem(last=False)
-        return model
+        """The cross-encoder ``name`` (default: the best present for this index), loaded once (`Rerankers.get`)."""
+        return self.rerankers.get(name)
 
     def rerank(self, query: str, hits: list[Hit], reranker: str | None = None) -> list[Hit]:
-        """Re-score (query, image) pairs with the cross-encoder and sort by its score.
-
-        A region cross-encoder (UNITER, LXMERT) reads the index's region features; one that reads pixels (ViLT)
-        reads the photos themselves, so it re-ranks any index: a photo gone or unreadable since indexing is left out
-        of the results, with a warning saying why."""
+        """Re-score (query, image) pairs with the cross-encoder and sort by its score (`Rerankers.rerank`)."""
         if not hits:
             return hits
-        from models.nn.regions import stack_regions
-
         model = self.reranker(reranker)
         start = time.perf_counter()
-        if getattr(model, "inputs", "regions") == "pixels":
-            hits, scores = self._pixel_scores(model, query, hits)
-        else:
-            self.region_store()  # a clear error when the index keeps none
-            feat, bb, mask, _ = stack_regions(self.region_records([h.vector_id for h in hits]))
-            scores = model.score([query] * len(hits), feat, bb, mask).numpy()
+        out = self.rerankers.rerank(model, query, hits)
         self.timings.rerank_ms = 1000 * (time.perf_counter() - start)
-        order = np.argsort(-scores, kind="stable")
-        out = []
-        for rank, i in enumerate(order, 1):
-            hit = hits[i]
-            out.append(Hit(rank, hit.path, hit.score, hit.vector_id, float(scores[i])))
         return out
-
-    def _pixel_scores(self, model: Any, query: str, hits: list[Hit]) -> tuple[list[Hit], np.ndarray]:
-        """Scores of a cross-encoder that reads pixels, from the hits' files (another copy of the same photo when
-        the hit's own file is gone); hits whose photo cannot be read are dropped, each with a warning."""
-        import os
-        import stat
-
-        from feature_extraction.errors import ImageLoadError
-        from feature_extraction.images.decode import load_image
-        from ldot_cli.index.hits import display_path
-        from models.core.fileio import sha256_file
-
-        if model.truncates(query):
-            warnings.warn(LdotWarning(f"the query is longer than the re-ranker reads ({model.max_text_tokens} "
-                                      "word-pieces with [CLS] and [SEP]): it scores the first ones only"), stacklevel=3)
-        copies = self.store.paths_for_vectors([h.vector_id for h in hits])
-        indexed = self.store.content_hashes([h.vector_id for h in hits])
-        kept, pixels = [], []
-        for hit in hits:
-            reason = None
-            for path in [hit.path, *(p for p in copies.get(hit.vector_id, []) if p != hit.path)]:
-                try:  # the photo as it was indexed: a regular file whose bytes still have the indexed content hash
-                    if not stat.S_ISREG(os.stat(path).st_mode):
-                        reason = reason or "not a regular file"
-                        continue
-                    if sha256_file(os.fsdecode(path)) != indexed.get(hit.vector_id):
-                        reason = reason or "its content changed"
-                        continue
-                    pixels.append(model.prepare(load_image(os.fsdecode(path))))
-                except ImageLoadError as exc:
-                    reason = reason or exc.reason
-                    continue
-                except OSError as exc:
-                    reason = reason or ("file not found" if isinstance(exc, FileNotFoundError)
-                                        else f"cannot read it: {exc.strerror or exc}")
-                    continue
-                kept.append(hit)
-                break
-            else:
-                warnings.warn(LdotWarning(f"left out of the re-ranked results: {display_path(hit.path)} ({reason}; "
-                                          "gone or changed since indexing? `ldot index` again to update the index)"),
-                              stacklevel=3)
-        scores = model.score_pixels([query] * len(kept), pixels).numpy() if kept else np.empty(0, np.float32)
-        return kept, scores

@@ -41,7 +41,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, Field
 
 from ldot_cli.index.catalogue import FileRow
-from ldot_cli.index.hits import display_path, hit_json
+from ldot_cli.index.hits import display_path
 from ldot_cli.index.layout import DB_FILE, IndexStoreError
 from ldot_cli.index.search import QueryError, Request, Searcher
 from models.core.errors import LdotError
@@ -152,13 +152,10 @@ class ServeState:
             answer = searcher.answer(request)
             self.answered += 1
             total = 1000 * (time.perf_counter() - start)
-            t = answer.timings
-            note = searcher.no_boxes_reason() if request.regions and not searcher.has_boxes else None
-            return {"hits": [hit_json(h) for h in answer.hits], "min_score": answer.min_score,
-                    "no_match": answer.no_match, "below": answer.below, "boxes_note": note,
-                    "timings": {"encode_ms": round(t.encode_ms, 2), "search_ms": round(t.search_ms, 2),
-                                "rerank_ms": round(t.rerank_ms, 2),
-                                "regions_ms": round(t.extra.get("regions_ms", 0.0), 2), "total_ms": round(total, 2)}}
+            data = answer.to_json()
+            data["timings"]["total_ms"] = round(total, 2)
+            data["boxes_note"] = searcher.no_boxes_reason() if request.regions and not searcher.has_boxes else None
+            return data
 
     def regions(self, request: Request, ids: list[int], of: int | None = None) -> dict[str, Any]:
         """The boxes of some results (`Searcher.regions_of`), keyed by id, with what they cost."""
@@ -171,7 +168,7 @@ class ServeState:
             if hits:
                 self.region_images += len(hits)
                 self.region_ms += spent
-            out = {str(j["id"]): {"boxes": j.get("boxes"), "size": j.get("size")} for j in map(hit_json, hits)}
+            out = {str(j["id"]): {"boxes": j.get("boxes"), "size": j.get("size")} for j in (h.api_json() for h in hits)}
             return {"regions": out, "timings": {"encode_ms": round(searcher.timings.encode_ms, 2),
                                                 "regions_ms": round(spent, 2), "total_ms": round(total, 2),
                                                 "per_image_ms": round(spent / len(hits), 2) if hits else None}}

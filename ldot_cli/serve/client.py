@@ -346,17 +346,6 @@ def search_body(query: str | None, sha256: str | None, k: int, rerank_k: int | N
     return body
 
 
-def answer_from_json(data: dict[str, Any]) -> Any:
-    """A server's answer as `ldot search` renders it (the shape of `ldot_cli.index.search.Answer`)."""
-    from types import SimpleNamespace
-
-    from ldot_cli.index.hits import hit_from_json
-
-    timings = SimpleNamespace(**data.get("timings", {}))
-    return SimpleNamespace(hits=[hit_from_json(h) for h in data["hits"]], min_score=data.get("min_score"),
-                           no_match=bool(data.get("no_match")), below=int(data.get("below", 0)), timings=timings)
-
-
 # -- background servers --------------------------------------------------------------------------------------
 def _try_lock(path: Path) -> int | None:
     """An exclusive lock on ``path`` (a file descriptor to close), or None when another process holds it."""
