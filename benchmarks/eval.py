@@ -41,7 +41,7 @@ def build_set(root: Path, n_images: int, per_image: int, regions: int, seed: int
     import msgpack
     import msgpack_numpy
 
-    from ldot_cli.data.benchmarks import Caption, EvalImage, RetrievalSet
+    from ldot_cli.data.retrieval_sets import Caption, EvalImage, RetrievalSet
 
     rng = np.random.default_rng(seed)
     db = root / "img_db"

@@ -207,7 +207,7 @@ def setup(home: Path, photos: Path, count: int, size: tuple[int, int]) -> None:
     from benchmarks.search import base_text_encoder
     from feature_extraction.detector.config import DetectorConfig
     from feature_extraction.detector.weights import load_detector, save_detector
-    from models.hub.cache import record_model
+    from models.hub.installed import record_model
     from tests.detector_fixtures import random_hub_state_dict, synthetic_image
 
     os.environ["LDOT_HOME"] = str(home)

@@ -57,8 +57,8 @@ def base_text_encoder(home: Path):
     """A base-size bi-encoder with random weights, installed in the cache as 'bench' (tokenizer: tiny vocab)."""
     import torch
 
-    from models.hub.cache import record_model
     from models.hub.formats import save_model_dir
+    from models.hub.installed import record_model
     from models.nn.bi_encoder import BiEncoder
     from models.nn.config import preset
     from models.nn.tokenizer import Tokenizer

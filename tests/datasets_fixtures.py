@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from ldot_testing import ServedFile
 
-from ldot_cli.data import catalogue, sources
+from ldot_cli.data import catalogue, datasets
 
 FLICKR_IDS = ["1007129816", "1009434119", "101362133", "102617084"]  # the Karpathy test starts like this
 COCO_IDS = [391895, 522418, 184613, 318219, 554625]
@@ -175,11 +175,11 @@ def point_catalogue_at(monkeypatch, url: str, coco_hosts: tuple[str, ...] | None
     """The catalogue's hosts -> the local server; the expected counts -> the miniature's."""
     monkeypatch.setenv("HF_ENDPOINT", url)
     monkeypatch.setattr(catalogue, "GITHUB_RAW", url + "/gh/")
-    monkeypatch.setattr(sources, "COCO_IMAGE_HOSTS", coco_hosts or (url + "/coco/",))
+    monkeypatch.setattr(datasets, "COCO_IMAGE_HOSTS", coco_hosts or (url + "/coco/",))
     counts = {("flickr30k", "test"): (len(FLICKR_IDS), 5 * len(FLICKR_IDS)), ("coco", "test"): (5, 28),
               ("multi30k", "test"): (len(FLICKR_IDS), len(FLICKR_IDS)), ("flickr30k", "train"): (4, None)}
     splits = tuple(dataclasses.replace(s, images=counts[(s.dataset, s.split)][0],
                                        captions=counts[(s.dataset, s.split)][1])
                    if (s.dataset, s.split) in counts else s for s in catalogue.SPLITS)
     monkeypatch.setattr(catalogue, "SPLITS", splits)
-    monkeypatch.setattr(sources, "SPLITS", splits)
+    monkeypatch.setattr(datasets, "SPLITS", splits)

@@ -275,8 +275,8 @@ def _spread(model: torch.nn.Module, keep: tuple[str, ...] = ()) -> None:
 def _install(name: str, kind: str, config: dict, model: torch.nn.Module, vocab_dir: Path) -> Path:
     """Save ``model`` as an ldot model dir in the cache, with the test vocabulary and a manifest."""
     from models.core.home import models_dir
-    from models.hub.cache import record_model
     from models.hub.formats import save_model_dir
+    from models.hub.installed import record_model
     from models.nn.tokenizer import Tokenizer
 
     target = models_dir() / name
@@ -406,7 +406,7 @@ def install_tiny_detector(name: str = "tiny-det", seed: int = 0) -> tuple[Path, 
     from feature_extraction.detector.config import tiny_config
     from feature_extraction.detector.weights import load_detector, save_detector
     from models.core.home import models_dir
-    from models.hub.cache import record_model
+    from models.hub.installed import record_model
 
     # scaled random weights (the detector tests' fixture): proposals and class scores vary usefully
     model = load_detector(random_hub_state_dict(tiny_config(), seed), tiny_config())
@@ -460,7 +460,7 @@ def write_tiny_vilt(directory: Path, vocab_dir: Path, seed: int = 0, shortest_ed
 def install_tiny_vilt(name: str, vocab_dir: Path, seed: int = 0, shortest_edge: int = 64) -> Path:
     """A tiny random ViLT installed in the cache as ``name`` (a registry name: vilt-flickr30k, vilt-coco)."""
     from models.core.home import models_dir
-    from models.hub.cache import record_model
+    from models.hub.installed import record_model
 
     target = write_tiny_vilt(models_dir() / name, vocab_dir, seed, shortest_edge)
     record_model(target, name, "vilt", "test")

@@ -167,8 +167,8 @@ def install_teacher(model: Any, name: str, vocab_dir: Path) -> Path:
     """Save a trained cross-encoder as a ``uniter-itm`` model dir in the cache (what ``--distill-from`` and
     ``ldot train decompose --init`` read)."""
     from models.core.home import models_dir
-    from models.hub.cache import record_model
     from models.hub.formats import save_model_dir
+    from models.hub.installed import record_model
     from models.nn.tokenizer import Tokenizer
 
     target = models_dir() / name

@@ -19,9 +19,9 @@ from datasets_fixtures import (
 from ldot_testing import ServedFile, closed_port_url, http_server
 from typer.testing import CliRunner
 
-from ldot_cli.data import sources
-from ldot_cli.data.benchmarks import locate
+from ldot_cli.data import datasets
 from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.retrieval_sets import locate
 from ldot_cli.main import app
 from models.core.errors import DownloadError, LdotWarning
 
@@ -54,23 +54,23 @@ def _path(srv, suffix: str) -> str:
 
 def test_flickr_test_split_is_fetched_assembled_and_checked(mini, ldot_home):
     events = []
-    folder = sources.fetch("flickr30k", "test", progress=events.append)
+    folder = datasets.fetch("flickr30k", "test", progress=events.append)
     assert folder == ldot_home / "datasets" / "flickr30k"
     assert sorted(p.name for p in (folder / "flickr30k-images").iterdir()) == sorted(f"{i}.jpg" for i in FLICKR_IDS)
     marker = json.loads((folder / "ldot-data-test.json").read_text())
     assert marker["complete"] and marker["images"] == 4 and marker["captions"] == 20
-    rset = locate("flickr30k", sources.eval_paths("flickr30k"))
+    rset = locate("flickr30k", datasets.eval_paths("flickr30k"))
     assert [im.file for im in rset.images] == [f"{i}.jpg" for i in FLICKR_IDS] and len(rset.captions) == 20
     assert rset.captions[0].text == "a dog on the beach 0"
     byte_events = [e for e in events if e.unit == "bytes"]
     assert byte_events and {e.stage for e in byte_events} == {"flickr30k test"}  # one bar for the whole fetch
     assert byte_events[-1].done == sum(len(mini.files[_path(mini, n)].data) for n in (".zip", ".csv"))
     n = len(mini.requests)
-    sources.fetch("flickr30k", "test")
+    datasets.fetch("flickr30k", "test")
     assert len(mini.requests) == n  # present: nothing fetched again
-    assert sources.verify() == {"flickr30k/test": []}
+    assert datasets.verify() == {"flickr30k/test": []}
     (folder / "downloads" / "test_1k_flickr.csv").write_bytes(b"tampered")
-    assert sources.verify(["flickr30k"]) == {"flickr30k/test": ["downloads/test_1k_flickr.csv: 8 bytes, expected "
+    assert datasets.verify(["flickr30k"]) == {"flickr30k/test": ["downloads/test_1k_flickr.csv: 8 bytes, expected "
                                                                 f"{len(mini.files[_path(mini, '.csv')].data)}"]}
 
 
@@ -79,26 +79,26 @@ def test_an_interrupted_fetch_is_not_complete_and_the_next_run_resumes(mini, ldo
     whole = mini.files[zip_path]
     mini.files[zip_path] = ServedFile(whole.data, cut_after=len(whole.data) // 2)
     with pytest.raises(DatasetError, match="run the same command again to resume"):
-        sources.fetch("flickr30k", "test", **FAST)
-    assert not sources.is_fetched("flickr30k", "test")
+        datasets.fetch("flickr30k", "test", **FAST)
+    assert not datasets.is_fetched("flickr30k", "test")
     assert not (ldot_home / "datasets" / "flickr30k" / "dataset_flickr30k.json").exists()
     listed = runner.invoke(app, ["data", "list"], env={"COLUMNS": "250"})
     assert "partial" in listed.output
     mini.files[zip_path] = whole
     n = len(mini.requests)
-    sources.fetch("flickr30k", "test", **FAST)
+    datasets.fetch("flickr30k", "test", **FAST)
     assert (zip_path, f"bytes={len(whole.data) // 2}-") in mini.requests[n:]
-    assert sources.is_fetched("flickr30k", "test")
+    assert datasets.is_fetched("flickr30k", "test")
 
 
 def test_a_changed_file_fails_the_recorded_hash(mini, ldot_home):
-    sources.fetch("flickr30k", "test", **FAST)
-    sources.remove("flickr30k")
+    datasets.fetch("flickr30k", "test", **FAST)
+    datasets.remove("flickr30k")
     zip_path = _path(mini, ".zip")
     mini.files[zip_path] = ServedFile(flickr_zip(FLICKR_IDS[::-1]))  # other bytes than the first verified fetch
     with pytest.raises(DownloadError, match="sha256"):
-        sources.fetch("flickr30k", "test", **FAST)
-    assert not sources.is_fetched("flickr30k", "test")
+        datasets.fetch("flickr30k", "test", **FAST)
+    assert not datasets.is_fetched("flickr30k", "test")
     assert not (ldot_home / "datasets" / "flickr30k" / "downloads" / "images_flickr_1k_test.zip").exists()
 
 
@@ -119,9 +119,9 @@ def _symlink_zip() -> bytes:
 def test_unsafe_zips_are_refused_whole(mini, ldot_home, payload, why):
     mini.files[_path(mini, ".zip")] = ServedFile(payload)
     with pytest.raises(DatasetError, match=why):
-        sources.fetch("flickr30k", "test", **FAST)
+        datasets.fetch("flickr30k", "test", **FAST)
     folder = ldot_home / "datasets" / "flickr30k"
-    assert not (folder / "flickr30k-images").exists() and not sources.is_fetched("flickr30k", "test")
+    assert not (folder / "flickr30k-images").exists() and not datasets.is_fetched("flickr30k", "test")
     assert not list(ldot_home.rglob("evil.jpg")) and not list(ldot_home.rglob("link.jpg"))
 
 
@@ -144,15 +144,15 @@ def test_coco_test_images_come_one_by_one_from_a_mirror_when_the_first_host_is_d
     m.files[first] = ServedFile(m.files[first].data, fail_first=1)  # flaky: retried
     with http_server(m.files) as srv:
         point_catalogue_at(monkeypatch, srv.url, coco_hosts=(closed_port_url() + "/", srv.url + "/coco/"))
-        sources.fetch("coco", "test", workers=3, retries=2, backoff=0.01, timeout=5)
+        datasets.fetch("coco", "test", workers=3, retries=2, backoff=0.01, timeout=5)
     folder = ldot_home / "datasets" / "coco"
     for cid in COCO_IDS:
         assert (folder / "val2014" / f"COCO_val2014_{cid:012d}.jpg").read_bytes() == m.coco_images[cid]
-    rset = locate("coco", sources.eval_paths("coco"))
+    rset = locate("coco", datasets.eval_paths("coco"))
     assert len(rset.images) == 5 and len(rset.captions) == 28
     marker = json.loads((folder / "ldot-data-test.json").read_text())
     assert len([k for k in marker["files"] if k.startswith("val2014/")]) == 5
-    status = {s.entry.key: s for s in sources.status()}  # the test parquet is the train split's too: not "partial"
+    status = {s.entry.key: s for s in datasets.status()}  # the test parquet is the train split's too: not "partial"
     assert status["coco/test"].present and not status["coco/train"].present and status["coco/train"].partial_bytes == 0
 
 
@@ -164,8 +164,8 @@ def test_coco_counts_are_checked_on_the_data(mini, monkeypatch):
     splits = tuple(dataclasses.replace(s, captions=25010) if s.key == "coco/test" else s for s in catalogue.SPLITS)
     monkeypatch.setattr(catalogue, "SPLITS", splits)
     with pytest.raises(DatasetError, match="has 5 images and 28 captions, expected 5 images and 25,010 captions"):
-        sources.fetch("coco", "test", **FAST)
-    assert not sources.is_fetched("coco", "test")
+        datasets.fetch("coco", "test", **FAST)
+    assert not datasets.is_fetched("coco", "test")
 
 
 def test_a_bad_image_response_is_deleted_and_the_rest_kept(mini, ldot_home):
@@ -173,11 +173,11 @@ def test_a_bad_image_response_is_deleted_and_the_rest_kept(mini, ldot_home):
     good = mini.files[bad]
     mini.files[bad] = ServedFile(b"<html>rate limited</html>")
     with pytest.raises(DatasetError, match="not JPEG/PNG"):
-        sources.fetch("coco", "test", **FAST)
-    assert not sources.is_fetched("coco", "test")
+        datasets.fetch("coco", "test", **FAST)
+    assert not datasets.is_fetched("coco", "test")
     mini.files[bad] = good
     n = len(mini.requests)
-    sources.fetch("coco", "test", **FAST)
+    datasets.fetch("coco", "test", **FAST)
     assert [p for p, _ in mini.requests[n:] if p.startswith("/coco/")] == [bad]  # only the bad one again
 
 
@@ -212,13 +212,13 @@ def test_the_webdataset_copy_is_the_fallback_for_the_flickr_test(monkeypatch, ld
     with http_server(wds_flickr()) as srv:  # the nlphuji files are gone (404): only the CLIP_benchmark shards
         point_catalogue_at(monkeypatch, srv.url)
         with pytest.warns(LdotWarning, match="images_flickr_1k_test.zip .*HTTP 404.* trying the fallback"):
-            sources.fetch("flickr30k", "test", **FAST)
+            datasets.fetch("flickr30k", "test", **FAST)
     marker = json.loads((ldot_home / "datasets" / "flickr30k" / "ldot-data-test.json").read_text())
     assert marker["source"] == "wds" and marker["images"] == 4 and marker["captions"] == 20
-    rset = locate("flickr30k", sources.eval_paths("flickr30k"))
+    rset = locate("flickr30k", datasets.eval_paths("flickr30k"))
     assert [im.file for im in rset.images] == [f"s{i:07d}.jpg" for i in range(4)]
     assert rset.captions[5].text == "two people sitting on a bench 0"  # image 1's first caption
-    assert sources.verify() == {"flickr30k/test": []}
+    assert datasets.verify() == {"flickr30k/test": []}
 
 
 def test_nlphujis_zip_is_the_fallback_for_the_coco_test(monkeypatch, ldot_home):
@@ -227,13 +227,13 @@ def test_nlphujis_zip_is_the_fallback_for_the_coco_test(monkeypatch, ldot_home):
     with http_server(coco_5k_files()) as srv:  # the parquet is gone (404), and so are the per-image requests
         point_catalogue_at(monkeypatch, srv.url)
         with pytest.warns(LdotWarning, match="test-00000-of-00001.parquet .*HTTP 404.* trying the fallback"):
-            sources.fetch("coco", "test", **FAST)
+            datasets.fetch("coco", "test", **FAST)
         assert not [p for p, _ in srv.requests if p.startswith("/coco/")]
     marker = json.loads((ldot_home / "datasets" / "coco" / "ldot-data-test.json").read_text())
     assert marker["source"] == "nlphuji-5k" and marker["images"] == 5 and marker["captions"] == 28
-    rset = locate("coco", sources.eval_paths("coco"))
+    rset = locate("coco", datasets.eval_paths("coco"))
     assert [im.file for im in rset.images] == [f"val2014/COCO_val2014_{c:012d}.jpg" for c in COCO_IDS]
-    assert sources.verify(["coco"]) == {"coco/test": []}
+    assert datasets.verify(["coco"]) == {"coco/test": []}
 
 
 def test_a_webdataset_shard_with_a_link_is_refused(tmp_path):
@@ -241,7 +241,7 @@ def test_a_webdataset_shard_with_a_link_is_refused(tmp_path):
 
     from datasets_fixtures import wds_shard
 
-    from ldot_cli.data.sources import read_wds
+    from ldot_cli.data.datasets import read_wds
 
     path = tmp_path / "0.tar"
     path.write_bytes(wds_shard([("s1", b"\xff\xd8\xff", ["a"])]))
@@ -265,28 +265,28 @@ def test_files_put_in_place_by_hand_are_used_offline(monkeypatch, ldot_home):
         if "flickr_1k" in path:
             (folder / path.rsplit("/", 1)[1]).write_bytes(served.data)
     point_catalogue_at(monkeypatch, closed_port_url())
-    sources.fetch("flickr30k", "test", **FAST)
-    assert sources.is_fetched("flickr30k", "test")
+    datasets.fetch("flickr30k", "test", **FAST)
+    assert datasets.is_fetched("flickr30k", "test")
 
 
 def test_multi30k_checks_its_images_against_the_karpathy_test(monkeypatch, ldot_home):
     m = miniature()
     with http_server(m.files) as srv:
         point_catalogue_at(monkeypatch, srv.url)
-        sources.fetch("multi30k", "test", lang="de", **FAST)  # fetches the Flickr30k test images first
-        assert sources.is_fetched("flickr30k", "test") and sources.is_fetched("multi30k", "test", "de")
+        datasets.fetch("multi30k", "test", lang="de", **FAST)  # fetches the Flickr30k test images first
+        assert datasets.is_fetched("flickr30k", "test") and datasets.is_fetched("multi30k", "test", "de")
         marker = json.loads((ldot_home / "datasets" / "multi30k" / "ldot-data-test-de.json").read_text())
         assert marker["same_images_as_karpathy_test"] is True
-        rset = locate("multi30k", sources.eval_paths("multi30k", "de"), lang="de")
+        rset = locate("multi30k", datasets.eval_paths("multi30k", "de"), lang="de")
         assert len(rset.images) == 4 and rset.captions[0].text == "ein Hund 0"
     other = miniature(multi30k_ids=FLICKR_IDS[:3] + ["999.jpg"[:-4]])
-    sources.remove("multi30k")
+    datasets.remove("multi30k")
     (ldot_home / "known_hashes.json").unlink()  # else the changed list fails the hash its first fetch recorded
     with http_server(other.files) as srv:
         point_catalogue_at(monkeypatch, srv.url)
         with pytest.warns(LdotWarning, match="not the Karpathy Flickr30k test images: 1 only in Multi30K"):
             with pytest.raises(DatasetError, match="missing"):
-                sources.fetch("multi30k", "test", lang="de", **FAST)
+                datasets.fetch("multi30k", "test", lang="de", **FAST)
 
 
 def test_eval_refuses_a_missing_model_before_fetching_anything(mini, ldot_home):
@@ -301,7 +301,7 @@ def test_cli_asks_before_a_large_download_and_says_size_terms_and_place(mini, ld
     result = runner.invoke(app, ["data", "get", "flickr30k"])
     assert result.exit_code == 2 and "add --yes" in result.output
     assert "non-commercial research and education" in result.output and "142.1 MB" in result.output
-    assert not sources.is_fetched("flickr30k", "test")
+    assert not datasets.is_fetched("flickr30k", "test")
     result = runner.invoke(app, ["data", "get", "flickr30k"], input="y\n")  # CliRunner's stdin is no tty
     assert result.exit_code == 2
     result = runner.invoke(app, ["data", "get", "flickr30k", "--yes"], env={"COLUMNS": "300"})
@@ -358,7 +358,7 @@ def test_finetune_with_no_data_fetches_the_training_set_and_extracts_its_feature
     finally:
         torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
-    assert sources.is_fetched("flickr30k", "train")
+    assert datasets.is_fetched("flickr30k", "train")
     assert "non-commercial research and education" in result.output
     assert (ldot_home / "models" / "mine" / "model.safetensors").is_file()
     karpathy = json.loads((ldot_home / "datasets" / "flickr30k" / "dataset_flickr30k.json").read_text())
@@ -389,10 +389,10 @@ def test_a_captions_file_naming_files_outside_the_dataset_is_refused_and_nothing
             "nested": "sub/1009434119.jpg"}[how]
     mini.files[_path(mini, ".csv")] = ServedFile(_flickr_csv_naming(name))
     with pytest.raises(DatasetError, match="not a plain file name") as caught:
-        sources.fetch("flickr30k", "test", **FAST)
+        datasets.fetch("flickr30k", "test", **FAST)
     assert "\n" not in str(caught.value) and "test_1k_flickr.csv" in str(caught.value)
     assert victim.read_text() == "years of work"
-    assert not sources.is_fetched("flickr30k", "test")
+    assert not datasets.is_fetched("flickr30k", "test")
 
 
 def test_a_coco_parquet_naming_files_outside_val2014_writes_nothing_there(mini, ldot_home, tmp_path):
@@ -415,7 +415,7 @@ def test_a_coco_parquet_naming_files_outside_val2014_writes_nothing_there(mini, 
     mini.files["/coco/val2014/" + evil] = ServedFile(b"\xff\xd8\xff planted")  # served, were it ever asked for
     mini.files["/planted/.bashrc"] = ServedFile(b"\xff\xd8\xff planted")
     with pytest.raises(DatasetError, match="not a plain file name"):
-        sources.fetch("coco", "test", **FAST)
+        datasets.fetch("coco", "test", **FAST)
     assert not list(tmp_path.rglob(".bashrc")) and not list(tmp_path.rglob("planted"))
     assert not [p for p, _ in mini.requests if p.startswith("/coco/")]  # refused before any image is asked for
 
@@ -429,7 +429,7 @@ def test_a_multi30k_image_list_naming_files_outside_is_refused(monkeypatch, ldot
     with http_server(m.files) as srv:
         point_catalogue_at(monkeypatch, srv.url)
         with pytest.raises(DatasetError, match="not a plain file name"):
-            sources.fetch("multi30k", "test", lang="de", **FAST)
+            datasets.fetch("multi30k", "test", lang="de", **FAST)
     assert victim.read_text() == "keep me"
 
 

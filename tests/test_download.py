@@ -18,9 +18,9 @@ from ldot_testing import (
 
 from models.core.errors import DownloadError
 from models.hub import catalogue as registry
-from models.hub.cache import is_present, verify_dir
 from models.hub.catalogue import ModelEntry, RemoteFile
 from models.hub.fetch import download_entry, download_file, known_hash
+from models.hub.installed import is_present, verify_dir
 
 DATA = os.urandom(3 * (1 << 20) + 12345)  # a bit over 3 chunks
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from ldot_cli.main import app
 from models.core.download import known_hash
-from models.hub.cache import is_present, local_models
+from models.hub.installed import is_present, local_models
 
 
 @pytest.fixture(scope="module")

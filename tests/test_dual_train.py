@@ -33,13 +33,13 @@ def _karpathy(root, n_train=8, n_val=4):
 
 
 def test_finetune_a_dual_encoder_logs_resumes_and_installs_a_loadable_model(tmp_path, ldot_home):
-    from models.hub.cache import read_manifest
+    from models.hub.installed import read_manifest
     from models.hub.load import load_bi_encoder
 
     install_tiny_dual("clip-vit-b32", "clip", seed=4)
     data = _karpathy(tmp_path / "flickr")
     before = load_bi_encoder("clip-vit-b32").encode_text(["a dog on the beach"])
-    from ldot_cli.data.train_sources import DataSpec
+    from ldot_cli.data.training_data import DataSpec
     from ldot_cli.train.driver import TrainRequest, run_training
 
     # time-boxed: stop after 2 of the 8 steps (what an interrupted run leaves), then `--resume` finishes it

@@ -23,15 +23,15 @@ from evalsets import (
     write_text_db,
 )
 
-from ldot_cli.data.benchmarks import (
+from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.features import ensure_features
+from ldot_cli.data.retrieval_sets import (
     DataPaths,
     image_file_from_uniter_key,
     locate,
     read_karpathy,
     uniter_image_key,
 )
-from ldot_cli.data.errors import DatasetError
-from ldot_cli.data.features import ensure_features
 from ldot_cli.eval.evaluation import evaluate
 from models.training.metrics import (
     Recalls,

@@ -271,7 +271,7 @@ def test_tiny_models_end_to_end_as_a_subprocess(tmp_path, tiny_model, vocab_dir)
     assert rep["calibration"]["auto_threshold"] == pytest.approx(level, rel=1e-4, abs=1e-4)
     assert rep["calibration"]["match_pass_rate"] == pytest.approx(float(np.mean(scores[match] > level)), abs=1e-6)
     assert rep["calibration"]["saved_to"] == str(model_dir / "calibration.json")
-    assert "calibration.json" not in models.hub.cache.hash_dir(model_dir)  # not in the weights' manifest
+    assert "calibration.json" not in models.hub.installed.hash_dir(model_dir)  # not in the weights' manifest
     from PIL import Image
 
     plot = Image.open(tmp_path / "plot.png")

@@ -18,9 +18,9 @@ from evalsets import (
 
 import feature_extraction.pipeline  # noqa: F401 - the extraction `ensure_features` runs: an ImportError fails
 from feature_extraction.types import RegionFeatures, normalize_boxes
-from ldot_cli.data.benchmarks import DataPaths, locate
 from ldot_cli.data.errors import DatasetError
 from ldot_cli.data.features import ensure_features, feature_cache_dir
+from ldot_cli.data.retrieval_sets import DataPaths, locate
 from ldot_cli.eval.evaluation import evaluate
 
 

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from ldot_cli.main import app
 from models.core.errors import DownloadError
 from models.hub import catalogue as registry
-from models.hub.cache import is_present, verify_dir
 from models.hub.catalogue import ModelEntry
 from models.hub.fetch import download_entry, ensure_model
-from models.hub.hubfiles import hub_cache_dir
+from models.hub.hf_cache import hub_cache_dir
+from models.hub.installed import is_present, verify_dir
 
 WEIGHTS = os.urandom(400_000)
 SHA = hashlib.sha256(WEIGHTS).hexdigest()
@@ -112,7 +112,7 @@ def test_offline_mode_uses_the_cache_and_never_the_network(hub, ldot_home, monke
     assert hub.requests == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
     download_entry("test-bert")
-    from models.hub.cache import remove_model
+    from models.hub.installed import remove_model
 
     remove_model("test-bert")  # ldot's links go; the shared cache keeps the files
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -129,7 +129,7 @@ def test_hf_token_goes_to_the_hub(hub, ldot_home, monkeypatch):
 
 def test_the_first_downloads_commit_pins_later_downloads(hub, ldot_home):
     from models.core.download import known_hash
-    from models.hub.cache import remove_model
+    from models.hub.installed import remove_model
 
     download_entry("test-bert")
     assert known_hash("test-bert@commit") == HUB_COMMIT
@@ -200,7 +200,7 @@ def test_verify_checks_a_hub_blob_against_its_name(hub, ldot_home):
 def test_the_advised_repair_of_a_damaged_lfs_blob_repairs_it(hub, ldot_home):
     """A tampered LFS blob: every use says "damaged ... re-download"; the re-download must fetch it again rather
     than link the same blob forever."""
-    from models.hub.cache import DamagedModelError, check_model_files
+    from models.hub.installed import DamagedModelError, check_model_files
 
     path = download_entry("test-bert")
     blob = (path / "model.safetensors").resolve()

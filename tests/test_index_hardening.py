@@ -366,8 +366,8 @@ def test_a_bad_manifest_is_listed_as_damaged_and_the_others_still_list(tiny, man
 
     from ldot_cli.main import app
     from models.core.home import models_dir
-    from models.hub.cache import is_present, local_models, verify_models
     from models.hub.catalogue import MANIFEST
+    from models.hub.installed import is_present, local_models, verify_models
 
     (models_dir() / "broken").mkdir()
     (models_dir() / "broken" / MANIFEST).write_text(manifest)
@@ -427,13 +427,13 @@ def test_detector_and_training_configs_follow_the_one_policy(tmp_path):
 # -- damaged weights are refused before use ------------------------------------------------------------
 def test_bit_flipped_weights_are_detected_before_use(tiny, monkeypatch):
     from models.core.home import models_dir
-    from models.hub import cache
-    from models.hub.cache import DamagedModelError
+    from models.hub import installed
+    from models.hub.installed import DamagedModelError
     from models.hub.load import load_bi_encoder
 
     hashed = []
-    real = cache.sha256_file
-    monkeypatch.setattr(cache, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    real = installed.sha256_file
+    monkeypatch.setattr(installed, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
     load_bi_encoder("tiny")
     assert hashed == []  # hashed when installed, unchanged since: no re-hash
     weights = models_dir() / "tiny" / "model.safetensors"

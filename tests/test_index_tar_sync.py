@@ -16,7 +16,7 @@ from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.distributed import decode_unit
 from ldot_cli.index.indexer import Indexer, IndexReport
 from ldot_cli.index.options import IndexOptions, RayOptions
-from ldot_cli.index.sources import (
+from ldot_cli.index.ray_inputs import (
     SourceError,
     TarSource,
     Unit,

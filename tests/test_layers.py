@@ -148,7 +148,7 @@ def test_every_import_points_down_or_sideways():
     ("models", "from ldot_cli.main import run", "ldot_cli.main"),
     ("models", 'import_module(".main", "ldot_cli")', "ldot_cli.main"),
     ("models.core.errors", '__import__("models.hub.load")', "models.hub.load"),
-    ("models.nn.config", 'import_module("..hub.cache", __package__)', "models.hub.cache"),
+    ("models.nn.config", 'import_module("..hub.installed", __package__)', "models.hub.installed"),
 ])
 def test_the_check_catches_each_way_of_importing_the_wrong_way(module, line, culprit):
     """Before the fix: an upward import spelled as an ``import_module`` string, index importing train (one

@@ -17,8 +17,8 @@ from test_index_tar_sync import Index
 
 from ldot_cli.index import shards as shard_io
 from ldot_cli.index.distributed import _row, decode_unit
+from ldot_cli.index.ray_inputs import plan_sources, read_unit
 from ldot_cli.index.runs import IndexReport
-from ldot_cli.index.sources import plan_sources, read_unit
 
 
 def _shard_with_duplicates(path, photos) -> dict[str, bytes]:

@@ -99,7 +99,7 @@ def merged_shards(name: str) -> int:
 
 
 def test_folder_and_webdataset_shards_match_the_single_machine_path(cluster, models, tmp_path):
-    from ldot_cli.index.sources import tar_bytes
+    from ldot_cli.index.ray_inputs import tar_bytes
 
     address, _ = cluster
     photos = tmp_path / "photos"

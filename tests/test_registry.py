@@ -80,7 +80,7 @@ def test_loaders_follow_the_device_rule(monkeypatch, vocab_dir):
 
 def test_every_path_under_the_home_comes_from_home_py(ldot_home):
     """The announcements, downloads' hashes, datasets and the prompt's history: where `models.core.home` says."""
-    from ldot_cli.data.sources import dataset_dir
+    from ldot_cli.data.datasets import dataset_dir
     from ldot_cli.serve.client import announce_path
     from models.core import home
 
@@ -129,7 +129,7 @@ def test_one_tar_reader_reads_only_files_and_tells_a_cut_tar(tmp_path):
     import io
     import tarfile
 
-    from ldot_cli.index.sources import tar_bytes
+    from ldot_cli.index.ray_inputs import tar_bytes
     from models.core.tarfiles import read_tar
 
     buf = io.BytesIO()
@@ -161,7 +161,7 @@ def test_the_hub_cache_is_huggingface_hubs_own(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env["HF_HOME"] = str(tmp_path / "hf")
-    code = ("from models.hub.hubfiles import hub_cache_dir, repo_folder; from huggingface_hub import constants; "
+    code = ("from models.hub.hf_cache import hub_cache_dir, repo_folder; from huggingface_hub import constants; "
             "print(hub_cache_dir()); print(constants.HF_HUB_CACHE); print(repo_folder('org/bert'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     ours, theirs, folder = out.stdout.splitlines()

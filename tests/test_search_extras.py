@@ -41,7 +41,7 @@ def search_json(*args: str) -> list[dict]:
 
 
 def calibrate_tiny(threshold: float) -> None:
-    from models.hub.cache import model_path
+    from models.hub.installed import model_path
     from models.training.calibration import save_calibration, summarize
 
     rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ def test_min_score_number_and_auto(indexed):
     failed = runner.invoke(app, ["search", QUERIES[0], "--min-score", "auto"], env={"LDOT_NO_SERVER": "1"})
     assert failed.exit_code == 2 and "no score calibration" in failed.output
     calibrate_tiny(level)
-    from models.hub.cache import model_path
+    from models.hub.installed import model_path
     from models.training.calibration import load_calibration
 
     assert load_calibration(model_path("tiny"))["auto"]["threshold"] == pytest.approx(level)

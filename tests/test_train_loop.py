@@ -200,7 +200,7 @@ def test_the_installed_model_loads_by_name_and_encodes_like_the_best_weights(tmp
     target = export_model(tmp_path / "run", "mine")
     manifest = json.loads((target / "ldot-manifest.json").read_text())
     assert manifest["origin"] == "train" and manifest["kind"] == "bi-encoder" and manifest["complete"]
-    from models.hub.cache import local_models
+    from models.hub.installed import local_models
 
     assert [(m.name, m.origin, m.kind) for m in local_models()] == [("mine", "train", "bi-encoder")]
     assert len(models.hub.load.fingerprint("mine")) == 16  # what an index records

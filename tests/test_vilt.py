@@ -163,8 +163,8 @@ def test_what_does_not_fit_is_refused_in_one_line(tmp_path, vocab_dir):
 
 
 def test_a_save_pretrained_folder_imports_under_the_registry_name(tmp_path, vocab_dir):
-    from models.hub.cache import default_reranker, is_present
     from models.hub.convert import import_model
+    from models.hub.installed import default_reranker, is_present
 
     folder = write_tiny_vilt(tmp_path / "saved", vocab_dir, pickle=False)  # save_pretrained: model.safetensors
     (folder / "vocab.txt").rename(tmp_path / "vocab.txt")
@@ -262,7 +262,7 @@ def test_models_download_fetches_the_hub_files_and_the_model_reranks(tmp_path, v
     from typer.testing import CliRunner
 
     from ldot_cli.main import app
-    from models.hub.cache import is_present, verify_dir
+    from models.hub.installed import is_present, verify_dir
 
     folder = write_tiny_vilt(tmp_path / "repo", vocab_dir, seed=4)
     files = {p.name: p.read_bytes() for p in folder.iterdir()}

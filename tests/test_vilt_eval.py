@@ -11,8 +11,8 @@ from evalsets import PlantedEncoder, flickr_name, karpathy_layout, make_plant
 from imagegen import pattern, save
 from ldot_testing import WORDS, install_tiny_model, install_tiny_vilt
 
-from ldot_cli.data.benchmarks import DataPaths, locate
 from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.retrieval_sets import DataPaths, locate
 from ldot_cli.eval.evaluation import evaluate
 from models.hub.load import load_reranker
 from models.training.metrics import KS

@@ -37,8 +37,8 @@ def _karpathy_with_files(root, n_train: int = 8, n_val: int = 4, region_dim: int
     """A Flickr30k Karpathy split (train + val, two captions an image, words the tiny vocabulary knows) with its image
     files (distinct patterns, several shapes); ``region_dim``: also their region features, already in ldot's feature
     cache (what the detector would have written), for a region model."""
-    from ldot_cli.data.benchmarks import uniter_image_key
     from ldot_cli.data.features import feature_cache_dir
+    from ldot_cli.data.retrieval_sets import uniter_image_key
 
     rng = np.random.default_rng(0)
     folder = root / "flickr30k-images"
@@ -108,7 +108,7 @@ def test_train_decompose_from_vilt_on_the_image_files_with_its_own_distillation(
     result installed as a decomposed-vilt model that encodes texts and photos; resumable."""
     install_tiny_vilt("vilt-flickr30k", vocab_dir, seed=6)
     _karpathy_with_files(tmp_path / "data")
-    from ldot_cli.data.train_sources import DataSpec
+    from ldot_cli.data.training_data import DataSpec
     from ldot_cli.train.driver import TrainRequest, run_training
 
     # the first steps through the API (stopped after step 2), the rest through the command: a resumed pixel run
@@ -194,7 +194,7 @@ def test_a_pixel_teacher_scores_the_batchs_pairs_by_image_key(tmp_path, vocab_di
 def test_a_pixel_model_needs_the_image_files(tmp_path, vocab_dir):
     from evalsets import make_plant, uniter_layout
 
-    from ldot_cli.data.train_sources import DataSpec, TrainDataError, open_training_data
+    from ldot_cli.data.training_data import DataSpec, TrainDataError, open_training_data
 
     uniter_layout(tmp_path, make_plant([2, 1], [1]))  # region features and a text DB, no image files
     db = tmp_path / "txt_db" / "itm_flickr30k_test_base-cased.db"

@@ -323,7 +323,7 @@ def open_detector(name: str, device: str = "auto", half: bool = False) -> Any:
 
     from feature_extraction.detector.weights import load_detector
     from models.core.device import pick_device
-    from models.hub.cache import check_model_files
+    from models.hub.installed import check_model_files
     from models.hub.load import resolve_source
 
     dev = pick_device(device)

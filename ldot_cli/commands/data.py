@@ -48,14 +48,14 @@ def confirm_fetch(plan: Any, yes: bool, own_copy: bool = False) -> None:
 def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers: int = 8,
                         own_copy: bool = False) -> None:
     """`confirm_fetch`, then fetch with one byte bar (bytes/s, ETA) on stderr."""
-    from ldot_cli.data import sources
+    from ldot_cli.data import datasets
 
-    plan = sources.plan(dataset, split, lang)
+    plan = datasets.plan(dataset, split, lang)
     confirm_fetch(plan, yes, own_copy)
     if plan.done:
         return
     with progress_bar("bytes", transient=False) as bar:
-        sources.fetch(dataset, split, lang, progress=_bytes_only(ProgressView(bar)), workers=workers)
+        datasets.fetch(dataset, split, lang, progress=_bytes_only(ProgressView(bar)), workers=workers)
 
 
 def _bytes_only(callback: Any) -> Any:
@@ -73,12 +73,12 @@ def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON lis
     from rich import box
     from rich.table import Table
 
-    from ldot_cli.data import sources
+    from ldot_cli.data import datasets
 
     rows = [{"dataset": s.entry.dataset, "split": s.entry.split, "download_bytes": s.entry.approx_bytes,
              "present": "yes" if s.present else ("partial" if s.partial_bytes else "no"),
              "partial_bytes": s.partial_bytes, "licence": s.entry.licence, "terms": s.entry.terms,
-             "folder": str(s.folder)} for s in sources.status()]
+             "folder": str(s.folder)} for s in datasets.status()]
     if json_:
         typer.echo(json.dumps(rows, ensure_ascii=False))
         return
@@ -107,18 +107,18 @@ def get(
     workers: int = typer.Option(8, "--workers", min=1, max=64, help="Per-image requests at once (COCO test)."),
 ) -> None:
     """Fetch a dataset split (resumable, verified) into $LDOT_HOME/datasets/NAME."""
-    from ldot_cli.data import sources
+    from ldot_cli.data import datasets
 
     fetch_with_progress(name, split, lang, yes, workers)
-    err.print(line(("ok ", "green"), f"{name} {split} -> ", sources.dataset_dir(name)), soft_wrap=True)
+    err.print(line(("ok ", "green"), f"{name} {split} -> ", datasets.dataset_dir(name)), soft_wrap=True)
 
 
 @app.command()
 def verify(names: list[str] = typer.Argument(None, help="Datasets to check (default: every one fetched).")) -> None:
     """Re-check the size and sha256 of every fetched file; exit 1 if any is damaged."""
-    from ldot_cli.data import sources
+    from ldot_cli.data import datasets
 
-    results = sources.verify(names or None)
+    results = datasets.verify(names or None)
     if verify_report(results, "no datasets fetched (see `ldot data list`)",
                      "{n} split(s) damaged: `ldot data rm NAME` then `ldot data get NAME`"):
         raise typer.Exit(1)
@@ -130,11 +130,11 @@ def rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ) -> None:
     """Delete a fetched dataset (its downloads, images and captions; extracted features are kept)."""
-    from ldot_cli.data import sources
+    from ldot_cli.data import datasets
 
     if not yes:
-        typer.confirm(f"delete {safe(sources.dataset_dir(name))}?", abort=True, err=True)
-    path = sources.remove(name)
+        typer.confirm(f"delete {safe(datasets.dataset_dir(name))}?", abort=True, err=True)
+    path = datasets.remove(name)
     err.print(line("removed ", path))
 
 

@@ -94,13 +94,13 @@ def eval_command(
     yes: bool = typer.Option(False, "--yes", "-y", help="With no --data: fetch the test split without asking "
                              "(accepts its terms of use)."),
 ) -> None:
-    from ldot_cli.data.benchmarks import DataPaths
+    from ldot_cli.data.retrieval_sets import DataPaths
     from ldot_cli.eval.evaluation import EvalOptions, run
 
     paths = DataPaths(data, karpathy, txt_db, images, img_db, captions, image_list)
     if paths == DataPaths():  # nothing given: the public test split, fetched once into the cache
         from ldot_cli.commands.data import fetch_with_progress
-        from ldot_cli.data import sources
+        from ldot_cli.data import datasets
 
         if split == Split.val:
             raise typer.BadParameter("only the test split is fetched automatically: pass --data for val",
@@ -110,7 +110,7 @@ def eval_command(
 
         resolve_source(check_request(dataset.value, split.value, model))  # the model is here before any download
         fetch_with_progress(dataset.value, "test", lang.value, yes, own_copy=True)
-        paths = sources.eval_paths(dataset.value, lang.value)
+        paths = datasets.eval_paths(dataset.value, lang.value)
     opts = EvalOptions(dataset.value, paths, split.value, lang.value, model, tokenizer, tuple(rerank_k), reranker,
                        batch_size, device.value, cross_sample, save_embeddings, workers)
     with progress_bar(transient=True) as progress:

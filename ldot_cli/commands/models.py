@@ -55,7 +55,7 @@ def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON l
                         "dim")))
     elif any(row["where"] == "hub cache" for row in rows):
         from models.core.home import models_dir
-        from models.hub.hubfiles import hub_cache_dir
+        from models.hub.hf_cache import hub_cache_dir
 
         err.print(line(("where: ldot = ", "dim"), models_dir(), ("; hub cache = the shared Hugging Face cache ", "dim"),
                        hub_cache_dir(), (" (linked from the ldot folder)", "dim")))
@@ -73,8 +73,8 @@ def _model_rows() -> list[dict[str, object]]:
     """One dict per registry entry and per local model: name, kind, present (yes/partial/no), size (text),
     bytes (when present), licence, source, path (when present), where (ldot / hub cache: the shared Hugging Face
     cache, linked from the ldot folder), pending_bytes (what an interrupted download left to resume from)."""
-    from models.hub.cache import local_models
     from models.hub.catalogue import list_pretrained
+    from models.hub.installed import local_models
 
     local = {m.name: m for m in local_models()}
     rows: list[dict[str, object]] = []
@@ -103,7 +103,7 @@ def _pending_bytes(entry: object) -> int:
     """Bytes an interrupted download left (in the staging folder, or the shared hub cache's ``.part`` blobs):
     the next download resumes from them."""
     from models.hub.fetch import staging_dir
-    from models.hub.hubfiles import parse_hub_url, repo_folder
+    from models.hub.hf_cache import parse_hub_url, repo_folder
 
     folder = staging_dir(entry.name)  # type: ignore[attr-defined]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
@@ -164,7 +164,7 @@ def import_(
 @app.command()
 def verify(names: list[str] = typer.Argument(None, help="Models to check (default: all present).")) -> None:
     """Re-check the sha256 of every file of the present models; exit 1 if any is corrupted."""
-    from models.hub.cache import verify_models
+    from models.hub.installed import verify_models
 
     results = verify_models(names or None)
     if verify_report(results, "no models in the cache", "{n} model(s) failed: re-download them "
@@ -181,7 +181,7 @@ def rm(
     """Delete a model from the cache (refused while an index uses it, unless --force)."""
     from ldot_cli.index.status import indexes_using
     from models.core.errors import LdotError
-    from models.hub.cache import remove_model
+    from models.hub.installed import remove_model
 
     users = indexes_using(name)
     if users and not force:

@@ -95,7 +95,7 @@ def finetune(
         raise typer.BadParameter("choose flickr30k or coco", param_hint="--dataset")
     if data is None and karpathy is None and not txt_db and val_txt_db is None and not img_db:
         from ldot_cli.commands.data import fetch_with_progress
-        from ldot_cli.data import sources
+        from ldot_cli.data import datasets
 
         if not resume:  # the public training set, fetched once into the cache, once the model is known to be here
             from ldot_cli.train.driver import default_init
@@ -103,8 +103,8 @@ def finetune(
 
             resolve_source(init or default_init("finetune"))
             fetch_with_progress(dataset, "train", "de", yes, own_copy=True)
-        if sources.is_fetched(dataset, "train"):
-            data = sources.dataset_dir(dataset)
+        if datasets.is_fetched(dataset, "train"):
+            data = datasets.dataset_dir(dataset)
     spec = _spec(dataset, data, karpathy, txt_db, val_txt_db, img_db, val_images, no_val)
     _run("finetune", out_name, spec, init, image_init, device, resume, force, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip, grad_accum=grad_accum,
@@ -218,7 +218,7 @@ def _mix(mix: str, names: list[str]) -> list[float]:
 
 def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[Path] | None, val_txt_db: Path | None,
           img_db: list[Path] | None, val_images: int | None, no_val: bool) -> Any:
-    from ldot_cli.data.train_sources import DataSpec
+    from ldot_cli.data.training_data import DataSpec
 
     return DataSpec(dataset, data, karpathy, tuple(txt_db or ()), val_txt_db, tuple(img_db or ()), val_images, no_val)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from feature_extraction.uniter_db import FeatureStore, is_image_db
-from ldot_cli.data.benchmarks import RetrievalSet
 from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.retrieval_sets import RetrievalSet
 from models.core.errors import LdotError
 from models.core.fileio import SHARED, atomic_write_json
 from models.core.progress import Progress, ProgressFn, report

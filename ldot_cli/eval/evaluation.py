@@ -28,14 +28,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from feature_extraction.uniter_db import FeatureStore
-from ldot_cli.data.benchmarks import DataPaths, RetrievalSet, locate
 from ldot_cli.data.errors import DatasetError
 from ldot_cli.data.features import ensure_features
+from ldot_cli.data.retrieval_sets import DataPaths, RetrievalSet, locate
 from models.core import ann
 from models.core.errors import LdotError, ModelError, option
 from models.core.progress import Progress, ProgressFn, report
-from models.hub.cache import default_reranker
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
+from models.hub.installed import default_reranker
 from models.nn.regions import stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
 

@@ -41,8 +41,7 @@ from ldot_cli.index import shards as shard_io
 from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.layout import REGIONS_DIR
 from ldot_cli.index.options import LOCAL, RayOptions
-from ldot_cli.index.runs import IndexReport, IndexRun, Scan, excluded, file_row
-from ldot_cli.index.sources import (
+from ldot_cli.index.ray_inputs import (
     TAR_SUFFIXES,
     Item,
     Refusal,
@@ -55,6 +54,7 @@ from ldot_cli.index.sources import (
     read_unit,
     tar_family,
 )
+from ldot_cli.index.runs import IndexReport, IndexRun, Scan, excluded, file_row
 from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 

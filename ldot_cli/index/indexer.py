@@ -98,7 +98,7 @@ class Indexer:
         model = self.options.model or meta.model
         if not model:
             if self._default_model is None:
-                from models.hub.cache import default_bi_encoder
+                from models.hub.installed import default_bi_encoder
 
                 self._default_model, self.model_reason = default_bi_encoder()
             model = self._default_model

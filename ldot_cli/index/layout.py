@@ -61,7 +61,7 @@ class IndexUnrecorded(IndexStoreError):
 
 def index_path(name: str) -> Path:
     """The folder of the index called ``name`` (a checked name: it never leaves the indexes folder)."""
-    from models.hub.cache import check_name
+    from models.hub.installed import check_name
 
     return indexes_dir() / check_name(name, "index")
 

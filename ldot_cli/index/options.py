@@ -28,7 +28,7 @@ class RayOptions:
 @dataclass(frozen=True)
 class IndexOptions:
     """`ldot index`'s choices. ``model``, ``detector`` and ``preset`` default to the ones the index was built
-    with, and for a new index to the defaults (`models.hub.cache.default_bi_encoder`: flickr-ft when it is in
+    with, and for a new index to the defaults (`models.hub.installed.default_bi_encoder`: flickr-ft when it is in
     the cache, else clip-vit-b32; `DEFAULT_DETECTOR`, `DEFAULT_PRESET`)."""
 
     model: str | None = None  # the bi-encoder: a catalogue name, a folder, a .pt or hf:ORG/NAME

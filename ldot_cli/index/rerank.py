@@ -30,7 +30,7 @@ class Rerankers:
 
     def name(self, name: str | None) -> str:
         """The re-ranker asked for, else the best one present for this index (`default_reranker`)."""
-        from models.hub.cache import default_reranker
+        from models.hub.installed import default_reranker
 
         if name:
             return name

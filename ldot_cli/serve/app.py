@@ -124,7 +124,7 @@ class ServeState:
             searcher.store.counts()
 
     def info(self) -> dict[str, Any]:
-        from models.hub.cache import default_reranker
+        from models.hub.installed import default_reranker
 
         with self.lock:
             searcher = self.get()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ldot_cli.data.train_sources import (
+from ldot_cli.data.training_data import (
     DataSpec,
     check_training_data,
     open_training_data,
@@ -53,7 +53,7 @@ class TrainOutcome:
 
 
 def default_init(mode: str) -> str:
-    from models.hub.cache import is_present
+    from models.hub.installed import is_present
 
     if mode == "decompose":
         return "uniter-base" if is_present("uniter-base") else "visualbert-vqa-coco-pre"
@@ -147,8 +147,8 @@ def _teacher(config: Any, device: str, data: Any = None, progress: Any = None) -
 def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
     """Train as asked and install the result as ``<home>/models/<out>`` (kind bi-encoder, origin train)."""
     from models.core.home import models_dir, runs_dir
-    from models.hub.cache import check_name, read_manifest
     from models.hub.catalogue import find_entry
+    from models.hub.installed import check_name, read_manifest
     from models.nn.tokenizer import Tokenizer
     from models.training import loop as training
     from models.training.initialization import (

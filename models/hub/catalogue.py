@@ -187,7 +187,7 @@ def hub_dual_entry(spec: str) -> ModelEntry | None:
 
 # The defaults: what `ldot` uses when no name is given.
 DEFAULT_BI_ENCODER = "flickr-ft"  # the bi-encoder that indexes and searches, when it is in the cache ...
-DEFAULT_LIVE_ENCODER = "clip-vit-b32"  # ... else this live dual encoder (`models.hub.cache.default_bi_encoder`)
+DEFAULT_LIVE_ENCODER = "clip-vit-b32"  # ... else this live dual encoder (`models.hub.installed.default_bi_encoder`)
 DEFAULT_DETECTOR = "butd-r101-vg"  # the region detector
 # cross-encoders, in order of preference; those of a kind in REGION_RERANKER_KINDS need the index's region features,
 # the others (ViLT) read the image files and re-rank any index

@@ -12,14 +12,6 @@ import torch
 from models.core.errors import CheckpointError, ModelError, option
 from models.core.fileio import new_dir, read_json_object, sha256_file
 from models.core.home import models_dir
-from models.hub.cache import (
-    MANIFEST,
-    LocalModel,
-    check_name,
-    dir_size,
-    half_downloaded,
-    record_model,
-)
 from models.hub.catalogue import find_entry
 from models.hub.formats import (
     bi_encoder_from_state,
@@ -32,6 +24,14 @@ from models.hub.formats import (
     read_model_config,
     save_model_dir,
     visualbert_config,
+)
+from models.hub.installed import (
+    MANIFEST,
+    LocalModel,
+    check_name,
+    dir_size,
+    half_downloaded,
+    record_model,
 )
 from models.nn.config import BiEncoderConfig
 from models.nn.cross_encoder import CrossEncoder

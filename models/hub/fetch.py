@@ -1,7 +1,7 @@
 """Registry models into the cache: fetched, verified, and present only when whole.
 
 Bytes come through the one downloader (`models.core.download`: ``.part`` files resumed with HTTP Range, sizes and
-sha256 checked, mirrors in order). Hub files are kept in the shared Hugging Face cache (`models.hub.hubfiles`) and
+sha256 checked, mirrors in order). Hub files are kept in the shared Hugging Face cache (`models.hub.hf_cache`) and
 linked from ``<home>/models/NAME``; other files gather in ``<home>/models/.downloads/NAME`` (where an interrupted
 download resumes) and the model folder is put in place, with its manifest, only when every file is verified: a
 half download is never a model.
@@ -23,7 +23,6 @@ from models.core.errors import DownloadError, LdotError
 from models.core.fileio import new_dir, recover_dir, replace_dir
 from models.core.home import models_dir
 from models.core.progress import ProgressFn
-from models.hub.cache import model_path, read_manifest, record_model, write_manifest
 from models.hub.catalogue import (
     TOKENIZER_FILES,
     ModelEntry,
@@ -31,13 +30,14 @@ from models.hub.catalogue import (
     expand_url,
     get_entry,
 )
-from models.hub.hubfiles import (
+from models.hub.hf_cache import (
     HubFile,
     HubOfflineError,
     fetch_hub_file,
     hub_cache_dir,
     parse_hub_url,
 )
+from models.hub.installed import model_path, read_manifest, record_model, write_manifest
 
 
 def staging_dir(name: str) -> Path:
@@ -218,8 +218,8 @@ def ensure_tokenizer(name: str) -> Path:
 
 def ensure_model(name: str, progress: ProgressFn | None = None) -> None:
     """Download a registry model that is missing or half downloaded (resuming it); paths and local names pass."""
-    from models.hub.cache import half_downloaded, is_present
     from models.hub.catalogue import find_entry
+    from models.hub.installed import half_downloaded, is_present
 
     entry = find_entry(name)
     if entry is not None and not Path(name).expanduser().exists():

@@ -14,7 +14,6 @@ from models.core.device import pick_device
 from models.core.errors import CheckpointError, ModelError, ModelNotFoundError, option
 from models.core.fileio import sha256_file
 from models.core.home import models_dir
-from models.hub.cache import check_model_files
 from models.hub.dual import is_dual_dir, load_dual_encoder
 from models.hub.formats import (
     bi_encoder_from_state,
@@ -27,6 +26,7 @@ from models.hub.formats import (
     load_strict,
     load_tensors,
 )
+from models.hub.installed import check_model_files
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, DecomposedConfig
 from models.nn.cross_encoder import LxmertReranker, UniterReranker
 from models.nn.decomposed import DecomposedEncoder
@@ -42,14 +42,14 @@ def resolve_source(source: str | Path) -> Path:
         return path
     name = str(source)
     candidate = models_dir() / name
-    from models.hub.cache import half_downloaded
     from models.hub.catalogue import find_entry
+    from models.hub.installed import half_downloaded
 
     entry = find_entry(name)
     if candidate.exists() and not (candidate.is_dir() and half_downloaded(candidate)):
         return candidate
     if entry is not None:
-        from models.hub.cache import is_present
+        from models.hub.installed import is_present
 
         if is_present(entry.name):
             return models_dir() / entry.name
@@ -155,7 +155,7 @@ def fingerprint(source: str | Path) -> str:
     For a model directory, derived from the hashes in its manifest (recorded at download, import or
     training, so no re-hashing); otherwise from the weight files' sha256.
     """
-    from models.hub.cache import read_manifest
+    from models.hub.installed import read_manifest
 
     path = resolve_source(source)
     digest = hashlib.sha256()

@@ -18,7 +18,7 @@ import numpy as np
 
 from models.core.errors import LdotError, option
 from models.core.fileio import atomic_write_text
-from models.hub.cache import MUTABLE_FILES
+from models.hub.installed import MUTABLE_FILES
 
 CALIBRATION_FILE = MUTABLE_FILES[0]
 AUTO_QUANTILE = 0.999  # of non-matching pairs' scores: a non-match passes `auto` 0.1% of the time

@@ -153,8 +153,8 @@ class DualForTraining(nn.Module):
 
 def start_model(source: str) -> tuple[DualForTraining, DualTokenizer, Path]:
     """The dual encoder to fine-tune (a registry name, hf:ORG/NAME or a folder), its tokenizer and its folder."""
-    from models.hub.cache import check_model_files
     from models.hub.dual import load_dual_encoder
+    from models.hub.installed import check_model_files
     from models.hub.load import resolve_source
 
     path = resolve_source(source)

@@ -303,7 +303,7 @@ def _uniter_heads(source: Source, body: TransformerConfig) -> TransformerConfig:
 
 
 def _default_image_source(text_source: Source) -> Source:
-    from models.hub.cache import is_present
+    from models.hub.installed import is_present
 
     if is_present("uniter-base"):
         return read_source("uniter-base")

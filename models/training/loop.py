@@ -1046,9 +1046,9 @@ def export_model(run_dir: str | Path, name: str, force: bool = False) -> Path:
     weights are the last checkpoint's, so a later ``--init NAME`` continues pre-training with them.
     """
     from models.core.home import models_dir
-    from models.hub.cache import check_name, record_model
     from models.hub.catalogue import find_entry
     from models.hub.formats import save_model_dir
+    from models.hub.installed import check_name, record_model
     from models.nn.tokenizer import Tokenizer
     from models.training.initialization import HEADS_FILE
 

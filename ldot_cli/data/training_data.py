@@ -1,6 +1,6 @@
 """Training data from the files users have: UNITER text/image DBs and Karpathy split files -> `TrainData`.
 
-Captions come from the benchmark readers (`ldot_cli.data.benchmarks`: Karpathy files; `ldot_cli.data.uniter_text_db`:
+Captions come from the benchmark readers (`ldot_cli.data.retrieval_sets`: Karpathy files; `ldot_cli.data.uniter_text_db`:
 UNITER text DBs); region features from `feature_extraction.uniter_db.UniterImageDB`, whose records already hold
 ``soft_labels`` background FIRST, as `models.training.data.FeatureLookup` expects.
 
@@ -25,7 +25,7 @@ from feature_extraction.uniter_db import (
     is_image_db,
     subdirs,
 )
-from ldot_cli.data import benchmarks
+from ldot_cli.data import retrieval_sets
 from ldot_cli.data.uniter_text_db import read_uniter_text_db
 from models.core.errors import LdotError, option
 
@@ -114,7 +114,7 @@ def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokeni
     images: list[int] = []
     for split in splits:
         try:
-            split_files, captions = benchmarks.read_karpathy(path, split)
+            split_files, captions = retrieval_sets.read_karpathy(path, split)
         except LdotError:
             if split == "restval":  # COCO only
                 continue
@@ -123,7 +123,7 @@ def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokeni
         files.extend(split_files)
         texts.extend(c[1] for c in captions)
         images.extend(offset + c[2] for c in captions)
-    keys = [benchmarks.uniter_image_key(dataset, f) for f in files]
+    keys = [retrieval_sets.uniter_image_key(dataset, f) for f in files]
     return PairSet.from_texts(texts, images, keys, tokenizer)
 
 
@@ -147,14 +147,13 @@ def check_training_data(spec: DataSpec) -> None:
 def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str, progress: Any) -> list[Path]:
     """Region features of the Karpathy train/restval/val images found as files under ``spec.data`` (e.g. a split
     fetched by `ldot data get`), extracted once into the feature cache like `ldot eval` does."""
-    from ldot_cli.data.benchmarks import EvalImage, RetrievalSet, find_image_folder
     from ldot_cli.data.features import ensure_features
+    from ldot_cli.data.retrieval_sets import EvalImage, RetrievalSet, find_image_folder
 
-    datasets = benchmarks
     files: list[str] = []
     for split in ("train", "restval", "val"):
         try:
-            files += datasets.read_karpathy(karpathy, split)[0]
+            files += retrieval_sets.read_karpathy(karpathy, split)[0]
         except LdotError:
             if split != "restval":
                 raise
@@ -163,7 +162,7 @@ def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str, prog
     if root is None:
         raise TrainDataError(f"no UNITER image DB and no image files under {spec.data} (e.g. {files[0]}): fetch them "
                              f"with `ldot data get {spec.dataset} --split train`, or pass {option('img_db')}")
-    images = [EvalImage(f, datasets.uniter_image_key(spec.dataset, f)) for f in dict.fromkeys(files)]
+    images = [EvalImage(f, retrieval_sets.uniter_image_key(spec.dataset, f)) for f in dict.fromkeys(files)]
     rset = RetrievalSet(spec.dataset, "train", images, [], image_root=root)
     return [ensure_features(rset, device=device, progress=progress)]
 
@@ -181,11 +180,11 @@ def _locate_captions(spec: DataSpec) -> tuple[list[Path], Path | None, Path | No
     val_db = spec.val_txt_db
     karpathy = spec.karpathy
     if not train_dbs and karpathy is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
-        found = benchmarks.find_text_db(spec.data, spec.dataset, "train")
+        found = retrieval_sets.find_text_db(spec.data, spec.dataset, "train")
         if found is not None:
             train_dbs = [found]
         else:
-            karpathy = benchmarks.find_karpathy(spec.data, spec.dataset)
+            karpathy = retrieval_sets.find_karpathy(spec.data, spec.dataset)
     if not train_dbs and karpathy is None:
         raise TrainDataError(f"no training captions for {spec.dataset}: expected a UNITER text DB "
                              f"itm_{spec.dataset}_train*.db or dataset_{spec.dataset}.json under {option('data')}, "
@@ -233,14 +232,14 @@ def _image_files(spec: DataSpec, karpathy: Path | None) -> dict[str, Path] | Non
     files: list[str] = []
     for split in ("train", "restval", "val"):
         try:
-            files += benchmarks.read_karpathy(karpathy, split)[0]
+            files += retrieval_sets.read_karpathy(karpathy, split)[0]
         except LdotError:
             if split != "restval":
                 raise
-    root = benchmarks.find_image_folder(spec.data, spec.dataset, files[0]) if files else None
+    root = retrieval_sets.find_image_folder(spec.data, spec.dataset, files[0]) if files else None
     if root is None:
         return None
-    return {benchmarks.uniter_image_key(spec.dataset, f): benchmarks.resolve_image_file(root, f)
+    return {retrieval_sets.uniter_image_key(spec.dataset, f): retrieval_sets.resolve_image_file(root, f)
             for f in dict.fromkeys(files)}
 
 
@@ -262,7 +261,7 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
     if train_dbs:
         train = _pairs_from_text_dbs(train_dbs)
         if val_db is None and spec.data is not None and spec.dataset in ("flickr30k", "coco"):
-            val_db = benchmarks.find_text_db(spec.data, spec.dataset, "val")
+            val_db = retrieval_sets.find_text_db(spec.data, spec.dataset, "val")
         val = _pairs_from_text_dbs([val_db]) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
     else:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from ldot_cli.data.archive import safe_extract
-from ldot_cli.data.benchmarks import DataPaths
 from ldot_cli.data.catalogue import (
     COCO_IMAGE_HOSTS,
     SPLITS,
@@ -40,6 +39,7 @@ from ldot_cli.data.catalogue import (
     wds_flickr_url,
 )
 from ldot_cli.data.errors import DatasetError
+from ldot_cli.data.retrieval_sets import DataPaths
 from models.core.download import (
     Job,
     UnreachableError,
@@ -445,7 +445,7 @@ def _assemble_coco(entry: DataSplit, folder: Path, lang: str, meter: _Bytes, pro
 
 def _assemble_multi30k(entry: DataSplit, folder: Path, lang: str, meter: _Bytes, progress: ProgressFn | None,
                        workers: int, retries: int, backoff: float, timeout: float, digests: dict) -> dict[str, Any]:
-    from ldot_cli.data.benchmarks import read_karpathy, read_multi30k
+    from ldot_cli.data.retrieval_sets import read_karpathy, read_multi30k
 
     downloads = folder / "downloads"
     raw, splits = folder / "data" / "task1" / "raw", folder / "data" / "task1" / "image_splits"

@@ -10,7 +10,7 @@ import pytest
 from ldot_testing import write_vocab
 
 import feature_extraction.uniter_db as uniter_db
-from ldot_cli.data.train_sources import DataSpec, TrainDataError, open_training_data
+from ldot_cli.data.training_data import DataSpec, TrainDataError, open_training_data
 from models.nn.tokenizer import Tokenizer
 
 

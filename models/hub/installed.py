@@ -277,7 +277,7 @@ def verify_dir(directory: Path) -> list[str]:
         elif sha256_file(path) != info["sha256"]:
             problems.append(f"{filename}: sha256 mismatch (corrupted)")
         elif info.get("hub"):
-            from models.hub.hubfiles import blob_problem
+            from models.hub.hf_cache import blob_problem
 
             bad = blob_problem(path)
             if bad is not None:
@@ -288,7 +288,7 @@ def verify_dir(directory: Path) -> list[str]:
 def default_reranker(regions: bool = True) -> str:
     """The best re-ranker present in the cache for an index: with its region features (``regions``), the first of
     `RERANKERS` present (UNITER ITM, LXMERT, then ViLT); without them, the first that reads pixels (ViLT)."""
-    from models.hub.cache import is_present
+    from models.hub.installed import is_present
 
     usable = [n for n in RERANKERS if regions or getattr(find_entry(n), "kind", None) not in REGION_RERANKER_KINDS]
     for name in usable:
