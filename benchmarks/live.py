@@ -164,33 +164,11 @@ def index_path_figures(tmp: Path, env: dict, args: argparse.Namespace, photos: l
 
 
 # -------------------------------------------------------------------------------------------- queries
-def fake_index(name: str, vectors, model: str) -> None:
-    """An index of ``vectors`` (one synthetic file row each) for ``model``, written through the real store."""
-    from ldot_cli.index.catalogue import FileRow
-    from ldot_cli.index.layout import index_path
-    from ldot_cli.index.store import IndexStore
-    from models.hub.load import fingerprint
-
-    with IndexStore(index_path(name), create=True) as store:
-        store.update_meta(model=model, model_fingerprint=fingerprint(model), preset="uniter", regions="none",
-                          dim=vectors.shape[1])
-        for start in range(0, len(vectors), 20_000):
-            with store.transaction() as db:
-                rows = []
-                for i in range(start, min(len(vectors), start + 20_000)):
-                    digest = f"{i:064x}"
-                    vid = store.add_vector(db, digest, vectors[i], 0)
-                    rows.append(FileRow(f"/photos/{i:07d}.jpg".encode(), b"/photos", 1, 1, digest, "indexed", None,
-                                        0, vid))
-                store.put_files(db, rows)
-        store.sync_faiss()
-
-
 def query_figures(home: Path, env: dict, args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from benchmarks.search import clustered, p50
+    from benchmarks.search import clustered, fake_index, p50
 
     torch.set_num_threads(args.threads)
     os.environ["LDOT_HOME"] = str(home)

@@ -80,26 +80,47 @@ def base_text_encoder(home: Path):
     return model
 
 
-def fake_index(name: str, vectors: np.ndarray) -> None:
-    """An index of ``vectors`` with one (synthetic) file row each, written through the real store."""
+def fake_index(name: str, vectors: np.ndarray, model: str = "bench", photos: Path | None = None) -> None:
+    """An index of ``vectors`` with one file row each, written through the real store, for ``model`` (a region
+    model's index records a detector). ``photos``: a folder where each row gets a real small JPEG (distinct
+    bytes, so the page can show thumbnails); else the rows name files that do not exist."""
     from ldot_cli.index.catalogue import FileRow
     from ldot_cli.index.layout import index_path
     from ldot_cli.index.store import IndexStore
-    from models.hub.load import fingerprint
+    from models.hub.load import fingerprint, model_inputs
 
+    detector = None if model_inputs(model) == "pixels" else "butd-r101-vg"
+    root = os.fsencode(photos) if photos is not None else b"/photos"
     with IndexStore(index_path(name), create=True) as store:
-        store.update_meta(model="bench", model_fingerprint=fingerprint("bench"), detector="butd-r101-vg",
-                          preset="uniter", regions="none", dim=vectors.shape[1])
+        store.update_meta(model=model, model_fingerprint=fingerprint(model), detector=detector, preset="uniter",
+                          regions="none", dim=vectors.shape[1])
         for start in range(0, len(vectors), 20_000):
             with store.transaction() as db:
                 rows = []
                 for i in range(start, min(len(vectors), start + 20_000)):
-                    digest = f"{i:064x}"
-                    vid = store.add_vector(db, digest, vectors[i], 36)
-                    rows.append(FileRow(f"/photos/{i:07d}.jpg".encode(), b"/photos", 1, 1, digest, "indexed", None,
-                                        0, vid))
+                    path, size, mtime, digest = (root + f"/{i:07d}.jpg".encode(), 1, 1, f"{i:064x}")
+                    if photos is not None:
+                        size, mtime, digest = _small_jpeg(os.fsdecode(path), i)
+                    vid = store.add_vector(db, digest, vectors[i], 0 if detector is None else 36)
+                    rows.append(FileRow(path, root, size, mtime, digest, "indexed", None, 0, vid))
                 store.put_files(db, rows)
         store.sync_faiss()
+
+
+def _small_jpeg(path: str, seed: int) -> tuple[int, int, str]:
+    """A 96x64 JPEG of its own (size, mtime_ns, sha256)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((96, 64)).save(buffer, "JPEG", quality=80)
+    data = buffer.getvalue()
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return len(data), os.stat(path).st_mtime_ns, hashlib.sha256(data).hexdigest()
 
 
 def main() -> None:

@@ -107,11 +107,44 @@ def prompt_session(env: dict[str, str], name: str, queries: list[str]) -> tuple[
     return ready, per_query
 
 
+def page_grid(server: dict, queries: list[str], k: int = 20) -> tuple[list[float], list[float], list[float]]:
+    """What the page does for a query: POST /api/search as its form sends it (top ``k``, no re-ranking, no
+    boxes), then the ``k`` thumbnails, six at a time as a browser fetches them. Returns per query: the search
+    round trip, the grid with thumbnails made now (first view) and the grid again (thumbnails cached), in s."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ldot_cli.serve.client import post
+
+    headers = {"Host": f"127.0.0.1:{server['port']}", "X-Ldot-Token": str(server.get("token") or ""),
+               "X-Ldot-Index": str(server.get("index") or "")}
+
+    def thumb(vector_id: int) -> int:
+        url = f"http://{server['connect']}:{server['port']}/thumb/{vector_id}"
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as answer:
+            return len(answer.read())
+
+    searched, first, again = [], [], []
+    with ThreadPoolExecutor(6) as pool:
+        for query in queries:
+            for out in (first, again):
+                start = time.perf_counter()
+                answer = post(server, "/api/search", {"q": query, "k": k, "rerank": False, "min_score": None})
+                if out is first:
+                    searched.append(time.perf_counter() - start)
+                sizes = list(pool.map(thumb, [hit["id"] for hit in answer["hits"]]))
+                assert len(sizes) == k and all(sizes), sizes
+                out.append(time.perf_counter() - start)
+    return searched, first, again
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-photos", action="store_true", help="rows without image files (no page-grid figure; "
+                                                                   "the quicker set-up at 1M images)")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="ldot-bench-serve-"))
@@ -122,7 +155,10 @@ def main() -> None:
     base_text_encoder(home)
     name = f"n{args.size}"
     start = time.perf_counter()
-    fake_index(name, clustered(args.size, 768, clusters=max(100, args.size // 1000), seed=1))
+    photos = None if args.no_photos else home / "photos"
+    if photos is not None:
+        photos.mkdir()
+    fake_index(name, clustered(args.size, 768, clusters=max(100, args.size // 1000), seed=1), photos=photos)
     print(f"[{args.size:,} images] synthetic index built in {time.perf_counter() - start:.1f} s")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "LDOT_NO_PROGRESS": "1",
@@ -172,6 +208,12 @@ def main() -> None:
         found = statistics.median(t["search_ms"] for t in server_side)
         print(f"  one query over HTTP (no process start): median {1000 * statistics.median(api):.0f} ms "
               f"(server side medians: encode {enc:.0f} ms + search {found:.1f} ms); {load()}")
+
+        if photos is not None:
+            searched, first, again = page_grid(server, [f"{q} {i}" for i, q in enumerate(QUERIES * 2)])
+            print(f"  the page's grid (POST /api/search k=20 as its form sends it, then 20 thumbnails, 6 at a time): "
+                  f"search {runs(searched, 'ms')}; grid with thumbnails made now {runs(first, 'ms')}; grid again "
+                  f"(thumbnails cached) {runs(again, 'ms')}; {load()}")
 
         bare = [timed([sys.executable, "-c", "pass"], env)[0] for _ in range(5)]
         light = [timed([sys.executable, "-c", "import ldot_cli.commands.quick, ldot_cli.serve.client"], env)[0]

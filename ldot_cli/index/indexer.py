@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from feature_extraction.detector.weights import open_detector
 from feature_extraction.errors import ImageDBError
 from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.hits import display_path
@@ -219,6 +218,8 @@ class Indexer:
         if self._detector is None:
             if self.detector_name is None:
                 raise LdotError(f"index {self.name!r} keeps no region features: it has no detector to run")
+            from feature_extraction.detector.weights import open_detector  # torchvision: only for region features
+
             self._detector = open_detector(self.detector_name, self.options.device)
         return self._detector
 
@@ -371,6 +372,7 @@ def collect_regions(regions_dir: Path, preset: str, live: set[str]) -> int:
 def encode_image_file(path: Path, store: IndexStore, device: str = "auto") -> np.ndarray:
     """Detector + image tower for one image outside the index (``ldot search --image``), on the same
     stored form of its regions the index encodes."""
+    from feature_extraction.detector.weights import open_detector
     from feature_extraction.images.decode import load_image
     from feature_extraction.uniter_db import record_view, regions_to_record, resolve_cut
     from models.hub.load import load_bi_encoder
