@@ -179,7 +179,8 @@ def encode_value(record: Mapping[str, np.ndarray], compress: bool = False) -> by
     """A record dict -> LMDB value bytes, in the official encoding."""
     if compress:
         with io.BytesIO() as buf:
-            np.savez_compressed(buf, **record)
+            # (numpy's stub types ``**kwds`` as if a key could be ``allow_pickle``: these are array names)
+            np.savez_compressed(buf, **record)  # type: ignore[arg-type]
             return buf.getvalue()
     return msgpack.packb(dict(record), default=msgpack_numpy.encode, use_bin_type=True)
 
@@ -581,7 +582,10 @@ class UniterImageDBWriter:
                 if key in known:
                     out[key] = known[key]
                 else:
-                    record = decode_value(txn.get(key.encode("utf-8")), self.compress)
+                    raw = txn.get(key.encode("utf-8"))
+                    if raw is None:  # listed by the same read transaction: never
+                        continue
+                    record = decode_value(raw, self.compress)
                     out[key] = self._record_nbb(record)
         return out
 

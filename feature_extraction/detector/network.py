@@ -42,6 +42,11 @@ from feature_extraction.types import RegionFeatures
 class FrozenBatchNorm2d(nn.Module):
     """Inference-only batch norm with fixed statistics (buffers named like nn.BatchNorm2d's)."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
@@ -133,6 +138,10 @@ class Stem(nn.Module):
 
 class Backbone(nn.Module):
     """stem + res2 + res3 + res4 (output stride 16)."""
+
+    res2: nn.Sequential  # added by name in __init__, one per entry of ``stage_blocks``
+    res3: nn.Sequential
+    res4: nn.Sequential
 
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
@@ -295,9 +304,9 @@ class BUTDDetector(nn.Module):
             for m in self.conv_norms():
                 m.fold_bn()
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
-        for m in self.modules():
-            if isinstance(m, (ConvNorm, nn.Conv2d)):
-                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        for module in self.modules():
+            if isinstance(module, (ConvNorm, nn.Conv2d)):
+                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
         return self
 
     @property
@@ -316,7 +325,7 @@ class BUTDDetector(nn.Module):
         """res4 maps (1, C, h, w) per image; images of equal size run as one batch (no padding)."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, img in enumerate(images):
-            groups[tuple(img.shape[-2:])].append(i)
+            groups[(img.shape[-2], img.shape[-1])].append(i)
         out: list[torch.Tensor | None] = [None] * len(images)
         for idxs in groups.values():
             batch = torch.stack([images[i] for i in idxs]).to(self.device, self.dtype)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 import typer
 from typer.core import TyperGroup
 
 from models.core.version import __version__
+
+if TYPE_CHECKING:  # the context `TyperGroup` is given: typer >= 0.20 vendors click as `typer._click`
+    from typer._click import Context
 
 
 def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
@@ -42,6 +45,11 @@ def _usage_error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[
 
 
 _USAGE_ERRORS, _CLICK_ERRORS = _usage_error_classes()
+_ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort,
+                                             *(c for c in _TYPER_FLOW if c.__name__ == "Abort"))
+# what click raises to end a command on purpose (help, exit, abort, usage): never an ldot error
+_CLICK_FLOW: tuple[type[BaseException], ...] = (click.exceptions.ClickException, click.exceptions.Exit,
+                                                click.exceptions.Abort, *_TYPER_FLOW)
 
 
 class _ErrorBoundary(TyperGroup):
@@ -56,13 +64,15 @@ class _ErrorBoundary(TyperGroup):
 
         clean_help(self)
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         """click's own handling, except that a usage error is one ``error:`` line (no usage box) with exit 2."""
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return super().main(args, prog_name, complete_var, standalone_mode=False,
+                                windows_expand_args=windows_expand_args, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                windows_expand_args=windows_expand_args, **extra)
         except _USAGE_ERRORS as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `ldot` or `ldot models` alone: the help
                 exc.show()  # type: ignore[attr-defined]
@@ -70,11 +80,11 @@ class _ErrorBoundary(TyperGroup):
             fail(_usage_line(exc), exc.exit_code)  # type: ignore[attr-defined]
         except _CLICK_ERRORS as exc:
             fail(exc.format_message(), exc.exit_code)  # type: ignore[attr-defined]
-        except (click.exceptions.Abort, *(c for c in _TYPER_FLOW if c.__name__ == "Abort")):
+        except _ABORTS:
             fail("aborted", 1)
         sys.exit(code if isinstance(code, int) else 0)
 
-    def get_params(self, ctx: click.Context) -> list[Any]:
+    def get_params(self, ctx: Context) -> list[Any]:
         from ldot_cli.commands.console import clean_param
 
         params = super().get_params(ctx)
@@ -82,7 +92,7 @@ class _ErrorBoundary(TyperGroup):
             clean_param(param)
         return params
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Context) -> Any:
         from models.core.env import flag
         from models.core.errors import LdotError
 
@@ -91,7 +101,7 @@ class _ErrorBoundary(TyperGroup):
         try:
             with _library_warnings_as_lines():
                 return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, *_TYPER_FLOW):
+        except _CLICK_FLOW:
             raise
         except LdotError as exc:
             if debug:

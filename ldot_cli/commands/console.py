@@ -98,7 +98,7 @@ def _type_word(param: Any) -> str:
 
     if isinstance(annotation, type) and issubclass(annotation, PurePath):
         return "PATH"
-    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
+    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")
 
 
 def interactive() -> bool:

@@ -75,10 +75,11 @@ def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON lis
 
     from ldot_cli.data import sources
 
+    splits = sources.status()
     rows = [{"dataset": s.entry.dataset, "split": s.entry.split, "download_bytes": s.entry.approx_bytes,
              "present": "yes" if s.present else ("partial" if s.partial_bytes else "no"),
              "partial_bytes": s.partial_bytes, "licence": s.entry.licence, "terms": s.entry.terms,
-             "folder": str(s.folder)} for s in sources.status()]
+             "folder": str(s.folder)} for s in splits]
     if json_:
         typer.echo(json.dumps(rows, ensure_ascii=False))
         return
@@ -86,10 +87,11 @@ def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON lis
     for column in ("dataset", "split", "download", "present", "licence"):
         table.add_column(column, no_wrap=True)
     styles = {"yes": "green", "no": "dim", "partial": "yellow"}
-    for row in rows:
-        present = row["present"] + (f" ({human_bytes(row['partial_bytes'])} kept)" if row["partial_bytes"] else "")
-        table.add_row(cell(row["dataset"]), cell(row["split"]), cell(f"~{human_bytes(row['download_bytes'])}"),
-                      cell(present, styles[str(row["present"])]), cell(row["licence"]))
+    for s, row in zip(splits, rows):
+        present = str(row["present"])
+        kept = f" ({human_bytes(s.partial_bytes)} kept)" if s.partial_bytes else ""
+        table.add_row(cell(s.entry.dataset), cell(s.entry.split), cell(f"~{human_bytes(s.entry.approx_bytes)}"),
+                      cell(present + kept, styles[present]), cell(s.entry.licence))
     out.print(table)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         row = next(r for r in rows if r["dataset"] == dataset)

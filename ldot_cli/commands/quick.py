@@ -113,6 +113,7 @@ def print_answer(answer: Any, mode: str) -> None:
         err.print("no results")
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, pad_edge=False)
     table.add_column("rank", justify="right")
@@ -124,7 +125,7 @@ def print_answer(answer: Any, mode: str) -> None:
         table.add_column("boxes (x1,y1-x2,y2: score drop)", no_wrap=True)
     table.add_column("path", overflow="fold")
     for hit in hits:
-        cells = [str(hit.rank), f"{hit.score:.3f}"]
+        cells: list[str | Text] = [str(hit.rank), f"{hit.score:.3f}"]
         if hit.rerank_score is not None:
             cells.append(f"{hit.rerank_score:.3f}")
         if with_boxes:

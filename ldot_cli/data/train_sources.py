@@ -266,6 +266,7 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
         val = _pairs_from_text_dbs([val_db]) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
     else:
+        assert karpathy is not None  # `_locate_captions` gives text DBs or a Karpathy file
         splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
         train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
         val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)

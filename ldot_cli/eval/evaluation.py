@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
@@ -67,6 +67,19 @@ class Reranker(Protocol):
     its ``inputs`` is ``"pixels"`` (ViLT), ``prepare(rgb)`` and ``score_pixels(texts, images)`` over the image files."""
 
     def score(self, texts: Sequence[str], features: Any, norm_bb: Any, mask: Any = None) -> Any: ...
+
+
+class PixelReranker(Protocol):
+    """A `Reranker` whose ``inputs`` is ``"pixels"``: it scores (text, preprocessed image) pairs."""
+
+    def prepare(self, rgb: np.ndarray) -> Any: ...
+
+    def score_pixels(self, texts: Sequence[str], images: Sequence[Any]) -> Any: ...
+
+
+def _reads_pixels(reranker: object) -> TypeGuard[PixelReranker]:
+    """Whether a re-ranker reads the image files (ViLT) rather than region features."""
+    return getattr(reranker, "inputs", "regions") == "pixels"
 
 
 class ImageInputs:
@@ -172,12 +185,13 @@ class EvalReport:
     image_vectors: np.ndarray | None = field(default=None, repr=False)  # (n_img, D)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"dataset": self.dataset, "split": self.split, "lang": self.lang, "model": self.model,
-               "reranker": self.reranker, "num_images": self.num_images, "num_captions": self.num_captions,
-               "folds": len(self.fold_recalls), "fold_size": self.fold_size, "text_input": self.text_input,
-               "sources": self.sources, "recall": self.recalls.to_dict(),
-               "rerank": {str(m): r.to_dict() for m, r in self.reranked.items()},
-               "timing": self.timings.to_dict(), "published": None, "calibration": self.calibration}
+        out: dict[str, object] = {
+            "dataset": self.dataset, "split": self.split, "lang": self.lang, "model": self.model,
+            "reranker": self.reranker, "num_images": self.num_images, "num_captions": self.num_captions,
+            "folds": len(self.fold_recalls), "fold_size": self.fold_size, "text_input": self.text_input,
+            "sources": self.sources, "recall": self.recalls.to_dict(),
+            "rerank": {str(m): r.to_dict() for m, r in self.reranked.items()},
+            "timing": self.timings.to_dict(), "published": None, "calibration": self.calibration}
         if len(self.fold_recalls) > 1:
             out["fold_recall"] = [r.to_dict() for r in self.fold_recalls]
             out["fold_rerank"] = [{str(m): r.to_dict() for m, r in f.items()} for f in self.fold_reranked]
@@ -355,11 +369,10 @@ def score_pairs(reranker: Reranker, images: ImageInputs, texts: Sequence[str], k
     """Cross-encoder scores (n,) of the pairs (texts[i], image keys[i]); batched by image."""
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     out = np.empty(len(keys), np.float32)
-    pixels = getattr(reranker, "inputs", "regions") == "pixels"
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
         batch_texts = [texts[i] for i in idx]
-        if pixels:
+        if _reads_pixels(reranker):
             scores = reranker.score_pixels(batch_texts, images.pixels([keys[i] for i in idx], reranker.prepare))
         else:
             scores = reranker.score(batch_texts, *images.regions([keys[i] for i in idx]))
@@ -469,6 +482,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         if pixels:
             image_vectors = encode_image_files(encoder, rset.image_paths(), batch_size, progress, timings, workers)
         else:
+            assert store is not None  # an encoder that reads regions: the image DB was checked above
             image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress,
                                              timings)
         mode = _text_mode(rset, encoder, text_input)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldot_cli.data.train_sources import (
     DataSpec,
@@ -16,6 +16,12 @@ from ldot_cli.data.train_sources import (
     open_training_data,
 )
 from models.core.errors import LdotError, option
+
+if TYPE_CHECKING:
+    from models.hub.decompose import DecomposeSource
+    from models.nn.tokenizer import Tokenizer
+    from models.training.dual import DualTokenizer
+    from models.training.initialization import Source
 
 
 @dataclass
@@ -157,6 +163,8 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         source_tokenizer,
     )
 
+    tokenizer: Tokenizer | DualTokenizer  # a dual encoder's own, or a word-piece one
+    source: Source | DecomposeSource
     check_name(req.out)
     if req.mode != "finetune" and req.init is not None and _reads_pixels(req.init):
         raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init {req.init}`), "

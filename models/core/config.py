@@ -28,7 +28,7 @@ def range_problem(cls: type, values: Mapping[str, Any], names: Mapping[str, str]
     """The first value of ``values`` (field -> value) outside the range its field of ``cls`` declares
     (`bounded`), said in a few words with the key as the file names it (``names``: field -> key); None when every
     one is in range. NaN, booleans and non-numbers are out of range."""
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         bounds = f.metadata.get("range")
         if bounds is None or f.name not in values:
             continue
@@ -127,5 +127,5 @@ def _describe(value: Any) -> str:
 
 
 def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None and hasattr(hint, "__name__") \
-        else str(hint).replace("typing.", "")
+    name = getattr(hint, "__name__", None)
+    return name if typing.get_origin(hint) is None and isinstance(name, str) else str(hint).replace("typing.", "")

@@ -123,8 +123,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
 
             vilt, processor, state = read_vilt_folder(path)
             text_len = int(vilt.get("max_position_embeddings", 40))  # ViLT's own: every text position
-            config = ViltDecomposedConfig(vilt=vilt, processor=processor, text_len=text_len)
-            return DecomposeSource(str(name), "vilt", vilt_to_decomposed(state), config, path)
+            vilt_config = ViltDecomposedConfig(vilt=vilt, processor=processor, text_len=text_len)
+            return DecomposeSource(str(name), "vilt", vilt_to_decomposed(state), vilt_config, path)
         if raw.get("model_type") == "visual_bert":
             weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
             if weights is None:

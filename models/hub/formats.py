@@ -18,10 +18,10 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -246,9 +246,9 @@ def infer_bi_encoder_config(state: Mapping[str, torch.Tensor], **overrides: Any)
         project_dim = state["txt_model.encode_proj.3.weight"].shape[0]
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the model shape: missing {exc.args[0]!r}") from None
-    fields = dict(text=infer_transformer_config(state, "txt_model.bert."),
-                  image=infer_transformer_config(state, "img_model.bert."),
-                  img_dim=img_dim, pos_dim=pos_dim, project_dim=project_dim)
+    fields: dict[str, Any] = dict(text=infer_transformer_config(state, "txt_model.bert."),
+                                  image=infer_transformer_config(state, "img_model.bert."),
+                                  img_dim=img_dim, pos_dim=pos_dim, project_dim=project_dim)
     fields.update(overrides)
     try:
         return BiEncoderConfig(**fields)
@@ -360,25 +360,34 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
 
 
-def build_on_meta(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
+_P = ParamSpec("_P")
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """An initialiser that leaves the tensor as it is."""
+    return tensor
+
+
+def _no_fill(self: nn.Embedding) -> None:
+    """`nn.Embedding`'s zeroing of its padding row, skipped."""
+
+
+def build_on_meta(factory: Callable[_P, _M], *args: _P.args, **kwargs: _P.kwargs) -> _M:
     """Build a module without allocating or initialising weights (they are assigned by `load_strict`).
 
     Initialisers are skipped too: on the meta device they would go through torch's reference ops, whose
     first use imports torch._dynamo (1.7 s of a search's start-up, measured).
     """
+    import contextlib
     from unittest import mock
 
-    skip = [mock.patch.object(nn.init, name, lambda tensor, *a, **k: tensor)
-            for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")]
-    skip.append(mock.patch.object(nn.Embedding, "_fill_padding_idx_with_zero", lambda self: None))
-    for patch in skip:
-        patch.start()
-    try:
+    with contextlib.ExitStack() as skip:
+        for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_"):
+            skip.enter_context(mock.patch.object(nn.init, name, _keep))
+        skip.enter_context(mock.patch.object(nn.Embedding, "_fill_padding_idx_with_zero", _no_fill))
         with torch.device("meta"):
             return factory(*args, **kwargs)
-    finally:
-        for patch in skip:
-            patch.stop()
 
 
 def cast_state(state: Tensors, dtype: torch.dtype | None) -> Tensors:

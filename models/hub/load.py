@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -218,7 +219,8 @@ def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.
         model = LxmertForPreTraining.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load LXMERT from {path}: {str(exc).splitlines()[0]}") from None
-    model = model.to(device).eval()
+    # (transformers wraps `to` with functools.wraps(nn.Module.to): typeshed's `_Wrapped` then wants ``self`` again)
+    model = model.to(device).eval()  # type: ignore[arg-type]
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
@@ -295,17 +297,21 @@ def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | No
 def _build_without_init(cls: Any, config: Any, meta: bool = False) -> Any:
     """A transformers model whose random initialisation is skipped (its weights are loaded right after: 0.1 s
     instead of 6 s for ViLT-B/32, measured); on the meta device (``meta``: shapes only, nothing allocated)."""
-    import contextlib
+    with _no_init_weights(), (torch.device("meta") if meta else contextlib.nullcontext()):
+        return cls(config)
 
+
+def _no_init_weights() -> contextlib.AbstractContextManager[object]:
+    """`transformers`' context that skips the random initialisation of the models built in it."""
     try:
         from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
+    except ImportError:  # transformers 4.x (mypy reads 5.x, where this module no longer has it)
         try:
-            from transformers.modeling_utils import no_init_weights
+            from transformers.modeling_utils import no_init_weights as no_init_weights_4  # type: ignore[attr-defined]
         except ImportError:  # pragma: no cover
-            no_init_weights = contextlib.nullcontext
-    with no_init_weights(), (torch.device("meta") if meta else contextlib.nullcontext()):
-        return cls(config)
+            return contextlib.nullcontext()
+        return no_init_weights_4()
+    return no_init_weights()
 
 
 def resolve_tokenizer(spec: Tokenizer | str | Path | None, config: Any, model_dir: str | None) -> Tokenizer:

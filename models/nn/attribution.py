@@ -124,7 +124,7 @@ def region_weights(model: Any, queries: np.ndarray, records: Sequence[Any], budg
     for b, record in enumerate(records):
         drops = [(float(base[b] - removed[b, j]), i) for j, i in enumerate(picks[b])]
         drops.sort(key=lambda t: -t[0])
-        norm_bb = np.asarray(record.norm_bb, np.float32)
-        out.append([BoxWeight(i, tuple(float(v) for v in np.clip(norm_bb[i, :4], 0, 1)), drop)
+        corners = np.clip(np.asarray(record.norm_bb, np.float32)[:, :4], 0, 1).tolist()
+        out.append([BoxWeight(i, (corners[i][0], corners[i][1], corners[i][2], corners[i][3]), drop)
                     for drop, i in drops[:max_boxes] if drop > 0])
     return base, out

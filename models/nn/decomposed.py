@@ -17,7 +17,6 @@ individual encoder that runs on a text alone and on an image's regions alone, wi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,8 +26,9 @@ from torch import nn
 
 from models.core.progress import ProgressFn, report
 from models.nn import losses
-from models.nn.bi_encoder import BiEncoder
+from models.nn.bi_encoder import BiEncoder, TokenizerSpec, tokenizer_from_spec
 from models.nn.config import DecomposedConfig, TransformerConfig
+from models.nn.encoder import Inputs
 from models.nn.layers import (
     Encoder,
     ImageEmbeddings,
@@ -150,11 +150,8 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
     """One encoder for texts and for images (``bert`` = `DecomposedBody`); normalised vectors, cosine score."""
 
     kind = "decomposed"
-    inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
-    tokenizer = BiEncoder.tokenizer  # same rules: a Tokenizer, a path, a callable, or config.tokenizer
-
-    def __init__(self, config: DecomposedConfig,
-                 tokenizer: Tokenizer | str | Path | Callable[[], Tokenizer] | None = None) -> None:
+    inputs: Inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
+    def __init__(self, config: DecomposedConfig, tokenizer: TokenizerSpec = None) -> None:
         super().__init__()
         self.config = config
         self.bert = DecomposedBody(config)
@@ -162,6 +159,13 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
         self.loaded_towers: tuple[str, ...] = ("text", "image")  # one encoder serves both
         self.num_region_labels = len(config.tags) + 1 if config.tags else 0
         self._tag_pieces: dict[int, list[int]] = {}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The text tokenizer: as `BiEncoder.tokenizer` (what was passed, or ``config.tokenizer``)."""
+        tokenizer = tokenizer_from_spec(self._tokenizer, self.config.tokenizer, self.config.lowercase)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     @property
     def max_text_tokens(self) -> int:

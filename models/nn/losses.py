@@ -187,7 +187,7 @@ def _at_least_one(masked: torch.Tensor, candidates: torch.Tensor, generator: tor
         if first:
             pick = positions[0]
         else:
-            pick = positions[torch.randint(len(positions), (1,), generator=generator).item()]
+            pick = positions[int(torch.randint(len(positions), (1,), generator=generator).item())]
         masked[row, pick] = True
     return masked
 

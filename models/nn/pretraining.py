@@ -123,7 +123,7 @@ class PairBatch:
                 return None
             return t.to(device) if isinstance(t, PairBatch) else t.to(device, non_blocking=True)
 
-        return PairBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))  # type: ignore[arg-type]
+        return PairBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
     def pin_memory(self) -> PairBatch:
         """Page-locked copies, for fast asynchronous copies to a CUDA device."""
@@ -147,8 +147,11 @@ class BiEncoderForPretraining(nn.Module):
         self.num_region_labels = num_region_labels
         self.bert = BiEncoder(config)
         image_body = self.bert.img_model.bert
-        self.cls = MLMHead(hidden, image_body.embeddings.word_embeddings.weight, config.image.layer_norm_eps)
-        self.feat_regress = RegionFeatureRegression(hidden, config.img_dim, image_body.img_embeddings.img_linear.weight)
+        # (torch's stubs type `nn.Embedding.weight` and `nn.Linear.weight` as Tensor: they are Parameters, tied here)
+        self.cls = MLMHead(hidden, image_body.embeddings.word_embeddings.weight,  # type: ignore[arg-type]
+                           config.image.layer_norm_eps)
+        self.feat_regress = RegionFeatureRegression(hidden, config.img_dim,
+                                                    image_body.img_embeddings.img_linear.weight)  # type: ignore[arg-type]
         self.region_classifier = RegionClassification(hidden, num_region_labels)
         self.itm_output = nn.Linear(hidden, 2)
 

@@ -25,6 +25,7 @@ import torch
 
 from models.core.errors import CheckpointError
 from models.nn.decomposed import VLDeformerObjective
+from models.nn.encoder import Inputs
 from models.nn.tokenizer import Tokenizer, pad_ids
 
 VILT_HEAD = "ViltForImageAndTextRetrieval"  # the transformers class (config.json's architectures) re-ranking needs
@@ -151,7 +152,7 @@ class ViltReranker:
     scores the pairs (texts[i], images[i]) in batches of `batch_size` and returns float32 (n,).
     """
 
-    inputs = "pixels"  # what a caller hands `score_pixels` (the region re-rankers' is "regions")
+    inputs: Inputs = "pixels"  # what a caller hands `score_pixels` (the region re-rankers' is "regions")
     batch_size = 32
     # the range a 2-core CPU may expect per pair (benchmarks/rerank_live.py: ViLT-B/32 at 384 x 512, 192 patches,
     # batches of 20: 1.47 s of CPU time a pair over 2 threads, so ~0.7 s of wall time on idle cores; 4.4 s of wall
@@ -269,7 +270,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
     tanh of the mean of the last states, L2-normalised: the score is the cosine."""
 
     kind = "decomposed-vilt"
-    inputs = "pixels"
+    inputs: Inputs = "pixels"
 
     def __init__(self, config: ViltDecomposedConfig, tokenizer: Any = None) -> None:
         super().__init__()
@@ -326,7 +327,8 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
             attention = create_bidirectional_mask(config=self.vilt.config, inputs_embeds=embeddings,
                                                   attention_mask=mask)
         except ImportError:  # transformers 4.x: the additive mask
-            attention = self.vilt.get_extended_attention_mask(mask, mask.shape)
+            # (a method of 4.x's ModuleUtilsMixin, gone from the 5.x stubs mypy reads)
+            attention = self.vilt.get_extended_attention_mask(mask, mask.shape)  # type: ignore[operator]
         hidden = self.vilt.encoder(embeddings, attention_mask=attention, return_dict=True).last_hidden_state
         return self.vilt.layernorm(hidden)
 

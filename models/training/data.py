@@ -194,10 +194,11 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
     keys = [pairs.image_keys[j] for j in images]
     records = [features[k] for k in keys]
     text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
-    if records and isinstance(records[0], PixelRecord):  # a model that reads pixels
+    pixel_records = [r for r in records if isinstance(r, PixelRecord)]
+    if records and len(pixel_records) == len(records):  # a model that reads pixels
         from models.nn.vilt import pad_pixels
 
-        values, pixel_mask = pad_pixels([r.pixels for r in records])
+        values, pixel_mask = pad_pixels([r.pixels for r in pixel_records])
         n = len(records)
         return PairBatch(input_ids, text_mask.bool(), torch.zeros(n, 0, 0), torch.zeros(n, 0, 6),
                          torch.zeros(n, 0, dtype=torch.bool), torch.tensor(images, dtype=torch.long), None, None,

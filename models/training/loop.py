@@ -267,7 +267,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, param in model.named_parameters():  # tied parameters appear once
         if not param.requires_grad:
             continue
@@ -360,7 +361,7 @@ def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
     text, image = encode_pairs(model, pairs, features, ids, device, autocast)
     if vectors is not None:
         vectors.update(text=text, image=image)
-    recalls = recalls_from_vectors(text, image, np.asarray(pairs.caption_image))
+    recalls = recalls_from_vectors(text, image, pairs.caption_image)
     return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
 
 
@@ -756,7 +757,8 @@ class _Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.export_state().items()}, str(tmp))
             replace_file(tmp, self.run_dir / "best.safetensors")
             atomic_write_json(self.run_dir / "best.json", record, indent=2)
-            self._calibrate(vectors, f"validation pairs of training run {self.run_dir.name}, step {self.step}")
+            self._calibrate(vectors, self.val.caption_image,
+                            f"validation pairs of training run {self.run_dir.name}, step {self.step}")
         return record
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -777,7 +779,7 @@ class _Trainer:
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= self.step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
-    def _calibrate(self, vectors: dict[str, np.ndarray], source: str) -> None:
+    def _calibrate(self, vectors: dict[str, np.ndarray], caption_image: list[int], source: str) -> None:
         """The best model's score distributions on the validation pairs (`--min-score auto` reads them)."""
         from models.training.calibration import (
             CalibrationError,
@@ -786,7 +788,7 @@ class _Trainer:
         )
 
         try:
-            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], self.val.caption_image,
+            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], caption_image,
                                                      source))
         except CalibrationError:
             pass  # one validation image: no non-matching pairs to learn a level from
@@ -801,8 +803,8 @@ class _Trainer:
         opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
-            for i, state in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda_{i}"] = state
+            for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = cuda_state
         state = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "step": self.step, "total": self.total,
                  "positions": self.positions, "best": self.best, "last_val": self.last_val, "running": self.running,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "optimizer": opt_meta,
