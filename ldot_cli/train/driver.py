@@ -18,6 +18,8 @@ from ldot_cli.data.train_sources import (
 from models.core.errors import LdotError, option
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from models.hub.decompose import DecomposeSource
     from models.nn.tokenizer import Tokenizer
     from models.training.dual import DualTokenizer
@@ -165,6 +167,7 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
 
     tokenizer: Tokenizer | DualTokenizer  # a dual encoder's own, or a word-piece one
     source: Source | DecomposeSource
+    model: nn.Module | None  # None: rebuilt from the run (--resume)
     check_name(req.out)
     if req.mode != "finetune" and req.init is not None and _reads_pixels(req.init):
         raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init {req.init}`), "
@@ -220,8 +223,12 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         if source.kind in ("vilt", "decomposed-vilt"):  # detector-free: it reads the image files, no tags
             if req.tags:
                 raise LdotError(f"{name} reads pixels: it has no object tags (leave out {option('tags')})")
-            model = decomposed_model(source, tokenizer, **model_options)
-            data = open_training_data(req.data, tokenizer, pixels=model.prepare)
+            from models.nn.vilt import ViltDecomposedEncoder
+
+            vilt = decomposed_model(source, tokenizer, **model_options)
+            data = open_training_data(req.data, tokenizer,
+                                      pixels=vilt.prepare if isinstance(vilt, ViltDecomposedEncoder) else None)
+            model = vilt
             vocab: tuple[str, ...] = ()
         else:
             data = open_training_data(req.data, tokenizer)
@@ -240,13 +247,14 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
                 raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "
                                 f"it, or {option('force')} to start over")
             shutil.rmtree(run_dir)
-        model, tokenizer, source_dir = dual.start_model(req.init)
-        data = open_training_data(req.data, tokenizer, pixels=model.prepare)
+        dual_model, tokenizer, source_dir = dual.start_model(req.init)
+        model = dual_model
+        data = open_training_data(req.data, tokenizer, pixels=dual_model.prepare)
         config = training.finetune_config(req.data.dataset, **req.overrides)
         if config.distill_from is not None:
             raise LdotError(f"{option('distill_from')} is not offered for a dual encoder's fine-tuning: leave it "
                             "out")
-        dual.write_base(run_dir, model, source_dir)
+        dual.write_base(run_dir, dual_model, source_dir)
         init = {"text": req.init, "image": req.init, "heads": "none", "source_kind": "dual-encoder"}
         tags = 0
     else:

@@ -17,7 +17,7 @@ individual encoder that runs on a text alone and on an image's regions alone, wi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from models.nn.layers import (
     box7_from_norm_bb,
     extended_attention_mask,
 )
-from models.nn.regions import stack_object_ids, stack_regions
+from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 
 if TYPE_CHECKING:
     from models.nn.pretraining import PairBatch
@@ -127,20 +127,25 @@ def fit_rows(input_ids: torch.Tensor, mask: torch.Tensor | None, length: int, se
     return out, out_mask
 
 
+class _Temperature(Protocol):
+    @property
+    def temperature(self) -> float: ...  # of the contrastive loss
+
+
 class VLDeformerObjective:
     """VLDeformer's training objective for a decomposed encoder (``pair_vectors`` and ``config.temperature`` given
     by the model): the one definition the region and the ViLT decomposed encoders share."""
 
-    config: Any
-    pair_vectors: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    config: _Temperature
+    pair_vectors: Callable[[PairBatch], tuple[torch.Tensor, torch.Tensor]]
 
-    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: Any,
+    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: PairBatch,
                        neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None) -> torch.Tensor:
         """VLDeformer's cross-modal InfoNCE: CE(text -> image) + CE(image -> text), cosine / temperature."""
         return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
                                        weight=1.0)
 
-    def itm(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def itm(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         text, image = self.pair_vectors(batch)
         acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
         return self.retrieval_loss(text, image, batch), {"acc": acc}
@@ -151,6 +156,7 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
 
     kind = "decomposed"
     inputs: Inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
+    config: DecomposedConfig
     def __init__(self, config: DecomposedConfig, tokenizer: TokenizerSpec = None) -> None:
         super().__init__()
         self.config = config
@@ -253,7 +259,7 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
     def logit_scale(self) -> float:
         return 1.0 / self.config.temperature
 
-    def record_vectors(self, records: Sequence[Any]) -> torch.Tensor:
+    def record_vectors(self, records: Sequence[RegionRecord]) -> torch.Tensor:
         """Per-image region records -> unit vectors (B, H) (validation, hard-negative mining)."""
         feat, bb, valid, _ = stack_regions(records)
         return self.image_vectors(feat, bb, valid, stack_object_ids(records, feat.shape[1]))
@@ -295,7 +301,7 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
         return self.image_vectors(feat.float(), bb.float(), valid, ids).float()
 
     @torch.inference_mode()
-    def encode_images(self, records: Sequence[Any], batch_size: int = 64,
+    def encode_images(self, records: Sequence[RegionRecord], batch_size: int = 64,
                       progress: ProgressFn | None = None, stage: str = "encoding images") -> torch.Tensor:
         """Per-image region sets (``features``, ``norm_bb``, and ``object_ids`` or ``soft_labels`` for the tags)
         -> (n, H) unit vectors in input order; ``progress`` hears of each batch (``stage``, images done)."""

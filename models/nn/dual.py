@@ -11,7 +11,7 @@ to ``max_length``, as it was trained).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -24,7 +24,11 @@ from models.core.progress import ProgressFn, report
 from models.nn.encoder import Inputs
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# the worker-side preprocessing of a model that reads pixels (picklable): decoded (H, W, 3) uint8 RGB ->
+# ((3, h, w) float32 pixels, h / H)
+PixelPreprocess = Callable[[np.ndarray], "tuple[torch.Tensor, float]"]
 
 # the architectures, by `model_type` in config.json: (transformers model class, image processor class, text padding,
 # the image tower alone: what indexing loads)
@@ -174,7 +178,7 @@ class DualEncoder(nn.Module):
 
     model: PreTrainedModel
 
-    def __init__(self, model: PreTrainedModel, tokenizer: Any, pixels: PixelSpec, model_type: str,
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pixels: PixelSpec, model_type: str,
                  max_text_tokens: int) -> None:
         super().__init__()
         if model_type not in ARCHITECTURES:
@@ -192,7 +196,7 @@ class DualEncoder(nn.Module):
         self._specials = len(tokenizer("").get("input_ids", []))  # what the tokenizer adds to every text
 
     @property
-    def pixel_preprocess(self) -> Any:
+    def pixel_preprocess(self) -> PixelPreprocess:
         """The worker-side preprocessing (picklable): decoded RGB -> ((3, h, w) float32, scale)."""
         return functools.partial(preprocess_pixels, spec=self.pixels)
 

@@ -18,7 +18,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,13 @@ from models.core.errors import CheckpointError
 from models.nn.decomposed import VLDeformerObjective
 from models.nn.encoder import Inputs
 from models.nn.tokenizer import Tokenizer, pad_ids
+
+if TYPE_CHECKING:
+    from transformers import ViltForImageAndTextRetrieval
+
+    from models.core.progress import ProgressFn
+    from models.nn.dual import PixelPreprocess
+    from models.nn.pretraining import PairBatch
 
 VILT_HEAD = "ViltForImageAndTextRetrieval"  # the transformers class (config.json's architectures) re-ranking needs
 VILT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a ViLT folder holds its weights in, preferred first
@@ -159,7 +166,8 @@ class ViltReranker:
     # time measured at a load average of 14 on the shared development machine)
     cpu_seconds_per_pair = (0.7, 1.5)
 
-    def __init__(self, model: Any, tokenizer: Tokenizer, preprocessing: PixelPreprocessing) -> None:
+    def __init__(self, model: ViltForImageAndTextRetrieval, tokenizer: Tokenizer,
+                 preprocessing: PixelPreprocessing) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prepare = preprocessing
@@ -271,6 +279,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
 
     kind = "decomposed-vilt"
     inputs: Inputs = "pixels"
+    config: ViltDecomposedConfig
 
     def __init__(self, config: ViltDecomposedConfig, tokenizer: Any = None) -> None:
         super().__init__()
@@ -302,7 +311,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         return len(self.tokenizer.encode(text)) - 2, self.max_text_tokens - 2
 
     @property
-    def pixel_preprocess(self) -> Any:
+    def pixel_preprocess(self) -> PixelPreprocess:
         """The decoding workers' preprocessing (picklable: the processor settings, not the model): decoded RGB ->
         ((3, h, w) float32, h / H), as `ldot index` and `ldot search --image` hand a model that reads pixels."""
         return functools.partial(_prepared_with_scale, self.prepare)
@@ -375,8 +384,8 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         return self._pool(self._states(image, mask), mask)
 
     # -- training (the `DecomposedEncoder` contract) ----------------------------------------------------------
-    def pair_vectors(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.pixel_values is None:
+    def pair_vectors(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.pixel_values is None or batch.pixel_mask is None:
             raise ValueError("this model reads pixels: the batch holds region features only")
         return (self.text_vectors(batch.input_ids, batch.text_mask),
                 self.image_vectors(batch.pixel_values, batch.pixel_mask))
@@ -414,7 +423,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
 
     @torch.inference_mode()
-    def encode_images(self, records: Sequence[Any], batch_size: int = 32, progress: Any = None,
+    def encode_images(self, records: Sequence[Any], batch_size: int = 32, progress: ProgressFn | None = None,
                       stage: str = "encoding images") -> torch.Tensor:
         """`PixelRecord`s -> (n, H) unit vectors (the `BiEncoder` name); region records are refused: this model
         reads pixels, so the region path of `ldot index` cannot feed it."""

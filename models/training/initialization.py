@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from models.hub.formats import (
 )
 from models.nn.config import BiEncoderConfig, TransformerConfig
 from models.nn.pretraining import NUM_REGION_LABELS, TIED, BiEncoderForPretraining
+
+if TYPE_CHECKING:
+    from models.nn.tokenizer import Tokenizer
 
 BODY_PARTS = ("embeddings.", "encoder.", "pooler.")
 HEADS_FILE = "heads.safetensors"  # pre-training heads beside a pre-trained model dir's weights
@@ -359,7 +362,7 @@ def _lowercase(directory: Path | None) -> bool:
         return False
 
 
-def source_tokenizer(source: Source) -> Any:
+def source_tokenizer(source: Source) -> Tokenizer:
     """The tokenizer that goes with a weight source: its own files, else its configured tokenizer (a
     registry name such as ``bert-base-cased``, whose tokenizer files are fetched if missing)."""
     from models.hub.load import resolve_tokenizer

@@ -903,7 +903,7 @@ class _Trainer:
         return TrainResult(self.run_dir, self.step, self.total, True, self.best, time.monotonic() - started)
 
 
-def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEncoderForPretraining | None = None,
+def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: nn.Module | None = None,
           tokenizer: Any = None, *, resume: bool = False, device: str | torch.device | None = "auto",
           init: dict[str, Any] | None = None, progress: ProgressFn | None = None,
           stop_at_step: int | None = None, teacher: Any = None) -> TrainResult:
