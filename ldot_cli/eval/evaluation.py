@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 import numpy as np
 
@@ -38,6 +38,11 @@ from models.hub.cache import default_reranker
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
 from models.nn.regions import stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
+
+if TYPE_CHECKING:
+    import torch
+
+    from feature_extraction.images.pool import DecodedImage
 
 # The official LightningDOT README's table (R@1/5/10 in %): (dataset, checkpoint) -> row.
 PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
@@ -92,7 +97,7 @@ class ImageInputs:
         self.keep = keep
         self._pixels: dict[str, Any] = {}
 
-    def regions(self, keys: Sequence[str]) -> tuple[Any, Any, Any]:
+    def regions(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.store is None:
             raise DatasetError("this re-ranker reads region features, and this benchmark's are not extracted")
         feat, bb, mask, _ = stack_regions([self.store.get(k) for k in keys])  # (B, N, dim), (B, N, 6), (B, N)
@@ -246,7 +251,7 @@ def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str],
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def reads_pixels(encoder: Any) -> bool:
+def reads_pixels(encoder: object) -> bool:
     """The model's image tower reads pixels (a dual encoder: CLIP, SigLIP), not region features."""
     return getattr(encoder, "inputs", "regions") == "pixels"
 
@@ -260,7 +265,7 @@ def encode_image_files(encoder: Any, paths: Sequence[Path], batch_size: int = 64
     timings = timings or EvalTimings()
     advance = _tick(progress, "encoding images", len(paths), "images")
     out: np.ndarray | None = None
-    pending: list[Any] = []
+    pending: list[DecodedImage] = []
     t0 = time.perf_counter()
 
     def flush() -> None:
@@ -651,7 +656,7 @@ def _default_reranker(regions: bool = True) -> str:
         return next(n for n in RERANKERS if regions or get_entry(n).kind not in REGION_RERANKER_KINDS)
 
 
-def _rerank_time_note(reranker: Any, name: str, rset: RetrievalSet, opts: EvalOptions,
+def _rerank_time_note(reranker: object, name: str, rset: RetrievalSet, opts: EvalOptions,
                       progress: ProgressFn | None) -> None:
     """On a CPU, say before it starts how long the cross-encoder's part will take (its measured range per pair)."""
     device = getattr(reranker, "device", None)

@@ -47,7 +47,9 @@ class FeatureLookup(Protocol):
     """Image key -> its regions (a UNITER image DB reader, a dict, ...), or for a dual encoder its pixels (a
     (3, h, w) float32 array: the model's preprocessing of the image file)."""
 
-    def __getitem__(self, key: str) -> RegionRecord: ...
+    def __getitem__(self, key: str) -> RegionRecord | PixelRecord: ...
+
+    def __contains__(self, key: str) -> bool: ...
 
 
 @dataclass
@@ -112,6 +114,9 @@ class _ConvertedLookup:
     def __init__(self, records: Mapping[str, Any]) -> None:
         self.records = records
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
     def __getitem__(self, key: str) -> _Regions:
         rec = self.records[key]
         soft = getattr(rec, "soft_labels", None)
@@ -132,7 +137,10 @@ def region_feature_mean(features: FeatureLookup, keys: Sequence[str], limit: int
     total: np.ndarray | None = None
     count = 0
     for key in list(keys)[::step][:limit]:
-        rows = np.asarray(features[key].features, dtype=np.float64)
+        record = features[key]
+        if isinstance(record, PixelRecord):
+            raise ValueError(f"image {key!r} is pixels: it has no region features to take the mean of")
+        rows = np.asarray(record.features, dtype=np.float64)
         total = rows.sum(axis=0) if total is None else total + rows.sum(axis=0)
         count += len(rows)
     assert total is not None
@@ -195,7 +203,10 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
     records = [features[k] for k in keys]
     text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
     pixel_records = [r for r in records if isinstance(r, PixelRecord)]
-    if records and len(pixel_records) == len(records):  # a model that reads pixels
+    region_records = [r for r in records if not isinstance(r, PixelRecord)]
+    if pixel_records and region_records:
+        raise ValueError("a batch of both pixel and region records: one feature lookup gives one kind")
+    if pixel_records:  # a model that reads pixels
         from models.nn.vilt import pad_pixels
 
         values, pixel_mask = pad_pixels([r.pixels for r in pixel_records])
@@ -203,9 +214,9 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
         return PairBatch(input_ids, text_mask.bool(), torch.zeros(n, 0, 0), torch.zeros(n, 0, 6),
                          torch.zeros(n, 0, dtype=torch.bool), torch.tensor(images, dtype=torch.long), None, None,
                          text_images, None, values, pixel_mask)
-    check_finite(records, keys)
-    feat, bb, valid, soft = stack_regions(records, soft_labels)
-    classes = stack_object_ids(records, feat.shape[1]) if object_ids else None
+    check_finite(region_records, keys)
+    feat, bb, valid, soft = stack_regions(region_records, soft_labels)
+    classes = stack_object_ids(region_records, feat.shape[1]) if object_ids else None
     return PairBatch(input_ids, text_mask.bool(), feat, bb, valid, torch.tensor(images, dtype=torch.long), soft,
                      classes, text_images)
 

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from models.nn.pretraining import (
 )
 from models.nn.tokenizer import pad_ids
 from models.training.data import (
+    FeatureLookup,
     FeatureValueError,
     PairSet,
     SpecialIds,
@@ -73,6 +74,11 @@ from models.training.data import (
     collate,
 )
 from models.training.metrics import recalls_from_vectors
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from models.training.negatives import HardNegatives
 
 RUN_FORMAT = "ldot-run"
 RUN_VERSION = 1
@@ -313,7 +319,7 @@ class TrainResult:
 
 # -- evaluation ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_pairs(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
+def encode_pairs(model: Any, pairs: PairSet, features: FeatureLookup, ids: SpecialIds,
                  device: torch.device, autocast: torch.dtype | None,
                  batch_size: int = 64, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(caption vectors (n_txt, D), image vectors (n_img, D)) of a pair set, in eval mode.
@@ -353,7 +359,7 @@ def _max_text_positions(model: Any) -> int:
     return config.text.max_position_embeddings if hasattr(config, "text") else config.body.max_position_embeddings
 
 
-def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
+def evaluate(model: Any, pairs: PairSet, features: FeatureLookup, ids: SpecialIds,
              device: torch.device, autocast: torch.dtype | None = None,
              vectors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score).
@@ -365,7 +371,7 @@ def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
     return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
@@ -487,7 +493,7 @@ class _Trainer:
                 and getattr(model, "inputs", "regions") == "pixels":
             raise TrainingError(f"{config.distill_from!r} scores region features and this model's batches hold "
                                 "pixels: distil a cross-encoder that reads pixels (vilt-flickr30k, vilt-coco)")
-        self.negatives: Any = None  # models.training.negatives.HardNegatives, when mining
+        self.negatives: HardNegatives | None = None  # when mining
         self.last_val: dict[str, Any] | None = None  # the latest validation record (the hard-negative gate reads it)
         self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
@@ -528,8 +534,8 @@ class _Trainer:
         self.ratios = torch.tensor([r for _, r in config.tasks], dtype=torch.float64)
         self.updating = False
         self.prefetch = True  # read the next batch of each task in a background thread
-        self._executor: Any = None
-        self._pending: dict[tuple[str, int], Any] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[tuple[str, int], Future[PairBatch]] = {}
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def _next_task(self) -> str:
@@ -681,7 +687,7 @@ class _Trainer:
                    **{k: round(v, 4) for k, v in figures.items()}, "message": render(message)})
         _report(self.progress, "note", self.step, self.total, self.epoch, message="hard negatives: " + message)
 
-    def stage_progress(self, p: Any) -> None:
+    def stage_progress(self, p: Progress) -> None:
         self.progress(p)
 
     # -- one optimizer step -----------------------------------------------------------------------------
