@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,13 +19,17 @@ from ldot_cli.commands.console import (
     verify_report,
 )
 
+if TYPE_CHECKING:
+    from ldot_cli.data.sources import Plan
+    from models.core.progress import Progress, ProgressFn
+
 app = typer.Typer(help="Public benchmarks and training sets in the cache: list, get, verify, rm.",
                   no_args_is_help=True)
 
 ASK_ABOVE = 50_000_000  # bytes: a larger download is confirmed first (unless --yes)
 
 
-def confirm_fetch(plan: Any, yes: bool, own_copy: bool = False) -> None:
+def confirm_fetch(plan: Plan, yes: bool, own_copy: bool = False) -> None:
     """Say what a fetch downloads, where it goes and its terms of use; ask before a large one unless ``yes``.
     ``own_copy``: the running command has ``--data`` (`ldot eval`, `ldot train`), so the refusal may suggest it."""
     from models.core.errors import LdotError
@@ -58,8 +62,8 @@ def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers:
         sources.fetch(dataset, split, lang, progress=_bytes_only(ProgressView(bar)), workers=workers)
 
 
-def _bytes_only(callback: Any) -> Any:
-    def on(p: Any) -> None:
+def _bytes_only(callback: ProgressFn) -> ProgressFn:
+    def on(p: Progress) -> None:
         if p.unit == "bytes":
             callback(p)
     return on

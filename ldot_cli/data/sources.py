@@ -51,7 +51,7 @@ from models.core.download import (
 from models.core.errors import LdotWarning, option
 from models.core.fileio import SHARED, atomic_write_bytes, atomic_write_json, atomic_writer, sha256_file
 from models.core.home import datasets_dir
-from models.core.progress import ProgressFn, report
+from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import expand_url
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
@@ -141,7 +141,7 @@ class _Bytes:
         self.progress, self.stage, self.total, self.offset = progress, stage, total, 0
 
     def file(self) -> ProgressFn:
-        def callback(p: Any) -> None:
+        def callback(p: Progress) -> None:
             info = dict(p.info) if p.info else {}
             report(self.progress, self.stage, self.offset + p.done, max(self.total, self.offset + p.done), "bytes",
                    **info)

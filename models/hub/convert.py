@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -39,7 +38,7 @@ from models.nn.cross_encoder import CrossEncoder
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
 
 
-def _tokenizer_for_conversion(name: str, lowercase: bool) -> Any:
+def _tokenizer_for_conversion(name: str, lowercase: bool) -> Tokenizer | None:
     """The tokenizer to bundle into a converted model, when it is already on disk (never downloads)."""
     candidates = [Path(name).expanduser(), models_dir() / name] if name else []
     for candidate in candidates:

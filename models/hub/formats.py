@@ -30,9 +30,10 @@ from models.core.config import range_problem
 from models.core.device import pick_device
 from models.core.errors import CheckpointError, UnsafeCheckpointError
 from models.core.fileio import new_dir, read_json_object
-from models.nn.bi_encoder import BiEncoder
+from models.nn.bi_encoder import BiEncoder, TokenizerSpec
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, TransformerConfig
 from models.nn.cross_encoder import CrossEncoder
+from models.nn.tokenizer import Tokenizer
 
 MODEL_FORMAT = "ldot-model"
 FORMAT_VERSION = 1
@@ -418,7 +419,7 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
 
 
 def save_model_dir(directory: str | Path, kind: str, config: dict[str, Any], state: Tensors,
-                   source: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
+                   source: dict[str, Any] | None = None, tokenizer: Tokenizer | None = None) -> Path:
     """Write a self-describing model directory atomically (a temp dir renamed into place)."""
     from safetensors.torch import save_file
 
@@ -457,7 +458,7 @@ TOWERS = {"text": "txt_model", "image": "img_model"}
 
 def bi_encoder_from_state(state: Tensors, config: BiEncoderConfig | None = None,
                           device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-                          tokenizer: Any = None, towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
+                          tokenizer: TokenizerSpec = None, towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
     """Build a `BiEncoder` around a state dict with our key names, strictly.
 
     ``towers=("text",)`` loads only the text tower (all a search needs): the image tower stays

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from models.core.progress import ProgressFn, report
 from models.nn.config import BiEncoderConfig
 from models.nn.encoder import Inputs
 from models.nn.layers import BertBody, Projection, UniterBody, box7_from_norm_bb
+from models.nn.regions import RegionRecord
 
 if TYPE_CHECKING:
     from models.nn.tokenizer import Tokenizer
@@ -168,7 +169,7 @@ class BiEncoder(nn.Module):
         return self.img_model(feat, box7_from_norm_bb(bb), mask).float()
 
     @torch.inference_mode()
-    def encode_images(self, records: Sequence[Any], batch_size: int = 64,
+    def encode_images(self, records: Sequence[RegionRecord], batch_size: int = 64,
                       progress: ProgressFn | None = None, stage: str = "encoding images") -> torch.Tensor:
         """Per-image region sets -> (n, D) float32, in input order.
 

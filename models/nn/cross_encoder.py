@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from models.nn.config import CrossEncoderConfig
 from models.nn.encoder import Inputs
 from models.nn.layers import UniterBody, box7_from_norm_bb
 from models.nn.tokenizer import Tokenizer, pad_ids
+
+if TYPE_CHECKING:
+    from transformers import LxmertForPreTraining
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -110,7 +113,7 @@ class UniterReranker(_PairScorer):
 class LxmertReranker(_PairScorer):
     """LXMERT's cross-modality matching head (`LxmertForPreTraining.cross_relationship_score`)."""
 
-    def __init__(self, model: Any, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: LxmertForPreTraining, tokenizer: Tokenizer) -> None:
         self.model = model
         device = next(model.parameters()).device
         super().__init__(tokenizer, device, model.config.max_position_embeddings)

@@ -18,6 +18,7 @@ MRFR and MRC read region states + the text tower's [CLS] state (last-layer state
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from models.nn import losses
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
+from models.nn.regions import RegionRecord
 
 NUM_REGION_LABELS = 1601  # Visual Genome: 1600 objects + background (index 0 in UNITER's order)
 TASKS = ("itm", "mlm", "mrfr", "mrckl")
@@ -188,7 +190,7 @@ class BiEncoderForPretraining(nn.Module):
     def text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert.txt_model(input_ids, attention_mask)
 
-    def record_vectors(self, records: Any) -> torch.Tensor:
+    def record_vectors(self, records: Sequence[RegionRecord]) -> torch.Tensor:
         """Per-image region records -> image vectors (B, D)."""
         from models.nn.regions import stack_regions
 

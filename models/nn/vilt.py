@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from models.core.errors import CheckpointError
+from models.nn.bi_encoder import TokenizerSpec, tokenizer_from_spec
 from models.nn.decomposed import VLDeformerObjective
 from models.nn.encoder import Inputs
 from models.nn.tokenizer import Tokenizer, pad_ids
@@ -281,7 +282,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
     inputs: Inputs = "pixels"
     config: ViltDecomposedConfig
 
-    def __init__(self, config: ViltDecomposedConfig, tokenizer: Any = None) -> None:
+    def __init__(self, config: ViltDecomposedConfig, tokenizer: TokenizerSpec = None) -> None:
         super().__init__()
         from transformers import ViltConfig, ViltModel
 
@@ -295,10 +296,11 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         self.num_region_labels = 0
 
     @property
-    def tokenizer(self) -> Any:
-        if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode"):
-            self._tokenizer = self._tokenizer()
-        return self._tokenizer
+    def tokenizer(self) -> Tokenizer:
+        """The text tokenizer: as `BiEncoder.tokenizer` (what was passed, or ``config.tokenizer``)."""
+        tokenizer = tokenizer_from_spec(self._tokenizer, self.config.tokenizer, self.config.lowercase)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     @property
     def max_text_tokens(self) -> int:
