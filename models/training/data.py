@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 import torch
@@ -23,12 +24,19 @@ from models.nn.pretraining import PairBatch
 from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 from models.nn.tokenizer import pad_ids
 
+if TYPE_CHECKING:
+    from models.nn.tokenizer import Tokenizer
+    from models.training.dual import DualTokenizer
+
+# the tokenizer a run trains with: word-pieces, or a dual encoder's own seen as one
+TrainTokenizer: TypeAlias = "Tokenizer | DualTokenizer"
+
 
 class FeatureValueError(LdotError):
     """An image's stored region features hold NaN or Inf: the features are damaged, not the training settings."""
 
 
-def check_finite(records: Sequence[Any], keys: Sequence[str]) -> None:
+def check_finite(records: Sequence[object], keys: Sequence[str]) -> None:
     """Refuse region records holding NaN/Inf (features, boxes or soft labels), naming the image and the array:
     one would turn every loss into NaN and look like a learning-rate problem."""
     for record, key in zip(records, keys):
@@ -72,7 +80,7 @@ class PairSet:
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], caption_image: Sequence[int], image_keys: Sequence[str],
-                   tokenizer: Any) -> PairSet:
+                   tokenizer: TrainTokenizer) -> PairSet:
         """Tokenise raw captions (word-pieces, no [CLS]/[SEP], no length cut)."""
         encoded = tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
         return cls([tuple(e.ids) for e in encoded], list(caption_image), list(image_keys))
@@ -92,7 +100,7 @@ class TrainData:
     features: FeatureLookup  # features of every image named by train and val (`PixelRecord`s for a pixel model)
     val: PairSet | None = None  # validation pairs, scored by mean recall (None: keep the last model)
     description: str = ""  # where the data came from, for the run's record
-    image_files: Mapping[str, Any] | None = None  # image key -> its file, when the images are files (a teacher
+    image_files: Mapping[str, Path] | None = None  # image key -> its file, when the images are files (a teacher
     # that reads pixels needs them)
 
 
@@ -177,7 +185,7 @@ class SpecialIds:
     vocab_range: tuple[int, int]  # [lo, hi) of random replacement ids
 
     @classmethod
-    def of(cls, tokenizer: Any) -> SpecialIds:
+    def of(cls, tokenizer: TrainTokenizer) -> SpecialIds:
         from models.nn.losses import vocab_range_of
 
         if tokenizer.mask_id is None:

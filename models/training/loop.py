@@ -61,13 +61,16 @@ from models.nn.pretraining import (
     state_for_saving,
     with_tied_aliases,
 )
+from models.nn.regions import RegionRecord
 from models.nn.tokenizer import pad_ids
 from models.training.data import (
     FeatureLookup,
     FeatureValueError,
     PairSet,
+    PixelRecord,
     SpecialIds,
     TrainData,
+    TrainTokenizer,
     batch_indices,
     batches_per_epoch,
     check_finite,
@@ -428,13 +431,14 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
     return None
 
 
-def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool) -> None:
+def _check_shapes(model: BiEncoderForPretraining, record: RegionRecord | PixelRecord,
+                  soft_labels: bool) -> None:
     """Fail before the first step when the features do not fit the model."""
     pixels = getattr(model, "inputs", "regions") == "pixels"
-    if pixels != hasattr(record, "pixels"):
+    if pixels != isinstance(record, PixelRecord):
         raise TrainingError("this model reads pixels and the training images are region features" if pixels else
                             "this model reads region features and the training images are pixels")
-    if pixels:
+    if isinstance(record, PixelRecord):
         return
     dim = np.asarray(record.features).shape[-1]
     if dim != model.config.img_dim:
@@ -473,7 +477,7 @@ def hard_negative_gate(mean_recall: float, val: PairSet, gate: float) -> tuple[b
 
 # -- the loop --------------------------------------------------------------------------------------------
 class _Trainer:
-    def __init__(self, run_dir: Path, model: Any, tokenizer: Any, data: TrainData,
+    def __init__(self, run_dir: Path, model: Any, tokenizer: TrainTokenizer, data: TrainData,
                  config: TrainConfig, device: torch.device, progress: ProgressFn | None,
                  teacher: Any = None) -> None:
         self.run_dir = run_dir
@@ -910,7 +914,7 @@ class _Trainer:
 
 
 def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: nn.Module | None = None,
-          tokenizer: Any = None, *, resume: bool = False, device: str | torch.device | None = "auto",
+          tokenizer: TrainTokenizer | None = None, *, resume: bool = False, device: str | torch.device | None = "auto",
           init: dict[str, Any] | None = None, progress: ProgressFn | None = None,
           stop_at_step: int | None = None, teacher: Any = None) -> TrainResult:
     """Train in ``run_dir``: a new run (``model`` and ``tokenizer`` given) or, with ``resume``, continue the
@@ -972,8 +976,8 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: Any, tokenizer: Any, resume: bool,
-                  device: torch.device, init: dict[str, Any] | None, progress: ProgressFn | None,
+def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: Any, tokenizer: TrainTokenizer | None,
+                  resume: bool, device: torch.device, init: dict[str, Any] | None, progress: ProgressFn | None,
                   stop_at_step: int | None, teacher: Any) -> TrainResult:
     ckpt = checkpoint_dir(run_dir)
     if resume:
@@ -997,7 +1001,7 @@ def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: An
     return trainer.run(stop_at_step)
 
 
-def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, config: TrainConfig,
+def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: TrainTokenizer, config: TrainConfig,
                data: TrainData, init: dict[str, Any] | None) -> None:
     from models.core.version import __version__
 
@@ -1021,7 +1025,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def _rebuild(run_dir: Path) -> tuple[Any, Any]:
+def _rebuild(run_dir: Path) -> tuple[nn.Module, TrainTokenizer]:
     from models.nn.tokenizer import Tokenizer
 
     info = read_run(run_dir)
