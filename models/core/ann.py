@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -234,9 +235,13 @@ class Rescored:
 
 # what the functions below search, add to and inspect: a FAISS index, or an IVF-PQ one wrapped for re-scoring
 Searchable: TypeAlias = "faiss.Index | Rescored"
+# (ids (n,), vectors (n, dim)) pieces of the stored vectors, in id order, and what streams them anew at each call
+Chunks: TypeAlias = "Iterable[tuple[np.ndarray, np.ndarray]]"
+ChunkSource: TypeAlias = "Callable[[], Chunks]"
 
 
-def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> tuple[int, str, str]:
+def write_rescore_vectors(data: str | os.PathLike[str], ids_file: str | os.PathLike[str], chunks: Chunks,
+                          rows: int = 0) -> tuple[int, str, str]:
     """Append (ids, vectors) chunks to the fp16 re-scoring files after their first ``rows`` committed rows
     (a crash's partial tail is cut off first); returns the rows now in them and the sha256 of the bytes appended
     to each file (the caller records them: `open_rescored` trusts only files that match)."""
@@ -268,7 +273,7 @@ def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) 
     return rows, hash_data.hexdigest(), hash_ids.hexdigest()
 
 
-def open_rescored(index: faiss.Index, directory: Any, rows: int, dim: int) -> Rescored:
+def open_rescored(index: faiss.Index, directory: str | os.PathLike[str], rows: int, dim: int) -> Rescored:
     """Wrap a read IVF-PQ index with its memory-mapped fp16 vectors (the first ``rows`` committed rows)."""
     from pathlib import Path
 
@@ -291,7 +296,7 @@ def pq_training_size(n: int) -> int:
 RECALL_QUERIES = 100
 
 
-def exact_top(chunks: Any, queries: np.ndarray, k: int = 10) -> np.ndarray:
+def exact_top(chunks: ChunkSource, queries: np.ndarray, k: int = 10) -> np.ndarray:
     """The ids of the exact top ``k`` of each query (rows of -1 past the end), streaming every vector once
     from ``chunks()`` (an iterable of (ids, vectors))."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -313,7 +318,7 @@ def recall_against(index: Searchable, queries: np.ndarray, truth: np.ndarray, k:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def sample_recall(index: Searchable, chunks: Any, queries: np.ndarray, k: int = 10) -> float:
+def sample_recall(index: Searchable, chunks: ChunkSource, queries: np.ndarray, k: int = 10) -> float:
     """recall@k of ``index`` against exact search, for ``queries`` (stored vectors: image-to-image),
     the exact top k found by streaming every vector once from ``chunks()``."""
     return recall_against(index, queries, exact_top(chunks, queries, k), k)
@@ -468,7 +473,7 @@ def clone(index: faiss.Index) -> faiss.Index:
     return _faiss().clone_index(index)
 
 
-def tune_nprobe(index: Searchable, chunks: Any, queries: np.ndarray, k: int = 10,
+def tune_nprobe(index: Searchable, chunks: ChunkSource, queries: np.ndarray, k: int = 10,
                 target: float = RECALL_TARGET) -> tuple[int | None, float]:
     """Set an approximate index's nprobe to the fewest cells (a power of two from `MIN_NPROBE`, or all of
     them) whose recall@k against exact search reaches ``target`` for ``queries``; returns (nprobe, recall).

@@ -138,7 +138,7 @@ def bert_init_(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(sub.bias)
 
 
-def centre_region_embedding_(model: BiEncoderForPretraining, mean: Any) -> None:
+def centre_region_embedding_(model: BiEncoderForPretraining, mean: np.ndarray) -> None:
     """Centre a FRESH region embedding on the training features, in place: ``img_linear(f)`` becomes
     ``W (f - mean) + b`` (only the bias changes: ``b -= W @ mean``; the weight, tied to the MRFR head, does not).
 
@@ -234,7 +234,7 @@ class InitReport:
 def initial_model(init: str | Path | Source = "bert-base-cased", image_init: str | Path | Source | None = None, *,
                   img_dim: int = 2048, project_dim: int | None = None,
                   num_region_labels: int = NUM_REGION_LABELS,
-                  seed: int = 42, region_mean: Callable[[], Any] | None = None
+                  seed: int = 42, region_mean: Callable[[], np.ndarray] | None = None
                   ) -> tuple[BiEncoderForPretraining, InitReport]:
     """The model training starts from.
 
