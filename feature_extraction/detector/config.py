@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from models.core.config import config_from_dict
 
@@ -68,7 +67,7 @@ class DetectorConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> "DetectorConfig":
+    def from_dict(cls, data: object, what: str = "") -> "DetectorConfig":
         """Inverse of :meth:`to_dict`; unknown keys and wrong shapes are a `ConfigError` (the one config policy)."""
         return config_from_dict(cls, data, what)
 

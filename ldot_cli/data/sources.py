@@ -295,7 +295,7 @@ def _column(row: dict[str, Any], names: Iterable[str], path: Path) -> Any:
                        f"file changed; pass {option('data')} with your own copy")
 
 
-def checked_name(value: Any, source: Path, where: str, nested: bool = False) -> str:
+def checked_name(value: object, source: Path, where: str, nested: bool = False) -> str:
     """A file name read from a downloaded file, as is, once it cannot leave the folder it is joined to.
 
     It must be a plain file name (``nested``: a relative path of plain names, like ``val2014``): no absolute

@@ -47,7 +47,7 @@ def check_ranges(obj: Any) -> None:
         raise ValueError(problem)
 
 
-def config_from_dict(cls: type[T], data: Any, what: str = "", nested: Mapping[str, type] | None = None) -> T:
+def config_from_dict(cls: type[T], data: object, what: str = "", nested: Mapping[str, type] | None = None) -> T:
     """Build the dataclass ``cls`` from ``data``; ``what`` names the source in errors (e.g. a file path).
 
     ``nested`` maps field names to dataclasses built the same way from sub-dicts.

@@ -64,7 +64,7 @@ class PixelPreprocessing:
         return int(MAX_LONGER_EDGE / MAX_SHORTER_EDGE * self.shortest_edge)
 
     @classmethod
-    def from_processor_config(cls, data: Any, what: str = "preprocessor_config.json") -> PixelPreprocessing:
+    def from_processor_config(cls, data: object, what: str = "preprocessor_config.json") -> PixelPreprocessing:
         """From a parsed ``preprocessor_config.json``; every value is checked (a hub file is input like any other)."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{what} is not a JSON object")
@@ -248,7 +248,7 @@ class ViltDecomposedConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> ViltDecomposedConfig:
+    def from_dict(cls, data: object, what: str = "") -> ViltDecomposedConfig:
         from models.core.config import config_from_dict
 
         return config_from_dict(cls, data, what)

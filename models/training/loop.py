@@ -183,7 +183,7 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> TrainConfig:
+    def from_dict(cls, data: object, what: str = "") -> TrainConfig:
         """From JSON (a run's saved settings): the one config policy (unknown keys and wrong shapes are a
         `ConfigError`; JSON lists become the tuples of ``tasks`` and ``betas``)."""
         return config_from_dict(cls, data, what)
