@@ -22,14 +22,9 @@ reproducible and resumable.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from models.nn.pretraining import PairBatch
 
 IGNORE = -1  # label of a token that is not predicted
 
@@ -113,7 +108,7 @@ def _query_key_scores(queries: torch.Tensor, keys: torch.Tensor, query_ids: torc
     return scores
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, batch: PairBatch | None = None,
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, batch: object = None,
                      neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None,
                      temperature: float | None = None, weight: float = 0.5) -> torch.Tensor:
     """``weight * (CE(text -> image) + CE(image -> text))`` with optional appended hard negatives.

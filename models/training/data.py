@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,12 +24,40 @@ from models.nn.pretraining import PairBatch
 from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 from models.nn.tokenizer import pad_ids
 
-if TYPE_CHECKING:
-    from models.nn.tokenizer import Tokenizer
-    from models.training.dual import DualTokenizer
 
-# the tokenizer a run trains with: word-pieces, or a dual encoder's own seen as one
-TrainTokenizer: TypeAlias = "Tokenizer | DualTokenizer"
+class _Encoding(Protocol):
+    @property
+    def ids(self) -> list[int]: ...
+
+
+class _Backend(Protocol):
+    """The part of a `tokenizers.Tokenizer` training reads."""
+
+    def encode_batch(self, texts: list[str], /, *, add_special_tokens: bool = ...) -> Sequence[_Encoding]: ...
+
+    def decode_batch(self, rows: list[list[int]], /, *, skip_special_tokens: bool = ...) -> list[str]: ...
+
+
+class TrainTokenizer(Protocol):
+    """What training reads of a tokenizer: word-pieces (`models.nn.tokenizer.Tokenizer`), or a dual encoder's own
+    seen as one (`models.training.dual.DualTokenizer`)."""
+
+    @property
+    def backend(self) -> _Backend: ...
+
+    @property
+    def cls_id(self) -> int: ...
+
+    @property
+    def sep_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def mask_id(self) -> int | None: ...
+
+    def save(self, directory: Path) -> None: ...
 
 
 class FeatureValueError(LdotError):
