@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from models.core.errors import LdotError, ModelError, option
 from models.core.progress import Progress, ProgressFn, report
 from models.hub.cache import default_reranker
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
-from models.nn.regions import stack_regions
+from models.nn.regions import RegionRecord, stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
 
 if TYPE_CHECKING:
@@ -56,30 +56,35 @@ PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
 OFFICIAL_FILES = {"LightningDot.pt": "lightningdot", "flickr-ft.pt": "flickr-ft", "coco-ft.pt": "coco-ft"}
 
 
+# vectors or scores as a model (a tensor) or a planted test double (an array) gives them
+Numbers: TypeAlias = "torch.Tensor | np.ndarray"
+
+
 class Encoder(Protocol):
     """What evaluation needs of a bi-encoder (`models.BiEncoder`, or a planted test double)."""
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = ...) -> Any: ...
+    def encode_text(self, texts: Sequence[str], batch_size: int = ...) -> Numbers: ...
 
-    def encode_token_ids(self, input_ids: Any, attention_mask: Any = None) -> Any: ...
+    def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Numbers: ...
 
-    def encode_images(self, records: Sequence[Any], batch_size: int = ...,
-                      progress: ProgressFn | None = None) -> Any: ...
+    def encode_images(self, records: Sequence[RegionRecord], batch_size: int = ...,
+                      progress: ProgressFn | None = None) -> Numbers: ...
 
 
 class Reranker(Protocol):
     """What re-ranking needs of a cross-encoder (`models.load_reranker`): ``score`` over region features, or, when
     its ``inputs`` is ``"pixels"`` (ViLT), ``prepare(rgb)`` and ``score_pixels(texts, images)`` over the image files."""
 
-    def score(self, texts: Sequence[str], features: Any, norm_bb: Any, mask: Any = None) -> Any: ...
+    def score(self, texts: Sequence[str], features: torch.Tensor, norm_bb: torch.Tensor,
+              mask: torch.Tensor | None = None) -> Numbers: ...
 
 
 class PixelReranker(Protocol):
     """A `Reranker` whose ``inputs`` is ``"pixels"``: it scores (text, preprocessed image) pairs."""
 
-    def prepare(self, rgb: np.ndarray) -> Any: ...
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor: ...
 
-    def score_pixels(self, texts: Sequence[str], images: Sequence[Any]) -> Any: ...
+    def score_pixels(self, texts: Sequence[str], images: Sequence[torch.Tensor]) -> Numbers: ...
 
 
 def _reads_pixels(reranker: object) -> TypeGuard[PixelReranker]:
@@ -95,7 +100,7 @@ class ImageInputs:
         self.store = store
         self.files = files
         self.keep = keep
-        self._pixels: dict[str, Any] = {}
+        self._pixels: dict[str, torch.Tensor] = {}
 
     def regions(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.store is None:
@@ -103,7 +108,7 @@ class ImageInputs:
         feat, bb, mask, _ = stack_regions([self.store.get(k) for k in keys])  # (B, N, dim), (B, N, 6), (B, N)
         return feat, bb, mask
 
-    def pixels(self, keys: Sequence[str], prepare: Callable[[np.ndarray], Any]) -> list[Any]:
+    def pixels(self, keys: Sequence[str], prepare: Callable[[np.ndarray], torch.Tensor]) -> list[torch.Tensor]:
         from feature_extraction.errors import ImageLoadError
         from feature_extraction.images.decode import load_image
 
@@ -208,7 +213,7 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _numpy(x: Any) -> np.ndarray:
+def _numpy(x: Numbers) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
