@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -326,13 +326,13 @@ class BUTDDetector(nn.Module):
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, img in enumerate(images):
             groups[(img.shape[-2], img.shape[-1])].append(i)
-        out: list[torch.Tensor | None] = [None] * len(images)
+        out: dict[int, torch.Tensor] = {}
         for idxs in groups.values():
             batch = torch.stack([images[i] for i in idxs]).to(self.device, self.dtype)
             feats = self.backbone(self._fmt(batch))
             for j, i in enumerate(idxs):
                 out[i] = feats[j : j + 1]
-        return out  # type: ignore[return-value]
+        return [out[i] for i in range(len(images))]
 
     def propose(self, res4: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """RPN on one res4 map (1, C, H, W) -> (boxes (R, 4), logits (R,)) sorted by logit."""
@@ -417,12 +417,11 @@ class BUTDDetector(nn.Module):
         out: list[RawDetections] = []
         for group in self._backbone_groups(prepared):
             t = time.perf_counter()
-            res4 = self.backbone_features([im.tensor for im in group])
+            res4 = deque(self.backbone_features([im.tensor for im in group]))
             if timings:
                 timings.add("backbone", t)
-            for i, im in enumerate(group):
-                out.append(self._detect_one(res4[i], im, timings))
-                res4[i] = None  # type: ignore[call-overload]  # free each map once its image is done
+            for im in group:
+                out.append(self._detect_one(res4.popleft(), im, timings))  # each map freed once its image is done
                 if on_image is not None:
                     on_image(len(out))
         return out

@@ -16,6 +16,11 @@ from models.core.version import __version__
 
 if TYPE_CHECKING:  # the context `TyperGroup` is given: typer >= 0.20 vendors click as `typer._click`
     from typer._click import Context
+    from typer._click.exceptions import ClickException as VendoredClickException
+    from typer._click.exceptions import UsageError as VendoredUsageError
+
+    UsageError = click.exceptions.UsageError | VendoredUsageError
+    ClickError = click.exceptions.ClickException | VendoredClickException
 
 
 def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
@@ -30,10 +35,10 @@ def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
 _TYPER_FLOW = _typer_flow_exceptions()
 
 
-def _usage_error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+def _usage_error_classes() -> tuple[tuple[type[UsageError], ...], tuple[type[ClickError], ...]]:
     """(usage errors, other click errors), as both click and typer's vendored click spell them."""
-    usage: list[type[BaseException]] = [click.exceptions.UsageError]
-    other: list[type[BaseException]] = [click.exceptions.ClickException]
+    usage: list[type[UsageError]] = [click.exceptions.UsageError]
+    other: list[type[ClickError]] = [click.exceptions.ClickException]
     try:
         from typer._click import exceptions as vendored
     except ImportError:  # pragma: no cover - older typer raises click's
@@ -75,11 +80,11 @@ class _ErrorBoundary(TyperGroup):
                                 windows_expand_args=windows_expand_args, **extra)
         except _USAGE_ERRORS as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `ldot` or `ldot models` alone: the help
-                exc.show()  # type: ignore[attr-defined]
+                exc.show()
                 sys.exit(0)
-            fail(_usage_line(exc), exc.exit_code)  # type: ignore[attr-defined]
+            fail(_usage_line(exc), exc.exit_code)
         except _CLICK_ERRORS as exc:
-            fail(exc.format_message(), exc.exit_code)  # type: ignore[attr-defined]
+            fail(exc.format_message(), exc.exit_code)
         except _ABORTS:
             fail("aborted", 1)
         sys.exit(code if isinstance(code, int) else 0)
@@ -199,7 +204,7 @@ def warn(message: str) -> None:
     err.print(line(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
 
 
-def _usage_line(exc: Any) -> str:
+def _usage_line(exc: UsageError) -> str:
     """A usage error as one line: click's message and where to find the command's help."""
     message = exc.format_message()
     ctx = getattr(exc, "ctx", None)

@@ -358,7 +358,12 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
             raise DatasetError(f"no images: pass {option('data')}, {option('images')} (image files) or {option('img_db')} (UNITER image DB)")
         img_db = find_image_db(data, dataset)
         if img_db is None:
-            first = file_names[0] if file_names else image_file_from_uniter_key(uniter_names[0])  # type: ignore[index]
+            if file_names:
+                first = file_names[0]
+            elif uniter_names:
+                first = image_file_from_uniter_key(uniter_names[0])
+            else:
+                raise DatasetError(f"the captions of {dataset} name no image")
             images = find_image_folder(data, dataset, first)
             if images is None:
                 raise DatasetError(f"no images for {dataset} under {data}: expected a UNITER image DB "

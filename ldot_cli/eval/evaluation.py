@@ -328,7 +328,7 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
     timings = timings or EvalTimings()
     captions = rset.captions
     advance = _tick(progress, "encoding captions", len(captions), "captions")
-    vectors: list[np.ndarray | None] = [None] * len(captions)
+    vectors: dict[int, np.ndarray] = {}
     t0 = time.perf_counter()
     if mode == "token-ids":
         from models.nn.tokenizer import pad_ids
@@ -336,7 +336,11 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
         meta = rset.text_meta or {}
         cfg = getattr(getattr(encoder, "config", None), "text", None)
         max_len = getattr(cfg, "max_position_embeddings", 512)
-        rows = [[meta["CLS"], *c.token_ids[: max_len - 2], meta["SEP"]] for c in captions]  # type: ignore[index]
+        rows: list[list[int]] = []
+        for c in captions:
+            if c.token_ids is None:  # `_text_mode` chose token ids: never
+                raise DatasetError("these captions carry no token ids (only a UNITER text DB has them)")
+            rows.append([meta["CLS"], *c.token_ids[: max_len - 2], meta["SEP"]])
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -356,7 +360,7 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
                 vectors[i] = vec
             advance(len(idx))
     timings.text_encoding_s += time.perf_counter() - t0
-    return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
+    return np.stack([vectors[i] for i in range(len(captions))]) if captions else np.zeros((0, 0), np.float32)
 
 
 def search_both(text_vectors: np.ndarray, image_vectors: np.ndarray, depth: int,

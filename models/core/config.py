@@ -11,11 +11,14 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.core.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def bounded(default: Any, low: float, high: float) -> Any:
@@ -56,7 +59,7 @@ def config_from_dict(cls: type[T], data: object, what: str = "", nested: Mapping
     name = cls.__name__
     if not isinstance(data, Mapping):
         raise ConfigError(f"{name}{source} must be a JSON object, not {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown {name} key(s){source}: {', '.join(map(repr, unknown))} "

@@ -68,7 +68,8 @@ class PixelSpec:
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
                                and (v > 0 or not positive) for v in value)):
                 raise CheckpointError(f"{where}: {what} {value!r} is not three finite numbers")
-            return tuple(float(v) for v in value)  # type: ignore[return-value]
+            first, second, third = (float(v) for v in value)
+            return first, second, third
 
         resize = None
         if get("do_resize"):

@@ -129,8 +129,10 @@ class PairBatch:
 
     def pin_memory(self) -> PairBatch:
         """Page-locked copies, for fast asynchronous copies to a CUDA device."""
-        return PairBatch(*(None if t is None else t.pin_memory()  # type: ignore[arg-type]
-                           for t in (getattr(self, f) for f in self.__dataclass_fields__)))
+        def pin(t: Any) -> Any:
+            return None if t is None else t.pin_memory()
+
+        return PairBatch(*(pin(getattr(self, f)) for f in self.__dataclass_fields__))
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
