@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 import typer
@@ -157,7 +157,7 @@ def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
     return flags
 
 
-def _own_flags(command: Any) -> dict[str, str]:
+def _own_flags(command: object) -> dict[str, str]:
     flags = {}
     for param in getattr(command, "params", []):
         opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
@@ -166,7 +166,7 @@ def _own_flags(command: Any) -> dict[str, str]:
     return flags
 
 
-def _commands(group: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+def _commands(group: object, prefix: str) -> Iterator[tuple[str, object]]:
     """(path, command) of every command under ``group`` (``index``, ``train finetune``...)."""
     for name, sub in sorted(getattr(group, "commands", {}).items()):
         path = f"{prefix} {name}".strip()
@@ -187,11 +187,12 @@ def _library_warnings_as_lines() -> Iterator[None]:
         warnings.simplefilter("always", LdotWarning)
         original = warnings.showwarning
 
-        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
             if issubclass(category, LdotWarning):
                 warn(str(message))
             else:
-                original(message, category, *args, **kwargs)
+                original(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         yield
