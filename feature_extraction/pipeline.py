@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from feature_extraction.errors import DetectorError
 from feature_extraction.images.decode import DEFAULT_MAX_PIXELS
@@ -48,7 +48,10 @@ from feature_extraction.uniter_db import (
 from models.core.progress import ProgressFn
 from models.core.progress import report as report_progress
 
-DetectorInput = tuple[Any, float, tuple[int, int]]  # ((3, h, w) float32 tensor, scale, (H, W))
+if TYPE_CHECKING:
+    import torch
+
+DetectorInput = tuple["torch.Tensor", float, tuple[int, int]]  # ((3, h, w) float32 tensor, scale, (H, W))
 _MAX_FAILED_BATCHES = 3  # consecutive batches on which every image failed in the detector: give up
 _FAILURE_COMMIT_EVERY = 64  # commit staged failures at least this often even without a batch
 
@@ -325,7 +328,7 @@ class _Run:
         self.notify(done)
 
 
-def _takes_on_image(detector: Any) -> bool:
+def _takes_on_image(detector: RegionDetector) -> bool:
     """Whether a detector's ``extract`` reports each image of a batch (``on_image=``)."""
     import inspect
 

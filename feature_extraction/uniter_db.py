@@ -40,10 +40,10 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 import msgpack
@@ -55,6 +55,8 @@ from feature_extraction.errors import DBLockedError, DetectorError, ImageDBError
 from feature_extraction.types import BOX_PRESETS, BoxCut, RegionFeatures, box_preset
 from models.core.errors import LdotError
 from models.core.fileio import atomic_write_json
+
+_T = TypeVar("_T")
 
 KEYS_KEY = b"__keys__"  # official: JSON list of every file name
 SOURCES_DB = b"__ldot_sources__"  # ours: key -> {path, size, mtime_ns}
@@ -179,7 +181,8 @@ def encode_value(record: Mapping[str, np.ndarray], compress: bool = False) -> by
     """A record dict -> LMDB value bytes, in the official encoding."""
     if compress:
         with io.BytesIO() as buf:
-            np.savez_compressed(buf, **record)
+            # (numpy's stub types ``**kwds`` as if a key could be ``allow_pickle``: these are array names)
+            np.savez_compressed(buf, **record)  # type: ignore[arg-type]
             return buf.getvalue()
     return msgpack.packb(dict(record), default=msgpack_numpy.encode, use_bin_type=True)
 
@@ -455,7 +458,7 @@ class UniterImageDBWriter:
         if time.monotonic() - self._last_sidecar >= self.sidecar_interval_s:
             self.write_sidecars()
 
-    def _growing(self, write: Any) -> Any:
+    def _growing(self, write: Callable[[], _T]) -> _T:
         """Run a write transaction, doubling the map whenever it is full (it starts sized from the data)."""
         while True:
             try:
@@ -581,7 +584,10 @@ class UniterImageDBWriter:
                 if key in known:
                     out[key] = known[key]
                 else:
-                    record = decode_value(txn.get(key.encode("utf-8")), self.compress)
+                    raw = txn.get(key.encode("utf-8"))
+                    if raw is None:  # listed by the same read transaction: never
+                        continue
+                    record = decode_value(raw, self.compress)
                     out[key] = self._record_nbb(record)
         return out
 
@@ -672,7 +678,7 @@ class UniterImageDB:
             self._env.close()
         self._env = None
 
-    def _read(self, fn: Any) -> Any:
+    def _read(self, fn: Callable[[lmdb.Transaction], _T]) -> _T:
         """Run ``fn(txn)`` in a read transaction; follows a writer that grew the map; damage -> `ImageDBError`."""
         for _ in range(3):
             env = self.env
@@ -816,7 +822,7 @@ class FeatureStore:
         self.img_dir = Path(img_dir)
         self.db = open_image_db(self.img_dir, preset)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache: OrderedDict[str, ImageRecord] = OrderedDict()
 
     def __contains__(self, key: str) -> bool:
         return key in self.db
@@ -824,7 +830,7 @@ class FeatureStore:
     def missing(self, keys: Iterable[str]) -> list[str]:
         return [k for k in keys if k not in self.db]
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str) -> ImageRecord:
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
@@ -856,7 +862,7 @@ def _in_cache(img_dir: Path) -> bool:
         return False
 
 
-def open_image_db(img_dir: Path, preset: str = "uniter") -> Any:
+def open_image_db(img_dir: Path, preset: str = "uniter") -> UniterImageDB:
     """A reader of a UNITER image DB: ``key in db``, ``db[key].features`` / ``.norm_bb`` (float16)."""
     from feature_extraction.uniter_db import UniterImageDB
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from models.core.config import config_from_dict
 
@@ -68,7 +67,7 @@ class DetectorConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> "DetectorConfig":
+    def from_dict(cls, data: object, what: str = "") -> "DetectorConfig":
         """Inverse of :meth:`to_dict`; unknown keys and wrong shapes are a `ConfigError` (the one config policy)."""
         return config_from_dict(cls, data, what)
 
@@ -109,7 +108,7 @@ class RuntimeOptions:
     channels_last: bool = True  # NHWC memory format for the convolutions (faster with oneDNN on CPU)
     polyphase_res5: bool = True  # run res5 as 4 independent 7x7 phase maps (exact: res5 is stride 1, dilation 2)
     dedup_res5: bool = True  # compute res5 once per distinct pooled phase map (exact: same input, same output)
-    roi_chunk: int = 32  # RoIs per res5 chunk (bounds memory; None = all at once)
+    roi_chunk: int | None = 32  # RoIs per res5 chunk (bounds memory; None = all at once)
     # pixels (after resizing) per backbone call: batches of same-size images run together up to this (bounds the
     # activations: ~0.15 GB per 600x1000 image on a CPU); None = the whole batch at once
     backbone_pixels: int | None = 2_400_000

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -41,6 +41,11 @@ from feature_extraction.types import RegionFeatures
 # --------------------------------------------------------------------------- building blocks
 class FrozenBatchNorm2d(nn.Module):
     """Inference-only batch norm with fixed statistics (buffers named like nn.BatchNorm2d's)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -133,6 +138,10 @@ class Stem(nn.Module):
 
 class Backbone(nn.Module):
     """stem + res2 + res3 + res4 (output stride 16)."""
+
+    res2: nn.Sequential  # added by name in __init__, one per entry of ``stage_blocks``
+    res3: nn.Sequential
+    res4: nn.Sequential
 
     def __init__(self, cfg: DetectorConfig) -> None:
         super().__init__()
@@ -295,9 +304,9 @@ class BUTDDetector(nn.Module):
             for m in self.conv_norms():
                 m.fold_bn()
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
-        for m in self.modules():
-            if isinstance(m, (ConvNorm, nn.Conv2d)):
-                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        for module in self.modules():
+            if isinstance(module, (ConvNorm, nn.Conv2d)):
+                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
         return self
 
     @property
@@ -316,14 +325,14 @@ class BUTDDetector(nn.Module):
         """res4 maps (1, C, h, w) per image; images of equal size run as one batch (no padding)."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, img in enumerate(images):
-            groups[tuple(img.shape[-2:])].append(i)
-        out: list[torch.Tensor | None] = [None] * len(images)
+            groups[(img.shape[-2], img.shape[-1])].append(i)
+        out: dict[int, torch.Tensor] = {}
         for idxs in groups.values():
             batch = torch.stack([images[i] for i in idxs]).to(self.device, self.dtype)
             feats = self.backbone(self._fmt(batch))
             for j, i in enumerate(idxs):
                 out[i] = feats[j : j + 1]
-        return out  # type: ignore[return-value]
+        return [out[i] for i in range(len(images))]
 
     def propose(self, res4: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """RPN on one res4 map (1, C, H, W) -> (boxes (R, 4), logits (R,)) sorted by logit."""
@@ -408,12 +417,11 @@ class BUTDDetector(nn.Module):
         out: list[RawDetections] = []
         for group in self._backbone_groups(prepared):
             t = time.perf_counter()
-            res4 = self.backbone_features([im.tensor for im in group])
+            res4 = deque(self.backbone_features([im.tensor for im in group]))
             if timings:
                 timings.add("backbone", t)
-            for i, im in enumerate(group):
-                out.append(self._detect_one(res4[i], im, timings))
-                res4[i] = None  # type: ignore[call-overload]  # free each map once its image is done
+            for im in group:
+                out.append(self._detect_one(res4.popleft(), im, timings))  # each map freed once its image is done
                 if on_image is not None:
                     on_image(len(out))
         return out

@@ -317,7 +317,7 @@ def save_detector(model: BUTDDetector, directory: str | Path) -> Path:
     return directory
 
 
-def open_detector(name: str, device: str = "auto", half: bool = False) -> Any:
+def open_detector(name: str, device: str = "auto", half: bool = False) -> BUTDDetector:
     """The BUTD detector from a registry name, model folder or weights file, on ``device``."""
     import torch
 

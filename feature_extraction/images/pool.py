@@ -23,14 +23,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 import numpy as np
 
 from feature_extraction.errors import ImageLoadError
 from feature_extraction.images.decode import DEFAULT_MAX_PIXELS, load_image
 
-PreprocessFn = Callable[[np.ndarray], tuple[Any, float]]  # (H, W, 3) uint8 RGB -> ((3, h, w) tensor, scale)
+if TYPE_CHECKING:
+    import torch
+
+# (H, W, 3) uint8 RGB -> ((3, h, w) tensor or array, scale: h / H, or what gives it as float())
+PreprocessFn = Callable[[np.ndarray], "tuple[torch.Tensor | np.ndarray, SupportsFloat]"]
 _READY = "ready"
 _POLL_S = 0.2
 _MAX_START_FAILURES = 3  # workers dying before they are ready: a broken setup, not a bad file
@@ -78,7 +82,7 @@ def decode_one(index: int, path: str, preprocess: PreprocessFn, max_pixels: int 
     return DecodedImage(index, pixels, float(scale), (int(rgb.shape[0]), int(rgb.shape[1])))
 
 
-def _as_chw_float32(tensor: Any) -> np.ndarray:
+def _as_chw_float32(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
     """A (3, h, w) torch tensor or array -> a contiguous float32 numpy array (cheap to pickle)."""
     if hasattr(tensor, "detach"):
         tensor = tensor.detach().cpu().numpy()

@@ -110,7 +110,7 @@ class _Walker:
                 kind, st = self._classify(path)
                 if kind == "dir":
                     subdirs.append(path)
-                elif kind == "file" and is_image_candidate(name) and self._take_file(path, st):
+                elif kind == "file" and st is not None and is_image_candidate(name) and self._take_file(path, st):
                     yield path, root, st
                 elif kind == "special" and is_image_candidate(name):
                     self.report(WalkIssue(path, "not a regular file"))

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 import typer
 from typer.core import TyperGroup
 
 from models.core.version import __version__
+
+if TYPE_CHECKING:  # the context `TyperGroup` is given: typer >= 0.20 vendors click as `typer._click`
+    from typer._click import Context
+    from typer._click.exceptions import ClickException as VendoredClickException
+    from typer._click.exceptions import UsageError as VendoredUsageError
+
+    UsageError = click.exceptions.UsageError | VendoredUsageError
+    ClickError = click.exceptions.ClickException | VendoredClickException
 
 
 def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
@@ -27,10 +35,10 @@ def _typer_flow_exceptions() -> tuple[type[BaseException], ...]:
 _TYPER_FLOW = _typer_flow_exceptions()
 
 
-def _usage_error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+def _usage_error_classes() -> tuple[tuple[type[UsageError], ...], tuple[type[ClickError], ...]]:
     """(usage errors, other click errors), as both click and typer's vendored click spell them."""
-    usage: list[type[BaseException]] = [click.exceptions.UsageError]
-    other: list[type[BaseException]] = [click.exceptions.ClickException]
+    usage: list[type[UsageError]] = [click.exceptions.UsageError]
+    other: list[type[ClickError]] = [click.exceptions.ClickException]
     try:
         from typer._click import exceptions as vendored
     except ImportError:  # pragma: no cover - older typer raises click's
@@ -42,6 +50,11 @@ def _usage_error_classes() -> tuple[tuple[type[BaseException], ...], tuple[type[
 
 
 _USAGE_ERRORS, _CLICK_ERRORS = _usage_error_classes()
+_ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort,
+                                             *(c for c in _TYPER_FLOW if c.__name__ == "Abort"))
+# what click raises to end a command on purpose (help, exit, abort, usage): never an ldot error
+_CLICK_FLOW: tuple[type[BaseException], ...] = (click.exceptions.ClickException, click.exceptions.Exit,
+                                                click.exceptions.Abort, *_TYPER_FLOW)
 
 
 class _ErrorBoundary(TyperGroup):
@@ -56,25 +69,27 @@ class _ErrorBoundary(TyperGroup):
 
         clean_help(self)
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
         """click's own handling, except that a usage error is one ``error:`` line (no usage box) with exit 2."""
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return super().main(args, prog_name, complete_var, standalone_mode=False,
+                                windows_expand_args=windows_expand_args, **extra)
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                windows_expand_args=windows_expand_args, **extra)
         except _USAGE_ERRORS as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `ldot` or `ldot models` alone: the help
-                exc.show()  # type: ignore[attr-defined]
+                exc.show()
                 sys.exit(0)
-            fail(_usage_line(exc), exc.exit_code)  # type: ignore[attr-defined]
+            fail(_usage_line(exc), exc.exit_code)
         except _CLICK_ERRORS as exc:
-            fail(exc.format_message(), exc.exit_code)  # type: ignore[attr-defined]
-        except (click.exceptions.Abort, *(c for c in _TYPER_FLOW if c.__name__ == "Abort")):
+            fail(exc.format_message(), exc.exit_code)
+        except _ABORTS:
             fail("aborted", 1)
         sys.exit(code if isinstance(code, int) else 0)
 
-    def get_params(self, ctx: click.Context) -> list[Any]:
+    def get_params(self, ctx: Context) -> list[Any]:
         from ldot_cli.commands.console import clean_param
 
         params = super().get_params(ctx)
@@ -82,7 +97,7 @@ class _ErrorBoundary(TyperGroup):
             clean_param(param)
         return params
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Context) -> Any:
         from models.core.env import flag
         from models.core.errors import LdotError
 
@@ -91,7 +106,7 @@ class _ErrorBoundary(TyperGroup):
         try:
             with _library_warnings_as_lines():
                 return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, *_TYPER_FLOW):
+        except _CLICK_FLOW:
             raise
         except LdotError as exc:
             if debug:
@@ -142,7 +157,7 @@ def _option_flags(group: Any, ctx: Any, args: list[str]) -> dict[str, str]:
     return flags
 
 
-def _own_flags(command: Any) -> dict[str, str]:
+def _own_flags(command: object) -> dict[str, str]:
     flags = {}
     for param in getattr(command, "params", []):
         opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
@@ -151,7 +166,7 @@ def _own_flags(command: Any) -> dict[str, str]:
     return flags
 
 
-def _commands(group: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+def _commands(group: object, prefix: str) -> Iterator[tuple[str, object]]:
     """(path, command) of every command under ``group`` (``index``, ``train finetune``...)."""
     for name, sub in sorted(getattr(group, "commands", {}).items()):
         path = f"{prefix} {name}".strip()
@@ -172,11 +187,12 @@ def _library_warnings_as_lines() -> Iterator[None]:
         warnings.simplefilter("always", LdotWarning)
         original = warnings.showwarning
 
-        def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
             if issubclass(category, LdotWarning):
                 warn(str(message))
             else:
-                original(message, category, *args, **kwargs)
+                original(message, category, filename, lineno, file, line)
 
         warnings.showwarning = show
         yield
@@ -189,7 +205,7 @@ def warn(message: str) -> None:
     err.print(line(("warning: ", "bold yellow"), " ".join(str(message).split())), soft_wrap=True)
 
 
-def _usage_line(exc: Any) -> str:
+def _usage_line(exc: UsageError) -> str:
     """A usage error as one line: click's message and where to find the command's help."""
     message = exc.format_message()
     ctx = getattr(exc, "ctx", None)

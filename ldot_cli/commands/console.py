@@ -14,13 +14,17 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.text import Text
 
 from models.core.env import flag
 from models.core.progress import Progress
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+    from rich.progress import TaskID
 
 out = Console(soft_wrap=True, markup=False, highlight=False, emoji=False)  # results
 err = Console(stderr=True, markup=False, highlight=False, emoji=False)  # diagnostics, progress, errors
@@ -98,7 +102,7 @@ def _type_word(param: Any) -> str:
 
     if isinstance(annotation, type) and issubclass(annotation, PurePath):
         return "PATH"
-    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")  # type: ignore[call-overload]
+    return {int: "INTEGER", float: "FLOAT"}.get(annotation, "TEXT")
 
 
 def interactive() -> bool:
@@ -186,7 +190,7 @@ def progress_enabled() -> bool:
 
 
 @contextmanager
-def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[Any]:
+def progress_bar(unit: str = "images", transient: bool = False) -> Iterator[RichProgress]:
     """A rich progress bar on stderr with count, rate and ETA (``unit`` ``bytes`` shows sizes)."""
     from rich.progress import (
         BarColumn,
@@ -215,12 +219,12 @@ class ProgressView:
     """Draws `models.core.progress` reports: one rich task per stage with its count (or bytes), rate and ETA;
     training's validation and checkpoint events as lines above the bars."""
 
-    def __init__(self, progress: Any) -> None:
+    def __init__(self, progress: RichProgress) -> None:
         import time
 
         self._time = time.monotonic
         self.progress = progress
-        self.tasks: dict[str, Any] = {}
+        self.tasks: dict[str, TaskID] = {}
         self.starts: dict[str, tuple[float, int]] = {}  # stage -> (clock, done) at its first report
 
     def __call__(self, p: Progress) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,13 +19,17 @@ from ldot_cli.commands.console import (
     verify_report,
 )
 
+if TYPE_CHECKING:
+    from ldot_cli.data.datasets import Plan
+    from models.core.progress import Progress, ProgressFn
+
 app = typer.Typer(help="Public benchmarks and training sets in the cache: list, get, verify, rm.",
                   no_args_is_help=True)
 
 ASK_ABOVE = 50_000_000  # bytes: a larger download is confirmed first (unless --yes)
 
 
-def confirm_fetch(plan: Any, yes: bool, own_copy: bool = False) -> None:
+def confirm_fetch(plan: Plan, yes: bool, own_copy: bool = False) -> None:
     """Say what a fetch downloads, where it goes and its terms of use; ask before a large one unless ``yes``.
     ``own_copy``: the running command has ``--data`` (`ldot eval`, `ldot train`), so the refusal may suggest it."""
     from models.core.errors import LdotError
@@ -58,8 +62,8 @@ def fetch_with_progress(dataset: str, split: str, lang: str, yes: bool, workers:
         datasets.fetch(dataset, split, lang, progress=_bytes_only(ProgressView(bar)), workers=workers)
 
 
-def _bytes_only(callback: Any) -> Any:
-    def on(p: Any) -> None:
+def _bytes_only(callback: ProgressFn) -> ProgressFn:
+    def on(p: Progress) -> None:
         if p.unit == "bytes":
             callback(p)
     return on
@@ -75,10 +79,11 @@ def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON lis
 
     from ldot_cli.data import datasets
 
+    splits = datasets.status()
     rows = [{"dataset": s.entry.dataset, "split": s.entry.split, "download_bytes": s.entry.approx_bytes,
              "present": "yes" if s.present else ("partial" if s.partial_bytes else "no"),
              "partial_bytes": s.partial_bytes, "licence": s.entry.licence, "terms": s.entry.terms,
-             "folder": str(s.folder)} for s in datasets.status()]
+             "folder": str(s.folder)} for s in splits]
     if json_:
         typer.echo(json.dumps(rows, ensure_ascii=False))
         return
@@ -86,10 +91,11 @@ def list_data(json_: bool = typer.Option(False, "--json", help="Print a JSON lis
     for column in ("dataset", "split", "download", "present", "licence"):
         table.add_column(column, no_wrap=True)
     styles = {"yes": "green", "no": "dim", "partial": "yellow"}
-    for row in rows:
-        present = row["present"] + (f" ({human_bytes(row['partial_bytes'])} kept)" if row["partial_bytes"] else "")
-        table.add_row(cell(row["dataset"]), cell(row["split"]), cell(f"~{human_bytes(row['download_bytes'])}"),
-                      cell(present, styles[str(row["present"])]), cell(row["licence"]))
+    for s, row in zip(splits, rows):
+        present = str(row["present"])
+        kept = f" ({human_bytes(s.partial_bytes)} kept)" if s.partial_bytes else ""
+        table.add_row(cell(s.entry.dataset), cell(s.entry.split), cell(f"~{human_bytes(s.entry.approx_bytes)}"),
+                      cell(present + kept, styles[present]), cell(s.entry.licence))
     out.print(table)
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         row = next(r for r in rows if r["dataset"] == dataset)

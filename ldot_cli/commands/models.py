@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import typer
 
@@ -18,6 +18,10 @@ from ldot_cli.commands.console import (
     safe,
     verify_report,
 )
+
+if TYPE_CHECKING:
+    from models.hub.catalogue import ModelEntry
+    from models.hub.installed import LocalModel
 
 app = typer.Typer(help="Named checkpoints in the cache: list, download, import, verify, rm.", no_args_is_help=True)
 
@@ -69,7 +73,23 @@ def list_models(json_: bool = typer.Option(False, "--json", help="Print a JSON l
                            "re-import it (`ldot models import FILE --as NAME`)"))
 
 
-def _model_rows() -> list[dict[str, object]]:
+class _ModelRow(TypedDict):
+    """One line of `ldot models list` (also its --json)."""
+
+    name: str
+    kind: str
+    present: str  # yes | partial | no | damaged
+    size: str  # human size
+    bytes: int | None
+    licence: str | None
+    source: str
+    path: str | None
+    problem: str | None
+    where: str | None
+    pending_bytes: int
+
+
+def _model_rows() -> list[_ModelRow]:
     """One dict per registry entry and per local model: name, kind, present (yes/partial/no), size (text),
     bytes (when present), licence, source, path (when present), where (ldot / hub cache: the shared Hugging Face
     cache, linked from the ldot folder), pending_bytes (what an interrupted download left to resume from)."""
@@ -77,9 +97,9 @@ def _model_rows() -> list[dict[str, object]]:
     from models.hub.installed import local_models
 
     local = {m.name: m for m in local_models()}
-    rows: list[dict[str, object]] = []
+    rows: list[_ModelRow] = []
 
-    def present(model: Any) -> str:
+    def present(model: LocalModel | None) -> str:
         if model is None:
             return "no"
         return "damaged" if model.problem else "yes" if model.complete else "partial"
@@ -99,22 +119,22 @@ def _model_rows() -> list[dict[str, object]]:
     return rows
 
 
-def _pending_bytes(entry: object) -> int:
+def _pending_bytes(entry: ModelEntry) -> int:
     """Bytes an interrupted download left (in the staging folder, or the shared hub cache's ``.part`` blobs):
     the next download resumes from them."""
     from models.hub.fetch import staging_dir
     from models.hub.hf_cache import parse_hub_url, repo_folder
 
-    folder = staging_dir(entry.name)  # type: ignore[attr-defined]
+    folder = staging_dir(entry.name)
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
-    hub = parse_hub_url(entry.files[0].urls[0])  # type: ignore[attr-defined]
+    hub = parse_hub_url(entry.files[0].urls[0])
     if hub is not None:
         blobs = repo_folder(hub.repo) / "blobs"
         total += sum(p.stat().st_size for p in blobs.glob("*.part")) if blobs.is_dir() else 0
     return total
 
 
-def _where(model: Any) -> str | None:
+def _where(model: LocalModel | None) -> str | None:
     """Where a present model's files are: the ldot cache, or (linked from it) the shared Hugging Face cache."""
     if model is None:
         return None
@@ -123,11 +143,11 @@ def _where(model: Any) -> str | None:
     return "hub cache" if linked else "ldot"
 
 
-def _source(entry: object) -> str:
+def _source(entry: ModelEntry) -> str:
     """Where an entry comes from, short: ``hub:<repo>`` or the official host (+ mirrors)."""
     from models.hub.catalogue import HUB_PREFIX
 
-    urls = entry.files[0].urls  # type: ignore[attr-defined]
+    urls = entry.files[0].urls
     if urls[0].startswith(HUB_PREFIX):
         return "hub:" + urls[0][len(HUB_PREFIX):].split("/resolve/")[0]
     host = urls[0].split("/")[2]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 import typer
 
 from ldot_cli.commands.console import err, line, out
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def register(app: typer.Typer) -> None:
@@ -127,7 +132,11 @@ def _clean_up(name: str) -> None:
             pass
 
 
-def _exit_when_idle(server: object, state: object, name: str) -> None:
+class _Answering(Protocol):
+    answered: int  # queries answered since start
+
+
+def _exit_when_idle(server: uvicorn.Server, state: _Answering, name: str) -> None:
     """A background server ends itself after LDOT_SERVER_IDLE seconds without a query, when its index was
     removed, or when another server of the index took its announcement over."""
     import threading
@@ -141,13 +150,13 @@ def _exit_when_idle(server: object, state: object, name: str) -> None:
 
     def watch() -> None:
         seen, last = -1, time.monotonic()
-        while not server.should_exit:  # type: ignore[attr-defined]
+        while not server.should_exit:
             time.sleep(min(2.0, idle / 4))
-            answered = state.answered  # type: ignore[attr-defined]
+            answered = state.answered
             if answered != seen:
                 seen, last = answered, time.monotonic()
             if time.monotonic() - last > idle or not db.exists() or not is_ours(name):
-                server.should_exit = True  # type: ignore[attr-defined]
+                server.should_exit = True
 
     threading.Thread(target=watch, name="ldot-idle", daemon=True).start()
 

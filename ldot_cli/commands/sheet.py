@@ -8,15 +8,18 @@ import io
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldot_cli.commands.console import err, line, out, safe
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SHEET_THUMB = 320
 PREVIEW_CELLS = 24  # preview width in terminal columns
 
 
-def _thumb(path: bytes, size: int) -> Any:
+def _thumb(path: bytes, size: int) -> Image.Image | None:
     """The oriented photo, shrunk to ``size`` (None when it cannot be read any more)."""
     from PIL import Image
 
@@ -31,7 +34,7 @@ def _thumb(path: bytes, size: int) -> Any:
     return image
 
 
-def _data_uri(image: Any) -> str:
+def _data_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=82)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from ldot_cli.commands.console import ProgressView, err, line, progress_bar
+
+if TYPE_CHECKING:
+    from ldot_cli.data.training_data import DataSpec
 
 app = typer.Typer(help="Make your own model: fine-tune or pre-train a bi-encoder, or decompose a cross-encoder.",
                   no_args_is_help=True)
@@ -217,13 +220,13 @@ def _mix(mix: str, names: list[str]) -> list[float]:
 
 
 def _spec(dataset: str, data: Path | None, karpathy: Path | None, txt_db: list[Path] | None, val_txt_db: Path | None,
-          img_db: list[Path] | None, val_images: int | None, no_val: bool) -> Any:
+          img_db: list[Path] | None, val_images: int | None, no_val: bool) -> DataSpec:
     from ldot_cli.data.training_data import DataSpec
 
     return DataSpec(dataset, data, karpathy, tuple(txt_db or ()), val_txt_db, tuple(img_db or ()), val_images, no_val)
 
 
-def _run(mode: str, name: str, spec: Any, init: str | None, image_init: str | None, device: str, resume: bool,
+def _run(mode: str, name: str, spec: DataSpec, init: str | None, image_init: str | None, device: str, resume: bool,
          force: bool, options: dict[str, Any], plot: bool = False, **extra: Any) -> None:
     from ldot_cli.train.driver import TrainRequest, run_training
 

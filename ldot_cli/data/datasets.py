@@ -51,7 +51,7 @@ from models.core.download import (
 from models.core.errors import LdotWarning, option
 from models.core.fileio import SHARED, atomic_write_bytes, atomic_write_json, atomic_writer, sha256_file
 from models.core.home import datasets_dir
-from models.core.progress import ProgressFn, report
+from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import expand_url
 
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
@@ -62,6 +62,8 @@ class SourceUnreachable(DatasetError):
     """No mirror of a file answered (the message says which URLs and what to do by hand)."""
 
     resumable = False  # bytes of it are kept: the next run resumes (no reason to switch sources)
+    # the download that failed: (file name, URLs tried, each failure, destination), for a fallback's message
+    detail: tuple[str, list[str], list[str], Path] | None = None
 
 
 def dataset_dir(dataset: str) -> Path:
@@ -139,7 +141,7 @@ class _Bytes:
         self.progress, self.stage, self.total, self.offset = progress, stage, total, 0
 
     def file(self) -> ProgressFn:
-        def callback(p: Any) -> None:
+        def callback(p: Progress) -> None:
             info = dict(p.info) if p.info else {}
             report(self.progress, self.stage, self.offset + p.done, max(self.total, self.offset + p.done), "bytes",
                    **info)
@@ -231,11 +233,22 @@ def _download(entry: DataSplit, f: DataFile, dest: Path, meter: _Bytes, retries:
         part = dest.with_name(dest.name + ".part")
         error.resumable = part.is_file() and part.stat().st_size > 0
         error.args = (str(error),)
-        error.detail = (f.name, urls, exc.failures, dest)  # type: ignore[attr-defined]
+        error.detail = (f.name, urls, exc.failures, dest)
         raise error from None
     size = dest.stat().st_size
     meter.add(size)
     return {"sha256": digest, "size": size}
+
+
+def _fallback_unreachable(entry: DataSplit, primary: SourceUnreachable,
+                          fallback: SourceUnreachable) -> SourceUnreachable:
+    """The error when a split's fallback is unreachable too: the primary download's line, naming the fallback's
+    failures."""
+    why = "; ".join(fallback.detail[2]) if fallback.detail else str(fallback)
+    if primary.detail is None:  # not raised by `_download` (never today): its own message, then the fallback's
+        return SourceUnreachable(f"{primary}; then the fallback {why}")
+    name, urls, failures, dest = primary.detail
+    return SourceUnreachable(_offline(entry, name, urls, failures, dest, fallback=why))
 
 
 def _offline(entry: DataSplit, name: str, urls: list[str], failures: list[str], dest: Path,
@@ -282,7 +295,7 @@ def _column(row: dict[str, Any], names: Iterable[str], path: Path) -> Any:
                        f"file changed; pass {option('data')} with your own copy")
 
 
-def checked_name(value: Any, source: Path, where: str, nested: bool = False) -> str:
+def checked_name(value: object, source: Path, where: str, nested: bool = False) -> str:
     """A file name read from a downloaded file, as is, once it cannot leave the folder it is joined to.
 
     It must be a plain file name (``nested``: a relative path of plain names, like ``val2014``): no absolute
@@ -487,9 +500,7 @@ def _fetch_coco_zip(entry: DataSplit, folder: Path, meter: _Bytes, primary: Sour
         try:
             digests[f"downloads/{f.name}"] = _download(alt, f, downloads / f.name, meter, retries, backoff, timeout)
         except SourceUnreachable as exc:
-            name, urls, failures, dest = primary.detail  # type: ignore[attr-defined]
-            why = "; ".join(exc.detail[2]) if hasattr(exc, "detail") else str(exc)  # type: ignore[attr-defined]
-            raise SourceUnreachable(_offline(entry, name, urls, failures, dest, fallback=why)) from None
+            raise _fallback_unreachable(entry, primary, exc) from None
     safe_extract(downloads / alt.files[0].name, folder / "val2014", progress=progress)
     csv_path = downloads / alt.files[1].name
     images = karpathy_from_rows(_read_csv(csv_path), csv_path, "test", filepath="val2014")
@@ -525,9 +536,7 @@ def _fetch_wds_flickr(entry: DataSplit, folder: Path, meter: _Bytes, primary: So
         try:
             digests[f"downloads/wds/{f.name}"] = _download(entry, f, dest, meter, retries, backoff, timeout)
         except SourceUnreachable as exc:
-            name, urls, failures, dest = primary.detail  # type: ignore[attr-defined]
-            why = "; ".join(exc.detail[2]) if hasattr(exc, "detail") else str(exc)  # type: ignore[attr-defined]
-            raise SourceUnreachable(_offline(entry, name, urls, failures, dest, fallback=why)) from None
+            raise _fallback_unreachable(entry, primary, exc) from None
         return dest
 
     try:

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from feature_extraction.uniter_db import FeatureStore, is_image_db
 from ldot_cli.data.errors import DatasetError
@@ -15,6 +15,10 @@ from ldot_cli.data.retrieval_sets import RetrievalSet
 from models.core.errors import LdotError
 from models.core.fileio import SHARED, atomic_write_json
 from models.core.progress import Progress, ProgressFn, report
+
+if TYPE_CHECKING:
+    from feature_extraction.detector.network import BUTDDetector
+    from feature_extraction.pipeline import ExtractReport, RegionDetector
 
 
 def feature_cache_dir(image_root: Path) -> Path:
@@ -26,7 +30,7 @@ def feature_cache_dir(image_root: Path) -> Path:
     return features_dir() / f"{slug}-{hashlib.sha1(os.fsencode(root)).hexdigest()[:12]}"
 
 
-def ensure_features(rset: RetrievalSet, detector: Any = None, device: str = "auto",
+def ensure_features(rset: RetrievalSet, detector: RegionDetector | None = None, device: str = "auto",
                     progress: ProgressFn | None = None, num_workers: int = 2) -> Path:
     """Make sure every image of ``rset`` has features in a UNITER image DB; returns (and sets) its folder.
 
@@ -91,7 +95,7 @@ def _cache_complete(img_dir: Path, keys: Sequence[str], paths: Sequence[Path]) -
     return True
 
 
-def load_default_detector(device: str = "auto") -> Any:
+def load_default_detector(device: str = "auto") -> BUTDDetector:
     """The BUTD detector used to extract features of image files (downloaded on first use)."""
     from feature_extraction.detector.weights import open_detector
     from models.hub.catalogue import DEFAULT_DETECTOR
@@ -101,8 +105,8 @@ def load_default_detector(device: str = "auto") -> Any:
     return open_detector(DEFAULT_DETECTOR, device)
 
 
-def _extract(paths: Sequence[Path], keys: Sequence[str], out_dir: Path, detector: Any,
-             progress: ProgressFn | None, num_workers: int) -> Any:
+def _extract(paths: Sequence[Path], keys: Sequence[str], out_dir: Path, detector: RegionDetector,
+             progress: ProgressFn | None, num_workers: int) -> ExtractReport:
     """Extract region features of ``paths`` into the UNITER image DB ``out_dir``, stored under ``keys``."""
     from feature_extraction.pipeline import extract_to_db
 

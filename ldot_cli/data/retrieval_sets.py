@@ -174,7 +174,7 @@ def read_karpathy(path: str | Path, split: str = "test") -> tuple[list[str], lis
             captions.append((str(sent["sentid"]), text.strip(), len(files), None))
         files.append(file)
     if not captions:
-        splits = sorted({e.get("split") for e in data["images"] if isinstance(e, dict)} - {None})
+        splits = sorted({e["split"] for e in data["images"] if isinstance(e, dict) and isinstance(e.get("split"), str)})
         raise DatasetError(f"{path} has no captioned image in split {split!r} (splits there: {', '.join(splits)})")
     return files, captions
 
@@ -322,6 +322,7 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
     meta = None
     file_names: list[str] | None = None  # image files, when the captions name files
     uniter_names: list[str] | None = None  # UNITER keys, when the captions come from a text DB
+    rows: Sequence[tuple[str, str, int, tuple[int, ...] | None]]  # (id, text, file index, token ids)
     if dataset == "multi30k":
         if split != "test":
             raise DatasetError(f"Multi30K is evaluated on its 2016 test set only ({option('split')} test)")
@@ -342,10 +343,10 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
             txt_db = find_text_db(data, dataset, split)
             karpathy = None if txt_db else find_karpathy(data, dataset)
         if txt_db is not None:
-            uniter_names, rows, meta = read_uniter_text_db(txt_db)  # type: ignore[assignment]
+            uniter_names, rows, meta = read_uniter_text_db(txt_db)
             sources["captions"] = str(txt_db)
         elif karpathy is not None:
-            file_names, rows = read_karpathy(karpathy, split)  # type: ignore[assignment]
+            file_names, rows = read_karpathy(karpathy, split)
             sources["captions"] = str(karpathy)
         else:
             raise DatasetError(f"no captions for {dataset} under {data}: expected dataset_{dataset}.json (Karpathy "
@@ -357,7 +358,12 @@ def locate(dataset: str, paths: DataPaths, split: str = "test", lang: str = "de"
             raise DatasetError(f"no images: pass {option('data')}, {option('images')} (image files) or {option('img_db')} (UNITER image DB)")
         img_db = find_image_db(data, dataset)
         if img_db is None:
-            first = file_names[0] if file_names else image_file_from_uniter_key(uniter_names[0])  # type: ignore[index]
+            if file_names:
+                first = file_names[0]
+            elif uniter_names:
+                first = image_file_from_uniter_key(uniter_names[0])
+            else:
+                raise DatasetError(f"the captions of {dataset} name no image")
             images = find_image_folder(data, dataset, first)
             if images is None:
                 raise DatasetError(f"no images for {dataset} under {data}: expected a UNITER image DB "

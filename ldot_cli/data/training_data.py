@@ -14,13 +14,14 @@ Layouts:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from feature_extraction.uniter_db import (
     UNITER_FEATURE_DB,
+    ImageRecord,
     UniterImageDB,
     is_image_db,
     subdirs,
@@ -28,6 +29,15 @@ from feature_extraction.uniter_db import (
 from ldot_cli.data import retrieval_sets
 from ldot_cli.data.uniter_text_db import read_uniter_text_db
 from models.core.errors import LdotError, option
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from models.core.progress import ProgressFn
+    from models.nn.tokenizer import Tokenizer
+    from models.training.data import FeatureLookup, PairSet, PixelRecord, TrainData
+    from models.training.dual import DualTokenizer
 
 
 class TrainDataError(LdotError):
@@ -51,14 +61,14 @@ class DataSpec:
 class MultiImageDB:
     """Several UNITER image DBs behind one ``lookup[key]`` (the first DB holding the key answers)."""
 
-    def __init__(self, dbs: Sequence[Any]) -> None:
+    def __init__(self, dbs: Sequence[UniterImageDB]) -> None:
         self.dbs = list(dbs)
-        self._where: dict[str, Any] = {}
+        self._where: dict[str, UniterImageDB] = {}
 
     def __contains__(self, key: str) -> bool:
         return self._find(key) is not None
 
-    def _find(self, key: str) -> Any:
+    def _find(self, key: str) -> UniterImageDB | None:
         db = self._where.get(key)
         if db is None:
             db = next((d for d in self.dbs if key in d), None)
@@ -66,7 +76,7 @@ class MultiImageDB:
                 self._where[key] = db
         return db
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> ImageRecord:
         db = self._find(key)
         if db is None:
             raise KeyError(key)
@@ -93,7 +103,7 @@ def _has_image_db(data: Path) -> bool:
     return any(is_image_db(p) for p in [data, *subdirs(data), *(q for p in subdirs(data) for q in subdirs(p))])
 
 
-def _pairs_from_text_dbs(dbs: Sequence[Path]) -> Any:
+def _pairs_from_text_dbs(dbs: Sequence[Path]) -> PairSet:
     from models.training.data import PairSet
 
     keys: dict[str, int] = {}
@@ -106,7 +116,8 @@ def _pairs_from_text_dbs(dbs: Sequence[Path]) -> Any:
     return PairSet(token_ids, caption_image, list(keys))
 
 
-def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokenizer: Any) -> Any:
+def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str],
+                         tokenizer: Tokenizer | DualTokenizer) -> PairSet:
     from models.training.data import PairSet
 
     files: list[str] = []
@@ -127,7 +138,7 @@ def _pairs_from_karpathy(path: Path, dataset: str, splits: Sequence[str], tokeni
     return PairSet.from_texts(texts, images, keys, tokenizer)
 
 
-def _first_images(pairs: Any, n: int | None) -> Any:
+def _first_images(pairs: PairSet, n: int | None) -> PairSet:
     from models.training.data import PairSet
 
     if n is None or n >= len(pairs.image_keys):
@@ -144,7 +155,8 @@ def check_training_data(spec: DataSpec) -> None:
         _image_dbs(spec)
 
 
-def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str, progress: Any) -> list[Path]:
+def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str,
+                               progress: ProgressFn | None) -> list[Path]:
     """Region features of the Karpathy train/restval/val images found as files under ``spec.data`` (e.g. a split
     fetched by `ldot data get`), extracted once into the feature cache like `ldot eval` does."""
     from ldot_cli.data.features import ensure_features
@@ -206,14 +218,14 @@ class PixelLookup:
     """``lookup[key]`` -> the image file's pixels as a model that reads pixels takes them (`PixelRecord`): decoded by
     ldot (EXIF rotation, CMYK, 16-bit, HEIC), preprocessed by ``prepare`` (the model's image processor)."""
 
-    def __init__(self, files: dict[str, Path], prepare: Any) -> None:
+    def __init__(self, files: dict[str, Path], prepare: Callable[[np.ndarray], torch.Tensor]) -> None:
         self.files = files
         self.prepare = prepare
 
     def __contains__(self, key: str) -> bool:
         return key in self.files and self.files[key].is_file()
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> PixelRecord:
         from feature_extraction.errors import ImageLoadError
         from feature_extraction.images.decode import load_image
         from models.training.data import PixelRecord
@@ -243,8 +255,9 @@ def _image_files(spec: DataSpec, karpathy: Path | None) -> dict[str, Path] | Non
             for f in dict.fromkeys(files)}
 
 
-def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", progress: Any = None,
-                       pixels: Any = None) -> Any:
+def open_training_data(spec: DataSpec, tokenizer: Tokenizer | DualTokenizer, device: str = "auto",
+                       progress: ProgressFn | None = None,
+                       pixels: Callable[[np.ndarray], torch.Tensor] | None = None) -> TrainData:
     """Read the training (and validation) pairs and open the image features: a `models.training.data.TrainData`.
 
     With a Karpathy file and image files but no UNITER image DB (a split fetched by `ldot data get`), the images'
@@ -265,6 +278,7 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
         val = _pairs_from_text_dbs([val_db]) if val_db is not None and not spec.no_val else None
         described = ", ".join(str(p) for p in train_dbs)
     else:
+        assert karpathy is not None  # `_locate_captions` gives text DBs or a Karpathy file
         splits = ("train", "restval") if spec.dataset == "coco" else ("train",)
         train = _pairs_from_karpathy(karpathy, spec.dataset, splits, tokenizer)
         val = None if spec.no_val else _pairs_from_karpathy(karpathy, spec.dataset, ("val",), tokenizer)
@@ -296,7 +310,7 @@ def open_training_data(spec: DataSpec, tokenizer: Any, device: str = "auto", pro
                      + ", ".join(str(d) for d in img_dirs), image_files=files)
 
 
-def _check_features(train: Any, val: Any, lookup: Any, img_dirs: Sequence[Path]) -> None:
+def _check_features(train: PairSet, val: PairSet | None, lookup: FeatureLookup, img_dirs: Sequence[Path]) -> None:
     for name, pairs in (("training", train), ("validation", val)):
         if pairs is None:
             continue

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldot_cli.data.errors import DatasetError, load_json
+
+if TYPE_CHECKING:
+    import lmdb
 
 
 class UniterTextDB:
@@ -32,7 +35,7 @@ class UniterTextDB:
         img2txts = self.db_dir / "img2txts.json"
         self.img2txts: dict[str, list[str]] | None = (
             self._sidecar("img2txts.json", dict, "{image file name: [sentence ids]}") if img2txts.exists() else None)
-        self._env: Any = None
+        self._env: lmdb.Environment | None = None
 
     def _sidecar(self, name: str, kind: type, what: str) -> Any:
         value = load_json(self.db_dir / name, what)
@@ -41,7 +44,7 @@ class UniterTextDB:
         return value
 
     @property
-    def env(self) -> Any:
+    def env(self) -> lmdb.Environment:
         if self._env is None:
             import lmdb
 

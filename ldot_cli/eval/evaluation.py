@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard
 
 import numpy as np
 
@@ -36,8 +36,13 @@ from models.core.errors import LdotError, ModelError, option
 from models.core.progress import Progress, ProgressFn, report
 from models.hub.catalogue import DEFAULT_EVAL_MODELS, RERANKERS
 from models.hub.installed import default_reranker
-from models.nn.regions import stack_regions
+from models.nn.regions import RegionRecord, stack_regions
 from models.training.metrics import KS, Recalls, recalls_from_rankings
+
+if TYPE_CHECKING:
+    import torch
+
+    from feature_extraction.images.pool import DecodedImage
 
 # The official LightningDOT README's table (R@1/5/10 in %): (dataset, checkpoint) -> row.
 PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
@@ -51,22 +56,40 @@ PUBLISHED: dict[tuple[str, str], dict[str, Any]] = {
 OFFICIAL_FILES = {"LightningDot.pt": "lightningdot", "flickr-ft.pt": "flickr-ft", "coco-ft.pt": "coco-ft"}
 
 
+# vectors or scores as a model (a tensor) or a planted test double (an array) gives them
+Numbers: TypeAlias = "torch.Tensor | np.ndarray"
+
+
 class Encoder(Protocol):
     """What evaluation needs of a bi-encoder (`models.BiEncoder`, or a planted test double)."""
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = ...) -> Any: ...
+    def encode_text(self, texts: Sequence[str], batch_size: int = ...) -> Numbers: ...
 
-    def encode_token_ids(self, input_ids: Any, attention_mask: Any = None) -> Any: ...
+    def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Numbers: ...
 
-    def encode_images(self, records: Sequence[Any], batch_size: int = ...,
-                      progress: ProgressFn | None = None) -> Any: ...
+    def encode_images(self, records: Sequence[RegionRecord], batch_size: int = ...,
+                      progress: ProgressFn | None = None) -> Numbers: ...
 
 
 class Reranker(Protocol):
     """What re-ranking needs of a cross-encoder (`models.load_reranker`): ``score`` over region features, or, when
     its ``inputs`` is ``"pixels"`` (ViLT), ``prepare(rgb)`` and ``score_pixels(texts, images)`` over the image files."""
 
-    def score(self, texts: Sequence[str], features: Any, norm_bb: Any, mask: Any = None) -> Any: ...
+    def score(self, texts: Sequence[str], features: torch.Tensor, norm_bb: torch.Tensor,
+              mask: torch.Tensor | None = None) -> Numbers: ...
+
+
+class PixelReranker(Protocol):
+    """A `Reranker` whose ``inputs`` is ``"pixels"``: it scores (text, preprocessed image) pairs."""
+
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor: ...
+
+    def score_pixels(self, texts: Sequence[str], images: Sequence[torch.Tensor]) -> Numbers: ...
+
+
+def _reads_pixels(reranker: object) -> TypeGuard[PixelReranker]:
+    """Whether a re-ranker reads the image files (ViLT) rather than region features."""
+    return getattr(reranker, "inputs", "regions") == "pixels"
 
 
 class ImageInputs:
@@ -77,15 +100,15 @@ class ImageInputs:
         self.store = store
         self.files = files
         self.keep = keep
-        self._pixels: dict[str, Any] = {}
+        self._pixels: dict[str, torch.Tensor] = {}
 
-    def regions(self, keys: Sequence[str]) -> tuple[Any, Any, Any]:
+    def regions(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.store is None:
             raise DatasetError("this re-ranker reads region features, and this benchmark's are not extracted")
         feat, bb, mask, _ = stack_regions([self.store.get(k) for k in keys])  # (B, N, dim), (B, N, 6), (B, N)
         return feat, bb, mask
 
-    def pixels(self, keys: Sequence[str], prepare: Callable[[np.ndarray], Any]) -> list[Any]:
+    def pixels(self, keys: Sequence[str], prepare: Callable[[np.ndarray], torch.Tensor]) -> list[torch.Tensor]:
         from feature_extraction.errors import ImageLoadError
         from feature_extraction.images.decode import load_image
 
@@ -172,12 +195,13 @@ class EvalReport:
     image_vectors: np.ndarray | None = field(default=None, repr=False)  # (n_img, D)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"dataset": self.dataset, "split": self.split, "lang": self.lang, "model": self.model,
-               "reranker": self.reranker, "num_images": self.num_images, "num_captions": self.num_captions,
-               "folds": len(self.fold_recalls), "fold_size": self.fold_size, "text_input": self.text_input,
-               "sources": self.sources, "recall": self.recalls.to_dict(),
-               "rerank": {str(m): r.to_dict() for m, r in self.reranked.items()},
-               "timing": self.timings.to_dict(), "published": None, "calibration": self.calibration}
+        out: dict[str, object] = {
+            "dataset": self.dataset, "split": self.split, "lang": self.lang, "model": self.model,
+            "reranker": self.reranker, "num_images": self.num_images, "num_captions": self.num_captions,
+            "folds": len(self.fold_recalls), "fold_size": self.fold_size, "text_input": self.text_input,
+            "sources": self.sources, "recall": self.recalls.to_dict(),
+            "rerank": {str(m): r.to_dict() for m, r in self.reranked.items()},
+            "timing": self.timings.to_dict(), "published": None, "calibration": self.calibration}
         if len(self.fold_recalls) > 1:
             out["fold_recall"] = [r.to_dict() for r in self.fold_recalls]
             out["fold_rerank"] = [{str(m): r.to_dict() for m, r in f.items()} for f in self.fold_reranked]
@@ -189,7 +213,7 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _numpy(x: Any) -> np.ndarray:
+def _numpy(x: Numbers) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
@@ -232,7 +256,7 @@ def encode_image_set(encoder: Encoder, store: FeatureStore, keys: Sequence[str],
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def reads_pixels(encoder: Any) -> bool:
+def reads_pixels(encoder: object) -> bool:
     """The model's image tower reads pixels (a dual encoder: CLIP, SigLIP), not region features."""
     return getattr(encoder, "inputs", "regions") == "pixels"
 
@@ -246,7 +270,7 @@ def encode_image_files(encoder: Any, paths: Sequence[Path], batch_size: int = 64
     timings = timings or EvalTimings()
     advance = _tick(progress, "encoding images", len(paths), "images")
     out: np.ndarray | None = None
-    pending: list[Any] = []
+    pending: list[DecodedImage] = []
     t0 = time.perf_counter()
 
     def flush() -> None:
@@ -304,7 +328,7 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
     timings = timings or EvalTimings()
     captions = rset.captions
     advance = _tick(progress, "encoding captions", len(captions), "captions")
-    vectors: list[np.ndarray | None] = [None] * len(captions)
+    vectors: dict[int, np.ndarray] = {}
     t0 = time.perf_counter()
     if mode == "token-ids":
         from models.nn.tokenizer import pad_ids
@@ -312,7 +336,11 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
         meta = rset.text_meta or {}
         cfg = getattr(getattr(encoder, "config", None), "text", None)
         max_len = getattr(cfg, "max_position_embeddings", 512)
-        rows = [[meta["CLS"], *c.token_ids[: max_len - 2], meta["SEP"]] for c in captions]  # type: ignore[index]
+        rows: list[list[int]] = []
+        for c in captions:
+            if c.token_ids is None:  # `_text_mode` chose token ids: never
+                raise DatasetError("these captions carry no token ids (only a UNITER text DB has them)")
+            rows.append([meta["CLS"], *c.token_ids[: max_len - 2], meta["SEP"]])
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -332,7 +360,7 @@ def encode_captions(encoder: Encoder, rset: RetrievalSet, mode: str = "raw-text"
                 vectors[i] = vec
             advance(len(idx))
     timings.text_encoding_s += time.perf_counter() - t0
-    return np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
+    return np.stack([vectors[i] for i in range(len(captions))]) if captions else np.zeros((0, 0), np.float32)
 
 
 def search_both(text_vectors: np.ndarray, image_vectors: np.ndarray, depth: int,
@@ -355,11 +383,10 @@ def score_pairs(reranker: Reranker, images: ImageInputs, texts: Sequence[str], k
     """Cross-encoder scores (n,) of the pairs (texts[i], image keys[i]); batched by image."""
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     out = np.empty(len(keys), np.float32)
-    pixels = getattr(reranker, "inputs", "regions") == "pixels"
     for start in range(0, len(order), chunk):
         idx = order[start:start + chunk]
         batch_texts = [texts[i] for i in idx]
-        if pixels:
+        if _reads_pixels(reranker):
             scores = reranker.score_pixels(batch_texts, images.pixels([keys[i] for i in idx], reranker.prepare))
         else:
             scores = reranker.score(batch_texts, *images.regions([keys[i] for i in idx]))
@@ -469,6 +496,7 @@ def evaluate(rset: RetrievalSet, encoder: Encoder, *, reranker: Reranker | None 
         if pixels:
             image_vectors = encode_image_files(encoder, rset.image_paths(), batch_size, progress, timings, workers)
         else:
+            assert store is not None  # an encoder that reads regions: the image DB was checked above
             image_vectors = encode_image_set(encoder, store, [im.key for im in rset.images], batch_size, progress,
                                              timings)
         mode = _text_mode(rset, encoder, text_input)
@@ -637,7 +665,7 @@ def _default_reranker(regions: bool = True) -> str:
         return next(n for n in RERANKERS if regions or get_entry(n).kind not in REGION_RERANKER_KINDS)
 
 
-def _rerank_time_note(reranker: Any, name: str, rset: RetrievalSet, opts: EvalOptions,
+def _rerank_time_note(reranker: object, name: str, rset: RetrievalSet, opts: EvalOptions,
                       progress: ProgressFn | None) -> None:
     """On a CPU, say before it starts how long the cross-encoder's part will take (its measured range per pair)."""
     device = getattr(reranker, "device", None)

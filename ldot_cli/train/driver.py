@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldot_cli.data.training_data import (
     DataSpec,
@@ -16,6 +16,20 @@ from ldot_cli.data.training_data import (
     open_training_data,
 )
 from models.core.errors import LdotError, option
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from models.core.progress import ProgressFn
+    from models.hub.decompose import DecomposeSource
+    from models.nn.cross_encoder import LxmertReranker, UniterReranker
+    from models.nn.tokenizer import Tokenizer
+    from models.nn.vilt import ViltReranker
+    from models.training.data import TrainData
+    from models.training.dual import DualTokenizer
+    from models.training.initialization import Source
+    from models.training.loop import TrainConfig, TrainResult
 
 
 @dataclass
@@ -42,10 +56,10 @@ class TrainRequest:
 
 @dataclass
 class TrainOutcome:
-    result: Any  # models.training.loop.TrainResult
+    result: TrainResult
     model_dir: Path | None  # the installed model (None while the run is unfinished)
     init: dict[str, Any]
-    config: Any  # models.training.loop.TrainConfig
+    config: TrainConfig
     train_pairs: int
     val_pairs: int
     plot: Path | None = None  # the curves' PNG, when asked for
@@ -62,7 +76,7 @@ def default_init(mode: str) -> str:
     return "bert-base-cased"
 
 
-def _tag_vocab(req: TrainRequest, data: Any) -> tuple[str, ...]:
+def _tag_vocab(req: TrainRequest, data: TrainData) -> tuple[str, ...]:
     """The object names for the tags of a decomposed model: () when tags are off or the records hold no classes."""
     from models.nn.regions import region_object_ids
 
@@ -84,13 +98,13 @@ class PixelTeacher:
 
     inputs = "pixels"
 
-    def __init__(self, reranker: Any, files: dict[str, Path], keep: int = 64) -> None:
+    def __init__(self, reranker: ViltReranker, files: dict[str, Path], keep: int = 64) -> None:
         self.reranker = reranker
         self.files = files
         self.keep = keep
-        self._pixels: dict[str, Any] = {}
+        self._pixels: dict[str, torch.Tensor] = {}
 
-    def _prepared(self, key: str) -> Any:
+    def _prepared(self, key: str) -> torch.Tensor:
         from feature_extraction.errors import ImageLoadError
         from feature_extraction.images.decode import load_image
 
@@ -104,7 +118,7 @@ class PixelTeacher:
                 self._pixels.pop(next(iter(self._pixels)))
         return self._pixels[key]
 
-    def score_keys(self, texts: list[str], keys: list[str]) -> Any:
+    def score_keys(self, texts: list[str], keys: list[str]) -> torch.Tensor:
         return self.reranker.score_pixels(texts, [self._prepared(k) for k in keys])
 
 
@@ -118,14 +132,17 @@ def _reads_pixels(source: str) -> bool:
         return False  # not a model ldot knows by that name: the usual path says what is wrong
 
 
-def _teacher(config: Any, device: str, data: Any = None, progress: Any = None) -> Any:
+def _teacher(config: TrainConfig, device: str, data: TrainData | None = None,
+             progress: ProgressFn | None = None) -> UniterReranker | LxmertReranker | PixelTeacher | None:
     if config.distill_from is None:
         return None
     from models.hub.load import load_reranker
     from models.nn.cross_encoder import LxmertReranker
+    from models.nn.vilt import ViltReranker
+    from models.training.data import PixelRecord
 
     teacher = load_reranker(config.distill_from, device=device, dtype=None)
-    if getattr(teacher, "inputs", "regions") == "pixels":
+    if isinstance(teacher, ViltReranker):  # it reads pixels
         if data is None or not data.image_files:
             raise LdotError(f"{config.distill_from} scores the images' pixels: train from a Karpathy split file and "
                             f"the image files under {option('data')} (`ldot data get flickr30k --split train`), not "
@@ -133,7 +150,8 @@ def _teacher(config: Any, device: str, data: Any = None, progress: Any = None) -
         return PixelTeacher(teacher, dict(data.image_files))
     if isinstance(teacher, LxmertReranker) and data is not None and progress is not None:
         keys = data.train.image_keys[:: max(1, len(data.train.image_keys) // 50)][:50]
-        boxes = sorted({len(data.features[k].features) for k in keys})
+        records = [data.features[k] for k in keys]
+        boxes = sorted({len(r.features) for r in records if not isinstance(r, PixelRecord)})
         if boxes != [36]:  # the re-ranker says the same of an index of other boxes (`ldot search --rerank`)
             from models.core.progress import Progress
 
@@ -144,7 +162,7 @@ def _teacher(config: Any, device: str, data: Any = None, progress: Any = None) -
     return teacher
 
 
-def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
+def run_training(req: TrainRequest, progress: ProgressFn | None = None) -> TrainOutcome:
     """Train as asked and install the result as ``<home>/models/<out>`` (kind bi-encoder, origin train)."""
     from models.core.home import models_dir, runs_dir
     from models.hub.catalogue import find_entry
@@ -157,6 +175,9 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         source_tokenizer,
     )
 
+    tokenizer: Tokenizer | DualTokenizer  # a dual encoder's own, or a word-piece one
+    source: Source | DecomposeSource
+    model: nn.Module | None  # None: rebuilt from the run (--resume)
     check_name(req.out)
     if req.mode != "finetune" and req.init is not None and _reads_pixels(req.init):
         raise LdotError(f"{req.init} is a dual encoder: it is fine-tuned (`ldot train finetune --init {req.init}`), "
@@ -212,8 +233,12 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         if source.kind in ("vilt", "decomposed-vilt"):  # detector-free: it reads the image files, no tags
             if req.tags:
                 raise LdotError(f"{name} reads pixels: it has no object tags (leave out {option('tags')})")
-            model = decomposed_model(source, tokenizer, **model_options)
-            data = open_training_data(req.data, tokenizer, pixels=model.prepare)
+            from models.nn.vilt import ViltDecomposedEncoder
+
+            vilt = decomposed_model(source, tokenizer, **model_options)
+            data = open_training_data(req.data, tokenizer,
+                                      pixels=vilt.prepare if isinstance(vilt, ViltDecomposedEncoder) else None)
+            model = vilt
             vocab: tuple[str, ...] = ()
         else:
             data = open_training_data(req.data, tokenizer)
@@ -232,13 +257,14 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
                 raise LdotError(f"a run named {req.out!r} exists ({run_dir}): pass {option('resume')} to continue "
                                 f"it, or {option('force')} to start over")
             shutil.rmtree(run_dir)
-        model, tokenizer, source_dir = dual.start_model(req.init)
-        data = open_training_data(req.data, tokenizer, pixels=model.prepare)
+        dual_model, tokenizer, source_dir = dual.start_model(req.init)
+        model = dual_model
+        data = open_training_data(req.data, tokenizer, pixels=dual_model.prepare)
         config = training.finetune_config(req.data.dataset, **req.overrides)
         if config.distill_from is not None:
             raise LdotError(f"{option('distill_from')} is not offered for a dual encoder's fine-tuning: leave it "
                             "out")
-        dual.write_base(run_dir, model, source_dir)
+        dual.write_base(run_dir, dual_model, source_dir)
         init = {"text": req.init, "image": req.init, "heads": "none", "source_kind": "dual-encoder"}
         tags = 0
     else:
@@ -251,9 +277,12 @@ def run_training(req: TrainRequest, progress: Any = None) -> TrainOutcome:
         source = read_source(req.init or default_init(req.mode))
         tokenizer = source_tokenizer(source)
         data = open_training_data(req.data, tokenizer, device=req.device, progress=progress)
+        from models.training.data import PixelRecord, region_feature_mean
+
         first = data.features[data.train.image_keys[0]]
+        if isinstance(first, PixelRecord):  # opened without `pixels`: never
+            raise LdotError(f"{req.init} reads region features and the training images came as pixels")
         soft = getattr(first, "soft_labels", None)
-        from models.training.data import region_feature_mean
 
         model, report = initial_model(source, req.image_init, img_dim=first.features.shape[-1],
                                       num_region_labels=soft.shape[-1] if soft is not None else 1601,

@@ -20,7 +20,8 @@ def read_log(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, 
     if not path.is_file():
         raise LdotError(f"{run_dir} has no log.jsonl: is it a training run (`ldot train ... --out NAME` writes "
                         "<home>/runs/NAME)?")
-    steps, evals = [], []
+    steps: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue

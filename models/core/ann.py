@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss
 
 EXACT = "exact"
 APPROX = "ivf"
@@ -158,7 +162,7 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * unit)
 
 
-def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
+def build_pq(dim: int, n: int, sample: np.ndarray, seed: int = 0) -> faiss.Index:
     """An empty, trained OPQ + IVF-PQ index (train on ``sample``, a spread subset of the vectors). Raises
     ValueError when ``sample`` has fewer points than its codebooks need (`pq_min_training`): FAISS is never
     handed them (it can abort the process)."""
@@ -196,7 +200,7 @@ class Rescored:
     """An IVF-PQ index whose top ``RESCORE_FACTOR * k`` candidates are re-scored exactly (inner products
     with float16 copies of the vectors, memory-mapped from disk: RAM holds only the PQ codes)."""
 
-    def __init__(self, index: Any, ids: np.ndarray, vectors: np.ndarray, factor: int = RESCORE_FACTOR) -> None:
+    def __init__(self, index: faiss.Index, ids: np.ndarray, vectors: np.ndarray, factor: int = RESCORE_FACTOR) -> None:
         self.index, self.ids, self.vectors, self.factor = index, ids, vectors, factor
 
     @property
@@ -229,7 +233,15 @@ class Rescored:
         return out_s, out_i
 
 
-def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) -> tuple[int, str, str]:
+# what the functions below search, add to and inspect: a FAISS index, or an IVF-PQ one wrapped for re-scoring
+Searchable: TypeAlias = "faiss.Index | Rescored"
+# (ids (n,), vectors (n, dim)) pieces of the stored vectors, in id order, and what streams them anew at each call
+Chunks: TypeAlias = "Iterable[tuple[np.ndarray, np.ndarray]]"
+ChunkSource: TypeAlias = "Callable[[], Chunks]"
+
+
+def write_rescore_vectors(data: str | os.PathLike[str], ids_file: str | os.PathLike[str], chunks: Chunks,
+                          rows: int = 0) -> tuple[int, str, str]:
     """Append (ids, vectors) chunks to the fp16 re-scoring files after their first ``rows`` committed rows
     (a crash's partial tail is cut off first); returns the rows now in them and the sha256 of the bytes appended
     to each file (the caller records them: `open_rescored` trusts only files that match)."""
@@ -261,7 +273,7 @@ def write_rescore_vectors(data: Any, ids_file: Any, chunks: Any, rows: int = 0) 
     return rows, hash_data.hexdigest(), hash_ids.hexdigest()
 
 
-def open_rescored(index: Any, directory: Any, rows: int, dim: int) -> Rescored:
+def open_rescored(index: faiss.Index, directory: str | os.PathLike[str], rows: int, dim: int) -> Rescored:
     """Wrap a read IVF-PQ index with its memory-mapped fp16 vectors (the first ``rows`` committed rows)."""
     from pathlib import Path
 
@@ -284,7 +296,7 @@ def pq_training_size(n: int) -> int:
 RECALL_QUERIES = 100
 
 
-def exact_top(chunks: Any, queries: np.ndarray, k: int = 10) -> np.ndarray:
+def exact_top(chunks: ChunkSource, queries: np.ndarray, k: int = 10) -> np.ndarray:
     """The ids of the exact top ``k`` of each query (rows of -1 past the end), streaming every vector once
     from ``chunks()`` (an iterable of (ids, vectors))."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -299,35 +311,34 @@ def exact_top(chunks: Any, queries: np.ndarray, k: int = 10) -> np.ndarray:
     return best_i
 
 
-def recall_against(index: Any, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
+def recall_against(index: Searchable, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
     """Mean share of each query's exact top ``k`` (``truth``) that ``index`` returns in its top ``k``."""
     _, got = search(index, np.ascontiguousarray(queries, dtype=np.float32), k)
     hits = [len(set(t[t >= 0].tolist()) & set(g.tolist())) / max(1, int((t >= 0).sum())) for t, g in zip(truth, got)]
     return float(np.mean(hits)) if hits else 1.0
 
 
-def sample_recall(index: Any, chunks: Any, queries: np.ndarray, k: int = 10) -> float:
+def sample_recall(index: Searchable, chunks: ChunkSource, queries: np.ndarray, k: int = 10) -> float:
     """recall@k of ``index`` against exact search, for ``queries`` (stored vectors: image-to-image),
     the exact top k found by streaming every vector once from ``chunks()``."""
     return recall_against(index, queries, exact_top(chunks, queries, k), k)
 
 
-def parts_of(index: Any) -> list[Any]:
+def parts_of(index: Searchable) -> list[faiss.Index]:
     """The part indexes of ``index``: those of a `shards` index (or of a `Rescored` one around it), else itself
     (IVF parts searched by `IndexShardsIVF` are given as their IVF indexes, without the OPQ rotation)."""
-    if isinstance(index, Rescored):
-        index = index.index
+    found = index.index if isinstance(index, Rescored) else index
     faiss = _faiss()
-    if isinstance(index, faiss.IndexPreTransform):
-        inner = faiss.downcast_index(index.index)
+    if isinstance(found, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(found.index)
         if isinstance(inner, faiss.IndexShards):
-            index = inner
-    if isinstance(index, faiss.IndexShards):
-        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
-    return [index]
+            found = inner
+    if isinstance(found, faiss.IndexShards):
+        return [faiss.downcast_index(found.at(i)) for i in range(found.count())]
+    return [found]
 
 
-def ivf_indexes(index: Any) -> list[Any]:
+def ivf_indexes(index: Searchable) -> list[faiss.IndexIVF]:
     """The IVF index inside each part of ``index`` (empty for an exact index)."""
     faiss = _faiss()
     out = []
@@ -339,13 +350,13 @@ def ivf_indexes(index: Any) -> list[Any]:
     return out
 
 
-def nlist_of(index: Any) -> int | None:
+def nlist_of(index: Searchable) -> int | None:
     """Cells of an IVF index (or of a `Rescored` or `shards` one); None for an exact index."""
     ivfs = ivf_indexes(index)
     return int(ivfs[0].nlist) if ivfs else None
 
 
-def set_nprobe(index: Any, nprobe: int) -> None:
+def set_nprobe(index: Searchable, nprobe: int) -> None:
     """Cells scanned per query, in every part; an HNSW coarse quantizer (IVF-PQ) explores twice as many
     centroids as it returns. At its default of 16, asked for 64 of 4,096 random centroids it found 66% of the
     nearest 64, and for all 4,096 only ~700 (measured): a wider probe then scanned the wrong cells."""
@@ -357,7 +368,7 @@ def set_nprobe(index: Any, nprobe: int) -> None:
             quantizer.hnsw.efSearch = max(16, 2 * int(nprobe))
 
 
-def shards(parts: list[Any], threaded: bool | None = None) -> Any:
+def shards(parts: list[faiss.Index], threaded: bool | None = None) -> faiss.Index:
     """One index searching ``parts`` (indexes over disjoint ids, cloned from one trained index) with FAISS's own
     sharding, one thread a part (``threaded`` None: when the machine has at least `THREADED_SHARDS_MIN_CPUS`
     cores; on fewer the parts are searched one after another, each query batch still spread over the cores by
@@ -395,7 +406,7 @@ def shards(parts: list[Any], threaded: bool | None = None) -> Any:
     return index
 
 
-def write(index: Any, path: str, without_quantizer: bool = False) -> None:
+def write(index: Searchable, path: str, without_quantizer: bool = False) -> None:
     """Write a FAISS index (a `Rescored` one: its codes). ``without_quantizer``: an IVF part is written with an
     empty placeholder instead of its coarse quantizer (the same in every part, kept once in the trained index's
     file): at 100M IVF-PQ images that is 32,768 cells (~43 MB) not stored, nor held in RAM, once per part.
@@ -416,7 +427,7 @@ def write(index: Any, path: str, without_quantizer: bool = False) -> None:
         ivf.quantizer = own
 
 
-def attach_quantizer(part: Any, trained: Any) -> Any:
+def attach_quantizer(part: faiss.Index, trained: faiss.Index) -> faiss.Index:
     """Give a part read from a file written `without_quantizer` the coarse quantizer of ``trained`` (shared, not
     copied: the part keeps a reference to ``trained``). A part with its own quantizer is left as it is."""
     faiss = _faiss()
@@ -425,7 +436,8 @@ def attach_quantizer(part: Any, trained: Any) -> Any:
         return part
     ivf.quantizer = faiss.extract_index_ivf(trained).quantizer
     ivf.own_fields = False  # the placeholder read from the file (a few bytes) is left; the shared one is not freed
-    part.referenced_objects = [*getattr(part, "referenced_objects", []), trained]
+    # (faiss's Python wrapper keeps objects alive through this attribute; its stubs do not declare it)
+    part.referenced_objects = [*getattr(part, "referenced_objects", []), trained]  # type: ignore[attr-defined]
     return part
 
 
@@ -437,7 +449,7 @@ def part_rows(kind: str, dim: int) -> int:
     return int(max(1, min(PART_ROWS, PART_BYTES // max(1, per_vector))))
 
 
-def train_empty(kind: str, dim: int, n: int, sample: np.ndarray, seed: int = 0) -> Any:
+def train_empty(kind: str, dim: int, n: int, sample: np.ndarray, seed: int = 0) -> faiss.Index:
     """An empty approximate index of ``kind`` (IVF or IVF-PQ) for ``n`` vectors, trained on ``sample``
     (a spread subset: at most 64 points a cell for IVF, `pq_training_size` for IVF-PQ). Every part of a
     stored index is a clone of it."""
@@ -456,12 +468,12 @@ def train_empty(kind: str, dim: int, n: int, sample: np.ndarray, seed: int = 0) 
     return index
 
 
-def clone(index: Any) -> Any:
+def clone(index: faiss.Index) -> faiss.Index:
     """A copy of a (trained, usually empty) FAISS index."""
     return _faiss().clone_index(index)
 
 
-def tune_nprobe(index: Any, chunks: Any, queries: np.ndarray, k: int = 10,
+def tune_nprobe(index: Searchable, chunks: ChunkSource, queries: np.ndarray, k: int = 10,
                 target: float = RECALL_TARGET) -> tuple[int | None, float]:
     """Set an approximate index's nprobe to the fewest cells (a power of two from `MIN_NPROBE`, or all of
     them) whose recall@k against exact search reaches ``target`` for ``queries``; returns (nprobe, recall).
@@ -486,7 +498,7 @@ def tune_nprobe(index: Any, chunks: Any, queries: np.ndarray, k: int = 10,
         nprobe = min(nlist, nprobe * 2)
 
 
-def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any:
+def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Searchable:
     """A new index of ``kind`` holding ``vectors`` (n, d) under ``ids`` (n,)."""
     faiss = _faiss()
     d = vectors.shape[1]
@@ -513,7 +525,7 @@ def build(ids: np.ndarray, vectors: np.ndarray, kind: str, seed: int = 0) -> Any
     return index
 
 
-def flat(vectors: np.ndarray) -> Any:
+def flat(vectors: np.ndarray) -> faiss.Index:
     """An exact float32 inner-product index over ``vectors`` (n, d), whose ids are the row positions: the exact
     scan evaluation and hard-negative mining need (no half-precision candidates, no re-scoring)."""
     faiss = _faiss()
@@ -523,7 +535,7 @@ def flat(vectors: np.ndarray) -> Any:
     return index
 
 
-def add(index: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
+def add(index: Searchable, ids: np.ndarray, vectors: np.ndarray) -> None:
     """Add vectors (to a `Rescored` index: its codes; the caller appends the fp16 rows on disk)."""
     if isinstance(index, Rescored):
         index = index.index
@@ -531,7 +543,7 @@ def add(index: Any, ids: np.ndarray, vectors: np.ndarray) -> None:
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids.astype(np.int64))
 
 
-def remove(index: Any, ids: np.ndarray) -> bool:
+def remove(index: Searchable, ids: np.ndarray) -> bool:
     """Drop ``ids``; False when this kind of index cannot (the exact one: the caller rebuilds it)."""
     if not len(ids):
         return True
@@ -544,7 +556,7 @@ def remove(index: Any, ids: np.ndarray) -> bool:
     return True
 
 
-def kind_of(index: Any) -> str:
+def kind_of(index: Searchable) -> str:
     """EXACT, APPROX (IVF) or PQ (IVF-PQ: wrapped in `Rescored`, or one bare part of it behind its OPQ rotation)."""
     if isinstance(index, Rescored):
         return PQ
@@ -556,7 +568,7 @@ def kind_of(index: Any) -> str:
     return PQ if isinstance(ivf, faiss.IndexIVFPQ) else APPROX
 
 
-def search(index: Any | None, queries: np.ndarray, k: int, extra_ids: np.ndarray | None = None,
+def search(index: Searchable | None, queries: np.ndarray, k: int, extra_ids: np.ndarray | None = None,
            extra_vectors: np.ndarray | None = None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores (nq, k), ids (nq, k); id -1 past the end) over the index plus ``extra`` vectors
     (those newer than the index file), merged by score."""

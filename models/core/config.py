@@ -11,11 +11,14 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.core.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def bounded(default: Any, low: float, high: float) -> Any:
@@ -28,7 +31,7 @@ def range_problem(cls: type, values: Mapping[str, Any], names: Mapping[str, str]
     """The first value of ``values`` (field -> value) outside the range its field of ``cls`` declares
     (`bounded`), said in a few words with the key as the file names it (``names``: field -> key); None when every
     one is in range. NaN, booleans and non-numbers are out of range."""
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):
         bounds = f.metadata.get("range")
         if bounds is None or f.name not in values:
             continue
@@ -47,7 +50,7 @@ def check_ranges(obj: Any) -> None:
         raise ValueError(problem)
 
 
-def config_from_dict(cls: type[T], data: Any, what: str = "", nested: Mapping[str, type] | None = None) -> T:
+def config_from_dict(cls: type[T], data: object, what: str = "", nested: Mapping[str, type] | None = None) -> T:
     """Build the dataclass ``cls`` from ``data``; ``what`` names the source in errors (e.g. a file path).
 
     ``nested`` maps field names to dataclasses built the same way from sub-dicts.
@@ -56,7 +59,7 @@ def config_from_dict(cls: type[T], data: Any, what: str = "", nested: Mapping[st
     name = cls.__name__
     if not isinstance(data, Mapping):
         raise ConfigError(f"{name}{source} must be a JSON object, not {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown {name} key(s){source}: {', '.join(map(repr, unknown))} "
@@ -127,5 +130,5 @@ def _describe(value: Any) -> str:
 
 
 def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None and hasattr(hint, "__name__") \
-        else str(hint).replace("typing.", "")
+    name = getattr(hint, "__name__", None)
+    return name if typing.get_origin(hint) is None and isinstance(name, str) else str(hint).replace("typing.", "")

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, Literal, overload
+
+
+@overload
+def read_tar(handle: BinaryIO, select: Callable[[tarfile.TarInfo], bool], size: int | None = None,
+             links: Literal[False] = False) -> Iterator[tuple[tarfile.TarInfo, bytes]]: ...
+
+
+@overload
+def read_tar(handle: BinaryIO, select: Callable[[tarfile.TarInfo], bool], size: int | None = None,
+             links: bool = False) -> Iterator[tuple[tarfile.TarInfo, bytes | None]]: ...
 
 
 def read_tar(handle: BinaryIO, select: Callable[[tarfile.TarInfo], bool], size: int | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,20 +24,14 @@ from models.hub.formats import (
     save_model_dir,
     visualbert_config,
 )
-from models.hub.installed import (
-    MANIFEST,
-    LocalModel,
-    check_name,
-    dir_size,
-    half_downloaded,
-    record_model,
-)
-from models.nn.config import BiEncoderConfig
+from models.hub.installed import MANIFEST, LocalModel, check_name, dir_size, half_downloaded, record_model
+from models.nn.bi_encoder import BiEncoder
+from models.nn.config import BiEncoderConfig, CrossEncoderConfig
 from models.nn.cross_encoder import CrossEncoder
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
 
 
-def _tokenizer_for_conversion(name: str, lowercase: bool) -> Any:
+def _tokenizer_for_conversion(name: str, lowercase: bool) -> Tokenizer | None:
     """The tokenizer to bundle into a converted model, when it is already on disk (never downloads)."""
     candidates = [Path(name).expanduser(), models_dir() / name] if name else []
     for candidate in candidates:
@@ -59,17 +52,19 @@ def convert_checkpoint(src: str | Path, dest: str | Path, tokenizer: str | Path 
     fmt = detect_format(obj)
     source = {"file": src.name, "sha256": sha256_file(src), "format": fmt}
     dtype = None if keep_dtype else torch.float32
+    model: CrossEncoder | BiEncoder
+    config: CrossEncoderConfig | BiEncoderConfig
     if fmt == "uniter":
-        model: torch.nn.Module = cross_encoder_from_state(obj, dtype=dtype)
-        assert isinstance(model, CrossEncoder)
+        model = cross_encoder_from_state(obj, dtype=dtype)
         config = model.config
         kind = "uniter-itm"
     else:
         state, _ = bi_encoder_state(obj)
-        config = infer_bi_encoder_config(state)
+        bi_config = infer_bi_encoder_config(state)
         if tokenizer is not None:
-            config = BiEncoderConfig.from_dict({**config.to_dict(), "tokenizer": str(tokenizer)})
-        model = bi_encoder_from_state(state, config, dtype=dtype)
+            bi_config = BiEncoderConfig.from_dict({**bi_config.to_dict(), "tokenizer": str(tokenizer)})
+        model = bi_encoder_from_state(state, bi_config, dtype=dtype)
+        config = bi_config
         kind = "bi-encoder"
     tok = _tokenizer_for_conversion(str(tokenizer or config.tokenizer), config.lowercase)
     out = save_model_dir(dest, kind, config.to_dict(), model.state_dict(), source=source, tokenizer=tok)

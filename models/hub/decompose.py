@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+from torch import nn
 
 from models.core.errors import CheckpointError, ModelError, option
 from models.core.fileio import read_json_object
@@ -40,6 +41,11 @@ from models.hub.formats import (
 from models.nn.config import CrossEncoderConfig, DecomposedConfig
 from models.nn.decomposed import DecomposedEncoder
 
+if TYPE_CHECKING:
+    from models.nn.tokenizer import Tokenizer
+    from models.nn.vilt import ViltDecomposedEncoder
+
+_M = TypeVar("_M", bound=nn.Module)
 VISUALBERT_REGION_KEYS = ("visual_projection.", "visual_token_type_embeddings.", "visual_position_embeddings.")
 
 
@@ -123,8 +129,8 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
 
             vilt, processor, state = read_vilt_folder(path)
             text_len = int(vilt.get("max_position_embeddings", 40))  # ViLT's own: every text position
-            config = ViltDecomposedConfig(vilt=vilt, processor=processor, text_len=text_len)
-            return DecomposeSource(str(name), "vilt", vilt_to_decomposed(state), config, path)
+            vilt_config = ViltDecomposedConfig(vilt=vilt, processor=processor, text_len=text_len)
+            return DecomposeSource(str(name), "vilt", vilt_to_decomposed(state), vilt_config, path)
         if raw.get("model_type") == "visual_bert":
             weights = next((path / f for f in (WEIGHTS_FILE, "pytorch_model.bin") if (path / f).is_file()), None)
             if weights is None:
@@ -151,9 +157,9 @@ def read_decompose_source(name: str | Path) -> DecomposeSource:
                                                                         tokenizer=tokenizer), None)
 
 
-def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str, ...] = (),
+def decomposed_model(source: DecomposeSource, tokenizer: Tokenizer, *, tags: tuple[str, ...] = (),
                      text_len: int | None = None, max_regions: int | None = None,
-                     temperature: float | None = None) -> Any:
+                     temperature: float | None = None) -> DecomposedEncoder | ViltDecomposedEncoder:
     """The model decomposition starts from: the source's weights in a `DecomposedEncoder` (strictly loaded),
     with the tokenizer's special ids, the tag vocabulary and the input lengths; for ViLT (which reads pixels), a
     `ViltDecomposedEncoder` (no tags, no regions)."""
@@ -177,7 +183,7 @@ def decomposed_model(source: DecomposeSource, tokenizer: Any, *, tags: tuple[str
     return _with_source_weights(model, source)
 
 
-def _with_source_weights(model: Any, source: DecomposeSource) -> Any:
+def _with_source_weights(model: _M, source: DecomposeSource) -> _M:
     """``model`` with the source's weights (float32), loaded strictly: a key missing or left over is an error."""
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in source.state.items()}
     try:
@@ -187,8 +193,8 @@ def _with_source_weights(model: Any, source: DecomposeSource) -> Any:
     return model
 
 
-def _vilt_decomposed(source: DecomposeSource, tokenizer: Any, overrides: dict[str, Any], tags: tuple[str, ...],
-                     text_len: int | None, max_regions: int | None, temperature: float | None) -> Any:
+def _vilt_decomposed(source: DecomposeSource, tokenizer: Tokenizer, overrides: dict[str, Any], tags: tuple[str, ...],
+                     text_len: int | None, max_regions: int | None, temperature: float | None) -> ViltDecomposedEncoder:
     from models.nn.vilt import ViltDecomposedEncoder
 
     if tags or max_regions is not None:
@@ -207,7 +213,7 @@ def _vilt_decomposed(source: DecomposeSource, tokenizer: Any, overrides: dict[st
     return _with_source_weights(model, source)
 
 
-def source_tokenizer(source: DecomposeSource) -> Any:
+def source_tokenizer(source: DecomposeSource) -> Tokenizer:
     """The tokenizer of a source: its own files, else its configured one (fetched when missing)."""
     from models.hub.load import resolve_tokenizer
 

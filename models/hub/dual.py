@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.core.errors import CheckpointError, ModelError
-from models.nn.dual import ARCHITECTURES, DualEncoder, PixelSpec
+from models.nn.dual import ARCHITECTURES, DualEncoder, PixelPreprocess, PixelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 WEIGHTS = "model.safetensors"
 PROCESSOR = "preprocessor_config.json"
@@ -95,7 +98,7 @@ def pixel_spec(directory: Path, model_type: str) -> PixelSpec:
     return PixelSpec.from_config(_read_json(path, "model"), _processor_defaults(model_type), str(path))
 
 
-def dual_preprocess(directory: str | Path) -> Any:
+def dual_preprocess(directory: str | Path) -> PixelPreprocess:
     """The worker-side preprocessing of a dual-encoder folder (picklable), without loading its weights."""
     import functools
 
@@ -147,7 +150,7 @@ def load_dual_encoder(directory: str | Path, device: str | torch.device = "cpu",
     return DualEncoder(model.to(pick_device(device)), tokenizer, spec, model_type, limit)
 
 
-def load_tokenizer(directory: Path) -> Any:
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:

@@ -18,10 +18,10 @@ import json
 import pickle
 import re
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -30,9 +30,10 @@ from models.core.config import range_problem
 from models.core.device import pick_device
 from models.core.errors import CheckpointError, UnsafeCheckpointError
 from models.core.fileio import new_dir, read_json_object
-from models.nn.bi_encoder import BiEncoder
+from models.nn.bi_encoder import BiEncoder, TokenizerSpec
 from models.nn.config import BiEncoderConfig, CrossEncoderConfig, TransformerConfig
 from models.nn.cross_encoder import CrossEncoder
+from models.nn.tokenizer import Tokenizer
 
 MODEL_FORMAT = "ldot-model"
 FORMAT_VERSION = 1
@@ -246,9 +247,9 @@ def infer_bi_encoder_config(state: Mapping[str, torch.Tensor], **overrides: Any)
         project_dim = state["txt_model.encode_proj.3.weight"].shape[0]
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the model shape: missing {exc.args[0]!r}") from None
-    fields = dict(text=infer_transformer_config(state, "txt_model.bert."),
-                  image=infer_transformer_config(state, "img_model.bert."),
-                  img_dim=img_dim, pos_dim=pos_dim, project_dim=project_dim)
+    fields: dict[str, Any] = dict(text=infer_transformer_config(state, "txt_model.bert."),
+                                  image=infer_transformer_config(state, "img_model.bert."),
+                                  img_dim=img_dim, pos_dim=pos_dim, project_dim=project_dim)
     fields.update(overrides)
     try:
         return BiEncoderConfig(**fields)
@@ -360,25 +361,34 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
 
 
-def build_on_meta(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
+_P = ParamSpec("_P")
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    """An initialiser that leaves the tensor as it is."""
+    return tensor
+
+
+def _no_fill(self: nn.Embedding) -> None:
+    """`nn.Embedding`'s zeroing of its padding row, skipped."""
+
+
+def build_on_meta(factory: Callable[_P, _M], *args: _P.args, **kwargs: _P.kwargs) -> _M:
     """Build a module without allocating or initialising weights (they are assigned by `load_strict`).
 
     Initialisers are skipped too: on the meta device they would go through torch's reference ops, whose
     first use imports torch._dynamo (1.7 s of a search's start-up, measured).
     """
+    import contextlib
     from unittest import mock
 
-    skip = [mock.patch.object(nn.init, name, lambda tensor, *a, **k: tensor)
-            for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")]
-    skip.append(mock.patch.object(nn.Embedding, "_fill_padding_idx_with_zero", lambda self: None))
-    for patch in skip:
-        patch.start()
-    try:
+    with contextlib.ExitStack() as skip:
+        for name in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_"):
+            skip.enter_context(mock.patch.object(nn.init, name, _keep))
+        skip.enter_context(mock.patch.object(nn.Embedding, "_fill_padding_idx_with_zero", _no_fill))
         with torch.device("meta"):
             return factory(*args, **kwargs)
-    finally:
-        for patch in skip:
-            patch.stop()
 
 
 def cast_state(state: Tensors, dtype: torch.dtype | None) -> Tensors:
@@ -409,7 +419,7 @@ def read_model_config(directory: str | Path) -> dict[str, Any]:
 
 
 def save_model_dir(directory: str | Path, kind: str, config: dict[str, Any], state: Tensors,
-                   source: dict[str, Any] | None = None, tokenizer: Any = None) -> Path:
+                   source: dict[str, Any] | None = None, tokenizer: Tokenizer | None = None) -> Path:
     """Write a self-describing model directory atomically (a temp dir renamed into place)."""
     from safetensors.torch import save_file
 
@@ -448,7 +458,7 @@ TOWERS = {"text": "txt_model", "image": "img_model"}
 
 def bi_encoder_from_state(state: Tensors, config: BiEncoderConfig | None = None,
                           device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
-                          tokenizer: Any = None, towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
+                          tokenizer: TokenizerSpec = None, towers: tuple[str, ...] = ("text", "image")) -> BiEncoder:
     """Build a `BiEncoder` around a state dict with our key names, strictly.
 
     ``towers=("text",)`` loads only the text tower (all a search needs): the image tower stays

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import torch
 
@@ -34,6 +36,26 @@ from models.nn.encoder import Encoder, Inputs
 from models.nn.tokenizer import Tokenizer, has_tokenizer_files
 from models.nn.vilt import PREPROCESSOR_FILE, VILT_HEAD, VILT_WEIGHTS, ViltReranker
 
+if TYPE_CHECKING:
+    from models.nn.bi_encoder import TokenizerSpec
+    from models.nn.vilt import ViltDecomposedEncoder
+
+# what a caller may pass as a model's tokenizer: one, a path to its files, or None (the model's own, or the one its
+# config names)
+TokenizerArg = Tokenizer | str | Path | None
+_C = TypeVar("_C")
+_M = TypeVar("_M")
+
+
+class _NamesTokenizer(Protocol):
+    """A model config naming its tokenizer (a path or a registry name) and whether it lower-cases."""
+
+    @property
+    def tokenizer(self) -> str: ...
+
+    @property
+    def lowercase(self) -> bool: ...
+
 
 def resolve_source(source: str | Path) -> Path:
     """A path as given, or the directory of a named model in the cache."""
@@ -58,7 +80,7 @@ def resolve_source(source: str | Path) -> Path:
     raise ModelNotFoundError(f"no model or file named {name!r}: see `ldot models list`, or pass a path")
 
 
-def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | torch.device = "cpu",
+def load_bi_encoder(source: str | Path, tokenizer: TokenizerArg = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = torch.float32,
                     towers: tuple[str, ...] = ("text", "image")) -> Encoder:
     """Load the encoder a search runs on (`models.nn.encoder.Encoder`): a LightningDOT bi-encoder from an official
@@ -93,9 +115,8 @@ def load_bi_encoder(source: str | Path, tokenizer: Any = None, device: str | tor
         state, _ = bi_encoder_state(load_tensors(path))
         config = None
     model = bi_encoder_from_state(state, config, device=device, dtype=dtype, towers=towers)
-    if not isinstance(tokenizer, Tokenizer):  # found (or fetched) on the first encode_text
-        tokenizer = functools.partial(resolve_tokenizer, tokenizer, model.config, model_dir)
-    model._tokenizer = tokenizer
+    # found (or fetched) on the first encode_text
+    model._tokenizer = _lazy_tokenizer(tokenizer, model.config, model_dir)
     return model
 
 
@@ -121,21 +142,26 @@ def model_inputs(source: str | Path) -> Inputs:
     return "pixels" if isinstance(meta, dict) and meta.get("kind") == "decomposed-vilt" else "regions"
 
 
-def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
+def _load_decomposed(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: TokenizerArg,
                      device: str | torch.device, dtype: torch.dtype | None) -> DecomposedEncoder:
     """A decomposed (VLDeformer) encoder from its model dir: one body for texts and images."""
     config = DecomposedConfig.from_dict(meta["config"], str(path / "config.json"))
     model = build_on_meta(DecomposedEncoder, config)
     load_strict(model, cast_state(state, dtype), assign=True)
     model = model.to(pick_device(device)).eval()
-    if not isinstance(tokenizer, Tokenizer):
-        tokenizer = functools.partial(resolve_tokenizer, tokenizer, config, str(path))
-    model._tokenizer = tokenizer
+    model._tokenizer = _lazy_tokenizer(tokenizer, config, str(path))
     return model
 
 
-def _load_decomposed_vilt(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: Any,
-                          device: str | torch.device, dtype: torch.dtype | None) -> Any:
+def _lazy_tokenizer(tokenizer: TokenizerArg, config: _NamesTokenizer, model_dir: str | None) -> TokenizerSpec:
+    """What a model is given as its tokenizer: the one passed, or a callable that finds it (`resolve_tokenizer`)."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    return functools.partial(resolve_tokenizer, tokenizer, config, model_dir)
+
+
+def _load_decomposed_vilt(path: Path, meta: dict[str, Any], state: dict[str, torch.Tensor], tokenizer: TokenizerArg,
+                          device: str | torch.device, dtype: torch.dtype | None) -> ViltDecomposedEncoder:
     """A decomposed ViLT from its model dir: one body for texts and pixels (`encode_text`, `encode_pixels`)."""
     from models.nn.vilt import ViltDecomposedConfig, ViltDecomposedEncoder
 
@@ -143,9 +169,7 @@ def _load_decomposed_vilt(path: Path, meta: dict[str, Any], state: dict[str, tor
     model = _build_without_init(ViltDecomposedEncoder, config)
     load_strict(model, cast_state(state, dtype))
     model = model.to(pick_device(device)).eval()
-    if not isinstance(tokenizer, Tokenizer):
-        tokenizer = functools.partial(resolve_tokenizer, tokenizer, config, str(path))
-    model._tokenizer = tokenizer
+    model._tokenizer = _lazy_tokenizer(tokenizer, config, str(path))
     return model
 
 
@@ -172,7 +196,7 @@ def fingerprint(source: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch.device | None = "auto",
+def load_reranker(source: str | Path, tokenizer: TokenizerArg = None, device: str | torch.device | None = "auto",
                   dtype: torch.dtype | None = None) -> UniterReranker | LxmertReranker | ViltReranker:
     """A re-ranker from a registry name, a model directory, or a UNITER ``.pt``/``.safetensors``.
 
@@ -209,7 +233,7 @@ def load_reranker(source: str | Path, tokenizer: Any = None, device: str | torch
     return UniterReranker(model, resolve_tokenizer(tokenizer, model.config, None))
 
 
-def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> LxmertReranker:
+def _load_lxmert(path: Path, tokenizer: TokenizerArg, device: torch.device, dtype: torch.dtype) -> LxmertReranker:
     try:
         from transformers import LxmertForPreTraining
     except ImportError as exc:  # pragma: no cover - transformers is a dependency
@@ -218,7 +242,8 @@ def _load_lxmert(path: Path, tokenizer: Any, device: torch.device, dtype: torch.
         model = LxmertForPreTraining.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load LXMERT from {path}: {str(exc).splitlines()[0]}") from None
-    model = model.to(device).eval()
+    # (transformers wraps `to` with functools.wraps(nn.Module.to): typeshed's `_Wrapped` then wants ``self`` again)
+    model = model.to(device).eval()  # type: ignore[arg-type]
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
@@ -264,7 +289,7 @@ def read_vilt_folder(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
     return config, processor, state
 
 
-def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | None = "cpu",
+def load_vilt(path: Path, tokenizer: TokenizerArg = None, device: str | torch.device | None = "cpu",
               dtype: torch.dtype | None = torch.float32) -> ViltReranker:
     """ViLT fine-tuned for image-text retrieval from a Hugging Face folder (`read_vilt_folder`, and the tokenizer's
     files: vocab.txt or tokenizer.json, uncased), loaded strictly into ``ViltForImageAndTextRetrieval``.
@@ -281,7 +306,7 @@ def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | No
     config.max_image_length = -1
     model = _build_without_init(ViltForImageAndTextRetrieval, config)
     load_strict(model, cast_state(state, dtype) if dtype is not None else state)
-    model = model.to(pick_device(device)).eval()
+    model = model.to(pick_device(device)).eval()  # type: ignore[arg-type]  # (`to` as in `_load_lxmert`)
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
     else:
@@ -292,23 +317,27 @@ def load_vilt(path: Path, tokenizer: Any = None, device: str | torch.device | No
     return ViltReranker(model, tok, PixelPreprocessing.from_processor_config(processor))
 
 
-def _build_without_init(cls: Any, config: Any, meta: bool = False) -> Any:
+def _build_without_init(cls: Callable[[_C], _M], config: _C, meta: bool = False) -> _M:
     """A transformers model whose random initialisation is skipped (its weights are loaded right after: 0.1 s
     instead of 6 s for ViLT-B/32, measured); on the meta device (``meta``: shapes only, nothing allocated)."""
-    import contextlib
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        try:
-            from transformers.modeling_utils import no_init_weights
-        except ImportError:  # pragma: no cover
-            no_init_weights = contextlib.nullcontext
-    with no_init_weights(), (torch.device("meta") if meta else contextlib.nullcontext()):
+    with _no_init_weights(), (torch.device("meta") if meta else contextlib.nullcontext()):
         return cls(config)
 
 
-def resolve_tokenizer(spec: Tokenizer | str | Path | None, config: Any, model_dir: str | None) -> Tokenizer:
+def _no_init_weights() -> contextlib.AbstractContextManager[object]:
+    """`transformers`' context that skips the random initialisation of the models built in it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x (mypy reads 5.x, where this module no longer has it)
+        try:
+            from transformers.modeling_utils import no_init_weights as no_init_weights_4  # type: ignore[attr-defined]
+        except ImportError:  # pragma: no cover
+            return contextlib.nullcontext()
+        return no_init_weights_4()
+    return no_init_weights()
+
+
+def resolve_tokenizer(spec: TokenizerArg, config: _NamesTokenizer, model_dir: str | None) -> Tokenizer:
     """Find the tokenizer for a model.
 
     Order: an explicit ``spec`` (a Tokenizer, or a path to a file/dir); the model's own directory;

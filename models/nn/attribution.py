@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from models.nn.layers import box7_from_norm_bb
-from models.nn.regions import stack_regions
+from models.nn.regions import RegionRecord, stack_regions
+
+if TYPE_CHECKING:
+    from models.nn.bi_encoder import BiEncoder, ImageTower
 
 REMOVAL_BUDGET = 96  # image-tower passes with one box removed, shared by the results of one query
 MIN_CANDIDATES = 4
@@ -34,7 +38,7 @@ class BoxWeight:
 
 
 @torch.inference_mode()
-def _scores(tower: Any, query: torch.Tensor, feat: torch.Tensor, box7: torch.Tensor,
+def _scores(tower: ImageTower, query: torch.Tensor, feat: torch.Tensor, box7: torch.Tensor,
             valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(image scores (B,), per-region proxy scores (B, N)) for query vectors (B, D)."""
     states = tower.sequence(feat, box7, valid)  # (B, 1 + N, H)
@@ -44,13 +48,13 @@ def _scores(tower: Any, query: torch.Tensor, feat: torch.Tensor, box7: torch.Ten
     return scores[:, 0], proxy
 
 
-def gradient_proxy(tower: Any, query: torch.Tensor, feat: torch.Tensor, box7: torch.Tensor,
+def gradient_proxy(tower: ImageTower, query: torch.Tensor, feat: torch.Tensor, box7: torch.Tensor,
                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (B,), per-region first-order estimates of the score drop when a region is removed (B, N)):
     gradient x input at the region embeddings (one forward and one backward pass for all images)."""
     kept: dict[str, torch.Tensor] = {}
 
-    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
         output = output.detach().requires_grad_(True)
         kept["emb"] = output
         return output
@@ -68,7 +72,7 @@ def gradient_proxy(tower: Any, query: torch.Tensor, feat: torch.Tensor, box7: to
 
 
 @torch.inference_mode()
-def removal_scores(tower: Any, query: torch.Tensor, feat: torch.Tensor, box7: torch.Tensor, valid: torch.Tensor,
+def removal_scores(tower: ImageTower, query: torch.Tensor, feat: torch.Tensor, box7: torch.Tensor, valid: torch.Tensor,
                    remove: Sequence[Sequence[int]]) -> np.ndarray:
     """Scores with one box removed: ``out[b, j]`` = score of image b without box ``remove[b][j]`` (NaN: none)."""
     width = max((len(r) for r in remove), default=0)
@@ -90,7 +94,7 @@ def removal_scores(tower: Any, query: torch.Tensor, feat: torch.Tensor, box7: to
     return out
 
 
-def prepare(model: Any, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prepare(model: BiEncoder, records: Sequence[RegionRecord]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Zero-padded features, 7-d boxes and valid masks of region records, on the model's device."""
     feat, bb, valid, _ = stack_regions(records)
     device, dtype = model.device, model.dtype
@@ -98,7 +102,7 @@ def prepare(model: Any, records: Sequence[Any]) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.inference_mode()
-def region_weights(model: Any, queries: np.ndarray, records: Sequence[Any], budget: int = REMOVAL_BUDGET,
+def region_weights(model: BiEncoder, queries: np.ndarray, records: Sequence[RegionRecord], budget: int = REMOVAL_BUDGET,
                    max_boxes: int = 3) -> tuple[np.ndarray, list[list[BoxWeight]]]:
     """For each (query vector, image regions) pair: its score and the boxes whose removal lowers it most.
 
@@ -124,7 +128,7 @@ def region_weights(model: Any, queries: np.ndarray, records: Sequence[Any], budg
     for b, record in enumerate(records):
         drops = [(float(base[b] - removed[b, j]), i) for j, i in enumerate(picks[b])]
         drops.sort(key=lambda t: -t[0])
-        norm_bb = np.asarray(record.norm_bb, np.float32)
-        out.append([BoxWeight(i, tuple(float(v) for v in np.clip(norm_bb[i, :4], 0, 1)), drop)
+        corners = np.clip(np.asarray(record.norm_bb, np.float32)[:, :4], 0, 1).tolist()
+        out.append([BoxWeight(i, (corners[i][0], corners[i][1], corners[i][2], corners[i][3]), drop)
                     for drop, i in drops[:max_boxes] if drop > 0])
     return base, out

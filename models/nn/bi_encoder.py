@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -13,10 +13,38 @@ from torch import nn
 from models.core.errors import ModelError
 from models.core.progress import ProgressFn, report
 from models.nn.config import BiEncoderConfig
+from models.nn.encoder import Inputs
 from models.nn.layers import BertBody, Projection, UniterBody, box7_from_norm_bb
+from models.nn.regions import RegionRecord
 
 if TYPE_CHECKING:
     from models.nn.tokenizer import Tokenizer
+
+# what an encoder is given as its tokenizer: one, a path to its files, a zero-argument callable that returns one,
+# or None (the config's ``tokenizer`` path)
+TokenizerSpec: TypeAlias = "Tokenizer | str | Path | Callable[[], Tokenizer] | None"
+
+
+def tokenizer_from_spec(spec: TokenizerSpec, named: str, lowercase: bool) -> Tokenizer:
+    """The `Tokenizer` an encoder was given (``spec``), or the one its config names (``named``, a path).
+
+    Raises:
+        ModelError: neither gives one.
+    """
+    from models.nn.tokenizer import Tokenizer
+
+    if isinstance(spec, Tokenizer):
+        return spec
+    if isinstance(spec, (str, Path)):
+        return Tokenizer.from_path(Path(spec).expanduser(), lowercase=lowercase)
+    if callable(spec):
+        return spec()
+    if named and Path(named).expanduser().exists():
+        return Tokenizer.from_path(Path(named).expanduser(), lowercase=lowercase)
+    if not named:
+        raise ModelError("this model names no tokenizer: pass tokenizer= a vocab.txt/tokenizer.json path")
+    raise ModelError(f"this model's tokenizer {named!r} is found (or fetched) by models.load_bi_encoder: load the "
+                     "model with it, or pass tokenizer= a path")
 
 
 class TextTower(nn.Module):
@@ -59,10 +87,9 @@ class BiEncoder(nn.Module):
     `models.hub` passes, so that finding or fetching tokenizer files stays out of the network code).
     """
 
-    inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
+    inputs: Inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
 
-    def __init__(self, config: BiEncoderConfig,
-                 tokenizer: Tokenizer | str | Path | Callable[[], Tokenizer] | None = None) -> None:
+    def __init__(self, config: BiEncoderConfig, tokenizer: TokenizerSpec = None) -> None:
         super().__init__()
         self.config = config
         self.txt_model = TextTower(config)
@@ -73,24 +100,9 @@ class BiEncoder(nn.Module):
     # -- tokenizer -----------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Tokenizer:
-        from models.nn.tokenizer import Tokenizer
-
-        spec = self._tokenizer
-        if isinstance(spec, Tokenizer):
-            return spec
-        if isinstance(spec, (str, Path)):
-            self._tokenizer = Tokenizer.from_path(Path(spec).expanduser(), lowercase=self.config.lowercase)
-        elif callable(spec):
-            self._tokenizer = spec()
-        elif self.config.tokenizer and Path(self.config.tokenizer).expanduser().exists():
-            self._tokenizer = Tokenizer.from_path(Path(self.config.tokenizer).expanduser(),
-                                                  lowercase=self.config.lowercase)
-        elif not self.config.tokenizer:
-            raise ModelError("this model names no tokenizer: pass tokenizer= a vocab.txt/tokenizer.json path")
-        else:
-            raise ModelError(f"this model's tokenizer {self.config.tokenizer!r} is found (or fetched) by "
-                             "models.load_bi_encoder: load the model with it, or pass tokenizer= a path")
-        return self._tokenizer
+        tokenizer = tokenizer_from_spec(self._tokenizer, self.config.tokenizer, self.config.lowercase)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     def _anchor(self) -> torch.Tensor:
         tower = self.txt_model if "text" in self.loaded_towers else self.img_model
@@ -157,7 +169,7 @@ class BiEncoder(nn.Module):
         return self.img_model(feat, box7_from_norm_bb(bb), mask).float()
 
     @torch.inference_mode()
-    def encode_images(self, records: Sequence[Any], batch_size: int = 64,
+    def encode_images(self, records: Sequence[RegionRecord], batch_size: int = 64,
                       progress: ProgressFn | None = None, stage: str = "encoding images") -> torch.Tensor:
         """Per-image region sets -> (n, D) float32, in input order.
 

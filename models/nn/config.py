@@ -59,7 +59,7 @@ class BiEncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> BiEncoderConfig:
+    def from_dict(cls, data: object, what: str = "") -> BiEncoderConfig:
         """From JSON (a model dir's config.json, a run file); unknown keys and wrong shapes are a `ConfigError`."""
         return config_from_dict(cls, data, what, nested={"text": TransformerConfig, "image": TransformerConfig})
 
@@ -81,7 +81,7 @@ class CrossEncoderConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> CrossEncoderConfig:
+    def from_dict(cls, data: object, what: str = "") -> CrossEncoderConfig:
         """From JSON; unknown keys and wrong shapes are a `ConfigError`."""
         return config_from_dict(cls, data, what, nested={"body": TransformerConfig})
 
@@ -153,7 +153,7 @@ class DecomposedConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> DecomposedConfig:
+    def from_dict(cls, data: object, what: str = "") -> DecomposedConfig:
         """From JSON; unknown keys and wrong shapes are a `ConfigError` (the tag list becomes a tuple)."""
         if isinstance(data, dict) and isinstance(data.get("tags"), list):
             data = {**data, "tags": tuple(data["tags"])}

@@ -17,8 +17,7 @@ individual encoder that runs on a text alone and on an image's regions alone, wi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -27,8 +26,9 @@ from torch import nn
 
 from models.core.progress import ProgressFn, report
 from models.nn import losses
-from models.nn.bi_encoder import BiEncoder
+from models.nn.bi_encoder import BiEncoder, TokenizerSpec, tokenizer_from_spec
 from models.nn.config import DecomposedConfig, TransformerConfig
+from models.nn.encoder import Inputs
 from models.nn.layers import (
     Encoder,
     ImageEmbeddings,
@@ -38,7 +38,7 @@ from models.nn.layers import (
     box7_from_norm_bb,
     extended_attention_mask,
 )
-from models.nn.regions import stack_object_ids, stack_regions
+from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 
 if TYPE_CHECKING:
     from models.nn.pretraining import PairBatch
@@ -127,20 +127,25 @@ def fit_rows(input_ids: torch.Tensor, mask: torch.Tensor | None, length: int, se
     return out, out_mask
 
 
+class _Temperature(Protocol):
+    @property
+    def temperature(self) -> float: ...  # of the contrastive loss
+
+
 class VLDeformerObjective:
     """VLDeformer's training objective for a decomposed encoder (``pair_vectors`` and ``config.temperature`` given
     by the model): the one definition the region and the ViLT decomposed encoders share."""
 
-    config: Any
-    pair_vectors: Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+    config: _Temperature
+    pair_vectors: Callable[[PairBatch], tuple[torch.Tensor, torch.Tensor]]
 
-    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: Any,
+    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: PairBatch,
                        neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None) -> torch.Tensor:
         """VLDeformer's cross-modal InfoNCE: CE(text -> image) + CE(image -> text), cosine / temperature."""
         return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
                                        weight=1.0)
 
-    def itm(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def itm(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         text, image = self.pair_vectors(batch)
         acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
         return self.retrieval_loss(text, image, batch), {"acc": acc}
@@ -150,11 +155,9 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
     """One encoder for texts and for images (``bert`` = `DecomposedBody`); normalised vectors, cosine score."""
 
     kind = "decomposed"
-    inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
-    tokenizer = BiEncoder.tokenizer  # same rules: a Tokenizer, a path, a callable, or config.tokenizer
-
-    def __init__(self, config: DecomposedConfig,
-                 tokenizer: Tokenizer | str | Path | Callable[[], Tokenizer] | None = None) -> None:
+    inputs: Inputs = "regions"  # `models.nn.encoder.Encoder`: encode_images takes region sets
+    config: DecomposedConfig
+    def __init__(self, config: DecomposedConfig, tokenizer: TokenizerSpec = None) -> None:
         super().__init__()
         self.config = config
         self.bert = DecomposedBody(config)
@@ -162,6 +165,13 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
         self.loaded_towers: tuple[str, ...] = ("text", "image")  # one encoder serves both
         self.num_region_labels = len(config.tags) + 1 if config.tags else 0
         self._tag_pieces: dict[int, list[int]] = {}
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The text tokenizer: as `BiEncoder.tokenizer` (what was passed, or ``config.tokenizer``)."""
+        tokenizer = tokenizer_from_spec(self._tokenizer, self.config.tokenizer, self.config.lowercase)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     @property
     def max_text_tokens(self) -> int:
@@ -249,7 +259,7 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
     def logit_scale(self) -> float:
         return 1.0 / self.config.temperature
 
-    def record_vectors(self, records: Sequence[Any]) -> torch.Tensor:
+    def record_vectors(self, records: Sequence[RegionRecord]) -> torch.Tensor:
         """Per-image region records -> unit vectors (B, H) (validation, hard-negative mining)."""
         feat, bb, valid, _ = stack_regions(records)
         return self.image_vectors(feat, bb, valid, stack_object_ids(records, feat.shape[1]))
@@ -291,7 +301,7 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
         return self.image_vectors(feat.float(), bb.float(), valid, ids).float()
 
     @torch.inference_mode()
-    def encode_images(self, records: Sequence[Any], batch_size: int = 64,
+    def encode_images(self, records: Sequence[RegionRecord], batch_size: int = 64,
                       progress: ProgressFn | None = None, stage: str = "encoding images") -> torch.Tensor:
         """Per-image region sets (``features``, ``norm_bb``, and ``object_ids`` or ``soft_labels`` for the tags)
         -> (n, H) unit vectors in input order; ``progress`` hears of each batch (``stage``, images done)."""

@@ -11,9 +11,9 @@ to ``max_length``, as it was trained).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -21,6 +21,14 @@ from torch import nn
 
 from models.core.errors import CheckpointError
 from models.core.progress import ProgressFn, report
+from models.nn.encoder import Inputs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# the worker-side preprocessing of a model that reads pixels (picklable): decoded (H, W, 3) uint8 RGB ->
+# ((3, h, w) float32 pixels, h / H)
+PixelPreprocess = Callable[[np.ndarray], "tuple[torch.Tensor, float]"]
 
 # the architectures, by `model_type` in config.json: (transformers model class, image processor class, text padding,
 # the image tower alone: what indexing loads)
@@ -60,7 +68,8 @@ class PixelSpec:
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
                                and (v > 0 or not positive) for v in value)):
                 raise CheckpointError(f"{where}: {what} {value!r} is not three finite numbers")
-            return tuple(float(v) for v in value)  # type: ignore[return-value]
+            first, second, third = (float(v) for v in value)
+            return first, second, third
 
         resize = None
         if get("do_resize"):
@@ -154,13 +163,23 @@ def preprocess_pixels(rgb: np.ndarray, spec: PixelSpec) -> tuple[torch.Tensor, f
     return pixels.contiguous(), scale
 
 
+class _Towers(Protocol):
+    """What a two-tower `transformers` model (``CLIPModel``, ``SiglipModel``) adds to `PreTrainedModel`."""
+
+    def get_text_features(self, **inputs: torch.Tensor) -> object: ...
+
+    def get_image_features(self, *, pixel_values: torch.Tensor) -> object: ...
+
+
 class DualEncoder(nn.Module):
     """A CLIP or SigLIP model (``transformers``) with ldot's encoding interface (`models.nn.encoder.Encoder`):
     unit vectors, cosine score; `encode_images` takes what `pixel_preprocess` made of each image."""
 
-    inputs = "pixels"
+    inputs: Inputs = "pixels"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, pixels: PixelSpec, model_type: str,
+    model: PreTrainedModel
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pixels: PixelSpec, model_type: str,
                  max_text_tokens: int) -> None:
         super().__init__()
         if model_type not in ARCHITECTURES:
@@ -178,7 +197,7 @@ class DualEncoder(nn.Module):
         self._specials = len(tokenizer("").get("input_ids", []))  # what the tokenizer adds to every text
 
     @property
-    def pixel_preprocess(self) -> Any:
+    def pixel_preprocess(self) -> PixelPreprocess:
         """The worker-side preprocessing (picklable): decoded RGB -> ((3, h, w) float32, scale)."""
         return functools.partial(preprocess_pixels, spec=self.pixels)
 
@@ -209,7 +228,8 @@ class DualEncoder(nn.Module):
         if self.image_only:
             raise RuntimeError("this dual encoder was loaded with its image tower only")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return nn.functional.normalize(_features(self.model.get_text_features(**inputs)).float(), dim=-1)
+        towers = cast(_Towers, self.model)  # both towers: not `image_only`
+        return nn.functional.normalize(_features(towers.get_text_features(**inputs)).float(), dim=-1)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Unit vectors of preprocessed images (B, 3, h, w) (with gradients: fine-tuning uses it)."""
@@ -218,7 +238,7 @@ class DualEncoder(nn.Module):
             out = self.model(pixel_values=pixel_values)
             features = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
         else:
-            features = _features(self.model.get_image_features(pixel_values=pixel_values))
+            features = _features(cast(_Towers, self.model).get_image_features(pixel_values=pixel_values))
         return nn.functional.normalize(features.float(), dim=-1)
 
     @torch.inference_mode()
@@ -256,6 +276,6 @@ class DualEncoder(nn.Module):
         return text_vectors @ image_vectors.T
 
 
-def _features(out: Any) -> torch.Tensor:
+def _features(out: object) -> torch.Tensor:
     """``get_*_features``' result: a tensor in some `transformers` versions, an output with it pooled in others."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
+    return out if isinstance(out, torch.Tensor) else getattr(out, "pooler_output")

@@ -254,6 +254,8 @@ class UniterBody(nn.Module):
             parts.append(self.embeddings(input_ids))
             masks.append(torch.ones_like(input_ids, dtype=torch.bool) if text_mask is None else text_mask.bool())
         if feat is not None:
+            if box7 is None:
+                raise ValueError("region features need their boxes (box7)")
             parts.append(self.embed_regions(feat, box7, region_masks))
             masks.append(torch.ones(feat.shape[:2], dtype=torch.bool, device=feat.device)
                          if region_mask is None else region_mask.bool())

@@ -22,8 +22,6 @@ reproducible and resumable.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -110,7 +108,7 @@ def _query_key_scores(queries: torch.Tensor, keys: torch.Tensor, query_ids: torc
     return scores
 
 
-def contrastive_loss(text: torch.Tensor, image: torch.Tensor, batch: Any = None,
+def contrastive_loss(text: torch.Tensor, image: torch.Tensor, batch: object = None,
                      neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None,
                      temperature: float | None = None, weight: float = 0.5) -> torch.Tensor:
     """``weight * (CE(text -> image) + CE(image -> text))`` with optional appended hard negatives.
@@ -187,7 +185,7 @@ def _at_least_one(masked: torch.Tensor, candidates: torch.Tensor, generator: tor
         if first:
             pick = positions[0]
         else:
-            pick = positions[torch.randint(len(positions), (1,), generator=generator).item()]
+            pick = positions[int(torch.randint(len(positions), (1,), generator=generator).item())]
         masked[row, pick] = True
     return masked
 

@@ -18,6 +18,7 @@ MRFR and MRC read region states + the text tower's [CLS] state (last-layer state
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from models.nn import losses
 from models.nn.bi_encoder import BiEncoder
 from models.nn.config import BiEncoderConfig
 from models.nn.layers import box7_from_norm_bb
+from models.nn.regions import RegionRecord
 
 NUM_REGION_LABELS = 1601  # Visual Genome: 1600 objects + background (index 0 in UNITER's order)
 TASKS = ("itm", "mlm", "mrfr", "mrckl")
@@ -123,12 +125,14 @@ class PairBatch:
                 return None
             return t.to(device) if isinstance(t, PairBatch) else t.to(device, non_blocking=True)
 
-        return PairBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))  # type: ignore[arg-type]
+        return PairBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
     def pin_memory(self) -> PairBatch:
         """Page-locked copies, for fast asynchronous copies to a CUDA device."""
-        return PairBatch(*(None if t is None else t.pin_memory()  # type: ignore[arg-type]
-                           for t in (getattr(self, f) for f in self.__dataclass_fields__)))
+        def pin(t: Any) -> Any:
+            return None if t is None else t.pin_memory()
+
+        return PairBatch(*(pin(getattr(self, f)) for f in self.__dataclass_fields__))
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -147,8 +151,11 @@ class BiEncoderForPretraining(nn.Module):
         self.num_region_labels = num_region_labels
         self.bert = BiEncoder(config)
         image_body = self.bert.img_model.bert
-        self.cls = MLMHead(hidden, image_body.embeddings.word_embeddings.weight, config.image.layer_norm_eps)
-        self.feat_regress = RegionFeatureRegression(hidden, config.img_dim, image_body.img_embeddings.img_linear.weight)
+        # (torch's stubs type `nn.Embedding.weight` and `nn.Linear.weight` as Tensor: they are Parameters, tied here)
+        self.cls = MLMHead(hidden, image_body.embeddings.word_embeddings.weight,  # type: ignore[arg-type]
+                           config.image.layer_norm_eps)
+        self.feat_regress = RegionFeatureRegression(hidden, config.img_dim,
+                                                    image_body.img_embeddings.img_linear.weight)  # type: ignore[arg-type]
         self.region_classifier = RegionClassification(hidden, num_region_labels)
         self.itm_output = nn.Linear(hidden, 2)
 
@@ -185,7 +192,7 @@ class BiEncoderForPretraining(nn.Module):
     def text_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.bert.txt_model(input_ids, attention_mask)
 
-    def record_vectors(self, records: Any) -> torch.Tensor:
+    def record_vectors(self, records: Sequence[RegionRecord]) -> torch.Tensor:
         """Per-image region records -> image vectors (B, D)."""
         from models.nn.regions import stack_regions
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -12,9 +12,14 @@ import torch
 class RegionRecord(Protocol):
     """One image's regions."""
 
-    features: Any  # (n, img_dim) float16/32
-    norm_bb: Any  # (n, 6) x1/W, y1/H, x2/W, y2/H, w/W, h/H
-    soft_labels: Any  # (n, C) background FIRST, or None
+    @property
+    def features(self) -> np.ndarray: ...  # (n, img_dim) float16/32
+
+    @property
+    def norm_bb(self) -> np.ndarray: ...  # (n, 6) x1/W, y1/H, x2/W, y2/H, w/W, h/H
+
+    @property
+    def soft_labels(self) -> np.ndarray | None: ...  # (n, C) background FIRST, or None
 
 
 def stack_regions(records: Sequence[RegionRecord], soft_labels: bool = False
@@ -42,7 +47,7 @@ def stack_regions(records: Sequence[RegionRecord], soft_labels: bool = False
     return feat, bb, valid, soft
 
 
-def region_object_ids(record: Any) -> np.ndarray | None:
+def region_object_ids(record: object) -> np.ndarray | None:
     """The detector class of each region (0..C-1, no background), or None when the record has none.
 
     From ``object_ids`` (our detector's records), else the argmax of ``soft_labels`` with the background FIRST
@@ -57,7 +62,7 @@ def region_object_ids(record: Any) -> np.ndarray | None:
     return None
 
 
-def stack_object_ids(records: Sequence[Any], width: int) -> torch.Tensor | None:
+def stack_object_ids(records: Sequence[object], width: int) -> torch.Tensor | None:
     """(B, width) detector class per region (-1: padding or unknown), or None when no record has any."""
     rows = [region_object_ids(r) for r in records]
     if all(r is None for r in rows):

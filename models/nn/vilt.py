@@ -18,14 +18,23 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from models.core.errors import CheckpointError
+from models.nn.bi_encoder import TokenizerSpec, tokenizer_from_spec
 from models.nn.decomposed import VLDeformerObjective
+from models.nn.encoder import Inputs
 from models.nn.tokenizer import Tokenizer, pad_ids
+
+if TYPE_CHECKING:
+    from transformers import ViltForImageAndTextRetrieval
+
+    from models.core.progress import ProgressFn
+    from models.nn.dual import PixelPreprocess
+    from models.nn.pretraining import PairBatch
 
 VILT_HEAD = "ViltForImageAndTextRetrieval"  # the transformers class (config.json's architectures) re-ranking needs
 VILT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what a ViLT folder holds its weights in, preferred first
@@ -55,7 +64,7 @@ class PixelPreprocessing:
         return int(MAX_LONGER_EDGE / MAX_SHORTER_EDGE * self.shortest_edge)
 
     @classmethod
-    def from_processor_config(cls, data: Any, what: str = "preprocessor_config.json") -> PixelPreprocessing:
+    def from_processor_config(cls, data: object, what: str = "preprocessor_config.json") -> PixelPreprocessing:
         """From a parsed ``preprocessor_config.json``; every value is checked (a hub file is input like any other)."""
         if not isinstance(data, dict):
             raise CheckpointError(f"{what} is not a JSON object")
@@ -151,14 +160,15 @@ class ViltReranker:
     scores the pairs (texts[i], images[i]) in batches of `batch_size` and returns float32 (n,).
     """
 
-    inputs = "pixels"  # what a caller hands `score_pixels` (the region re-rankers' is "regions")
+    inputs: Inputs = "pixels"  # what a caller hands `score_pixels` (the region re-rankers' is "regions")
     batch_size = 32
     # the range a 2-core CPU may expect per pair (benchmarks/rerank_live.py: ViLT-B/32 at 384 x 512, 192 patches,
     # batches of 20: 1.47 s of CPU time a pair over 2 threads, so ~0.7 s of wall time on idle cores; 4.4 s of wall
     # time measured at a load average of 14 on the shared development machine)
     cpu_seconds_per_pair = (0.7, 1.5)
 
-    def __init__(self, model: Any, tokenizer: Tokenizer, preprocessing: PixelPreprocessing) -> None:
+    def __init__(self, model: ViltForImageAndTextRetrieval, tokenizer: Tokenizer,
+                 preprocessing: PixelPreprocessing) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prepare = preprocessing
@@ -238,7 +248,7 @@ class ViltDecomposedConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> ViltDecomposedConfig:
+    def from_dict(cls, data: object, what: str = "") -> ViltDecomposedConfig:
         from models.core.config import config_from_dict
 
         return config_from_dict(cls, data, what)
@@ -269,9 +279,10 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
     tanh of the mean of the last states, L2-normalised: the score is the cosine."""
 
     kind = "decomposed-vilt"
-    inputs = "pixels"
+    inputs: Inputs = "pixels"
+    config: ViltDecomposedConfig
 
-    def __init__(self, config: ViltDecomposedConfig, tokenizer: Any = None) -> None:
+    def __init__(self, config: ViltDecomposedConfig, tokenizer: TokenizerSpec = None) -> None:
         super().__init__()
         from transformers import ViltConfig, ViltModel
 
@@ -285,10 +296,11 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         self.num_region_labels = 0
 
     @property
-    def tokenizer(self) -> Any:
-        if callable(self._tokenizer) and not hasattr(self._tokenizer, "encode"):
-            self._tokenizer = self._tokenizer()
-        return self._tokenizer
+    def tokenizer(self) -> Tokenizer:
+        """The text tokenizer: as `BiEncoder.tokenizer` (what was passed, or ``config.tokenizer``)."""
+        tokenizer = tokenizer_from_spec(self._tokenizer, self.config.tokenizer, self.config.lowercase)
+        self._tokenizer = tokenizer
+        return tokenizer
 
     @property
     def max_text_tokens(self) -> int:
@@ -301,7 +313,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         return len(self.tokenizer.encode(text)) - 2, self.max_text_tokens - 2
 
     @property
-    def pixel_preprocess(self) -> Any:
+    def pixel_preprocess(self) -> PixelPreprocess:
         """The decoding workers' preprocessing (picklable: the processor settings, not the model): decoded RGB ->
         ((3, h, w) float32, h / H), as `ldot index` and `ldot search --image` hand a model that reads pixels."""
         return functools.partial(_prepared_with_scale, self.prepare)
@@ -326,7 +338,8 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
             attention = create_bidirectional_mask(config=self.vilt.config, inputs_embeds=embeddings,
                                                   attention_mask=mask)
         except ImportError:  # transformers 4.x: the additive mask
-            attention = self.vilt.get_extended_attention_mask(mask, mask.shape)
+            # (a method of 4.x's ModuleUtilsMixin, gone from the 5.x stubs mypy reads)
+            attention = self.vilt.get_extended_attention_mask(mask, mask.shape)  # type: ignore[operator]
         hidden = self.vilt.encoder(embeddings, attention_mask=attention, return_dict=True).last_hidden_state
         return self.vilt.layernorm(hidden)
 
@@ -373,8 +386,8 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         return self._pool(self._states(image, mask), mask)
 
     # -- training (the `DecomposedEncoder` contract) ----------------------------------------------------------
-    def pair_vectors(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch.pixel_values is None:
+    def pair_vectors(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.pixel_values is None or batch.pixel_mask is None:
             raise ValueError("this model reads pixels: the batch holds region features only")
         return (self.text_vectors(batch.input_ids, batch.text_mask),
                 self.image_vectors(batch.pixel_values, batch.pixel_mask))
@@ -412,7 +425,7 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
 
     @torch.inference_mode()
-    def encode_images(self, records: Sequence[Any], batch_size: int = 32, progress: Any = None,
+    def encode_images(self, records: Sequence[Any], batch_size: int = 32, progress: ProgressFn | None = None,
                       stage: str = "encoding images") -> torch.Tensor:
         """`PixelRecord`s -> (n, H) unit vectors (the `BiEncoder` name); region records are refused: this model
         reads pixels, so the region path of `ldot index` cannot feed it."""

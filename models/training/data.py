@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,11 +25,46 @@ from models.nn.regions import RegionRecord, stack_object_ids, stack_regions
 from models.nn.tokenizer import pad_ids
 
 
+class _Encoding(Protocol):
+    @property
+    def ids(self) -> list[int]: ...
+
+
+class _Backend(Protocol):
+    """The part of a `tokenizers.Tokenizer` training reads."""
+
+    def encode_batch(self, texts: list[str], /, *, add_special_tokens: bool = ...) -> Sequence[_Encoding]: ...
+
+    def decode_batch(self, rows: list[list[int]], /, *, skip_special_tokens: bool = ...) -> list[str]: ...
+
+
+class TrainTokenizer(Protocol):
+    """What training reads of a tokenizer: word-pieces (`models.nn.tokenizer.Tokenizer`), or a dual encoder's own
+    seen as one (`models.training.dual.DualTokenizer`)."""
+
+    @property
+    def backend(self) -> _Backend: ...
+
+    @property
+    def cls_id(self) -> int: ...
+
+    @property
+    def sep_id(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def mask_id(self) -> int | None: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
 class FeatureValueError(LdotError):
     """An image's stored region features hold NaN or Inf: the features are damaged, not the training settings."""
 
 
-def check_finite(records: Sequence[Any], keys: Sequence[str]) -> None:
+def check_finite(records: Sequence[object], keys: Sequence[str]) -> None:
     """Refuse region records holding NaN/Inf (features, boxes or soft labels), naming the image and the array:
     one would turn every loss into NaN and look like a learning-rate problem."""
     for record, key in zip(records, keys):
@@ -47,7 +83,9 @@ class FeatureLookup(Protocol):
     """Image key -> its regions (a UNITER image DB reader, a dict, ...), or for a dual encoder its pixels (a
     (3, h, w) float32 array: the model's preprocessing of the image file)."""
 
-    def __getitem__(self, key: str) -> RegionRecord: ...
+    def __getitem__(self, key: str) -> RegionRecord | PixelRecord: ...
+
+    def __contains__(self, key: str) -> bool: ...
 
 
 @dataclass
@@ -70,7 +108,7 @@ class PairSet:
 
     @classmethod
     def from_texts(cls, texts: Sequence[str], caption_image: Sequence[int], image_keys: Sequence[str],
-                   tokenizer: Any) -> PairSet:
+                   tokenizer: TrainTokenizer) -> PairSet:
         """Tokenise raw captions (word-pieces, no [CLS]/[SEP], no length cut)."""
         encoded = tokenizer.backend.encode_batch(list(texts), add_special_tokens=False)
         return cls([tuple(e.ids) for e in encoded], list(caption_image), list(image_keys))
@@ -90,7 +128,7 @@ class TrainData:
     features: FeatureLookup  # features of every image named by train and val (`PixelRecord`s for a pixel model)
     val: PairSet | None = None  # validation pairs, scored by mean recall (None: keep the last model)
     description: str = ""  # where the data came from, for the run's record
-    image_files: Mapping[str, Any] | None = None  # image key -> its file, when the images are files (a teacher
+    image_files: Mapping[str, Path] | None = None  # image key -> its file, when the images are files (a teacher
     # that reads pixels needs them)
 
 
@@ -112,6 +150,9 @@ class _ConvertedLookup:
     def __init__(self, records: Mapping[str, Any]) -> None:
         self.records = records
 
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
     def __getitem__(self, key: str) -> _Regions:
         rec = self.records[key]
         soft = getattr(rec, "soft_labels", None)
@@ -132,7 +173,10 @@ def region_feature_mean(features: FeatureLookup, keys: Sequence[str], limit: int
     total: np.ndarray | None = None
     count = 0
     for key in list(keys)[::step][:limit]:
-        rows = np.asarray(features[key].features, dtype=np.float64)
+        record = features[key]
+        if isinstance(record, PixelRecord):
+            raise ValueError(f"image {key!r} is pixels: it has no region features to take the mean of")
+        rows = np.asarray(record.features, dtype=np.float64)
         total = rows.sum(axis=0) if total is None else total + rows.sum(axis=0)
         count += len(rows)
     assert total is not None
@@ -169,7 +213,7 @@ class SpecialIds:
     vocab_range: tuple[int, int]  # [lo, hi) of random replacement ids
 
     @classmethod
-    def of(cls, tokenizer: Any) -> SpecialIds:
+    def of(cls, tokenizer: TrainTokenizer) -> SpecialIds:
         from models.nn.losses import vocab_range_of
 
         if tokenizer.mask_id is None:
@@ -194,17 +238,21 @@ def _batch(pairs: PairSet, captions: list[int], images: list[int], features: Fea
     keys = [pairs.image_keys[j] for j in images]
     records = [features[k] for k in keys]
     text_images = torch.tensor([pairs.caption_image[i] for i in captions], dtype=torch.long)
-    if records and isinstance(records[0], PixelRecord):  # a model that reads pixels
+    pixel_records = [r for r in records if isinstance(r, PixelRecord)]
+    region_records = [r for r in records if not isinstance(r, PixelRecord)]
+    if pixel_records and region_records:
+        raise ValueError("a batch of both pixel and region records: one feature lookup gives one kind")
+    if pixel_records:  # a model that reads pixels
         from models.nn.vilt import pad_pixels
 
-        values, pixel_mask = pad_pixels([r.pixels for r in records])
+        values, pixel_mask = pad_pixels([r.pixels for r in pixel_records])
         n = len(records)
         return PairBatch(input_ids, text_mask.bool(), torch.zeros(n, 0, 0), torch.zeros(n, 0, 6),
                          torch.zeros(n, 0, dtype=torch.bool), torch.tensor(images, dtype=torch.long), None, None,
                          text_images, None, values, pixel_mask)
-    check_finite(records, keys)
-    feat, bb, valid, soft = stack_regions(records, soft_labels)
-    classes = stack_object_ids(records, feat.shape[1]) if object_ids else None
+    check_finite(region_records, keys)
+    feat, bb, valid, soft = stack_regions(region_records, soft_labels)
+    classes = stack_object_ids(region_records, feat.shape[1]) if object_ids else None
     return PairBatch(input_ids, text_mask.bool(), feat, bb, valid, torch.tensor(images, dtype=torch.long), soft,
                      classes, text_images)
 

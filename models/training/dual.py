@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from models.core.errors import LdotError
 from models.nn import losses
-from models.nn.dual import DualEncoder
+from models.nn.dual import DualEncoder, PixelPreprocess
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from models.nn.pretraining import PairBatch
+    from models.training.data import PixelRecord
 
 BASE_DIR = "dual"  # in a run folder: the model's config, image processor and tokenizer (no weights)
 
@@ -52,7 +60,7 @@ class _Encoding:
 class _Backend:
     """The part of a `tokenizers.Tokenizer` the training data reads, over the model's own tokenizer."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[_Encoding]:
@@ -67,7 +75,7 @@ class DualTokenizer:
     """A dual encoder's tokenizer as the training loop sees one: ``cls_id`` / ``sep_id`` / ``pad_id`` frame each
     caption (CLIP: start and end of text; SigLIP has no start token: its rows are re-framed by the model)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.hf = tokenizer
         self.backend = _Backend(tokenizer)
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -97,10 +105,10 @@ class DualForTraining(nn.Module):
         self.config = DualTrainConfig(encoder.model_type, temperature, encoder.max_text_tokens)
 
     @property
-    def pixel_preprocess(self) -> Any:
+    def pixel_preprocess(self) -> PixelPreprocess:
         return self.encoder.pixel_preprocess
 
-    def prepare(self, rgb: Any) -> torch.Tensor:
+    def prepare(self, rgb: np.ndarray) -> torch.Tensor:
         """A decoded (H, W, 3) RGB image -> the (3, h, w) float32 pixels the image tower reads."""
         pixels, _ = self.encoder.pixel_preprocess(rgb)
         return torch.as_tensor(pixels, dtype=torch.float32)
@@ -127,22 +135,22 @@ class DualForTraining(nn.Module):
             inputs["attention_mask"] = mask
         return self.encoder.text_features(inputs)
 
-    def record_vectors(self, records: list[Any]) -> torch.Tensor:
+    def record_vectors(self, records: Sequence[PixelRecord]) -> torch.Tensor:
         """`PixelRecord`s (all of one size: the processor's crop or resize) -> unit vectors."""
         return self.encoder.image_features(torch.stack([torch.as_tensor(r.pixels) for r in records]))
 
-    def pair_vectors(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_vectors(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.pixel_values is None:
             raise LdotError("a dual encoder trains on images' pixels: these batches hold region features")
         return self.text_vectors(batch.input_ids, batch.text_mask), self.encoder.image_features(batch.pixel_values)
 
-    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: Any,
+    def retrieval_loss(self, text: torch.Tensor, image: torch.Tensor, batch: PairBatch,
                        neg_text: torch.Tensor | None = None, neg_image: torch.Tensor | None = None) -> torch.Tensor:
         """CMR's two cross-entropies over the batch (and hard negatives), on cosines / temperature."""
         return losses.contrastive_loss(text, image, batch, neg_text, neg_image, temperature=self.config.temperature,
                                        weight=0.5)
 
-    def itm(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    def itm(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
         text, image = self.pair_vectors(batch)
         acc = losses.in_batch_accuracy(text.detach(), image.detach(), batch.image_ids)
         return self.retrieval_loss(text, image, batch), {"acc": acc}

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from models.hub.formats import (
 )
 from models.nn.config import BiEncoderConfig, TransformerConfig
 from models.nn.pretraining import NUM_REGION_LABELS, TIED, BiEncoderForPretraining
+
+if TYPE_CHECKING:
+    from models.nn.tokenizer import Tokenizer
 
 BODY_PARTS = ("embeddings.", "encoder.", "pooler.")
 HEADS_FILE = "heads.safetensors"  # pre-training heads beside a pre-trained model dir's weights
@@ -135,7 +138,7 @@ def bert_init_(module: nn.Module, std: float = 0.02) -> None:
             nn.init.zeros_(sub.bias)
 
 
-def centre_region_embedding_(model: BiEncoderForPretraining, mean: Any) -> None:
+def centre_region_embedding_(model: BiEncoderForPretraining, mean: np.ndarray) -> None:
     """Centre a FRESH region embedding on the training features, in place: ``img_linear(f)`` becomes
     ``W (f - mean) + b`` (only the bias changes: ``b -= W @ mean``; the weight, tied to the MRFR head, does not).
 
@@ -231,7 +234,7 @@ class InitReport:
 def initial_model(init: str | Path | Source = "bert-base-cased", image_init: str | Path | Source | None = None, *,
                   img_dim: int = 2048, project_dim: int | None = None,
                   num_region_labels: int = NUM_REGION_LABELS,
-                  seed: int = 42, region_mean: Callable[[], Any] | None = None
+                  seed: int = 42, region_mean: Callable[[], np.ndarray] | None = None
                   ) -> tuple[BiEncoderForPretraining, InitReport]:
     """The model training starts from.
 
@@ -359,7 +362,7 @@ def _lowercase(directory: Path | None) -> bool:
         return False
 
 
-def source_tokenizer(source: Source) -> Any:
+def source_tokenizer(source: Source) -> Tokenizer:
     """The tokenizer that goes with a weight source: its own files, else its configured tokenizer (a
     registry name such as ``bert-base-cased``, whose tokenizer files are fetched if missing)."""
     from models.hub.load import resolve_tokenizer

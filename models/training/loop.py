@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,18 +61,27 @@ from models.nn.pretraining import (
     state_for_saving,
     with_tied_aliases,
 )
+from models.nn.regions import RegionRecord
 from models.nn.tokenizer import pad_ids
 from models.training.data import (
+    FeatureLookup,
     FeatureValueError,
     PairSet,
+    PixelRecord,
     SpecialIds,
     TrainData,
+    TrainTokenizer,
     batch_indices,
     batches_per_epoch,
     check_finite,
     collate,
 )
 from models.training.metrics import recalls_from_vectors
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from models.training.negatives import HardNegatives
 
 RUN_FORMAT = "ldot-run"
 RUN_VERSION = 1
@@ -174,7 +183,7 @@ class TrainConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "") -> TrainConfig:
+    def from_dict(cls, data: object, what: str = "") -> TrainConfig:
         """From JSON (a run's saved settings): the one config policy (unknown keys and wrong shapes are a
         `ConfigError`; JSON lists become the tuples of ``tasks`` and ``betas``)."""
         return config_from_dict(cls, data, what)
@@ -267,7 +276,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
+    decay: list[nn.Parameter] = []
+    plain: list[nn.Parameter] = []
     for name, param in model.named_parameters():  # tied parameters appear once
         if not param.requires_grad:
             continue
@@ -312,7 +322,7 @@ class TrainResult:
 
 # -- evaluation ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_pairs(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
+def encode_pairs(model: Any, pairs: PairSet, features: FeatureLookup, ids: SpecialIds,
                  device: torch.device, autocast: torch.dtype | None,
                  batch_size: int = 64, progress: ProgressFn | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(caption vectors (n_txt, D), image vectors (n_img, D)) of a pair set, in eval mode.
@@ -352,7 +362,7 @@ def _max_text_positions(model: Any) -> int:
     return config.text.max_position_embeddings if hasattr(config, "text") else config.body.max_position_embeddings
 
 
-def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
+def evaluate(model: Any, pairs: PairSet, features: FeatureLookup, ids: SpecialIds,
              device: torch.device, autocast: torch.dtype | None = None,
              vectors: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Recalls of the bi-encoder on a pair set, and their mean (the official model-selection score).
@@ -360,11 +370,11 @@ def evaluate(model: Any, pairs: PairSet, features: Any, ids: SpecialIds,
     text, image = encode_pairs(model, pairs, features, ids, device, autocast)
     if vectors is not None:
         vectors.update(text=text, image=image)
-    recalls = recalls_from_vectors(text, image, np.asarray(pairs.caption_image))
+    recalls = recalls_from_vectors(text, image, pairs.caption_image)
     return {"mean_recall": recalls.rsum / 6, **recalls.to_dict()}
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
@@ -421,13 +431,14 @@ def checkpoint_dir(run_dir: Path) -> Path | None:
     return None
 
 
-def _check_shapes(model: BiEncoderForPretraining, record: Any, soft_labels: bool) -> None:
+def _check_shapes(model: BiEncoderForPretraining, record: RegionRecord | PixelRecord,
+                  soft_labels: bool) -> None:
     """Fail before the first step when the features do not fit the model."""
     pixels = getattr(model, "inputs", "regions") == "pixels"
-    if pixels != hasattr(record, "pixels"):
+    if pixels != isinstance(record, PixelRecord):
         raise TrainingError("this model reads pixels and the training images are region features" if pixels else
                             "this model reads region features and the training images are pixels")
-    if pixels:
+    if isinstance(record, PixelRecord):
         return
     dim = np.asarray(record.features).shape[-1]
     if dim != model.config.img_dim:
@@ -466,7 +477,7 @@ def hard_negative_gate(mean_recall: float, val: PairSet, gate: float) -> tuple[b
 
 # -- the loop --------------------------------------------------------------------------------------------
 class _Trainer:
-    def __init__(self, run_dir: Path, model: Any, tokenizer: Any, data: TrainData,
+    def __init__(self, run_dir: Path, model: Any, tokenizer: TrainTokenizer, data: TrainData,
                  config: TrainConfig, device: torch.device, progress: ProgressFn | None,
                  teacher: Any = None) -> None:
         self.run_dir = run_dir
@@ -486,7 +497,7 @@ class _Trainer:
                 and getattr(model, "inputs", "regions") == "pixels":
             raise TrainingError(f"{config.distill_from!r} scores region features and this model's batches hold "
                                 "pixels: distil a cross-encoder that reads pixels (vilt-flickr30k, vilt-coco)")
-        self.negatives: Any = None  # models.training.negatives.HardNegatives, when mining
+        self.negatives: HardNegatives | None = None  # when mining
         self.last_val: dict[str, Any] | None = None  # the latest validation record (the hard-negative gate reads it)
         self.ids = SpecialIds.of(tokenizer) if "mlm" in config.task_names else SpecialIds(
             tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id or 0, (0, 1))
@@ -527,8 +538,8 @@ class _Trainer:
         self.ratios = torch.tensor([r for _, r in config.tasks], dtype=torch.float64)
         self.updating = False
         self.prefetch = True  # read the next batch of each task in a background thread
-        self._executor: Any = None
-        self._pending: dict[tuple[str, int], Any] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[tuple[str, int], Future[PairBatch]] = {}
 
     # -- one micro-batch ---------------------------------------------------------------------------
     def _next_task(self) -> str:
@@ -680,7 +691,7 @@ class _Trainer:
                    **{k: round(v, 4) for k, v in figures.items()}, "message": render(message)})
         _report(self.progress, "note", self.step, self.total, self.epoch, message="hard negatives: " + message)
 
-    def stage_progress(self, p: Any) -> None:
+    def stage_progress(self, p: Progress) -> None:
         self.progress(p)
 
     # -- one optimizer step -----------------------------------------------------------------------------
@@ -756,7 +767,8 @@ class _Trainer:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.model.export_state().items()}, str(tmp))
             replace_file(tmp, self.run_dir / "best.safetensors")
             atomic_write_json(self.run_dir / "best.json", record, indent=2)
-            self._calibrate(vectors, f"validation pairs of training run {self.run_dir.name}, step {self.step}")
+            self._calibrate(vectors, self.val.caption_image,
+                            f"validation pairs of training run {self.run_dir.name}, step {self.step}")
         return record
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -777,7 +789,7 @@ class _Trainer:
         kept = [line for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= self.step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
-    def _calibrate(self, vectors: dict[str, np.ndarray], source: str) -> None:
+    def _calibrate(self, vectors: dict[str, np.ndarray], caption_image: list[int], source: str) -> None:
         """The best model's score distributions on the validation pairs (`--min-score auto` reads them)."""
         from models.training.calibration import (
             CalibrationError,
@@ -786,7 +798,7 @@ class _Trainer:
         )
 
         try:
-            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], self.val.caption_image,
+            save_calibration(self.run_dir, calibrate(vectors["text"], vectors["image"], caption_image,
                                                      source))
         except CalibrationError:
             pass  # one validation image: no non-matching pairs to learn a level from
@@ -801,8 +813,8 @@ class _Trainer:
         opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer)
         rng = {"torch_cpu": torch.get_rng_state(), "generator": self.generator.get_state()}
         if self.device.type == "cuda":
-            for i, state in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda_{i}"] = state
+            for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = cuda_state
         state = {"format": RUN_FORMAT, "format_version": RUN_VERSION, "step": self.step, "total": self.total,
                  "positions": self.positions, "best": self.best, "last_val": self.last_val, "running": self.running,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "optimizer": opt_meta,
@@ -901,8 +913,8 @@ class _Trainer:
         return TrainResult(self.run_dir, self.step, self.total, True, self.best, time.monotonic() - started)
 
 
-def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: BiEncoderForPretraining | None = None,
-          tokenizer: Any = None, *, resume: bool = False, device: str | torch.device | None = "auto",
+def train(run_dir: str | Path, data: TrainData, config: TrainConfig, model: nn.Module | None = None,
+          tokenizer: TrainTokenizer | None = None, *, resume: bool = False, device: str | torch.device | None = "auto",
           init: dict[str, Any] | None = None, progress: ProgressFn | None = None,
           stop_at_step: int | None = None, teacher: Any = None) -> TrainResult:
     """Train in ``run_dir``: a new run (``model`` and ``tokenizer`` given) or, with ``resume``, continue the
@@ -964,8 +976,8 @@ def remove_stale_temps(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: Any, tokenizer: Any, resume: bool,
-                  device: torch.device, init: dict[str, Any] | None, progress: ProgressFn | None,
+def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: Any, tokenizer: TrainTokenizer | None,
+                  resume: bool, device: torch.device, init: dict[str, Any] | None, progress: ProgressFn | None,
                   stop_at_step: int | None, teacher: Any) -> TrainResult:
     ckpt = checkpoint_dir(run_dir)
     if resume:
@@ -989,7 +1001,7 @@ def _train_locked(run_dir: Path, data: TrainData, config: TrainConfig, model: An
     return trainer.run(stop_at_step)
 
 
-def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: Any, config: TrainConfig,
+def _start_run(run_dir: Path, model: BiEncoderForPretraining, tokenizer: TrainTokenizer, config: TrainConfig,
                data: TrainData, init: dict[str, Any] | None) -> None:
     from models.core.version import __version__
 
@@ -1013,7 +1025,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def _rebuild(run_dir: Path) -> tuple[Any, Any]:
+def _rebuild(run_dir: Path) -> tuple[nn.Module, TrainTokenizer]:
     from models.nn.tokenizer import Tokenizer
 
     info = read_run(run_dir)

@@ -16,7 +16,6 @@ is the same P images); the trainer says so and, with its gate on, keeps in-batch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +77,7 @@ def search_top(queries: np.ndarray, keys: np.ndarray, top: int, use_gpu: bool = 
     """Exact inner-product top-``top`` key indices of each query (n_queries, top)."""
     from models.core import ann
 
-    index: Any = ann.flat(keys)
+    index = ann.flat(keys)
     if use_gpu:
         import faiss
 
