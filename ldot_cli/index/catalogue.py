@@ -102,7 +102,7 @@ class _Connection(sqlite3.Connection):
 
     index_dir: Path
 
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
         try:
             return super().execute(*args, **kwargs)
         except sqlite3.DatabaseError as exc:
@@ -110,7 +110,7 @@ class _Connection(sqlite3.Connection):
                 raise damaged_index(self.index_dir, exc) from None
             raise
 
-    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:  # type: ignore[override]
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
         try:
             return super().executemany(*args, **kwargs)
         except sqlite3.DatabaseError as exc:

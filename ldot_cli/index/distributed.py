@@ -240,6 +240,7 @@ class Extractor:
         for start in range(0, len(images), self.detector_batch):
             chunk = images[start:start + self.detector_batch]
             inputs = [(torch.from_numpy(e["pixels"]), e["scale"], e["size"]) for e in chunk]
+            results: list[RegionFeatures | str]
             try:
                 results = list(self.detector.extract(inputs, self.preset))
                 if len(results) != len(chunk):

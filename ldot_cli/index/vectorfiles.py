@@ -63,7 +63,7 @@ class VectorFiles:
             ann.attach_quantizer(index, trained())
         return index
 
-    def open(self, files: VectorFileSet, mmap: bool, parts: Sequence[FileRecord] | None = None) -> Any:
+    def open(self, files: VectorFileSet, mmap: bool, parts: Sequence[FileRecord] | None = None) -> ann.Searchable:
         """The parts (by default the committed ones) as one index (`ann.shards`: they share the trained index's
         coarse quantizer), with the tuned nprobe; IVF-PQ wrapped for exact re-scoring."""
         cache: list[Any] = []
@@ -79,13 +79,13 @@ class VectorFiles:
         index = ann.shards([p for p in loaded if p.ntotal] or loaded[:1])
         if files.nprobe:
             ann.set_nprobe(index, files.nprobe)
-        if files.kind == ann.PQ:
-            rows = self.rescore.check(files)
-            try:
-                index = ann.open_rescored(index, self.dir, rows, self.source.dim or 0)
-            except ValueError:  # shorter than its rows (changed after the check)
-                raise FileDamaged(self.rescore.data) from None
-        return index
+        if files.kind != ann.PQ:
+            return index
+        rows = self.rescore.check(files)
+        try:
+            return ann.open_rescored(index, self.dir, rows, self.source.dim or 0)
+        except ValueError:  # shorter than its rows (changed after the check)
+            raise FileDamaged(self.rescore.data) from None
 
     def read(self, attempts: int = 3, mmap: bool = True) -> tuple[Any, int] | None:
         """The verified vector index (its parts searched together) and the newest vector id it holds; None
