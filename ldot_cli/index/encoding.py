@@ -15,7 +15,7 @@ from typing import Any
 
 from ldot_cli.index import hooks
 from ldot_cli.index.layout import REGIONS_DIR
-from ldot_cli.index.runs import PIXEL_BATCH, STAGING_DIR, IndexReport, IndexRun, Scan, file_row
+from ldot_cli.index.runs import PIXEL_BATCH, STAGING_DIR, IndexReport, IndexRun, Scan, WalkedFile, file_row
 from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotWarning
 from models.core.fileio import sha256_file
@@ -42,7 +42,7 @@ class LocalExecutor:
         self.ix.collect_garbage(store)
         self.ix.save(store, report)
 
-    def _batcher(self, store: IndexStore, by_hash: dict[str, list[Any]], report: IndexReport, total: int,
+    def _batcher(self, store: IndexStore, by_hash: dict[str, list[WalkedFile]], report: IndexReport, total: int,
                  size: int = 64) -> Batcher:
         def committed(done: int) -> None:
             self.ix.stage("encoding", done, total)
@@ -51,7 +51,7 @@ class LocalExecutor:
 
         return Batcher(lambda items: self.ix.encoder.encode_images(items), store, by_hash, report, committed, size)
 
-    def hash_files(self, todo: list[Any]) -> dict[str, str]:
+    def hash_files(self, todo: list[WalkedFile]) -> dict[str, str]:
         hashes: dict[str, str] = {}
         if not todo:
             return hashes
@@ -66,8 +66,8 @@ class LocalExecutor:
         self.ix.stage("hashing", len(todo), len(todo))
         return hashes
 
-    def link_known(self, store: IndexStore, todo: list[Any], hashes: dict[str, str],
-                    report: IndexReport) -> list[Any]:
+    def link_known(self, store: IndexStore, todo: list[WalkedFile], hashes: dict[str, str],
+                    report: IndexReport) -> list[WalkedFile]:
         """Point files with already-indexed content at its vector; return those needing model work."""
         need, rows = [], []
         for src in todo:
@@ -83,7 +83,7 @@ class LocalExecutor:
                 store.put_files(db, rows)
         return need
 
-    def encode_new(self, store: IndexStore, need: list[Any], hashes: dict[str, str], report: IndexReport) -> None:
+    def encode_new(self, store: IndexStore, need: list[WalkedFile], hashes: dict[str, str], report: IndexReport) -> None:
         """Extract and encode one file per unknown content; commit vectors + file rows per batch.
 
         Files with the same bytes share the outcome of the one that is extracted: one vector, or one
@@ -127,7 +127,7 @@ class LocalExecutor:
         if not self.ix.keep_regions:
             shutil.rmtree(regions_dir, ignore_errors=True)
 
-    def _encode_pixels(self, store: IndexStore, need: list[Any], hashes: dict[str, str], report: IndexReport) -> None:
+    def _encode_pixels(self, store: IndexStore, need: list[WalkedFile], hashes: dict[str, str], report: IndexReport) -> None:
         """A dual encoder's way: decode and preprocess in worker processes (the model's own image processor),
         encode in batches, commit vectors + file rows per batch; no detector unless region features are kept
         (``ldot index --regions``, for a region cross-encoder), which are extracted after the vectors."""
@@ -155,7 +155,7 @@ class LocalExecutor:
             self._extract_regions(store, [s for s in firsts if store.vector_for_hash(hashes[s.path]) is not None],
                                   hashes)
 
-    def _extract_regions(self, store: IndexStore, sources: list[Any], hashes: dict[str, str]) -> None:
+    def _extract_regions(self, store: IndexStore, sources: list[WalkedFile], hashes: dict[str, str]) -> None:
         """Region features of images already encoded from their pixels (kept for a region cross-encoder)."""
         from feature_extraction.pipeline import extract_to_db
 
@@ -182,7 +182,7 @@ class LocalExecutor:
                                       f"{result.failures[0].reason}): a region cross-encoder cannot re-rank them"),
                           stacklevel=2)
 
-    def _extract(self, sources: list[Any], hashes: dict[str, str], regions_dir: Path, pending: Batcher,
+    def _extract(self, sources: list[WalkedFile], hashes: dict[str, str], regions_dir: Path, pending: Batcher,
                  report: IndexReport) -> None:
         from feature_extraction.pipeline import extract_to_db
 
@@ -209,10 +209,10 @@ class LocalExecutor:
         self.ix.skip(pending.store, failed, report)
 
 
-def _by_content(need: list[Any], hashes: dict[str, str]) -> tuple[dict[str, list[Any]], list[Any]]:
+def _by_content(need: list[WalkedFile], hashes: dict[str, str]) -> tuple[dict[str, list[WalkedFile]], list[WalkedFile]]:
     """The files to encode grouped by content hash (each content is encoded once), and those that could not be
     hashed (unreadable)."""
-    by_hash: dict[str, list[Any]] = {}
+    by_hash: dict[str, list[WalkedFile]] = {}
     unreadable = []
     for src in need:
         digest = hashes.get(src.path)
@@ -227,7 +227,7 @@ class Batcher:
     """Collects extracted region sets (or preprocessed pixels), encodes them in batches, commits vectors and file
     rows; ``on_commit(done)`` after each batch."""
 
-    def __init__(self, encode: Callable[[list[Any]], Any], store: IndexStore, by_hash: dict[str, list[Any]],
+    def __init__(self, encode: Callable[[list[Any]], Any], store: IndexStore, by_hash: dict[str, list[WalkedFile]],
                  report: IndexReport, on_commit: Callable[[int], None], size: int = 64) -> None:
         self.encode, self.store, self.by_hash, self.report = encode, store, by_hash, report
         self.on_commit, self.size = on_commit, size

@@ -26,7 +26,17 @@ from ldot_cli.index.layout import DB_FILE, DEFAULT_PRESET, LOCK_FILE, REGIONS_DI
 from ldot_cli.index.lock import lock_holder, writer_lock
 from ldot_cli.index.meta import IndexMeta
 from ldot_cli.index.options import IndexOptions
-from ldot_cli.index.runs import FAISS_FLUSH_S, STAGING_DIR, Executor, IndexReport, Scan, excluded, file_row, under
+from ldot_cli.index.runs import (
+    FAISS_FLUSH_S,
+    STAGING_DIR,
+    Executor,
+    IndexReport,
+    Scan,
+    WalkedFile,
+    excluded,
+    file_row,
+    under,
+)
 from ldot_cli.index.store import IndexStore
 from models.core.errors import LdotError, LdotWarning, option
 from models.core.progress import ProgressFn
@@ -248,7 +258,7 @@ class Indexer:
         return report
 
     # -- steps every executor takes ------------------------------------------------------------------
-    def plan_files(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> list[Any]:
+    def plan_files(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> list[WalkedFile]:
         """Sources that need work; forgets files that are gone."""
         todo, seen = [], {os.fsencode(i.path) for i in scan.issues}
         known: dict[bytes, Any] = {}
@@ -285,7 +295,7 @@ class Indexer:
         with store.transaction() as db:
             store.put_files(db, rows)
 
-    def skip(self, store: IndexStore, failed: Sequence[tuple[Any, str | None, str, bool]], report: IndexReport) -> None:
+    def skip(self, store: IndexStore, failed: Sequence[tuple[WalkedFile, str | None, str, bool]], report: IndexReport) -> None:
         rows = []
         for src, digest, reason, retry in failed:
             rows.append(file_row(src, digest, None, reason, retry))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from feature_extraction.images.walk import WalkIssue
 from ldot_cli.index.catalogue import FileRow
 from ldot_cli.index.options import IndexOptions
 from ldot_cli.index.store import IndexStore
@@ -46,13 +47,26 @@ class IndexReport:
         return len(self.skipped) + self.skipped_before
 
 
+class WalkedFile(Protocol):
+    """A file an executor looks at: a walked image (`ImageSource`) or an item of a Ray source (`Item`)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def root(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+
+
 @dataclass
 class Scan:
     """The walk of the roots, done before anything is created or downloaded."""
 
     roots: list[str]
-    sources: list[Any]
-    issues: list[Any]
+    sources: Sequence[WalkedFile]
+    issues: list[WalkIssue]
 
 
 def excluded(path: str, root: str, patterns: Sequence[str]) -> bool:
@@ -65,7 +79,7 @@ def under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def file_row(src: Any, digest: str | None, vector_id: int | None, reason: str | None = None,
+def file_row(src: WalkedFile, digest: str | None, vector_id: int | None, reason: str | None = None,
              retry: bool = False) -> FileRow:
     """The row of a walked file: indexed (with its vector) or skipped (with the reason)."""
     status = "indexed" if vector_id is not None else "skipped"
@@ -91,9 +105,9 @@ class IndexRun(Protocol):
     def detector(self) -> Any: ...
     def stage(self, stage: str, done: int, total: int | None) -> None: ...
     def scan(self, roots: Iterable[str | os.PathLike[str]], excludes: Sequence[str] = ()) -> Scan: ...
-    def plan_files(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> list[Any]: ...
+    def plan_files(self, store: IndexStore, scan: Scan, retry_failed: bool, report: IndexReport) -> list[WalkedFile]: ...
     def record_walk_issues(self, store: IndexStore, scan: Scan, report: IndexReport) -> None: ...
-    def skip(self, store: IndexStore, failed: Sequence[tuple[Any, str | None, str, bool]],
+    def skip(self, store: IndexStore, failed: Sequence[tuple[WalkedFile, str | None, str, bool]],
              report: IndexReport) -> None: ...
     def collect_garbage(self, store: IndexStore) -> None: ...
     def maybe_flush(self, store: IndexStore) -> None: ...
