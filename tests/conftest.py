@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the ldot CLI does: before torch loads
+# pytest-xdist's workers inherit COLUMNS=80 / LINES=24, which rich would freeze into the consoles at import:
+# every process sees the terminal as a plain `pytest` run does (tests that need a width pass COLUMNS).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 import pytest  # noqa: E402
 from huggingface_hub import constants as hub_constants  # noqa: E402

@@ -107,7 +107,7 @@ def test_models_import_with_markup_in_the_file_name(tmp_path, tiny_model):
     folder = tmp_path / "x["
     folder.mkdir()
     torch.save(official_finetuned(tiny_model), folder / "]m\x1b[2J.pt")
-    result = runner.invoke(app, ["models", "import", str(folder / "]m\x1b[2J.pt"), "--as", "mine"])
+    result = runner.invoke(app, ["models", "import", str(folder / "]m\x1b[2J.pt"), "--as", "mine"], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "x[/]m\\x1b[2J.pt" in " ".join(result.output.split())
     _assert_terminal_safe(result.output)

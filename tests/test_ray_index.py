@@ -20,7 +20,7 @@ import pytest
 from ldot_testing import hooked_env, install_tiny_detector, install_tiny_model, make_photos
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one local Ray instance: one worker
 
 HOOK_VARIABLES = ("PYTHONPATH", "LDOT_RAY_PID_DIR", "LDOT_RAY_BATCH_DELAY_S")
 ARGS = ["--model", "tiny", "--detector", "tiny-det", "--batch-size", "2", "--workers", "1"]
