@@ -191,8 +191,18 @@ def query_figures(home: Path, env: dict, args: argparse.Namespace) -> None:
 
     total = p50(one, repeat=40)
     encode = p50(lambda: searcher.encoder.encode_text([QUERIES[0]]), repeat=40)
-    print(f"  warm text query in process: p50 {total:.1f} ms (encoding the query alone: p50 {encode:.1f} ms)")
+    tokens = searcher.encoder.text_tokens(QUERIES[0])[0]
+    print(f"  warm text query in process: p50 {total:.1f} ms (encoding the query alone: p50 {encode:.1f} ms; "
+          f"{tokens} tokens)")
     searcher.close()
+    os.environ["LDOT_QUERY_PRECISION"] = "int8"  # the same, with the query encoder's linear layers in int8
+    searcher = Searcher("q")
+    searcher.encoder  # noqa: B018 - load (and quantise) it
+    total8 = p50(one, repeat=40)
+    encode8 = p50(lambda: searcher.encoder.encode_text([QUERIES[0]]), repeat=40)
+    print(f"  the same with LDOT_QUERY_PRECISION=int8: p50 {total8:.1f} ms (encoding alone: p50 {encode8:.1f} ms)")
+    searcher.close()
+    del os.environ["LDOT_QUERY_PRECISION"]
     serve = subprocess.Popen([sys.executable, "-c", "from ldot_cli.main import run; run()", "serve", "--name", "q",
                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env={**env, "LDOT_HOME": str(home)})
@@ -216,6 +226,16 @@ def query_figures(home: Path, env: dict, args: argparse.Namespace) -> None:
             subprocess.run(cmd, check=True, capture_output=True, env={**env, "LDOT_HOME": str(home)})
             runs.append(time.perf_counter() - start)
         print(f"  the `ldot search` command through that server, process start to printed paths: median "
+              f"{1000 * statistics.median(runs):.0f} ms (runs: {', '.join(f'{1000 * r:.0f}' for r in runs)} ms)")
+        from benchmarks.serve import installed_python
+
+        python = installed_python(home)
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            subprocess.run([python, *cmd[1:]], check=True, capture_output=True, env={**env, "LDOT_HOME": str(home)})
+            runs.append(time.perf_counter() - start)
+        print(f"  the same as installed (.pyc files, no editable-install finder): median "
               f"{1000 * statistics.median(runs):.0f} ms (runs: {', '.join(f'{1000 * r:.0f}' for r in runs)} ms)")
     finally:
         serve.terminate()

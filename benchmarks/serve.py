@@ -107,6 +107,20 @@ def prompt_session(env: dict[str, str], name: str, queries: list[str]) -> tuple[
     return ready, per_query
 
 
+def installed_python(home: Path) -> str:
+    """A Python as a user's install starts it: ldot's modules byte-compiled (pip compiles them when it installs;
+    this machine sets PYTHONDONTWRITEBYTECODE, so a checkout never gets its .pyc files) and no editable-install
+    finder on the path (this checkout's venv has one, ~20 ms of every start). The fast path needs only the
+    standard library and ldot_cli, so a bare venv with the checkout on PYTHONPATH runs it as installed."""
+    import compileall
+
+    for package in ("ldot_cli", "models", "feature_extraction"):
+        compileall.compile_dir(str(ROOT / package), quiet=1)
+    venv = home / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return str(venv / "bin" / "python")
+
+
 def page_grid(server: dict, queries: list[str], k: int = 20) -> tuple[list[float], list[float], list[float]]:
     """What the page does for a query: POST /api/search as its form sends it (top ``k``, no re-ranking, no
     boxes), then the ``k`` thumbnails, six at a time as a browser fetches them. Returns per query: the search
@@ -192,6 +206,10 @@ def main() -> None:
             full.append(seconds)
             same &= stdout == plain_out.get(query, stdout)
         print(f"  through the server, --paths, fast path (before typer loads): {runs(fast, 'ms')}; {load()}")
+        python = installed_python(home)
+        installed = [timed([python, "-c", FAST, "search", QUERIES[i % 5], "--name", name, "--paths"], env)[0]
+                     for i in range(args.runs)]
+        print(f"  the same, as installed (.pyc files, no editable-install finder): {runs(installed, 'ms')}; {load()}")
         print(f"  through the server, --paths, full command line:             {runs(full, 'ms')}; {load()}")
         table = [timed(ldot("search", QUERIES[i % 5], "--name", name), env)[0] for i in range(args.runs)]
         print(f"  through the server, the table (rich), fast path:            {runs(table, 'ms')}; {load()}")
@@ -216,10 +234,12 @@ def main() -> None:
                   f"(thumbnails cached) {runs(again, 'ms')}; {load()}")
 
         bare = [timed([sys.executable, "-c", "pass"], env)[0] for _ in range(5)]
+        bare_installed = [timed([python, "-c", "pass"], env)[0] for _ in range(5)]
         light = [timed([sys.executable, "-c", "import ldot_cli.commands.quick, ldot_cli.serve.client"], env)[0]
                  for _ in range(5)]
         heavy = [timed([sys.executable, "-c", "from ldot_cli.main import app"], env)[0] for _ in range(3)]
-        print(f"  for scale, processes that only start: Python {runs(bare, 'ms')}; + the fast path's imports "
+        print(f"  for scale, processes that only start: Python {runs(bare, 'ms')} (as installed "
+              f"{runs(bare_installed, 'ms')}); + the fast path's imports "
               f"{runs(light, 'ms')}; + the full command line's imports {runs(heavy, 'ms')}; {load()}")
     finally:
         pid = stop_server(name)
