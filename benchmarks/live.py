@@ -178,9 +178,10 @@ def query_figures(home: Path, env: dict, args: argparse.Namespace) -> None:
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     fake_index("q", vectors, "clip-vit-b32")
     searcher = Searcher("q")
+    kind = searcher.store.vector_file_set().kind
     start = time.perf_counter()
     searcher.encoder  # noqa: B018 - load it
-    print(f"\nqueries over {args.vectors:,} synthetic 512-d vectors (exact search), clip-vit-b32 text tower on the "
+    print(f"\nqueries over {args.vectors:,} synthetic 512-d vectors ({kind} index), clip-vit-b32 text tower on the "
           f"CPU, {args.threads} threads (model load: {time.perf_counter() - start:.1f} s)")
     qi = 0
 
