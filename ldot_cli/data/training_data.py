@@ -162,13 +162,7 @@ def _features_from_image_files(spec: DataSpec, karpathy: Path, device: str,
     from ldot_cli.data.features import ensure_features
     from ldot_cli.data.retrieval_sets import EvalImage, RetrievalSet, find_image_folder
 
-    files: list[str] = []
-    for split in ("train", "restval", "val"):
-        try:
-            files += retrieval_sets.read_karpathy(karpathy, split)[0]
-        except LdotError:
-            if split != "restval":
-                raise
+    files = _karpathy_training_files(karpathy)
     assert spec.data is not None
     root = find_image_folder(spec.data, spec.dataset, files[0])
     if root is None:
@@ -236,11 +230,8 @@ class PixelLookup:
             raise TrainDataError(f"cannot read training image {exc.path}: {exc.reason}") from None
 
 
-def _image_files(spec: DataSpec, karpathy: Path | None) -> dict[str, Path] | None:
-    """Feature key -> image file of every Karpathy train/restval/val image found as a file under ``spec.data`` (None
-    when the captions do not come from a Karpathy file or the files are not there)."""
-    if karpathy is None or spec.data is None:
-        return None
+def _karpathy_training_files(karpathy: Path) -> list[str]:
+    """The image files of a Karpathy split file's train, restval (when it has one) and val splits."""
     files: list[str] = []
     for split in ("train", "restval", "val"):
         try:
@@ -248,6 +239,15 @@ def _image_files(spec: DataSpec, karpathy: Path | None) -> dict[str, Path] | Non
         except LdotError:
             if split != "restval":
                 raise
+    return files
+
+
+def _image_files(spec: DataSpec, karpathy: Path | None) -> dict[str, Path] | None:
+    """Feature key -> image file of every Karpathy train/restval/val image found as a file under ``spec.data`` (None
+    when the captions do not come from a Karpathy file or the files are not there)."""
+    if karpathy is None or spec.data is None:
+        return None
+    files = _karpathy_training_files(karpathy)
     root = retrieval_sets.find_image_folder(spec.data, spec.dataset, files[0]) if files else None
     if root is None:
         return None
