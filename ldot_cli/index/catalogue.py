@@ -6,6 +6,7 @@ Readers and the one writer may use it at the same time (WAL mode). Its vector fi
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -209,8 +210,8 @@ class Catalogue:
 
     def update_meta(self, db: sqlite3.Connection | None = None, **values: Any) -> None:
         """Record fields of `IndexMeta` (each checked), inside ``db``'s transaction when given."""
-        self._write_rows(IndexMeta.rows(self.dir, **values), db)
-        self.meta = self.meta.updated(self.dir, **values)
+        self._write_rows(IndexMeta.rows(self.dir, **values), db)  # checked (raises before anything is written)
+        self.meta = dataclasses.replace(self.meta, **values)
 
     @property
     def dim(self) -> int | None:

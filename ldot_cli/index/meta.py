@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
@@ -79,7 +79,7 @@ class RescoreRecord:
 
     def to_rows(self) -> dict[str, str]:
         return {"rescore_rows": str(self.rows), "rescore_record": json.dumps(
-            {"rows": self.rows, "segments": [g for g in self.segments if g["rows"]], "stamps": self.stamps},
+            {"rows": self.rows, "segments": list(self.segments), "stamps": self.stamps},
             sort_keys=True)}
 
 
@@ -223,11 +223,6 @@ class IndexMeta:
                 _parse(key, text, directory)
             out[key] = text
         return out
-
-    def updated(self, directory: Path, **values: Any) -> IndexMeta:
-        """This meta with ``values`` recorded (checked like `rows`)."""
-        IndexMeta.rows(directory, **values)
-        return replace(self, **values)
 
 
 def _parse(key: str, text: str, directory: Path) -> Any:

@@ -139,7 +139,7 @@ class VectorSync:
                 ann.add(changed[j], ids, vectors)
             repaired += 1
         dropped = self._drop(parts, part, removed, max_id)
-        rescored = self._check_rescore(current) if kind == ann.PQ else ""
+        rescored = self._check_rescore() if kind == ann.PQ else ""
         ids, vectors = self.source.vectors(min_id=max_id)
         if kind == ann.PQ and len(ids):
             self.files.rescore.append(ids, vectors)
@@ -186,7 +186,7 @@ class VectorSync:
             ann.add(part(last), ids[pos:pos + take], vectors[pos:pos + take])
             pos += take
 
-    def _check_rescore(self, current: VectorFileSet) -> str:
+    def _check_rescore(self) -> str:
         """Re-scoring files that fail their check are rewritten from SQLite: "damaged", "recorded" (an older
         ldot's, recorded now) or "" (they were fine)."""
         try:

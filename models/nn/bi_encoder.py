@@ -13,7 +13,7 @@ from torch import nn
 from models.core.errors import ModelError
 from models.core.progress import ProgressFn, report
 from models.nn.config import BiEncoderConfig
-from models.nn.encoder import Inputs
+from models.nn.encoder import Inputs, encode_in_batches
 from models.nn.layers import BertBody, Projection, UniterBody, box7_from_norm_bb
 from models.nn.regions import RegionRecord
 
@@ -130,16 +130,9 @@ class BiEncoder(nn.Module):
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Texts -> (n, D) float32 vectors. ``[CLS] word-pieces [SEP]``, no length cut below the model's."""
-        if isinstance(texts, str):
-            raise TypeError("encode_text takes a list of strings, not one string")
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenizer.batch(texts[start:start + batch_size],
-                                             max_length=self.max_text_tokens)
-            out.append(self.encode_token_ids(ids, mask))
-        if not out:
-            return torch.empty(0, self.config.project_dim)
-        return torch.cat(out)
+        return encode_in_batches(
+            texts, batch_size, lambda chunk: self.encode_token_ids(*self.tokenizer.batch(chunk, self.max_text_tokens)),
+            self.config.project_dim)
 
     @torch.inference_mode()
     def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

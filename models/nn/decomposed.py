@@ -28,7 +28,7 @@ from models.core.progress import ProgressFn, report
 from models.nn import losses
 from models.nn.bi_encoder import BiEncoder, TokenizerSpec, tokenizer_from_spec
 from models.nn.config import DecomposedConfig, TransformerConfig
-from models.nn.encoder import Inputs
+from models.nn.encoder import Inputs, encode_in_batches
 from models.nn.layers import (
     Encoder,
     ImageEmbeddings,
@@ -271,13 +271,9 @@ class DecomposedEncoder(VLDeformerObjective, nn.Module):
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Texts -> (n, H) unit vectors: ``[CLS] word-pieces [SEP]`` cut to ``text_len``."""
-        if isinstance(texts, str):
-            raise TypeError("encode_text takes a list of strings, not one string")
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenizer.batch(texts[start:start + batch_size], max_length=self.config.text_len)
-            out.append(self.encode_token_ids(ids, mask))
-        return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
+        return encode_in_batches(
+            texts, batch_size, lambda chunk: self.encode_token_ids(*self.tokenizer.batch(chunk, self.config.text_len)),
+            self.config.project_dim)
 
     @torch.inference_mode()
     def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

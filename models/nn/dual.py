@@ -21,7 +21,7 @@ from torch import nn
 
 from models.core.errors import CheckpointError
 from models.core.progress import ProgressFn, report
-from models.nn.encoder import Inputs
+from models.nn.encoder import Inputs, encode_in_batches
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -244,11 +244,8 @@ class DualEncoder(nn.Module):
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Texts -> (n, D) float32 unit vectors."""
-        if isinstance(texts, str):
-            raise TypeError("encode_text takes a list of strings, not one string")
-        out = [self.text_features(self.tokenize(texts[s:s + batch_size])).cpu()
-               for s in range(0, len(texts), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, self.project_dim)
+        return encode_in_batches(texts, batch_size, lambda chunk: self.text_features(self.tokenize(chunk)).cpu(),
+                                 self.project_dim)
 
     # -- images ----------------------------------------------------------------------------------------
     @torch.inference_mode()

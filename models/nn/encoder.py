@@ -7,7 +7,7 @@ Region models (`BiEncoder`, `DecomposedEncoder`) read the detector's region feat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -35,3 +35,13 @@ class Encoder(Protocol):
     def text_tokens(self, text: str) -> tuple[int, int]:
         """(tokens the text has, tokens the model reads), special tokens not counted: a longer text is cut."""
         ...
+
+
+def encode_in_batches(texts: Sequence[str], batch_size: int, encode: Callable[[Sequence[str]], torch.Tensor],
+                      dim: int) -> torch.Tensor:
+    """``encode`` over ``texts`` ``batch_size`` at a time -> (n, dim) (what every model's ``encode_text`` does with
+    its own tokenization and tower). A bare string is refused: it would be read as a list of characters."""
+    if isinstance(texts, str):
+        raise TypeError("encode_text takes a list of strings, not one string")
+    out = [encode(texts[start:start + batch_size]) for start in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, dim)

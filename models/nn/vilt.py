@@ -26,7 +26,7 @@ import torch
 from models.core.errors import CheckpointError
 from models.nn.bi_encoder import TokenizerSpec, tokenizer_from_spec
 from models.nn.decomposed import VLDeformerObjective
-from models.nn.encoder import Inputs
+from models.nn.encoder import Inputs, encode_in_batches
 from models.nn.tokenizer import Tokenizer, pad_ids
 
 if TYPE_CHECKING:
@@ -403,13 +403,10 @@ class ViltDecomposedEncoder(VLDeformerObjective, torch.nn.Module):
     # -- encoding ----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        if isinstance(texts, str):
-            raise TypeError("encode_text takes a list of strings, not one string")
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenizer.batch(texts[start:start + batch_size], max_length=self.config.text_len)
-            out.append(self.text_vectors(ids, mask).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.config.project_dim)
+        return encode_in_batches(
+            texts, batch_size,
+            lambda chunk: self.text_vectors(*self.tokenizer.batch(chunk, self.config.text_len)).float().cpu(),
+            self.config.project_dim)
 
     @torch.inference_mode()
     def encode_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
